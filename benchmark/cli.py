@@ -1,0 +1,106 @@
+"""The ``fscl`` command line (also ``python -m benchmark``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+import benchmark  # noqa: F401  (torchvision repair before anything else)
+import reports  # noqa: F401
+import strategies  # noqa: F401  (the CLI is the one place that imports all four packages)
+import streams  # noqa: F401
+from benchmark.backbones.openclip import BackboneLoadError
+from benchmark.config import DEFAULT_PRESET, ConfigError, list_presets, load_config
+from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, UnknownNameError
+from streams import StreamDataError
+
+log = logging.getLogger("fscl")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.runner import run_dir, run_grid
+
+    source, overrides = args.config, list(args.overrides)
+    if source is not None and "=" in source:  # `fscl run seed=1`: no preset given, only overrides
+        source, overrides = None, [source, *overrides]
+    cfg = load_config(source, overrides)
+    runs = cfg.expand()
+    if args.dry_run:
+        print(f"{len(runs)} run(s) of '{cfg.name}':")
+        for run in runs:
+            print(f"  {run_dir(run)}")
+        return 0
+    outcomes = run_grid(cfg, progress=not args.no_progress)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
+    print(f"{counts['finished']} finished, {counts['skipped']} skipped (already done), {counts['failed']} failed "
+          f"-> {cfg.out}/{cfg.name}")
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            print(f"  FAILED {outcome.path}: {outcome.reason}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The offline benchmark end to end: the default preset, then where its records are."""
+    args.config, args.overrides, args.dry_run = DEFAULT_PRESET, args.overrides, False
+    return _cmd_run(args)
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    if args.what == "presets":
+        for name in list_presets():
+            print(name)
+        return 0
+    registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES}[args.what]
+    for entry in registry.entries():
+        print(f"{entry.name:<16} {entry.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fscl", description="Few-shot continual-learning benchmark for the vision encoders of VLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser(
+        "run", help="run a preset or config file (a grid of continual runs)",
+        description="Run every grid point of a preset or YAML config; finished runs are skipped.",
+        epilog="examples:\n  fscl run quick seed=0,1,2\n  fscl run my.yaml strategy=[zeroshot,full-ft] "
+               "train.epochs=2\n  fscl run quick --dry-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", nargs="?", default=None,
+                     help="preset name (see 'fscl ls presets') or YAML file; default: the offline preset")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted overrides; lists (a,b or [a,b]) on stream/strategy/backbone/shots/seed make a grid")
+    run.add_argument("--dry-run", action="store_true", help="print the runs of the grid and exit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    demo = verbs.add_parser("demo", help="run the offline benchmark end to end (no download)",
+                            description=f"Run the offline default preset '{DEFAULT_PRESET}' end to end.")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for 'run'")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    ls = verbs.add_parser("ls", help="list registered streams, strategies, backbones or presets",
+                          description="List what is registered (including plugins of other packages).")
+    ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets"])
+    ls.set_defaults(func=_cmd_ls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, UnknownNameError, BackboneLoadError, StreamDataError) as err:
+        print(f"fscl: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Run configuration: dataclasses loaded from YAML, ``key=value`` overrides, grid expansion.
+
+A config file (or a preset shipped in ``benchmark/presets``) holds the top-level keys of
+:class:`Config`; a section named after a registered strategy or stream holds that
+strategy's or stream's options (``lorsu: {top_k_heads: 4}`` or ``lorsu.top_k_heads=4``).
+List values of the grid axes (stream, strategy, backbone, shots, seed) expand into one run
+per combination. Every value is checked before any work starts; an error names the key,
+the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from benchmark.registry import BACKBONES, STRATEGIES, STREAMS
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "quick"
+GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise :class:`ConfigError` for ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: invalid value {value!r}; allowed: {allowed}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every strategy (lorsu.md "Train")."""
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 1
+    scheduler_step: Literal["step", "epoch"] = "step"
+    eval_batch_size: int = 64
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        check(self.lr > 0, "train.lr", self.lr, "a float > 0")
+        check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"a float in [0, lr={self.lr}]")
+        check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
+
+
+@dataclass
+class Config:
+    """Everything one benchmark invocation needs; axes may hold lists until :meth:`expand`."""
+
+    name: str = "default"
+    stream: Any = "digits"
+    strategy: Any = "zeroshot"
+    backbone: Any = "openclip:fscl-tiny"
+    shots: Any = 5
+    seed: Any = 0
+    sessions: int = 5
+    shot_seed: int = 0
+    controls: list[str] = field(default_factory=list)
+    data_root: str = "data"
+    out: str = "runs"
+    device: str = "auto"
+    loggers: list[Literal["text", "csv", "tensorboard", "wandb", "interactive"]] = field(
+        default_factory=lambda: ["text"]
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy/stream name
+
+    def expand(self) -> list["Config"]:
+        """One :class:`Config` per grid point, axes as scalars, in a stable order."""
+        axes = [_as_list(getattr(self, a)) for a in GRID_AXES]
+        return [dataclasses.replace(self, **dict(zip(GRID_AXES, combo))) for combo in itertools.product(*axes)]
+
+    def options_for(self, name: str, options_type: type | None) -> Any:
+        """The validated options dataclass of strategy/stream ``name`` (None if it takes none)."""
+        if options_type is None:
+            return None
+        return from_dict(options_type, self.options.get(name, {}), prefix=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, options sections back at top level (as written in YAML)."""
+        data = dataclasses.asdict(self)
+        data.update(data.pop("options"))
+        return data
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# --------------------------------------------------------------------------- coercion
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` (ints accepted as floats); return it."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        check(value in allowed, key, value, " | ".join(map(str, allowed)))
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err).split("allowed: ")[-1])
+        check(False, key, value, " or ".join(errors + (["null"] if type(None) in typing.get_args(hint) else [])))
+    if origin in (list, tuple):
+        check(isinstance(value, (list, tuple)), key, value, f"a list of {_type_name(typing.get_args(hint)[0])}")
+        (item,) = typing.get_args(hint)[:1]
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        check(isinstance(value, dict), key, value, "a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        check(isinstance(value, dict), key, value, f"a mapping of {hint.__name__} keys")
+        return from_dict(hint, value, prefix=key)
+    if hint is bool:
+        check(isinstance(value, bool), key, value, "true or false")
+    elif hint is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif hint is float:
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    elif hint is str:
+        check(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{full}: unknown key.{hint} Allowed keys: {', '.join(names)}")
+        kwargs[key] = coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+
+
+# --------------------------------------------------------------------------- loading
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_source(source: str | None) -> dict[str, Any]:
+    """YAML mapping of a preset name or a config file path (None = the default preset)."""
+    source = source or DEFAULT_PRESET
+    path = Path(source)
+    if not (source.endswith((".yaml", ".yml")) or path.exists()):
+        if source not in list_presets():
+            close = difflib.get_close_matches(source, list_presets(), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"'{source}' is neither a config file nor a preset.{hint} Presets: {', '.join(list_presets())}"
+            )
+        path = PRESET_DIR / f"{source}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b=value`` (value parsed as YAML; ``x,y`` on a grid axis is a list) in place."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{override}' must look like key=value (e.g. seed=0,1,2)")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if key in GRID_AXES + ("controls",) and isinstance(value, str) and "," in value:
+        value = [yaml.safe_load(v) for v in value.split(",")]
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_config(source: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load, override and fully validate a configuration."""
+    data = read_source(source)
+    for override in overrides:
+        apply_override(data, override)
+    return parse_config(data)
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a plain mapping into a :class:`Config` (names, ranges, option sections)."""
+    data = dict(data)
+    top = {f.name for f in dataclasses.fields(Config)} - {"options"}
+    options = {k: data.pop(k) for k in list(data) if k not in top and (k in STRATEGIES or k in STREAMS)}
+    cfg = from_dict(Config, data)
+    cfg.options = options
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    for axis, registry in (("stream", STREAMS), ("strategy", STRATEGIES)):
+        for name in _as_list(getattr(cfg, axis)):
+            check(isinstance(name, str), axis, name, "a name or list of names")
+            if name not in registry:
+                raise ConfigError(f"{axis}: {registry.unknown_message(name)}")
+    for name in cfg.controls:
+        if name not in STREAMS:
+            raise ConfigError(f"controls: {STREAMS.unknown_message(name)}")
+    from benchmark.backbones import check_backbone_string
+
+    for spec in _as_list(cfg.backbone):
+        try:
+            check_backbone_string(spec)
+        except ValueError as err:
+            raise ConfigError(f"backbone: {err}") from None
+    for shots in _as_list(cfg.shots):
+        check(isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1, "shots", shots, "an integer >= 1")
+    for seed in _as_list(cfg.seed):
+        check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed, "an integer >= 0")
+    check(cfg.sessions >= 1, "sessions", cfg.sessions, "an integer >= 1")
+    check(cfg.shot_seed >= 0, "shot_seed", cfg.shot_seed, "an integer >= 0")
+    check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
+          "device", cfg.device, "auto, cpu, cuda, cuda:N or mps")
+    check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    for name, section in cfg.options.items():
+        check(isinstance(section, dict), name, section, "a mapping of option keys")
+        for registry in (STRATEGIES, STREAMS):
+            if name in registry:
+                entry = registry.get(name)
+                if entry.options is None:
+                    check(not section, name, section, f"nothing: {registry.kind} '{name}' takes no options")
+                else:
+                    cfg.options_for(name, entry.options)

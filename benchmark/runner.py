@@ -1,0 +1,213 @@
+"""Runs a configuration grid: one continual run per grid point, each into its run record.
+
+A run: load the backbone, sample the sessions, evaluate zero-shot before training (row 0)
+and after every session on the target (per session class group) and on every control,
+then write the accuracy matrix and the summary. Finished runs are skipped; a run that
+fails (e.g. a non-finite loss) is marked ``failed`` with its reason, keeps the sessions
+already evaluated, and the rest of the grid goes on.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
+from avalanche.training.plugins import EvaluationPlugin
+from tqdm.auto import tqdm
+
+from benchmark.backbones import load_backbone
+from benchmark.config import Config
+from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
+from benchmark.metrics import AccuracyMatrix, summarize
+from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
+from benchmark.registry import STRATEGIES, STREAMS
+from benchmark.template import CLIPTemplate, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What happened to one grid point."""
+
+    path: Path
+    status: str  # finished | skipped | failed
+    reason: str = ""
+
+
+def run_dir(cfg: Config) -> Path:
+    """``<out>/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>`` of a scalar config."""
+    return Path(cfg.out) / cfg.name / cfg.stream / slug(cfg.backbone) / cfg.strategy / f"{cfg.shots}-s{cfg.seed}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA allocations on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def make_loggers(names: list[str], path: Path) -> list:
+    """Avalanche loggers writing into the run folder (``interactive`` draws to the terminal)."""
+    loggers = []
+    for name in names:
+        if name == "text":
+            loggers.append(TextLogger(open(path / "avalanche.log", "a")))
+        elif name == "csv":
+            loggers.append(CSVLogger(log_folder=str(path / "csv")))
+        elif name == "tensorboard":
+            loggers.append(TensorboardLogger(tb_log_dir=str(path / "tensorboard")))
+        elif name == "interactive":
+            loggers.append(InteractiveLogger())
+        elif name == "wandb":
+            from avalanche.logging import WandBLogger
+
+            loggers.append(WandBLogger(project_name="fscl-bench", run_name=str(path)))
+    return loggers
+
+
+def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
+    """Run every grid point of ``cfg`` in order; returns one outcome per point."""
+    outcomes = []
+    runs = cfg.expand()
+    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
+    for run_cfg in bar:
+        bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
+        outcomes.append(run_one(run_cfg, progress=progress))
+    return outcomes
+
+
+def run_one(cfg: Config, progress: bool = False) -> RunOutcome:
+    """One continual run of a scalar config into its run record."""
+    path = run_dir(cfg)
+    record = RunRecord(path)
+    if record.is_finished():
+        log.info("skipping finished run %s", path)
+        return RunOutcome(path, "skipped")
+    return _Run(cfg, record, progress).execute()
+
+
+class _Run:
+    """State of one run while it executes."""
+
+    def __init__(self, cfg: Config, record: RunRecord, progress: bool) -> None:
+        self.cfg, self.record, self.progress = cfg, record, progress
+        self.device = resolve_device(cfg.device)
+
+    def execute(self) -> RunOutcome:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        backbone = load_backbone(cfg.backbone, str(self.device))
+        stream_entry = STREAMS.get(cfg.stream)
+        stream = stream_entry.obj(cfg.data_root, cfg.options_for(cfg.stream, stream_entry.options))
+        sessions = stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed)
+        scenario = stream.benchmark(sessions, backbone.preprocess(True), backbone.preprocess(False))
+
+        zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size)
+        spec = stream.spec
+        for i, exp in enumerate(scenario.test_stream):
+            zeroshot.add(EvalSet(f"{cfg.stream}@s{i + 1}", cfg.stream, spec.class_names, spec.templates, exp.dataset))
+        for name in cfg.controls:
+            entry = STREAMS.get(name)
+            control = entry.obj(cfg.data_root, cfg.options_for(name, entry.options))
+            zeroshot.add(EvalSet(name, name, control.spec.class_names, control.spec.templates,
+                                 control.dataset("test").with_transform(backbone.preprocess(False))))
+        eval_stream = zeroshot.stream()
+
+        strategy_entry = STRATEGIES.get(cfg.strategy)
+        plugin = strategy_entry.obj(backbone, cfg.options_for(cfg.strategy, strategy_entry.options))
+        self.metric = ZeroShotAccuracy()
+        self.record.start(cfg.to_dict(), {"seed": cfg.seed, "shot_seed": cfg.shot_seed},
+                          {f"session_{s.index}": s.ids for s in sessions})
+        self.record.update_manifest(
+            classes_with_fewer_shots={f"session_{s.index}": s.short_classes for s in sessions if s.short_classes})
+        template = CLIPTemplate(
+            backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train, zeroshot=zeroshot,
+            seed=cfg.seed, device=self.device, plugins=[plugin],
+            evaluator=EvaluationPlugin(self.metric, loggers=make_loggers(cfg.loggers, self.record.path)),
+        )
+        self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(sessions))
+        costs: dict[str, Any] = {"sessions": []}
+        bar = tqdm(total=len(sessions) + 1, desc=f"{cfg.strategy} s{cfg.seed}", unit="eval", leave=False,
+                   disable=not self.progress)
+        try:
+            self.evaluate(template, eval_stream, 0)
+            bar.update()
+            for exp in scenario.train_stream:
+                session = exp.current_experience + 1
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                start = time.perf_counter()
+                if plugin.trains:
+                    template.train(exp, eval_streams=[])
+                costs["sessions"].append({
+                    "session": session,
+                    "train_seconds": round(time.perf_counter() - start, 4),
+                    "train_samples": len(exp.dataset),
+                    "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+                    **plugin.trainable_counts(),
+                })
+                self.evaluate(template, eval_stream, session)
+                bar.update()
+        except NonFiniteLossError as err:
+            reason = f"session {len(costs['sessions']) + 1}: {err}"
+            log.error("run %s failed: %s", self.record.path, reason)
+            self.finish(costs, backbone.visual_parameter_count(), STATUS_FAILED, reason)
+            return RunOutcome(self.record.path, STATUS_FAILED, reason)
+        finally:
+            bar.close()
+        self.finish(costs, backbone.visual_parameter_count(), STATUS_FINISHED)
+        return RunOutcome(self.record.path, STATUS_FINISHED)
+
+    def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
+        """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
+        template.eval(eval_stream)
+        counts = self.metric.counts
+        target, n = self.cfg.stream, self.matrix.n_sessions
+        groups = [counts[f"{target}@s{i + 1}"] for i in range(n)]
+        rows: list[dict[str, Any]] = []
+
+        def add(dataset: str, metric: str, correct: int, total: int) -> float:
+            value = correct / total if total else None
+            rows.append({"session": session, "dataset": dataset, "metric": metric, "value": value,
+                         "correct": correct, "total": total})
+            return float("nan") if value is None else value
+
+        self.matrix.values[session, 0] = add(target, "top1", sum(c for c, _ in groups), sum(t for _, t in groups))
+        if session:
+            seen = groups[:session]
+            self.matrix.seen[session] = add(target, "top1_seen", sum(c for c, _ in seen), sum(t for _, t in seen))
+        for i, (c, t) in enumerate(groups):
+            self.matrix.groups[session, i] = add(target, f"top1_s{i + 1}", c, t)
+        for j, name in enumerate(self.matrix.controls, start=1):
+            self.matrix.values[session, j] = add(name, "top1", *counts[name])
+        self.record.append_metrics(rows)
+
+    def finish(self, costs: dict[str, Any], visual_params: int, status: str, reason: str = "") -> None:
+        path = self.record.path
+        atomic_write(path / "matrix.csv", self.matrix.to_csv())
+        summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
+        summary["costs"] = {"visual_parameters": visual_params, **costs}
+        write_json(path / "summary.json", summary)
+        self.record.update_manifest(status=status, **({"reason": reason} if reason else {}))

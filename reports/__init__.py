@@ -1,0 +1,1 @@
+"""Reports: run records → pandas tables (mean ± std, paired tests), figures, Markdown/HTML."""

@@ -1,0 +1,11 @@
+"""``full-ft`` (F-FT): every vision-encoder parameter trains."""
+from benchmark.plugins import StrategyPlugin
+from benchmark.registry import STRATEGIES
+
+
+@STRATEGIES.register("full-ft")
+class FullFineTuning(StrategyPlugin):
+    """Full fine-tuning of the vision encoder (text side and logit scale frozen)."""
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self.backbone.visual.requires_grad_(True)

@@ -1,0 +1,10 @@
+"""``zeroshot``: no update; the pretrained model, the reference row of every table."""
+from benchmark.plugins import StrategyPlugin
+from benchmark.registry import STRATEGIES
+
+
+@STRATEGIES.register("zeroshot")
+class ZeroShot(StrategyPlugin):
+    """No training: the pretrained encoder evaluated after every session."""
+
+    trains = False

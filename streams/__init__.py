@@ -1,0 +1,6 @@
+"""Data streams: one module per stream (spec data + on-disk loader), sampling, the mini world."""
+from streams import digits  # noqa: F401  (registers the stream)
+from streams.base import LabelledImages, Stream, StreamDataError, StreamSpec
+from streams.sampling import FewShotSampler, Session
+
+__all__ = ["FewShotSampler", "LabelledImages", "Session", "Stream", "StreamDataError", "StreamSpec"]
