@@ -70,7 +70,7 @@ class ZeroShotEvaluator:
     def accuracy(self, dataset: Dataset, key: str, class_names: Sequence[str], templates: Sequence[str]) -> float:
         """Zero-shot top-1 accuracy in [0, 1] of a labelled dataset."""
         preds, labels = self.predict(dataset, self.class_embeddings(key, class_names, templates))
-        return float((preds == labels).float().mean()) if len(labels) else float("nan")
+        return int((preds == labels).sum()) / len(labels) if len(labels) else float("nan")
 
     # -- Avalanche wiring -----------------------------------------------------------
     def add(self, eval_set: EvalSet) -> None:

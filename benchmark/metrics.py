@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ class AccuracyMatrix:
     @classmethod
     def from_csv(cls, text: str, target: str) -> "AccuracyMatrix":
         frame = pd.read_csv(io.StringIO(text))
-        group_cols = [c for c in frame.columns if c.startswith(f"{target}@s")]
+        group_cols = [c for c in frame.columns if re.fullmatch(re.escape(target) + r"@s\d+", c)]
         datasets = [c for c in frame.columns if c != "session" and c not in group_cols and c != target + SEEN]
         return cls(target, datasets, frame[datasets].to_numpy(float), frame[target + SEEN].to_numpy(float),
                    frame[group_cols].to_numpy(float))

@@ -1,0 +1,65 @@
+"""Configuration: YAML + overrides, grid expansion, validation messages."""
+import pytest
+
+from benchmark.config import ConfigError, apply_override, load_config, parse_config
+
+
+def test_overrides_and_grid_expansion():
+    cfg = load_config("quick", ["seed=0,1,2", "strategy=[zeroshot,full-ft]", "shots=[1,5]", "train.epochs=3"])
+    runs = cfg.expand()
+    assert len(runs) == 3 * 2 * 2
+    assert {(r.strategy, r.shots, r.seed) for r in runs} == {
+        (s, k, seed) for s in ("zeroshot", "full-ft") for k in (1, 5) for seed in (0, 1, 2)}
+    assert all(r.train.epochs == 3 for r in runs)
+    assert runs[0].name == "quick"
+
+
+def test_strategy_and_stream_sections_are_options():
+    cfg = load_config("quick", ["digits.test_fraction=0.5"])
+    assert cfg.options == {"digits": {"test_fraction": 0.5}}
+    opts = cfg.options_for("digits", __import__("streams.digits", fromlist=["x"]).DigitsOptions)
+    assert opts.test_fraction == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("shots=0", "shots: invalid value 0; allowed: an integer >= 1"),
+        ("seed=-1", "seed: invalid value -1"),
+        ("train.lr=fast", "train.lr: invalid value 'fast'; allowed: a number"),
+        ("train.epochs=0", "train.epochs: invalid value 0"),
+        ("train.scheduler_step=batch", "train.scheduler_step: invalid value 'batch'; allowed: step | epoch"),
+        ("device=tpu", "device: invalid value 'tpu'"),
+        ("strategy=ful-ft", "did you mean 'full-ft'"),
+        ("stream=digitz", "did you mean 'digits'"),
+        ("controls=[nope]", "unknown stream 'nope'"),
+        ("backbone=clip:ViT", "unknown backbone family 'clip'"),
+        ("backbone=openclip:ViT-Q-99", "unknown open_clip model 'ViT-Q-99'"),
+        ("sesions=3", "sesions: unknown key. Did you mean 'sessions'?"),
+        ("train.epoch=3", "train.epoch: unknown key. Did you mean 'epochs'?"),
+        ("digits.test_fraction=2", "digits.test_fraction: invalid value 2"),
+        ("digits.nope=1", "digits.nope: unknown key"),
+        ("loggers=[text,slack]", "loggers[1]: invalid value 'slack'"),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("quick", [override])
+    assert fragment.lower() in str(err.value).lower()
+
+
+def test_unknown_preset_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'quick'"):
+        load_config("quik")
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "seed")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(str(bad))
+
+
+def test_config_file_round_trip(tmp_path):
+    cfg = load_config("quick", ["seed=3"])
+    again = parse_config(cfg.to_dict())
+    assert again == cfg
