@@ -47,6 +47,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _cmd_run(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Tables, figures and report.md/.html of a runs folder; failed or partial runs are listed, not averaged."""
+    from reports import ReportError, write_report
+
+    try:
+        paths = write_report(args.runs_dir, args.out, reference=args.reference)
+    except ReportError as err:
+        print(f"fscl: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {paths.markdown}, {paths.html} ({len(paths.figures)} figure files, tables in "
+          f"{paths.results_csv.name} / {paths.results_latex.name})")
+    if paths.excluded:
+        print(f"  {len(paths.excluded)} failed or partial run(s) left out; listed in the report", file=sys.stderr)
+    return 0
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "presets":
         for name in list_presets():
@@ -88,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
                           description="List what is registered (including plugins of other packages).")
     ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets"])
     ls.set_defaults(func=_cmd_ls)
+
+    report = verbs.add_parser(
+        "report", help="tables, figures and a Markdown/HTML report of a runs folder",
+        description="Aggregate finished runs (mean ± std over seeds, paired tests against a reference strategy) "
+                    "into report.md, report.html, results.csv/.tex and figures/; failed or partial runs are listed "
+                    "and left out.",
+        epilog="example:\n  fscl report runs/quick --out report/quick --reference full-ft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records ('fscl run' output)")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
+    report.add_argument("--reference", default="lorsu",
+                        help="strategy the others are tested against, paired by seed (default: lorsu)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

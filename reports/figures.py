@@ -1,0 +1,172 @@
+"""Figures of one setting, drawn headless (matplotlib's object API, never pyplot).
+
+Every figure takes a ``styles`` mapping from :func:`strategy_styles`, so a strategy keeps
+its colour, marker and line style across all figures of a report; markers and line styles
+keep the strategies apart in grayscale print. Accuracies are drawn in percent.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from reports.frame import ROLE_TARGET, TOP1
+
+# Okabe & Ito's colour-blind-safe palette; markers and line styles carry the identity in grayscale.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+HEATMAP_CMAP = "cividis"  # lightness rises monotonically, so it survives grayscale
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one strategy is drawn."""
+
+    color: str
+    marker: str
+    linestyle: str
+
+
+def strategy_styles(strategies: Sequence[str]) -> dict[str, Style]:
+    """A style per strategy, in the given order (pass the same order to every figure)."""
+    return {name: Style(PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)])
+            for i, name in enumerate(strategies)}
+
+
+def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
+    """Accuracy vs session: mean line and ± std band over seeds, one line per strategy.
+
+    Args:
+        curves: :func:`reports.tables.curve_table` of one setting.
+        styles: from :func:`strategy_styles`; also fixes the legend order.
+        title: the setting's label.
+
+    Returns:
+        One panel for the target accuracy, and a second for the mean control accuracy when
+        the runs have controls.
+    """
+    kinds = [k for k in ("target", "control") if (curves["curve"] == k).any()]
+    fig = Figure(figsize=(5.2 * len(kinds), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, kind in zip(axes, kinds):
+        for strategy, style in styles.items():
+            rows = curves[(curves["curve"] == kind) & (curves["strategy"] == strategy)].sort_values("session")
+            if rows.empty:
+                continue
+            x, mean, std = rows["session"].to_numpy(), 100 * rows["mean"].to_numpy(), 100 * rows["std"].to_numpy()
+            ax.plot(x, mean, color=style.color, marker=style.marker, linestyle=style.linestyle, label=strategy)
+            if np.isfinite(std).any():
+                ax.fill_between(x, mean - std, mean + std, color=style.color, alpha=0.15, linewidth=0)
+        ax.set_xlabel("session (0 = before training)")
+        ax.set_ylabel("target top-1 accuracy (%)" if kind == "target" else "mean control top-1 accuracy (%)")
+        ax.set_xticks(sorted(curves["session"].unique()))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def tradeoff_figure(table: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
+    """TI (x) vs CC (y), one point per strategy with ± std error bars; upper right = gain without forgetting.
+
+    Args:
+        table: :func:`reports.tables.results_table` rows of one setting.
+    """
+    fig = Figure(figsize=(5.2, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.axhline(0, color="0.5", linewidth=0.8, linestyle=":")
+    ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
+    for _, row in table.iterrows():
+        _point(ax, styles[row["strategy"]], row["strategy"], 100 * row["target_improvement_mean"],
+               100 * row["control_change_mean"], 100 * row["target_improvement_std"], 100 * row["control_change_std"])
+    ax.set_xlabel("target improvement TI (pp)")
+    ax.set_ylabel("control change CC (pp)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+COST_AXES = (("trainable", "trainable parameters"), ("train_seconds", "training time, all sessions (s)"))
+
+
+def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
+    """TI (y) vs cost (log x): trainable parameters and training time, one panel each.
+
+    Strategies whose cost is zero (e.g. zero-shot) cannot sit on a log axis; each panel
+    names the ones it leaves out.
+    """
+    fig = Figure(figsize=(10.4, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(COST_AXES))
+    for ax, (key, label) in zip(axes, COST_AXES):
+        shown = table[table[f"{key}_mean"] > 0]
+        for _, row in shown.iterrows():
+            _point(ax, styles[row["strategy"]], row["strategy"], row[f"{key}_mean"],
+                   100 * row["target_improvement_mean"], row[f"{key}_std"], 100 * row["target_improvement_std"])
+        left_out = sorted(set(table["strategy"]) - set(shown["strategy"]))
+        if left_out:
+            ax.text(0.01, 0.01, f"not shown (cost 0 or unknown): {', '.join(left_out)}", transform=ax.transAxes,
+                    fontsize="x-small", color="0.3")
+        if len(shown):
+            ax.set_xscale("log")
+            ax.legend(fontsize="small")
+        ax.set_xlabel(label)
+        ax.set_ylabel("target improvement TI (pp)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def _point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: float, yerr: float) -> None:
+    """One strategy's mean as a marker with ± std bars (none where the std is undefined), in display units."""
+    if not (np.isfinite(x) and np.isfinite(y)):
+        return
+    ax.errorbar(x, y, xerr=xerr if np.isfinite(xerr) else None, yerr=yerr if np.isfinite(yerr) else None,
+                color=style.color, marker=style.marker,
+                markersize=8, linestyle="none", capsize=3, label=label)
+
+
+def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str) -> Figure:
+    """Accuracy-matrix heatmaps (sessions × datasets, top-1 in %), one panel per run.
+
+    Args:
+        scores: tidy scores (:func:`reports.frame.load_runs`).
+        panels: run (its ``run`` column value) → panel title, in drawing order.
+        title: the setting's label.
+
+    Datasets are ordered target first, then controls in logged order; cells carry their value.
+    """
+    fig = Figure(figsize=(0.6 + 3.6 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (run, panel_title) in zip(axes, panels.items()):
+        rows = scores[(scores["run"] == run) & (scores["metric"] == TOP1)]
+        order = list(pd.unique(rows.sort_values("role", key=lambda r: r != ROLE_TARGET, kind="stable")["dataset"]))
+        grid = rows.pivot(index="session", columns="dataset", values="value")[order] * 100
+        image = ax.imshow(grid.to_numpy(), vmin=0, vmax=100, cmap=HEATMAP_CMAP, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize="x-small",
+                        color="white" if value < 50 else "black")
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize="small")
+        ax.set_yticks(range(len(grid)), grid.index.tolist())
+        ax.set_ylabel("session")
+        ax.set_title(panel_title, fontsize="small")
+    fig.colorbar(image, ax=list(axes), label="top-1 accuracy (%)", shrink=0.9)
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Write ``stem.png`` (150 dpi) and ``stem.svg``; returns both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.parent / f"{stem.name}.{ext}" for ext in ("png", "svg")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths

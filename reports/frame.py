@@ -1,0 +1,265 @@
+"""Run records → pandas frames.
+
+A runs folder holds run records (``<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>/``,
+see :mod:`benchmark.records`) at any depth. :func:`scan_runs` finds them and sorts the
+finished runs from the failed and partial ones, which are kept in the ``runs`` frame with
+their reason but never enter ``scores`` or any aggregate.
+
+- ``runs``: one row per run folder: the run keys (:data:`RUN_KEYS`), ``status``, ``reason``,
+  and for finished runs the scalars of ``summary.json`` (accuracies as fractions in [0, 1])
+  and its costs (:func:`cost_scalars`).
+- ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING, RunRecord
+
+RUN_KEYS = ("name", "stream", "backbone", "strategy", "shots", "seed")
+GROUP_KEYS = ("name", "stream", "backbone", "shots")  # one results table per group; strategies × seeds inside
+STATUS_INCOMPLETE = "incomplete"  # a record with a file missing or unreadable
+ROLE_TARGET, ROLE_CONTROL = "target", "control"  # the ``role`` of a dataset in a run
+TOP1 = "top1"  # the runner's metric name for a dataset's top-1 accuracy over all its classes
+SUMMARY_SCALARS = ("target_initial", "target_final", "target_improvement", "control_change", "target_auc",
+                   "control_auc", "backward_transfer")
+
+
+class ReportError(RuntimeError):
+    """The runs folder cannot be reported on; the message says why and what was expected."""
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """Everything a report needs from a runs folder.
+
+    Attributes:
+        root: the runs folder scanned.
+        runs: one row per run folder, all statuses (see the module docstring).
+        scores: tidy scores of the finished runs (or of all runs, if scanned so).
+        configs: resolved ``config.yaml`` of each run, by the ``run`` column (its relative path).
+        manifests: ``manifest.json`` of each run, by ``run``.
+    """
+
+    root: Path
+    runs: pd.DataFrame
+    scores: pd.DataFrame
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        """The runs that enter the aggregates."""
+        return self.runs[self.runs["status"] == STATUS_FINISHED]
+
+    @property
+    def excluded(self) -> pd.DataFrame:
+        """Failed, interrupted or incomplete runs, with the reason each is left out."""
+        return self.runs.loc[self.runs["status"] != STATUS_FINISHED, ["run", "status", "reason"]]
+
+
+def is_mini_world(stream: str, backbone: str) -> bool:
+    """True for results of the offline mini world, which must never be presented as CLIP."""
+    return stream.startswith("mini") or backbone.startswith("mini")
+
+
+def group_label(name: str, stream: str, backbone: str, shots: int) -> str:
+    """The human-readable name of a setting, used by every table, figure and heading."""
+    label = f"{stream} · {backbone} · {shots}-shot · {name}"
+    return f"{label} [mini world, not CLIP]" if is_mini_world(stream, backbone) else label
+
+
+def strategy_order(strategies: Sequence[str], reference: str) -> list[str]:
+    """The reference strategy first, then the others alphabetically (rows and legends)."""
+    unique = sorted(set(strategies))
+    return [s for s in unique if s == reference] + [s for s in unique if s != reference]
+
+
+def cost_scalars(costs: dict[str, Any]) -> dict[str, float]:
+    """Per-run cost numbers from the ``costs`` of ``summary.json``.
+
+    Top-level numbers (e.g. ``visual_parameters``) are kept as they are. Numbers recorded per
+    session are reduced over the sessions: durations (``*_seconds``) are summed into the run's
+    total, peaks (``peak_*``) take their maximum, and anything else (parameter counts, FLOPs
+    per sample) takes the mean.
+    """
+    row = {k: float(v) for k, v in costs.items() if _is_number(v)}
+    sessions = pd.DataFrame(costs.get("sessions") or [])
+    for key in sessions.columns.drop("session", errors="ignore"):
+        values = pd.to_numeric(sessions[key], errors="coerce")
+        if values.isna().all():
+            continue
+        if key.endswith("_seconds"):
+            row[key] = float(values.sum())
+        elif key.startswith("peak_"):
+            row[key] = float(values.max())
+        else:
+            row[key] = float(values.mean())
+    return row
+
+
+def scan_runs(runs_dir: str | Path, include_unfinished: bool = False) -> RunSet:
+    """Find and read every run record under ``runs_dir``.
+
+    Args:
+        runs_dir: a folder holding run records at any depth.
+        include_unfinished: also put the logged scores of failed and partial runs into
+            ``scores`` (their ``status`` column tells them apart); aggregates never use them.
+
+    Raises:
+        ReportError: the folder is missing, holds no run record, or holds two finished runs
+            with the same keys (their seeds could not be paired unambiguously).
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise ReportError(f"runs folder '{root}' does not exist or is not a folder")
+    folders = _run_folders(root)
+    if not folders:
+        raise ReportError(
+            f"no run records under '{root}': expected folders <name>/<stream>/<backbone>/<strategy>/"
+            f"<shots>-s<seed>/ holding manifest.json and config.yaml (written by 'fscl run')")
+    rows, scores, configs, manifests = [], [], {}, {}
+    for folder in folders:
+        row, config, manifest = _read_run(folder, root)
+        rows.append(row)
+        configs[row["run"]], manifests[row["run"]] = config, manifest
+        if row["status"] == STATUS_FINISHED or include_unfinished:
+            scores.extend({**{k: row[k] for k in ("run", *RUN_KEYS, "status")}, **m}
+                          for m in RunRecord(folder).metrics())
+    runs = pd.DataFrame(rows)
+    _check_unique(runs[runs["status"] == STATUS_FINISHED])
+    return RunSet(root, runs, _tidy_scores(scores), configs, manifests)
+
+
+def load_runs(runs_dir: str | Path, include_unfinished: bool = False) -> pd.DataFrame:
+    """The tidy scores frame of a runs folder: one row per (run, session, dataset, metric).
+
+    Columns: ``run`` (folder relative to ``runs_dir``), the run keys (:data:`RUN_KEYS`),
+    ``status``, ``session`` (0 = before training), ``dataset``, ``role`` (``target`` or
+    ``control``), ``metric`` (``top1``, ``top1_seen``, ``top1_s<i>``), ``value`` (accuracy,
+    a fraction), ``correct`` and ``total`` (image counts). Only finished runs unless
+    ``include_unfinished``.
+    """
+    return scan_runs(runs_dir, include_unfinished).scores
+
+
+def filter_runs(frame: pd.DataFrame, **criteria: Any) -> pd.DataFrame:
+    """Rows of ``frame`` whose columns match every criterion: a value, or a list of allowed values.
+
+    Example: ``filter_runs(scores, strategy=["lorsu", "lora"], metric="top1", session=5)``.
+    """
+    unknown = set(criteria) - set(frame.columns)
+    if unknown:
+        raise KeyError(f"no column(s) {sorted(unknown)}; columns: {list(frame.columns)}")
+    keep = np.ones(len(frame), dtype=bool)
+    for column, wanted in criteria.items():
+        allowed = list(wanted) if isinstance(wanted, (list, tuple, set)) else [wanted]
+        keep &= frame[column].isin(allowed).to_numpy()
+    return frame[keep]
+
+
+def _run_folders(root: Path) -> list[Path]:
+    """Folders holding a manifest or a config, outermost only (a run's own subfolders are not runs)."""
+    candidates = sorted({p.parent for name in ("manifest.json", "config.yaml") for p in root.rglob(name)})
+    folders: list[Path] = []
+    for path in candidates:
+        if not any(parent in path.parents for parent in folders):
+            folders.append(path)
+    return folders
+
+
+def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """One ``runs`` row, the config and the manifest of a run folder."""
+    record = RunRecord(folder)
+    manifest = record.manifest() or {}
+    config = _read_yaml(folder / "config.yaml")
+    row: dict[str, Any] = {"run": folder.relative_to(root).as_posix(), **{k: config.get(k) for k in RUN_KEYS}}
+    status, reason = _status(record, manifest, config)
+    summary: dict[str, Any] = {}
+    if status == STATUS_FINISHED:
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+        except json.JSONDecodeError as err:
+            status, reason = STATUS_INCOMPLETE, f"summary.json unreadable: {err}"
+    if status == STATUS_FINISHED and not record.metrics():
+        status, reason = STATUS_INCOMPLETE, "metrics.jsonl missing or empty"
+    row.update(status=status, reason=reason)
+    if status == STATUS_FINISHED:
+        row.update(_summary_row(summary))
+    return row, config, manifest
+
+
+def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
+    """(status, reason the run is left out; empty when finished)."""
+    if not config:
+        return STATUS_INCOMPLETE, "config.yaml missing or unreadable"
+    if not manifest:
+        return STATUS_INCOMPLETE, "manifest.json missing or unreadable"
+    status = manifest.get("status")
+    if status == STATUS_FAILED:
+        return STATUS_FAILED, str(manifest.get("reason") or "failed (no reason recorded)")
+    if status == STATUS_RUNNING:
+        return STATUS_RUNNING, "still running or interrupted (status 'running')"
+    if status != STATUS_FINISHED:
+        return STATUS_INCOMPLETE, f"unknown status {status!r} in manifest.json"
+    if not record.is_finished():
+        return STATUS_INCOMPLETE, "status 'finished' but summary.json is missing"
+    return STATUS_FINISHED, ""
+
+
+def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """Scalars of a finished run's summary: metrics (NaN where undefined), controls, costs."""
+    target, controls = summary.get("target"), list(summary.get("controls") or [])
+    forgetting = summary.get("forgetting") or {}
+    control_forgetting = [_number(forgetting.get(c)) for c in controls]
+    return {
+        "sessions": summary.get("sessions"),
+        "controls": ", ".join(controls),
+        **{k: _number(summary.get(k)) for k in SUMMARY_SCALARS},
+        "target_forgetting": _number(forgetting.get(target)),
+        "control_forgetting": float(np.mean(control_forgetting)) if controls else math.nan,
+        **cost_scalars(summary.get("costs") or {}),
+    }
+
+
+def _tidy_scores(scores: list[dict[str, Any]]) -> pd.DataFrame:
+    """Scores as a frame, last entry kept per (run, session, dataset, metric), with each dataset's role."""
+    columns = ["run", *RUN_KEYS, "status", "session", "dataset", "role", "metric", "value", "correct", "total"]
+    if not scores:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(scores).drop_duplicates(["run", "session", "dataset", "metric"], keep="last")
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    frame["role"] = np.where(frame["dataset"] == frame["stream"], ROLE_TARGET, ROLE_CONTROL)
+    return frame.reindex(columns=columns).reset_index(drop=True)
+
+
+def _check_unique(finished: pd.DataFrame) -> None:
+    duplicated = finished[finished.duplicated(list(RUN_KEYS), keep=False)]
+    if len(duplicated):
+        raise ReportError("several finished runs share the same name/stream/backbone/strategy/shots/seed, so seeds "
+                          "cannot be paired; report on one runs folder at a time: " + ", ".join(duplicated["run"]))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan

@@ -1,0 +1,293 @@
+"""The report of a runs folder: ``report.md``, a self-contained ``report.html``, tables, figures.
+
+The content is built once as a list of blocks (headings, text, tables, figures) and then
+rendered twice: to Markdown (figures linked) and to HTML (figures embedded as base64 PNG).
+Failed and partial runs are listed in their own section and never enter an aggregate.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmark.metrics import backward_transfer, control_change, forgetting, target_improvement
+from benchmark.records import slug
+from reports.figures import (
+    Style,
+    cost_figure,
+    curves_figure,
+    matrix_figure,
+    save_figure,
+    strategy_styles,
+    tradeoff_figure,
+)
+from reports.frame import GROUP_KEYS, ReportError, RunSet, group_label, is_mini_world, scan_runs, strategy_order
+from reports.tables import TEST_NAME, TextTable, curve_table, results_table, results_text_table
+
+MINI_WORLD_NOTE = ("**Mini-world results, not CLIP.** These runs use the offline procedural mini world (a tiny "
+                   "model and synthetic streams); they show that a method works, not how it does on real CLIP "
+                   "models and datasets, and must not be reported as CLIP results.")
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph in the Markdown subset both renderers share: **bold**, *italic* and `code`."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    table: TextTable
+
+
+@dataclass(frozen=True)
+class Image:
+    png: Path
+    caption: str
+
+
+Block = Heading | Text | Table | Image
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """What :func:`write_report` wrote."""
+
+    markdown: Path
+    html: Path
+    results_csv: Path
+    results_latex: Path
+    runs_csv: Path
+    figures: list[Path]
+    excluded: list[str]  # failed or partial runs (folders relative to the runs folder), left out of the aggregates
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lorsu") -> ReportPaths:
+    """Scan ``runs_dir`` and write the report into ``out_dir``.
+
+    Args:
+        runs_dir: a folder of run records (``fscl run`` output).
+        out_dir: where to write ``report.md``, ``report.html``, ``results.csv`` (numbers per
+            setting and strategy, record units), ``results.tex``, ``runs.csv`` (every run with its
+            status) and ``figures/`` (PNG + SVG).
+        reference: the strategy the paired tests compare every other strategy against.
+
+    Raises:
+        ReportError: no run records, or none of them finished.
+    """
+    runset = scan_runs(runs_dir)
+    finished = runset.finished
+    if finished.empty:
+        raise ReportError(f"none of the {len(runset.runs)} run(s) under '{runset.root}' finished: " + "; ".join(
+            f"{r.run}: {r.status} ({r.reason})" for r in runset.excluded.itertuples()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_table(finished, reference)
+    styles = strategy_styles(strategy_order(finished["strategy"], reference))
+
+    blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, table, reference))]
+    if any(is_mini_world(r.stream, r.backbone) for r in finished.itertuples()):
+        blocks.append(Text(MINI_WORLD_NOTE))
+    figures: list[Path] = []
+    latex = ["% fscl-bench results (needs \\usepackage{booktabs})"]
+    for key, rows in table.groupby(list(GROUP_KEYS), sort=True):
+        setting = dict(zip(GROUP_KEYS, key))
+        label = group_label(**setting)
+        runs = finished[(finished[list(GROUP_KEYS)] == pd.Series(setting)).all(axis=1)]
+        text_table = results_text_table(rows)
+        latex.append(text_table.latex(f"{label}. Mean ± std over seeds; p: {TEST_NAME}, against {reference}."))
+        section, drawn = _setting_section(runset, runs, rows, text_table, label, reference, styles, out)
+        blocks += section
+        figures += drawn
+    blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
+    blocks += _definitions_section(reference)
+
+    paths = ReportPaths(out / "report.md", out / "report.html", out / "results.csv", out / "results.tex",
+                        out / "runs.csv", figures, list(runset.excluded["run"]))
+    paths.markdown.write_text(render_markdown(blocks, out))
+    paths.html.write_text(render_html(blocks, "fscl-bench report"))
+    table.to_csv(paths.results_csv, index=False)
+    paths.results_latex.write_text("\n\n".join(latex) + "\n")
+    runset.runs.to_csv(paths.runs_csv, index=False)
+    return paths
+
+
+def _intro(runset: RunSet, table: pd.DataFrame, reference: str) -> str:
+    excluded = len(runset.excluded)
+    settings = len(table.groupby(list(GROUP_KEYS)))
+    return (f"{len(runset.finished)} finished run(s) in {settings} setting(s) from `{runset.root}`"
+            + (f"; {excluded} failed or partial run(s) left out (see *Excluded runs*)" if excluded else "")
+            + f". Reference strategy for the paired tests: `{reference}`. Generated "
+            + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + ".")
+
+
+def _setting_section(runset: RunSet, runs: pd.DataFrame, rows: pd.DataFrame, text_table: TextTable, label: str,
+                     reference: str, styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path]]:
+    """Heading, description, results table and figures of one setting."""
+    first = runs.iloc[0]
+    stem = out / "figures" / slug(f"{first['name']}-{first['stream']}-{first['backbone']}-{first['shots']}shot")
+    setting_styles = {s: styles[s] for s in rows["strategy"]}
+    blocks: list[Block] = [Heading(label)]
+    if is_mini_world(first["stream"], first["backbone"]):
+        blocks.append(Text(MINI_WORLD_NOTE))
+    controls = ", ".join(f"`{c}`" for c in sorted(set(runs["controls"])) if c) or "none"
+    sessions = ", ".join(str(s) for s in sorted(set(runs["sessions"])))
+    blocks.append(Text(f"Target stream `{first['stream']}`, backbone `{first['backbone']}`, {first['shots']} shots "
+                       f"per class, {sessions} session(s); controls: {controls}."))
+    blocks.append(Table(text_table))
+    if reference not in set(rows["strategy"]):
+        blocks.append(Text(f"The reference strategy `{reference}` has no finished run in this setting, so there are "
+                           f"no paired tests (p: n/a)."))
+
+    scores = runset.scores[runset.scores["run"].isin(runs["run"])]
+    figures = [(curves_figure(curve_table(scores), setting_styles, label), "curves",
+                "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std.")]
+    if rows["control_change_mean"].notna().any():
+        figures.append((tradeoff_figure(rows, setting_styles, label), "tradeoff",
+                        "Gain vs forgetting: TI against CC, mean ± std over seeds; upper right is best."))
+    figures.append((cost_figure(rows, setting_styles, label), "cost",
+                    "Cost vs gain: TI against trainable parameters and training time (log scale)."))
+    panels = {}
+    for strategy in rows["strategy"]:
+        run = runs[runs["strategy"] == strategy].sort_values("seed").iloc[0]
+        panels[run["run"]] = f"{strategy} (seed {run['seed']})"
+    figures.append((matrix_figure(scores, panels, label), "matrix",
+                    "Accuracy matrix (top-1 %, sessions × datasets) of each strategy's lowest-seed run."))
+    written = []
+    for fig, kind, caption in figures:
+        png, svg = save_figure(fig, stem.parent / f"{stem.name}-{kind}")
+        written += [png, svg]
+        blocks.append(Image(png, caption))
+    return blocks, written
+
+
+def _excluded_section(runset: RunSet) -> list[Block]:
+    excluded = runset.excluded
+    if excluded.empty:
+        return [Heading("Excluded runs"), Text("None: every run found finished.")]
+    return [Heading("Excluded runs"),
+            Text("Failed or partial runs, left out of every table and figure:"),
+            Table(TextTable.from_frame(excluded.rename(columns=str.capitalize)))]
+
+
+def _configuration_section(runset: RunSet) -> list[Block]:
+    """Config keys shared by all finished runs, and those that vary (with their values)."""
+    flat = pd.DataFrame([_flatten(runset.configs[r]) for r in runset.finished["run"]])
+    values = {k: sorted(set(flat[k].dropna())) for k in flat.columns}
+    shared = pd.DataFrame([(k, v[0]) for k, v in values.items() if len(v) == 1], columns=["Key", "Value"])
+    varying = pd.DataFrame([(k, ", ".join(v)) for k, v in values.items() if len(v) > 1], columns=["Key", "Values"])
+    blocks: list[Block] = [Heading("Configuration"), Text("From the runs' resolved `config.yaml`. Shared by all runs:"),
+                           Table(TextTable.from_frame(shared))]
+    if not varying.empty:
+        blocks += [Text("Varying between runs:"), Table(TextTable.from_frame(varying))]
+    return blocks
+
+
+def _versions_section(runset: RunSet) -> list[Block]:
+    """Software versions and git commits recorded in the finished runs' manifests."""
+    found: dict[str, set[str]] = {}
+    for run in runset.finished["run"]:
+        manifest = runset.manifests[run]
+        for name, version in {**(manifest.get("versions") or {}), "git commit": manifest.get("git")}.items():
+            found.setdefault(name, set()).add(str(version) if version else "not installed / unknown")
+    frame = pd.DataFrame([(k, ", ".join(sorted(v))) for k, v in found.items()], columns=["Software", "Version(s)"])
+    blocks: list[Block] = [Heading("Software versions"), Text("From the runs' `manifest.json`:"),
+                           Table(TextTable.from_frame(frame))]
+    mixed = [k for k, v in found.items() if len(v) > 1]
+    if mixed:
+        blocks.append(Text(f"**Runs were made with different versions of:** {', '.join(mixed)}."))
+    return blocks
+
+
+def _definitions_section(reference: str) -> list[Block]:
+    def doc(fn: Any) -> str:
+        return " ".join(inspect.getdoc(fn).split())
+
+    return [
+        Heading("How to read the tables"),
+        Text("Notation: A[t, d] is the zero-shot top-1 accuracy on dataset d after session t (t = 0: the "
+             "pretrained model, T: the last session); τ is the target, C the controls. Accuracies are in percent, "
+             "their changes in percentage points (pp)."),
+        Text(f"**TI**: {doc(target_improvement)} **CC**: {doc(control_change)} **Forgetting** (of the target): "
+             f"{doc(forgetting)} **Final target acc.**: A[T, τ]. **BWT** (in `runs.csv`): {doc(backward_transfer)}"),
+        Text("**Trainable params**: parameters updated by the strategy, mean over sessions. **Train time**: "
+             "training seconds summed over sessions (excluding evaluation)."),
+        Text(f"Each cell is mean ± std over n seeds (std with ddof 1, shown for n ≥ 2); bold marks the best value "
+             f"of its column within a setting (ties all bold). p: {TEST_NAME}, each strategy against `{reference}` "
+             "on the seeds both have; *ref.* is the reference itself; n/a (n<2): fewer than two shared seeds; "
+             "n/a (zero variance): every seed differs by the same amount, so the test is undefined."),
+    ]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → dotted keys with JSON-rendered values (lists included)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def render_markdown(blocks: list[Block], base: Path) -> str:
+    """Markdown; figures as links relative to ``base`` (the report's folder)."""
+    parts = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Text):
+            parts.append(block.text)
+        elif isinstance(block, Table):
+            parts.append(block.table.markdown())
+        else:
+            parts.append(f"![{block.caption}]({block.png.relative_to(base).as_posix()})\n\n*{block.caption}*")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;line-height:1.45}
+table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #bbb;padding:.25rem .5rem}
+th{background:#eee}td:not(:first-child){text-align:right}img{max-width:100%}figcaption{font-style:italic}
+code{background:#f3f3f3;padding:0 .2rem}"""
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    """One self-contained HTML page: inline CSS, figures embedded as base64 PNG."""
+    parts = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Text):
+            parts.append(f"<p>{_inline_html(block.text)}</p>")
+        elif isinstance(block, Table):
+            parts.append(block.table.html())
+        else:
+            data = base64.b64encode(block.png.read_bytes()).decode("ascii")
+            caption = html.escape(block.caption)
+            parts.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{caption}</figcaption></figure>")
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def _inline_html(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)

@@ -1,0 +1,247 @@
+"""Aggregate tables: mean ± std over seeds, the best value per column, paired tests.
+
+:func:`results_table` gives one numeric row per (setting, strategy) in the units of the run
+records (accuracies as fractions); :func:`results_text_table` formats one setting of it for
+print (accuracies in percent / percentage points), and :class:`TextTable` renders any table
+as Markdown, HTML or LaTeX.
+"""
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from reports.frame import GROUP_KEYS, TOP1, strategy_order
+
+TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel), runs paired by seed"
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.2f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _count(x: float) -> str:
+    """Compact parameter count: 0, 950, 12.3K, 4.6M, 1.2B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= size:
+            return f"{x / size:.1f}{suffix}"
+    return f"{x:.0f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One aggregated column of the results table.
+
+    Attributes:
+        key: column of the ``runs`` frame (see :mod:`reports.frame`).
+        label: header in print, with its display unit.
+        short: name in the header of its p-value column.
+        better: which direction the best value lies in.
+        fmt: formats one number (mean or std) in the display unit.
+        tested: whether a paired test against the reference strategy is run on it.
+    """
+
+    key: str
+    label: str
+    short: str
+    better: Literal["higher", "lower"]
+    fmt: Callable[[float], str]
+    tested: bool = False
+
+
+COLUMNS = (
+    Column("target_improvement", "TI (pp)", "TI", "higher", _percent, tested=True),
+    Column("control_change", "CC (pp)", "CC", "higher", _percent, tested=True),
+    Column("target_forgetting", "Forgetting (pp)", "Forgetting", "lower", _percent, tested=True),
+    Column("target_final", "Final target acc. (%)", "Final acc.", "higher", _percent),
+    Column("trainable", "Trainable params", "Trainable", "lower", _count),
+    Column("train_seconds", "Train time (s)", "Train time", "lower", _seconds),
+)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Outcome of a paired test: the p-value (NaN when undefined), the pairs used, and why undefined."""
+
+    p: float
+    pairs: int
+    note: str = ""
+
+
+def paired_test(values: pd.Series, reference: pd.Series) -> PairedTest:
+    """Paired t-test of ``values`` against ``reference``, both indexed by seed.
+
+    Only seeds present (and not NaN) in both enter. Undefined, with a note, for fewer than
+    two pairs or when every pair differs by the same amount (zero variance of the differences).
+    """
+    pairs = pd.concat({"x": values, "ref": reference}, axis=1, join="inner").dropna()
+    n = len(pairs)
+    if n < 2:
+        return PairedTest(math.nan, n, "n<2")
+    diff = (pairs["x"] - pairs["ref"]).to_numpy()
+    if np.ptp(diff) <= 1e-12:
+        return PairedTest(math.nan, n, "zero variance")
+    return PairedTest(float(stats.ttest_rel(pairs["x"], pairs["ref"]).pvalue), n)
+
+
+def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per setting (:data:`GROUP_KEYS`) and strategy: mean, std (ddof 1), best flag and tests.
+
+    Args:
+        finished: the finished runs (``RunSet.finished``), one row per run.
+        reference: the strategy every other one is tested against (by seed).
+
+    Returns:
+        One row per (setting, strategy), the reference first: the group keys, ``strategy``,
+        ``n`` (seeds), ``seeds``, and per column of :data:`COLUMNS` ``<key>_mean``,
+        ``<key>_std``, ``<key>_best``; tested columns add ``<key>_p``, ``<key>_pairs`` and
+        ``<key>_note`` (``reference``, ``no reference``, ``n<2``, ``zero variance`` or empty).
+        Units as in the run records.
+    """
+    finished = finished.reindex(columns=list(dict.fromkeys([*finished.columns, *(c.key for c in COLUMNS)])))
+    rows = []
+    for key, group in finished.groupby(list(GROUP_KEYS), sort=True):
+        ref = group[group["strategy"] == reference].set_index("seed")
+        for strategy in strategy_order(group["strategy"], reference):
+            runs = group[group["strategy"] == strategy]
+            by_seed = runs.set_index("seed")
+            row = {**dict(zip(GROUP_KEYS, key)), "strategy": strategy, "n": len(runs),
+                   "seeds": ", ".join(str(s) for s in sorted(runs["seed"]))}
+            for col in COLUMNS:
+                row[f"{col.key}_mean"] = runs[col.key].mean()
+                row[f"{col.key}_std"] = runs[col.key].std(ddof=1)
+                if col.tested:
+                    if strategy == reference:
+                        test = PairedTest(math.nan, len(runs), "reference")
+                    elif ref.empty:
+                        test = PairedTest(math.nan, 0, "no reference")
+                    else:
+                        test = paired_test(by_seed[col.key], ref[col.key])
+                    row.update({f"{col.key}_p": test.p, f"{col.key}_pairs": test.pairs, f"{col.key}_note": test.note})
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    for col in COLUMNS:
+        table[f"{col.key}_best"] = _best(table, f"{col.key}_mean", col.better)
+    return table
+
+
+def _best(table: pd.DataFrame, column: str, better: str) -> pd.Series:
+    """True where a row holds its setting's best mean (ties all marked; needs two or more values)."""
+    groups = table.groupby(list(GROUP_KEYS))[column]
+    best = groups.transform("max" if better == "higher" else "min")
+    defined = groups.transform("count")
+    return pd.Series(np.isclose(table[column], best) & (defined >= 2), index=table.index)
+
+
+def curve_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of the per-session accuracy curves of each strategy.
+
+    Curve ``target`` is the target's top-1 accuracy; ``control`` the mean top-1 accuracy over
+    the control datasets of a run (absent without controls). Returns columns ``strategy``,
+    ``curve``, ``session``, ``mean``, ``std`` (ddof 1, NaN for one seed), ``n``; fractions.
+    """
+    top1 = scores[scores["metric"] == TOP1]
+    per_run = (top1.groupby(["run", "strategy", "role", "session"], as_index=False)["value"].mean()
+               .rename(columns={"role": "curve"}))
+    return (per_run.groupby(["strategy", "curve", "session"])["value"].agg(["mean", "std", "count"])
+            .rename(columns={"count": "n"}).reset_index())
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: plain text, optionally emphasised (the best value of its column)."""
+
+    text: str
+    bold: bool = False
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """A table of text cells with one renderer per output format."""
+
+    header: list[str]
+    rows: list[list[Cell]]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> TextTable:
+        """Every value as plain text (NaN as an en dash)."""
+        return cls([str(c) for c in frame.columns],
+                   [[Cell("–" if _missing(v) else str(v)) for v in row] for row in frame.itertuples(index=False)])
+
+    def markdown(self) -> str:
+        def line(cells: list[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        body = [line([f"**{c.text}**" if c.bold else c.text for c in row]) for row in self.rows]
+        return "\n".join([line(self.header), line(["---"] * len(self.header)), *body])
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join(
+            "<tr>" + "".join(f"<td><strong>{html.escape(c.text)}</strong></td>" if c.bold else
+                             f"<td>{html.escape(c.text)}</td>" for c in row) + "</tr>"
+            for row in self.rows)
+        return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n</table>"
+
+    def latex(self, caption: str) -> str:
+        """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+        def cell(c: Cell) -> str:
+            text = _latex_escape(c.text)
+            return f"\\textbf{{{text}}}" if c.bold else text
+
+        lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_latex_escape(caption)}}}",
+                 f"\\begin{{tabular}}{{l{'r' * (len(self.header) - 1)}}}", "\\toprule",
+                 " & ".join(_latex_escape(h) for h in self.header) + " \\\\", "\\midrule",
+                 *(" & ".join(cell(c) for c in row) + " \\\\" for row in self.rows),
+                 "\\bottomrule", "\\end{tabular}", "\\end{table}"]
+        return "\n".join(lines)
+
+
+def results_text_table(table: pd.DataFrame) -> TextTable:
+    """One setting of :func:`results_table` for print: ``mean ± std`` (± only for n ≥ 2),
+    the best value per column in bold, and a p-value column after each tested column."""
+    header = ["Strategy", "n"]
+    for col in COLUMNS:
+        header += [col.label, f"p ({col.short})"] if col.tested else [col.label]
+    rows = []
+    for _, row in table.iterrows():
+        cells = [Cell(str(row["strategy"])), Cell(str(row["n"]))]
+        for col in COLUMNS:
+            mean, std = row[f"{col.key}_mean"], row[f"{col.key}_std"]
+            text = "–" if _missing(mean) else col.fmt(mean) + ("" if _missing(std) else f" ± {col.fmt(std)}")
+            cells.append(Cell(text, bool(row[f"{col.key}_best"])))
+            if col.tested:
+                cells.append(Cell("–" if _missing(mean) else _p_text(row[f"{col.key}_p"], row[f"{col.key}_note"])))
+        rows.append(cells)
+    return TextTable(header, rows)
+
+
+def _p_text(p: float, note: str) -> str:
+    if note == "reference":
+        return "ref."
+    if note:
+        return f"n/a ({note})"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "<": r"$<$", ">": r"$>$", "·": r"$\cdot$", "–": "--"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
