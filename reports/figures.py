@@ -22,6 +22,7 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
 HEATMAP_CMAP = "cividis"  # lightness rises monotonically, so it survives grayscale
+HEATMAPS_PER_ROW = 4
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str) -> Fi
                     fontsize="x-small", color="0.3")
         if len(shown):
             ax.set_xscale("log")
+            ax.margins(x=0.15)
             ax.legend(fontsize="small")
         ax.set_xlabel(label)
         ax.set_ylabel("target improvement TI (pp)")
@@ -141,9 +143,15 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str) -> F
         title: the setting's label.
 
     Datasets are ordered target first, then controls in logged order; cells carry their value.
+    Panels wrap after :data:`HEATMAPS_PER_ROW`.
     """
-    fig = Figure(figsize=(0.6 + 3.6 * len(panels), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ncols = min(HEATMAPS_PER_ROW, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(0.6 + 3.6 * ncols, 0.4 + 3.2 * nrows), layout="constrained")
+    grid_axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for spare in grid_axes[len(panels):]:
+        spare.remove()
+    axes = grid_axes[: len(panels)]
     image = None
     for ax, (run, panel_title) in zip(axes, panels.items()):
         rows = scores[(scores["run"] == run) & (scores["metric"] == TOP1)]

@@ -35,6 +35,8 @@ from reports.tables import TEST_NAME, TextTable, curve_table, results_table, res
 MINI_WORLD_NOTE = ("**Mini-world results, not CLIP.** These runs use the offline procedural mini world (a tiny "
                    "model and synthetic streams); they show that a method works, not how it does on real CLIP "
                    "models and datasets, and must not be reported as CLIP results.")
+MINI_WORLD_BANNER = ("**This report contains mini-world results, not CLIP results:** the settings marked "
+                     "[mini world, not CLIP].")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
 
     blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, table, reference))]
     if any(is_mini_world(r.stream, r.backbone) for r in finished.itertuples()):
-        blocks.append(Text(MINI_WORLD_NOTE))
+        blocks.append(Text(MINI_WORLD_BANNER))
     figures: list[Path] = []
     latex = ["% fscl-bench results (needs \\usepackage{booktabs})"]
     for key, rows in table.groupby(list(GROUP_KEYS), sort=True):
@@ -145,8 +147,8 @@ def _setting_section(runset: RunSet, runs: pd.DataFrame, rows: pd.DataFrame, tex
     blocks: list[Block] = [Heading(label)]
     if is_mini_world(first["stream"], first["backbone"]):
         blocks.append(Text(MINI_WORLD_NOTE))
-    controls = ", ".join(f"`{c}`" for c in sorted(set(runs["controls"])) if c) or "none"
-    sessions = ", ".join(str(s) for s in sorted(set(runs["sessions"])))
+    controls = "; ".join(sorted(set(runs["controls"]) - {""})) or "none"
+    sessions = ", ".join(str(s) for s in sorted({int(s) for s in runs["sessions"]}))
     blocks.append(Text(f"Target stream `{first['stream']}`, backbone `{first['backbone']}`, {first['shots']} shots "
                        f"per class, {sessions} session(s); controls: {controls}."))
     blocks.append(Table(text_table))

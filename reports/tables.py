@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from reports.frame import GROUP_KEYS, TOP1, strategy_order
+from reports.frame import GROUP_KEYS, TOP1, ReportError, strategy_order
 
 TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel), runs paired by seed"
 
@@ -107,7 +107,12 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
         ``<key>_std``, ``<key>_best``; tested columns add ``<key>_p``, ``<key>_pairs`` and
         ``<key>_note`` (``reference``, ``no reference``, ``n<2``, ``zero variance`` or empty).
         Units as in the run records.
+
+    Raises:
+        ReportError: there is no finished run to aggregate.
     """
+    if finished.empty:
+        raise ReportError("no finished runs to aggregate")
     finished = finished.reindex(columns=list(dict.fromkeys([*finished.columns, *(c.key for c in COLUMNS)])))
     rows = []
     for key, group in finished.groupby(list(GROUP_KEYS), sort=True):

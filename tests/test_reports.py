@@ -1,0 +1,313 @@
+"""Reports from run records written here in the real schema with hand-chosen numbers.
+
+Setting A (mini world, 2 sessions, controls clean_a and clean_b): lorsu, lora and ln over seeds
+0-2, zeroshot over seeds 0 and 7, plus a failed, a still-running and an incomplete run.
+Setting B (digits, no controls): one full-ft run. Every expected number is worked out by hand.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+from scipy import stats
+
+from benchmark.cli import main
+from benchmark.config import Config
+from benchmark.metrics import AccuracyMatrix, summarize
+from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
+from reports import ReportError, filter_runs, load_runs, paired_test, results_table, scan_runs, write_report
+from reports.figures import cost_figure, curves_figure, matrix_figure, strategy_styles, tradeoff_figure
+from reports.frame import cost_scalars, strategy_order
+from reports.tables import TEST_NAME, curve_table, results_text_table
+
+MINI, DIGITS = "mini-shapes", "digits"
+CONTROLS = ["clean_a", "clean_b"]
+START = [0.20, 0.60, 0.50]  # target, clean_a, clean_b before training (every run)
+# (strategy, seed) -> rows after sessions 1 and 2: TI, CC and target forgetting in the comments.
+MATRICES = {
+    ("lorsu", 0): [[0.30, 0.60, 0.50], [0.40, 0.58, 0.50]],  # TI .20, CC -.01, F -.10
+    ("lorsu", 1): [[0.32, 0.60, 0.49], [0.44, 0.60, 0.48]],  # TI .24, CC -.01, F -.12
+    ("lorsu", 2): [[0.28, 0.59, 0.50], [0.42, 0.59, 0.49]],  # TI .22, CC -.01, F -.14
+    ("lora", 0): [[0.35, 0.50, 0.45], [0.38, 0.45, 0.40]],  # TI .18, CC -.125, F -.03
+    ("lora", 1): [[0.36, 0.52, 0.44], [0.45, 0.48, 0.40]],  # TI .25, CC -.11, F -.09
+    ("lora", 2): [[0.30, 0.50, 0.46], [0.40, 0.46, 0.42]],  # TI .20, CC -.11, F -.10
+    ("ln", 0): [[0.30, 0.60, 0.50], [0.45, 0.60, 0.50]],  # TI .25 = lorsu + .05 on every seed
+    ("ln", 1): [[0.32, 0.60, 0.50], [0.49, 0.60, 0.50]],  # TI .29, CC 0 = lorsu + .01, F -.17
+    ("ln", 2): [[0.28, 0.60, 0.50], [0.47, 0.60, 0.50]],  # TI .27
+    ("zeroshot", 0): [START, START],
+    ("zeroshot", 7): [START, START],  # only seed 0 is shared with lorsu
+}
+TRAINABLE = {"lorsu": 1000, "lora": 2000, "ln": 500, "zeroshot": 0}
+SECONDS = {"lorsu": (1.0, 2.0), "lora": (2.0, 2.0), "ln": (0.5, 0.5), "zeroshot": (0.0, 0.0)}
+TI = {"lorsu": [0.20, 0.24, 0.22], "lora": [0.18, 0.25, 0.20], "ln": [0.25, 0.29, 0.27]}
+CC = {"lorsu": [-0.01, -0.01, -0.01], "lora": [-0.125, -0.11, -0.11], "ln": [0.0, 0.0, 0.0]}
+FORGET = {"lorsu": [-0.10, -0.12, -0.14], "lora": [-0.03, -0.09, -0.10], "ln": [-0.15, -0.17, -0.19]}
+
+
+def write_run(root: Path, strategy: str, seed: int, rows: list[list[float]], *, stream: str = MINI,
+              backbone: str = "mini", controls: list[str] = CONTROLS, sessions: int = 2,
+              status: str = STATUS_FINISHED, reason: str = "") -> Path:
+    """A run record as the runner writes it; ``rows`` are the evaluated sessions (0, 1, ...)."""
+    cfg = Config(name="exp", stream=stream, strategy=strategy, backbone=backbone, shots=5, seed=seed,
+                 sessions=sessions, controls=list(controls), out=str(root))
+    path = root / cfg.name / stream / slug(backbone) / strategy / f"5-s{seed}"
+    record = RunRecord(path)
+    record.start(cfg.to_dict(), {"seed": seed, "shot_seed": 0}, {f"session_{i}": ["x"] for i in range(1, 3)})
+    matrix = AccuracyMatrix.empty(stream, list(controls), sessions)
+    for t, row in enumerate(rows):
+        matrix.values[t] = row
+        matrix.groups[t] = row[0]
+        entries = [(stream, "top1", row[0])] + [(stream, f"top1_s{i + 1}", row[0]) for i in range(sessions)]
+        if t:
+            matrix.seen[t] = row[0]
+            entries.append((stream, "top1_seen", row[0]))
+        entries += list(zip(controls, ["top1"] * len(controls), row[1:]))
+        record.append_metrics([{"session": t, "dataset": d, "metric": m, "value": v, "correct": round(100 * v),
+                                "total": 100} for d, m, v in entries])
+    if status == "running":
+        return path
+    atomic_write(path / "matrix.csv", matrix.to_csv())
+    summary = summarize(matrix)
+    summary["costs"] = {"visual_parameters": 10_000, "sessions": [
+        {"session": s + 1, "train_seconds": SECONDS.get(strategy, (1.0, 1.0))[s], "train_samples": 25,
+         "peak_memory_mb": 100.0 + 20 * s, "trainable": TRAINABLE.get(strategy, 1),
+         "trainable_with_biases": TRAINABLE.get(strategy, 1) + 10} for s in range(len(rows) - 1)]}
+    write_json(path / "summary.json", summary)
+    record.update_manifest(status=status, **({"reason": reason} if reason else {}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    for (strategy, seed), rows in MATRICES.items():
+        write_run(root, strategy, seed, [START, *rows])
+    write_run(root, "lora", 3, [START, [0.99, 0.1, 0.1]], status=STATUS_FAILED,
+              reason="session 2: non-finite loss (nan)")
+    write_run(root, "lorsu", 3, [START, [0.99, 0.1, 0.1]], status="running")
+    incomplete = write_run(root, "ln", 3, [START, [0.99, 0.1, 0.1], [0.99, 0.1, 0.1]])
+    (incomplete / "summary.json").unlink()
+    write_run(root, "full-ft", 0, [[0.10], [0.30], [0.50]], stream=DIGITS, backbone="openclip:fscl-tiny", controls=[])
+    return root
+
+
+@pytest.fixture(scope="module")
+def runset(runs_dir):
+    return scan_runs(runs_dir)
+
+
+@pytest.fixture(scope="module")
+def table(runset):
+    return results_table(runset.finished, "lorsu")
+
+
+def row_of(table: pd.DataFrame, strategy: str, stream: str = MINI) -> pd.Series:
+    rows = table[(table["strategy"] == strategy) & (table["stream"] == stream)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_failed_and_partial_runs_are_listed_with_reasons_and_excluded(runset):
+    excluded = runset.excluded.set_index("run")
+    assert len(runset.finished) == 12 and len(excluded) == 3
+    failed, running, incomplete = (f"exp/{MINI}/mini/{s}/5-s3" for s in ("lora", "lorsu", "ln"))
+    assert excluded.loc[failed, "status"] == "failed" and "non-finite" in excluded.loc[failed, "reason"]
+    assert excluded.loc[running, "status"] == "running"
+    assert excluded.loc[incomplete, "status"] == "incomplete" and "summary.json" in excluded.loc[incomplete, "reason"]
+    assert set(runset.scores["run"]) == set(runset.finished["run"])
+
+
+def test_tidy_scores_frame_and_filter(runs_dir, runset):
+    scores = load_runs(runs_dir)
+    # per mini run: 3 sessions × (top1 + 2 groups + 2 controls) + 2 seen; the digits run: 3 × 3 + 2
+    assert len(scores) == 11 * 17 + 11
+    value = filter_runs(scores, strategy="lora", seed=1, session=2, dataset="clean_a", metric="top1")["value"]
+    assert value.tolist() == pytest.approx([0.48])
+    target = filter_runs(scores, stream=MINI, metric="top1", role="target")
+    assert set(target["dataset"]) == {MINI}
+    assert set(filter_runs(scores, strategy=["ln", "lora"])["strategy"]) == {"ln", "lora"}
+    with_unfinished = load_runs(runs_dir, include_unfinished=True)
+    assert {"failed", "running", "incomplete"} <= set(with_unfinished["status"])
+    with pytest.raises(KeyError, match="no column"):
+        filter_runs(scores, colour="red")
+
+
+def test_cost_scalars_sum_durations_max_peaks_mean_counts():
+    costs = {"visual_parameters": 10, "mask_build_seconds": 4.0, "sessions": [
+        {"session": 1, "train_seconds": 1.5, "peak_memory_mb": 100.0, "trainable": 10, "flops_per_sample": 2e9},
+        {"session": 2, "train_seconds": 2.5, "peak_memory_mb": 300.0, "trainable": 30, "flops_per_sample": 4e9}]}
+    assert cost_scalars(costs) == {"visual_parameters": 10.0, "mask_build_seconds": 4.0, "train_seconds": 4.0,
+                                   "peak_memory_mb": 300.0, "trainable": 20.0, "flops_per_sample": 3e9}
+
+
+def test_means_stds_and_best_per_column(table):
+    assert list(table[table["stream"] == MINI]["strategy"]) == ["lorsu", "ln", "lora", "zeroshot"]
+    for strategy in ("lorsu", "lora", "ln"):
+        row = row_of(table, strategy)
+        assert row["n"] == 3  # the failed / running / incomplete seed 3 is not averaged in
+        for key, values in (("target_improvement", TI), ("control_change", CC), ("target_forgetting", FORGET)):
+            assert row[f"{key}_mean"] == pytest.approx(np.mean(values[strategy]))
+            assert row[f"{key}_std"] == pytest.approx(np.std(values[strategy], ddof=1), abs=1e-12)
+    lorsu = row_of(table, "lorsu")
+    assert lorsu["target_improvement_std"] == pytest.approx(0.02)
+    assert lorsu["train_seconds_mean"] == pytest.approx(3.0) and lorsu["trainable_mean"] == 1000
+    assert row_of(table, "zeroshot")["n"] == 2
+    best = {c: set(table[(table["stream"] == MINI) & table[f"{c}_best"]]["strategy"])
+            for c in ("target_improvement", "control_change", "target_forgetting", "trainable", "train_seconds")}
+    assert best == {"target_improvement": {"ln"}, "control_change": {"ln", "zeroshot"},
+                    "target_forgetting": {"ln"}, "trainable": {"zeroshot"}, "train_seconds": {"zeroshot"}}
+    assert not row_of(table, "full-ft", DIGITS)["target_improvement_best"]  # alone in its setting: nothing to beat
+
+
+def test_paired_t_test_matches_scipy_and_hand_computation(table):
+    lora = row_of(table, "lora")
+    for key, values in (("target_improvement", TI), ("control_change", CC), ("target_forgetting", FORGET)):
+        assert lora[f"{key}_p"] == pytest.approx(stats.ttest_rel(values["lora"], values["lorsu"]).pvalue)
+    d = np.subtract(TI["lora"], TI["lorsu"])  # -.02, .01, -.02
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    assert lora["target_improvement_p"] == pytest.approx(2 * stats.t.sf(abs(t), df=2))
+    assert lora["target_improvement_pairs"] == 3 and lora["target_improvement_note"] == ""
+    assert row_of(table, "ln")["target_improvement_note"] == "zero variance"  # ln = lorsu + .05 on every seed
+    assert math.isnan(row_of(table, "ln")["target_improvement_p"])
+    zeroshot = row_of(table, "zeroshot")
+    assert zeroshot["target_improvement_note"] == "n<2" and zeroshot["target_improvement_pairs"] == 1
+    assert row_of(table, "lorsu")["control_change_note"] == "reference"
+    assert row_of(table, "full-ft", DIGITS)["target_improvement_note"] == "no reference"
+
+
+def test_paired_test_pairs_by_seed_not_by_order():
+    values = pd.Series([0.30, 0.10, 0.21], index=[2, 0, 1])
+    reference = pd.Series([0.0, 0.1, 0.2, 0.9], index=[0, 1, 2, 5])
+    test = paired_test(values, reference)
+    assert test.pairs == 3
+    assert test.p == pytest.approx(stats.ttest_rel([0.10, 0.21, 0.30], [0.0, 0.1, 0.2]).pvalue)
+    assert paired_test(pd.Series([0.5], index=[0]), reference).note == "n<2"
+
+
+def test_text_tables_mark_best_and_name_the_test(table):
+    mini = table[table["stream"] == MINI]
+    markdown = results_text_table(mini).markdown()
+    assert "| ln | 3 | **27.0 ± 2.0** | n/a (zero variance) |" in markdown
+    assert "| lorsu | 3 | 22.0 ± 2.0 | ref. |" in markdown
+    assert "n/a (n<2)" in markdown and "| zeroshot | 2 |" in markdown
+    latex = results_text_table(mini).latex("caption")
+    assert r"\textbf{27.0 $\pm$ 2.0}" in latex and r"\toprule" in latex
+    assert "ttest_rel" in TEST_NAME and "paired" in TEST_NAME
+
+
+def test_figures_hold_one_artist_per_strategy_in_consistent_styles(runset, table):
+    mini_runs = runset.finished[runset.finished["stream"] == MINI]
+    scores = runset.scores[runset.scores["run"].isin(mini_runs["run"])]
+    rows = table[table["stream"] == MINI]
+    styles = strategy_styles(strategy_order(rows["strategy"], "lorsu"))
+    assert len({s.marker for s in styles.values()}) == len({s.linestyle for s in styles.values()}) == 4
+
+    curves = curves_figure(curve_table(scores), styles, "A")
+    assert len(curves.axes) == 2  # target and mean control accuracy
+    for ax in curves.axes:
+        assert [line.get_label() for line in ax.get_lines()] == list(styles)
+        assert all(len(line.get_xdata()) == 3 for line in ax.get_lines())
+        assert len(ax.collections) == 4  # the ± std bands
+    lora_line = curves.axes[1].get_lines()[2]
+    assert lora_line.get_ydata()[2] == pytest.approx(100 * np.mean([(0.45 + 0.40) / 2, (0.48 + 0.40) / 2,
+                                                                     (0.46 + 0.42) / 2]))
+
+    tradeoff = tradeoff_figure(rows, styles, "A")
+    bars = [c for c in tradeoff.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert [c.get_label() for c in bars] == list(styles)
+    ln_point = bars[1].lines[0]
+    assert (ln_point.get_xdata()[0], ln_point.get_ydata()[0]) == pytest.approx((27.0, 0.0))
+    for bar, line in zip(bars, curves.axes[0].get_lines()):  # same colour and marker in both figures
+        assert (bar.lines[0].get_color(), bar.lines[0].get_marker()) == (line.get_color(), line.get_marker())
+
+    cost = cost_figure(rows, styles, "A")
+    for ax in cost.axes[:2]:
+        assert [c.get_label() for c in ax.containers] == ["lorsu", "ln", "lora"]  # zero-cost zeroshot left out
+        assert ax.get_xscale() == "log"
+
+    panels = {r: r for r in mini_runs[mini_runs["seed"] == 0]["run"]}
+    heatmap = matrix_figure(scores, panels, "A")
+    images = [ax.images[0] for ax in heatmap.axes if ax.images]
+    assert len(images) == 4 and all(im.get_array().shape == (3, 3) for im in images)
+    assert [t.get_text() for t in images[0].axes.get_xticklabels()] == [MINI, *CONTROLS]
+    wrapped = matrix_figure(scores, {r: r for r in mini_runs["run"][:5]}, "A")  # 4 per row, spare axes removed
+    assert len(wrapped.axes) == 5 + 1  # + the colour bar
+    with pytest.raises(ReportError, match="no finished runs"):
+        results_table(runset.finished.iloc[:0], "lorsu")
+
+
+@pytest.fixture(scope="module")
+def report(runs_dir, tmp_path_factory):
+    return write_report(runs_dir, tmp_path_factory.mktemp("report"), reference="lorsu")
+
+
+def test_write_report_files_and_contents(report):
+    # setting A: curves, trade-off, cost, matrix; setting B (no controls): no trade-off
+    assert len(report.figures) == 2 * 7 and all(p.stat().st_size > 0 for p in report.figures)
+    assert {p.suffix for p in report.figures} == {".png", ".svg"}
+    assert len(report.excluded) == 3
+    markdown = report.markdown.read_text()
+    sections = {s.split("\n", 1)[0]: s for s in markdown.split("\n## ")}
+    mini = next(s for h, s in sections.items() if h.startswith(MINI))
+    digits = next(s for h, s in sections.items() if h.startswith(DIGITS))
+    assert "mini world, not CLIP" in mini and "Mini-world results, not CLIP" in mini
+    assert "not CLIP" not in digits and "no paired tests" in digits
+    assert TEST_NAME in markdown
+    excluded = sections["Excluded runs"]
+    assert all(f"{s}/5-s3" in excluded for s in ("lora", "lorsu", "ln")) and "non-finite loss" in excluded
+    assert "| train.lr |" in sections["Configuration"] and "| seed | 0, 1, 2, 7 |" in sections["Configuration"]
+    assert "| python |" in sections["Software versions"]
+    for png in (p for p in report.figures if p.suffix == ".png"):
+        assert f"]({png.relative_to(report.markdown.parent).as_posix()})" in markdown
+
+    page = report.html.read_text()
+    assert page.count('src="data:image/png;base64,') == 7 and 'src="figures' not in page
+    assert "<strong>27.0 ± 2.0</strong>" in page
+
+    csv = pd.read_csv(report.results_csv)
+    assert len(csv) == 5 and csv.loc[csv["strategy"] == "lora", "target_improvement_p"].notna().all()
+    assert r"\textbf" in report.results_latex.read_text()
+    assert len(pd.read_csv(report.runs_csv)) == 15
+
+
+def test_missing_empty_or_unfinished_folders_give_clear_errors(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        scan_runs(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no run records"):
+        write_report(tmp_path / "empty", tmp_path / "out")
+    write_run(tmp_path / "failed", "lora", 0, [START, START], status=STATUS_FAILED, reason="boom")
+    with pytest.raises(ReportError, match="none of the 1 run.*boom"):
+        write_report(tmp_path / "failed", tmp_path / "out")
+
+
+def test_duplicate_runs_cannot_be_paired(tmp_path):
+    one = write_run(tmp_path / "a", "lora", 0, [START, START, START])
+    shutil.copytree(tmp_path / "a", tmp_path / "b" / "copy")
+    assert one.is_dir()
+    with pytest.raises(ReportError, match="cannot be paired"):
+        scan_runs(tmp_path)
+
+
+def test_cli_report_verb(tmp_path, capsys):
+    write_run(tmp_path / "runs", "full-ft", 0, [[0.1], [0.2], [0.3]], stream=DIGITS, backbone="openclip:fscl-tiny",
+              controls=[])
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--reference", "full-ft"]) == 0
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.html").is_file()
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_reports_import_only_benchmark():
+    """The import direction of architecture.md: reports -> benchmark, never strategies or streams."""
+    for path in (Path(__file__).parents[1] / "reports").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"strategies", "streams"}, path
