@@ -30,7 +30,7 @@ from reports.figures import (
     tradeoff_figure,
 )
 from reports.frame import GROUP_KEYS, ReportError, RunSet, group_label, is_mini_world, scan_runs, strategy_order
-from reports.tables import TEST_NAME, TextTable, curve_table, results_table, results_text_table
+from reports.tables import COST_COLUMNS, TEST_NAME, TextTable, curve_table, results_table, results_text_table
 
 MINI_WORLD_NOTE = ("**Mini-world results, not CLIP.** These runs use the offline procedural mini world (a tiny "
                    "model and synthetic streams); they show that a method works, not how it does on real CLIP "
@@ -111,9 +111,10 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
         setting = dict(zip(GROUP_KEYS, key))
         label = group_label(**setting)
         runs = finished[(finished[list(GROUP_KEYS)] == pd.Series(setting)).all(axis=1)]
-        text_table = results_text_table(rows)
-        latex.append(text_table.latex(f"{label}. Mean ± std over seeds; p: {TEST_NAME}, against {reference}."))
-        section, drawn = _setting_section(runset, runs, rows, text_table, label, reference, styles, out)
+        tables = [results_text_table(rows), results_text_table(rows, COST_COLUMNS)]
+        tables = [t for t in tables if len(t.header) > 2]  # no costs table when no cost was recorded
+        latex += [t.latex(f"{label}. Mean ± std over seeds; p: {TEST_NAME}, against {reference}.") for t in tables]
+        section, drawn = _setting_section(runset, runs, rows, tables, label, reference, styles, out)
         blocks += section
         figures += drawn
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
@@ -138,9 +139,9 @@ def _intro(runset: RunSet, table: pd.DataFrame, reference: str) -> str:
             + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + ".")
 
 
-def _setting_section(runset: RunSet, runs: pd.DataFrame, rows: pd.DataFrame, text_table: TextTable, label: str,
+def _setting_section(runset: RunSet, runs: pd.DataFrame, rows: pd.DataFrame, tables: list[TextTable], label: str,
                      reference: str, styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path]]:
-    """Heading, description, results table and figures of one setting."""
+    """Heading, description, results (and costs) tables and figures of one setting."""
     first = runs.iloc[0]
     stem = out / "figures" / slug(f"{first['name']}-{first['stream']}-{first['backbone']}-{first['shots']}shot")
     setting_styles = {s: styles[s] for s in rows["strategy"]}
@@ -151,7 +152,7 @@ def _setting_section(runset: RunSet, runs: pd.DataFrame, rows: pd.DataFrame, tex
     sessions = ", ".join(str(s) for s in sorted({int(s) for s in runs["sessions"]}))
     blocks.append(Text(f"Target stream `{first['stream']}`, backbone `{first['backbone']}`, {first['shots']} shots "
                        f"per class, {sessions} session(s); controls: {controls}."))
-    blocks.append(Table(text_table))
+    blocks += [Table(t) for t in tables]
     if reference not in set(rows["strategy"]):
         blocks.append(Text(f"The reference strategy `{reference}` has no finished run in this setting, so there are "
                            f"no paired tests (p: n/a)."))
@@ -227,8 +228,12 @@ def _definitions_section(reference: str) -> list[Block]:
              "their changes in percentage points (pp)."),
         Text(f"**TI**: {doc(target_improvement)} **CC**: {doc(control_change)} **Forgetting** (of the target): "
              f"{doc(forgetting)} **Final target acc.**: A[T, τ]. **BWT** (in `runs.csv`): {doc(backward_transfer)}"),
-        Text("**Trainable params**: parameters updated by the strategy, mean over sessions. **Train time**: "
-             "training seconds summed over sessions (excluding evaluation)."),
+        Text("**Trainable params**: parameters updated by the strategy (with and without biases), mean over "
+             "sessions. **Train time**: training seconds summed over sessions (evaluation excluded). **FLOPs / "
+             "sample**: forward + backward FLOPs of one training sample (torch's FLOP counter), mean over "
+             "sessions. **Mask / setup time**: seconds spent choosing what to train (e.g. building masks), summed "
+             "over sessions. **Peak memory**: the largest per-session peak (CUDA allocations on GPU, process RSS "
+             "on CPU). **Optimizer state**: size of the optimizer's state tensors, mean over sessions."),
         Text(f"Each cell is mean ± std over n seeds (std with ddof 1, shown for n ≥ 2); bold marks the best value "
              f"of its column within a setting (ties all bold). p: {TEST_NAME}, each strategy against `{reference}` "
              "on the seeds both have; *ref.* is the reference itself; n/a (n<2): fewer than two shared seeds; "

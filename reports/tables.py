@@ -2,14 +2,15 @@
 
 :func:`results_table` gives one numeric row per (setting, strategy) in the units of the run
 records (accuracies as fractions); :func:`results_text_table` formats one setting of it for
-print (accuracies in percent / percentage points), and :class:`TextTable` renders any table
-as Markdown, HTML or LaTeX.
+print (accuracies in percent / percentage points), either the results (:data:`RESULT_COLUMNS`)
+or the remaining costs (:data:`COST_COLUMNS`), and :class:`TextTable` renders any table as
+Markdown, HTML or LaTeX.
 """
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,12 +31,28 @@ def _seconds(x: float) -> str:
     return f"{x:.2f}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def _count(x: float) -> str:
-    """Compact parameter count: 0, 950, 12.3K, 4.6M, 1.2B."""
-    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= size:
-            return f"{x / size:.1f}{suffix}"
+def _compact(x: float, suffixes: str) -> str:
+    """``x`` with a thousands suffix: 950, 12.3K, 4.6M, ... (``suffixes`` for 10³, 10⁶, 10⁹, 10¹²)."""
+    for power, suffix in reversed(list(enumerate(suffixes, start=1))):
+        if abs(x) >= 1000**power:
+            return f"{x / 1000**power:.1f}{suffix}"
     return f"{x:.0f}"
+
+
+def _count(x: float) -> str:
+    return _compact(x, "KMB")
+
+
+def _flops(x: float) -> str:
+    return _compact(x, "KMGT")
+
+
+def _mebibytes(x: float) -> str:
+    return f"{x:.0f}"
+
+
+def _bytes_as_mebibytes(x: float) -> str:
+    return f"{x / 2**20:.1f}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,7 @@ class Column:
     tested: bool = False
 
 
-COLUMNS = (
+RESULT_COLUMNS = (
     Column("target_improvement", "TI (pp)", "TI", "higher", _percent, tested=True),
     Column("control_change", "CC (pp)", "CC", "higher", _percent, tested=True),
     Column("target_forgetting", "Forgetting (pp)", "Forgetting", "lower", _percent, tested=True),
@@ -67,6 +84,15 @@ COLUMNS = (
     Column("trainable", "Trainable params", "Trainable", "lower", _count),
     Column("train_seconds", "Train time (s)", "Train time", "lower", _seconds),
 )
+# The other costs of the run records (see reports.frame.cost_scalars for how sessions are combined).
+COST_COLUMNS = (
+    Column("trainable_with_biases", "Trainable incl. biases", "Trainable incl. biases", "lower", _count),
+    Column("flops_per_sample", "FLOPs / sample (fwd+bwd)", "FLOPs", "lower", _flops),
+    Column("setup_seconds", "Mask / setup time (s)", "Setup time", "lower", _seconds),
+    Column("peak_memory_mb", "Peak memory (MiB)", "Peak memory", "lower", _mebibytes),
+    Column("optimizer_state_bytes", "Optimizer state (MiB)", "Optimizer state", "lower", _bytes_as_mebibytes),
+)
+COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -212,16 +238,21 @@ class TextTable:
         return "\n".join(lines)
 
 
-def results_text_table(table: pd.DataFrame) -> TextTable:
+def results_text_table(table: pd.DataFrame, columns: Sequence[Column] = RESULT_COLUMNS) -> TextTable:
     """One setting of :func:`results_table` for print: ``mean ± std`` (± only for n ≥ 2),
-    the best value per column in bold, and a p-value column after each tested column."""
+    the best value per column in bold, and a p-value column after each tested column.
+
+    Columns without any value in this setting (e.g. CC without controls, or costs an older
+    runner did not record) are left out.
+    """
+    columns = [c for c in columns if table[f"{c.key}_mean"].notna().any()]
     header = ["Strategy", "n"]
-    for col in COLUMNS:
+    for col in columns:
         header += [col.label, f"p ({col.short})"] if col.tested else [col.label]
     rows = []
     for _, row in table.iterrows():
         cells = [Cell(str(row["strategy"])), Cell(str(row["n"]))]
-        for col in COLUMNS:
+        for col in columns:
             mean, std = row[f"{col.key}_mean"], row[f"{col.key}_std"]
             text = "–" if _missing(mean) else col.fmt(mean) + ("" if _missing(std) else f" ± {col.fmt(std)}")
             cells.append(Cell(text, bool(row[f"{col.key}_best"])))

@@ -24,7 +24,7 @@ from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_
 from reports import ReportError, filter_runs, load_runs, paired_test, results_table, scan_runs, write_report
 from reports.figures import cost_figure, curves_figure, matrix_figure, strategy_styles, tradeoff_figure
 from reports.frame import cost_scalars, strategy_order
-from reports.tables import TEST_NAME, curve_table, results_text_table
+from reports.tables import COST_COLUMNS, TEST_NAME, curve_table, results_text_table
 
 MINI, DIGITS = "mini-shapes", "digits"
 CONTROLS = ["clean_a", "clean_b"]
@@ -196,6 +196,10 @@ def test_text_tables_mark_best_and_name_the_test(table):
     assert "| ln | 3 | **27.0 ± 2.0** | n/a (zero variance) |" in markdown
     assert "| lorsu | 3 | 22.0 ± 2.0 | ref. |" in markdown
     assert "n/a (n<2)" in markdown and "| zeroshot | 2 |" in markdown
+    costs = results_text_table(mini, COST_COLUMNS)  # columns nobody recorded (FLOPs here) are left out
+    assert costs.header == ["Strategy", "n", "Trainable incl. biases", "Peak memory (MiB)"]
+    assert [c.text for c in costs.rows[1]] == ["ln", "3", "510 ± 0", "120 ± 0"]
+    assert "CC (pp)" not in results_text_table(table[table["stream"] == DIGITS]).header  # no controls there
     latex = results_text_table(mini).latex("caption")
     assert r"\textbf{27.0 $\pm$ 2.0}" in latex and r"\toprule" in latex
     assert "ttest_rel" in TEST_NAME and "paired" in TEST_NAME
@@ -259,6 +263,7 @@ def test_write_report_files_and_contents(report):
     assert "mini world, not CLIP" in mini and "Mini-world results, not CLIP" in mini
     assert "not CLIP" not in digits and "no paired tests" in digits
     assert TEST_NAME in markdown
+    assert "| Strategy | n | Trainable incl. biases | Peak memory (MiB) |" in mini
     excluded = sections["Excluded runs"]
     assert all(f"{s}/5-s3" in excluded for s in ("lora", "lorsu", "ln")) and "non-finite loss" in excluded
     assert "| train.lr |" in sections["Configuration"] and "| seed | 0, 1, 2, 7 |" in sections["Configuration"]
