@@ -102,19 +102,23 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
     table = results_table(finished, reference)
     styles = strategy_styles(strategy_order(finished["strategy"], reference))
 
-    blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, table, reference))]
+    blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, reference))]
     if any(is_mini_world(r.stream, r.backbone) for r in finished.itertuples()):
         blocks.append(Text(MINI_WORLD_BANNER))
     figures: list[Path] = []
     latex = ["% fscl-bench results (needs \\usepackage{booktabs})"]
+    runs_by_setting = dict(iter(finished.groupby(list(GROUP_KEYS), sort=True)))
     for key, rows in table.groupby(list(GROUP_KEYS), sort=True):
         setting = dict(zip(GROUP_KEYS, key))
         label = group_label(**setting)
-        runs = finished[(finished[list(GROUP_KEYS)] == pd.Series(setting)).all(axis=1)]
-        tables = [results_text_table(rows), results_text_table(rows, COST_COLUMNS)]
-        tables = [t for t in tables if len(t.header) > 2]  # no costs table when no cost was recorded
-        latex += [t.latex(f"{label}. Mean ± std over seeds; p: {TEST_NAME}, against {reference}.") for t in tables]
-        section, drawn = _setting_section(runset, runs, rows, tables, label, reference, styles, out)
+        test = f"p: {TEST_NAME}, against {reference}"
+        captioned = [(results_text_table(rows), f"{label}. Mean ± std over seeds; {test}."),
+                     (results_text_table(rows, COST_COLUMNS), f"{label}. Costs, mean ± std over seeds.")]
+        captioned = [(t, c) for t, c in captioned if len(t.header) > 2]  # no costs table when none was recorded
+        latex += [t.latex(caption) for t, caption in captioned]
+        tables = [t for t, _ in captioned]
+        section, drawn = _setting_section(runset.scores, setting, runs_by_setting[key], rows, tables, reference,
+                                          styles, out)
         blocks += section
         figures += drawn
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
@@ -130,34 +134,41 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
     return paths
 
 
-def _intro(runset: RunSet, table: pd.DataFrame, reference: str) -> str:
+def _intro(runset: RunSet, reference: str) -> str:
     excluded = len(runset.excluded)
-    settings = len(table.groupby(list(GROUP_KEYS)))
+    settings = runset.finished.groupby(list(GROUP_KEYS)).ngroups
     return (f"{len(runset.finished)} finished run(s) in {settings} setting(s) from `{runset.root}`"
             + (f"; {excluded} failed or partial run(s) left out (see *Excluded runs*)" if excluded else "")
             + f". Reference strategy for the paired tests: `{reference}`. Generated "
             + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + ".")
 
 
-def _setting_section(runset: RunSet, runs: pd.DataFrame, rows: pd.DataFrame, tables: list[TextTable], label: str,
-                     reference: str, styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path]]:
-    """Heading, description, results (and costs) tables and figures of one setting."""
-    first = runs.iloc[0]
-    stem = out / "figures" / slug(f"{first['name']}-{first['stream']}-{first['backbone']}-{first['shots']}shot")
+def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd.DataFrame, rows: pd.DataFrame,
+                     tables: list[TextTable], reference: str, styles: dict[str, Style],
+                     out: Path) -> tuple[list[Block], list[Path]]:
+    """Heading, description, results (and costs) tables and figures of one setting.
+
+    Args:
+        all_scores: the tidy scores of every finished run.
+        setting: the values of :data:`GROUP_KEYS`; ``runs`` and ``rows`` are its finished runs
+            and its :func:`results_table` rows, ``tables`` their printed forms.
+    """
+    label = group_label(**setting)
+    stem = out / "figures" / slug("{name}-{stream}-{backbone}-{shots}shot".format(**setting))
     setting_styles = {s: styles[s] for s in rows["strategy"]}
     blocks: list[Block] = [Heading(label)]
-    if is_mini_world(first["stream"], first["backbone"]):
+    if is_mini_world(setting["stream"], setting["backbone"]):
         blocks.append(Text(MINI_WORLD_NOTE))
     controls = "; ".join(sorted(set(runs["controls"]) - {""})) or "none"
     sessions = ", ".join(str(s) for s in sorted({int(s) for s in runs["sessions"]}))
-    blocks.append(Text(f"Target stream `{first['stream']}`, backbone `{first['backbone']}`, {first['shots']} shots "
-                       f"per class, {sessions} session(s); controls: {controls}."))
+    blocks.append(Text(f"Target stream `{setting['stream']}`, backbone `{setting['backbone']}`, {setting['shots']} "
+                       f"shots per class, {sessions} session(s); controls: {controls}."))
     blocks += [Table(t) for t in tables]
     if reference not in set(rows["strategy"]):
         blocks.append(Text(f"The reference strategy `{reference}` has no finished run in this setting, so there are "
                            f"no paired tests (p: n/a)."))
 
-    scores = runset.scores[runset.scores["run"].isin(runs["run"])]
+    scores = all_scores[all_scores["run"].isin(runs["run"])]
     figures = [(curves_figure(curve_table(scores), setting_styles, label), "curves",
                 "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std.")]
     if rows["control_change_mean"].notna().any():
@@ -191,7 +202,7 @@ def _excluded_section(runset: RunSet) -> list[Block]:
 def _configuration_section(runset: RunSet) -> list[Block]:
     """Config keys shared by all finished runs, and those that vary (with their values)."""
     flat = pd.DataFrame([_flatten(runset.configs[r]) for r in runset.finished["run"]])
-    values = {k: sorted(set(flat[k].dropna())) for k in flat.columns}
+    values = {k: sorted(set(flat[k].dropna()), key=_natural) for k in flat.columns}
     shared = pd.DataFrame([(k, v[0]) for k, v in values.items() if len(v) == 1], columns=["Key", "Value"])
     varying = pd.DataFrame([(k, ", ".join(v)) for k, v in values.items() if len(v) > 1], columns=["Key", "Values"])
     blocks: list[Block] = [Heading("Configuration"), Text("From the runs' resolved `config.yaml`. Shared by all runs:"),
@@ -250,6 +261,14 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
     return flat
+
+
+def _natural(value: str) -> tuple[int, float, str]:
+    """Sort key: numbers by value (2 before 10), then other text alphabetically."""
+    try:
+        return 0, float(value), ""
+    except ValueError:
+        return 1, 0.0, value
 
 
 def render_markdown(blocks: list[Block], base: Path) -> str:
