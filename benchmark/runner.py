@@ -13,6 +13,7 @@ import random
 import resource
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from benchmark.backbones import load_backbone
 from benchmark.config import Config
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
 from benchmark.metrics import AccuracyMatrix, summarize
+from benchmark.plugins import CostMeter
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
@@ -87,6 +89,37 @@ def make_loggers(names: list[str], path: Path) -> list:
     return loggers
 
 
+def control_subset(n_items: int, size: int, seed: int, name: str) -> list[int]:
+    """Indices (ascending) of a fixed, seeded subset of ``size`` of ``n_items`` control images.
+
+    Seeded from (seed, CRC-32 of the control's name): the same on every machine and
+    whatever ``PYTHONHASHSEED`` is.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+    return sorted(rng.choice(n_items, size=min(size, n_items), replace=False).tolist())
+
+
+def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[str, Any]) -> None:
+    """Write what a run must keep about its data into the manifest: skipped unreadable images,
+    seeded splits (their id lists in ``splits.json``) and the control subsets' ids."""
+    fields: dict[str, Any] = {}
+    split_ids = {}
+    for name, data_stream in data_streams.items():
+        info = data_stream.data_record()
+        if "skipped_images" in info:
+            fields.setdefault("skipped_images", {})[name] = info["skipped_images"]
+        if "split" in info:
+            split = dict(info["split"])
+            split_ids[name] = split.pop("ids")
+            fields.setdefault("splits", {})[name] = {**split, "file": "splits.json"}
+    if split_ids:
+        write_json(record.path / "splits.json", split_ids)
+    if subsets:
+        fields["control_subsets"] = subsets
+    if fields:
+        record.update_manifest(**fields)
+
+
 def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
     """Run every grid point of ``cfg`` in order; returns one outcome per point."""
     outcomes = []
@@ -120,7 +153,8 @@ class _Run:
         seed_everything(cfg.seed)
         backbone = load_backbone(cfg.backbone, str(self.device))
         stream_entry = STREAMS.get(cfg.stream)
-        stream = stream_entry.obj(cfg.data_root, cfg.options_for(cfg.stream, stream_entry.options))
+        stream = stream_entry.obj(cfg.data_root, cfg.options_for(cfg.stream, stream_entry.options),
+                                  skip_bad_images=cfg.skip_bad_images)
         sessions = stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed)
         scenario = stream.benchmark(sessions, backbone.preprocess(True), backbone.preprocess(False))
 
@@ -128,23 +162,32 @@ class _Run:
         spec = stream.spec
         for i, exp in enumerate(scenario.test_stream):
             zeroshot.add(EvalSet(f"{cfg.stream}@s{i + 1}", cfg.stream, spec.class_names, spec.templates, exp.dataset))
+        data_streams, subsets = {cfg.stream: stream}, {}
         for name in cfg.controls:
             entry = STREAMS.get(name)
-            control = entry.obj(cfg.data_root, cfg.options_for(name, entry.options))
+            control = data_streams[name] = entry.obj(cfg.data_root, cfg.options_for(name, entry.options),
+                                                     skip_bad_images=cfg.skip_bad_images)
+            test = control.dataset("test")
+            if cfg.control_subset is not None and len(test) > cfg.control_subset:
+                test = test.subset(control_subset(len(test), cfg.control_subset, cfg.shot_seed, name))
+                subsets[name] = {"size": len(test), "of": len(control.dataset("test")), "seed": cfg.shot_seed,
+                                 "ids": test.ids}
             zeroshot.add(EvalSet(name, name, control.spec.class_names, control.spec.templates,
-                                 control.dataset("test").with_transform(backbone.preprocess(False))))
+                                 test.with_transform(backbone.preprocess(False))))
         eval_stream = zeroshot.stream()
 
         strategy_entry = STRATEGIES.get(cfg.strategy)
         plugin = strategy_entry.obj(backbone, cfg.options_for(cfg.strategy, strategy_entry.options))
+        meter = CostMeter(plugin)
         self.metric = ZeroShotAccuracy()
         self.record.start(cfg.to_dict(), {"seed": cfg.seed, "shot_seed": cfg.shot_seed},
                           {f"session_{s.index}": s.ids for s in sessions})
         self.record.update_manifest(
             classes_with_fewer_shots={f"session_{s.index}": s.short_classes for s in sessions if s.short_classes})
+        record_data(self.record, data_streams, subsets)
         template = CLIPTemplate(
             backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train, zeroshot=zeroshot,
-            seed=cfg.seed, device=self.device, plugins=[plugin],
+            seed=cfg.seed, device=self.device, plugins=[plugin, meter],
             evaluator=EvaluationPlugin(self.metric, loggers=make_loggers(cfg.loggers, self.record.path)),
         )
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(sessions))
@@ -166,7 +209,7 @@ class _Run:
                     "train_seconds": round(time.perf_counter() - start, 4),
                     "train_samples": len(exp.dataset),
                     "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-                    **plugin.trainable_counts(),
+                    **meter.session_costs(),  # trainable counts, FLOPs per sample, setup (mask) time
                 })
                 self.evaluate(template, eval_stream, session)
                 bar.update()

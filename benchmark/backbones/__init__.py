@@ -1,11 +1,11 @@
 """Backbone families and the load-string parser (``family:rest``, or a bare family name)."""
 from __future__ import annotations
 
-from benchmark.backbones import openclip  # noqa: F401  (registers the family)
-from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
+from benchmark.backbones import hf, openclip  # noqa: F401  (register the families)
+from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, QKVRowUpdate, UpdateHandle
 from benchmark.registry import BACKBONES
 
-__all__ = ["Backbone", "BlockView", "ProjectionRows", "load_backbone", "check_backbone_string"]
+__all__ = ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle", "load_backbone", "check_backbone_string"]
 
 
 def _split(spec: str) -> tuple[str, str]:

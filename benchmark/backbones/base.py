@@ -7,12 +7,14 @@ three :class:`ProjectionRows` (q, k, v), its first MLP layer and its norms.
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,79 @@ class ProjectionRows:
     def grad_rows(self) -> Tensor | None:
         """The accumulated gradient of those rows, [W, W], or None before any backward."""
         return None if self.weight.grad is None else self.weight.grad[self.rows]
+
+
+class QKVRowUpdate(Protocol):
+    """An additive update of some rows of a block's stacked ``[q; k; v]`` projection output.
+
+    ``rows`` [R] (int64, on the model's device) indexes the stacked output of width 3W: row
+    ``j * W + i`` is output ``i`` of projection ``j`` (0 = q, 1 = k, 2 = v). Called on the
+    projection input ``x`` [..., W] it returns what to add to those rows, [..., R]. A
+    low-rank ``ΔW`` of those rows is ``x ↦ x · ΔWᵀ``: only the chosen rows are computed.
+    """
+
+    rows: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+class UpdateHandle:
+    """Removes an installed :class:`QKVRowUpdate` (like torch's ``RemovableHandle``)."""
+
+    def __init__(self, *removers: Callable[[], object]) -> None:
+        self._removers = list(removers)
+
+    def remove(self) -> None:
+        while self._removers:
+            self._removers.pop()()
+
+
+def parameter_owner(root: nn.Module, param: nn.Parameter) -> tuple[nn.Module, str]:
+    """The module under ``root`` that holds ``param`` directly, and the attribute name."""
+    for module in root.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p is param:
+                return module, name
+    raise LookupError(f"parameter of shape {tuple(param.shape)} is not held by any module under {type(root).__name__}")
+
+
+def _fused_self_attention(
+    attn: nn.MultiheadAttention,
+    update: QKVRowUpdate,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, None]:
+    """``nn.MultiheadAttention.forward`` for self-attention, with ``update`` added to q/k/v.
+
+    Same signature and result as the module's forward (attention weights are not returned),
+    so the block that calls it is unchanged. x is [B, L, W] (``batch_first``) or [L, B, W].
+    """
+    if not (key is query and value is query) or key_padding_mask is not None or need_weights:
+        raise NotImplementedError("a q/k/v update supports self-attention without key padding masks or "
+                                  "returned attention weights (the vision-transformer case)")
+    x = query if attn.batch_first else query.transpose(0, 1)  # [B, L, W]
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+    qkv = qkv.index_add(-1, update.rows, update(x).to(qkv.dtype))
+    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # each [B, H, L, hd]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # MHA: True = masked out; SDPA: True = may attend
+        if attn_mask.dim() == 3:  # [B * H, L, L]
+            attn_mask = attn_mask.view(batch, heads, length, length)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=attn.dropout if attn.training else 0.0,
+        is_causal=is_causal and attn_mask is None,
+    )  # [B, H, L, hd]
+    out = attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+    return (out if attn.batch_first else out.transpose(0, 1)), None
 
 
 @dataclass(frozen=True)
@@ -74,6 +149,73 @@ class BlockView:
             raise IndexError(f"head {head} out of range for a block of {self.num_heads} heads")
         return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
+    def qkv_rows(self, heads: list[int] | tuple[int, ...]) -> Tensor:
+        """Stacked ``[q; k; v]`` row indices of ``heads`` (see :class:`QKVRowUpdate`), sorted.
+
+        Returns [3 * len(heads) * head_dim] int64 on the block's device.
+        """
+        device = self.q.weight.device
+        starts = [self.head_rows(h).start for h in sorted(heads)]  # validates the head indices
+        offsets = [j * self.width + start for j in range(3) for start in starts]
+        base = torch.arange(self.head_dim, device=device)
+        return torch.cat([o + base for o in offsets]) if offsets else base[:0]
+
+    def add_qkv_update(self, update: QKVRowUpdate) -> UpdateHandle:
+        """Add ``update(x)`` to the chosen rows of this block's q/k/v projection outputs.
+
+        Works on the activations (``qkv[..., rows] += update(x)``), so no dense ``[3W, W]``
+        weight or weight gradient is formed. Fused ``nn.MultiheadAttention``: its forward is
+        replaced by an equivalent self-attention that adds the update; separate q/k/v
+        ``nn.Linear``\ s: forward hooks add their share of the rows (``update`` runs once per
+        input). One update per block at a time; ``handle.remove()`` restores the block.
+        """
+        if self.q.weight is self.k.weight is self.v.weight:
+            attn, _ = parameter_owner(self.module, self.q.weight)
+            stacked = [(p.rows.start or 0, p.rows.stop) for p in self.qkv]
+            if not isinstance(attn, nn.MultiheadAttention) or stacked != [(j * self.width, (j + 1) * self.width)
+                                                                         for j in range(3)]:
+                raise TypeError(f"block {self.index}: a fused q/k/v update needs an nn.MultiheadAttention "
+                                f"with rows q, k, v in order, got {type(attn).__name__}")
+            if "forward" in vars(attn):
+                raise RuntimeError(f"block {self.index} already has a q/k/v update")
+            attn.forward = functools.partial(_fused_self_attention, attn, update)
+            return UpdateHandle(lambda: vars(attn).pop("forward", None))
+        return self._add_separate_qkv_update(update)
+
+    def _add_separate_qkv_update(self, update: QKVRowUpdate) -> UpdateHandle:
+        cache: dict[str, Tensor] = {}  # the update of the current input, shared by q, k and v
+
+        def make_hook(target: Tensor, picked: Tensor):
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+                x = inputs[0]
+                if cache.get("x") is not x:
+                    cache["x"], cache["out"] = x, update(x)
+                return output.index_add(-1, target, cache["out"][..., picked].to(output.dtype))
+
+            return hook
+
+        handles = []
+        for j, proj in enumerate(self.qkv):
+            linear, name = parameter_owner(self.module, proj.weight)
+            if not isinstance(linear, nn.Linear) or name != "weight":
+                raise TypeError(f"block {self.index}: separate q/k/v updates need nn.Linear projections, "
+                                f"got {type(linear).__name__}.{name}")
+            picked = ((update.rows >= j * self.width) & (update.rows < (j + 1) * self.width)).nonzero().squeeze(1)
+            if len(picked):
+                target = update.rows[picked] - j * self.width + (proj.rows.start or 0)
+                handles.append(linear.register_forward_hook(make_hook(target, picked)))
+        handles.append(self.module.register_forward_hook(lambda *_: cache.clear()))
+        return UpdateHandle(*(h.remove for h in handles))
+
+    @torch.no_grad()
+    def merge_qkv_rows(self, rows: Tensor, delta: Tensor) -> None:
+        """Add ``delta`` [R, W] to the stacked q/k/v weight ``rows`` [R] in place (fused or separate)."""
+        for j, proj in enumerate(self.qkv):
+            picked = (rows >= j * self.width) & (rows < (j + 1) * self.width)
+            if picked.any():
+                target = rows[picked] - j * self.width + (proj.rows.start or 0)
+                proj.weight.index_add_(0, target, delta[picked].to(proj.weight.dtype))
+
 
 class Backbone(nn.Module, ABC):
     """An image–text model with a trainable vision side and a frozen text side.
@@ -88,6 +230,9 @@ class Backbone(nn.Module, ABC):
         self.model = model
         self.visual = visual
         self.model.requires_grad_(False)
+        # Modules a strategy adds for one session (e.g. low-rank adapters): registered here so that
+        # the optimizer, built from this module's parameters, sees them; emptied on merge.
+        self.adapters = nn.ModuleDict()
 
     @classmethod
     def check_spec(cls, rest: str) -> None:
@@ -118,6 +263,25 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def blocks(self) -> list[BlockView]:
         """The vision transformer's blocks, first to last."""
+
+    # -- other parts strategies may train (families override when their layout differs) ----
+    def image_projection(self) -> tuple[nn.Module, str] | None:
+        """(module, attribute) of the final image projection weight, or None if there is none.
+
+        Default: open_clip's layout, a 2-D parameter ``proj`` [W, D] on the visual module
+        (possibly parametrized by a strategy, hence the tensor test).
+        """
+        proj = getattr(self.visual, "proj", None)
+        return (self.visual, "proj") if isinstance(proj, Tensor) and proj.dim() == 2 else None
+
+    def norm_layers(self) -> list[nn.Module]:
+        """Every normalisation layer of the vision encoder (blocks, pre/post norms), in order."""
+        kinds = tuple(k for k in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if k is not None)
+        return [m for m in self.visual.modules() if isinstance(m, kinds)]
+
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """Every bias of the vision encoder's layers (linear, attention, norm), in order."""
+        return [p for name, p in self.visual.named_parameters() if name.rsplit(".", 1)[-1].endswith("bias")]
 
     # -- shared behaviour ----------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,93 @@
+"""``ewc`` (F-EWC): full fine-tuning of the vision encoder plus the EWC penalty.
+
+Avalanche's ``EWCPlugin`` semantics in its default ``separate`` mode: after every session
+the diagonal Fisher F_s = mean over the session's batches of the squared batch gradient (of
+our CLIP loss, not a classifier's) is stored with the weights θ_s, and training adds
+``ewc_lambda · Σ_s Σ_i F_s,i (θ_i − θ_s,i)²`` over all previous sessions (zero in session 1).
+
+Instead of one (F_s, θ_s) pair per session the sum is kept in the equivalent form
+``Σ_i F_i (θ_i − μ_i)² + C`` with F = Σ_s F_s, μ = Σ_s F_s θ_s / F and the constant C, folded in
+session by session (parallel-axis rule), so memory does not grow with the number of sessions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from benchmark.config import check
+from benchmark.plugins import StrategyPlugin, session_gradients
+from benchmark.registry import STRATEGIES
+from benchmark.template import clip_loss
+
+
+@dataclass
+class EWCOptions:
+    """Options of ``ewc``."""
+
+    ewc_lambda: float = 1000.0  # weight of the penalty
+
+    def __post_init__(self) -> None:
+        check(self.ewc_lambda >= 0, "ewc.ewc_lambda", self.ewc_lambda, "a float >= 0")
+
+
+class Anchor:
+    """Σ_s F_s (θ − θ_s)² of the sessions folded in so far, as F (θ − μ)² + C, per parameter."""
+
+    def __init__(self) -> None:
+        self.fisher: list[Tensor] = []  # F, one per parameter
+        self.center: list[Tensor] = []  # μ
+        self.constant = 0.0  # C
+
+    def __bool__(self) -> bool:
+        return bool(self.fisher)
+
+    @torch.no_grad()
+    def add(self, fisher: list[Tensor], params: list[Tensor]) -> None:
+        """Fold in one session's Fisher F_s and weights θ_s."""
+        if not self.fisher:
+            self.fisher = [f.clone() for f in fisher]
+            self.center = [p.detach().float().clone() for p in params]
+            return
+        for i, (f_new, p) in enumerate(zip(fisher, params)):
+            f_old, mu_old, theta = self.fisher[i], self.center[i], p.detach().float()
+            f = f_old + f_new
+            mu = torch.where(f > 0, (f_old * mu_old + f_new * theta) / f, theta)
+            self.constant += float((f_old * (mu_old - mu).square() + f_new * (theta - mu).square()).sum())
+            self.fisher[i], self.center[i] = f, mu
+
+    def penalty(self, params: list[Tensor]) -> Tensor:
+        """Σ_s Σ_i F_s,i (θ_i − θ_s,i)² at the current weights (scalar, differentiable)."""
+        terms = [(f * (p.float() - mu).square()).sum() for f, mu, p in zip(self.fisher, self.center, params)]
+        return torch.stack(terms).sum() + self.constant
+
+
+@STRATEGIES.register("ewc", options=EWCOptions)
+class EWC(StrategyPlugin):
+    """F-EWC: every vision-encoder parameter + the EWC penalty of the previous sessions."""
+
+    def __init__(self, backbone, options: EWCOptions | None = None) -> None:
+        super().__init__(backbone, options or EWCOptions())
+        self.params = list(backbone.visual.parameters())
+        self.anchor = Anchor()
+        self.last_penalty: Tensor | None = None  # the unweighted penalty of the last iteration (detached)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self.backbone.visual.requires_grad_(True)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if not self.anchor:
+            self.last_penalty = torch.zeros(())
+            return
+        penalty = self.anchor.penalty(self.params)
+        self.last_penalty = penalty.detach()
+        strategy.loss = strategy.loss + self.options.ewc_lambda * penalty
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.consolidate(strategy)
+
+    def consolidate(self, strategy) -> None:
+        """Fisher of the session just trained (CLIP loss, its training batches), folded into the anchor."""
+        fisher = session_gradients(strategy, self.params, clip_loss, reduce="fisher")
+        self.anchor.add(fisher, self.params)

@@ -1,0 +1,12 @@
+"""``layernorm`` (LN): only the vision encoder's normalisation layers train."""
+from benchmark.plugins import StrategyPlugin
+from benchmark.registry import STRATEGIES
+
+
+@STRATEGIES.register("layernorm")
+class LayerNormTuning(StrategyPlugin):
+    """LayerNorm weights and biases of the vision encoder (blocks, pre/post norms)."""
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        for norm in self.backbone.norm_layers():
+            norm.requires_grad_(True)

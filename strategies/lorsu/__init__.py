@@ -1,0 +1,220 @@
+"""``lorsu``: Low-Rank adaptation with Structured Updates (lorsu.md), an Avalanche plugin.
+
+Per session, on the plain encoder left by the previous session:
+
+1. importance I = (1/N) Σ_b n_b ∇L_b of every block's q/k/v and fc1 weights (CLIP loss,
+   training batches, at least ``importance_samples`` samples or one pass);
+2. fc1: the top ⌊sparsity · numel⌋ entries of |I| per block become trainable values;
+3. heads: per block the ``top_k_heads`` heads of largest ‖I_q,h‖² + ‖I_k,h‖² + ‖I_v,h‖²;
+4. a rank-``rank`` update (α/r)·A·B of those heads' q/k/v rows, computed on the activations;
+5. (switches) q/k/v biases of all heads, fc1 bias, a LoRA of the image projection;
+6. train (the template's Adam and schedule); 7. merge everything into the weights.
+
+Modules: :mod:`.masks` (selection rules), :mod:`.update` (trainable pieces, merging),
+:mod:`.reference` (the dense reference the efficient form is checked against).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from torch import Tensor, nn
+
+from benchmark.backbones import Backbone, BlockView
+from benchmark.config import ConfigError, check
+from benchmark.plugins import StrategyPlugin, session_gradients
+from benchmark.registry import STRATEGIES
+from benchmark.template import clip_loss
+from strategies.lorsu import masks
+from strategies.lorsu.update import HeadLoRA, LowRankDelta, SparseEntries, attach, merge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoRSUOptions:
+    """Options of ``lorsu`` (defaults: lorsu.md, the released implementation's choices)."""
+
+    top_k_heads: int = 2  # heads updated per block
+    sparsity: float = 0.1  # fraction of each fc1 weight that trains
+    rank: int = 64
+    alpha: float = 64.0  # the update is (alpha / rank) · A · B
+    head_selection: Literal["importance", "random"] = "importance"
+    fc1_mask: Literal["importance", "random", "none"] = "importance"  # none: fc1 weight frozen
+    train_attn_bias: bool = True  # q/k/v biases of all heads, dense
+    train_fc1_bias: bool = True  # dense
+    proj_lora: bool = True  # unmasked rank-`rank` LoRA on the final image projection
+    importance_samples: int = 1000  # score on at least this many samples (or one pass)
+    scheduler_step: Literal["step", "epoch"] = "step"  # epoch: the released code's per-epoch schedule
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, "lorsu.top_k_heads", self.top_k_heads,
+              "an integer >= 1 (and at most the number of heads per block)")
+        check(0 < self.sparsity <= 1, "lorsu.sparsity", self.sparsity, "a float in (0, 1]")
+        check(isinstance(self.rank, int) and self.rank >= 1, "lorsu.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, "lorsu.alpha", self.alpha, "a float > 0")
+        check(self.importance_samples >= 1, "lorsu.importance_samples", self.importance_samples, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class BlockScores:
+    """Importance of one block's candidates: q, k, v [W, W] each, fc1 [hidden, W]."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    fc1: Tensor
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """What one block trains in a session."""
+
+    heads: tuple[int, ...]  # ascending
+    fc1_index: Tensor | None  # [S] ascending flat indices into fc1.weight; None: fc1 weight frozen
+    head_scores: Tensor | None = None  # [H], when heads were chosen by importance
+
+
+def _unique(params) -> list[nn.Parameter]:
+    return list({id(p): p for p in params if p is not None}.values())
+
+
+@STRATEGIES.register("lorsu", options=LoRSUOptions)
+class LoRSU(StrategyPlugin):
+    """LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session."""
+
+    needs_blocks = True
+
+    def __init__(self, backbone: Backbone, options: LoRSUOptions | None = None) -> None:
+        super().__init__(backbone, options or LoRSUOptions())
+        opts: LoRSUOptions = self.options
+        heads = min(b.num_heads for b in backbone.blocks())
+        check(opts.top_k_heads <= heads, "lorsu.top_k_heads", opts.top_k_heads,
+              f"an integer in [1, {heads}] (backbone '{backbone.spec}' has {heads} attention heads per block)")
+        if opts.proj_lora and backbone.image_projection() is None:
+            raise ConfigError(f"lorsu.proj_lora: invalid value True; backbone '{backbone.spec}' has no image "
+                              f"projection; allowed: false")
+        self.selection: list[BlockSelection] = []
+        self.qkv_updates: list[tuple[BlockView, nn.Module]] = []  # this session's q/k/v adapters
+        self.proj_update: LowRankDelta | None = None
+        self._finalizers: list[Callable[[], None]] = []  # merge steps, run in order after the session
+
+    # -- the session ----------------------------------------------------------------------
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        start = time.perf_counter()
+        self._use_scheduler_step(strategy)
+        blocks = self.backbone.blocks()
+        needs_scores = self.options.head_selection == "importance" or self.options.fc1_mask == "importance"
+        scores = self.score(strategy, blocks) if needs_scores else None
+        self.selection = self.select(blocks, scores)
+        self.install(blocks, self.selection)
+        self.setup_seconds = time.perf_counter() - start
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.merge()
+
+    def _use_scheduler_step(self, strategy) -> None:
+        wanted = self.options.scheduler_step
+        if strategy.train_cfg.scheduler_step != wanted:
+            log.info("lorsu.scheduler_step=%s overrides train.scheduler_step=%s", wanted,
+                     strategy.train_cfg.scheduler_step)
+            strategy.train_cfg = dataclasses.replace(strategy.train_cfg, scheduler_step=wanted)
+
+    # -- 1-3: scores and selection ------------------------------------------------------------
+    def score(self, strategy, blocks: list[BlockView]) -> list[BlockScores]:
+        """Signed mean CLIP-loss gradient of every block's q/k/v and fc1 weights on the session data."""
+        params = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
+        grads = session_gradients(strategy, params, clip_loss, max_samples=self.options.importance_samples)
+        by_id = {id(p): g for p, g in zip(params, grads)}
+        return [BlockScores(*(by_id[id(p.weight)][p.rows] for p in b.qkv), by_id[id(b.fc1.weight)]) for b in blocks]
+
+    def select(self, blocks: list[BlockView], scores: list[BlockScores] | None) -> list[BlockSelection]:
+        """Heads and fc1 entries of every block (each block chooses independently)."""
+        opts: LoRSUOptions = self.options
+        chosen = []
+        for i, block in enumerate(blocks):
+            head_scores = None
+            if opts.head_selection == "importance":
+                s = scores[i]
+                head_scores = masks.head_scores(s.q, s.k, s.v, block.num_heads)
+                heads = masks.top_heads(head_scores, opts.top_k_heads)
+            else:
+                heads = masks.random_heads(block.num_heads, opts.top_k_heads)
+            numel = block.fc1.weight.numel()
+            count = masks.mask_size(numel, opts.sparsity)
+            if opts.fc1_mask == "importance":
+                fc1_index = masks.top_entries(scores[i].fc1, count)
+            elif opts.fc1_mask == "random":
+                fc1_index = masks.random_entries(numel, count, block.fc1.weight.device)
+            else:
+                fc1_index = None
+            chosen.append(BlockSelection(heads, fc1_index, head_scores))
+        return chosen
+
+    # -- 4-5: what trains ----------------------------------------------------------------------
+    def install(self, blocks: list[BlockView], selection: list[BlockSelection]) -> None:
+        """Add this session's trainables for ``selection`` (one entry per block)."""
+        opts: LoRSUOptions = self.options
+        for block, sel in zip(blocks, selection):
+            self.install_qkv(block, block.qkv_rows(sel.heads))
+            if sel.fc1_index is not None:
+                self.install_fc1(block, sel.fc1_index)
+            if opts.train_attn_bias:
+                for bias in _unique(p.bias for p in block.qkv):
+                    bias.requires_grad_(True)
+            if opts.train_fc1_bias and block.fc1.bias is not None:
+                block.fc1.bias.requires_grad_(True)
+        if opts.proj_lora:
+            module, name = self.backbone.image_projection()
+            self.proj_update = LowRankDelta(getattr(module, name), opts.rank, opts.alpha)
+            attach(module, name, self.proj_update)
+            self._finalizers.append(lambda: merge(module, name))
+
+    def install_qkv(self, block: BlockView, rows: Tensor) -> None:
+        """Low-rank update of the stacked q/k/v ``rows`` [R], applied on the activations."""
+        update = HeadLoRA(rows, block.width, self.options.rank, self.options.alpha)
+        self.backbone.adapters[f"lorsu_qkv_{block.index}"] = update
+        self.qkv_updates.append((block, update))
+        handle = block.add_qkv_update(update)
+
+        def finish() -> None:
+            handle.remove()
+            block.merge_qkv_rows(update.rows, update.delta().detach())
+
+        self._finalizers.append(finish)
+
+    def install_fc1(self, block: BlockView, index: Tensor) -> None:
+        """Train the fc1 entries at flat ``index`` [S] as a vector of values."""
+        attach(block.fc1, "weight", SparseEntries(block.fc1.weight, index))
+        self._finalizers.append(lambda: merge(block.fc1, "weight"))
+
+    # -- 7: merge ------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold every update into the weights; the encoder is plain and frozen again."""
+        for finish in self._finalizers:
+            finish()
+        self._finalizers, self.qkv_updates, self.proj_update = [], [], None
+        self.backbone.adapters.clear()
+        self.backbone.requires_grad_(False)
+
+    # -- costs ---------------------------------------------------------------------------------
+    def trainable_counts(self) -> dict[str, int]:
+        """lorsu.md's count: fc1 mask sizes + Σ_blocks min(R·W, r·(R + W)) + projection LoRA,
+        R = rows of the chosen heads in q, k and v; ``trainable_with_biases`` adds the dense biases."""
+        opts: LoRSUOptions = self.options
+        masked = biases = 0
+        for block, sel in zip(self.backbone.blocks(), self.selection):
+            rows, width = 3 * len(sel.heads) * block.head_dim, block.width
+            masked += min(rows * width, opts.rank * (rows + width))
+            masked += 0 if sel.fc1_index is None else len(sel.fc1_index)
+            if opts.train_attn_bias:
+                biases += sum(b.numel() for b in _unique(p.bias for p in block.qkv))
+            if opts.train_fc1_bias and block.fc1.bias is not None:
+                biases += block.fc1.bias.numel()
+        if opts.proj_lora and self.selection:
+            module, name = self.backbone.image_projection()
+            masked += opts.rank * sum(getattr(module, name).shape)
+        return {"trainable": masked, "trainable_with_biases": masked + biases}

@@ -1,0 +1,93 @@
+"""The trainable pieces LoRSU adds for one session, and how they merge back into the weights.
+
+- :class:`SparseEntries`: a parametrization of a weight whose entries at fixed flat indices
+  are trainable values; the optimizer holds only those values (state ∝ mask size).
+- :class:`HeadLoRA`: the structured low-rank update of a block's chosen q/k/v rows, applied
+  on the activations through :meth:`benchmark.backbones.BlockView.add_qkv_update`.
+- :class:`LowRankDelta`: a plain LoRA parametrization ``W + (α/r)·A·B`` of a whole weight
+  (LoRSU's and LoRA's image-projection update).
+
+Factor convention (lorsu.md): ``ΔW = (α/r)·A·B`` with ``A`` [rows, r] Kaiming-uniform and
+``B`` [r, in] zero, so the model is unchanged at step 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+def kaiming_factor(rows: int, rank: int, device: torch.device | None = None) -> Tensor:
+    """A [rows, rank] Kaiming-uniform factor (``nn.Linear``'s default init, a = √5), global RNG."""
+    factor = torch.empty(rows, rank, device=device)
+    nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+    return factor
+
+
+class SparseEntries(nn.Module):
+    """Parametrization: ``weight`` with its entries at flat ``index`` [S] replaced by ``values`` [S].
+
+    ``values`` start as the current entries, so the model is unchanged at step 0; entries
+    outside ``index`` are copied bit for bit. The weight gradient is still formed densely by
+    the layer's backward and then gathered at ``index`` (a 10 % unstructured mask does not make
+    the matrix product cheaper); what shrinks is the optimizer state.
+    """
+
+    def __init__(self, weight: Tensor, index: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index.to(weight.device))
+        self.values = nn.Parameter(weight.detach().flatten()[self.index].clone())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.flatten().scatter(0, self.index, self.values.to(weight.dtype)).view_as(weight)
+
+
+class HeadLoRA(nn.Module):
+    """Low-rank update of the stacked q/k/v ``rows`` [R] of one block: ``x ↦ (α/r)·x·Bᵀ·Aᵀ`` [..., R].
+
+    A [R, r], B [r, W]. Only the chosen rows are ever computed (no [3W, W] product).
+    """
+
+    def __init__(self, rows: Tensor, width: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.A = nn.Parameter(kaiming_factor(len(rows), rank, rows.device))
+        self.B = nn.Parameter(torch.zeros(rank, width, device=rows.device))
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.B), self.A) * self.scale
+
+    def delta(self) -> Tensor:
+        """The weight update of the chosen rows, [R, W]."""
+        return self.scale * self.A @ self.B
+
+
+class LowRankDelta(nn.Module):
+    """Parametrization ``W + (α/r)·A·B`` of a 2-D weight [O, I]; A [O, r] Kaiming, B [r, I] zero."""
+
+    def __init__(self, weight: Tensor, rank: int, alpha: float) -> None:
+        super().__init__()
+        rows, cols = weight.shape
+        self.A = nn.Parameter(kaiming_factor(rows, rank, weight.device))
+        self.B = nn.Parameter(torch.zeros(rank, cols, device=weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + (self.scale * self.A @ self.B).to(weight.dtype)
+
+    def parameter_count(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+
+def attach(module: nn.Module, name: str, parametrization: nn.Module) -> None:
+    """Parametrize ``module.<name>`` (its parameters appear under the module, so the optimizer sees them)."""
+    parametrize.register_parametrization(module, name, parametrization)
+
+
+def merge(module: nn.Module, name: str) -> None:
+    """Fold the parametrization of ``module.<name>`` into the original parameter (same object, frozen)."""
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    getattr(module, name).requires_grad_(False)
