@@ -74,6 +74,29 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    """Exit 0 only when the stream is usable on that root (1: it is not)."""
+    import yaml
+
+    from benchmark.config import from_dict
+    from streams.check import check_stream
+
+    entry = STREAMS.get(args.stream)
+    values = {}
+    for option in args.option:
+        key, sep, raw = option.partition("=")
+        if not sep:
+            raise ConfigError(f"--option '{option}' must look like key=value")
+        values[key] = yaml.safe_load(raw) if raw.strip() else ""
+    if values and entry.options is None:
+        raise ConfigError(f"stream '{args.stream}' takes no options")
+    options = from_dict(entry.options, values, prefix=args.stream) if entry.options else None
+    report = check_stream(args.stream, args.root, options, sessions=args.sessions, shots=args.shots,
+                          progress=not args.no_progress)
+    print(report.text())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fscl", description="Few-shot continual-learning benchmark for the vision encoders of VLMs.")
@@ -104,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
                           description="List what is registered (including plugins of other packages).")
     ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets"])
     ls.set_defaults(func=_cmd_ls)
+
+    data = verbs.add_parser("data", help="check a stream's data on disk",
+                            description="Data tools. 'check' validates a stream's root before a run.")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    data_check = data_verbs.add_parser(
+        "check", help="validate a stream's root: layout, counts per split/class/session, unreadable files",
+        description="Build the stream on DIR, count its images per split, class and session, decode every image. "
+                    "Exit code 0 only when the stream is usable.",
+        epilog="examples:\n  fscl data check gtsrb --root /data\n"
+               "  fscl data check imagefolder --root /data -o root=imagenet/val -o class_names=names.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_check.add_argument("stream", metavar="STREAM", help="stream name (see 'fscl ls streams')")
+    data_check.add_argument("--root", required=True, metavar="DIR",
+                            help="the data_root holding the stream's folder (or that folder itself)")
+    data_check.add_argument("-o", "--option", action="append", default=[], metavar="key=value",
+                            help="a stream option, as in the stream's config section (repeatable)")
+    data_check.add_argument("--sessions", type=int, default=5, help="sessions to split the classes into (default 5)")
+    data_check.add_argument("--shots", type=int, default=None, help="flag classes with fewer training images")
+    data_check.add_argument("--no-progress", action="store_true", help="no progress bars")
+    data_check.set_defaults(func=_cmd_data_check)
 
     report = verbs.add_parser(
         "report", help="tables, figures and a Markdown/HTML report of a runs folder",

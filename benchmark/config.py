@@ -71,7 +71,9 @@ class Config:
     seed: Any = 0
     sessions: int = 5
     shot_seed: int = 0
-    controls: list[str] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)  # a run never uses its own stream as a control
+    control_subset: int | None = None  # evaluate a fixed, seeded subset of N images per control
+    skip_bad_images: bool = False  # leave unreadable images out (counted in the record) instead of failing
     data_root: str = "data"
     out: str = "runs"
     device: str = "auto"
@@ -84,7 +86,10 @@ class Config:
     def expand(self) -> list["Config"]:
         """One :class:`Config` per grid point, axes as scalars, in a stable order."""
         axes = [_as_list(getattr(self, a)) for a in GRID_AXES]
-        return [dataclasses.replace(self, **dict(zip(GRID_AXES, combo))) for combo in itertools.product(*axes)]
+        runs = [dataclasses.replace(self, **dict(zip(GRID_AXES, combo))) for combo in itertools.product(*axes)]
+        for run in runs:  # one control list can serve a grid of targets: each drops itself
+            run.controls = [c for c in run.controls if c != run.stream]
+        return runs
 
     def options_for(self, name: str, options_type: type | None) -> Any:
         """The validated options dataclass of strategy/stream ``name`` (None if it takes none)."""
@@ -245,6 +250,8 @@ def _validate(cfg: Config) -> None:
     for name in cfg.controls:
         if name not in STREAMS:
             raise ConfigError(f"controls: {STREAMS.unknown_message(name)}")
+    if cfg.control_subset is not None:
+        check(cfg.control_subset >= 1, "control_subset", cfg.control_subset, "an integer >= 1, or null for all images")
     from benchmark.backbones import check_backbone_string
 
     for spec in _as_list(cfg.backbone):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Literal, Sequence
 
 import numpy as np
 import yaml
@@ -31,7 +31,10 @@ class StreamSpec:
     """A stream's data: class names, prompt templates and the session class order.
 
     ``class_order`` lists class indices in the order sessions receive them; sessions take
-    consecutive groups ``numpy.array_split(class_order, n_sessions)``.
+    consecutive groups ``numpy.array_split(class_order, n_sessions)``. ``class_keys`` are
+    the dataset's own identifiers of the classes (folder names, ImageNet ids, ...), aligned
+    with ``class_names``; without them a class's key is its index. In a data file the
+    order may be written with keys instead of indices (``class_order_keys``).
     """
 
     name: str
@@ -39,22 +42,44 @@ class StreamSpec:
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
     class_order: tuple[int, ...]
+    class_keys: tuple[Hashable, ...] | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> "StreamSpec":
         data = yaml.safe_load(Path(path).read_text())
+        n = len(data["class_names"])
+        keys = tuple(data["class_keys"]) if "class_keys" in data else None
+        if keys is not None and (len(keys) != n or len(set(keys)) != n):
+            raise ValueError(f"{path}: class_keys must be {n} distinct keys, one per class name")
+        order = data.get("class_order", range(n))
+        if "class_order_keys" in data:
+            position = {k: i for i, k in enumerate(keys or ())}
+            unknown = [k for k in data["class_order_keys"] if k not in position]
+            if unknown:
+                raise ValueError(f"{path}: class_order_keys names unknown keys {unknown[:5]}")
+            order = [position[k] for k in data["class_order_keys"]]
         spec = cls(
             name=data["name"],
             version=int(data["version"]),
             class_names=tuple(data["class_names"]),
             templates=tuple(data["templates"]),
-            class_order=tuple(data.get("class_order", range(len(data["class_names"])))),
+            class_order=tuple(order),
+            class_keys=keys,
         )
-        if sorted(spec.class_order) != list(range(len(spec.class_names))):
-            raise ValueError(f"{path}: class_order must be a permutation of 0..{len(spec.class_names) - 1}")
+        if sorted(spec.class_order) != list(range(n)):
+            raise ValueError(f"{path}: class_order must be a permutation of 0..{n - 1}")
         if not all("{}" in t for t in spec.templates):
             raise ValueError(f"{path}: every template needs a '{{}}' for the class name")
         return spec
+
+    @property
+    def keys(self) -> tuple[Hashable, ...]:
+        """Every class's key, in label order (the indices themselves when there are no keys)."""
+        return self.class_keys if self.class_keys is not None else tuple(range(len(self.class_names)))
+
+    def key_index(self) -> dict[Hashable, int]:
+        """Class key → label."""
+        return {k: i for i, k in enumerate(self.keys)}
 
     def session_classes(self, n_sessions: int) -> list[list[int]]:
         """Class indices of each session (disjoint, in ``class_order``)."""
@@ -77,7 +102,8 @@ def open_image(path: Path) -> Image.Image:
 
 
 class LabelledImages(Dataset):
-    """Images with integer labels and stable sample ids; yields ``(image, label)``.
+    """Images with integer labels and stable sample ids; yields ``(image, label)``, or
+    ``(image, label, caption)`` when the dataset has its own per-image captions.
 
     ``items[i]`` is whatever ``load`` turns into a PIL image (a path, an array, ...);
     ``transform`` (PIL → tensor [3, H, W]) is applied on access.
@@ -90,32 +116,40 @@ class LabelledImages(Dataset):
         ids: Sequence[str],
         load: Callable[[Any], Image.Image],
         transform: Callable | None = None,
+        captions: Sequence[str] | None = None,
     ) -> None:
         if not len(items) == len(targets) == len(ids):
             raise ValueError("items, targets and ids must have the same length")
+        if captions is not None and len(captions) != len(items):
+            raise ValueError("captions must have one entry per item")
         self.items = list(items)
         self.targets = [int(t) for t in targets]
         self.ids = list(ids)
         self.load = load
         self.transform = transform
+        self.captions = list(captions) if captions is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
         image = self.load(self.items[i])
-        return (self.transform(image) if self.transform else image), self.targets[i]
+        image = self.transform(image) if self.transform else image
+        if self.captions is not None:
+            return image, self.targets[i], self.captions[i]
+        return image, self.targets[i]
 
     def subset(self, indices: Sequence[int]) -> "LabelledImages":
         return LabelledImages([self.items[i] for i in indices], [self.targets[i] for i in indices],
-                              [self.ids[i] for i in indices], self.load, self.transform)
+                              [self.ids[i] for i in indices], self.load, self.transform,
+                              None if self.captions is None else [self.captions[i] for i in indices])
 
     def with_classes(self, classes: Sequence[int]) -> "LabelledImages":
         keep = set(classes)
         return self.subset([i for i, t in enumerate(self.targets) if t in keep])
 
     def with_transform(self, transform: Callable | None) -> "LabelledImages":
-        return LabelledImages(self.items, self.targets, self.ids, self.load, transform)
+        return LabelledImages(self.items, self.targets, self.ids, self.load, transform, self.captions)
 
 
 class Stream(ABC):
@@ -128,14 +162,22 @@ class Stream(ABC):
     spec: ClassVar[StreamSpec]
     folder: ClassVar[str | None] = None  # None: needs no files on disk
     layout: ClassVar[str] = ""  # the expected tree, shown when the root is wrong
+    splits: ClassVar[tuple[Split, ...]] = ("train", "test")  # ("test",): a control-only stream
 
-    def __init__(self, data_root: str | Path, options: Any = None) -> None:
+    def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
         self.root = Path(data_root) / self.folder if self.folder else None
         self.options = options
+        self.skip_bad_images = skip_bad_images
+        self.skipped: dict[str, list[str]] = {}  # split -> ids of unreadable images left out
         if self.root is not None and not self.root.is_dir():
             raise StreamDataError(
                 f"{self.spec.name}: data folder not found: {self.root}\nexpected layout:\n{self.layout}"
             )
+
+    def data_record(self) -> dict[str, Any]:
+        """What a run record must keep about this stream's data (skipped files, seeded splits)."""
+        skipped = sorted(i for ids in self.skipped.values() for i in ids)
+        return {"skipped_images": {"count": len(skipped), "ids": skipped}} if skipped else {}
 
     @abstractmethod
     def dataset(self, split: Split) -> LabelledImages:

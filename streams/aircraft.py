@@ -1,0 +1,34 @@
+"""``aircraft``: FGVC-Aircraft 2013b at the variant level, in torchvision's ``FGVCAircraft`` layout."""
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+from benchmark.registry import STREAMS
+from streams.base import DATA_DIR, Split, StreamSpec
+from streams.torchvision_root import DownloadOptions, TorchvisionStream
+
+LAYOUT = """\
+<data_root>/fgvc-aircraft-2013b/         (torchvision.datasets.FGVCAircraft(root=<data_root>))
+  data/variants.txt                      the 100 variant names, one a line
+  data/images/<image id>.jpg
+  data/images_variant_trainval.txt       train: '<image id> <variant>' per line
+  data/images_variant_test.txt           test"""
+
+
+@STREAMS.register("aircraft", options=DownloadOptions)
+class Aircraft(TorchvisionStream):
+    """FGVC-Aircraft, 100 variants, torchvision's trainval/test split."""
+
+    spec = StreamSpec.from_file(DATA_DIR / "aircraft.yaml")
+    folder = "fgvc-aircraft-2013b"
+    layout = LAYOUT
+    required = ("data/variants.txt", "data/images", "data/images_variant_trainval.txt",
+                "data/images_variant_test.txt")
+    dataset_class = "FGVCAircraft"
+    split_args: ClassVar[dict[str, dict[str, Any]]] = {"train": {"split": "trainval", "annotation_level": "variant"},
+                  "test": {"split": "test", "annotation_level": "variant"}}
+
+    def class_location(self, key: Hashable, split: Split) -> str:
+        listing = "images_variant_trainval.txt" if split == "train" else "images_variant_test.txt"
+        return f"lines '<image id> {key}' in {self.root / 'data' / listing}"

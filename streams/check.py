@@ -1,0 +1,106 @@
+"""``fscl data check STREAM --root DIR``: is a stream's data usable, before any GPU hour is spent?
+
+Builds the stream on the root (layout checks), every split (class checks), reports the
+images per split, class and session, decodes every image and lists the first unreadable
+ones. The stream is usable only when no problem was found.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmark.registry import STREAMS
+from streams.base import LabelledImages, Stream, StreamDataError
+from streams.files import unreadable
+
+
+@dataclass
+class DataReport:
+    """What a check found: report lines, and the problems that make the stream unusable."""
+
+    stream: str
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        verdict = (f"OK: {self.stream} is usable" if self.ok
+                   else f"NOT USABLE: {len(self.problems)} problem(s) with {self.stream}")
+        problems = [f"problem: {p}" for p in self.problems]
+        return "\n".join([*self.lines, *problems, verdict])
+
+
+def resolve_data_root(stream: type[Stream], root: Path) -> Path:
+    """The data root for ``--root``, which may name the data root or the stream's own folder."""
+    folder = getattr(stream, "folder", None)
+    if isinstance(folder, str) and not (root / folder).exists() and root.name == folder:
+        return root.parent
+    return root
+
+
+def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, shots: int | None = None,
+                 listed: int = 5, progress: bool = False) -> DataReport:
+    """Check stream ``name`` on ``root`` (see the module docstring)."""
+    entry = STREAMS.get(name)
+    report = DataReport(name)
+    data_root = resolve_data_root(entry.obj, Path(root))
+    try:
+        stream = entry.obj(data_root, options)
+    except StreamDataError as err:
+        report.problems.append(str(err))
+        return report
+    report.lines.append(f"stream {name} (data file v{stream.spec.version}) at {stream.root or '(built in)'}")
+    data: dict[str, LabelledImages] = {}
+    for split in stream.splits:
+        try:
+            data[split] = stream.dataset(split)
+        except StreamDataError as err:
+            report.problems.append(str(err))
+    if not data:
+        return report
+    _class_table(report, stream, data)
+    if "train" in data:
+        _sessions(report, stream, data["train"], sessions, shots)
+    for split, images in data.items():
+        bad = unreadable(images, progress=f"decoding {split}" if progress else "")
+        if bad:
+            shown = "\n  ".join(message for _, message in bad[:listed])
+            report.problems.append(f"{len(bad)} of {len(images)} {split} images cannot be read (first {min(listed, len(bad))}"
+                                   f"):\n  {shown}\n  (with 'skip_bad_images: true' a run leaves them out and counts them)")
+    return report
+
+
+def _class_table(report: DataReport, stream: Stream, data: dict[str, LabelledImages]) -> None:
+    splits = list(data)
+    counts = {split: _per_class(images, len(stream.spec.class_names)) for split, images in data.items()}
+    report.lines.append("images: " + ", ".join(f"{split} {len(images)}" for split, images in data.items()))
+    report.lines.append(f"{'label':>5}  {'key':<24} " + " ".join(f"{s:>6}" for s in splits) + "  name")
+    for label, (key, class_name) in enumerate(zip(stream.spec.keys, stream.spec.class_names)):
+        row = " ".join(f"{counts[s][label]:>6}" for s in splits)
+        report.lines.append(f"{label:>5}  {key!s:<24} {row}  {class_name}")
+
+
+def _sessions(report: DataReport, stream: Stream, train: LabelledImages, sessions: int, shots: int | None) -> None:
+    try:
+        groups = stream.spec.session_classes(sessions)
+    except ValueError as err:
+        report.problems.append(str(err))
+        return
+    per_class = _per_class(train, len(stream.spec.class_names))
+    for i, classes in enumerate(groups, start=1):
+        line = f"session {i}: {len(classes)} classes, {sum(per_class[c] for c in classes)} train images"
+        short = [c for c in classes if shots is not None and per_class[c] < shots]
+        if short:
+            line += f"; fewer than {shots} images (all kept): " + ", ".join(stream.spec.class_names[c] for c in short)
+        report.lines.append(line)
+
+
+def _per_class(images: LabelledImages, n_classes: int) -> list[int]:
+    counts = [0] * n_classes
+    for label in images.targets:
+        counts[label] += 1
+    return counts

@@ -1,0 +1,89 @@
+"""``tsi``: Toyota Smarthome Images, frames of daily activities split by subject."""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Hashable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from benchmark.registry import STREAMS
+from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
+from streams.files import FileStream, Sample, list_images
+
+DATA_FILE = DATA_DIR / "tsi.yaml"
+CAPTIONS_FILE = "images_text_description_short_trunc.pkl"
+IMAGE_FOLDERS = ("images_trunc", "images")
+LAYOUT = f"""\
+<data_root>/tsi/
+  images_trunc/<Action>_<pXX>_<...>.jpg  frames named by action and subject (or images/)
+  {CAPTIONS_FILE}   optional: frame file name -> caption"""
+
+
+@dataclass
+class TSIOptions:
+    """Options of the ``tsi`` stream."""
+
+    captions: bool = True  # train on the release's per-frame captions when its pickle is there
+
+
+@STREAMS.register("tsi", options=TSIOptions)
+class TSI(FileStream):
+    """Toyota Smarthome Images, 27 activities; train and test subjects as in the paper."""
+
+    spec = StreamSpec.from_file(DATA_FILE)
+    folder = "tsi"
+    layout = LAYOUT
+    subjects: ClassVar[dict[Split, frozenset[str]]] = {
+        split: frozenset(yaml.safe_load(DATA_FILE.read_text())[f"{split}_subjects"]) for split in ("train", "test")}
+
+    def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
+        super().__init__(data_root, options, skip_bad_images=skip_bad_images)
+        found = [self.root / name for name in IMAGE_FOLDERS if (self.root / name).is_dir()]
+        if not found:
+            self.require(self.root / IMAGE_FOLDERS[0], f"image folder missing ({' or '.join(IMAGE_FOLDERS)})")
+        self.images = found[0]
+
+    def scan(self, split: Split) -> list[Sample]:
+        """Frames of the split's subjects; frames of other subjects are not used."""
+        samples = []
+        for path in list_images(self.images):
+            parts = path.name.split("_")
+            if len(parts) < 3 or not parts[1].startswith("p"):
+                raise StreamDataError(f"tsi: frame not named '<Action>_<pXX>_...': {path}\n"
+                                      f"expected layout:\n{self.layout}")
+            if parts[1] in self.subjects[split]:
+                samples.append(self.sample(path, parts[0]))
+        return samples
+
+    @cached_property
+    def caption_table(self) -> dict[str, str] | None:
+        """The release's frame → caption table, or None when it is absent or not wanted."""
+        path = self.root / CAPTIONS_FILE
+        if not (self.options or TSIOptions()).captions or not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as f:
+                table = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError) as err:
+            raise StreamDataError(f"tsi: cannot read the captions file {path}: {err}") from err
+        if not isinstance(table, dict):
+            raise StreamDataError(f"tsi: {path} must hold a dict (frame file name -> caption)")
+        return table
+
+    def captions_for(self, split: Split, samples: list[Sample]) -> list[str] | None:
+        table = self.caption_table
+        if split != "train" or table is None:
+            return None
+        missing = [s.item for s in samples if s.item.name not in table]
+        if missing:
+            raise StreamDataError(f"tsi: {len(missing)} training frame(s) have no caption in "
+                                  f"{self.root / CAPTIONS_FILE}, e.g. {missing[0]}")
+        return [str(table[s.item.name]) for s in samples]
+
+    def class_location(self, key: Hashable, split: Split) -> str:
+        subjects = ",".join(sorted(self.subjects[split]))
+        return f"frames {self.images}/{key}_<pXX>_*.jpg of subjects {subjects}"
