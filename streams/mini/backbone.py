@@ -1,0 +1,57 @@
+"""The ``mini`` backbone family: the mini world's pretrained tiny open_clip ViT, from the cache.
+
+``mini`` loads ``$FSCL_CACHE/mini-v<world>.<recipe>-s0`` (default cache ``~/.cache/fscl``);
+``mini:/path/to/folder`` loads (or builds into) that folder. A missing model is pretrained
+first, with a progress bar (a few minutes on two CPU cores), exactly as ``fscl
+pretrain-mini`` would. Registered from the streams side because the core never imports
+``streams``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from benchmark.backbones.openclip import OpenCLIPBackbone
+from benchmark.registry import BACKBONES
+from streams.mini.pretrain import RECIPE, PretrainConfig, pretrain
+from streams.mini.world import world
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FSCL_CACHE"
+WEIGHTS = "open_clip_model.safetensors"
+
+
+def cache_root() -> Path:
+    """``$FSCL_CACHE`` if set, else ``~/.cache/fscl``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fscl").expanduser()
+
+
+def default_model_dir(seed: int = 0) -> Path:
+    """Where the mini model of pretraining seed ``seed`` is cached (versioned by world and recipe)."""
+    return cache_root() / f"mini-v{world().version}.{RECIPE}-s{seed}"
+
+
+def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> Path:
+    """``folder`` holding a pretrained mini model, pretraining it (recipe ``cfg``) when missing."""
+    folder = Path(folder).expanduser()
+    if not (folder / WEIGHTS).is_file():
+        log.warning("the mini model is not in %s yet: pretraining it now (a few minutes on a CPU)", folder)
+        pretrain(folder, cfg or PretrainConfig(), progress=progress)
+    return folder
+
+
+@BACKBONES.register("mini")
+class MiniBackbone(OpenCLIPBackbone):
+    """The mini world's tiny open_clip ViT (not CLIP), pretrained on clean renders; cached."""
+
+    def __init__(self, spec: str, rest: str) -> None:
+        folder = ensure_model(Path(rest) if rest else default_model_dir())
+        super().__init__(spec, f"local-dir:{folder}")
+
+    @classmethod
+    def check_spec(cls, rest: str) -> None:
+        if rest.startswith("local-dir:"):
+            raise ValueError("mini takes a folder path (mini:/path/to/model), not a local-dir: schema; "
+                             "use openclip:local-dir:/path for other open_clip folders")

@@ -1,0 +1,150 @@
+"""The mini world's streams: clean controls of held-out compositions and two shifted targets.
+
+Controls (``mini-shapes``, ``mini-colours``, ``mini-digits``) classify one attribute of clean
+renders of the (shape, colour) pairs pretraining never saw. Targets show the same concepts
+under a real visual shift: ``mini-handwritten`` (scikit-learn's real handwritten digits
+against printed ones) and ``mini-signs`` (sign-like compositions in the wild). Procedural
+streams need no files: each split is rendered once per process from (options.seed, world
+version, stream version) and kept as a uint8 array.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from benchmark.config import check
+from benchmark.registry import STREAMS
+from streams.base import LabelledImages, Split, Stream, StreamSpec
+from streams.digits import Digits, DigitsOptions
+from streams.mini.render import render, render_shifted
+from streams.mini.world import DATA_DIR, Composition, World, rng_for, world
+
+
+@dataclass
+class MiniOptions:
+    """Options of a procedural mini stream (images per class of each split, data seed)."""
+
+    train_per_class: int = 50
+    test_per_class: int = 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.train_per_class >= 1, "train_per_class", self.train_per_class, "an integer >= 1")
+        check(self.test_per_class >= 1, "test_per_class", self.test_per_class, "an integer >= 1")
+        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+def _spec(name: str) -> StreamSpec:
+    return StreamSpec.from_file(DATA_DIR / f"{name}.yaml")
+
+
+class ProceduralStream(Stream):
+    """A mini stream rendered on the fly: subclasses say how to draw one image of a class."""
+
+    @classmethod
+    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+        """One image of class ``label``, uint8 [S, S, 3]."""
+        raise NotImplementedError
+
+    def dataset(self, split: Split) -> LabelledImages:
+        opts = self.options or MiniOptions()
+        per_class = opts.train_per_class if split == "train" else opts.test_per_class
+        images, targets = rendered(type(self), split, per_class, opts.seed)
+        ids = [f"{self.spec.name}/{split}/{opts.seed}/{i}" for i in range(len(targets))]
+        return LabelledImages(images, targets, ids, Image.fromarray)
+
+
+@lru_cache(maxsize=32)
+def rendered(stream: type[ProceduralStream], split: Split, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """All images of one split, class by class: (uint8 [C·per_class, S, S, 3] read-only,
+    labels [C·per_class]). Deterministic from (world version, stream version, seed, split)."""
+    spec, w = stream.spec, world()
+    rng = rng_for(spec.version, seed, spec.name, split)
+    targets = np.repeat(np.arange(len(spec.class_names)), per_class)
+    images = np.stack([stream.draw(w, int(label), rng) for label in targets])
+    images.setflags(write=False)
+    return images, targets
+
+
+@STREAMS.register("mini-shapes", options=MiniOptions)
+class MiniShapes(ProceduralStream):
+    """Mini world control: the shape of clean held-out (shape, colour) compositions."""
+
+    spec = _spec("mini-shapes")
+
+    @classmethod
+    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+        shape = cls.spec.class_names[label]
+        return render(w, w.sample(rng, [p for p in w.pairs(held_out=True) if p[0] == shape]))
+
+
+@STREAMS.register("mini-colours", options=MiniOptions)
+class MiniColours(ProceduralStream):
+    """Mini world control: the colour of clean held-out (shape, colour) compositions."""
+
+    spec = _spec("mini-colours")
+
+    @classmethod
+    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+        colour = cls.spec.class_names[label]
+        return render(w, w.sample(rng, [p for p in w.pairs(held_out=True) if p[1] == colour]))
+
+
+@STREAMS.register("mini-digits", options=MiniOptions)
+class MiniDigits(ProceduralStream):
+    """Mini world control: the printed digit on clean held-out (shape, colour) compositions."""
+
+    spec = _spec("mini-digits")
+
+    @classmethod
+    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+        return render(w, w.sample(rng, w.pairs(held_out=True), glyphs=[cls.spec.class_names[label]]))
+
+
+SIGN_NAME = re.compile(r"(?P<colour>\w+) (?P<shape>\w+) with the (?P<kind>number|letter) (?P<glyph>\w)")
+SIGN_SIZE = (0.36, 0.48)  # circumradius range: a sign fills most of the frame
+
+
+def sign_composition(w: World, class_name: str) -> tuple[str, str, str]:
+    """(shape, colour, glyph) of a ``mini-signs`` class name such as
+    "red circle with the number 3"; a pair held out from pretraining is refused."""
+    match = SIGN_NAME.fullmatch(class_name)
+    if not match or match["shape"] not in w.shapes or match["colour"] not in w.colours \
+            or match["glyph"] not in w.glyphs or w.kind(match["glyph"]) != match["kind"]:
+        raise ValueError(f"mini-signs: '{class_name}' is not '<colour> <shape> with the <number|letter> <glyph>' "
+                         f"in the world's vocabulary")
+    if (match["shape"], match["colour"]) in w.held_out:
+        raise ValueError(f"mini-signs: '{class_name}' uses a pair held out from pretraining")
+    return match["shape"], match["colour"], match["glyph"]
+
+
+@STREAMS.register("mini-signs", options=MiniOptions)
+class MiniSigns(ProceduralStream):
+    """Mini world target: sign-like compositions under perspective, blur, low light, noise, clutter."""
+
+    spec = _spec("mini-signs")
+
+    @classmethod
+    def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
+        """The clean scene behind one image of class ``label``."""
+        shape, colour, glyph = sign_composition(w, cls.spec.class_names[label])
+        return w.sample(rng, [(shape, colour)], glyphs=[glyph], size=SIGN_SIZE)
+
+    @classmethod
+    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+        return render_shifted(w, cls.composition(w, label, rng), rng)
+
+
+@STREAMS.register("mini-handwritten", options=DigitsOptions)
+class MiniHandwritten(Digits):
+    """Mini world target: scikit-learn's real handwritten digits against printed digits."""
+
+    spec = _spec("mini-handwritten")
+
+
+for _name in MiniSigns.spec.class_names:
+    sign_composition(world(), _name)  # a bad class name fails at import, not in the middle of a run
