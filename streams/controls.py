@@ -182,7 +182,7 @@ class Caltech101(TorchvisionStream):
     layout = """\
 <data_root>/caltech101/                 (torchvision.datasets.Caltech101(root=<data_root>))
   101_ObjectCategories/<class>/image_0001.jpg ...   (BACKGROUND_Google is not a class)"""
-    required = ("101_ObjectCategories",)
+    required = ("101_ObjectCategories/BACKGROUND_Google",)  # torchvision removes it from the class list
     dataset_class = "Caltech101"
 
     def files_and_labels(self, ds: Any) -> list[tuple[Path, int]]:

@@ -27,7 +27,9 @@ LAYOUT = f"""\
 class TSIOptions:
     """Options of the ``tsi`` stream."""
 
-    captions: bool = True  # train on the release's per-frame captions when its pickle is there
+    # Train on the release's per-frame captions (when its pickle is there) instead of the class
+    # templates. Off by default: it needs a training template that passes caption strings through.
+    captions: bool = False
 
 
 @STREAMS.register("tsi", options=TSIOptions)

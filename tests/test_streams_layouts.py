@@ -248,7 +248,7 @@ def test_counteranimal_uses_counter_images_keyed_by_imagenet_id(paper_root):
 
 
 def test_tsi_splits_by_subject_with_captions(paper_root):
-    stream = TSI(paper_root)
+    stream = TSI(paper_root, STREAMS.get("tsi").options(captions=True))
     train, test = stream.dataset("train"), stream.dataset("test")
     assert (len(train), len(test)) == (27 * 2, 27)  # p99 is in neither list
     assert all("_p02_" in i for i in test.ids) and not any("_p02_" in i for i in train.ids)
@@ -257,12 +257,11 @@ def test_tsi_splits_by_subject_with_captions(paper_root):
     assert isinstance(image, Image.Image) and len(test[0]) == 2  # test images: no captions
 
 
-def test_tsi_accepts_images_folder_and_no_captions(tmp_path):
+def test_tsi_accepts_images_folder_and_captions_are_opt_in(tmp_path, paper_root):
     write_tsi(tmp_path, captions=False, folder="images")
-    train = TSI(tmp_path).dataset("train")
-    assert train.captions is None and len(train) == 54
-    options = STREAMS.get("tsi").options(captions=False)
-    assert TSI(tmp_path, options).dataset("train").captions is None
+    train = TSI(tmp_path, STREAMS.get("tsi").options(captions=True)).dataset("train")
+    assert train.captions is None and len(train) == 54  # no pickle: the class templates
+    assert TSI(paper_root).dataset("train").captions is None  # a pickle, but captions are off by default
 
 
 def test_dalle_is_a_control_with_its_22_activities(paper_root, tmp_path):
