@@ -107,17 +107,17 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain_mini(args: argparse.Namespace) -> int:
     """Pretrain the mini world's model into the cache (or --out) and print what it reached."""
-    from pathlib import Path as _Path  # local: this verb's edit stays self-contained
-
     from streams.mini import PretrainConfig, default_model_dir, pretrain
+    from streams.mini.backbone import WEIGHTS
 
-    folder = _Path(args.out) if args.out else default_model_dir(args.seed)
-    if (folder / "open_clip_model.safetensors").is_file() and not args.force:
+    folder = Path(args.out) if args.out else default_model_dir(args.seed)
+    if (folder / WEIGHTS).is_file() and not args.force:
         print(f"the mini model is already in {folder} (--force rebuilds it)")
         return 0
-    defaults = PretrainConfig()
-    manifest = pretrain(folder, PretrainConfig(seed=args.seed, steps=args.steps or defaults.steps),
-                        progress=not args.no_progress)
+    cfg = PretrainConfig(seed=args.seed)
+    if args.steps:
+        cfg.steps = args.steps
+    manifest = pretrain(folder, cfg, progress=not args.no_progress)
     print(f"mini model -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
     for name, acc in manifest["zero_shot_top1"].items():
         print(f"  zero-shot top-1 {name:<18} {100 * acc:5.1f} %")

@@ -43,12 +43,17 @@ def _spec(name: str) -> StreamSpec:
 
 
 class ProceduralStream(Stream):
-    """A mini stream rendered on the fly: subclasses say how to draw one image of a class."""
+    """A mini stream rendered on the fly: subclasses say which scene shows a class."""
+
+    @classmethod
+    def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
+        """A random scene of class ``label``."""
+        raise NotImplementedError
 
     @classmethod
     def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
-        """One image of class ``label``, uint8 [S, S, 3]."""
-        raise NotImplementedError
+        """One image of class ``label``, uint8 [S, S, 3] (clean unless a subclass shifts it)."""
+        return render(w, cls.composition(w, label, rng))
 
     def dataset(self, split: Split) -> LabelledImages:
         opts = self.options or MiniOptions()
@@ -77,9 +82,9 @@ class MiniShapes(ProceduralStream):
     spec = _spec("mini-shapes")
 
     @classmethod
-    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+    def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
         shape = cls.spec.class_names[label]
-        return render(w, w.sample(rng, [p for p in w.pairs(held_out=True) if p[0] == shape]))
+        return w.sample(rng, [p for p in w.pairs(held_out=True) if p[0] == shape])
 
 
 @STREAMS.register("mini-colours", options=MiniOptions)
@@ -89,9 +94,9 @@ class MiniColours(ProceduralStream):
     spec = _spec("mini-colours")
 
     @classmethod
-    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+    def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
         colour = cls.spec.class_names[label]
-        return render(w, w.sample(rng, [p for p in w.pairs(held_out=True) if p[1] == colour]))
+        return w.sample(rng, [p for p in w.pairs(held_out=True) if p[1] == colour])
 
 
 @STREAMS.register("mini-digits", options=MiniOptions)
@@ -101,8 +106,8 @@ class MiniDigits(ProceduralStream):
     spec = _spec("mini-digits")
 
     @classmethod
-    def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
-        return render(w, w.sample(rng, w.pairs(held_out=True), glyphs=[cls.spec.class_names[label]]))
+    def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
+        return w.sample(rng, w.pairs(held_out=True), glyphs=[cls.spec.class_names[label]])
 
 
 SIGN_NAME = re.compile(r"(?P<colour>\w+) (?P<shape>\w+) with the (?P<kind>number|letter) (?P<glyph>\w)")
@@ -130,12 +135,13 @@ class MiniSigns(ProceduralStream):
 
     @classmethod
     def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
-        """The clean scene behind one image of class ``label``."""
+        """The clean scene behind one image of class ``label`` (before the shift)."""
         shape, colour, glyph = sign_composition(w, cls.spec.class_names[label])
         return w.sample(rng, [(shape, colour)], glyphs=[glyph], size=SIGN_SIZE)
 
     @classmethod
     def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
+        """One shifted image of class ``label``, uint8 [S, S, 3]."""
         return render_shifted(w, cls.composition(w, label, rng), rng)
 
 

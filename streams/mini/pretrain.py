@@ -38,7 +38,7 @@ from benchmark.records import write_json
 from benchmark.template import clip_loss, cosine_lr
 from streams.mini.datasets import MiniColours, MiniDigits, MiniHandwritten, MiniShapes, MiniSigns
 from streams.mini.render import render
-from streams.mini.world import DATA_DIR, World, rng_for, world
+from streams.mini.world import DATA_DIR, Composition, World, rng_for, world
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,18 @@ class PretrainConfig:
     model: dict[str, Any] = field(default_factory=default_model)
 
 
-def corpus_batch(w: World, seed: int, step: int, batch_size: int) -> tuple[np.ndarray, list[str]]:
-    """Step ``step``'s pretraining batch: (clean renders uint8 [B, S, S, 3], B captions)."""
+def corpus_scenes(w: World, seed: int, step: int, batch_size: int) -> list[tuple[Composition, str]]:
+    """Step ``step``'s pretraining scenes and captions (never a held-out pair)."""
     rng = rng_for(RECIPE, "pretrain", seed, step)
     pairs = w.pairs(held_out=False)
     comps = [w.sample(rng, pairs, bare_fraction=w.bare_glyph_fraction) for _ in range(batch_size)]
-    return np.stack([render(w, c) for c in comps]), [w.caption(c, rng) for c in comps]
+    return [(c, w.caption(c, rng)) for c in comps]
+
+
+def corpus_batch(w: World, seed: int, step: int, batch_size: int) -> tuple[np.ndarray, list[str]]:
+    """Step ``step``'s pretraining batch: (clean renders uint8 [B, S, S, 3], B captions)."""
+    scenes = corpus_scenes(w, seed, step, batch_size)
+    return np.stack([render(w, c) for c, _ in scenes]), [caption for _, caption in scenes]
 
 
 def to_tensor(images: np.ndarray) -> Tensor:
