@@ -93,20 +93,23 @@ class FileStream(Stream):
         super().__init__(data_root, options, skip_bad_images=skip_bad_images)
         self._datasets: dict[Split, LabelledImages] = {}
         self._split_record: dict[str, Any] | None = None
+        self._seeded: dict[Split, list[Sample]] | None = None  # both parts of a seeded split, once computed
         for rel in self.required:
             self.require(self.root / rel)
 
     # -- what a subclass provides ------------------------------------------------------
     def scan(self, split: Split) -> list[Sample]:
         """Every sample of ``split`` (any order). Default: the seeded split of :meth:`scan_all`."""
-        samples = self.known(self.scan_all())
-        opts = self.options or SplitOptions()
-        chosen = stratified_split([s.id for s in samples], [s.key for s in samples],
-                                  opts.test_fraction, opts.split_seed, self.spec.name)
-        self._split_record = {"method": "seeded stratified", "test_fraction": opts.test_fraction,
-                              "split_seed": opts.split_seed,
-                              "ids": {part: [samples[i].id for i in idx] for part, idx in chosen.items()}}
-        return [samples[i] for i in chosen[split]]
+        if self._seeded is None:
+            samples = self.known(self.scan_all())
+            opts = self.options or SplitOptions()
+            chosen = stratified_split([s.id for s in samples], [s.key for s in samples],
+                                      opts.test_fraction, opts.split_seed, self.spec.name)
+            self._seeded = {part: [samples[i] for i in idx] for part, idx in chosen.items()}
+            self._split_record = {"method": "seeded stratified", "test_fraction": opts.test_fraction,
+                                  "split_seed": opts.split_seed,
+                                  "ids": {part: [s.id for s in members] for part, members in self._seeded.items()}}
+        return self._seeded[split]
 
     def scan_all(self) -> list[Sample]:
         """Every sample of a stream without an official split."""

@@ -99,6 +99,7 @@ def tiny_paper_root(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.filterwarnings("ignore:No loggers specified")
 def test_paper_preset_end_to_end_on_tiny_trees(tiny_paper_root, tmp_path, capsys):
     out = tmp_path / "runs"
     overrides = [f"data_root={tiny_paper_root}", f"out={out}", "backbone=openclip:fscl-tiny", "stream=[tsi,eurosat]",
