@@ -113,6 +113,10 @@ class CLIPTemplate(SupervisedTemplate):
         return bank[self.mb_y.cpu(), choice].to(self.device)
 
     # -- Avalanche hooks ------------------------------------------------------------------
+    def _unpack_minibatch(self) -> None:
+        """Move the tensors of the mini-batch to the device; caption strings stay as they are."""
+        self.mbatch = [m.to(self.device, non_blocking=True) if isinstance(m, Tensor) else m for m in self.mbatch]
+
     def make_optimizer(self, **kwargs) -> None:
         """No-op: the optimizer is built after the strategy plugins ran (see below)."""
 

@@ -28,7 +28,7 @@ class TSIOptions:
     """Options of the ``tsi`` stream."""
 
     # Train on the release's per-frame captions (when its pickle is there) instead of the class
-    # templates. Off by default: it needs a training template that passes caption strings through.
+    # templates. Off by default, so TSI trains on class prompts like every other stream.
     captions: bool = False
 
 
