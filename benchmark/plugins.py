@@ -2,7 +2,8 @@
 the session-data gradient pass that importance-based strategies share, and the cost meter."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -54,7 +55,7 @@ def _accumulate(total: Tensor, grad: Tensor | None, weight: float, squared: bool
 
 
 def session_gradients(
-    template: "CLIPTemplate",
+    template: CLIPTemplate,
     params: Sequence[nn.Parameter],
     objective: Objective,
     *,
@@ -79,7 +80,8 @@ def session_gradients(
     try:
         for p in params:
             p.requires_grad_(True)
-        for template.mbatch in template.dataloader:
+        for batch in template.dataloader:
+            template.mbatch = batch
             template._unpack_minibatch()
             with template._autocast():
                 features = template.backbone.encode_image(template.mb_x)
@@ -115,10 +117,10 @@ class CostMeter(SupervisedPlugin):
         self.strategy = strategy
         self._costs: dict[str, Any] = {}
 
-    def before_training_exp(self, strategy: "CLIPTemplate", **kwargs) -> None:
+    def before_training_exp(self, strategy: CLIPTemplate, **kwargs) -> None:
         self._costs = {}
 
-    def before_training_iteration(self, strategy: "CLIPTemplate", **kwargs) -> None:
+    def before_training_iteration(self, strategy: CLIPTemplate, **kwargs) -> None:
         if "flops_per_sample" in self._costs:
             return
         self._costs.update(self.strategy.trainable_counts())
@@ -130,7 +132,7 @@ class CostMeter(SupervisedPlugin):
         strategy.caption_rng.set_state(captions)
         self._costs["flops_per_sample"] = counter.get_total_flops() // len(strategy.mb_x)
 
-    def after_training_iteration(self, strategy: "CLIPTemplate", **kwargs) -> None:
+    def after_training_iteration(self, strategy: CLIPTemplate, **kwargs) -> None:
         if "optimizer_state_bytes" not in self._costs:
             self._costs["optimizer_state_bytes"] = optimizer_state_bytes(strategy.optimizer)
 

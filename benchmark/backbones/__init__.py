@@ -5,7 +5,8 @@ from benchmark.backbones import hf, openclip  # noqa: F401  (register the famili
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, QKVRowUpdate, UpdateHandle
 from benchmark.registry import BACKBONES
 
-__all__ = ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle", "load_backbone", "check_backbone_string"]
+__all__ = ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle", "check_backbone_string",
+           "load_backbone"]
 
 
 def _split(spec: str) -> tuple[str, str]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -161,7 +162,7 @@ class BlockView:
         return torch.cat([o + base for o in offsets]) if offsets else base[:0]
 
     def add_qkv_update(self, update: QKVRowUpdate) -> UpdateHandle:
-        """Add ``update(x)`` to the chosen rows of this block's q/k/v projection outputs.
+        r"""Add ``update(x)`` to the chosen rows of this block's q/k/v projection outputs.
 
         Works on the activations (``qkv[..., rows] += update(x)``), so no dense ``[3W, W]``
         weight or weight gradient is formed. Fused ``nn.MultiheadAttention``: its forward is

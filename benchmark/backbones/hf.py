@@ -9,8 +9,8 @@ layers are found by name suffix (``encoder.layers``), never by absolute path.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 from torch import Tensor, nn
@@ -135,4 +135,43 @@ class HFCLIPBackbone(Backbone):
         return views
 
 
-__all__ = ["HFCLIPBackbone"]
+__all__ = ["HFCLIPBackbone", "save_tiny_clip"]
+
+
+def save_tiny_clip(folder: str | Path, *, width: int = 64, layers: int = 2, heads: int = 4, image_size: int = 32,
+                   patch_size: int = 8, embed_dim: int = 32, seed: int = 0) -> Path:
+    """Write a tiny random-weight HF ``CLIPModel`` and a character-level CLIP tokenizer to ``folder``.
+
+    For offline tests and smoke runs (``hf:<folder>``), like open_clip's ``fscl-tiny`` config.
+    The vision tower has ``layers`` blocks of ``heads`` heads, width ``width`` and MLP width 4W.
+    """
+    import string
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + string.punctuation:
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    try:  # transformers 5: the vocabulary itself
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    except TypeError:  # transformers 4: files
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+                       "num_attention_heads": heads, "image_size": image_size, "patch_size": patch_size},
+        projection_dim=embed_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
