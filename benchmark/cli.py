@@ -13,6 +13,7 @@ import strategies  # noqa: F401  (the CLI is the one place that imports all four
 import streams  # noqa: F401
 from benchmark.backbones.openclip import BackboneLoadError
 from benchmark.config import DEFAULT_PRESET, ConfigError, list_presets, load_config
+from benchmark.distributed import is_main_process
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, UnknownNameError
 from streams import StreamDataError
 
@@ -33,13 +34,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  {run_dir(run)}")
         return 0
     outcomes = run_grid(cfg, progress=not args.no_progress)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed")}
-    print(f"{counts['finished']} finished, {counts['skipped']} skipped (already done), {counts['failed']} failed "
-          f"-> {cfg.out}/{cfg.name}")
+    if not is_main_process():  # ddp: true: rank 0 reports for the group
+        return 0
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed", "busy")}
+    busy = f", {counts['busy']} busy (in use by another process)" if counts["busy"] else ""
+    print(f"{counts['finished']} finished, {counts['skipped']} skipped (already done), {counts['failed']} failed"
+          f"{busy} -> {cfg.out}/{cfg.name}")
     for outcome in outcomes:
-        if outcome.status == "failed":
-            print(f"  FAILED {outcome.path}: {outcome.reason}", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+        if outcome.status in ("failed", "busy"):
+            print(f"  {outcome.status.upper()} {outcome.path}: {outcome.reason}", file=sys.stderr)
+    return 1 if counts["failed"] or counts["busy"] else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -132,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser(
         "run", help="run a preset or config file (a grid of continual runs)",
-        description="Run every grid point of a preset or YAML config; finished runs are skipped.",
+        description="Run every grid point of a preset or YAML config; finished runs are skipped, interrupted "
+                    "ones resume after their last finished session. Launched as several processes "
+                    "(accelerate launch / torchrun / a SLURM array) each process runs its share of the grid; "
+                    "with ddp=true they train each run together (data parallel).",
         epilog="examples:\n  fscl run quick seed=0,1,2\n  fscl run my.yaml strategy=[zeroshot,full-ft] "
                "train.epochs=2\n  fscl run quick --dry-run",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -80,6 +80,8 @@ class Config:
     loggers: list[Literal["text", "csv", "tensorboard", "wandb", "interactive"]] = field(
         default_factory=lambda: ["text"]
     )
+    keep_checkpoints: Literal["last", "all", "none"] = "none"  # per-session checkpoints kept after success
+    ddp: bool = False  # data-parallel runs over the launched processes instead of sharding the grid
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy/stream name
 
@@ -268,6 +270,12 @@ def _validate(cfg: Config) -> None:
     check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
           "device", cfg.device, "auto, cpu, cuda, cuda:N or mps")
     check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    if cfg.ddp:
+        for name in _as_list(cfg.strategy):
+            if not getattr(STRATEGIES.get(name).obj, "supports_ddp", False):
+                raise ConfigError(f"ddp: strategy '{name}' does not support data-parallel training (its "
+                                  f"statistics would differ between processes); allowed: ddp: false, or strategies "
+                                  f"{', '.join(n for n in STRATEGIES.names() if STRATEGIES.get(n).obj.supports_ddp)}")
     for name, section in cfg.options.items():
         check(isinstance(section, dict), name, section, "a mapping of option keys")
         for registry in (STRATEGIES, STREAMS):

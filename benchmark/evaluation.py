@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.backbones import Backbone
+from benchmark.distributed import all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class ZeroShotAccuracy(PluginMetric[float]):
     """Avalanche metric: zero-shot top-1 accuracy of each evaluated set.
 
     Emits ``Top1_ZeroShot/<set key>`` after each eval experience and keeps the counts
-    ``(correct, total)`` of the last evaluation in :attr:`counts`.
+    ``(correct, total)`` of the last evaluation in :attr:`counts` (summed over the ranks of a
+    data-parallel run).
     """
 
     def __init__(self) -> None:
@@ -113,6 +115,8 @@ class ZeroShotAccuracy(PluginMetric[float]):
         self._total += len(strategy.mb_y)
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
+        # under ddp: true each rank saw a disjoint share of the set; the counts add up
+        self._correct, self._total = all_reduce_sum([self._correct, self._total])
         key = strategy.zeroshot.sets[strategy.experience.current_experience].key
         self.counts[key] = (self._correct, self._total)
         step = strategy.clock.train_iterations

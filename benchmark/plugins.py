@@ -2,7 +2,8 @@
 the session-data gradient pass that importance-based strategies share, and the cost meter."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.backbones import Backbone
 from benchmark.config import ConfigError
+from benchmark.distributed import all_reduce_mean, world_size
 
 if TYPE_CHECKING:
     from benchmark.template import CLIPTemplate
@@ -26,10 +28,17 @@ class StrategyPlugin(SupervisedPlugin):
     Subclasses choose (or add) trainable parameters in ``before_training_exp``, may change
     gradients in ``after_backward`` and merge or consolidate in ``after_training_exp``.
     ``options`` is the strategy's validated options dataclass (or None).
+
+    State that outlives a session (and so must survive a resume) goes through
+    :meth:`state_dict` / :meth:`load_state_dict`. ``supports_ddp`` declares that the strategy
+    is correct under ``ddp: true``: every statistic it builds from data is the same on every
+    rank (gradients are averaged by the template, :func:`session_gradients` averages its
+    batch gradients; anything else must go through :func:`benchmark.distributed.all_reduce_mean`).
     """
 
     trains: ClassVar[bool] = True  # False: the runner never calls training (e.g. zero-shot)
     needs_blocks: ClassVar[bool] = False  # True: reads Backbone.blocks(); checked when the plugin is built
+    supports_ddp: ClassVar[bool] = False  # True: safe under data-parallel training (see above)
 
     def __init__(self, backbone: Backbone, options: Any = None) -> None:
         super().__init__()
@@ -46,6 +55,25 @@ class StrategyPlugin(SupervisedPlugin):
         ``trainable_with_biases`` (plus dense biases). Default: all ``requires_grad`` entries."""
         n = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         return {"trainable": n, "trainable_with_biases": n}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Cross-session state, saved in every session checkpoint (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (at a resume, before the next session)."""
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore the model's buffers afterwards (e.g. BatchNorm statistics an extra forward pass updates)."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)
 
 
 @torch.no_grad()
@@ -66,9 +94,12 @@ def session_gradients(
     """Gradients of ``objective`` w.r.t. ``params`` over the current session's training batches.
 
     Uses the template's training dataloader, so the batches have the training augmentations,
-    batch size and captions. ``.grad`` fields are not touched and ``requires_grad`` flags are
-    restored afterwards. Stops at the end of one pass, after the batch that reaches
+    batch size and captions. The model is left as it was: ``.grad`` fields are not touched,
+    ``requires_grad`` flags and buffers are restored afterwards. Stops at the end of one pass, after the batch that reaches
     ``max_samples`` samples, or after ``max_batches`` batches, whichever comes first.
+    Under ``ddp: true`` each batch's gradient is averaged over the ranks (each encodes its
+    slice of the batch, see :meth:`CLIPTemplate.encode_train_images`) before it is
+    accumulated, so every rank returns the single-process result.
 
     Returns one fp32 tensor per parameter, shaped like it:
     ``reduce="mean"``: the signed sample-weighted mean gradient (1/N) Σ_b n_b ∇L_b (LoRSU's importance);
@@ -78,21 +109,23 @@ def session_gradients(
     totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     samples = batches = 0
     try:
-        for p in params:
-            p.requires_grad_(True)
-        for batch in template.dataloader:
-            template.mbatch = batch
-            template._unpack_minibatch()
-            with template._autocast():
-                features = template.backbone.encode_image(template.mb_x)
-            loss = objective(features.float(), template.caption_features(), template.backbone.logit_scale)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            n = len(template.mb_x)
-            for total, grad in zip(totals, grads):
-                _accumulate(total, grad, n if reduce == "mean" else 1.0, squared=reduce == "fisher")
-            samples, batches = samples + n, batches + 1
-            if (max_samples is not None and samples >= max_samples) or (max_batches is not None and batches >= max_batches):
-                break
+        with preserved_buffers(template.model):
+            for p in params:
+                p.requires_grad_(True)
+            for batch in template.dataloader:
+                template.mbatch = batch
+                template._unpack_minibatch()
+                features = template.encode_train_images()
+                loss = objective(features.float(), template.caption_features(), template.backbone.logit_scale)
+                grads = [torch.zeros_like(p) if g is None and world_size() > 1 else g
+                         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+                all_reduce_mean([g for g in grads if g is not None])
+                n = len(template.mb_x)
+                for total, grad in zip(totals, grads):
+                    _accumulate(total, grad, n if reduce == "mean" else 1.0, squared=reduce == "fisher")
+                samples, batches = samples + n, batches + 1
+                if (max_samples is not None and samples >= max_samples) or (max_batches is not None and batches >= max_batches):
+                    break
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
@@ -108,8 +141,8 @@ class CostMeter(SupervisedPlugin):
     At the first training iteration of each session (the strategy's adapters are in place
     then) it reads the strategy's trainable-parameter counts and counts the FLOPs of one
     forward + backward pass (``torch.utils.flop_counter``) on that mini-batch: an extra pass
-    whose gradients are discarded, with the caption generator restored, so training is
-    unchanged. After the first optimizer step it reads the optimizer-state size.
+    whose gradients are discarded, with the caption generator and the buffers restored, so
+    training is unchanged. After the first optimizer step it reads the optimizer-state size.
     """
 
     def __init__(self, strategy: StrategyPlugin) -> None:
@@ -126,11 +159,12 @@ class CostMeter(SupervisedPlugin):
         self._costs.update(self.strategy.trainable_counts())
         params = [p for group in strategy.optimizer.param_groups for p in group["params"]]
         captions = strategy.caption_rng.get_state()
-        with FlopCounterMode(display=False) as counter:
+        with preserved_buffers(strategy.model), FlopCounterMode(display=False) as counter:
             strategy.mb_output = strategy.forward()
             torch.autograd.grad(strategy.criterion(), params, allow_unused=True)
         strategy.caption_rng.set_state(captions)
-        self._costs["flops_per_sample"] = counter.get_total_flops() // len(strategy.mb_x)
+        # under ddp: true this rank encoded 1/W of the batch
+        self._costs["flops_per_sample"] = counter.get_total_flops() * world_size() // len(strategy.mb_x)
 
     def after_training_iteration(self, strategy: CLIPTemplate, **kwargs) -> None:
         if "optimizer_state_bytes" not in self._costs:

@@ -3,8 +3,10 @@
 ``runs/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>/`` holds ``config.yaml``,
 ``manifest.json`` (versions, command line, host, seeds, sampled ids, status),
 ``samples.json`` (the sampled few-shot ids per session), ``metrics.jsonl`` (appended and
-flushed after every evaluation), ``matrix.csv`` and ``summary.json``. Files other than
-the append-only log are written atomically (temporary file, then rename).
+flushed after every evaluation), ``matrix.csv`` and ``summary.json``; while a process works
+on it, ``run.lock`` (:class:`RunLock`); ``checkpoints/`` for resuming
+(:mod:`benchmark.checkpoints`). Files other than the append-only log are written atomically
+(temporary file, then rename).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -75,10 +79,15 @@ def git_hash() -> str | None:
 
 
 class RunRecord:
-    """The files of one run folder."""
+    """The files of one run folder.
 
-    def __init__(self, path: Path) -> None:
+    ``writable=False`` (the non-zero ranks of a data-parallel run) reads the folder but
+    turns every write into a no-op: exactly one process writes a record.
+    """
+
+    def __init__(self, path: Path, writable: bool = True) -> None:
         self.path = Path(path)
+        self.writable = writable
 
     @property
     def manifest_path(self) -> Path:
@@ -96,6 +105,8 @@ class RunRecord:
 
     def start(self, config: dict[str, Any], seeds: dict[str, int], samples: dict[str, list[str]]) -> None:
         """Begin a (fresh) run: config, sampled ids, manifest with status ``running``."""
+        if not self.writable:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "metrics.jsonl").unlink(missing_ok=True)
         for name in ("matrix.csv", "summary.json"):
@@ -117,12 +128,16 @@ class RunRecord:
         })
 
     def update_manifest(self, **fields: Any) -> None:
+        if not self.writable:
+            return
         manifest = self.manifest() or {}
         manifest.update(fields)
         write_json(self.manifest_path, manifest)
 
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Append rows to ``metrics.jsonl`` and flush them to disk (crash-safe log)."""
+        if not self.writable:
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -132,3 +147,123 @@ class RunRecord:
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def resume(self, session: int) -> None:
+        """Continue an interrupted run after ``session``: ``metrics.jsonl`` is rewritten
+        (atomically) with the rows of sessions 0..``session`` only, so the rows of a session
+        that was cut off are not duplicated, and the manifest notes the resumption."""
+        if not self.writable:
+            return
+        rows = [r for r in self.metrics() if r["session"] <= session]
+        atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        for name in ("matrix.csv", "summary.json"):
+            (self.path / name).unlink(missing_ok=True)
+        manifest = self.manifest() or {}
+        resumed = [*manifest.get("resumed", []), {
+            "after_session": session, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "command": sys.argv}]
+        manifest.pop("reason", None)
+        manifest.update(status=STATUS_RUNNING, resumed=resumed)
+        write_json(self.manifest_path, manifest)
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """``run.lock`` in a run folder: at most one live process writes a run.
+
+    The file holds the owner's host and pid. A lock from a dead process on this host is taken
+    over. A lock from another host (a cluster node) cannot be checked directly, so the owner
+    refreshes the file's mtime every ``heartbeat`` seconds and a lock not refreshed for
+    ``stale_after`` seconds is taken over (a pre-empted job's lock expires that way).
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, path: Path, heartbeat: float = 60.0, stale_after: float = 600.0) -> None:
+        self.file = Path(path) / self.NAME
+        self.heartbeat, self.stale_after = heartbeat, stale_after
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _is_stale(self, owner: dict[str, Any] | None) -> bool:
+        if owner is None:  # unreadable or half-written: only stale once old
+            return self._age() > self.stale_after
+        if owner.get("host") == socket.gethostname():
+            return not _pid_alive(int(owner.get("pid", -1)))
+        return self._age() > self.stale_after
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.file.stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunInUseError` naming the live owner."""
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.owner()
+                if not self._is_stale(owner):
+                    who = f"pid {owner['pid']} on {owner['host']} (since {owner.get('since')})" if owner else "?"
+                    raise RunInUseError(
+                        f"run folder {self.file.parent} is in use by {who}; if that process is gone, delete "
+                        f"{self.file} (a lock from another host expires {self.stale_after:.0f} s after its last "
+                        f"heartbeat)") from None
+                self.file.unlink(missing_ok=True)  # stale: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return
+        raise RunInUseError(f"could not take {self.file}: other processes keep taking it")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                os.utime(self.file)
+            except FileNotFoundError:
+                return
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock file (only if this process still owns it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        owner = self.owner()
+        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            self.file.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -5,6 +5,11 @@ and after every session on the target (per session class group) and on every con
 then write the accuracy matrix and the summary. Finished runs are skipped; a run that
 fails (e.g. a non-finite loss) is marked ``failed`` with its reason, keeps the sessions
 already evaluated, and the rest of the grid goes on.
+
+Resume: after every session a checkpoint is saved (:mod:`benchmark.checkpoints`); an
+interrupted run started again continues after its last saved session and ends with the same
+numbers. A run folder is written by one process at a time (:class:`RunLock`). Several
+processes shard the grid or, with ``ddp: true``, share each run (:mod:`benchmark.distributed`).
 """
 from __future__ import annotations
 
@@ -24,12 +29,15 @@ from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, T
 from avalanche.training.plugins import EvaluationPlugin
 from tqdm.auto import tqdm
 
+from benchmark import checkpoints
 from benchmark.backbones import load_backbone
 from benchmark.config import Config
+from benchmark.distributed import all_reduce_sum, grid_shard, init_data_parallel, is_main_process, local_device
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter
-from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
+from benchmark.records import (STATUS_FAILED, STATUS_FINISHED, RunInUseError, RunLock, RunRecord, atomic_write, slug,
+                               write_json)
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
 
@@ -41,19 +49,13 @@ class RunOutcome:
     """What happened to one grid point."""
 
     path: Path
-    status: str  # finished | skipped | failed
+    status: str  # finished | skipped | failed | busy (another live process holds the run folder)
     reason: str = ""
 
 
 def run_dir(cfg: Config) -> Path:
     """``<out>/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>`` of a scalar config."""
     return Path(cfg.out) / cfg.name / cfg.stream / slug(cfg.backbone) / cfg.strategy / f"{cfg.shots}-s{cfg.seed}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -112,7 +114,7 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
             split = dict(info["split"])
             split_ids[name] = split.pop("ids")
             fields.setdefault("splits", {})[name] = {**split, "file": "splits.json"}
-    if split_ids:
+    if split_ids and record.writable:
         write_json(record.path / "splits.json", split_ids)
     if subsets:
         fields["control_subsets"] = subsets
@@ -121,10 +123,21 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
 
 
 def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
-    """Run every grid point of ``cfg`` in order; returns one outcome per point."""
+    """Run this process's grid points of ``cfg`` in order; returns one outcome per point.
+
+    Started as several processes (``accelerate launch``, ``torchrun``, a SLURM array), each
+    runs its own shard of the grid (:func:`benchmark.distributed.grid_shard`). With
+    ``ddp: true`` the launched processes instead run every point together, data parallel
+    (a SLURM array still shards the grid between its tasks).
+    """
     outcomes = []
-    runs = cfg.expand()
-    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
+    if cfg.ddp:
+        init_data_parallel(local_device(cfg.device))
+    shard = grid_shard(launcher=not cfg.ddp)
+    runs = shard.select(cfg.expand())
+    if shard.count > 1:
+        log.info("grid shard %s: %d run(s)", shard, len(runs))
+    bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
     for run_cfg in bar:
         bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
         outcomes.append(run_one(run_cfg, progress=progress))
@@ -132,13 +145,39 @@ def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
 
 
 def run_one(cfg: Config, progress: bool = False) -> RunOutcome:
-    """One continual run of a scalar config into its run record."""
+    """One continual run of a scalar config into its run record (resumed if interrupted).
+
+    Under ``ddp: true`` rank 0 writes the record and decides for every rank whether the run
+    is skipped (finished) or busy (locked by another process).
+    """
     path = run_dir(cfg)
-    record = RunRecord(path)
-    if record.is_finished():
+    record = RunRecord(path, writable=is_main_process())
+    lock = RunLock(path)
+    decision, reason = 0, ""  # 0: run, 1: skip (finished), 2: busy
+    if record.writable:
+        if record.is_finished():
+            decision = 1
+        else:
+            try:
+                lock.acquire()
+            except RunInUseError as err:
+                decision, reason = 2, str(err)
+            else:
+                decision = 1 if record.is_finished() else 0  # finished by another process meanwhile
+                if decision:
+                    lock.release()
+    (decision,) = all_reduce_sum([decision])
+    if decision == 1:
         log.info("skipping finished run %s", path)
         return RunOutcome(path, "skipped")
-    return _Run(cfg, record, progress).execute()
+    if decision == 2:
+        log.error("%s", reason)
+        return RunOutcome(path, "busy", reason or f"run folder {path} is in use by another process")
+    try:
+        return _Run(cfg, record, progress).execute()
+    finally:
+        if record.writable:
+            lock.release()
 
 
 class _Run:
@@ -146,7 +185,7 @@ class _Run:
 
     def __init__(self, cfg: Config, record: RunRecord, progress: bool) -> None:
         self.cfg, self.record, self.progress = cfg, record, progress
-        self.device = resolve_device(cfg.device)
+        self.device = local_device(cfg.device)
 
     def execute(self) -> RunOutcome:
         cfg = self.cfg
@@ -180,25 +219,42 @@ class _Run:
         plugin = strategy_entry.obj(backbone, cfg.options_for(cfg.strategy, strategy_entry.options))
         meter = CostMeter(plugin)
         self.metric = ZeroShotAccuracy()
-        self.record.start(cfg.to_dict(), {"seed": cfg.seed, "shot_seed": cfg.shot_seed},
-                          {f"session_{s.index}": s.ids for s in sessions})
+        resume = checkpoints.load_latest(self.record.path, cfg.to_dict(), self.device)
+        if resume is None:
+            if self.record.writable:
+                checkpoints.clear(self.record.path)
+            self.record.start(cfg.to_dict(), {"seed": cfg.seed, "shot_seed": cfg.shot_seed},
+                              {f"session_{s.index}": s.ids for s in sessions})
+        else:
+            log.info("resuming %s after session %d", self.record.path, resume.session)
+            self.record.resume(resume.session)
         self.record.update_manifest(
             classes_with_fewer_shots={f"session_{s.index}": s.short_classes for s in sessions if s.short_classes})
         record_data(self.record, data_streams, subsets)
         template = CLIPTemplate(
             backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train, zeroshot=zeroshot,
             seed=cfg.seed, device=self.device, plugins=[plugin, meter],
-            evaluator=EvaluationPlugin(self.metric, loggers=make_loggers(cfg.loggers, self.record.path)),
+            evaluator=EvaluationPlugin(
+                self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
         )
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(sessions))
         costs: dict[str, Any] = {"sessions": []}
-        bar = tqdm(total=len(sessions) + 1, desc=f"{cfg.strategy} s{cfg.seed}", unit="eval", leave=False,
-                   disable=not self.progress)
+        done = 0  # sessions already trained and evaluated (by the interrupted process)
+        if resume is not None:
+            backbone.visual.load_state_dict(resume.encoder)
+            plugin.load_state_dict(resume.strategy)
+            self.matrix, costs, done = resume.matrix, resume.costs, resume.session
+            checkpoints.restore_rng(resume.rng, template.caption_rng)
+        bar = tqdm(total=len(sessions) + 1, initial=done + 1 if done else 0, desc=f"{cfg.strategy} s{cfg.seed}",
+                   unit="eval", leave=False, disable=not self.progress)
         try:
-            self.evaluate(template, eval_stream, 0)
-            bar.update()
+            if not done:
+                self.evaluate(template, eval_stream, 0)
+                bar.update()
             for exp in scenario.train_stream:
                 session = exp.current_experience + 1
+                if session <= done:
+                    continue
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 start = time.perf_counter()
@@ -212,6 +268,7 @@ class _Run:
                     **meter.session_costs(),  # trainable counts, FLOPs per sample, setup (mask) time
                 })
                 self.evaluate(template, eval_stream, session)
+                self.checkpoint(session, backbone, plugin, template, costs)
                 bar.update()
         except NonFiniteLossError as err:
             reason = f"session {len(costs['sessions']) + 1}: {err}"
@@ -221,7 +278,18 @@ class _Run:
         finally:
             bar.close()
         self.finish(costs, backbone.visual_parameter_count(), STATUS_FINISHED)
+        if self.record.writable:
+            checkpoints.prune(self.record.path, cfg.keep_checkpoints)
         return RunOutcome(self.record.path, STATUS_FINISHED)
+
+    def checkpoint(self, session: int, backbone, plugin, template: CLIPTemplate, costs: dict[str, Any]) -> None:
+        """Save what the sessions after ``session`` depend on (rank 0 only)."""
+        if not self.record.writable:
+            return
+        checkpoints.save(self.record.path, checkpoints.SessionState(
+            session=session, config=self.cfg.to_dict(), encoder=backbone.visual.state_dict(),
+            strategy=plugin.state_dict(), rng=checkpoints.capture_rng(template.caption_rng),
+            matrix=self.matrix, costs=costs), self.cfg.keep_checkpoints)
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
@@ -249,8 +317,9 @@ class _Run:
 
     def finish(self, costs: dict[str, Any], visual_params: int, status: str, reason: str = "") -> None:
         path = self.record.path
-        atomic_write(path / "matrix.csv", self.matrix.to_csv())
         summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
         summary["costs"] = {"visual_parameters": visual_params, **costs}
-        write_json(path / "summary.json", summary)
+        if self.record.writable:
+            atomic_write(path / "matrix.csv", self.matrix.to_csv())
+            write_json(path / "summary.json", summary)
         self.record.update_manifest(status=status, **({"reason": reason} if reason else {}))

@@ -14,8 +14,10 @@ import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from benchmark.backbones import Backbone
+from benchmark.distributed import all_reduce_mean, any_rank, batch_slice, eval_indices, gather_batch, world_size
 from benchmark.config import TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
 
@@ -55,6 +57,12 @@ class CLIPTemplate(SupervisedTemplate):
     in one template drawn per sample (a seeded generator), or ``(images, labels, captions)``
     when the dataset provides its own caption strings. In eval mode :meth:`forward` returns
     zero-shot logits [B, C] against the current eval set's class embeddings.
+
+    Under ``ddp: true`` (a process group of W ranks) every rank loads the same global batch
+    (same seed, so the same shuffling, augmentations and captions as one process), encodes
+    its slice of it, and the features are gathered so the CLIP loss is the full-batch loss;
+    gradients are averaged over the ranks before the strategies' ``after_backward`` and the
+    optimizer step. Evaluation runs on disjoint strided shares of each eval set.
     """
 
     def __init__(
@@ -113,6 +121,38 @@ class CLIPTemplate(SupervisedTemplate):
         return bank[self.mb_y.cpu(), choice].to(self.device)
 
     # -- Avalanche hooks ------------------------------------------------------------------
+    def encode_train_images(self) -> Tensor:
+        """Image features [B, D] of the whole training mini-batch ``mb_x`` [B, 3, H, W].
+
+        Under ``ddp: true`` this rank encodes only its slice; the others' features arrive by
+        :func:`benchmark.distributed.gather_batch` (this rank's rows carry the gradient).
+        """
+        with self._autocast():
+            local = self.backbone.encode_image(self.mb_x[batch_slice(len(self.mb_x))])
+        return gather_batch(local, len(self.mb_x))
+
+    def _after_backward(self, **kwargs) -> None:
+        if world_size() > 1:
+            self._average_gradients()
+        super()._after_backward(**kwargs)
+
+    def _average_gradients(self) -> None:
+        """Mean of the ranks' gradients; a parameter without a gradient on every rank keeps none
+        (as in one process, so Adam skips it)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        used = any_rank([p.grad is not None for p in params])
+        for p, flag in zip(params, used):
+            if flag and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean([p.grad for p, flag in zip(params, used) if flag])
+
+    def make_eval_dataloader(self, **kwargs) -> None:
+        super().make_eval_dataloader(**kwargs)
+        if world_size() > 1:  # Avalanche's DistributedSampler would pad with repeated samples
+            share = self.adapted_dataset.subset(eval_indices(len(self.adapted_dataset)))
+            self.dataloader = DataLoader(share, batch_size=self.eval_mb_size, collate_fn=share.collate_fn,
+                                         pin_memory=self.device.type == "cuda")
+
     def _unpack_minibatch(self) -> None:
         """Move the tensors of the mini-batch to the device; caption strings stay as they are."""
         self.mbatch = [m.to(self.device, non_blocking=True) if isinstance(m, Tensor) else m for m in self.mbatch]
@@ -152,8 +192,7 @@ class CLIPTemplate(SupervisedTemplate):
     def forward(self) -> Tensor:
         if not self.is_training:
             return self.zeroshot.logits(self.mb_x, self.eval_class_embeddings)
-        with self._autocast():
-            return self.backbone.encode_image(self.mb_x)
+        return self.encode_train_images()
 
     def criterion(self) -> Tensor:
         if not self.is_training:

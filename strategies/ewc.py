@@ -67,6 +67,8 @@ class Anchor:
 class EWC(StrategyPlugin):
     """F-EWC: every vision-encoder parameter + the EWC penalty of the previous sessions."""
 
+    supports_ddp = True  # the Fisher comes from session_gradients (averaged over ranks per batch)
+
     def __init__(self, backbone, options: EWCOptions | None = None) -> None:
         super().__init__(backbone, options or EWCOptions())
         self.params = list(backbone.visual.parameters())
@@ -86,6 +88,14 @@ class EWC(StrategyPlugin):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.consolidate(strategy)
+
+    def state_dict(self) -> dict:
+        """The anchor (F, μ, C) folded in so far: what the next sessions' penalty needs."""
+        return {"fisher": self.anchor.fisher, "center": self.anchor.center, "constant": self.anchor.constant}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchor.fisher, self.anchor.center = list(state["fisher"]), list(state["center"])
+        self.anchor.constant = float(state["constant"])
 
     def consolidate(self, strategy) -> None:
         """Fisher of the session just trained (CLIP loss, its training batches), folded into the anchor."""

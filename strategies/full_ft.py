@@ -7,5 +7,7 @@ from benchmark.registry import STRATEGIES
 class FullFineTuning(StrategyPlugin):
     """Full fine-tuning of the vision encoder (text side and logit scale frozen)."""
 
+    supports_ddp = True
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         self.backbone.visual.requires_grad_(True)

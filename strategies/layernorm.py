@@ -7,6 +7,8 @@ from benchmark.registry import STRATEGIES
 class LayerNormTuning(StrategyPlugin):
     """LayerNorm weights and biases of the vision encoder (blocks, pre/post norms)."""
 
+    supports_ddp = True
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         for norm in self.backbone.norm_layers():
             norm.requires_grad_(True)

@@ -52,6 +52,8 @@ def lora_targets(visual: nn.Module, exclude: nn.Module | None) -> list[str]:
 class LoRA(StrategyPlugin):
     """LoRA on all vision linears and attention in-projections (+ projection), merged after each session."""
 
+    supports_ddp = True  # no statistics of its own; peft's adapters start from the global torch RNG
+
     def __init__(self, backbone, options: LoRAOptions | None = None) -> None:
         super().__init__(backbone, options or LoRAOptions())
         self._tuner: LoraModel | None = None

@@ -50,6 +50,7 @@ class SPU(StrategyPlugin):
     """SPU: sparse fc1 entries by importance + all biases + the image projection."""
 
     needs_blocks = True
+    supports_ddp = True  # scores come from session_gradients (averaged over ranks per batch)
 
     def __init__(self, backbone, options: SPUOptions | None = None) -> None:
         super().__init__(backbone, options or SPUOptions())

@@ -8,3 +8,4 @@ class ZeroShot(StrategyPlugin):
     """No training: the pretrained encoder evaluated after every session."""
 
     trains = False
+    supports_ddp = True

@@ -88,6 +88,8 @@ class LoRSU(StrategyPlugin):
     """LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session."""
 
     needs_blocks = True
+    supports_ddp = True  # scores come from session_gradients (averaged over ranks per batch); random
+    # selections draw from the global torch RNG, which every rank advances identically
 
     def __init__(self, backbone: Backbone, options: LoRSUOptions | None = None) -> None:
         super().__init__(backbone, options or LoRSUOptions())

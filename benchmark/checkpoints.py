@@ -1,0 +1,152 @@
+"""Per-session checkpoints of a run, for resuming it where it stopped.
+
+After session ``k`` is trained, evaluated and its metric rows are on disk, the runner saves
+``checkpoints/session-k.pt`` (atomically: temporary file, then rename) with everything the
+rest of the run depends on:
+
+* the vision encoder's weights (strategies merge their updates after every session, so the
+  encoder is plain; the text side never trains);
+* the strategy's cross-session state (:meth:`StrategyPlugin.state_dict`, e.g. EWC's Fisher
+  and anchor weights; LoRSU/SPU/LoRA recompute everything from the merged weights);
+* the RNG states that drive the next sessions: torch (CPU and CUDA), numpy, Python's
+  ``random`` and the template's caption generator (the training data loader shuffles and
+  augments from the global torch RNG);
+* the accuracy matrix and the cost rows so far, and the resolved config it belongs to.
+
+The optimizer is not saved: the template builds a fresh Adam for every session, so none of
+its state survives a session boundary. A resumed run therefore continues with exactly the
+state an uninterrupted run has at the same point and ends with the same numbers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from benchmark.metrics import AccuracyMatrix
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+KeepCheckpoints = Literal["last", "all", "none"]
+_NAME = re.compile(r"session-(\d+)\.pt")
+# config keys that do not change a run's numbers: a checkpoint resumes across them
+RESUME_INDEPENDENT = ("out", "device", "loggers", "keep_checkpoints", "ddp")
+
+
+@dataclass
+class SessionState:
+    """What a run needs to continue after ``session`` (1-based)."""
+
+    session: int
+    config: dict[str, Any]  # the run's resolved config (a checkpoint only resumes the same run)
+    encoder: dict[str, torch.Tensor]  # vision-encoder state dict
+    strategy: dict[str, Any]
+    rng: dict[str, Any]
+    matrix: AccuracyMatrix
+    costs: dict[str, Any]
+
+
+def capture_rng(caption_rng: torch.Generator) -> dict[str, Any]:
+    """Every RNG state a session draws from (global torch/CUDA, numpy, random, captions)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "captions": caption_rng.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], caption_rng: torch.Generator) -> None:
+    """Put back the states saved by :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    caption_rng.set_state(state["captions"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_path: Path) -> Path:
+    return Path(run_path) / CHECKPOINT_DIR
+
+
+def saved_sessions(run_path: Path) -> list[int]:
+    """Sessions with a checkpoint in the run folder, ascending."""
+    folder = checkpoint_dir(run_path)
+    found = [_NAME.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def save(run_path: Path, state: SessionState, keep: KeepCheckpoints) -> Path:
+    """Write ``session-k.pt`` atomically; unless ``keep == "all"`` drop the older ones."""
+    folder = checkpoint_dir(run_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"session-{state.session}.pt"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state.__dict__, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if keep != "all":
+        for session in saved_sessions(run_path):
+            if session < state.session:
+                (folder / f"session-{session}.pt").unlink(missing_ok=True)
+    return target
+
+
+def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.device | str = "cpu") -> SessionState | None:
+    """The newest readable checkpoint of this exact config, or None (then the run starts over).
+
+    An unreadable file (e.g. a disk that filled up) falls back to the previous session's.
+    """
+    for session in reversed(saved_sessions(run_path)):
+        path = checkpoint_dir(run_path) / f"session-{session}.pt"
+        try:
+            # our own files: they hold numpy/random states, which the weights-only unpickler refuses
+            data = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:  # a truncated or corrupt file: try the one before
+            log.warning("ignoring unreadable checkpoint %s: %s", path, err)
+            continue
+        if _identity(data.get("config") or {}) != _identity(config):
+            log.warning("checkpoints in %s belong to another configuration; starting the run over", run_path)
+            return None
+        return SessionState(**data)
+    return None
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUME_INDEPENDENT}
+
+
+def prune(run_path: Path, keep: KeepCheckpoints) -> None:
+    """After a finished run: keep all, the last, or no checkpoint."""
+    folder = checkpoint_dir(run_path)
+    if keep == "none":
+        shutil.rmtree(folder, ignore_errors=True)
+    elif keep == "last":
+        sessions = saved_sessions(run_path)
+        for session in sessions[:-1]:
+            (folder / f"session-{session}.pt").unlink(missing_ok=True)
+
+
+def clear(run_path: Path) -> None:
+    """Remove every checkpoint (a run that starts over)."""
+    shutil.rmtree(checkpoint_dir(run_path), ignore_errors=True)
