@@ -159,6 +159,10 @@ class CostMeter(SupervisedPlugin):
         self._costs.update(self.strategy.trainable_counts())
         params = [p for group in strategy.optimizer.param_groups for p in group["params"]]
         captions = strategy.caption_rng.get_state()
+        # fill the frozen text side's caches outside the count (else the first session, and the
+        # first one after a resume, would count caption encoding too)
+        strategy.caption_features()
+        strategy.caption_rng.set_state(captions)
         with preserved_buffers(strategy.model), FlopCounterMode(display=False) as counter:
             strategy.mb_output = strategy.forward()
             torch.autograd.grad(strategy.criterion(), params, allow_unused=True)

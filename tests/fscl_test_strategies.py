@@ -1,0 +1,46 @@
+"""Test-only strategies, registered when this module is imported (tests and their subprocesses).
+
+They are the real EWC and LoRSU plugins with one extra observable behaviour each, so a test
+can stop a run at a known point or read what a strategy chose on every rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from benchmark.distributed import rank
+from benchmark.registry import STRATEGIES
+from strategies.ewc import EWC, EWCOptions
+from strategies.lorsu import LoRSU, LoRSUOptions
+
+PAUSE_ENV = "FSCL_TEST_PAUSE"  # a file path: created in the middle of session 2, then the run sleeps
+MASKS_ENV = "FSCL_TEST_MASKS"  # a folder: each rank writes the LoRSU selection of every session there
+
+
+@STRATEGIES.register("test-ewc-pause", options=EWCOptions)
+class PausingEWC(EWC):
+    """EWC; with ``$FSCL_TEST_PAUSE`` set, after the first iteration of session 2 it creates
+    that file and sleeps, so a test can kill the process in the middle of session 2."""
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        marker = os.environ.get(PAUSE_ENV)
+        if marker and strategy.experience.current_experience == 1:
+            Path(marker).touch()
+            time.sleep(600)
+
+
+@STRATEGIES.register("test-lorsu-record", options=LoRSUOptions)
+class RecordingLoRSU(LoRSU):
+    """LoRSU; with ``$FSCL_TEST_MASKS`` set, writes each session's heads and fc1 indices per
+    block to ``rank<r>-session<k>.json`` in that folder before merging."""
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        folder = os.environ.get(MASKS_ENV)
+        if folder:
+            chosen = [{"heads": list(s.heads), "fc1": s.fc1_index.tolist() if s.fc1_index is not None else None}
+                      for s in self.selection]
+            session = strategy.experience.current_experience + 1
+            (Path(folder) / f"rank{rank()}-session{session}.json").write_text(json.dumps(chosen))
+        super().after_training_exp(strategy, **kwargs)

@@ -1,0 +1,134 @@
+"""Resume: a run killed (SIGKILL) in the middle of session 2 ends, when run again, with the
+numbers of an uninterrupted run; run locks; checkpoint pruning; metric rows on resume."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fscl_test_strategies  # noqa: F401  (registers test-ewc-pause)
+from benchmark import checkpoints
+from benchmark.cli import main
+from benchmark.config import ConfigError, load_config
+from benchmark.records import RunInUseError, RunLock, RunRecord
+
+TESTS = Path(__file__).parent
+RUN = "quick/digits/openclip-fscl-tiny/{}/5-s0"
+COST_FIELDS_THAT_VARY = {"train_seconds", "peak_memory_mb", "setup_seconds"}  # wall time and memory
+
+
+def _args(out: Path, *overrides: str) -> list[str]:
+    return ["run", "quick", f"out={out}", "--no-progress", "seed=0", "sessions=2", "train.epochs=1", *overrides]
+
+
+def _comparable_summary(path: Path) -> dict:
+    summary = json.loads((path / "summary.json").read_text())
+    for session in summary["costs"]["sessions"]:
+        for key in COST_FIELDS_THAT_VARY:
+            session.pop(key)
+    return summary
+
+
+def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
+    strategy = "test-ewc-pause"  # EWC: its Fisher/anchor must survive the kill; ewc_lambda large enough to matter
+    overrides = (f"strategy={strategy}", f"{strategy}.ewc_lambda=10000.0")
+    assert main(_args(tmp_path / "reference", *overrides)) == 0
+
+    marker = tmp_path / "in-session-2"
+    env = {**os.environ, fscl_test_strategies.PAUSE_ENV: str(marker),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *_args(tmp_path / "resumed", *overrides)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached session 2"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+
+    run = tmp_path / "resumed" / RUN.format(strategy)
+    assert checkpoints.saved_sessions(run) == [1]
+    assert json.loads((run / "manifest.json").read_text())["status"] == "running"
+    assert not (run / "summary.json").exists()
+    assert RunLock(run).owner()["pid"] == proc.pid  # left behind by the killed process: stale, taken over
+
+    assert main(_args(tmp_path / "resumed", *overrides)) == 0  # the same command again
+    reference = tmp_path / "reference" / RUN.format(strategy)
+    assert (run / "matrix.csv").read_text() == (reference / "matrix.csv").read_text()
+    assert _comparable_summary(run) == _comparable_summary(reference)
+    rows = RunRecord(run).metrics()
+    keys = [(r["session"], r["dataset"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)) and rows == RunRecord(reference).metrics()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and [r["after_session"] for r in manifest["resumed"]] == [1]
+    assert not (run / "run.lock").exists() and not (run / "checkpoints").exists()  # keep_checkpoints: none
+
+
+def test_resume_keeps_only_the_metric_rows_of_finished_sessions(tmp_path):
+    record = RunRecord(tmp_path)
+    record.start({"seed": 0}, {"seed": 0, "shot_seed": 0}, {"session_1": ["a"]})
+    rows = [{"session": s, "dataset": "d", "metric": "top1", "value": 0.5, "correct": 1, "total": 2} for s in (0, 1, 2)]
+    record.append_metrics(rows)
+    record.update_manifest(status="failed", reason="killed")
+    record.resume(1)
+    assert record.metrics() == rows[:2]
+    manifest = record.manifest()
+    assert manifest["status"] == "running" and "reason" not in manifest and manifest["resumed"][0]["after_session"] == 1
+
+
+def test_a_run_folder_used_by_a_live_process_is_refused(tmp_path, capsys):
+    run = tmp_path / RUN.format("zeroshot")
+    run.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / RunLock.NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert main(_args(tmp_path, "strategy=zeroshot")) == 1
+        err = capsys.readouterr().err
+        assert "BUSY" in err and f"in use by pid {holder.pid}" in err and str(run / RunLock.NAME) in err
+        assert not (run / "manifest.json").exists()  # nothing written into the other process's folder
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_args(tmp_path, "strategy=zeroshot")) == 0  # its owner is gone: the stale lock is taken over
+
+
+def test_lock_from_another_host_expires_without_heartbeat(tmp_path):
+    lock = RunLock(tmp_path, stale_after=60)
+    (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 1, "host": "some-other-node"}))
+    with pytest.raises(RunInUseError, match="some-other-node"):
+        lock.acquire()
+    old = time.time() - 120
+    os.utime(tmp_path / RunLock.NAME, (old, old))
+    with lock:
+        assert lock.owner()["pid"] == os.getpid()
+    assert not (tmp_path / RunLock.NAME).exists()
+
+
+@pytest.mark.parametrize("keep, left", [("all", [1, 2]), ("last", [2]), ("none", [])])
+def test_keep_checkpoints(tmp_path, keep, left):
+    assert main(_args(tmp_path, "strategy=zeroshot", f"keep_checkpoints={keep}")) == 0
+    run = tmp_path / RUN.format("zeroshot")
+    assert checkpoints.saved_sessions(run) == left
+    if left:
+        state = checkpoints.load_latest(run, load_config("quick", [f"out={tmp_path}", "seed=0", "sessions=2",
+                                                                   "train.epochs=1", "strategy=zeroshot"]).expand()[0].to_dict())
+        assert state.session == 2 and torch.isfinite(state.encoder["proj"]).all()
+
+
+def test_keep_checkpoints_is_validated():
+    with pytest.raises(ConfigError, match=re.escape("keep_checkpoints: invalid value 'some'; allowed: last | all | none")):
+        load_config("quick", ["keep_checkpoints=some"])
