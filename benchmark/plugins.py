@@ -56,6 +56,11 @@ class StrategyPlugin(SupervisedPlugin):
         n = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         return {"trainable": n, "trainable_with_biases": n}
 
+    @property
+    def supports_distributed(self) -> bool:
+        """Avalanche's name for :attr:`supports_ddp` (it warns about plugins without it)."""
+        return self.supports_ddp
+
     def state_dict(self) -> dict[str, Any]:
         """Cross-session state, saved in every session checkpoint (default: none)."""
         return {}
@@ -144,6 +149,8 @@ class CostMeter(SupervisedPlugin):
     whose gradients are discarded, with the caption generator and the buffers restored, so
     training is unchanged. After the first optimizer step it reads the optimizer-state size.
     """
+
+    supports_distributed = True  # under ddp: true it counts one rank's share and scales it
 
     def __init__(self, strategy: StrategyPlugin) -> None:
         super().__init__()
