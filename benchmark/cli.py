@@ -13,7 +13,7 @@ import strategies  # noqa: F401  (the CLI is the one place that imports all four
 import streams  # noqa: F401
 from benchmark.backbones.openclip import BackboneLoadError
 from benchmark.config import DEFAULT_PRESET, ConfigError, list_presets, load_config
-from benchmark.distributed import is_main_process
+from benchmark.distributed import grid_shard, is_main_process
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, UnknownNameError
 from streams import StreamDataError
 
@@ -29,8 +29,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(source, overrides)
     runs = cfg.expand()
     if args.dry_run:
-        print(f"{len(runs)} run(s) of '{cfg.name}':")
-        for run in runs:
+        shard = grid_shard(launcher=not cfg.ddp)
+        mine = shard.select(runs)
+        print(f"{len(runs)} run(s) of '{cfg.name}'" + (f", {len(mine)} in shard {shard}" if shard.count > 1 else "") + ":")
+        for run in mine:
             print(f"  {run_dir(run)}")
         return 0
     outcomes = run_grid(cfg, progress=not args.no_progress)
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="preset name (see 'fscl ls presets') or YAML file; default: the offline preset")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides; lists (a,b or [a,b]) on stream/strategy/backbone/shots/seed make a grid")
-    run.add_argument("--dry-run", action="store_true", help="print the runs of the grid and exit")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the runs of the grid (of this process's shard, when sharded) and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 

@@ -174,10 +174,11 @@ class RunInUseError(RuntimeError):
 class RunLock:
     """``run.lock`` in a run folder: at most one live process writes a run.
 
-    The file holds the owner's host and pid. A lock from a dead process on this host is taken
-    over. A lock from another host (a cluster node) cannot be checked directly, so the owner
-    refreshes the file's mtime every ``heartbeat`` seconds and a lock not refreshed for
-    ``stale_after`` seconds is taken over (a pre-empted job's lock expires that way).
+    The file holds the owner's host, pid and SLURM job id. A lock from a dead process on this
+    host is taken over, and so is one left by an earlier incarnation of this same SLURM job (a
+    pre-empted, requeued job restarts on any node). A lock from another host cannot be checked
+    directly, so the owner refreshes the file's mtime every ``heartbeat`` seconds and a lock
+    not refreshed for ``stale_after`` seconds is taken over.
     """
 
     NAME = "run.lock"
@@ -199,7 +200,8 @@ class RunLock:
             return self._age() > self.stale_after
         if owner.get("host") == socket.gethostname():
             return not _pid_alive(int(owner.get("pid", -1)))
-        return self._age() > self.stale_after
+        job = os.environ.get("SLURM_JOB_ID")
+        return (job is not None and owner.get("slurm_job") == job) or self._age() > self.stale_after
 
     def _age(self) -> float:
         try:
@@ -210,7 +212,7 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunInUseError` naming the live owner."""
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
               "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         for _ in range(3):
             try:

@@ -141,3 +141,12 @@ def test_ddp_refuses_a_strategy_that_does_not_support_it(tmp_path, capsys):
         load_config("quick", ["strategy=test-no-ddp", "ddp=true"])
     assert main(["run", "quick", "strategy=[zeroshot,test-no-ddp]", "ddp=true", f"out={tmp_path}"]) == 2
     assert "does not support data-parallel training" in capsys.readouterr().err
+
+
+def test_dry_run_prints_this_shard(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FSCL_SHARD_COUNT", "3")
+    monkeypatch.setenv("FSCL_SHARD_INDEX", "1")
+    assert main(["run", "quick", f"out={tmp_path}", "seed=0,1,2", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "6 run(s) of 'quick', 2 in shard 1/3:"
+    assert [line.split("/")[-2:] for line in lines[1:]] == [["zeroshot", "5-s1"], ["full-ft", "5-s1"]]

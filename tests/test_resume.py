@@ -118,6 +118,16 @@ def test_lock_from_another_host_expires_without_heartbeat(tmp_path):
     assert not (tmp_path / RunLock.NAME).exists()
 
 
+def test_lock_of_an_earlier_incarnation_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 1, "host": "node-a", "slurm_job": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(RunInUseError, match="node-a"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # requeued after pre-emption, now on another node
+    with RunLock(tmp_path) as lock:
+        assert lock.owner()["slurm_job"] == "4242" and lock.owner()["pid"] == os.getpid()
+
+
 @pytest.mark.parametrize("keep, left", [("all", [1, 2]), ("last", [2]), ("none", [])])
 def test_keep_checkpoints(tmp_path, keep, left):
     assert main(_args(tmp_path, "strategy=zeroshot", f"keep_checkpoints={keep}")) == 0
