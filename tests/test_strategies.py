@@ -22,6 +22,7 @@ from benchmark.backbones.hf import save_tiny_clip
 from benchmark.cli import main
 from benchmark.config import ConfigError, TrainConfig, load_config
 from benchmark.evaluation import ZeroShotEvaluator
+from benchmark.plugins import CostMeter
 from benchmark.records import slug
 from benchmark.template import CLIPTemplate, clip_loss
 from strategies.ewc import EWC, Anchor, EWCOptions
@@ -41,6 +42,15 @@ W, HEADS, HEAD_DIM, HIDDEN, LAYERS, EMBED = 64, 4, 16, 256, 2, 32  # both tiny m
 
 
 # --------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine it spins idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("hf-tiny"), width=W, layers=LAYERS, heads=HEADS, embed_dim=EMBED)
@@ -55,14 +65,18 @@ def spec(request, hf_folder) -> str:
     return _spec(request.param, hf_folder)
 
 
-def session_template(backbone, *plugins, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3):
-    """A CLIP template on two 2-shot digits sessions (10 images each), deterministic images and captions."""
+def session_template(backbone, *plugins, epochs: int = 2, batch_size: int = 16, lr: float = 1e-3,
+                     all_templates: bool = False, **train):
+    """A CLIP template on two 2-shot digits sessions (10 images each), deterministic images and
+    (unless ``all_templates``) captions; ``train``: more TrainConfig values."""
     stream = Digits("unused")
     tf = backbone.preprocess(False)
     scenario = stream.benchmark(stream.sessions(2, 2, shot_seed=0), tf, tf)
     template = CLIPTemplate(
-        backbone=backbone, class_names=stream.spec.class_names, templates=stream.spec.templates[:1],
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr / 10), zeroshot=ZeroShotEvaluator(backbone),
+        backbone=backbone, class_names=stream.spec.class_names,
+        templates=stream.spec.templates if all_templates else stream.spec.templates[:1],
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr / 10, **train),
+        zeroshot=ZeroShotEvaluator(backbone),
         seed=0, device=torch.device("cpu"), plugins=list(plugins), evaluator=EvaluationPlugin(loggers=[]),
     )
     return template, scenario.train_stream
@@ -288,6 +302,33 @@ def test_efficient_lorsu_equals_the_dense_reference_after_adam_steps(spec):
     assert max((p - start[n]).abs().max() for n, p in fast_backbone.named_parameters()) > 1e-3  # they did move
 
 
+def test_lorsu_trains_under_bf16_autocast(spec):
+    backbone = load_backbone(spec)
+    template, stream = session_template(backbone, LoRSU(backbone, LoRSUOptions(rank=RANK, alpha=ALPHA)),
+                                        precision="bf16")
+    before = snapshot(backbone)
+    template.train(stream[0])
+    assert_plain_and_frozen(backbone)
+    assert changed(before, backbone) and all(p.dtype == torch.float32 and p.isfinite().all()
+                                             for p in backbone.parameters())
+
+
+def test_cost_meter_leaves_training_unchanged():
+    weights, meters = [], []
+    for metered in (False, True):
+        torch.manual_seed(0)
+        backbone = load_backbone("openclip:fscl-tiny")
+        plugin = LoRSU(backbone, LoRSUOptions(rank=RANK, alpha=ALPHA))
+        meters.append(CostMeter(plugin))
+        template, stream = session_template(backbone, plugin, *meters[-1:] if metered else (), batch_size=4,
+                                            all_templates=True)  # random captions: the generator is restored
+        template.train(stream[0])
+        weights.append(snapshot(backbone))
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    costs = meters[1].session_costs()
+    assert costs["flops_per_sample"] > 0 and costs["trainable"] == plugin.trainable_counts()["trainable"]
+
+
 class LRLog(SupervisedPlugin):
     def __init__(self) -> None:
         super().__init__()
@@ -426,7 +467,8 @@ def test_block_strategies_on_a_backbone_without_blocks_fail_before_training(tmp_
             plugin_type(backbone)
     assert main(["run", "quick", f"out={tmp_path / 'runs'}", "--no-progress", "seed=0", "strategy=lorsu",
                  "backbone=openclip:fscl-tiny-rn"]) == 2
-    assert "exposes none" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert "exposes none" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").rglob("manifest.json"))  # stopped before a run record was started
 
 
 # --------------------------------------------------------------------------- end to end
