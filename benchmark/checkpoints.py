@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -122,7 +123,7 @@ def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.devi
         try:
             # our own files: they hold numpy/random states, which the weights-only unpickler refuses
             data = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err:  # a truncated or corrupt file: try the one before
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:  # truncated or corrupt: the one before
             log.warning("ignoring unreadable checkpoint %s: %s", path, err)
             continue
         if _identity(data.get("config") or {}) != _identity(config):

@@ -80,7 +80,7 @@ def local_device(name: str) -> torch.device:
     """The device for config value ``name``; ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is there."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(name)
 
@@ -92,8 +92,8 @@ def launched_processes(env: dict[str, str] | None = None) -> int:
 
 
 def init_data_parallel(device: torch.device) -> None:
-    """Join the launcher's process group through Accelerate (NCCL for CUDA ``device``\s,
-    gloo on CPU). A no-op when the process was not launched as one of several."""
+    """Join the launcher's process group through Accelerate (NCCL for a CUDA ``device``, gloo
+    on CPU). A no-op when the process was not launched as one of several."""
     if launched_processes() <= 1 or dist.is_initialized():
         return
     from accelerate import PartialState
@@ -116,14 +116,8 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op at world size 1)."""
-    if world_size() > 1:
-        dist.barrier()
-
-
 def _all_reduce_flat(tensors: Sequence[Tensor], op: dist.ReduceOp) -> None:
-    """All-reduce ``tensors`` in place through one flat fp32/fp64 buffer per dtype group."""
+    """All-reduce ``tensors`` in place, one flat buffer per dtype (one message, not one per tensor)."""
     for dtype in {t.dtype for t in tensors}:
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.detach().reshape(-1) for t in group])
@@ -150,7 +144,9 @@ def all_reduce_sum(values: Sequence[int]) -> list[int]:
     """Integer sums over ranks (e.g. correct / total counts); the input at world size 1."""
     if world_size() <= 1:
         return list(values)
-    buf = torch.tensor(list(values), dtype=torch.int64)
+    # NCCL only moves GPU tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    buf = torch.tensor(list(values), dtype=torch.int64, device=device)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.tolist()
 

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.utils import as_classification_dataset
-from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 

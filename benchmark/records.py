@@ -250,7 +250,7 @@ class RunLock:
         if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
             self.file.unlink(missing_ok=True)
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

@@ -36,8 +36,16 @@ from benchmark.distributed import all_reduce_sum, grid_shard, init_data_parallel
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter
-from benchmark.records import (STATUS_FAILED, STATUS_FINISHED, RunInUseError, RunLock, RunRecord, atomic_write, slug,
-                               write_json)
+from benchmark.records import (
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    RunInUseError,
+    RunLock,
+    RunRecord,
+    atomic_write,
+    slug,
+    write_json,
+)
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
 
@@ -140,7 +148,7 @@ def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
     bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
     for run_cfg in bar:
         bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
-        outcomes.append(run_one(run_cfg, progress=progress))
+        outcomes.append(run_one(run_cfg, progress=progress and is_main_process()))
     return outcomes
 
 
@@ -186,6 +194,8 @@ class _Run:
     def __init__(self, cfg: Config, record: RunRecord, progress: bool) -> None:
         self.cfg, self.record, self.progress = cfg, record, progress
         self.device = local_device(cfg.device)
+        if self.device.type == "cuda":  # tensors made on "cuda" land on this process's GPU, not all on GPU 0
+            torch.cuda.set_device(self.device)
 
     def execute(self) -> RunOutcome:
         cfg = self.cfg

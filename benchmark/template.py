@@ -17,8 +17,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from benchmark.backbones import Backbone
-from benchmark.distributed import all_reduce_mean, any_rank, batch_slice, eval_indices, gather_batch, world_size
 from benchmark.config import TrainConfig
+from benchmark.distributed import all_reduce_mean, any_rank, batch_slice, eval_indices, gather_batch, world_size
 from benchmark.evaluation import ZeroShotEvaluator
 
 

@@ -6,13 +6,13 @@ import os
 import socket
 from pathlib import Path
 
+import fscl_test_strategies
 import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
 
-import fscl_test_strategies
 from benchmark import checkpoints
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config

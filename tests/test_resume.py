@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import fscl_test_strategies
 import pytest
 import torch
 
-import fscl_test_strategies  # noqa: F401  (registers test-ewc-pause)
 from benchmark import checkpoints
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
