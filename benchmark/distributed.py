@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
+from benchmark.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -99,6 +101,15 @@ def init_data_parallel(device: torch.device) -> None:
     from accelerate import PartialState
 
     PartialState(cpu=device.type == "cpu")
+
+
+def check_data_parallel(encoder: torch.nn.Module, name: str) -> None:
+    """Refuse an image encoder that ``ddp: true`` cannot train like one process: batch norm
+    would normalise each rank's slice with its own statistics (and the ranks' running
+    statistics would drift apart)."""
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
+        raise ConfigError(f"ddp: backbone '{name}' has batch-norm layers, whose statistics would differ between "
+                          f"processes; allowed: ddp: false, or a backbone without batch norm (ViTs)")
 
 
 def world_size() -> int:

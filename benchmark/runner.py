@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from benchmark import checkpoints
 from benchmark.backbones import load_backbone
 from benchmark.config import Config
-from benchmark.distributed import all_reduce_sum, grid_shard, init_data_parallel, is_main_process, local_device
+from benchmark.distributed import (
+    all_reduce_sum,
+    check_data_parallel,
+    grid_shard,
+    init_data_parallel,
+    is_main_process,
+    local_device,
+)
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter
@@ -201,6 +208,8 @@ class _Run:
         cfg = self.cfg
         seed_everything(cfg.seed)
         backbone = load_backbone(cfg.backbone, str(self.device))
+        if cfg.ddp:
+            check_data_parallel(backbone.visual, cfg.backbone)
         stream_entry = STREAMS.get(cfg.stream)
         stream = stream_entry.obj(cfg.data_root, cfg.options_for(cfg.stream, stream_entry.options),
                                   skip_bad_images=cfg.skip_bad_images)

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import fscl_test_strategies
+import open_clip
 import pandas as pd
 import pytest
 import torch
@@ -150,3 +151,15 @@ def test_dry_run_prints_this_shard(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "6 run(s) of 'quick', 2 in shard 1/3:"
     assert [line.split("/")[-2:] for line in lines[1:]] == [["zeroshot", "5-s1"], ["full-ft", "5-s1"]]
+
+
+def test_ddp_refuses_a_backbone_with_batch_norm(tmp_path, capsys):
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "fscl-tiny-rn-bn.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "fscl-tiny-rn-bn.json")
+    args = ["run", "quick", f"out={tmp_path / 'runs'}", "--no-progress", "seed=0", "strategy=full-ft",
+            "backbone=openclip:fscl-tiny-rn-bn", "sessions=1"]
+    assert main([*args, "ddp=true"]) == 2
+    assert "ddp: backbone 'openclip:fscl-tiny-rn-bn' has batch-norm layers" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").rglob("manifest.json")) and not list((tmp_path / "runs").rglob("run.lock"))
