@@ -106,6 +106,23 @@ def test_a_run_folder_used_by_a_live_process_is_refused(tmp_path, capsys):
     assert main(_args(tmp_path, "strategy=zeroshot")) == 0  # its owner is gone: the stale lock is taken over
 
 
+def test_under_a_launcher_a_busy_run_leaves_the_exit_status_0(tmp_path, capsys, monkeypatch):
+    run = tmp_path / RUN.format("zeroshot")
+    run.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / RunLock.NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        monkeypatch.setenv("WORLD_SIZE", "2")  # process 0 of 2 (torchrun): its shard is seed 0 only
+        monkeypatch.setenv("RANK", "0")
+        assert main(_args(tmp_path, "strategy=zeroshot", "seed=[0,1]")) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    captured = capsys.readouterr()
+    assert "0 finished, 0 skipped (already done), 0 failed, 1 busy" in captured.out
+    assert "BUSY" in captured.err and "exit status 0 under a multi-process launcher" in captured.err
+
+
 def test_lock_from_another_host_expires_without_heartbeat(tmp_path):
     lock = RunLock(tmp_path, stale_after=60)
     (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 1, "host": "some-other-node"}))
