@@ -138,8 +138,11 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def prune(run_path: Path, keep: KeepCheckpoints) -> None:
-    """After a finished run: keep all, the last, or no checkpoint."""
+    """After a finished run: keep all, the last, or no checkpoint (and no half-written file
+    of a killed process)."""
     folder = checkpoint_dir(run_path)
+    for partial in folder.glob(".session-*"):
+        partial.unlink(missing_ok=True)
     if keep == "none":
         shutil.rmtree(folder, ignore_errors=True)
     elif keep == "last":

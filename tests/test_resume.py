@@ -66,6 +66,7 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     assert not (run / "summary.json").exists()
     assert RunLock(run).owner()["pid"] == proc.pid  # left behind by the killed process: stale, taken over
 
+    (run / "checkpoints" / ".session-2.pt.x1y2").write_bytes(b"half")  # as if killed while saving
     assert main(_args(tmp_path / "resumed", *overrides)) == 0  # the same command again
     reference = tmp_path / "reference" / RUN.format(strategy)
     assert (run / "matrix.csv").read_text() == (reference / "matrix.csv").read_text()
@@ -151,9 +152,16 @@ def test_keep_checkpoints(tmp_path, keep, left):
     run = tmp_path / RUN.format("zeroshot")
     assert checkpoints.saved_sessions(run) == left
     if left:
-        state = checkpoints.load_latest(run, load_config("quick", [f"out={tmp_path}", "seed=0", "sessions=2",
-                                                                   "train.epochs=1", "strategy=zeroshot"]).expand()[0].to_dict())
+        config = load_config("quick", [f"out={tmp_path}", "seed=0", "sessions=2", "train.epochs=1",
+                                       "strategy=zeroshot"]).expand()[0].to_dict()
+        state = checkpoints.load_latest(run, config)
         assert state.session == 2 and torch.isfinite(state.encoder["proj"]).all()
+        assert checkpoints.load_latest(run, {**config, "device": "cuda"}).session == 2  # not a number-changing key
+        assert checkpoints.load_latest(run, {**config, "seed": 1}) is None  # another run's checkpoints
+    if keep == "all":  # a truncated newest file (e.g. a full disk): the session before it
+        newest = checkpoints.checkpoint_dir(run) / "session-2.pt"
+        newest.write_bytes(newest.read_bytes()[:100])
+        assert checkpoints.load_latest(run, config).session == 1
 
 
 def test_keep_checkpoints_is_validated():
