@@ -15,6 +15,10 @@ set-up time (importance and masks). ``lorsu-dense`` is the dense reference of
 
     python benchmarks/strategy_cost.py                    # ViT-B-16, batch 8, 3 timed rounds
     python benchmarks/strategy_cost.py --rounds 5 --strategies full-ft lorsu lorsu-dense
+    python benchmarks/strategy_cost.py --threads 1        # on a machine shared with other jobs
+
+On a shared machine two intra-op threads spin while the other job holds a core, and wall
+times swing by tens of percent; one thread and the CPU-time column give stable ratios.
 """
 from __future__ import annotations
 
