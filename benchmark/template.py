@@ -43,10 +43,11 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up to ``lr``, then cosine to ``min_lr``."""
+    """Learning rate at ``step`` (0-based) of ``total``: a linear warm-up from ``min_lr`` to ``lr``
+    over ``warmup`` steps, then a cosine from ``lr`` down to ``min_lr`` at ``total``."""
     if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+        return min_lr + (lr - min_lr) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
@@ -146,6 +147,13 @@ class CLIPTemplate(SupervisedTemplate):
                 p.grad = torch.zeros_like(p)
         all_reduce_mean([p.grad for p, flag in zip(params, used) if flag])
 
+    def make_train_dataloader(self, **kwargs) -> None:
+        super().make_train_dataloader(**kwargs)
+        if world_size() > 1 and not isinstance(self.dataloader, DataLoader):
+            # Avalanche's task-balanced loader would give each rank other samples (DistributedSampler)
+            raise RuntimeError("ddp: true needs every rank to load the same global batches; this stream's "
+                               "experiences have task labels, which Avalanche splits across ranks")
+
     def make_eval_dataloader(self, **kwargs) -> None:
         super().make_eval_dataloader(**kwargs)
         if world_size() > 1:  # Avalanche's DistributedSampler would pad with repeated samples
@@ -166,8 +174,10 @@ class CLIPTemplate(SupervisedTemplate):
         if not params:
             raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
         self.optimizer = torch.optim.Adam(params, lr=self.train_cfg.lr, weight_decay=0.0)
-        per_epoch = len(self.dataloader) if self.train_cfg.scheduler_step == "step" else 1
-        self._total_steps = per_epoch * self.train_epochs
+        # The schedule always spans all steps of the session. With scheduler_step=epoch it only
+        # advances once per epoch (the released LoRSU code): epoch 0 runs at the warm-up start
+        # (min_lr) and the cosine barely decays over the few epochs.
+        self._total_steps = len(self.dataloader) * self.train_epochs
         self._step = 0
 
     def _before_training_iteration(self, **kwargs) -> None:

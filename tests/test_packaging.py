@@ -26,3 +26,28 @@ def test_ensure_torchvision_is_idempotent():
 
     ensure_torchvision()
     ensure_torchvision()
+
+
+def _setup_cfg():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    return cfg
+
+
+def test_every_package_and_data_file_is_listed_in_setup_cfg():
+    """A non-editable install ships exactly what setup.cfg lists: nothing may be forgotten."""
+    cfg = _setup_cfg()
+    listed = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(REPO).parts)
+             for root in ("benchmark", "strategies", "streams", "reports") for p in (REPO / root).rglob("__init__.py")}
+    assert listed == found
+    globs = {pkg: [g.strip() for g in value.split(",")] for pkg, value in cfg["options.package_data"].items()}
+    for pkg in found:
+        folder = REPO / pkg.replace(".", "/")
+        for f in folder.rglob("*"):
+            owner = next(d for d in f.parents if (d / "__init__.py").exists())
+            if f.is_file() and f.suffix not in (".py", ".pyc") and "__pycache__" not in f.parts and owner == folder:
+                rel = f.relative_to(folder)
+                assert any(rel.match(g) for g in globs.get(pkg, [])), f"{f} is not in [options.package_data] {pkg}"

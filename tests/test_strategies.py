@@ -352,8 +352,9 @@ def test_lorsu_ablations_and_scheduler_step(scheduler_step):
     assert changed(before, backbone) == names_of(backbone, [b.q.weight for b in blocks] + [b.q.bias for b in blocks])
     assert template.train_cfg.scheduler_step == scheduler_step
     epochs = [lr_log.lrs[i:i + 3] for i in (0, 3, 6)]
-    if scheduler_step == "epoch":  # one rate per epoch, and the schedule moves between epochs
-        assert all(len(set(e)) == 1 for e in epochs) and epochs[0][0] > epochs[2][0]
+    if scheduler_step == "epoch":  # one rate per epoch; the released code's first epoch runs at min_lr
+        assert all(len(set(e)) == 1 for e in epochs)
+        assert epochs[0][0] == template.train_cfg.min_lr and epochs[1][0] > epochs[2][0] > epochs[0][0]
     else:  # a new rate every step once past the warm-up
         assert len(set(lr_log.lrs[1:])) == 8
 

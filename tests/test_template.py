@@ -30,7 +30,7 @@ def test_clip_loss_matches_a_hand_computation():
 
 def test_cosine_schedule_warms_up_then_decays_to_min():
     lrs = [cosine_lr(s, 10, 1e-5, 1e-6, 1) for s in range(11)]
-    assert lrs[0] == pytest.approx(1e-5) and lrs[1] == pytest.approx(1e-5)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-5)  # one warm-up step
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert lrs[10] == pytest.approx(1e-6)
 

@@ -267,13 +267,8 @@ class Backbone(nn.Module, ABC):
 
     # -- other parts strategies may train (families override when their layout differs) ----
     def image_projection(self) -> tuple[nn.Module, str] | None:
-        """(module, attribute) of the final image projection weight, or None if there is none.
-
-        Default: open_clip's layout, a 2-D parameter ``proj`` [W, D] on the visual module
-        (possibly parametrized by a strategy, hence the tensor test).
-        """
-        proj = getattr(self.visual, "proj", None)
-        return (self.visual, "proj") if isinstance(proj, Tensor) and proj.dim() == 2 else None
+        """(module, attribute) of the final image projection weight, or None if there is none."""
+        return None
 
     def norm_layers(self) -> list[nn.Module]:
         """Every normalisation layer of the vision encoder (blocks, pre/post norms), in order."""

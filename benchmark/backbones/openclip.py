@@ -107,6 +107,11 @@ class OpenCLIPBackbone(Backbone):
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale
 
+    def image_projection(self) -> tuple[nn.Module, str] | None:
+        """``visual.proj`` [W, D] (a tensor test: a strategy may have parametrized it)."""
+        proj = getattr(self.visual, "proj", None)
+        return (self.visual, "proj") if isinstance(proj, Tensor) and proj.dim() == 2 else None
+
     def blocks(self) -> list[BlockView]:
         transformer = getattr(self.visual, "transformer", None)
         if transformer is None:
