@@ -40,7 +40,7 @@ def _comparable_summary(path: Path) -> dict:
 
 def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     strategy = "test-ewc-pause"  # EWC: its Fisher/anchor must survive the kill; ewc_lambda large enough to matter
-    overrides = (f"strategy={strategy}", f"{strategy}.ewc_lambda=10000.0")
+    overrides = (f"strategy={strategy}", f"{strategy}.ewc_lambda=10000.0", "keep_checkpoints=last")
     assert main(_args(tmp_path / "reference", *overrides)) == 0
 
     marker = tmp_path / "in-session-2"
@@ -69,14 +69,18 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     (run / "checkpoints" / ".session-2.pt.x1y2").write_bytes(b"half")  # as if killed while saving
     assert main(_args(tmp_path / "resumed", *overrides)) == 0  # the same command again
     reference = tmp_path / "reference" / RUN.format(strategy)
-    assert (run / "matrix.csv").read_text() == (reference / "matrix.csv").read_text()
+    matrix = (reference / "matrix.csv").read_text()
+    assert matrix.splitlines()[3].split(",")[1] != matrix.splitlines()[2].split(",")[1]  # session 2 changed it
+    assert (run / "matrix.csv").read_text() == matrix
     assert _comparable_summary(run) == _comparable_summary(reference)
     rows = RunRecord(run).metrics()
     keys = [(r["session"], r["dataset"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys)) and rows == RunRecord(reference).metrics()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "finished" and [r["after_session"] for r in manifest["resumed"]] == [1]
-    assert not (run / "run.lock").exists() and not (run / "checkpoints").exists()  # keep_checkpoints: none
+    assert not (run / "run.lock").exists() and checkpoints.saved_sessions(run) == [2]  # keep_checkpoints: last
+    final = [torch.load(r / "checkpoints/session-2.pt", weights_only=False)["encoder"] for r in (run, reference)]
+    assert all(torch.equal(final[0][name], value) for name, value in final[1].items())  # bit for bit
 
 
 def test_resume_keeps_only_the_metric_rows_of_finished_sessions(tmp_path):
