@@ -92,6 +92,23 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES}[args.what]
     for entry in registry.entries():
         print(f"{entry.name:<16} {entry.summary}")
+        own = vars(entry.obj) if isinstance(entry.obj, type) else {}  # a subclass family does not repeat its base's
+        for label, values in (("load", own.get("load_forms", ())), ("tags", own.get("known_tags", ()))):
+            for value in values:  # backbone families: load-string forms and known pretrained tags
+                print(f"{'':<18}{label}: {value}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel folder."""
+    from benchmark.export import ExportError, export
+
+    try:
+        out = export(args.run_dir, args.session, args.format, args.out)
+    except ExportError as err:
+        print(f"fscl: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.format} encoder after session {args.session} -> {out}")
     return 0
 
 
@@ -204,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference", default="lorsu",
                         help="strategy the others are tested against, paired by seed (default: lorsu)")
     report.set_defaults(func=_cmd_report)
+
+    export = verbs.add_parser(
+        "export", help="write a run's updated vision encoder for the VLM that uses it",
+        description="Write the vision encoder after session N of a run (from its per-session checkpoint; run with "
+                    "keep_checkpoints=all to keep every session, =last for the final one; session 0 is the "
+                    "pretrained encoder) as an open_clip local-dir folder or, for OpenAI-layout CLIP ViTs, as a "
+                    "transformers CLIPVisionModel folder (the form LLaVA-1.5's vision tower loads).",
+        epilog="example:\n  fscl export runs/quick/digits/openclip-ViT-L-14-336/lorsu/5-s0 --session 5 "
+               "--format hf-clip-vision --out tower/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run_dir", metavar="RUN_DIR", help="one run's folder (written by 'fscl run')")
+    export.add_argument("--session", type=int, required=True, metavar="N", help="after which session (0: pretrained)")
+    export.add_argument("--format", required=True, choices=["openclip", "hf-clip-vision"])
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    export.set_defaults(func=_cmd_export)
 
     mini = verbs.add_parser(
         "pretrain-mini", help="pretrain the mini world's tiny open_clip model (offline; not CLIP)",

@@ -1,8 +1,8 @@
 """The uniform model interface every strategy talks to: :class:`Backbone` and :class:`BlockView`.
 
 Strategies never reach into module paths. Whatever a model's attention looks like — one
-fused ``[3W, W]`` input projection (open_clip's ``nn.MultiheadAttention``) or separate
-``q_proj``/``k_proj``/``v_proj`` linears (timm EVA, HF CLIP/SigLIP) — a block is seen as
+fused ``[3W, W]`` input projection (open_clip's ``nn.MultiheadAttention``, timm ViT's ``qkv``
+``nn.Linear``) or separate ``q_proj``/``k_proj``/``v_proj`` linears (timm EVA02, HF CLIP/SigLIP) — a block is seen as
 three :class:`ProjectionRows` (q, k, v), its first MLP layer and its norms.
 """
 from __future__ import annotations
@@ -167,11 +167,12 @@ class BlockView:
         Works on the activations (``qkv[..., rows] += update(x)``), so no dense ``[3W, W]``
         weight or weight gradient is formed. Fused ``nn.MultiheadAttention``: its forward is
         replaced by an equivalent self-attention that adds the update; separate q/k/v
-        ``nn.Linear``\ s: forward hooks add their share of the rows (``update`` runs once per
-        input). One update per block at a time; ``handle.remove()`` restores the block.
+        ``nn.Linear``\ s, or one fused ``[3W, W]`` ``nn.Linear`` (timm's ``qkv``): forward hooks
+        add each projection's share of the rows (``update`` runs once per input). One update per block at a time; ``handle.remove()`` restores the block.
         """
-        if self.q.weight is self.k.weight is self.v.weight:
-            attn, _ = parameter_owner(self.module, self.q.weight)
+        owner, _ = parameter_owner(self.module, self.q.weight)
+        if self.q.weight is self.k.weight is self.v.weight and not isinstance(owner, nn.Linear):
+            attn = owner
             stacked = [(p.rows.start or 0, p.rows.stop) for p in self.qkv]
             if not isinstance(attn, nn.MultiheadAttention) or stacked != [(j * self.width, (j + 1) * self.width)
                                                                          for j in range(3)]:
@@ -199,7 +200,7 @@ class BlockView:
         for j, proj in enumerate(self.qkv):
             linear, name = parameter_owner(self.module, proj.weight)
             if not isinstance(linear, nn.Linear) or name != "weight":
-                raise TypeError(f"block {self.index}: separate q/k/v updates need nn.Linear projections, "
+                raise TypeError(f"block {self.index}: hooked q/k/v updates need nn.Linear projections, "
                                 f"got {type(linear).__name__}.{name}")
             picked = ((update.rows >= j * self.width) & (update.rows < (j + 1) * self.width)).nonzero().squeeze(1)
             if len(picked):

@@ -1,8 +1,9 @@
-"""HF transformers CLIP models: ``hf:/path/to/folder`` (a ``save_pretrained`` folder) or ``hf:org/hub-id``.
+"""HF transformers CLIP and SigLIP models: ``hf:/path/to/folder`` (a ``save_pretrained`` folder) or ``hf:org/hub-id``.
 
-The folder holds the model (``config.json`` + weights) and its tokenizer files, as written by
-``CLIPModel.save_pretrained(dir)`` and ``AutoTokenizer.save_pretrained(dir)``; an optional
-``preprocessor_config.json`` gives the image mean/std. Attention uses separate ``q_proj``,
+The folder holds the model (``config.json`` + weights of a ``CLIPModel`` or ``SiglipModel``) and
+its tokenizer files, as written by ``model.save_pretrained(dir)`` and
+``AutoTokenizer.save_pretrained(dir)``; an optional ``preprocessor_config.json`` gives the image
+mean/std. Attention uses separate ``q_proj``,
 ``k_proj``, ``v_proj`` linears. Parameter names differ between transformers 4.x and 5.x, so
 layers are found by name suffix (``encoder.layers``), never by absolute path.
 """
@@ -25,9 +26,13 @@ def _is_path(rest: str) -> bool:
 
 
 class _HFVisual(nn.Module):
-    """The vision side of an HF CLIP model: tower + projection, images [B, 3, H, W] → [B, D]."""
+    """The vision side of an HF CLIP/SigLIP model: tower + projection, images [B, 3, H, W] → [B, D].
 
-    def __init__(self, tower: nn.Module, projection: nn.Linear) -> None:
+    SigLIP has no projection (its tower's attention-pooling head gives the joint embedding):
+    ``projection`` is then ``nn.Identity``.
+    """
+
+    def __init__(self, tower: nn.Module, projection: nn.Module) -> None:
         super().__init__()
         self.tower = tower
         self.projection = projection
@@ -38,7 +43,12 @@ class _HFVisual(nn.Module):
 
 @BACKBONES.register("hf")
 class HFCLIPBackbone(Backbone):
-    """HF transformers CLIP models (separate q/k/v projections): hf:/local/folder or hf:org/hub-id."""
+    """HF transformers CLIPModel / SiglipModel (separate q/k/v projections): hf:/local/folder or hf:org/hub-id."""
+
+    load_forms = ("hf:/path/to/folder  (save_pretrained of the model and its tokenizer [+ preprocessor_config.json])",
+                  "hf:org/hub-id  (needs the hub, or HF_HUB_OFFLINE=1 and the local cache)")
+    known_tags = ("hf:openai/clip-vit-large-patch14-336", "hf:openai/clip-vit-base-patch16",
+                  "hf:google/siglip-base-patch16-224", "hf:google/siglip-so400m-patch14-384")
 
     def __init__(self, spec: str, rest: str) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -51,16 +61,17 @@ class HFCLIPBackbone(Backbone):
             raise BackboneLoadError(
                 f"could not load the HF model '{source}' (model and tokenizer files expected, as written by "
                 f"CLIPModel.save_pretrained(dir) and AutoTokenizer.save_pretrained(dir)): {err}") from err
-        for part in ("vision_model", "visual_projection", "text_model", "text_projection", "logit_scale"):
+        for part in ("vision_model", "text_model", "logit_scale"):
             if not hasattr(model, part):
                 raise BackboneLoadError(
-                    f"hf:{rest} is a {type(model).__name__}; the hf: family needs a CLIP-layout model "
-                    f"(vision_model, visual_projection, text_model, text_projection, logit_scale)")
-        super().__init__(spec, model, _HFVisual(model.vision_model, model.visual_projection))
+                    f"hf:{rest} is a {type(model).__name__}; the hf: family needs a CLIPModel or SiglipModel "
+                    f"(vision_model, text_model, logit_scale; projections optional)")
+        projection = getattr(model, "visual_projection", None) or nn.Identity()
+        super().__init__(spec, model, _HFVisual(model.vision_model, projection))
         self._tokenizer = tokenizer
         self._context_length = model.config.text_config.max_position_embeddings
         size = model.config.vision_config.image_size
-        mean, std = self._normalisation(source)
+        mean, std = self.image_normalisation = self._normalisation(source, model.config.model_type)
         self._train_tf = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
         self._eval_tf = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
 
@@ -82,11 +93,12 @@ class HFCLIPBackbone(Backbone):
         return rest
 
     @staticmethod
-    def _normalisation(source: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-        """Image mean/std from the folder's preprocessor config (None: open_clip's OpenAI defaults)."""
+    def _normalisation(source: str, model_type: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """Image mean/std from the folder's preprocessor config; without one SigLIP's (0.5, 0.5, 0.5)
+        or, for CLIP, None (open_clip's OpenAI defaults)."""
         path = Path(source) / "preprocessor_config.json"
         if not path.is_file():
-            return None, None
+            return ((0.5,) * 3, (0.5,) * 3) if model_type.startswith("siglip") else (None, None)
         cfg = json.loads(path.read_text())
         mean, std = cfg.get("image_mean"), cfg.get("image_std")
         return (tuple(mean) if mean else None), (tuple(std) if std else None)
@@ -101,8 +113,11 @@ class HFCLIPBackbone(Backbone):
         return self.visual(images)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        # The text tower is causal and pools at the end-of-text token, so padding after it is harmless.
-        return self.model.text_projection(self.model.text_model(input_ids=tokens).pooler_output)
+        # CLIP: causal, pooled at the end-of-text token, so padding after it is harmless. SigLIP: pooled at
+        # the last position, trained with max-length padding — which is what tokenize() gives.
+        pooled = self.model.text_model(input_ids=tokens).pooler_output
+        projection = getattr(self.model, "text_projection", None)
+        return pooled if projection is None else projection(pooled)
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(list(texts), padding="max_length", max_length=self._context_length,
@@ -116,26 +131,81 @@ class HFCLIPBackbone(Backbone):
         return self.model.logit_scale
 
     def image_projection(self) -> tuple[nn.Module, str] | None:
-        return (self.visual.projection, "weight")
+        return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
 
     def blocks(self) -> list[BlockView]:
-        layers = [m for name, m in self.visual.tower.named_modules() if name.endswith("encoder.layers")]
-        if len(layers) != 1:
-            raise TypeError(f"{self.spec}: expected one 'encoder.layers' list in the vision tower, found {len(layers)}")
-        views = []
-        for i, layer in enumerate(layers[0]):
-            attn = layer.self_attn
-            width = attn.q_proj.out_features
-            q, k, v = (ProjectionRows(lin.weight, lin.bias, slice(0, width))
-                       for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
-            views.append(BlockView(
-                index=i, num_heads=attn.num_heads, head_dim=width // attn.num_heads, q=q, k=k, v=v,
-                fc1=layer.mlp.fc1, norms=(layer.layer_norm1, layer.layer_norm2), module=layer,
-            ))
-        return views
+        return hf_block_views(self.visual.tower)
 
 
-__all__ = ["HFCLIPBackbone", "save_tiny_clip"]
+def hf_block_views(tower: nn.Module) -> list[BlockView]:
+    """One :class:`BlockView` per layer of an HF CLIP/SigLIP vision tower (separate q/k/v linears).
+
+    ``tower`` is any module holding exactly one ``...encoder.layers`` list (``CLIPVisionModel``,
+    its ``vision_model``, ``SiglipVisionTransformer``...), in transformers 4.x or 5.x naming.
+    """
+    layers = [m for name, m in tower.named_modules() if name.endswith("encoder.layers")]
+    if len(layers) != 1:
+        raise TypeError(f"expected one 'encoder.layers' list in the {type(tower).__name__} vision tower, "
+                        f"found {len(layers)}")
+    views = []
+    for i, layer in enumerate(layers[0]):
+        attn = layer.self_attn
+        width = attn.q_proj.out_features
+        q, k, v = (ProjectionRows(lin.weight, lin.bias, slice(0, width))
+                   for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+        views.append(BlockView(
+            index=i, num_heads=attn.num_heads, head_dim=width // attn.num_heads, q=q, k=k, v=v,
+            fc1=layer.mlp.fc1, norms=(layer.layer_norm1, layer.layer_norm2), module=layer,
+        ))
+    return views
+
+
+__all__ = ["HFCLIPBackbone", "hf_block_views", "save_char_tokenizer", "save_tiny_clip", "save_tiny_siglip"]
+
+
+def save_char_tokenizer(folder: str | Path, *, eos: str = "</s>", pad: str = "<pad>") -> Path:
+    """Write a character-level Hugging Face fast tokenizer (lower-case letters, digits, punctuation, space).
+
+    For offline tests of models whose tokenizer normally comes from the hub (SigLIP): the folder
+    loads with ``AutoTokenizer.from_pretrained(folder)``. Ids: pad 0, eos 1, unk 2, then characters.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {pad: 0, eos: 1, "<unk>": 2}
+    for char in " " + string.ascii_lowercase + string.digits + string.punctuation:
+        vocab.setdefault(char, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def save_tiny_siglip(folder: str | Path, *, width: int = 64, layers: int = 2, heads: int = 4, image_size: int = 32,
+                     patch_size: int = 8, seed: int = 0) -> Path:
+    """Write a tiny random-weight HF ``SiglipModel`` (joint width ``width``) and a character-level tokenizer."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    folder = save_char_tokenizer(folder)
+    vocab_size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    config = SiglipConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 2 * width,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32,
+                     "pad_token_id": 0, "eos_token_id": 1, "projection_size": width},
+        vision_config={"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+                       "num_attention_heads": heads, "image_size": image_size, "patch_size": patch_size},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        SiglipModel(config).save_pretrained(folder)
+    return folder
 
 
 def save_tiny_clip(folder: str | Path, *, width: int = 64, layers: int = 2, heads: int = 4, image_size: int = 32,

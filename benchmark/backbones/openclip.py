@@ -1,6 +1,18 @@
-"""open_clip models: ``openclip:NAME[@TAG|@/path/ckpt]`` and ``openclip:local-dir:/path``."""
+"""open_clip models: ``openclip:NAME[@TAG|@/path/ckpt]`` and ``openclip:local-dir:/path``.
+
+Three vision-tower layouts behind the same block view: open_clip's own ViT (fused
+``nn.MultiheadAttention``: OpenAI CLIP, LAION), a timm EVA02 trunk (separate q/k/v) and a timm
+ViT trunk with a fused ``qkv`` linear (SigLIP); see :mod:`benchmark.backbones.timm_trunk`.
+
+Tokenizers: CLIP's BPE vocabulary ships with open_clip. Models whose config names a hub
+tokenizer (SigLIP's ``hf_tokenizer_name``) read it from a local folder when one is given —
+the ``local-dir:`` folder itself, or the folder of a ``NAME@/path/ckpt`` checkpoint — holding
+the files ``AutoTokenizer.save_pretrained`` writes; otherwise from the hub, which fails fast
+offline with a message that says so.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -12,12 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
+from benchmark.backbones.timm_trunk import timm_block_views, timm_image_projection
 from benchmark.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # our tiny configs, e.g. "fscl-tiny"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a local HF tokenizer folder holds one
 INIT_SEED = 0  # untrained models (no tag) are initialised from this seed, whatever the run seed
 HUB_HOST = "huggingface.co"
 
@@ -77,15 +91,68 @@ def _create(name: str, tag: str | None) -> tuple[nn.Module, Callable, Callable]:
     return model, train_tf, eval_tf
 
 
+def _model_config(name: str) -> dict:
+    """The open_clip model config of ``name`` (a registered name or ``local-dir:/path``)."""
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:") :]) / "open_clip_config.json"
+        return json.loads(path.read_text()).get("model_cfg", {}) if path.is_file() else {}
+    return open_clip.get_model_config(name) or {}
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _tokenizer(name: str, tag: str | None) -> Callable:
+    """open_clip's tokenizer for the model, with hub tokenizers taken from a local folder when given."""
+    text_cfg = _model_config(name).get("text_cfg", {})
+    hub_name = text_cfg.get("hf_tokenizer_name") or ""
+    needs_hub = bool(hub_name) or (not name.startswith("local-dir:") and "siglip" in name.lower())
+    if not needs_hub or Path(hub_name).expanduser().is_dir():
+        return open_clip.get_tokenizer(name)
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :])
+        if _has_tokenizer_files(folder):
+            return open_clip.get_tokenizer(name)  # open_clip reads the folder's own tokenizer files
+    elif tag is not None and _is_path(tag) and _has_tokenizer_files(Path(tag).parent):
+        kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+        return open_clip.tokenizer.HFTokenizer(str(Path(tag).parent), context_length=text_cfg.get("context_length"),
+                                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+    if not _hub_reachable():
+        where = (f"the folder {name[len('local-dir:'):]}" if name.startswith("local-dir:")
+                 else "the checkpoint's folder (openclip:NAME@/path/to/folder/weights.safetensors)")
+        raise BackboneLoadError(
+            f"open_clip model '{name}' takes its tokenizer ('{hub_name or 'SigLIP'}') from the Hugging Face hub, "
+            f"which cannot be reached from this machine. Save it where there is internet "
+            f"(AutoTokenizer.from_pretrained('{hub_name or '<hub id>'}').save_pretrained(DIR)) and put its files "
+            f"({' / '.join(TOKENIZER_FILES)} and the vocabulary) in {where}.")
+    return open_clip.get_tokenizer(name)
+
+
 @BACKBONES.register("openclip")
 class OpenCLIPBackbone(Backbone):
-    """open_clip CLIP models (fused attention ViTs): NAME@TAG, NAME@/path/ckpt, local-dir:/path."""
+    """open_clip models: OpenAI/LAION ViTs (fused attention), EVA02 (timm, separate q/k/v), SigLIP (timm, fused qkv)."""
+
+    load_forms = ("openclip:NAME  (random init, e.g. openclip:fscl-tiny)", "openclip:NAME@TAG  (hub weights)",
+                  "openclip:NAME@/path/to/weights.{pt,bin,safetensors}  (tokenizer files may sit beside it)",
+                  "openclip:local-dir:/path  (open_clip_config.json + open_clip_model.safetensors [+ tokenizer])")
+    known_tags = ("ViT-L-14-336@openai", "ViT-L-14-336-quickgelu@openai", "ViT-B-16@openai",
+                  "ViT-B-16@laion2b_s34b_b88k", "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
+                  "ViT-B-16-SigLIP@webli", "ViT-SO400M-14-SigLIP-384@webli")
 
     def __init__(self, spec: str, rest: str) -> None:
         name, tag = parse(rest)
+        tokenizer = _tokenizer(name, tag)  # before the weights: a missing tokenizer fails fast
         model, self._train_tf, self._eval_tf = _create(name, tag)
         super().__init__(spec, model, model.visual)
-        self._tokenizer = open_clip.get_tokenizer(name)
+        self.source_name = name  # open_clip's model name, or "local-dir:/path"
+        self._tokenizer = tokenizer
+
+    @property
+    def hf_tokenizer(self):
+        """The Hugging Face tokenizer inside open_clip's ``HFTokenizer`` (SigLIP), or None (CLIP's BPE)."""
+        inner = getattr(self._tokenizer, "tokenizer", None)
+        return inner if hasattr(inner, "save_pretrained") else None
 
     @classmethod
     def check_spec(cls, rest: str) -> None:
@@ -108,14 +175,18 @@ class OpenCLIPBackbone(Backbone):
         return self.model.logit_scale
 
     def image_projection(self) -> tuple[nn.Module, str] | None:
-        """``visual.proj`` [W, D] (a tensor test: a strategy may have parametrized it)."""
+        """``visual.proj`` [W, D] (a tensor test: a strategy may have parametrized it), or a timm tower's linear."""
+        if hasattr(self.visual, "trunk"):
+            return timm_image_projection(self.visual)
         proj = getattr(self.visual, "proj", None)
         return (self.visual, "proj") if isinstance(proj, Tensor) and proj.dim() == 2 else None
 
     def blocks(self) -> list[BlockView]:
+        if hasattr(getattr(self.visual, "trunk", None), "blocks"):
+            return timm_block_views(self.visual.trunk)
         transformer = getattr(self.visual, "transformer", None)
         if transformer is None:
-            return []  # e.g. a timm trunk: handled by its own backbone family
+            return []  # e.g. a ResNet tower: no transformer blocks
         views = []
         for i, block in enumerate(transformer.resblocks):
             attn = block.attn

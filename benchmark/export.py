@@ -1,0 +1,239 @@
+"""Hand the vision encoder of a run back to the model that uses it (``fscl export``).
+
+The encoder after session N comes from the run's per-session checkpoint
+(``checkpoints/session-N.pt``, see :mod:`benchmark.checkpoints`); session 0 is the pretrained
+encoder the run started from. Two formats:
+
+* ``openclip``: an open_clip ``local-dir`` folder (``open_clip_config.json`` +
+  ``open_clip_model.safetensors``, the text side unchanged, plus the tokenizer files when the
+  model's tokenizer is a Hugging Face one), loadable as ``openclip:local-dir:DIR`` or with
+  ``open_clip.create_model_and_transforms("local-dir:DIR")``;
+* ``hf-clip-vision``: a transformers ``CLIPVisionModelWithProjection`` folder with a
+  ``preprocessor_config.json`` — the form LLaVA-1.5's vision tower loads
+  (``CLIPVisionModel.from_pretrained(DIR)`` reads it, ignoring the projection). From an
+  open_clip ViT of the OpenAI layout the fused ``in_proj`` [3W, W] is split into q/k/v, and
+  ``c_fc``/``c_proj``, ``ln_1``/``ln_2``, ``ln_pre``/``ln_post``, the class, positional and
+  patch embeddings and ``proj`` ([W, D], stored transposed) are mapped; an ``hf:`` CLIP
+  backbone is written as it is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from benchmark import checkpoints
+from benchmark.backbones import Backbone, load_backbone
+from benchmark.backbones.hf import HFCLIPBackbone
+from benchmark.backbones.openclip import OpenCLIPBackbone, _model_config
+
+ExportFormat = Literal["openclip", "hf-clip-vision"]
+FORMATS: tuple[str, ...] = ("openclip", "hf-clip-vision")
+
+
+class ExportError(RuntimeError):
+    """The encoder cannot be exported as asked; the message says what to do instead."""
+
+
+# --------------------------------------------------------------------------- the encoder after session N
+def encoder_after(run_dir: str | Path, session: int) -> Backbone:
+    """The run's backbone with the vision encoder it had after ``session`` (0: pretrained), on CPU."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ExportError(f"{run_dir} is not a run folder (no config.yaml); pass a folder written by 'fscl run'")
+    config = yaml.safe_load(config_path.read_text())
+    sessions = int(config.get("sessions", 0))
+    if not 0 <= session <= sessions:
+        raise ExportError(f"--session {session}: the run has sessions 1..{sessions} (0 = the pretrained encoder)")
+    backbone = load_backbone(config["backbone"], "cpu")
+    if session == 0:
+        return backbone
+    saved = checkpoints.saved_sessions(run_dir)
+    if session not in saved:
+        kept = f"sessions {', '.join(map(str, saved))}" if saved else "no session"
+        raise ExportError(
+            f"the encoder after session {session} is not stored in {run_dir}: its checkpoints keep {kept} "
+            f"(keep_checkpoints: {config.get('keep_checkpoints', 'none')}). Rerun with keep_checkpoints=all to keep "
+            f"every session (keep_checkpoints=last keeps only the final one); session 0 (pretrained) needs none.")
+    path = checkpoints.checkpoint_dir(run_dir) / f"session-{session}.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
+    backbone.visual.load_state_dict(state["encoder"])
+    return backbone
+
+
+# --------------------------------------------------------------------------- open_clip folder
+def write_openclip(backbone: Backbone, out: str | Path) -> Path:
+    """Write the whole open_clip model (updated vision side) as a ``local-dir`` folder."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    if not isinstance(backbone, OpenCLIPBackbone):
+        raise ExportError(f"--format openclip needs an open_clip backbone, not '{backbone.spec}'; "
+                          f"use --format hf-clip-vision for hf: CLIP models")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = backbone.source_name
+    config = {"model_cfg": _model_config(name),
+              "preprocess_cfg": dict(open_clip.get_model_preprocess_cfg(backbone.model))}
+    tokenizer = backbone.hf_tokenizer
+    if tokenizer is not None:  # SigLIP's: the folder must hold it to load offline
+        tokenizer.save_pretrained(out)
+        config["model_cfg"].setdefault("text_cfg", {})["hf_tokenizer_name"] = "."  # open_clip reads the folder
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2, default=list))
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    return out
+
+
+# --------------------------------------------------------------------------- HF CLIPVisionModel folder
+def _vit_or_fail(visual: nn.Module) -> None:
+    """Refuse open_clip vision towers that a CLIPVisionModel cannot express."""
+    problems = []
+    if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+        problems.append(f"a {type(visual).__name__} tower (timm trunk or ResNet), not open_clip's ViT")
+    else:
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            problems.append("pooling other than the class token")
+        if isinstance(visual.ln_pre, nn.Identity):
+            problems.append("no ln_pre")
+        if visual.conv1.bias is not None:
+            problems.append("a patch embedding with a bias")
+        for block in visual.transformer.resblocks:
+            if not isinstance(block.attn, nn.MultiheadAttention) or not isinstance(block.ls_1, nn.Identity) \
+                    or not isinstance(block.ls_2, nn.Identity) or set(dict(block.mlp.named_children())) != {"c_fc", "gelu", "c_proj"}:
+                problems.append("blocks with layer scale, extra norms or another MLP")
+                break
+    if problems:
+        raise ExportError("--format hf-clip-vision needs an OpenAI-layout CLIP ViT; this model has "
+                          + "; ".join(problems) + ". Use --format openclip.")
+
+
+def _hidden_act(visual: nn.Module) -> str:
+    import open_clip.transformer as oct
+
+    act = visual.transformer.resblocks[0].mlp.gelu
+    if isinstance(act, oct.QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    raise ExportError(f"activation {act} has no transformers equivalent here; use --format openclip")
+
+
+def hf_vision_config(visual: nn.Module):
+    """The ``CLIPVisionConfig`` of an open_clip OpenAI-layout ViT."""
+    from transformers import CLIPVisionConfig
+
+    _vit_or_fail(visual)
+    blocks = visual.transformer.resblocks
+    width = visual.conv1.out_channels
+    return CLIPVisionConfig(
+        hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features, num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads, num_channels=visual.conv1.in_channels,
+        image_size=visual.image_size[0], patch_size=visual.conv1.kernel_size[0], hidden_act=_hidden_act(visual),
+        layer_norm_eps=visual.ln_pre.eps, projection_dim=visual.proj.shape[1],
+    )
+
+
+def _layer_norm(prefix: str, norm: nn.LayerNorm) -> dict[str, Tensor]:
+    return {f"{prefix}.weight": norm.weight, f"{prefix}.bias": norm.bias}
+
+
+def _linear(prefix: str, linear: nn.Linear) -> dict[str, Tensor]:
+    return {f"{prefix}.weight": linear.weight, f"{prefix}.bias": linear.bias}
+
+
+def hf_encoder_state(resblocks: nn.ModuleList) -> dict[str, Tensor]:
+    """open_clip residual blocks → HF CLIP ``encoder.layers.{i}.*`` tensors (q/k/v split from ``in_proj``)."""
+    state: dict[str, Tensor] = {}
+    for i, block in enumerate(resblocks):
+        prefix = f"encoder.layers.{i}"
+        attn = block.attn
+        weights, biases = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weights, biases):
+            state[f"{prefix}.self_attn.{name}.weight"], state[f"{prefix}.self_attn.{name}.bias"] = w, b
+        state.update(_linear(f"{prefix}.self_attn.out_proj", attn.out_proj))
+        state.update(_layer_norm(f"{prefix}.layer_norm1", block.ln_1))
+        state.update(_layer_norm(f"{prefix}.layer_norm2", block.ln_2))
+        state.update(_linear(f"{prefix}.mlp.fc1", block.mlp.c_fc))
+        state.update(_linear(f"{prefix}.mlp.fc2", block.mlp.c_proj))
+    return state
+
+
+def hf_vision_state(visual: nn.Module) -> dict[str, Tensor]:
+    """open_clip ViT → tensors of HF's ``CLIPVisionTransformer`` (names relative to it)."""
+    _vit_or_fail(visual)
+    return {
+        "embeddings.class_embedding": visual.class_embedding,
+        "embeddings.patch_embedding.weight": visual.conv1.weight,
+        "embeddings.position_embedding.weight": visual.positional_embedding,
+        **_layer_norm("pre_layrnorm", visual.ln_pre),  # (sic: transformers' name)
+        **hf_encoder_state(visual.transformer.resblocks),
+        **_layer_norm("post_layernorm", visual.ln_post),
+    }
+
+
+def _load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load ``tensors`` into ``module``: every parameter must be given, nothing else (buffers kept)."""
+    params = set(dict(module.named_parameters()))
+    if params != set(tensors):
+        raise ExportError(f"weight mapping mismatch: missing {sorted(params - set(tensors))}, "
+                          f"unexpected {sorted(set(tensors) - params)}")
+    with torch.no_grad():
+        module.load_state_dict({**module.state_dict(), **{k: v.detach().clone() for k, v in tensors.items()}})
+
+
+def to_hf_clip_vision(backbone: Backbone):
+    """A ``CLIPVisionModelWithProjection`` with the backbone's current vision weights."""
+    from transformers import CLIPVisionModelWithProjection
+
+    if isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip":
+        config = backbone.model.config.vision_config
+        config.projection_dim = backbone.model.config.projection_dim
+        model = CLIPVisionModelWithProjection(config)
+        _load_exact(model.vision_model, dict(backbone.visual.tower.named_parameters()))
+        _load_exact(model.visual_projection, dict(backbone.visual.projection.named_parameters()))
+        return model.eval()
+    if not isinstance(backbone, OpenCLIPBackbone):
+        raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
+    visual = backbone.visual
+    model = CLIPVisionModelWithProjection(hf_vision_config(visual))
+    _load_exact(model.vision_model, hf_vision_state(visual))
+    _load_exact(model.visual_projection, {"weight": visual.proj.T})
+    return model.eval()
+
+
+def write_hf_clip_vision(backbone: Backbone, out: str | Path) -> Path:
+    """Write ``CLIPVisionModelWithProjection`` + ``preprocessor_config.json`` (CLIP's resize/crop/normalise)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from transformers import CLIPImageProcessor
+
+    model = to_hf_clip_vision(backbone)
+    out = Path(out)
+    model.save_pretrained(out)
+    size = model.config.image_size
+    if isinstance(backbone, OpenCLIPBackbone):
+        import open_clip
+
+        cfg = open_clip.get_model_preprocess_cfg(backbone.model)
+        mean, std = cfg.get("mean", OPENAI_DATASET_MEAN), cfg.get("std", OPENAI_DATASET_STD)
+    else:
+        mean, std = backbone.image_normalisation
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(mean or OPENAI_DATASET_MEAN),
+                       image_std=list(std or OPENAI_DATASET_STD)).save_pretrained(out)
+    return out
+
+
+WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision}
+
+
+def export(run_dir: str | Path, session: int, fmt: ExportFormat, out: str | Path) -> Path:
+    """Write the run's vision encoder after ``session`` to ``out`` in format ``fmt``."""
+    if fmt not in WRITERS:
+        raise ExportError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
+    return WRITERS[fmt](encoder_after(run_dir, session), out)
