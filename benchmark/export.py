@@ -83,7 +83,8 @@ def write_openclip(backbone: Backbone, out: str | Path) -> Path:
     tokenizer = backbone.hf_tokenizer
     if tokenizer is not None:  # SigLIP's: the folder must hold it to load offline
         tokenizer.save_pretrained(out)
-        config["model_cfg"].setdefault("text_cfg", {})["hf_tokenizer_name"] = "."  # open_clip reads the folder
+        # any name makes open_clip read a local-dir's own tokenizer files; keep the original hub id when there is one
+        config["model_cfg"].setdefault("text_cfg", {}).setdefault("hf_tokenizer_name", "local")
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2, default=list))
     state = {k: v.detach().contiguous().clone() for k, v in backbone.model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))

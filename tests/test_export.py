@@ -142,6 +142,19 @@ def test_hf_export_refuses_towers_it_cannot_express():
         to_hf_clip_vision(backbone)
 
 
+def test_hf_clip_backbone_exports_as_it_is(tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from benchmark.backbones.hf import save_tiny_clip
+
+    backbone = load_backbone(f"hf:{save_tiny_clip(tmp_path / 'clip')}").eval()
+    hf = to_hf_clip_vision(backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=images()).image_embeds, backbone.encode_image(images()),
+                                   rtol=0, atol=0)
+    assert isinstance(hf, CLIPVisionModelWithProjection)
+
+
 def scores_and_heads(backbone, blocks):
     """LoRSU's importance scores and head choices of ``blocks`` on one digits session of ``backbone``."""
     stream = Digits("unused")

@@ -198,7 +198,7 @@ def save_tiny_siglip(folder: str | Path, *, width: int = 64, layers: int = 2, he
     config = SiglipConfig(
         text_config={"vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 2 * width,
                      "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32,
-                     "pad_token_id": 0, "eos_token_id": 1, "projection_size": width},
+                     "pad_token_id": 0, "bos_token_id": None, "eos_token_id": 1, "projection_size": width},
         vision_config={"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
                        "num_attention_heads": heads, "image_size": image_size, "patch_size": patch_size},
     )

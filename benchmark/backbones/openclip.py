@@ -108,7 +108,7 @@ def _tokenizer(name: str, tag: str | None) -> Callable:
     text_cfg = _model_config(name).get("text_cfg", {})
     hub_name = text_cfg.get("hf_tokenizer_name") or ""
     needs_hub = bool(hub_name) or (not name.startswith("local-dir:") and "siglip" in name.lower())
-    if not needs_hub or Path(hub_name).expanduser().is_dir():
+    if not needs_hub or (Path(hub_name).expanduser().is_absolute() and Path(hub_name).expanduser().is_dir()):
         return open_clip.get_tokenizer(name)
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:") :])
