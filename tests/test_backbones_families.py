@@ -1,7 +1,8 @@
 """Every encoder family behind one block view, on tiny offline models.
 
 Families beyond the fused open_clip ViT and HF CLIPModel (covered in test_strategies): open_clip
-with a timm EVA02 trunk (separate q/k/v, SwiGLU MLP, rotary embeddings), open_clip SigLIP (timm
+with a timm EVA02 trunk (separate q/k/v, SwiGLU MLP, rotary embeddings) or an EVA01 trunk (fused
+bias-less qkv, separate q/v biases), open_clip SigLIP (timm
 ViT trunk with one fused ``qkv`` linear, attention-pool head, a hub tokenizer read from a local
 folder) and HF ``SiglipModel``. For each: load, encode, block views, the activation-level q/k/v
 update, and zero-shot evaluation plus one session of lorsu, lora and layernorm through ``fscl run``.
@@ -23,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from benchmark.backbones import load_backbone
 from benchmark.backbones.hf import save_char_tokenizer, save_tiny_siglip
 from benchmark.backbones.openclip import BackboneLoadError, OpenCLIPBackbone
-from benchmark.backbones.timm_trunk import timm_block_views
+from benchmark.backbones.timm_trunk import route_qkv_through_module, timm_block_views
 from benchmark.cli import main
 from benchmark.export import ExportError, to_hf_clip_vision, write_openclip
 from strategies.lorsu.update import HeadLoRA
@@ -44,6 +45,13 @@ def fscl_test_eva02(pretrained: bool = False, **kwargs) -> Eva:
 
 
 @register_model
+def fscl_test_eva01(pretrained: bool = False, **kwargs) -> Eva:
+    """A tiny EVA01 trunk: fused bias-less qkv linear with separate q/v bias parameters, plain MLP."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_ONLY}
+    return Eva(**{**VISION, "mlp_ratio": 4.0, **kwargs})
+
+
+@register_model
 def fscl_test_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """A tiny SigLIP trunk: fused qkv linear, no class token, attention-pool (MAP) head."""
     kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_ONLY}
@@ -56,6 +64,11 @@ CONFIGS = {
         "vision_cfg": {"image_size": 32, "timm_model_name": "fscl_test_eva02", "timm_model_pretrained": False,
                        "timm_pool": "token", "timm_proj": None},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    "fscl-test-eva01": {  # as open_clip's EVA01-g-14
+        "embed_dim": 32, "custom_text": True,
+        "vision_cfg": {"image_size": 32, "timm_model_name": "fscl_test_eva01", "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
     "fscl-test-siglip": {  # as open_clip's SigLIP configs: no projection, a hub tokenizer
         "embed_dim": W, "init_logit_bias": -10, "custom_text": True,
         "vision_cfg": {"image_size": 32, "timm_model_name": "fscl_test_siglip", "timm_model_pretrained": False,
@@ -64,7 +77,7 @@ CONFIGS = {
                      "tokenizer_kwargs": {"clean": "canonicalize"}, "width": W, "heads": 2, "layers": 1,
                      "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}},
 }
-FAMILIES = ("eva02", "siglip", "hf-siglip")
+FAMILIES = ("eva02", "eva01", "siglip", "hf-siglip")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,7 +100,7 @@ def specs(tmp_path_factory) -> dict[str, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         save_file(open_clip.create_model("fscl-test-siglip").state_dict(), str(siglip / "weights.safetensors"))
-    return {"eva02": "openclip:fscl-test-eva02", "siglip": f"openclip:fscl-test-siglip@{siglip}/weights.safetensors",
+    return {"eva02": "openclip:fscl-test-eva02", "eva01": "openclip:fscl-test-eva01", "siglip": f"openclip:fscl-test-siglip@{siglip}/weights.safetensors",
             "hf-siglip": f"hf:{save_tiny_siglip(folder / 'hf-siglip', width=W, layers=LAYERS, heads=HEADS)}"}
 
 
@@ -111,12 +124,15 @@ def test_each_family_loads_frozen_encodes_and_exposes_its_blocks(family):
         assert all(p.weight_rows().shape == (W, W) for p in block.qkv)
         assert block.fc1.weight.shape[1] == W and len(block.norms) >= 2
         fused = block.q.weight is block.k.weight is block.v.weight
-        assert fused == (name == "siglip")
-        if fused:  # timm's qkv linear: rows q 0:W, k W:2W, v 2W:3W, one shared bias
+        assert fused == (name in ("siglip", "eva01"))
+        if fused:  # timm's qkv linear: rows q 0:W, k W:2W, v 2W:3W
             assert [(p.rows.start, p.rows.stop) for p in block.qkv] == [(0, W), (W, 2 * W), (2 * W, 3 * W)]
+        if name == "siglip":  # one bias shared like the weight
             assert block.q.bias is block.v.bias and block.q.bias.shape == (3 * W,)
+        elif name == "eva01":  # q_bias and v_bias beside the fused weight, no k bias
+            assert block.k.bias is None and block.q.bias.shape == block.v.bias.shape == (W,)
     projection = backbone.image_projection()
-    if name == "eva02":
+    if name.startswith("eva"):
         assert getattr(*projection) is backbone.visual.trunk.head.weight
     else:
         assert projection is None  # SigLIP's pooled features are the joint embedding
@@ -151,11 +167,15 @@ def test_qkv_update_on_activations_equals_the_merged_weight_change(family):
 
 def test_zero_shot_and_one_session_of_lorsu_lora_layernorm_through_fscl_run(family, tmp_path):
     name, spec = family
-    no_projection = ["lorsu.proj_lora=false"] if "siglip" in name else []
+    no_projection = ["lorsu.proj_lora=false"] if "siglip" in name else []  # SigLIP has no image projection
     assert main(["run", "quick", f"out={tmp_path}", "--no-progress", "seed=0", "sessions=1", "train.epochs=1",
                  "shots=2", "digits.test_fraction=0.05", "train.lr=0.01", "strategy=[lorsu,lora,layernorm]",
                  f"backbone={spec}", "lorsu.rank=4", "lora.rank=4", "keep_checkpoints=all", *no_projection]) == 0
-    pretrained = load_backbone(spec).visual.state_dict()
+    backbone = load_backbone(spec)
+    pretrained = backbone.visual.state_dict()
+    names = {id(p): n for n, p in backbone.visual.named_parameters()}
+    qkv_names = {names[id(proj.weight)] for b in backbone.blocks() for proj in b.qkv}
+    norm_names = {names[id(p)] for m in backbone.norm_layers() for p in m.parameters()}
     runs = sorted(tmp_path.glob("quick/digits/*/*/2-s0"))
     assert [r.parts[-2] for r in runs] == ["layernorm", "lora", "lorsu"]
     for run in runs:
@@ -166,7 +186,10 @@ def test_zero_shot_and_one_session_of_lorsu_lora_layernorm_through_fscl_run(fami
         encoder = torch.load(run / "checkpoints" / "session-1.pt", map_location="cpu", weights_only=False)["encoder"]
         assert set(encoder) == set(pretrained)  # merged back into a plain encoder
         changed = {k for k, v in encoder.items() if not torch.equal(v, pretrained[k])}
-        assert changed, run.parts[-2]
+        if run.parts[-2] == "layernorm":
+            assert changed and changed <= norm_names
+        else:  # the q/k/v update reached the attention (hooks / peft layers on the projection modules)
+            assert changed & qkv_names, run.parts[-2]
         assert all(math.isfinite(v.float().sum()) for v in encoder.values())
 
 
@@ -191,14 +214,23 @@ def test_siglip_tokenizer_from_the_hub_fails_offline_saying_where_to_put_it(spec
         load_backbone(f"openclip:local-dir:{folder}")
 
 
-def test_eva01_fused_qkv_with_separate_biases_is_refused_by_name():
-    trunk = Eva(**VISION, qkv_fused=True)  # EVA01's layout: biases added outside the qkv module
-    with pytest.raises(TypeError, match="EVA01 layout"):
+def test_eva01_attention_is_routed_through_its_qkv_module_without_changing_outputs():
+    trunk = Eva(**VISION, qkv_fused=True).eval()  # EVA01's layout: F.linear(x, qkv.weight, q/k/v bias)
+    with pytest.raises(TypeError, match="route_qkv_through_module"):
         timm_block_views(trunk)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for attn in (b.attn for b in trunk.blocks):
+            attn.q_bias.normal_()
+            attn.v_bias.normal_()
+        before = trunk(x)
+        route_qkv_through_module(trunk)
+        torch.testing.assert_close(trunk(x), before, rtol=1e-5, atol=1e-6)
+    assert len(timm_block_views(trunk)) == LAYERS
 
 
 def test_hf_clip_vision_export_refuses_timm_trunks_and_siglip(specs):
-    for name in ("eva02", "hf-siglip"):
+    for name in ("eva02", "eva01", "hf-siglip"):
         with pytest.raises(ExportError, match="OpenAI-layout CLIP ViT"):
             to_hf_clip_vision(load_backbone(specs[name]))
 

@@ -23,7 +23,10 @@ class ProjectionRows:
     """One of a block's q/k/v projections: ``rows`` of ``weight`` [out, W] (and of ``bias``).
 
     For a fused projection the three views share one parameter and differ in ``rows``; for
-    separate projections each view owns a whole parameter (``rows`` = all of it).
+    separate projections each view owns a whole parameter (``rows`` = all of it). ``bias`` is
+    shared with ``weight``'s rows when it is as long as ``weight`` (open_clip, timm ViT), or the
+    projection's own [W] vector (separate projections; EVA01's ``q_bias``/``v_bias`` beside a fused
+    weight), or None.
     """
 
     weight: nn.Parameter

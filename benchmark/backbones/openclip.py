@@ -1,8 +1,8 @@
 """open_clip models: ``openclip:NAME[@TAG|@/path/ckpt]`` and ``openclip:local-dir:/path``.
 
 Three vision-tower layouts behind the same block view: open_clip's own ViT (fused
-``nn.MultiheadAttention``: OpenAI CLIP, LAION), a timm EVA02 trunk (separate q/k/v) and a timm
-ViT trunk with a fused ``qkv`` linear (SigLIP); see :mod:`benchmark.backbones.timm_trunk`.
+``nn.MultiheadAttention``: OpenAI CLIP, LAION), timm EVA trunks (EVA02: separate q/k/v; EVA01:
+fused ``qkv`` with separate q/v biases) and a timm ViT trunk with a fused ``qkv`` linear (SigLIP); see :mod:`benchmark.backbones.timm_trunk`.
 
 Tokenizers: CLIP's BPE vocabulary ships with open_clip. Models whose config names a hub
 tokenizer (SigLIP's ``hf_tokenizer_name``) read it from a local folder when one is given —
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
-from benchmark.backbones.timm_trunk import timm_block_views, timm_image_projection
+from benchmark.backbones.timm_trunk import route_qkv_through_module, timm_block_views, timm_image_projection
 from benchmark.registry import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,13 @@ def _tokenizer(name: str, tag: str | None) -> Callable:
 
 @BACKBONES.register("openclip")
 class OpenCLIPBackbone(Backbone):
-    """open_clip models: OpenAI/LAION ViTs (fused attention), EVA02 (timm, separate q/k/v), SigLIP (timm, fused qkv)."""
+    """open_clip models: OpenAI/LAION ViTs (fused attention), EVA01/EVA02 (timm trunks), SigLIP (timm, fused qkv)."""
 
     load_forms = ("openclip:NAME  (random init, e.g. openclip:fscl-tiny)", "openclip:NAME@TAG  (hub weights)",
                   "openclip:NAME@/path/to/weights.{pt,bin,safetensors}  (tokenizer files may sit beside it)",
                   "openclip:local-dir:/path  (open_clip_config.json + open_clip_model.safetensors [+ tokenizer])")
     known_tags = ("ViT-L-14-336@openai", "ViT-L-14-336-quickgelu@openai", "ViT-B-16@openai",
-                  "ViT-B-16@laion2b_s34b_b88k", "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
+                  "ViT-B-16@laion2b_s34b_b88k", "EVA01-g-14@laion400m_s11b_b41k", "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
                   "ViT-B-16-SigLIP@webli", "ViT-SO400M-14-SigLIP-384@webli")
 
     def __init__(self, spec: str, rest: str) -> None:
@@ -145,6 +145,8 @@ class OpenCLIPBackbone(Backbone):
         tokenizer = _tokenizer(name, tag)  # before the weights: a missing tokenizer fails fast
         model, self._train_tf, self._eval_tf = _create(name, tag)
         super().__init__(spec, model, model.visual)
+        if hasattr(model.visual, "trunk"):
+            route_qkv_through_module(model.visual.trunk)  # EVA01: q/v biases outside the qkv module otherwise
         self.source_name = name  # open_clip's model name, or "local-dir:/path"
         self._tokenizer = tokenizer
 

@@ -8,9 +8,11 @@ Two timm attention layouts are covered:
 * separate ``q_proj``/``k_proj``/``v_proj`` linears (timm ``Eva`` with ``qkv_fused=False``: the
   EVA02 CLIP configs; ``k_proj`` has no bias).
 
-EVA01 (``eva_giant_*``) fuses q/k/v into a bias-less linear and adds separate ``q_bias``/
-``v_bias`` through ``F.linear``, bypassing the module: no hook can see it, so it is refused
-with a message rather than half-supported.
+* EVA01 (``eva_giant_*``): a fused bias-less ``qkv`` linear plus separate ``q_bias``/``v_bias``
+  parameters (k has none). timm adds them inside ``F.linear`` with the linear's weight, which
+  bypasses the module, so neither a forward hook nor peft's LoRA would see it;
+  :func:`route_qkv_through_module` switches such attentions to timm's own
+  ``qkv_bias_separate`` path (``qkv(x) + bias``, the same function) when the backbone loads.
 """
 from __future__ import annotations
 
@@ -24,17 +26,32 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 def _projections(index: int, attn: nn.Module) -> tuple[ProjectionRows, ProjectionRows, ProjectionRows]:
     qkv = getattr(attn, "qkv", None)
     if isinstance(qkv, nn.Linear):
-        if getattr(attn, "q_bias", None) is not None or getattr(attn, "v_bias", None) is not None:
-            raise TypeError(
-                f"block {index}: {type(attn).__name__} adds separate q/v biases to a fused qkv projection outside "
-                f"the module (EVA01 layout); not supported. EVA02 models (separate q/k/v) and SigLIP work.")
         width = qkv.out_features // 3
-        return tuple(ProjectionRows(qkv.weight, qkv.bias, slice(j * width, (j + 1) * width)) for j in range(3))
+        rows = [slice(j * width, (j + 1) * width) for j in range(3)]
+        if _has_separate_biases(attn):  # EVA01: q_bias, (no k bias), v_bias, each [W]
+            if not getattr(attn, "qkv_bias_separate", False):
+                raise TypeError(f"block {index}: the EVA01 attention adds its biases inside F.linear, where no update "
+                                f"can reach; call route_qkv_through_module(trunk) first (the backbone does)")
+            biases = (attn.q_bias, None, attn.v_bias)
+            return tuple(ProjectionRows(qkv.weight, b, r) for b, r in zip(biases, rows))
+        return tuple(ProjectionRows(qkv.weight, qkv.bias, r) for r in rows)
     linears = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
     if all(isinstance(lin, nn.Linear) for lin in linears):
         return tuple(ProjectionRows(lin.weight, lin.bias, slice(0, lin.out_features)) for lin in linears)
     raise TypeError(f"block {index}: unsupported timm attention {type(attn).__name__} "
                     f"(neither a fused qkv linear nor q_proj/k_proj/v_proj)")
+
+
+def _has_separate_biases(attn: nn.Module) -> bool:
+    return isinstance(getattr(attn, "q_bias", None), nn.Parameter)
+
+
+def route_qkv_through_module(trunk: nn.Module) -> None:
+    """Make EVA01 attentions compute ``qkv(x) + bias`` (timm's ``qkv_bias_separate``), the same function
+    as their default ``F.linear(x, qkv.weight, bias)``, so that hooks and LoRA layers on ``qkv`` apply."""
+    for module in trunk.modules():
+        if isinstance(getattr(module, "qkv", None), nn.Linear) and _has_separate_biases(module):
+            module.qkv_bias_separate = True
 
 
 def _fc1(index: int, mlp: nn.Module) -> nn.Linear:
