@@ -18,6 +18,7 @@ encoder the run started from. Two formats:
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Literal
@@ -193,7 +194,7 @@ def to_hf_clip_vision(backbone: Backbone):
     from transformers import CLIPVisionModelWithProjection
 
     if isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip":
-        config = backbone.model.config.vision_config
+        config = copy.deepcopy(backbone.model.config.vision_config)
         config.projection_dim = backbone.model.config.projection_dim
         model = CLIPVisionModelWithProjection(config)
         _load_exact(model.vision_model, dict(backbone.visual.tower.named_parameters()))

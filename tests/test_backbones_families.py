@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 W, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # builder arguments timm passes along
-VISION = dict(img_size=32, patch_size=8, embed_dim=W, depth=LAYERS, num_heads=HEADS)
+VISION = {"img_size": 32, "patch_size": 8, "embed_dim": W, "depth": LAYERS, "num_heads": HEADS}
 
 
 @register_model

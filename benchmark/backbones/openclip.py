@@ -12,12 +12,11 @@ offline with a message that says so.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch
@@ -92,11 +91,11 @@ def _create(name: str, tag: str | None) -> tuple[nn.Module, Callable, Callable]:
 
 
 def _model_config(name: str) -> dict:
-    """The open_clip model config of ``name`` (a registered name or ``local-dir:/path``)."""
-    if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:") :]) / "open_clip_config.json"
-        return json.loads(path.read_text()).get("model_cfg", {}) if path.is_file() else {}
-    return open_clip.get_model_config(name) or {}
+    """A copy of the open_clip model config of ``name`` (a registered name or ``local-dir:/path``), or {}."""
+    try:
+        return open_clip.get_model_config(name) or {}
+    except FileNotFoundError:  # a local-dir without open_clip_config.json: the model load says what is missing
+        return {}
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
