@@ -14,6 +14,7 @@ import streams  # noqa: F401
 from benchmark.backbones.openclip import BackboneLoadError
 from benchmark.config import DEFAULT_PRESET, ConfigError, list_presets, load_config
 from benchmark.distributed import grid_shard, is_main_process, launched_processes
+from benchmark.export import FORMATS as EXPORT_FORMATS
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, UnknownNameError
 from streams import StreamDataError
 
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", metavar="RUN_DIR", help="one run's folder (written by 'fscl run')")
     export.add_argument("--session", type=int, required=True, metavar="N", help="after which session (0: pretrained)")
-    export.add_argument("--format", required=True, choices=["openclip", "hf-clip-vision"])
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     export.set_defaults(func=_cmd_export)
 

@@ -33,7 +33,6 @@ from benchmark.backbones.hf import HFCLIPBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone, _model_config
 
 ExportFormat = Literal["openclip", "hf-clip-vision"]
-FORMATS: tuple[str, ...] = ("openclip", "hf-clip-vision")
 
 
 class ExportError(RuntimeError):
@@ -232,6 +231,7 @@ def write_hf_clip_vision(backbone: Backbone, out: str | Path) -> Path:
 
 
 WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision}
+FORMATS: tuple[str, ...] = tuple(WRITERS)
 
 
 def export(run_dir: str | Path, session: int, fmt: ExportFormat, out: str | Path) -> Path:
