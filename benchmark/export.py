@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from benchmark import checkpoints
 from benchmark.backbones import Backbone, load_backbone
 from benchmark.backbones.hf import HFCLIPBackbone
-from benchmark.backbones.openclip import OpenCLIPBackbone, _model_config
+from benchmark.backbones.openclip import OpenCLIPBackbone, model_config
 
 ExportFormat = Literal["openclip", "hf-clip-vision"]
 
@@ -78,7 +78,7 @@ def write_openclip(backbone: Backbone, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = backbone.source_name
-    config = {"model_cfg": _model_config(name),
+    config = {"model_cfg": model_config(name),
               "preprocess_cfg": dict(open_clip.get_model_preprocess_cfg(backbone.model))}
     tokenizer = backbone.hf_tokenizer
     if tokenizer is not None:  # SigLIP's: the folder must hold it to load offline
@@ -104,11 +104,11 @@ def _vit_or_fail(visual: nn.Module) -> None:
             problems.append("no ln_pre")
         if visual.conv1.bias is not None:
             problems.append("a patch embedding with a bias")
-        for block in visual.transformer.resblocks:
-            if not isinstance(block.attn, nn.MultiheadAttention) or not isinstance(block.ls_1, nn.Identity) \
-                    or not isinstance(block.ls_2, nn.Identity) or set(dict(block.mlp.named_children())) != {"c_fc", "gelu", "c_proj"}:
-                problems.append("blocks with layer scale, extra norms or another MLP")
-                break
+        plain = all(isinstance(b.attn, nn.MultiheadAttention) and isinstance(b.ls_1, nn.Identity)
+                    and isinstance(b.ls_2, nn.Identity) and set(dict(b.mlp.named_children())) == {"c_fc", "gelu", "c_proj"}
+                    for b in visual.transformer.resblocks)
+        if not plain:
+            problems.append("blocks with layer scale, extra norms or another MLP")
     if problems:
         raise ExportError("--format hf-clip-vision needs an OpenAI-layout CLIP ViT; this model has "
                           + "; ".join(problems) + ". Use --format openclip.")

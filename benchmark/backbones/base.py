@@ -171,7 +171,8 @@ class BlockView:
         weight or weight gradient is formed. Fused ``nn.MultiheadAttention``: its forward is
         replaced by an equivalent self-attention that adds the update; separate q/k/v
         ``nn.Linear``\ s, or one fused ``[3W, W]`` ``nn.Linear`` (timm's ``qkv``): forward hooks
-        add each projection's share of the rows (``update`` runs once per input). One update per block at a time; ``handle.remove()`` restores the block.
+        add each projection's share of the rows (``update`` runs once per input). One update per
+        block at a time; ``handle.remove()`` restores the block.
         """
         owner, _ = parameter_owner(self.module, self.q.weight)
         if self.q.weight is self.k.weight is self.v.weight and not isinstance(owner, nn.Linear):

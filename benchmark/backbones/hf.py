@@ -183,7 +183,8 @@ def save_char_tokenizer(folder: str | Path, *, eos: str = "</s>", pad: str = "<p
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, unk_token="<unk>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, unk_token="<unk>")
+    fast.save_pretrained(folder)
     return folder
 
 

@@ -2,7 +2,8 @@
 
 Three vision-tower layouts behind the same block view: open_clip's own ViT (fused
 ``nn.MultiheadAttention``: OpenAI CLIP, LAION), timm EVA trunks (EVA02: separate q/k/v; EVA01:
-fused ``qkv`` with separate q/v biases) and a timm ViT trunk with a fused ``qkv`` linear (SigLIP); see :mod:`benchmark.backbones.timm_trunk`.
+fused ``qkv`` with separate q/v biases) and a timm ViT trunk with a fused ``qkv`` linear
+(SigLIP); see :mod:`benchmark.backbones.timm_trunk`.
 
 Tokenizers: CLIP's BPE vocabulary ships with open_clip. Models whose config names a hub
 tokenizer (SigLIP's ``hf_tokenizer_name``) read it from a local folder when one is given —
@@ -90,7 +91,7 @@ def _create(name: str, tag: str | None) -> tuple[nn.Module, Callable, Callable]:
     return model, train_tf, eval_tf
 
 
-def _model_config(name: str) -> dict:
+def model_config(name: str) -> dict:
     """A copy of the open_clip model config of ``name`` (a registered name or ``local-dir:/path``), or {}."""
     try:
         return open_clip.get_model_config(name) or {}
@@ -104,7 +105,7 @@ def _has_tokenizer_files(folder: Path) -> bool:
 
 def _tokenizer(name: str, tag: str | None) -> Callable:
     """open_clip's tokenizer for the model, with hub tokenizers taken from a local folder when given."""
-    text_cfg = _model_config(name).get("text_cfg", {})
+    text_cfg = model_config(name).get("text_cfg", {})
     hub_name = text_cfg.get("hf_tokenizer_name") or ""
     needs_hub = bool(hub_name) or (not name.startswith("local-dir:") and "siglip" in name.lower())
     if not needs_hub or (Path(hub_name).expanduser().is_absolute() and Path(hub_name).expanduser().is_dir()):
@@ -136,7 +137,8 @@ class OpenCLIPBackbone(Backbone):
                   "openclip:NAME@/path/to/weights.{pt,bin,safetensors}  (tokenizer files may sit beside it)",
                   "openclip:local-dir:/path  (open_clip_config.json + open_clip_model.safetensors [+ tokenizer])")
     known_tags = ("ViT-L-14-336@openai", "ViT-L-14-336-quickgelu@openai", "ViT-B-16@openai",
-                  "ViT-B-16@laion2b_s34b_b88k", "EVA01-g-14@laion400m_s11b_b41k", "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
+                  "ViT-B-16@laion2b_s34b_b88k", "EVA01-g-14@laion400m_s11b_b41k",
+                  "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
                   "ViT-B-16-SigLIP@webli", "ViT-SO400M-14-SigLIP-384@webli")
 
     def __init__(self, spec: str, rest: str) -> None:

@@ -70,7 +70,8 @@ def timm_block_views(trunk: nn.Module) -> list[BlockView]:
         attn = block.attn
         q, k, v = _projections(i, attn)
         width = q.rows.stop - (q.rows.start or 0)
-        extra = [m for m in (getattr(attn, "norm", None), getattr(block.mlp, "norm", None)) if isinstance(m, NORM_TYPES)]
+        inner = (getattr(attn, "norm", None), getattr(block.mlp, "norm", None))  # EVA02's scale norms
+        extra = [m for m in inner if isinstance(m, NORM_TYPES)]
         views.append(BlockView(
             index=i, num_heads=attn.num_heads, head_dim=width // attn.num_heads, q=q, k=k, v=v,
             fc1=_fc1(i, block.mlp), norms=(block.norm1, block.norm2, *extra), module=block,
