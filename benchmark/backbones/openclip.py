@@ -108,24 +108,30 @@ def _tokenizer(name: str, tag: str | None) -> Callable:
     text_cfg = model_config(name).get("text_cfg", {})
     hub_name = text_cfg.get("hf_tokenizer_name") or ""
     needs_hub = bool(hub_name) or (not name.startswith("local-dir:") and "siglip" in name.lower())
-    if not needs_hub or (Path(hub_name).expanduser().is_absolute() and Path(hub_name).expanduser().is_dir()):
+    save = f"AutoTokenizer.from_pretrained('{hub_name or '<hub id>'}').save_pretrained(DIR)"
+    files = f"{' / '.join(TOKENIZER_FILES)} and the vocabulary"
+    if not needs_hub:
         return open_clip.get_tokenizer(name)
-    if name.startswith("local-dir:"):
+    if name.startswith("local-dir:"):  # open_clip reads a local-dir's own tokenizer files, whatever the config names
         folder = Path(name[len("local-dir:") :])
-        if _has_tokenizer_files(folder):
-            return open_clip.get_tokenizer(name)  # open_clip reads the folder's own tokenizer files
-    elif tag is not None and _is_path(tag) and _has_tokenizer_files(Path(tag).parent):
+        if not _has_tokenizer_files(folder):
+            raise BackboneLoadError(f"open_clip folder {folder} needs its Hugging Face tokenizer ('{hub_name}') inside "
+                                    f"it and holds none. Save it where there is internet ({save}) and put its files "
+                                    f"({files}) in {folder}.")
+        return open_clip.get_tokenizer(name)
+    local = Path(hub_name).expanduser()
+    if local.is_absolute() and local.is_dir():  # the config itself names a local tokenizer folder
+        return open_clip.get_tokenizer(name)
+    if tag is not None and _is_path(tag) and _has_tokenizer_files(Path(tag).parent):
         kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
         return open_clip.tokenizer.HFTokenizer(str(Path(tag).parent), context_length=text_cfg.get("context_length"),
                                                tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
     if not _hub_reachable():
-        where = (f"the folder {name[len('local-dir:'):]}" if name.startswith("local-dir:")
-                 else "the checkpoint's folder (openclip:NAME@/path/to/folder/weights.safetensors)")
         raise BackboneLoadError(
             f"open_clip model '{name}' takes its tokenizer ('{hub_name or 'SigLIP'}') from the Hugging Face hub, "
-            f"which cannot be reached from this machine. Save it where there is internet "
-            f"(AutoTokenizer.from_pretrained('{hub_name or '<hub id>'}').save_pretrained(DIR)) and put its files "
-            f"({' / '.join(TOKENIZER_FILES)} and the vocabulary) in {where}.")
+            f"which cannot be reached from this machine. Save it where there is internet ({save}) and put its files "
+            f"({files}) in the checkpoint's folder (openclip:{name}@/path/to/folder/weights.safetensors), or in an "
+            f"open_clip local-dir folder (openclip:local-dir:/path).")
     return open_clip.get_tokenizer(name)
 
 
