@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from benchmark.registry import BACKBONES, STRATEGIES, STREAMS
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quick"
 GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -149,6 +151,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is int:
         check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
     elif hint is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
         return float(value)
     elif hint is str:

@@ -63,3 +63,8 @@ def test_config_file_round_trip(tmp_path):
     cfg = load_config("quick", ["seed=3"])
     again = parse_config(cfg.to_dict())
     assert again == cfg
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    cfg = load_config("quick", ["train.lr=1e-2", "train.min_lr=5E-4"])
+    assert cfg.train.lr == 0.01 and cfg.train.min_lr == 0.0005
