@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import benchmark  # noqa: F401  (torchvision repair before anything else)
 import reports  # noqa: F401

@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from benchmark.registry import BACKBONES, STRATEGIES, STREAMS
+from benchmark.registry import STRATEGIES, STREAMS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quick"
@@ -87,7 +87,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy/stream name
 
-    def expand(self) -> list["Config"]:
+    def expand(self) -> list[Config]:
         """One :class:`Config` per grid point, axes as scalars, in a stable order."""
         axes = [_as_list(getattr(self, a)) for a in GRID_AXES]
         runs = [dataclasses.replace(self, **dict(zip(GRID_AXES, combo))) for combo in itertools.product(*axes)]

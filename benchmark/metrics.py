@@ -38,7 +38,7 @@ class AccuracyMatrix:
     groups: np.ndarray
 
     @classmethod
-    def empty(cls, target: str, controls: list[str], n_sessions: int) -> "AccuracyMatrix":
+    def empty(cls, target: str, controls: list[str], n_sessions: int) -> AccuracyMatrix:
         rows = n_sessions + 1
         return cls(target, [target, *controls], np.full((rows, 1 + len(controls)), np.nan),
                    np.full(rows, np.nan), np.full((rows, n_sessions), np.nan))
@@ -72,7 +72,7 @@ class AccuracyMatrix:
         return self.to_frame().to_csv(index=False, float_format="%.6f")
 
     @classmethod
-    def from_csv(cls, text: str, target: str) -> "AccuracyMatrix":
+    def from_csv(cls, text: str, target: str) -> AccuracyMatrix:
         frame = pd.read_csv(io.StringIO(text))
         group_cols = [c for c in frame.columns if re.fullmatch(re.escape(target) + r"@s\d+", c)]
         datasets = [c for c in frame.columns if c != "session" and c not in group_cols and c != target + SEEN]

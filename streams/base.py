@@ -7,9 +7,10 @@ on-disk layout, registered with ``@STREAMS.register("name", options=...)``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Hashable, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import yaml
@@ -45,7 +46,7 @@ class StreamSpec:
     class_keys: tuple[Hashable, ...] | None = None
 
     @classmethod
-    def from_file(cls, path: Path) -> "StreamSpec":
+    def from_file(cls, path: Path) -> StreamSpec:
         data = yaml.safe_load(Path(path).read_text())
         n = len(data["class_names"])
         keys = tuple(data["class_keys"]) if "class_keys" in data else None
@@ -139,16 +140,16 @@ class LabelledImages(Dataset):
             return image, self.targets[i], self.captions[i]
         return image, self.targets[i]
 
-    def subset(self, indices: Sequence[int]) -> "LabelledImages":
+    def subset(self, indices: Sequence[int]) -> LabelledImages:
         return LabelledImages([self.items[i] for i in indices], [self.targets[i] for i in indices],
                               [self.ids[i] for i in indices], self.load, self.transform,
                               None if self.captions is None else [self.captions[i] for i in indices])
 
-    def with_classes(self, classes: Sequence[int]) -> "LabelledImages":
+    def with_classes(self, classes: Sequence[int]) -> LabelledImages:
         keep = set(classes)
         return self.subset([i for i, t in enumerate(self.targets) if t in keep])
 
-    def with_transform(self, transform: Callable | None) -> "LabelledImages":
+    def with_transform(self, transform: Callable | None) -> LabelledImages:
         return LabelledImages(self.items, self.targets, self.ids, self.load, transform, self.captions)
 
 

@@ -120,7 +120,8 @@ class DTD(TorchvisionStream):
   dtd/labels/train1.txt, dtd/labels/test1.txt   '<class>/<file>.jpg' per line"""
     required = ("dtd/images", "dtd/labels/train1.txt", "dtd/labels/test1.txt")
     dataset_class = "DTD"
-    split_args: ClassVar[dict[str, dict[str, Any]]] = {"train": {"split": "train", "partition": 1}, "test": {"split": "test", "partition": 1}}
+    split_args: ClassVar[dict[str, dict[str, Any]]] = {
+        "train": {"split": "train", "partition": 1}, "test": {"split": "test", "partition": 1}}
 
 
 @STREAMS.register("food101", options=DownloadOptions)

@@ -100,7 +100,8 @@ def specs(tmp_path_factory) -> dict[str, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         save_file(open_clip.create_model("fscl-test-siglip").state_dict(), str(siglip / "weights.safetensors"))
-    return {"eva02": "openclip:fscl-test-eva02", "eva01": "openclip:fscl-test-eva01", "siglip": f"openclip:fscl-test-siglip@{siglip}/weights.safetensors",
+    return {"eva02": "openclip:fscl-test-eva02", "eva01": "openclip:fscl-test-eva01",
+            "siglip": f"openclip:fscl-test-siglip@{siglip}/weights.safetensors",
             "hf-siglip": f"hf:{save_tiny_siglip(folder / 'hf-siglip', width=W, layers=LAYERS, heads=HEADS)}"}
 
 

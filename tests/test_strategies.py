@@ -291,7 +291,9 @@ def test_efficient_lorsu_equals_the_dense_reference_after_adam_steps(spec):
         runs.append((optimizer, losses))
     (fast_opt, fast_losses), (dense_opt, dense_losses) = runs
     assert fast_losses == pytest.approx(dense_losses, rel=1e-5)
-    state = lambda opt: sum(v.numel() for s in opt.state.values() for v in s.values())
+    def state(opt):
+        return sum(v.numel() for s in opt.state.values() for v in s.values())
+
     assert state(fast_opt) < 0.5 * state(dense_opt)
 
     fast.merge()

@@ -54,7 +54,7 @@ def write_gtsrb(data_root: Path, train_per_class: int = 2, test_per_class: int =
     for c in range(43):
         for i in range(train_per_class):
             write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{i:05d}_00000.ppm", 1000 * c + i)
-        for i in range(test_per_class):
+        for _ in range(test_per_class):
             name = f"{len(rows):05d}.ppm"
             write_image(base / "GTSRB" / "Final_Test" / "Images" / name, 10**6 + len(rows))
             rows.append([name, 8, 8, 0, 0, 7, 7, c])

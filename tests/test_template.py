@@ -13,8 +13,8 @@ from benchmark.backbones import load_backbone
 from benchmark.config import TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.template import CLIPTemplate, clip_loss, cosine_lr
-from streams.base import LabelledImages
 from strategies.full_ft import FullFineTuning
+from streams.base import LabelledImages
 
 
 def test_clip_loss_matches_a_hand_computation():
