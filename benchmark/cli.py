@@ -265,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `fscl ls backbones | head`
+        return 0
     except (ConfigError, UnknownNameError, BackboneLoadError, StreamDataError) as err:
         print(f"fscl: error: {err}", file=sys.stderr)
         return 2
