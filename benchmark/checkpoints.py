@@ -20,12 +20,10 @@ state an uninterrupted run has at the same point and ends with the same numbers.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from benchmark.metrics import AccuracyMatrix
+from benchmark.records import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +95,8 @@ def save(run_path: Path, state: SessionState, keep: KeepCheckpoints) -> Path:
     folder = checkpoint_dir(run_path)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"session-{state.session}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state.__dict__, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(target, "wb") as f:
+        torch.save(state.__dict__, f)
     if keep != "all":
         for session in saved_sessions(run_path):
             if session < state.session:

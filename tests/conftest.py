@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import benchmark  # noqa: F401  (torchvision repair first)
-from benchmark.config import load_config
 
 
 @pytest.fixture(scope="session")
@@ -15,11 +15,13 @@ def tiny_backbone():
     return load_backbone("openclip:fscl-tiny")
 
 
-@pytest.fixture
-def quick_config(tmp_path):
-    """A 2-session, 1-seed digits config writing into a temporary runs folder."""
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine it spins idle.
 
-    def make(*overrides: str):
-        return load_config("quick", [f"out={tmp_path / 'runs'}", "seed=0", "train.epochs=1", *overrides])
-
-    return make
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

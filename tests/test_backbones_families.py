@@ -29,7 +29,7 @@ from benchmark.cli import main
 from benchmark.export import ExportError, to_hf_clip_vision, write_openclip
 from strategies.lorsu.update import HeadLoRA
 
-pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
 
 W, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # builder arguments timm passes along
@@ -78,14 +78,6 @@ CONFIGS = {
                      "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}},
 }
 FAMILIES = ("eva02", "eva01", "siglip", "hf-siglip")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,21 +24,13 @@ from benchmark.template import CLIPTemplate
 from strategies.lorsu import LoRSU, LoRSUOptions
 from streams.digits import Digits
 
-pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
 
 MODEL = "fscl-test-quickgelu"
 SPEC = f"openclip:{MODEL}"
 TINY = {"embed_dim": 32, "quick_gelu": True,
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,22 +35,13 @@ from strategies.lorsu.update import HeadLoRA
 from strategies.spu import SPU
 from streams.digits import Digits
 
-pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
 
 RANK, ALPHA = 4, 8.0  # small rank: the low-rank form is the cheaper one in the count formula
 W, HEADS, HEAD_DIM, HIDDEN, LAYERS, EMBED = 64, 4, 16, 256, 2, 32  # both tiny models
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine it spins idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("hf-tiny"), width=W, layers=LAYERS, heads=HEADS, embed_dim=EMBED)
