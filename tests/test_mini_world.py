@@ -6,7 +6,14 @@ import pytest
 
 from benchmark.registry import STREAMS
 from streams.mini.datasets import (
-    MiniColours, MiniDigits, MiniHandwritten, MiniOptions, MiniShapes, MiniSigns, ProceduralStream, rendered,
+    MiniColours,
+    MiniDigits,
+    MiniHandwritten,
+    MiniOptions,
+    MiniShapes,
+    MiniSigns,
+    ProceduralStream,
+    rendered,
     sign_composition,
 )
 from streams.mini.pretrain import corpus_batch, corpus_scenes
@@ -88,7 +95,7 @@ def test_bad_sign_names_are_refused():
     assert sign_composition(w, "red circle with the number 3") == ("circle", "red", "3")
     with pytest.raises(ValueError, match="vocabulary"):
         sign_composition(w, "red circle with the letter 3")
-    held_shape, held_colour = sorted(w.held_out)[0]
+    held_shape, held_colour = min(w.held_out)
     with pytest.raises(ValueError, match="held out"):
         sign_composition(w, f"{held_colour} {held_shape} with the number 1")
 

@@ -13,6 +13,6 @@ machinery end to end and to screen a new strategy before a GPU run.
 """
 from streams.mini import backbone, datasets  # noqa: F401  (registers the streams and the backbone)
 from streams.mini.backbone import cache_root, default_model_dir, ensure_model
-from streams.mini.pretrain import PretrainConfig, pretrain
+from streams.mini.pretrain import PretrainConfig
 
-__all__ = ["PretrainConfig", "cache_root", "default_model_dir", "ensure_model", "pretrain"]
+__all__ = ["PretrainConfig", "cache_root", "default_model_dir", "ensure_model"]

@@ -38,7 +38,7 @@ def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool
     folder = Path(folder).expanduser()
     if not (folder / WEIGHTS).is_file():
         log.warning("the mini model is not in %s yet: pretraining it now (a few minutes on a CPU)", folder)
-        pretrain(folder, cfg or PretrainConfig(), progress=progress)
+        pretrain(folder, cfg, progress=progress)
     return folder
 
 

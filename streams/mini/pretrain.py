@@ -70,11 +70,13 @@ class PretrainConfig:
 
 
 def corpus_scenes(w: World, seed: int, step: int, batch_size: int) -> list[tuple[Composition, str]]:
-    """Step ``step``'s pretraining scenes and captions (never a held-out pair)."""
+    """Step ``step``'s pretraining scenes and captions, in minimal groups (never a held-out pair)."""
     rng = rng_for(RECIPE, "pretrain", seed, step)
     pairs = w.pairs(held_out=False)
-    comps = [w.sample(rng, pairs, bare_fraction=w.bare_glyph_fraction) for _ in range(batch_size)]
-    return [(c, w.caption(c, rng)) for c in comps]
+    scenes: list[tuple[Composition, str]] = []
+    while len(scenes) < batch_size:
+        scenes.extend(w.minimal_group(rng, pairs, bare_fraction=w.bare_glyph_fraction))
+    return scenes[:batch_size]
 
 
 def corpus_batch(w: World, seed: int, step: int, batch_size: int) -> tuple[np.ndarray, list[str]]:
@@ -86,7 +88,7 @@ def corpus_batch(w: World, seed: int, step: int, batch_size: int) -> tuple[np.nd
 def to_tensor(images: np.ndarray) -> Tensor:
     """uint8 [B, S, S, 3] → normalised float [B, 3, S, S], as the eval preprocessing does to an
     S-pixel image (resize and centre crop are identities at the model's own size)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255)
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
@@ -151,9 +153,10 @@ def zero_shot_accuracies(folder: Path) -> dict[str, float]:
     return result
 
 
-def pretrain(folder: Path, cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict[str, Any]:
-    """Pretrain, evaluate zero-shot and save into ``folder`` (replaced atomically); returns the manifest."""
-    folder = Path(folder)
+def pretrain(folder: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Pretrain (recipe ``cfg``, default :class:`PretrainConfig`), evaluate zero-shot and save
+    into ``folder`` (replaced atomically); returns the manifest."""
+    folder, cfg = Path(folder), cfg or PretrainConfig()
     folder.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, losses = train(cfg, progress)

@@ -20,8 +20,8 @@ from streams.mini.world import INK, Composition, World
 SUPERSAMPLE = 2
 # Glyph font size relative to the shape's circumradius, and the glyph's offset below the
 # centre (same unit): what fits inside each shape.
-GLYPH_SCALE = {"circle": 1.0, "square": 0.95, "triangle": 0.62, "diamond": 0.72, "hexagon": 1.0, "star": 0.55}
-GLYPH_DROP = {"triangle": 0.18}
+GLYPH_SCALE = {"circle": 1.3, "square": 1.25, "triangle": 0.85, "diamond": 0.95, "hexagon": 1.25, "star": 0.8}
+GLYPH_DROP = {"triangle": 0.22}
 
 
 @lru_cache(maxsize=512)

@@ -9,10 +9,10 @@ vocabulary (shapes, colours, glyphs, fonts, held-out pairs, caption grammar) is 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import yaml
@@ -55,12 +55,15 @@ class World:
     letters: tuple[str, ...]
     fonts: tuple[str, ...]
     bare_glyph_fraction: float
+    jitter: float
     held_out: frozenset[tuple[str, str]]
     captions: dict[str, tuple[str, ...]]
     mention_probability: float
+    group_size: int
+    vary: dict[str, float]
 
     @classmethod
-    def load(cls, path: Path = DATA_DIR / "world.yaml") -> "World":
+    def load(cls, path: Path = DATA_DIR / "world.yaml") -> World:
         data = yaml.safe_load(Path(path).read_text())
         world = cls(
             version=int(data["version"]),
@@ -71,9 +74,12 @@ class World:
             letters=tuple(str(c) for c in data["letters"]),
             fonts=tuple(data["fonts"]),
             bare_glyph_fraction=float(data["bare_glyph_fraction"]),
+            jitter=float(data["jitter"]),
             held_out=frozenset((s, c) for s, c in data["held_out"]),
             captions={k: tuple(v) for k, v in data["captions"].items()},
             mention_probability=float(data["mention_probability"]),
+            group_size=int(data["group_size"]),
+            vary={k: float(v) for k, v in data["vary"].items()},
         )
         for shape, colour in world.held_out:
             if shape not in world.shapes or colour not in world.colours:
@@ -99,12 +105,12 @@ class World:
         """
         return self._caption(comp, mention, 0)
 
-    def caption(self, comp: Composition, rng: np.random.Generator) -> str:
+    def caption(self, comp: Composition, rng: np.random.Generator, required: str = "") -> str:
         """A pretraining caption: each attribute mentioned with ``mention_probability``
-        (at least one), in a template drawn from the grammar."""
+        (at least one; always those in ``required``), in a template drawn from the grammar."""
         available = "cg" if comp.shape is None else "scg"
         while True:
-            mention = "".join(a for a in available if rng.random() < self.mention_probability)
+            mention = "".join(a for a in available if a in required or rng.random() < self.mention_probability)
             if mention:
                 break
         key = ("bare_" + mention) if comp.shape is None else mention
@@ -123,7 +129,7 @@ class World:
         pairs: Sequence[tuple[str, str]],
         glyphs: Sequence[str] | None = None,
         bare_fraction: float = 0.0,
-        size: tuple[float, float] = (0.3, 0.46),
+        size: tuple[float, float] = (0.34, 0.48),
     ) -> Composition:
         """A clean scene: a (shape, colour) pair from ``pairs`` (or, with probability
         ``bare_fraction``, a bare glyph) and a glyph from ``glyphs`` (default: all);
@@ -135,19 +141,40 @@ class World:
         background = tuple(int(v) for v in np.clip(int(rng.integers(200, 246)) + tint, 0, 255))
         if rng.random() < bare_fraction:
             inks = [*self.colours, BARE_INK]
-            size = float(rng.uniform(0.45, 0.85))
+            size = float(rng.uniform(0.55, 0.9))
             return Composition(None, inks[int(rng.integers(len(inks)))], glyph, font, size,
-                               *_centre(rng, 0.3 * size), float(rng.uniform(-8, 8)), background)
+                               *self._centre(rng), float(rng.uniform(-8, 8)), background)
         shape, colour = pairs[int(rng.integers(len(pairs)))]
         radius = float(rng.uniform(*size))
-        return Composition(shape, colour, glyph, font, radius, *_centre(rng, radius),
+        return Composition(shape, colour, glyph, font, radius, *self._centre(rng),
                            float(rng.uniform(-10, 10)), background)
 
+    def _centre(self, rng: np.random.Generator) -> tuple[float, float]:
+        """A scene centre: the image centre moved by at most ``jitter`` along each axis."""
+        dx, dy = rng.uniform(-self.jitter, self.jitter, size=2)
+        return 0.5 + float(dx), 0.5 + float(dy)
 
-def _centre(rng: np.random.Generator, radius: float) -> tuple[float, float]:
-    """A centre keeping a disc of ``radius`` (fraction of the side) inside the image."""
-    lo, hi = radius, 1 - radius
-    return float(rng.uniform(lo, max(lo, hi))), float(rng.uniform(lo, max(lo, hi)))
+
+    def minimal_group(
+        self, rng: np.random.Generator, pairs: Sequence[tuple[str, str]], bare_fraction: float = 0.0,
+    ) -> list[tuple[Composition, str]]:
+        """``group_size`` captioned scenes that differ from one base scene in a single attribute
+        (glyph, shape or colour, drawn with ``vary`` weights), everything else identical, each
+        caption mentioning that attribute: in-batch hard negatives for the CLIP loss."""
+        base = self.sample(rng, pairs, bare_fraction=bare_fraction)
+        names = list(self.vary)
+        attribute = names[int(rng.choice(len(names), p=np.array([self.vary[n] for n in names])))]
+        if base.shape is None and attribute == "shape":
+            attribute = "glyph"
+        if attribute == "glyph":
+            options = [replace(base, glyph=g) for g in self.glyphs]
+        elif attribute == "shape":
+            options = [replace(base, shape=x) for x in self.shapes if (x, base.colour) in pairs]
+        else:
+            inks = [*self.colours, BARE_INK] if base.shape is None else self.colours
+            options = [replace(base, colour=c) for c in inks if base.shape is None or (base.shape, c) in pairs]
+        chosen = rng.choice(len(options), size=min(self.group_size, len(options)), replace=False)
+        return [(options[i], self.caption(options[i], rng, required=attribute[0])) for i in chosen]
 
 
 @lru_cache(maxsize=1)
