@@ -8,6 +8,7 @@ pretrain-mini`` would. Registered from the streams side because the core never i
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -36,9 +37,14 @@ def default_model_dir(seed: int = 0) -> Path:
 def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> Path:
     """``folder`` holding a pretrained mini model, pretraining it (recipe ``cfg``) when missing."""
     folder = Path(folder).expanduser()
-    if not (folder / WEIGHTS).is_file():
-        log.warning("the mini model is not in %s yet: pretraining it now (a few minutes on a CPU)", folder)
-        pretrain(folder, cfg, progress=progress)
+    if (folder / WEIGHTS).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs (grid shards, ddp ranks): one builds, the rest wait
+        if not (folder / WEIGHTS).is_file():
+            log.warning("the mini model is not in %s yet: pretraining it now (a few minutes on a CPU)", folder)
+            pretrain(folder, cfg, progress=progress)
     return folder
 
 
