@@ -24,7 +24,7 @@ import yaml
 from benchmark.registry import STRATEGIES, STREAMS
 
 PRESET_DIR = Path(__file__).parent / "presets"
-DEFAULT_PRESET = "quick"
+DEFAULT_PRESET = "mini"
 GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 

@@ -25,7 +25,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone, BlockView
-from benchmark.config import ConfigError, check
+from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from benchmark.registry import STRATEGIES
 from benchmark.template import clip_loss
@@ -97,9 +97,9 @@ class LoRSU(StrategyPlugin):
         heads = min(b.num_heads for b in backbone.blocks())
         check(opts.top_k_heads <= heads, "lorsu.top_k_heads", opts.top_k_heads,
               f"an integer in [1, {heads}] (backbone '{backbone.spec}' has {heads} attention heads per block)")
-        if opts.proj_lora and backbone.image_projection() is None:
-            raise ConfigError(f"lorsu.proj_lora: invalid value True; backbone '{backbone.spec}' has no image "
-                              f"projection; allowed: false")
+        if opts.proj_lora and backbone.image_projection() is None:  # e.g. SigLIP: nothing to adapt (as in lora)
+            log.warning("backbone '%s' has no image projection: lorsu.proj_lora is off", backbone.spec)
+            self.options = dataclasses.replace(opts, proj_lora=False)
         self.selection: list[BlockSelection] = []
         self.qkv_updates: list[tuple[BlockView, nn.Module]] = []  # this session's q/k/v adapters
         self.proj_update: LowRankDelta | None = None
