@@ -94,7 +94,7 @@ def _fused_self_attention(
     so the block that calls it is unchanged. x is [B, L, W] (``batch_first``) or [L, B, W].
     """
     if not (key is query and value is query) or key_padding_mask is not None or need_weights:
-        raise NotImplementedError("a q/k/v update supports self-attention without key padding masks or "
+        raise ValueError("a q/k/v update supports self-attention without key padding masks or "
                                   "returned attention weights (the vision-transformer case)")
     x = query if attn.batch_first else query.transpose(0, 1)  # [B, L, W]
     batch, length, width = x.shape
@@ -230,11 +230,14 @@ class Backbone(nn.Module, ABC):
     parameter is frozen; a strategy unfreezes (or adds) what it trains.
     """
 
-    def __init__(self, spec: str, model: nn.Module, visual: nn.Module) -> None:
+    def __init__(self, spec: str, model: nn.Module, visual: nn.Module,
+                 transforms: tuple[Callable, Callable]) -> None:
+        """``transforms``: (training, evaluation) preprocessing, PIL image → tensor [3, H, W]."""
         super().__init__()
         self.spec = spec  # the load string, e.g. "openclip:ViT-B-16@openai"
         self.model = model
         self.visual = visual
+        self._train_tf, self._eval_tf = transforms
         self.model.requires_grad_(False)
         # Modules a strategy adds for one session (e.g. low-rank adapters): registered here so that
         # the optimizer, built from this module's parameters, sees them; emptied on merge.
@@ -257,14 +260,14 @@ class Backbone(nn.Module, ABC):
     def tokenize(self, texts: list[str]) -> Tensor:
         """Token ids [len(texts), L] for :meth:`encode_text`."""
 
-    @abstractmethod
     def preprocess(self, train: bool) -> Callable:
         """PIL image → tensor [3, H, W]; with ``train`` the training augmentations."""
+        return self._train_tf if train else self._eval_tf
 
     @property
-    @abstractmethod
     def logit_scale(self) -> Tensor:
-        """The log of CLIP's temperature multiplier (scalar, frozen)."""
+        """The log of CLIP's temperature multiplier (scalar, frozen); ``model.logit_scale`` by default."""
+        return self.model.logit_scale
 
     @abstractmethod
     def blocks(self) -> list[BlockView]:

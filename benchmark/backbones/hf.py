@@ -10,7 +10,6 @@ layers are found by name suffix (``encoder.layers``), never by absolute path.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -67,13 +66,13 @@ class HFCLIPBackbone(Backbone):
                     f"hf:{rest} is a {type(model).__name__}; the hf: family needs a CLIPModel or SiglipModel "
                     f"(vision_model, text_model, logit_scale; projections optional)")
         projection = getattr(model, "visual_projection", None) or nn.Identity()
-        super().__init__(spec, model, _HFVisual(model.vision_model, projection))
+        size = model.config.vision_config.image_size
+        mean, std = self._normalisation(source, model.config.model_type)
+        transforms = tuple(open_clip.image_transform(size, is_train=t, mean=mean, std=std) for t in (True, False))
+        super().__init__(spec, model, _HFVisual(model.vision_model, projection), transforms)
+        self.image_normalisation = (mean, std)
         self._tokenizer = tokenizer
         self._context_length = model.config.text_config.max_position_embeddings
-        size = model.config.vision_config.image_size
-        mean, std = self.image_normalisation = self._normalisation(source, model.config.model_type)
-        self._train_tf = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
-        self._eval_tf = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
 
     @staticmethod
     def _resolve(rest: str) -> str:
@@ -123,12 +122,6 @@ class HFCLIPBackbone(Backbone):
         return self._tokenizer(list(texts), padding="max_length", max_length=self._context_length,
                                truncation=True, return_tensors="pt").input_ids
 
-    def preprocess(self, train: bool) -> Callable:
-        return self._train_tf if train else self._eval_tf
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale
 
     def image_projection(self) -> tuple[nn.Module, str] | None:
         return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None

@@ -150,8 +150,8 @@ class OpenCLIPBackbone(Backbone):
     def __init__(self, spec: str, rest: str) -> None:
         name, tag = parse(rest)
         tokenizer = _tokenizer(name, tag)  # before the weights: a missing tokenizer fails fast
-        model, self._train_tf, self._eval_tf = _create(name, tag)
-        super().__init__(spec, model, model.visual)
+        model, train_tf, eval_tf = _create(name, tag)
+        super().__init__(spec, model, model.visual, (train_tf, eval_tf))
         if hasattr(model.visual, "trunk"):
             route_qkv_through_module(model.visual.trunk)  # EVA01: q/v biases outside the qkv module otherwise
         self.source_name = name  # open_clip's model name, or "local-dir:/path"
@@ -175,13 +175,6 @@ class OpenCLIPBackbone(Backbone):
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(texts)
-
-    def preprocess(self, train: bool) -> Callable:
-        return self._train_tf if train else self._eval_tf
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale
 
     def image_projection(self) -> tuple[nn.Module, str] | None:
         """``visual.proj`` [W, D] (a tensor test: a strategy may have parametrized it), or a timm tower's linear."""

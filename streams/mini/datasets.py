@@ -10,6 +10,7 @@ version, stream version) and kept as a uint8 array.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -46,9 +47,9 @@ class ProceduralStream(Stream):
     """A mini stream rendered on the fly: subclasses say which scene shows a class."""
 
     @classmethod
+    @abstractmethod
     def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
         """A random scene of class ``label``."""
-        raise NotImplementedError
 
     @classmethod
     def draw(cls, w: World, label: int, rng: np.random.Generator) -> np.ndarray:
