@@ -76,7 +76,7 @@ def test_control_subset_is_seeded_and_fixed():
 def test_paper_presets_grid(preset, sessions, shots):
     cfg = load_config(preset)
     runs = cfg.expand()
-    assert cfg.sessions == sessions and cfg.backbone == "openclip:ViT-L-14-336@openai"
+    assert cfg.sessions == sessions and cfg.backbone == "openclip:ViT-L-14-336-quickgelu@openai"
     assert len(runs) == 5 * 7 * 3 * len(shots)
     assert {r.stream for r in runs} == {"tsi", "gtsrb", "aircraft", "counteranimal", "eurosat"}
     assert {r.strategy for r in runs} == {"zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu"}

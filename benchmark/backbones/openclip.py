@@ -70,6 +70,27 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def resolve_name(name: str, tag: str | None) -> str:
+    """The open_clip model to build for ``NAME@TAG``.
+
+    Weights trained with QuickGELU (OpenAI's ``@openai``, MetaCLIP's, ...) on a config without it
+    get the config's ``-quickgelu`` variant: open_clip would build GELU and only warn, and every
+    activation of the pretrained model would be off. Local checkpoint files and folders are built
+    as named (their config says what they need).
+    """
+    if tag is None or _is_path(tag) or name.startswith("local-dir:"):
+        return name
+    wants = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    if not wants or model_config(name).get("quick_gelu", False):
+        return name
+    variant = f"{name}-quickgelu"
+    if variant not in open_clip.list_models():
+        raise BackboneLoadError(f"the weights '{name}@{tag}' were trained with QuickGELU, but open_clip has no "
+                                f"'{variant}' config to build them with; register one (quick_gelu: true)")
+    log.info("openclip:%s@%s: the weights were trained with QuickGELU, building '%s'", name, tag, variant)
+    return variant
+
+
 def _create(name: str, tag: str | None) -> tuple[nn.Module, Callable, Callable]:
     if tag is not None and _is_path(tag) and not Path(tag).is_file():
         raise BackboneLoadError(f"checkpoint file not found: {tag}")
@@ -142,13 +163,14 @@ class OpenCLIPBackbone(Backbone):
     load_forms = ("openclip:NAME  (random init, e.g. openclip:fscl-tiny)", "openclip:NAME@TAG  (hub weights)",
                   "openclip:NAME@/path/to/weights.{pt,bin,safetensors}  (tokenizer files may sit beside it)",
                   "openclip:local-dir:/path  (open_clip_config.json + open_clip_model.safetensors [+ tokenizer])")
-    known_tags = ("ViT-L-14-336@openai", "ViT-L-14-336-quickgelu@openai", "ViT-B-16@openai",
+    known_tags = ("ViT-L-14-336-quickgelu@openai", "ViT-B-16-quickgelu@openai",
                   "ViT-B-16@laion2b_s34b_b88k", "EVA01-g-14@laion400m_s11b_b41k",
                   "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
                   "ViT-B-16-SigLIP@webli", "ViT-SO400M-14-SigLIP-384@webli")
 
     def __init__(self, spec: str, rest: str) -> None:
         name, tag = parse(rest)
+        name = resolve_name(name, tag)
         tokenizer = _tokenizer(name, tag)  # before the weights: a missing tokenizer fails fast
         model, train_tf, eval_tf = _create(name, tag)
         super().__init__(spec, model, model.visual, (train_tf, eval_tf))
