@@ -41,16 +41,27 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by every strategy (lorsu.md "Train")."""
+    """The training recipe, one for every strategy in a run (strategies never change it).
 
-    epochs: int = 5
-    batch_size: int = 16
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 1
-    scheduler_step: Literal["step", "epoch"] = "step"
-    eval_batch_size: int = 64
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    Defaults: the paper's recipe as the released LoRSU code runs it (docs/fidelity.md).
+    """
+
+    epochs: int = field(default=5, metadata={"help": "passes over each session's training data"})
+    batch_size: int = field(default=16, metadata={"help": "training images per optimizer step"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (Adam, no weight decay)"})
+    min_lr: float = field(default=1e-6, metadata={"help": "warm-up start and cosine floor"})
+    warmup_steps: int = field(default=1, metadata={"help": "linear warm-up steps from min_lr to lr"})
+    scheduler_step: Literal["step", "epoch"] = field(default="step", metadata={
+        "help": "advance the schedule every step, or once per epoch (the released code: epoch 0 runs at min_lr)"})
+    drop_last: bool | Literal["auto"] = field(default="auto", metadata={
+        "help": "drop the last partial batch: auto = only when the session holds more than one batch "
+                "(the released loader's rule), true = always, false = never"})
+    augment: Literal["released", "openclip"] = field(default="released", metadata={
+        "help": "training augmentation: open_clip's random resized crop (openclip), plus the released code's "
+                "colour jitter (0.32, 0.32, 0.32, 0.08; p 0.8) and grayscale (p 0.2) (released)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "images per evaluation batch"})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
+        "help": "autocast dtype: auto = bf16 on GPU, fp32 on CPU; fp16 trains with a gradient scaler"})
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -72,7 +83,7 @@ class Config:
     shots: Any = 5
     seed: Any = 0
     sessions: int = 5
-    shot_seed: int = 0
+    shot_seed: int | None = None  # seed of the few-shot draws and control subsets; null: the run's seed
     controls: list[str] = field(default_factory=list)  # a run never uses its own stream as a control
     control_subset: int | None = None  # evaluate a fixed, seeded subset of N images per control
     skip_bad_images: bool = False  # leave unreadable images out (counted in the record) instead of failing
@@ -93,6 +104,8 @@ class Config:
         runs = [dataclasses.replace(self, **dict(zip(GRID_AXES, combo))) for combo in itertools.product(*axes)]
         for run in runs:  # one control list can serve a grid of targets: each drops itself
             run.controls = [c for c in run.controls if c != run.stream]
+            if run.shot_seed is None:  # as the released code: each seed draws its own shots
+                run.shot_seed = run.seed
         return runs
 
     def options_for(self, name: str, options_type: type | None) -> Any:
@@ -270,7 +283,8 @@ def _validate(cfg: Config) -> None:
     for seed in _as_list(cfg.seed):
         check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed, "an integer >= 0")
     check(cfg.sessions >= 1, "sessions", cfg.sessions, "an integer >= 1")
-    check(cfg.shot_seed >= 0, "shot_seed", cfg.shot_seed, "an integer >= 0")
+    check(cfg.shot_seed is None or cfg.shot_seed >= 0, "shot_seed", cfg.shot_seed,
+          "an integer >= 0, or null for the run's seed")
     check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
           "device", cfg.device, "auto, cpu, cuda, cuda:N or mps")
     check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")

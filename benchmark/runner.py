@@ -214,7 +214,7 @@ class _Run:
         stream = stream_entry.obj(cfg.data_root, cfg.options_for(cfg.stream, stream_entry.options),
                                   skip_bad_images=cfg.skip_bad_images)
         sessions = stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed)
-        scenario = stream.benchmark(sessions, backbone.preprocess(True), backbone.preprocess(False))
+        scenario = stream.benchmark(sessions, backbone.preprocess(True, cfg.train.augment), backbone.preprocess(False))
 
         zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size)
         spec = stream.spec

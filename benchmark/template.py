@@ -100,6 +100,8 @@ class CLIPTemplate(SupervisedTemplate):
         self._class_text: Tensor | None = None  # [C, T, D]
         self._total_steps = 0
         self._step = 0
+        # fp16 needs loss scaling (bf16's range does not): the released code's GradScaler
+        self.grad_scaler = torch.amp.GradScaler(device.type) if self._autocast_dtype() == torch.float16 else None
 
     # -- captions ------------------------------------------------------------------------
     def class_text_features(self) -> Tensor:
@@ -147,8 +149,18 @@ class CLIPTemplate(SupervisedTemplate):
                 p.grad = torch.zeros_like(p)
         all_reduce_mean([p.grad for p, flag in zip(params, used) if flag])
 
+    def drop_last(self) -> bool:
+        """Whether this session's loader drops its last partial batch (``train.drop_last``; ``auto``:
+        when the session holds more samples than one batch, the released loader's rule)."""
+        rule = self.train_cfg.drop_last
+        return len(self.adapted_dataset) > self.train_mb_size if rule == "auto" else rule
+
     def make_train_dataloader(self, **kwargs) -> None:
+        kwargs["drop_last"] = self.drop_last()
         super().make_train_dataloader(**kwargs)
+        if len(self.dataloader) == 0:
+            raise ValueError(f"train.drop_last=true leaves no batch: the session has {len(self.adapted_dataset)} "
+                             f"samples, fewer than train.batch_size={self.train_mb_size}; use drop_last=auto")
         if world_size() > 1 and not isinstance(self.dataloader, DataLoader):
             # Avalanche's task-balanced loader would give each rank other samples (DistributedSampler)
             raise RuntimeError("ddp: true needs every rank to load the same global batches; this stream's "
@@ -192,12 +204,28 @@ class CLIPTemplate(SupervisedTemplate):
         super()._before_eval_exp(**kwargs)
         self.eval_class_embeddings = self.zeroshot.embeddings_for(self.experience.current_experience).to(self.device)
 
-    def _autocast(self):
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of ``train.precision`` on this device (None: fp32, no autocast)."""
         precision = self.train_cfg.precision
         if self.device.type == "cpu" and precision == "auto" or precision == "fp32":
-            return nullcontext()
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+            return None
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+
+    def _autocast(self):
+        dtype = self._autocast_dtype()
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self) -> None:
+        """Backward of the (fp16: scaled) loss; strategies' ``after_backward`` see the scaled gradients."""
+        (self.loss if self.grad_scaler is None else self.grad_scaler.scale(self.loss)).backward(retain_graph=self.retain_graph)
+
+    def optimizer_step(self) -> None:
+        """Adam step (fp16: unscaled by the gradient scaler, skipped when a gradient is not finite)."""
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
 
     def forward(self) -> Tensor:
         if not self.is_training:

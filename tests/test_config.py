@@ -40,6 +40,10 @@ def test_strategy_and_stream_sections_are_options():
         ("digits.test_fraction=2", "digits.test_fraction: invalid value 2"),
         ("digits.nope=1", "digits.nope: unknown key"),
         ("loggers=[text,slack]", "loggers[1]: invalid value 'slack'"),
+        ("train.drop_last=sometimes", "train.drop_last: invalid value 'sometimes'; allowed: true or false or auto"),
+        ("train.augment=timm", "train.augment: invalid value 'timm'; allowed: released | openclip"),
+        ("shot_seed=-1", "shot_seed: invalid value -1"),
+        ("lorsu.scheduler_step=epoch", "lorsu.scheduler_step: unknown key"),  # one schedule: train.scheduler_step
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(override, fragment):
@@ -68,3 +72,18 @@ def test_config_file_round_trip(tmp_path):
 def test_exponent_floats_without_a_dot_are_numbers():
     cfg = load_config("quick", ["train.lr=1e-2", "train.min_lr=5E-4"])
     assert cfg.train.lr == 0.01 and cfg.train.min_lr == 0.0005
+
+
+def test_shot_seed_follows_the_run_seed_unless_pinned():
+    runs = load_config("quick", ["seed=[0,1,2]", "strategy=zeroshot"]).expand()
+    assert [(r.seed, r.shot_seed) for r in runs] == [(0, 0), (1, 1), (2, 2)]
+    pinned = load_config("quick", ["seed=[0,1,2]", "strategy=zeroshot", "shot_seed=7"]).expand()
+    assert [r.shot_seed for r in pinned] == [7, 7, 7]
+
+
+def test_paper_presets_use_the_released_recipe():
+    for preset in ("paper-cl5", "paper-cl20", "paper-cl50", "paper-offline"):
+        cfg = load_config(preset)
+        assert cfg.backbone == "openclip:ViT-L-14-336-quickgelu@openai"
+        assert (cfg.train.drop_last, cfg.train.augment, cfg.shot_seed) == ("auto", "released", None)
+        assert all(r.shot_seed == r.seed for r in cfg.expand()) and {r.seed for r in cfg.expand()} == {0, 1, 2}

@@ -104,8 +104,9 @@ def test_ddp_lorsu_builds_the_same_masks_on_both_ranks_and_matches_one_process(t
     features gathered for the CLIP loss and the gradients averaged: training, LoRSU's importance
     scores and so its masks, and the accuracy matrix equal those of one process on the whole batch."""
     # lr high enough that session 2 changes the accuracies of the untrained tiny model
+    # and the last partial batch kept, so that the ranks also split an odd batch
     overrides = ["strategy=test-lorsu-record", "sessions=2", "train.epochs=1", "train.lr=0.03", "seed=0", "ddp=true",
-                 "keep_checkpoints=last"]
+                 "keep_checkpoints=last", "train.drop_last=false"]
     single_masks, ddp_masks = tmp_path / "single-masks", tmp_path / "ddp-masks"
     single_masks.mkdir(), ddp_masks.mkdir()
     os.environ[fscl_test_strategies.MASKS_ENV] = str(single_masks)

@@ -70,12 +70,12 @@ def test_run_writes_complete_records_and_rerun_skips(tmp_path, capsys):
 
 
 def test_same_seeds_give_identical_matrix(tmp_path):
-    for sub in ("a", "b"):
-        assert _run(tmp_path / sub, "strategy=full-ft") == 0
+    for sub in ("a", "b"):  # 2 epochs: a session is one batch and the first step runs at min_lr
+        assert _run(tmp_path / sub, "strategy=full-ft", "train.epochs=2") == 0
     rel = "quick/digits/openclip-fscl-tiny/full-ft/5-s0/matrix.csv"
     first, second = (tmp_path / "a" / rel).read_text(), (tmp_path / "b" / rel).read_text()
     assert first == second
-    assert _run(tmp_path / "c", "strategy=full-ft", "seed=1") == 0
+    assert _run(tmp_path / "c", "strategy=full-ft", "train.epochs=2", "seed=1") == 0
     assert (tmp_path / "c" / rel.replace("5-s0", "5-s1")).read_text() != first
 
 

@@ -11,11 +11,12 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision import transforms
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,23 @@ class BlockView:
                 proj.weight.index_add_(0, target, delta[picked].to(proj.weight.dtype))
 
 
+RELEASED_JITTER = (0.32, 0.32, 0.32, 0.08)  # brightness, contrast, saturation, hue of the released code
+RELEASED_JITTER_P, RELEASED_GRAYSCALE_P = 0.8, 0.2
+
+
+def with_colour_augment(train_tf: Callable) -> transforms.Compose:
+    """``train_tf`` (a Compose of PIL steps, then ``ToTensor``) with the released LoRSU code's colour
+    augmentation inserted before ``ToTensor``: colour jitter :data:`RELEASED_JITTER` with probability
+    0.8, then grayscale (3 channels) with probability 0.2, both drawn from the torch RNG."""
+    steps = list(getattr(train_tf, "transforms", ()))
+    at = next((i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor)), None)
+    if at is None:
+        raise ValueError(f"train.augment=released needs a training transform with a ToTensor step; got {train_tf!r}")
+    colour = [transforms.RandomApply([transforms.ColorJitter(*RELEASED_JITTER)], p=RELEASED_JITTER_P),
+              transforms.RandomGrayscale(p=RELEASED_GRAYSCALE_P)]
+    return transforms.Compose(steps[:at] + colour + steps[at:])
+
+
 class Backbone(nn.Module, ABC):
     """An image–text model with a trainable vision side and a frozen text side.
 
@@ -260,9 +278,13 @@ class Backbone(nn.Module, ABC):
     def tokenize(self, texts: list[str]) -> Tensor:
         """Token ids [len(texts), L] for :meth:`encode_text`."""
 
-    def preprocess(self, train: bool) -> Callable:
-        """PIL image → tensor [3, H, W]; with ``train`` the training augmentations."""
-        return self._train_tf if train else self._eval_tf
+    def preprocess(self, train: bool, augment: Literal["released", "openclip"] = "openclip") -> Callable:
+        """PIL image → tensor [3, H, W]; with ``train`` the training augmentations: open_clip's
+        random resized crop (``openclip``), plus the released LoRSU code's colour jitter and
+        random grayscale after it (``released``, :func:`with_colour_augment`)."""
+        if not train:
+            return self._eval_tf
+        return self._train_tf if augment == "openclip" else with_colour_augment(self._train_tf)
 
     @property
     def logit_scale(self) -> Tensor:
