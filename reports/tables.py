@@ -87,6 +87,7 @@ RESULT_COLUMNS = (
 # The other costs of the run records (see reports.frame.cost_scalars for how sessions are combined).
 COST_COLUMNS = (
     Column("trainable_with_biases", "Trainable incl. biases", "Trainable incl. biases", "lower", _count),
+    Column("trainable_released", "Trainable (released count)", "Trainable (released)", "lower", _count),
     Column("flops_per_sample", "FLOPs / sample (fwd+bwd)", "FLOPs", "lower", _flops),
     Column("setup_seconds", "Mask / setup time (s)", "Setup time", "lower", _seconds),
     Column("peak_memory_mb", "Peak memory (MiB)", "Peak memory", "lower", _mebibytes),
