@@ -107,7 +107,7 @@ def test_each_family_loads_frozen_encodes_and_exposes_its_blocks(family):
     backbone = load_backbone(spec).eval()
     assert not any(p.requires_grad for p in backbone.parameters())
     with torch.no_grad():
-        image = backbone.encode_image(torch.randn(2, 3, 32, 32))
+        image = backbone.encode_image(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
         text = backbone.encode_text(backbone.tokenize(["a photo of the number: 3.", "7"]))
     assert image.shape[0] == text.shape[0] == 2 and image.shape[1] == text.shape[1]
     blocks = backbone.blocks()
@@ -140,8 +140,10 @@ def test_qkv_update_on_activations_equals_the_merged_weight_change(family):
         original = backbone.encode_image(x)
     block = backbone.blocks()[1]
     update = HeadLoRA(block.qkv_rows((1, 3)), block.width, 4, 8.0)
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        update.B.normal_()
+        for factor in (update.A, update.B):  # not the global RNG: the values must not depend on earlier tests
+            factor.copy_(torch.randn(factor.shape, generator=gen))
         handle = block.add_qkv_update(update)
         updated = backbone.encode_image(x)
         handle.remove()
@@ -149,7 +151,8 @@ def test_qkv_update_on_activations_equals_the_merged_weight_change(family):
         assert (updated - original).norm() > 1e-2 * original.norm()  # the update matters (EVA outputs are ~1e-4)
         before = [p.weight_rows().clone() for p in block.qkv]
         block.merge_qkv_rows(update.rows, update.delta())
-        torch.testing.assert_close(backbone.encode_image(x), updated, rtol=1e-4, atol=1e-6)
+        # another fp32 summation order: the error scales with the outputs, not with each element
+        torch.testing.assert_close(backbone.encode_image(x), updated, rtol=1e-4, atol=1e-4 * updated.abs().max().item())
     chosen = torch.zeros(W, dtype=torch.bool)
     for h in (1, 3):
         chosen[block.head_rows(h)] = True
@@ -213,9 +216,10 @@ def test_eva01_attention_is_routed_through_its_qkv_module_without_changing_outpu
         timm_block_views(trunk)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
         for attn in (b.attn for b in trunk.blocks):
-            attn.q_bias.normal_()
-            attn.v_bias.normal_()
+            attn.q_bias.copy_(torch.randn(attn.q_bias.shape, generator=gen))
+            attn.v_bias.copy_(torch.randn(attn.v_bias.shape, generator=gen))
         before = trunk(x)
         route_qkv_through_module(trunk)
         torch.testing.assert_close(trunk(x), before, rtol=1e-5, atol=1e-6)
