@@ -176,9 +176,18 @@ class Stream(ABC):
             )
 
     def data_record(self) -> dict[str, Any]:
-        """What a run record must keep about this stream's data (skipped files, seeded splits)."""
+        """What a run record must keep about this stream's data: where its texts come from
+        (data file version, dataset files read instead), skipped files, the split."""
+        record: dict[str, Any] = {"texts": {"version": self.spec.version, **self.text_sources()}}
         skipped = sorted(i for ids in self.skipped.values() for i in ids)
-        return {"skipped_images": {"count": len(skipped), "ids": skipped}} if skipped else {}
+        if skipped:
+            record["skipped_images"] = {"count": len(skipped), "ids": skipped}
+        return record
+
+    def text_sources(self) -> dict[str, str]:
+        """Dataset files that replace texts of the stream's data file, by what they hold
+        (``class_names``, ``captions``: training captions); empty when none does."""
+        return {}
 
     @abstractmethod
     def dataset(self, split: Split) -> LabelledImages:

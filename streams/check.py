@@ -54,6 +54,10 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
         report.problems.append(str(err))
         return report
     report.lines.append(f"stream {name} (data file v{stream.spec.version}) at {stream.root or '(built in)'}")
+    try:
+        report.lines += [f"{what.replace('_', ' ')} from {path}" for what, path in stream.text_sources().items()]
+    except StreamDataError as err:
+        report.problems.append(str(err))
     data: dict[str, LabelledImages] = {}
     for split in stream.splits:
         try:

@@ -6,14 +6,18 @@ this module turns them into a :class:`~streams.base.LabelledImages` the same way
 of them: keys mapped to labels through the stream's data file, unknown and empty classes
 refused with a message naming the path, samples sorted by id (so file-system order never
 matters), and, with ``skip_bad_images``, unreadable files left out and counted.
+
+A stream without an official split takes a seeded, stratified one, or the fixed split of a
+split file in the paper's released format when it has one (docs/protocol.md, "Splits").
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import zlib
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,6 +51,38 @@ class SplitOptions:
     def __post_init__(self) -> None:
         check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a float in (0, 1)")
         check(self.split_seed >= 0, "split_seed", self.split_seed, "an integer >= 0")
+
+
+@dataclass
+class SplitFileOptions(SplitOptions):
+    """Options of a stream whose released code reads a fixed split file; the seeded split is the fallback."""
+
+    split_file: str | None = field(default="auto", metadata={"help": (
+        "the fixed train/test split in the released code's format: 'auto' reads the file when it lies where the "
+        "released code keeps it in the stream's folder and takes the seeded split otherwise; a path (absolute, or "
+        "relative to the stream's folder) must exist; null always takes the seeded split")})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.split_file is None or bool(self.split_file.strip()), "split_file", self.split_file,
+              "'auto', the path of a split file, or null (the seeded split)")
+
+
+def load_pickle(path: Path, stream: str, expected: str) -> Any:
+    """The object pickled in ``path``; an unreadable file is an error naming it and what was expected.
+
+    Unpickling runs code named in the file: read only files from a trusted source.
+    """
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError, ValueError) as err:
+        raise StreamDataError(f"{stream}: cannot read {path}: {err}\nexpected: {expected}") from err
+
+
+def malformed(stream: str, path: Path, problem: str, expected: str) -> StreamDataError:
+    """The error for a dataset file whose content is not what the stream expects."""
+    return StreamDataError(f"{stream}: malformed file {path}: {problem}\nexpected: {expected}")
 
 
 def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
@@ -84,36 +120,42 @@ class FileStream(Stream):
 
     Subclasses list the paths that must exist (:attr:`required`, relative to the root;
     checked before anything runs) and implement :meth:`scan`. Streams without an official
-    split return every sample from :meth:`scan_all` instead and take ``SplitOptions``.
+    split return every sample from :meth:`scan_all` instead and take ``SplitOptions``;
+    those whose released code reads a fixed split file also name it
+    (:attr:`released_split_file`), read it (:meth:`read_split_file`) and take
+    ``SplitFileOptions``.
     """
 
     required: tuple[str, ...] = ()  # paths under the root that must exist
+    released_split_file: str | None = None  # where the released code keeps its split file, under the root
 
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
         super().__init__(data_root, options, skip_bad_images=skip_bad_images)
         self._datasets: dict[Split, LabelledImages] = {}
         self._split_record: dict[str, Any] | None = None
-        self._seeded: dict[Split, list[Sample]] | None = None  # both parts of a seeded split, once computed
+        self._parts: dict[Split, list[Sample]] | None = None  # both parts of a seeded or file split, once made
         for rel in self.required:
             self.require(self.root / rel)
 
     # -- what a subclass provides ------------------------------------------------------
     def scan(self, split: Split) -> list[Sample]:
-        """Every sample of ``split`` (any order). Default: the seeded split of :meth:`scan_all`."""
-        if self._seeded is None:
+        """Every sample of ``split`` (any order). Default: :meth:`scan_all` split by the split
+        file when there is one (:meth:`split_file_path`), else by the seeded split."""
+        if self._parts is None:
             samples = self.known(self.scan_all())
-            opts = self.options or SplitOptions()
-            chosen = stratified_split([s.id for s in samples], [s.key for s in samples],
-                                      opts.test_fraction, opts.split_seed, self.spec.name)
-            self._seeded = {part: [samples[i] for i in idx] for part, idx in chosen.items()}
-            self._split_record = {"method": "seeded stratified", "test_fraction": opts.test_fraction,
-                                  "split_seed": opts.split_seed,
-                                  "ids": {part: [s.id for s in members] for part, members in self._seeded.items()}}
-        return self._seeded[split]
+            path = self.split_file_path()
+            self._parts, record = self.seeded_split(samples) if path is None else self.file_split(path, samples)
+            ids = {part: sorted(s.id for s in members) for part, members in self._parts.items()}
+            self._split_record = {**record, "ids": ids}
+        return self._parts[split]
 
     def scan_all(self) -> list[Sample]:
         """Every sample of a stream without an official split."""
         raise NotImplementedError(f"{type(self).__name__} must implement scan() or scan_all()")
+
+    def read_split_file(self, path: Path, samples: list[Sample]) -> dict[Split, list[str]]:
+        """The sample ids that the split file ``path`` puts in each part (``samples``: every sample found)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read split files")
 
     def load_item(self, item: Any) -> Image.Image:
         """Decode one item (a path by default) to an RGB image."""
@@ -124,6 +166,51 @@ class FileStream(Stream):
         return f"images of class {key!r} under {self.root}"
 
     # -- shared machinery --------------------------------------------------------------
+    def split_file_path(self) -> Path | None:
+        """The split file to read, or None for the seeded split (option ``split_file``, see SplitFileOptions)."""
+        choice = getattr(self.options or SplitFileOptions(), "split_file", None)
+        if choice is None:
+            return None
+        if choice == "auto":
+            path = self.root / self.released_split_file if self.released_split_file else None
+            return path if path is not None and path.is_file() else None
+        path = self.root / Path(choice).expanduser()  # an absolute choice replaces the root
+        self.require(path, f"split file not found ({self.spec.name}.split_file)")
+        return path
+
+    def seeded_split(self, samples: list[Sample]) -> tuple[dict[Split, list[Sample]], dict[str, Any]]:
+        """The seeded stratified split of ``samples`` (:func:`stratified_split`) and its record."""
+        opts = self.options or SplitOptions()
+        chosen = stratified_split([s.id for s in samples], [s.key for s in samples],
+                                  opts.test_fraction, opts.split_seed, self.spec.name)
+        return ({part: [samples[i] for i in idx] for part, idx in chosen.items()},
+                {"method": "seeded stratified", "test_fraction": opts.test_fraction, "split_seed": opts.split_seed})
+
+    def file_split(self, path: Path, samples: list[Sample]) -> tuple[dict[Split, list[Sample]], dict[str, Any]]:
+        """The split of ``samples`` that the split file ``path`` fixes, and its record.
+
+        Samples the file does not list are left out, as in the released code. Every image it
+        lists must be under the root, in one part only, and each part must hold every class.
+        """
+        listed = self.read_split_file(path, samples)
+        by_id = {s.id: s for s in samples}
+        where = f"{self.spec.name}: the split file {path}"
+        missing = [i for ids in listed.values() for i in ids if i not in by_id]
+        if missing:
+            raise StreamDataError(f"{where} lists {len(missing)} image(s) not found under {self.root}, "
+                                  f"e.g. {', '.join(missing[:3])}")
+        both = sorted(set(listed["train"]) & set(listed["test"]))
+        if both:
+            raise StreamDataError(f"{where} puts {len(both)} image(s) in both train and test, e.g. {', '.join(both[:3])}")
+        parts = {part: [by_id[i] for i in dict.fromkeys(ids)] for part, ids in listed.items()}
+        for part, members in parts.items():
+            absent = sorted(set(self.spec.keys) - {s.key for s in members}, key=str)
+            if absent:
+                raise StreamDataError(f"{where} has no {part} images of {len(absent)} class(es), e.g. "
+                                      f"{', '.join(map(str, absent[:5]))}")
+        return parts, {"method": "file", "split_file": str(path),
+                       "split_file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
     def require(self, path: Path, what: str = "") -> None:
         """Fail with the expected layout unless ``path`` exists."""
         if not path.exists():

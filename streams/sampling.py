@@ -1,4 +1,4 @@
-"""Deterministic few-shot sampling (protocol.md, "Few-shot sampling")."""
+"""Deterministic few-shot sampling (docs/protocol.md, "Few-shot sampling")."""
 from __future__ import annotations
 
 import zlib

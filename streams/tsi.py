@@ -1,35 +1,40 @@
 """``tsi``: Toyota Smarthome Images, frames of daily activities split by subject."""
 from __future__ import annotations
 
-import pickle
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from benchmark.config import check
 from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
-from streams.files import FileStream, Sample, list_images
+from streams.files import FileStream, Sample, list_images, load_pickle, malformed
 
 DATA_FILE = DATA_DIR / "tsi.yaml"
 CAPTIONS_FILE = "images_text_description_short_trunc.pkl"
+CAPTIONS_FORMAT = "a pickled dict {frame file name: caption text}, e.g. {'<Action>_<pXX>_<...>.jpg': '<caption>', ...}"
 IMAGE_FOLDERS = ("images_trunc", "images")
 LAYOUT = f"""\
 <data_root>/tsi/
   images_trunc/<Action>_<pXX>_<...>.jpg  frames named by action and subject (or images/)
-  {CAPTIONS_FILE}   optional: frame file name -> caption"""
+  {CAPTIONS_FILE}   optional: frame file name -> caption (training captions)"""
 
 
 @dataclass
 class TSIOptions:
     """Options of the ``tsi`` stream."""
 
-    # Train on the release's per-frame captions (when its pickle is there) instead of the class
-    # templates. Off by default, so TSI trains on class prompts like every other stream.
-    captions: bool = False
+    captions: bool | str = field(default="auto", metadata={"help": (
+        f"train on the release's per-frame captions ({CAPTIONS_FILE}) instead of the class templates, as the "
+        "released code does: 'auto' when the file is there, true requires it, false never")})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.captions, bool) or self.captions == "auto", "tsi.captions", self.captions,
+              "auto | true | false")
 
 
 @STREAMS.register("tsi", options=TSIOptions)
@@ -48,6 +53,8 @@ class TSI(FileStream):
         if not found:
             self.require(self.root / IMAGE_FOLDERS[0], f"image folder missing ({' or '.join(IMAGE_FOLDERS)})")
         self.images = found[0]
+        if (options or TSIOptions()).captions is True:
+            self.require(self.root / CAPTIONS_FILE, "captions file missing (tsi.captions: true)")
 
     def scan(self, split: Split) -> list[Sample]:
         """Frames of the split's subjects; frames of other subjects are not used."""
@@ -63,18 +70,20 @@ class TSI(FileStream):
 
     @cached_property
     def caption_table(self) -> dict[str, str] | None:
-        """The release's frame → caption table, or None when it is absent or not wanted."""
+        """The release's frame file name → caption table, or None when it is absent or not wanted."""
         path = self.root / CAPTIONS_FILE
-        if not (self.options or TSIOptions()).captions or not path.is_file():
+        if (self.options or TSIOptions()).captions is False or not path.is_file():
             return None
-        try:
-            with open(path, "rb") as f:
-                table = pickle.load(f)
-        except (OSError, pickle.UnpicklingError, EOFError) as err:
-            raise StreamDataError(f"tsi: cannot read the captions file {path}: {err}") from err
+        table = load_pickle(path, "tsi", CAPTIONS_FORMAT)
         if not isinstance(table, dict):
-            raise StreamDataError(f"tsi: {path} must hold a dict (frame file name -> caption)")
+            raise malformed("tsi", path, f"a {type(table).__name__}, not a dict", CAPTIONS_FORMAT)
+        bad = next(((k, v) for k, v in table.items() if not (isinstance(k, str) and isinstance(v, str))), None)
+        if bad is not None:
+            raise malformed("tsi", path, f"entry {bad[0]!r}: {bad[1]!r} is not file name -> caption text", CAPTIONS_FORMAT)
         return table
+
+    def text_sources(self) -> dict[str, str]:
+        return {"captions": str(self.root / CAPTIONS_FILE)} if self.caption_table is not None else {}
 
     def captions_for(self, split: Split, samples: list[Sample]) -> list[str] | None:
         table = self.caption_table
@@ -84,7 +93,7 @@ class TSI(FileStream):
         if missing:
             raise StreamDataError(f"tsi: {len(missing)} training frame(s) have no caption in "
                                   f"{self.root / CAPTIONS_FILE}, e.g. {missing[0]}")
-        return [str(table[s.item.name]) for s in samples]
+        return [table[s.item.name] for s in samples]
 
     def class_location(self, key: Hashable, split: Split) -> str:
         subjects = ",".join(sorted(self.subjects[split]))

@@ -148,7 +148,7 @@ def _label_of(stream, split: str, id_suffix: str) -> str:
     return stream.spec.class_names[data.targets[i]]
 
 
-# --------------------------------------------------------------------------- protocol.md
+# --------------------------------------------------------------------------- docs/protocol.md
 PROTOCOL_ORDERS = {
     "gtsrb": "25,2,11,1,40,27,5,9,17 | 32,29,20,39,21,15,23,10,3 | 18,38,42,14,22,35,34,19,33 | 12,26,41,0,37,6,13,24 "
              "| 30,28,31,7,16,4,36,8",
@@ -182,10 +182,12 @@ def test_spec_names_and_templates_of_protocol():
     assert ", ".join(EuroSAT.spec.class_names) == (
         "annual crop land, forest, brushland or shrubland, highway or road, industrial buildings or commercial "
         "buildings, pasture land, permanent crop land, residential buildings or homes or apartments, river, lake or sea")
-    assert EuroSAT.spec.templates == ("a centered satellite photo of {}.",)
-    assert Aircraft.spec.templates == ("a photo of a {}, a type of aircraft.",)
+    # templates: the released code's strings
+    assert EuroSAT.spec.templates == ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                                      "a centered satellite photo of the {}.")
+    assert Aircraft.spec.templates == ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft.")
     assert list(Aircraft.spec.class_names) == sorted(Aircraft.spec.class_names) and len(Aircraft.spec.class_names) == 100
-    assert CounterAnimal.spec.templates == ("a photo of a {}.",) and len(CounterAnimal.spec.keys) == 45
+    assert CounterAnimal.spec.templates == ("a photo of a {}",) and len(CounterAnimal.spec.keys) == 45
     assert dict(zip(TSI.spec.keys, TSI.spec.class_names))["Cook.Cleandishes"] == "washing dishes"
     assert len(Dalle.spec.class_names) == 22 and Dalle.spec.templates == ("a photo of a person {}.",)
 
@@ -257,11 +259,12 @@ def test_tsi_splits_by_subject_with_captions(paper_root):
     assert isinstance(image, Image.Image) and len(test[0]) == 2  # test images: no captions
 
 
-def test_tsi_accepts_images_folder_and_captions_are_opt_in(tmp_path, paper_root):
+def test_tsi_accepts_images_folder_and_captions_follow_the_pickle(tmp_path, paper_root):
     write_tsi(tmp_path, captions=False, folder="images")
-    train = TSI(tmp_path, STREAMS.get("tsi").options(captions=True)).dataset("train")
+    train = TSI(tmp_path).dataset("train")
     assert train.captions is None and len(train) == 54  # no pickle: the class templates
-    assert TSI(paper_root).dataset("train").captions is None  # a pickle, but captions are off by default
+    assert len(TSI(paper_root).dataset("train").captions) == 54  # a pickle: its captions by default
+    assert TSI(paper_root, STREAMS.get("tsi").options(captions=False)).dataset("train").captions is None
 
 
 def test_dalle_is_a_control_with_its_22_activities(paper_root, tmp_path):
