@@ -1,4 +1,4 @@
-"""The accuracy matrix of a run and the pure metric functions of protocol.md.
+"""The accuracy matrix of a run and the pure metric functions of docs/protocol.md.
 
 Notation: ``A[t, d]`` is the zero-shot top-1 accuracy (fraction in [0, 1]) on dataset ``d``
 after session ``t`` (``t = 0`` is the pretrained model, ``T`` the last session); ``τ`` is

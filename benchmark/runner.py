@@ -125,6 +125,8 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
         info = data_stream.data_record()
         if "skipped_images" in info:
             fields.setdefault("skipped_images", {})[name] = info["skipped_images"]
+        if "texts" in info:  # the data file's version and the dataset's own names/captions file, if used
+            fields.setdefault("texts", {})[name] = info["texts"]
         if "split" in info:
             split = dict(info["split"])
             split_ids[name] = split.pop("ids")

@@ -189,7 +189,7 @@ def test_spec_names_and_templates_of_protocol():
     assert list(Aircraft.spec.class_names) == sorted(Aircraft.spec.class_names) and len(Aircraft.spec.class_names) == 100
     assert CounterAnimal.spec.templates == ("a photo of a {}",) and len(CounterAnimal.spec.keys) == 45
     assert dict(zip(TSI.spec.keys, TSI.spec.class_names))["Cook.Cleandishes"] == "washing dishes"
-    assert len(Dalle.spec.class_names) == 22 and Dalle.spec.templates == ("a photo of a person {}.",)
+    assert len(Dalle.spec.class_names) == 22 and Dalle.spec.templates == ("a photo of a person {}",)  # the released prompt
 
 
 # --------------------------------------------------------------------------- loaders
