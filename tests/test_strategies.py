@@ -28,7 +28,6 @@ from benchmark.template import CLIPTemplate, clip_loss
 from strategies.ewc import EWC, Anchor, EWCOptions
 from strategies.full_ft import FullFineTuning
 from strategies.layernorm import LayerNormTuning
-from strategies.lora import LoRA, LoRAOptions
 from strategies.lorsu import BlockScores, LoRSU, LoRSUOptions, masks
 from strategies.lorsu.reference import DenseLoRSU
 from strategies.lorsu.update import HeadLoRA
@@ -361,21 +360,6 @@ def test_full_ft_and_layernorm_change_exactly_their_parameters():
         before = snapshot(backbone)
         template.train(stream[0])
         assert changed(before, backbone) == names_of(backbone, expected(backbone)), plugin_type.__name__
-
-
-def test_lora_changes_weights_only_through_merged_adapters(spec):
-    backbone = load_backbone(spec)
-    template, stream = session_template(backbone, LoRA(backbone, LoRAOptions(rank=RANK, alpha=ALPHA)), epochs=1)
-    before = snapshot(backbone)
-    template.train(stream[0])
-    assert_plain_and_frozen(backbone)  # merged: the same parameter names as before, no LoRA factors
-    blocks = backbone.blocks()
-    attention = {id(p.weight) for b in blocks for p in b.qkv}
-    linears = [m.weight for m in backbone.visual.modules() if isinstance(m, torch.nn.Linear)]
-    expected = names_of(backbone, [p.weight for b in blocks for p in b.qkv] + linears
-                        + [getattr(*backbone.image_projection())])
-    assert changed(before, backbone) == expected and len(expected) > len(attention)
-    assert all(isinstance(b.module, torch.nn.Module) for b in backbone.blocks())  # block views work again
 
 
 def test_spu_changes_masked_fc1_entries_biases_and_projection(spec):
