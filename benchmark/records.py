@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from filelock import FileLock
 
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "running", "finished", "failed"
 VERSIONED = ("torch", "torchvision", "open_clip_torch", "avalanche-lib", "transformers", "numpy", "fscl-bench")
@@ -155,8 +156,21 @@ class RunRecord:
             os.fsync(f.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``. A torn last line (the process was killed while appending)
+        is dropped; :meth:`resume` then rewrites the file without it. Any other bad line is an error."""
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if not path.exists():
+            return []
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1:
+                    break  # torn tail
+                raise ValueError(f"{path}, line {i + 1}: not a JSON object ({err}); the record is damaged") from None
+        return rows
 
     def resume(self, session: int) -> None:
         """Continue an interrupted run after ``session``: ``metrics.jsonl`` is rewritten
@@ -219,30 +233,28 @@ class RunLock:
         except FileNotFoundError:
             return float("inf")
 
+    def _guard(self) -> FileLock:
+        """A short OS lock (``run.lock.guard``) around every look at and change of ``run.lock``: judging
+        a lock stale and replacing it is one step, so two processes never both take a stale lock over."""
+        return FileLock(self.file.with_name(self.NAME + ".guard"))
+
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunInUseError` naming the live owner."""
         self.file.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
               "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        with self._guard():
+            if self.file.exists():
                 owner = self.owner()
                 if not self._is_stale(owner):
                     who = f"pid {owner['pid']} on {owner['host']} (since {owner.get('since')})" if owner else "?"
                     raise RunInUseError(
                         f"run folder {self.file.parent} is in use by {who}; if that process is gone, delete "
                         f"{self.file} (a lock from another host expires {self.stale_after:.0f} s after its last "
-                        f"heartbeat)") from None
-                self.file.unlink(missing_ok=True)  # stale: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me) + "\n")
-            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return
-        raise RunInUseError(f"could not take {self.file}: other processes keep taking it")
+                        f"heartbeat)")
+            atomic_write(self.file, json.dumps(me) + "\n")  # a new lock, or a stale one taken over
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
@@ -256,9 +268,10 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        owner = self.owner()
-        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-            self.file.unlink(missing_ok=True)
+        with self._guard():
+            owner = self.owner()
+            if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                self.file.unlink(missing_ok=True)
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -3,6 +3,7 @@ numbers of an uninterrupted run; run locks; checkpoint pruning; metric rows on r
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -26,8 +27,8 @@ RUN = "quick/digits/openclip-fscl-tiny/{}/5-s0"
 COST_FIELDS_THAT_VARY = {"train_seconds", "peak_memory_mb", "setup_seconds"}  # wall time and memory
 
 
-# one batch per session (the last partial one dropped): its one step runs at lr, not at the warm-up start
-OVERRIDES = ("seed=0", "sessions=2", "train.epochs=1", "train.warmup_steps=0")
+# one batch per session (the last partial one dropped), two epochs, no warm-up: two steps that change the model
+OVERRIDES = ("seed=0", "sessions=2", "train.epochs=2", "train.warmup_steps=0")
 
 
 def _args(out: Path, *overrides: str) -> list[str]:
@@ -71,6 +72,8 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     assert RunLock(run).owner()["pid"] == proc.pid  # left behind by the killed process: stale, taken over
 
     (run / "checkpoints" / ".session-2.pt.x1y2").write_bytes(b"half")  # as if killed while saving
+    with open(run / "metrics.jsonl", "a") as f:  # as if killed while appending a row
+        f.write('{"session": 2, "dataset": "dig')
     assert main(_args(tmp_path / "resumed", *overrides)) == 0  # the same command again
     reference = tmp_path / "reference" / RUN.format(strategy)
     matrix = (reference / "matrix.csv").read_text()
@@ -97,6 +100,50 @@ def test_resume_keeps_only_the_metric_rows_of_finished_sessions(tmp_path):
     assert record.metrics() == rows[:2]
     manifest = record.manifest()
     assert manifest["status"] == "running" and "reason" not in manifest and manifest["resumed"][0]["after_session"] == 1
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_named(tmp_path):
+    record = RunRecord(tmp_path)
+    record.start({"seed": 0}, {"seed": 0, "shot_seed": 0}, {"session_1": ["a"]})
+    rows = [{"session": s, "dataset": "d", "metric": "top1", "value": 0.5, "correct": 1, "total": 2} for s in (0, 1)]
+    record.append_metrics(rows)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"session": 2, "data')
+    assert record.metrics() == rows
+    record.resume(1)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows)  # rewritten without the torn tail
+    path.write_text(path.read_text().replace('"session": 0', '"session": 0,,'))
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON object"):
+        record.metrics()
+
+
+def _take_lock(folder: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        RunLock(Path(folder)).acquire()
+        results.put(os.getpid())
+    except RunInUseError:
+        results.put(None)
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(tmp_path):
+    """Processes that all find the lock of a dead pid at once: one takes it over, the others are refused."""
+    context = multiprocessing.get_context("fork")  # the test process's imports, no start-up cost
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(12):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        (folder / RunLock.NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        barrier, results = context.Barrier(6), context.Queue()
+        procs = [context.Process(target=_take_lock, args=(str(folder), barrier, results)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        holders = [pid for pid in (results.get(timeout=60) for _ in procs) if pid is not None]
+        for proc in procs:
+            proc.join()
+        assert len(holders) == 1, f"trial {trial}: {len(holders)} holders"
+        assert RunLock(folder).owner()["pid"] == holders[0]
 
 
 def test_a_run_folder_used_by_a_live_process_is_refused(tmp_path, capsys):
