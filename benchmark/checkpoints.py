@@ -7,7 +7,8 @@ rest of the run depends on:
 * the vision encoder's weights (strategies merge their updates after every session, so the
   encoder is plain; the text side never trains);
 * the strategy's cross-session state (:meth:`StrategyPlugin.state_dict`, e.g. EWC's Fisher
-  and anchor weights; LoRSU/SPU/LoRA recompute everything from the merged weights);
+  and anchor weights, LoRA's kept adapter factors (``across_sessions: keep``, their update
+  merged into the saved encoder); LoRSU and SPU recompute everything from the merged weights);
 * the RNG states that drive the next sessions: torch (CPU and CUDA), numpy, Python's
   ``random`` and the template's caption generator (the training data loader shuffles and
   augments from the global torch RNG);
