@@ -2,13 +2,14 @@
 the session-data gradient pass that importance-based strategies share, and the cost meter."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.backbones import Backbone
@@ -81,10 +82,56 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+Reduce = Literal["mean", "sum", "running", "fisher"]
+
+
+def session_batches(template: CLIPTemplate) -> DataLoader:
+    """The current session's training samples once, in dataset order: the loader of Avalanche's
+    ``EWCPlugin.compute_importances`` (``experience.dataset`` with its own transforms and
+    ``collate_fn``, ``train_mb_size`` samples per batch, not shuffled, the last partial batch kept)."""
+    dataset = template.experience.dataset
+    return DataLoader(dataset, batch_size=template.train_mb_size, collate_fn=getattr(dataset, "collate_fn", None))
+
+
+@contextmanager
+def preserved_rng(template: CLIPTemplate) -> Iterator[None]:
+    """Restore the torch generators (CPU, and the template's CUDA device) and the caption generator
+    afterwards, so that an extra pass over the data (augmentations, captions) leaves the training's
+    random draws as they were."""
+    captions = template.caption_rng.get_state()
+    with torch.random.fork_rng(devices=[template.device] if template.device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            template.caption_rng.set_state(captions)
+
+
+@contextmanager
+def _model_mode(model: nn.Module, training: bool | None) -> Iterator[None]:
+    """``model.train(training)`` inside (unless None); every submodule's own mode restored afterwards."""
+    saved = [m.training for m in model.modules()]
+    if training is not None:
+        model.train(training)
+    try:
+        yield
+    finally:
+        for module, flag in zip(model.modules(), saved):
+            module.training = flag
+
+
 @torch.no_grad()
-def _accumulate(total: Tensor, grad: Tensor | None, weight: float, squared: bool) -> None:
-    if grad is not None:
-        total.add_(grad.float().square() if squared else grad.float(), alpha=weight)
+def _accumulate(totals: list[Tensor], running: list[Tensor], grads: list[Tensor], n: int, reduce: Reduce) -> None:
+    """Add one batch's gradients (``n`` samples) to the totals S of :func:`session_gradients`."""
+    for i, (total, grad) in enumerate(zip(totals, grads)):
+        grad = grad.float()
+        if reduce == "mean":
+            total.add_(grad, alpha=n)
+        elif reduce == "sum":
+            total.add_(grad)
+        elif reduce == "running":
+            total.add_(running[i].add_(grad))
+        else:
+            total.add_(grad.square())
 
 
 def session_gradients(
@@ -92,51 +139,73 @@ def session_gradients(
     params: Sequence[nn.Parameter],
     objective: Objective,
     *,
-    reduce: Literal["mean", "fisher"] = "mean",
-    max_samples: int | None = None,
-    max_batches: int | None = None,
+    reduce: Reduce = "mean",
+    batches: Iterable[Sequence[Any]] | None = None,
+    training: bool | None = None,
+    min_samples: int | None = None,
+    min_batches: int | None = None,
+    min_abs: float | None = None,
 ) -> list[Tensor]:
-    """Gradients of ``objective`` w.r.t. ``params`` over the current session's training batches.
+    """Gradients of ``objective`` w.r.t. ``params`` over the current session's data, batch by batch.
 
-    Uses the template's training dataloader, so the batches have the training augmentations,
-    batch size and captions. The model is left as it was: ``.grad`` fields are not touched,
-    ``requires_grad`` flags and buffers are restored afterwards. Stops at the end of one pass, after the batch that reaches
-    ``max_samples`` samples, or after ``max_batches`` batches, whichever comes first.
-    Under ``ddp: true`` each batch's gradient is averaged over the ranks (each encodes its
-    slice of the batch, see :meth:`CLIPTemplate.encode_train_images`) before it is
-    accumulated, so every rank returns the single-process result.
+    ``batches``: by default the template's training loader (training shuffling, augmentations and
+    batch size; the pass draws from the training's random generators, as the released codes' scoring
+    passes do), or e.g. :func:`session_batches`. Captions come from :meth:`CLIPTemplate.caption_features`.
+    ``training``: the model's mode during the pass (None: as it is). The model is left as it was:
+    ``.grad`` fields are not touched; modes, ``requires_grad`` flags, buffers and the template's
+    mini-batch are restored. A parameter outside the objective's graph has gradient zero.
 
-    Returns one fp32 tensor per parameter, shaped like it:
-    ``reduce="mean"``: the signed sample-weighted mean gradient (1/N) Σ_b n_b ∇L_b (LoRSU's importance);
-    ``reduce="fisher"``: the mean squared batch gradient (1/#batches) Σ_b (∇L_b)² (Avalanche EWC's Fisher).
+    With any of ``min_samples``, ``min_batches``, ``min_abs`` given, the pass stops after the first
+    batch at which all the given ones hold: at least ``min_samples`` samples and ``min_batches``
+    batches so far, every entry of every accumulated total S below (before any division) at
+    |S| >= ``min_abs``. It never goes past one pass.
+
+    Under ``ddp: true`` each batch's gradient is averaged over the ranks (each encodes its slice of
+    the batch, see :meth:`CLIPTemplate.encode_train_images`) before it is accumulated, so every rank
+    holds the single-process totals, takes the same stop decision and returns the same result.
+    Every rank must therefore iterate the same batches (the training loader and
+    :func:`session_batches` do).
+
+    Returns one fp32 tensor per parameter, shaped like it; with g_b = ∇L_b of batch b (n_b samples),
+    b = 1..K, N = Σ_b n_b:
+    ``"mean"``: S / N with S = Σ_b n_b g_b (signed, sample-weighted: LoRSU's importance);
+    ``"sum"``: S = Σ_b g_b;
+    ``"running"``: S = Σ_b Σ_{j<=b} g_j = Σ_j (K - j + 1) g_j, what adding up ``.grad`` after every
+    backward without zeroing it gives (SPU's code);
+    ``"fisher"``: S / K with S = Σ_b g_b² (Avalanche EWC's Fisher).
     """
-    flags = [p.requires_grad for p in params]
+    if reduce not in get_args(Reduce):
+        raise ValueError(f"reduce must be one of {get_args(Reduce)}, not {reduce!r}")
+    flags, mbatch = [p.requires_grad for p in params], template.mbatch
     totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    samples = batches = 0
+    running = [torch.zeros_like(t) for t in totals] if reduce == "running" else []
+    samples = count = 0
+    stops_early = min_samples is not None or min_batches is not None or min_abs is not None
     try:
-        with preserved_buffers(template.model):
+        with preserved_buffers(template.model), _model_mode(template.model, training):
             for p in params:
                 p.requires_grad_(True)
-            for batch in template.dataloader:
+            for batch in template.dataloader if batches is None else batches:
                 template.mbatch = batch
                 template._unpack_minibatch()
                 features = template.encode_train_images()
                 loss = objective(features.float(), template.caption_features(), template.backbone.logit_scale)
-                grads = [torch.zeros_like(p) if g is None and world_size() > 1 else g
+                grads = [torch.zeros_like(p) if g is None else g
                          for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
-                all_reduce_mean([g for g in grads if g is not None])
+                all_reduce_mean(grads)
                 n = len(template.mb_x)
-                for total, grad in zip(totals, grads):
-                    _accumulate(total, grad, n if reduce == "mean" else 1.0, squared=reduce == "fisher")
-                samples, batches = samples + n, batches + 1
-                if (max_samples is not None and samples >= max_samples) or (max_batches is not None and batches >= max_batches):
+                _accumulate(totals, running, grads, n, reduce)
+                samples, count = samples + n, count + 1
+                if stops_early and samples >= (min_samples or 0) and count >= (min_batches or 0) and (
+                        min_abs is None or all(bool(t.abs().min() >= min_abs) for t in totals)):
                     break
     finally:
+        template.mbatch = mbatch
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    if not batches:
+    if not count:
         raise RuntimeError("the session has no training data to score parameters with")
-    norm = samples if reduce == "mean" else batches
+    norm = {"mean": samples, "fisher": count}.get(reduce, 1)
     return [t.div_(norm) for t in totals]
 
 

@@ -1,9 +1,11 @@
 """``ewc`` (F-EWC): full fine-tuning of the vision encoder plus the EWC penalty.
 
 Avalanche's ``EWCPlugin`` semantics in its default ``separate`` mode: after every session
-the diagonal Fisher F_s = mean over the session's batches of the squared batch gradient (of
-our CLIP loss, not a classifier's) is stored with the weights θ_s, and training adds
-``ewc_lambda · Σ_s Σ_i F_s,i (θ_i − θ_s,i)²`` over all previous sessions (zero in session 1).
+the diagonal Fisher F_s is computed as ``EWCPlugin.compute_importances`` (Avalanche 0.6) does
+(one pass over the session's dataset in order, the model in eval mode, the mean over batches of
+the squared batch gradient; of our CLIP loss, not a classifier's) and stored with the weights
+θ_s, and training adds ``ewc_lambda · Σ_s Σ_i F_s,i (θ_i − θ_s,i)²`` over all previous sessions
+(zero in session 1).
 
 Instead of one (F_s, θ_s) pair per session the sum is kept in the equivalent form
 ``Σ_i F_i (θ_i − μ_i)² + C`` with F = Σ_s F_s, μ = Σ_s F_s θ_s / F and the constant C, folded in
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from benchmark.config import check
-from benchmark.plugins import StrategyPlugin, session_gradients
+from benchmark.plugins import StrategyPlugin, preserved_rng, session_batches, session_gradients
 from benchmark.registry import STRATEGIES
 from benchmark.template import clip_loss
 
@@ -98,6 +100,14 @@ class EWC(StrategyPlugin):
         self.anchor.constant = float(state["constant"])
 
     def consolidate(self, strategy) -> None:
-        """Fisher of the session just trained (CLIP loss, its training batches), folded into the anchor."""
-        fisher = session_gradients(strategy, self.params, clip_loss, reduce="fisher")
+        """Fisher of the session just trained, folded into the anchor.
+
+        As Avalanche: ``experience.dataset`` (its own transforms: here the training augmentations)
+        in order, ``train_mb_size`` per batch with the last partial batch counted as one, eval mode,
+        F = (1/#batches) Σ_b (∇L_b)². The pass leaves the random generators as it found them, so the
+        next session draws the shuffles, augmentations and captions it would draw without it.
+        """
+        with preserved_rng(strategy):
+            fisher = session_gradients(strategy, self.params, clip_loss, reduce="fisher",
+                                       batches=session_batches(strategy), training=False)
         self.anchor.add(fisher, self.params)

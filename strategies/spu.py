@@ -1,22 +1,27 @@
 """``spu``: Sparse Parameter Update (Zhang et al., CVPR 2024) on the vision encoder.
 
-Per session: fc1's top-``sparsity`` entries by |importance| (per block) train as sparse
-values; every bias of the encoder and the image projection train densely. The reference
-scores with the gradient of the mean squared norm of the image–text logits over the first
-``importance_fraction`` of the session's batches (``importance: output_norm``);
-``clip_loss`` scores with LoRSU's objective instead. Either way the score of an entry is the
-signed sample-weighted mean gradient, ranked by magnitude.
+Defaults follow SPU's code (trainer/spu.py, config/baseline/spu.yaml): per session the
+top-``sparsity`` entries of every fc1 weight by |score| train (per block) as sparse values; the
+fc1 biases and the image projection train densely. (Its ``edit_layer: c_fc`` also matches the
+text tower's MLPs; here the text side stays frozen.)
+
+Scores: the gradient of the mean squared norm of the image–text logits, in training mode, over
+the session's training batches. The code never zeroes ``.grad`` while it scores, so after batch b
+it adds the running sum Σ_{j≤b} ∇L_j; it stops once the 0-based batch index exceeds
+``importance_fraction`` · T (T batches in a pass) *and* every accumulated score of the parameters
+it trains (fc1 weights, fc1 biases, projection) has magnitude ≥ 1e-12; never past one pass.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
+from benchmark.backbones import Backbone, BlockView
 from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from benchmark.registry import STRATEGIES
@@ -24,14 +29,28 @@ from benchmark.template import clip_loss
 from strategies.lorsu import masks
 from strategies.lorsu.update import SparseEntries, attach, merge
 
+SPU_MIN_ABS = 1e-12  # SPU's code keeps scoring while an accumulated |score| is below this
+
 
 @dataclass
 class SPUOptions:
-    """Options of ``spu``."""
+    """Options of ``spu`` (defaults: SPU's code)."""
 
-    sparsity: float = 0.1  # fraction of each fc1 weight that trains
-    importance: Literal["output_norm", "clip_loss"] = "output_norm"
-    importance_fraction: float = 0.25  # fraction of one pass's batches used for scoring
+    sparsity: float = field(default=0.1, metadata={
+        "help": "fraction of each fc1 weight that trains: its entries of largest |score|, per block"})
+    importance: Literal["output_norm", "clip_loss"] = field(default="output_norm", metadata={
+        "help": "scoring objective: the mean squared norm of the image-text logits (SPU) or the CLIP loss (LoRSU)"})
+    importance_fraction: float = field(default=0.25, metadata={
+        "help": "fraction f of the session's T training batches to score (SPU's score_batch_percentage)"})
+    importance_stop: Literal["released", "ceil"] = field(default="released", metadata={
+        "help": "released: score until the 0-based batch index exceeds f*T (floor(f*T) + 2 batches) and every "
+                "accumulated |score| is >= 1e-12, at most one pass (SPU's code); ceil: exactly ceil(f*T) batches"})
+    importance_sum: Literal["running", "batch"] = field(default="running", metadata={
+        "help": "running: add the running gradient sum after every batch, so batch j of K weighs K - j + 1 "
+                "(SPU's code never zeroes .grad while scoring); batch: the plain sum of the batch gradients"})
+    train_biases: Literal["fc1", "all"] = field(default="fc1", metadata={
+        "help": "biases that train densely: fc1's (SPU's code: only the c_fc layers train, their biases fully) "
+                "or every bias of the vision encoder"})
 
     def __post_init__(self) -> None:
         check(0 < self.sparsity <= 1, "spu.sparsity", self.sparsity, "a float in (0, 1]")
@@ -45,35 +64,68 @@ def output_norm(image_features: Tensor, text_features: Tensor, logit_scale: Tens
     return logits.square().sum(1).mean()
 
 
+def scored_batches(total: int, fraction: float, rule: Literal["released", "ceil"]) -> int:
+    """Batches scored (at least, for ``released``) of a pass of ``total``: ``released``: ⌊fraction·total⌋ + 2
+    (SPU's loop breaks once the 0-based index exceeds fraction·total); ``ceil``: ⌈fraction·total⌉, at least 1."""
+    count = math.floor(fraction * total) + 2 if rule == "released" else max(1, math.ceil(fraction * total))
+    return min(total, count)
+
+
+def _fc1_biases(blocks: list[BlockView]) -> list[nn.Parameter]:
+    return [b.fc1.bias for b in blocks if b.fc1.bias is not None]
+
+
+def _projection(backbone: Backbone) -> list[nn.Parameter]:
+    projection = backbone.image_projection()
+    return [getattr(*projection)] if projection is not None else []
+
+
 @STRATEGIES.register("spu", options=SPUOptions)
 class SPU(StrategyPlugin):
-    """SPU: sparse fc1 entries by importance + all biases + the image projection."""
+    """SPU: sparse fc1 entries by score + dense fc1 biases (or all biases) + the image projection."""
 
     needs_blocks = True
     supports_ddp = True  # scores come from session_gradients (averaged over ranks per batch)
 
-    def __init__(self, backbone, options: SPUOptions | None = None) -> None:
+    def __init__(self, backbone: Backbone, options: SPUOptions | None = None) -> None:
         super().__init__(backbone, options or SPUOptions())
         self.fc1_index: list[Tensor] = []  # this session's flat fc1 indices, per block
-        self._parametrized: list = []
+        self._parametrized: list[nn.Module] = []
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         start = time.perf_counter()
-        opts: SPUOptions = self.options
         blocks = self.backbone.blocks()
-        objective = output_norm if opts.importance == "output_norm" else clip_loss
-        batches = max(1, math.ceil(opts.importance_fraction * len(strategy.dataloader)))
-        scores = session_gradients(strategy, [b.fc1.weight for b in blocks], objective, max_batches=batches)
-        self.fc1_index = [masks.top_entries(s, masks.mask_size(s.numel(), opts.sparsity)) for s in scores]
+        self.fc1_index = [masks.top_entries(s, masks.mask_size(s.numel(), self.options.sparsity))
+                          for s in self.score(strategy, blocks)]
         for block, index in zip(blocks, self.fc1_index):
             attach(block.fc1, "weight", SparseEntries(block.fc1.weight, index))
             self._parametrized.append(block.fc1)
-        for bias in self.backbone.bias_parameters():
-            bias.requires_grad_(True)
-        projection = self.backbone.image_projection()
-        if projection is not None:
-            getattr(*projection).requires_grad_(True)
+        for p in self.trained_biases() + _projection(self.backbone):
+            p.requires_grad_(True)
         self.setup_seconds = time.perf_counter() - start
+
+    def score(self, strategy, blocks: list[BlockView]) -> list[Tensor]:
+        """Signed scores [hidden, W] of every block's fc1 weight (SPU ranks them by magnitude).
+
+        The stop rule checks the scores of the fc1 weights, fc1 biases and image projection: SPU's
+        code checks every parameter with ``requires_grad`` when it scores, which is what it trains
+        (with its default ``train_biases``), text tower aside."""
+        opts: SPUOptions = self.options
+        weights = [b.fc1.weight for b in blocks]
+        scores = session_gradients(
+            strategy, weights + _fc1_biases(blocks) + _projection(self.backbone),
+            output_norm if opts.importance == "output_norm" else clip_loss,
+            reduce="running" if opts.importance_sum == "running" else "sum",
+            training=True,
+            min_batches=scored_batches(len(strategy.dataloader), opts.importance_fraction, opts.importance_stop),
+            min_abs=SPU_MIN_ABS if opts.importance_stop == "released" else None,
+        )
+        return scores[: len(weights)]
+
+    def trained_biases(self) -> list[nn.Parameter]:
+        """The biases that train densely: fc1's, or every bias of the encoder (``train_biases: all``)."""
+        blocks = self.backbone.blocks()
+        return _fc1_biases(blocks) if self.options.train_biases == "fc1" else self.backbone.bias_parameters()
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         for fc1 in self._parametrized:
@@ -82,8 +134,6 @@ class SPU(StrategyPlugin):
         self.backbone.requires_grad_(False)
 
     def trainable_counts(self) -> dict[str, int]:
-        """fc1 mask sizes + the projection; ``trainable_with_biases`` adds every bias."""
-        projection = self.backbone.image_projection()
-        masked = sum(len(i) for i in self.fc1_index) + (getattr(*projection).numel() if projection else 0)
-        return {"trainable": masked,
-                "trainable_with_biases": masked + sum(p.numel() for p in self.backbone.bias_parameters())}
+        """fc1 mask sizes + the projection; ``trainable_with_biases`` adds the biases that train."""
+        masked = sum(len(i) for i in self.fc1_index) + sum(p.numel() for p in _projection(self.backbone))
+        return {"trainable": masked, "trainable_with_biases": masked + sum(p.numel() for p in self.trained_biases())}

@@ -25,7 +25,6 @@ from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.plugins import CostMeter
 from benchmark.records import slug
 from benchmark.template import CLIPTemplate, clip_loss
-from strategies.ewc import EWC, Anchor, EWCOptions
 from strategies.full_ft import FullFineTuning
 from strategies.layernorm import LayerNormTuning
 from strategies.lorsu import BlockScores, LoRSU, LoRSUOptions, masks
@@ -360,65 +359,6 @@ def test_full_ft_and_layernorm_change_exactly_their_parameters():
         before = snapshot(backbone)
         template.train(stream[0])
         assert changed(before, backbone) == names_of(backbone, expected(backbone)), plugin_type.__name__
-
-
-def test_spu_changes_masked_fc1_entries_biases_and_projection(spec):
-    backbone = load_backbone(spec)
-    plugin = SPU(backbone)
-    template, stream = session_template(backbone, plugin, epochs=1)
-    before = snapshot(backbone)
-    template.train(stream[0])
-    assert_plain_and_frozen(backbone)
-    blocks = backbone.blocks()
-    expected = names_of(backbone, [b.fc1.weight for b in blocks] + backbone.bias_parameters()
-                        + [getattr(*backbone.image_projection())])
-    assert changed(before, backbone) == expected
-    names = {id(p): n for n, p in backbone.named_parameters()}
-    for block, index in zip(blocks, plugin.fc1_index):
-        old, new = before[names[id(block.fc1.weight)]].flatten(), block.fc1.weight.detach().flatten()
-        outside = torch.ones_like(old, dtype=torch.bool).index_fill_(0, index, False)
-        assert len(index) == int(0.1 * HIDDEN * W) and torch.equal(new[outside], old[outside])
-
-
-def test_ewc_anchor_equals_the_sum_over_sessions():
-    gen = torch.Generator().manual_seed(5)
-    sessions = [([torch.rand(6, generator=gen), torch.rand(2, 3, generator=gen)],
-                 [torch.randn(6, generator=gen), torch.randn(2, 3, generator=gen)]) for _ in range(3)]
-    anchor = Anchor()
-    theta = [torch.randn(6, generator=gen), torch.randn(2, 3, generator=gen)]
-    for s, (fisher, params) in enumerate(sessions, start=1):
-        anchor.add(fisher, params)
-        naive = sum((f * (t - p).square()).sum() for fs, ps in sessions[:s] for f, p, t in zip(fs, ps, theta))
-        torch.testing.assert_close(anchor.penalty(theta), naive, rtol=1e-5, atol=1e-6)
-
-
-class PenaltyLog(SupervisedPlugin):
-    def __init__(self, ewc: EWC) -> None:
-        super().__init__()
-        self.ewc, self.penalties = ewc, []
-
-    def after_backward(self, strategy, **kwargs) -> None:
-        self.penalties.append((strategy.clock.train_exp_counter, float(self.ewc.last_penalty)))
-
-
-def test_ewc_penalty_is_zero_in_session_one_and_pulls_toward_the_previous_weights():
-    distances, logs = {}, {}
-    for ewc_lambda in (0.0, 1e6):
-        torch.manual_seed(0)
-        backbone = load_backbone("openclip:fscl-tiny")
-        ewc = EWC(backbone, EWCOptions(ewc_lambda=ewc_lambda))
-        logs[ewc_lambda] = PenaltyLog(ewc)
-        template, stream = session_template(backbone, ewc, logs[ewc_lambda], batch_size=4, epochs=3)
-        template.train(stream[0])
-        after_first = torch.cat([p.detach().flatten() for p in backbone.visual.parameters()])
-        template.train(stream[1])
-        now = torch.cat([p.detach().flatten() for p in backbone.visual.parameters()])
-        distances[ewc_lambda] = (now - after_first).norm()
-    penalties = logs[1e6].penalties
-    assert [p for s, p in penalties if s == 0] == [0.0] * 9
-    session_two = [p for s, p in penalties if s == 1]
-    assert session_two[0] == pytest.approx(0.0, abs=1e-12) and max(session_two) > 0  # starts at the anchor
-    assert distances[1e6] < 0.5 * distances[0.0]
 
 
 # --------------------------------------------------------------------------- bad input

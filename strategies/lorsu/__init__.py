@@ -3,7 +3,8 @@
 Per session, on the plain encoder left by the previous session:
 
 1. importance I = (1/N) Σ_b n_b ∇L_b of every block's q/k/v and fc1 weights (CLIP loss,
-   training batches, at least ``importance_samples`` samples or one pass);
+   training batches, at least ``importance_samples`` samples and no accumulated entry below
+   ``importance_min_abs`` in magnitude, or one pass);
 2. fc1: the top ⌊sparsity · numel⌋ entries of |I| per block become trainable values;
 3. heads: per block the ``top_k_heads`` heads of largest ‖I_q,h‖² + ‖I_k,h‖² + ‖I_v,h‖²;
 4. a rank-``rank`` update (α/r)·A·B of those heads' q/k/v rows, computed on the activations;
@@ -49,6 +50,7 @@ class LoRSUOptions:
     train_fc1_bias: bool = True  # dense
     proj_lora: bool = True  # unmasked rank-`rank` LoRA on the final image projection
     importance_samples: int = 1000  # score on at least this many samples (or one pass)
+    importance_min_abs: float = 1e-10  # and until every accumulated |Σ n_b ∇L_b| >= this (released); 0: samples only
     scheduler_step: Literal["step", "epoch"] = "step"  # epoch: the released code's per-epoch schedule
 
     def __post_init__(self) -> None:
@@ -58,6 +60,7 @@ class LoRSUOptions:
         check(isinstance(self.rank, int) and self.rank >= 1, "lorsu.rank", self.rank, "an integer >= 1")
         check(self.alpha > 0, "lorsu.alpha", self.alpha, "a float > 0")
         check(self.importance_samples >= 1, "lorsu.importance_samples", self.importance_samples, "an integer >= 1")
+        check(self.importance_min_abs >= 0, "lorsu.importance_min_abs", self.importance_min_abs, "a float >= 0")
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,19 @@ class LoRSU(StrategyPlugin):
 
     # -- 1-3: scores and selection ------------------------------------------------------------
     def score(self, strategy, blocks: list[BlockView]) -> list[BlockScores]:
-        """Signed mean CLIP-loss gradient of every block's q/k/v and fc1 weights on the session data."""
-        params = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
-        grads = session_gradients(strategy, params, clip_loss, max_samples=self.options.importance_samples)
-        by_id = {id(p): g for p, g in zip(params, grads)}
+        """Signed mean CLIP-loss gradient of every block's q/k/v and fc1 weights on the session data.
+
+        The released pass: the model in eval mode, one batch after another of the training loader
+        until the batch that reaches ``importance_samples`` samples *and* leaves every accumulated entry
+        of Σ_b n_b ∇L_b at magnitude >= ``importance_min_abs``, never past one pass. That check covers
+        what the released code has unfrozen while it scores: q/k/v and fc1 weights, fc1 biases, projection.
+        """
+        candidates = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
+        projection = self.backbone.image_projection()
+        checked = _unique([*candidates, *(b.fc1.bias for b in blocks), getattr(*projection) if projection else None])
+        grads = session_gradients(strategy, checked, clip_loss, training=False,
+                                  min_samples=self.options.importance_samples, min_abs=self.options.importance_min_abs)
+        by_id = {id(p): g for p, g in zip(checked, grads)}
         return [BlockScores(*(by_id[id(p.weight)][p.rows] for p in b.qkv), by_id[id(b.fc1.weight)]) for b in blocks]
 
     def select(self, blocks: list[BlockView], scores: list[BlockScores] | None) -> list[BlockSelection]:
