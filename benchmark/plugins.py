@@ -53,7 +53,9 @@ class StrategyPlugin(SupervisedPlugin):
 
     def trainable_counts(self) -> dict[str, int]:
         """Trainable parameters now: ``trainable`` (what is really updated, masks counted) and
-        ``trainable_with_biases`` (plus dense biases). Default: all ``requires_grad`` entries."""
+        ``trainable_with_biases`` (plus dense biases); optionally ``trainable_released``, the count
+        under a reference implementation's own convention when it differs (the cost meter records
+        ``trainable`` there otherwise). Default: all ``requires_grad`` entries."""
         n = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         return {"trainable": n, "trainable_with_biases": n}
 
@@ -232,7 +234,7 @@ class CostMeter(SupervisedPlugin):
     def before_training_iteration(self, strategy: CLIPTemplate, **kwargs) -> None:
         if "flops_per_sample" in self._costs:
             return
-        self._costs.update(self.strategy.trainable_counts())
+        self._costs.update(self.trainable_counts())
         params = [p for group in strategy.optimizer.param_groups for p in group["params"]]
         captions = strategy.caption_rng.get_state()
         # fill the frozen text side's caches outside the count (else the first session, and the
@@ -250,9 +252,14 @@ class CostMeter(SupervisedPlugin):
         if "optimizer_state_bytes" not in self._costs:
             self._costs["optimizer_state_bytes"] = optimizer_state_bytes(strategy.optimizer)
 
+    def trainable_counts(self) -> dict[str, int]:
+        """The strategy's counts, ``trainable_released`` defaulting to ``trainable``."""
+        counts = self.strategy.trainable_counts()
+        return {"trainable_released": counts["trainable"], **counts}
+
     def session_costs(self) -> dict[str, Any]:
         """Costs of the last session (trainable counts only, when it did not train)."""
-        counts = self._costs or self.strategy.trainable_counts()
+        counts = self._costs or self.trainable_counts()
         return {**counts, "setup_seconds": round(self.strategy.setup_seconds, 4)}
 
 

@@ -27,7 +27,7 @@ from benchmark.records import slug
 from benchmark.template import CLIPTemplate, clip_loss
 from strategies.full_ft import FullFineTuning
 from strategies.layernorm import LayerNormTuning
-from strategies.lorsu import BlockScores, LoRSU, LoRSUOptions, masks
+from strategies.lorsu import BlockScores, LoRSU, LoRSUOptions, masks, qkv_update_size
 from strategies.lorsu.reference import DenseLoRSU
 from strategies.lorsu.update import HeadLoRA
 from strategies.spu import SPU
@@ -142,8 +142,10 @@ def test_qkv_update_on_activations_equals_the_merged_weight_change(spec):
     block = backbone.blocks()[1]
     weights_before = [p.weight.detach().clone() for p in block.qkv]
     update = HeadLoRA(block.qkv_rows((1, 3)), block.width, RANK, ALPHA)
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        update.B.normal_()
+        for factor in (update.A, update.B):  # not the global RNG: the values must not depend on earlier tests
+            factor.copy_(torch.randn(factor.shape, generator=gen))
     handle = block.add_qkv_update(update)
     updated = backbone.encode_image(x)
     assert not torch.allclose(updated, original, atol=1e-3)
@@ -151,7 +153,8 @@ def test_qkv_update_on_activations_equals_the_merged_weight_change(spec):
     torch.testing.assert_close(backbone.encode_image(x), original, rtol=0, atol=1e-6)
 
     block.merge_qkv_rows(update.rows, update.delta().detach())
-    torch.testing.assert_close(backbone.encode_image(x), updated, rtol=1e-5, atol=1e-5)
+    # another fp32 summation order: the error scales with the outputs, not with each element
+    torch.testing.assert_close(backbone.encode_image(x), updated, rtol=1e-4, atol=1e-4 * updated.abs().max().item())
     chosen = {h * HEAD_DIM + i for h in (1, 3) for i in range(HEAD_DIM)}
     for proj, before in zip(block.qkv, weights_before):
         now = proj.weight_rows()
@@ -192,10 +195,22 @@ def test_lorsu_session_changes_only_masked_entries_and_chosen_heads(spec):
     # lorsu.md's count, by hand: S = ⌊0.1·256·64⌋ per block, R = 3·2·16 rows, projection 64×32
     lora_per_block = min(96 * W, RANK * (96 + W))
     trainable = LAYERS * (1638 + lora_per_block) + RANK * (W + EMBED)
+    released = LAYERS * (1638 + min(96 * W, RANK * 4 * W)) + RANK * (W + EMBED)  # the released code's log
     counts = plugin.trainable_counts()
-    assert counts == {"trainable": trainable, "trainable_with_biases": trainable + LAYERS * (3 * W + HIDDEN)}
+    assert counts == {"trainable": trainable, "trainable_with_biases": trainable + LAYERS * (3 * W + HIDDEN),
+                      "trainable_released": released}
     # and the optimizer held exactly that many numbers: state ∝ mask size, not fc1 size
     assert sum(p.numel() for g in template.optimizer.param_groups for p in g["params"]) == counts["trainable_with_biases"]
+
+
+def test_lorsu_counts_of_vit_l_14_336_are_the_paper_s_and_the_free_ones():
+    """ViT-L/14-336 at r = 64, 2 heads, sparsity 0.1: 24 blocks of width 1024 (16 heads of 64, fc1 4096 × 1024),
+    projection 1024 × 768, 304.29 M visual parameters. The released log: 16.47 M (5.41 %); free: 12.34 M."""
+    fc1, rows, projection = masks.mask_size(4096 * 1024, 0.1), 3 * 2 * 64, 64 * (1024 + 768)
+    released = 24 * (fc1 + qkv_update_size(rows, 1024, 64, "released")) + projection
+    free = 24 * (fc1 + qkv_update_size(rows, 1024, 64, "free")) + projection
+    assert (released, free) == (16_472_464, 12_343_696)
+    assert round(100 * released / 304_293_888, 2) == 5.41  # the paper's figure
 
 
 class RecordingLoRSU(LoRSU):
@@ -333,9 +348,10 @@ class LRLog(SupervisedPlugin):
 def test_lorsu_ablations_and_scheduler_step(scheduler_step):
     backbone = load_backbone("openclip:fscl-tiny")
     plugin = LoRSU(backbone, LoRSUOptions(rank=RANK, alpha=ALPHA, head_selection="random", fc1_mask="none",
-                                          proj_lora=False, train_fc1_bias=False, scheduler_step=scheduler_step))
+                                          proj_lora=False, train_fc1_bias=False))
     lr_log = LRLog()
-    template, stream = session_template(backbone, plugin, lr_log, batch_size=4, epochs=3)  # 3 iterations per epoch
+    template, stream = session_template(backbone, plugin, lr_log, batch_size=4, epochs=3, drop_last=False,
+                                        scheduler_step=scheduler_step)  # 3 iterations per epoch
     before = snapshot(backbone)
     template.train(stream[0])
     assert all(len(set(s.heads)) == 2 and s.head_scores is None and s.fc1_index is None for s in plugin.selection)
@@ -410,6 +426,7 @@ def test_every_strategy_runs_end_to_end_and_records_its_costs(tmp_path, hf_folde
         session = tiny[s][1]
         assert session["flops_per_sample"] > 0 and session["optimizer_state_bytes"] > 0, s
         assert 0 < session["trainable"] <= session["trainable_with_biases"], s
+        assert session["trainable_released"] == session["trainable"] or s == "lorsu", s
     assert tiny["lorsu"][1]["setup_seconds"] > 0 and tiny["spu"][1]["setup_seconds"] > 0
     assert tiny["lorsu"][1]["trainable"] < tiny["full-ft"][1]["trainable"]
     assert tiny["lorsu"][1]["optimizer_state_bytes"] < 0.5 * tiny["full-ft"][1]["optimizer_state_bytes"]
