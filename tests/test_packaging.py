@@ -51,3 +51,19 @@ def test_every_package_and_data_file_is_listed_in_setup_cfg():
             if f.is_file() and f.suffix not in (".py", ".pyc") and "__pycache__" not in f.parts and owner == folder:
                 rel = f.relative_to(folder)
                 assert any(rel.match(g) for g in globs.get(pkg, [])), f"{f} is not in [options.package_data] {pkg}"
+
+
+def test_every_document_cited_lies_in_the_repository():
+    """Code and docs cite only files of this repository (``docs/*.md``, ``README.md``); ``report.md`` is
+    what ``fscl report`` writes."""
+    import re
+
+    cited = re.compile(r"[\w./-]*\b[\w-]+\.md\b")
+    files = [*REPO.glob("*.md"), *REPO.glob("docs/*.md")]
+    files += [p for root in ("benchmark", "strategies", "streams", "reports", "tests", "benchmarks")
+              for p in (REPO / root).rglob("*") if p.suffix in (".py", ".yaml", ".md")]
+    for path in files:
+        for name in cited.findall(path.read_text()):
+            if "://" in name or name.startswith(".") or name == "report.md":
+                continue
+            assert (REPO / name).is_file() or (path.parent / name).is_file(), f"{path} cites {name}, not in the repository"

@@ -310,7 +310,7 @@ def test_cli_report_verb(tmp_path, capsys):
 
 
 def test_reports_import_only_benchmark():
-    """The import direction of architecture.md: reports -> benchmark, never strategies or streams."""
+    """The import direction of the house: reports -> benchmark, never strategies or streams."""
     for path in (Path(__file__).parents[1] / "reports").glob("*.py"):
         tree = ast.parse(path.read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -192,7 +192,7 @@ def test_lorsu_session_changes_only_masked_entries_and_chosen_heads(spec):
                 rows = block.head_rows(h)
                 assert torch.equal(old[rows], new[rows]) == (h not in sel.heads)
 
-    # lorsu.md's count, by hand: S = ⌊0.1·256·64⌋ per block, R = 3·2·16 rows, projection 64×32
+    # the free-parameter count, by hand: S = ⌊0.1·256·64⌋ per block, R = 3·2·16 rows, projection 64×32
     lora_per_block = min(96 * W, RANK * (96 + W))
     trainable = LAYERS * (1638 + lora_per_block) + RANK * (W + EMBED)
     released = LAYERS * (1638 + min(96 * W, RANK * 4 * W)) + RANK * (W + EMBED)  # the released code's log

@@ -1,4 +1,4 @@
-"""``lorsu``: Low-Rank adaptation with Structured Updates (lorsu.md), an Avalanche plugin.
+"""``lorsu``: Low-Rank adaptation with Structured Updates (Panos et al., arXiv 2502.04098), an Avalanche plugin.
 
 Per session, on the plain encoder left by the previous session:
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoRSUOptions:
-    """Options of ``lorsu`` (defaults: lorsu.md, the released implementation's choices)."""
+    """Options of ``lorsu`` (defaults: the released implementation's choices, docs/fidelity.md)."""
 
     top_k_heads: int = 2  # heads updated per block
     sparsity: float = 0.1  # fraction of each fc1 weight that trains

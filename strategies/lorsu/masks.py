@@ -1,6 +1,6 @@
-"""Which entries and heads LoRSU updates: the selection rules of lorsu.md, as pure functions.
+"""Which entries and heads LoRSU updates: the selection rules of the LoRSU paper (arXiv 2502.04098), as pure functions.
 
-Lemma (lorsu.md): among binary masks with S ones, the one that keeps most of a gradient
+Lemma (the paper's): among binary masks with S ones, the one that keeps most of a gradient
 step (max ‖m ⊙ g‖²) keeps the S entries of largest |g| — :func:`top_entries`. Corollary:
 when whole heads are selected, keep the heads of largest ‖g_h‖²_F — :func:`head_scores`
 and :func:`top_heads`.

@@ -7,7 +7,7 @@
 - :class:`LowRankDelta`: a plain LoRA parametrization ``W + (α/r)·A·B`` of a whole weight
   (LoRSU's and LoRA's image-projection update).
 
-Factor convention (lorsu.md): ``ΔW = (α/r)·A·B`` with ``A`` [rows, r] Kaiming-uniform and
+Factor convention (the released code's): ``ΔW = (α/r)·A·B`` with ``A`` [rows, r] Kaiming-uniform and
 ``B`` [r, in] zero, so the model is unchanged at step 0.
 """
 from __future__ import annotations
