@@ -1,10 +1,25 @@
-"""The base class of every strategy (an Avalanche plugin on :class:`benchmark.template.CLIPTemplate`),
-the session-data gradient pass that importance-based strategies share, and the cost meter."""
+"""The session contract between a training template and the strategies, the session-data gradient
+pass that importance-based strategies share, and the cost meter.
+
+A template (the CLIP template, :class:`benchmark.template.CLIPTemplate`) trains one session at a
+time and, around it, calls every :class:`StrategyPlugin`:
+
+1. ``setup(session)``: the strategy chooses or adds its trainable parameters (the template
+   times this and builds the optimizer over whatever then has ``requires_grad``);
+2. training: Avalanche's loop, with the strategy's ``penalty()`` added to the loss and any
+   Avalanche hook it overrides (e.g. ``after_backward`` to change gradients);
+3. ``finish(session)``: the strategy merges or consolidates; the template then freezes the
+   encoder again.
+
+``session`` is the template seen through :class:`TrainingSession`: its data
+(``session_batches``), its loss (``training_loss``) and its random generators
+(``preserved_rng``). Strategies use nothing else of the template and never change its recipe.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -16,19 +31,38 @@ from benchmark.backbones import Backbone
 from benchmark.config import ConfigError
 from benchmark.distributed import all_reduce_mean, world_size
 
-if TYPE_CHECKING:
-    from benchmark.template import CLIPTemplate
-
-# objective(image_features [B, D] (not normalised), text_features [B, D] (normalised), logit_scale) -> scalar
-Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
+Batch = Sequence[Any]  # an Avalanche mini-batch: [images [B, 3, H, W], labels [B], (captions,) task labels]
+OptionsT = TypeVar("OptionsT")  # a strategy's options dataclass
 
 
-class StrategyPlugin(SupervisedPlugin):
-    """A continual-learning method as a plugin on the CLIP template.
+class TrainingSession(Protocol):
+    """The session being trained, as a strategy sees it (every training template implements this)."""
 
-    Subclasses choose (or add) trainable parameters in ``before_training_exp``, may change
-    gradients in ``after_backward`` and merge or consolidate in ``after_training_exp``.
-    ``options`` is the strategy's validated options dataclass (or None).
+    backbone: Backbone
+
+    @property
+    def session_index(self) -> int:
+        """The session being trained, 1-based."""
+
+    def session_batches(self, ordered: bool = False) -> DataLoader:
+        """This session's training data as batches (:data:`Batch`). ``ordered=False``: the training
+        loader itself (shuffled, augmented, the training batch size and last-batch rule);
+        ``ordered=True``: every sample once in dataset order, the last partial batch kept."""
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        """The training loss (scalar, differentiable) of ``batch`` on the current weights, without
+        strategy penalties; under ``ddp: true`` the same on every rank."""
+
+    def preserved_rng(self) -> AbstractContextManager[None]:
+        """A block after which every random generator of training is as it was before."""
+
+
+class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
+    """A continual-learning method: a plugin on a training template (see the module docstring).
+
+    Subclasses implement :meth:`setup` and, when they merge or consolidate, :meth:`finish`; a
+    regulariser returns its term from :meth:`penalty`. ``options`` is the strategy's validated
+    options dataclass (or None).
 
     State that outlives a session (and so must survive a resume) goes through
     :meth:`state_dict` / :meth:`load_state_dict`. ``supports_ddp`` declares that the strategy
@@ -41,15 +75,26 @@ class StrategyPlugin(SupervisedPlugin):
     needs_blocks: ClassVar[bool] = False  # True: reads Backbone.blocks(); checked when the plugin is built
     supports_ddp: ClassVar[bool] = False  # True: safe under data-parallel training (see above)
 
-    def __init__(self, backbone: Backbone, options: Any = None) -> None:
+    def __init__(self, backbone: Backbone, options: OptionsT | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.options = options
-        self.setup_seconds = 0.0  # time spent choosing trainables (importance, masks) in the last session
+        self.options: OptionsT = options
         if self.needs_blocks and not backbone.blocks():
             raise ConfigError(
                 f"strategy {type(self).__name__} reaches the encoder through its transformer blocks, but backbone "
                 f"'{backbone.spec}' exposes none; allowed: a backbone with block views (openclip ViTs, hf: CLIP)")
+
+    def setup(self, session: TrainingSession) -> None:
+        """Before a session trains: choose or add the trainable parameters (``requires_grad``;
+        adapters go into ``backbone.adapters``). Everything is frozen when this is called."""
+
+    def finish(self, session: TrainingSession) -> None:
+        """After a session trained: merge updates into the weights or consolidate (default: nothing).
+        The template freezes the encoder afterwards."""
+
+    def penalty(self) -> Tensor | None:
+        """A term added to every training loss (scalar, differentiable), or None."""
+        return None
 
     def trainable_counts(self) -> dict[str, int]:
         """Trainable parameters now: ``trainable`` (what is really updated, masks counted) and
@@ -87,27 +132,6 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 Reduce = Literal["mean", "sum", "running", "fisher"]
 
 
-def session_batches(template: CLIPTemplate) -> DataLoader:
-    """The current session's training samples once, in dataset order: the loader of Avalanche's
-    ``EWCPlugin.compute_importances`` (``experience.dataset`` with its own transforms and
-    ``collate_fn``, ``train_mb_size`` samples per batch, not shuffled, the last partial batch kept)."""
-    dataset = template.experience.dataset
-    return DataLoader(dataset, batch_size=template.train_mb_size, collate_fn=getattr(dataset, "collate_fn", None))
-
-
-@contextmanager
-def preserved_rng(template: CLIPTemplate) -> Iterator[None]:
-    """Restore the torch generators (CPU, and the template's CUDA device) and the caption generator
-    afterwards, so that an extra pass over the data (augmentations, captions) leaves the training's
-    random draws as they were."""
-    captions = template.caption_rng.get_state()
-    with torch.random.fork_rng(devices=[template.device] if template.device.type == "cuda" else []):
-        try:
-            yield
-        finally:
-            template.caption_rng.set_state(captions)
-
-
 @contextmanager
 def _model_mode(model: nn.Module, training: bool | None) -> Iterator[None]:
     """``model.train(training)`` inside (unless None); every submodule's own mode restored afterwards."""
@@ -137,25 +161,26 @@ def _accumulate(totals: list[Tensor], running: list[Tensor], grads: list[Tensor]
 
 
 def session_gradients(
-    template: CLIPTemplate,
+    session: TrainingSession,
     params: Sequence[nn.Parameter],
-    objective: Objective,
+    loss: Callable[[Batch], Tensor] | None = None,
     *,
     reduce: Reduce = "mean",
-    batches: Iterable[Sequence[Any]] | None = None,
+    batches: Iterable[Batch] | None = None,
     training: bool | None = None,
     min_samples: int | None = None,
     min_batches: int | None = None,
     min_abs: float | None = None,
 ) -> list[Tensor]:
-    """Gradients of ``objective`` w.r.t. ``params`` over the current session's data, batch by batch.
+    """Gradients of ``loss`` (default: the session's training loss) w.r.t. ``params`` over the session's
+    data, batch by batch.
 
-    ``batches``: by default the template's training loader (training shuffling, augmentations and
-    batch size; the pass draws from the training's random generators, as the released codes' scoring
-    passes do), or e.g. :func:`session_batches`. Captions come from :meth:`CLIPTemplate.caption_features`.
+    ``batches``: by default the session's training loader (training shuffling, augmentations and
+    batch size; the pass draws from the training's random generators, as the released codes'
+    scoring passes do), or e.g. ``session.session_batches(ordered=True)``.
     ``training``: the model's mode during the pass (None: as it is). The model is left as it was:
-    ``.grad`` fields are not touched; modes, ``requires_grad`` flags, buffers and the template's
-    mini-batch are restored. A parameter outside the objective's graph has gradient zero.
+    ``.grad`` fields are not touched; modes, ``requires_grad`` flags and buffers are restored. A
+    parameter outside the loss's graph has gradient zero.
 
     With any of ``min_samples``, ``min_batches``, ``min_abs`` given, the pass stops after the first
     batch at which all the given ones hold: at least ``min_samples`` samples and ``min_batches``
@@ -163,10 +188,8 @@ def session_gradients(
     |S| >= ``min_abs``. It never goes past one pass.
 
     Under ``ddp: true`` each batch's gradient is averaged over the ranks (each encodes its slice of
-    the batch, see :meth:`CLIPTemplate.encode_train_images`) before it is accumulated, so every rank
-    holds the single-process totals, takes the same stop decision and returns the same result.
-    Every rank must therefore iterate the same batches (the training loader and
-    :func:`session_batches` do).
+    the batch) before it is accumulated, so every rank holds the single-process totals, takes the
+    same stop decision and returns the same result (every rank iterates the same batches).
 
     Returns one fp32 tensor per parameter, shaped like it; with g_b = ∇L_b of batch b (n_b samples),
     b = 1..K, N = Σ_b n_b:
@@ -178,31 +201,27 @@ def session_gradients(
     """
     if reduce not in get_args(Reduce):
         raise ValueError(f"reduce must be one of {get_args(Reduce)}, not {reduce!r}")
-    flags, mbatch = [p.requires_grad for p in params], template.mbatch
+    loss = loss or session.training_loss
+    flags = [p.requires_grad for p in params]
     totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     running = [torch.zeros_like(t) for t in totals] if reduce == "running" else []
     samples = count = 0
     stops_early = min_samples is not None or min_batches is not None or min_abs is not None
     try:
-        with preserved_buffers(template.model), _model_mode(template.model, training):
+        with preserved_buffers(session.backbone), _model_mode(session.backbone, training):
             for p in params:
                 p.requires_grad_(True)
-            for batch in template.dataloader if batches is None else batches:
-                template.mbatch = batch
-                template._unpack_minibatch()
-                features = template.encode_train_images()
-                loss = objective(features.float(), template.caption_features(), template.backbone.logit_scale)
+            for batch in session.session_batches() if batches is None else batches:
                 grads = [torch.zeros_like(p) if g is None else g
-                         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+                         for p, g in zip(params, torch.autograd.grad(loss(batch), params, allow_unused=True))]
                 all_reduce_mean(grads)
-                n = len(template.mb_x)
+                n = len(batch[0])
                 _accumulate(totals, running, grads, n, reduce)
                 samples, count = samples + n, count + 1
                 if stops_early and samples >= (min_samples or 0) and count >= (min_batches or 0) and (
                         min_abs is None or all(bool(t.abs().min() >= min_abs) for t in totals)):
                     break
     finally:
-        template.mbatch = mbatch
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     if not count:
@@ -216,9 +235,10 @@ class CostMeter(SupervisedPlugin):
 
     At the first training iteration of each session (the strategy's adapters are in place
     then) it reads the strategy's trainable-parameter counts and counts the FLOPs of one
-    forward + backward pass (``torch.utils.flop_counter``) on that mini-batch: an extra pass
-    whose gradients are discarded, with the caption generator and the buffers restored, so
-    training is unchanged. After the first optimizer step it reads the optimizer-state size.
+    forward + backward pass (``torch.utils.flop_counter``) of the training loss on that
+    mini-batch: an extra pass whose gradients are discarded, with the random generators and the
+    buffers restored, so training is unchanged. After the first optimizer step it reads the
+    optimizer-state size; the template's setup time (importance, masks) comes with them.
     """
 
     supports_distributed = True  # under ddp: true it counts one rank's share and scales it
@@ -228,29 +248,25 @@ class CostMeter(SupervisedPlugin):
         self.strategy = strategy
         self._costs: dict[str, Any] = {}
 
-    def before_training_exp(self, strategy: CLIPTemplate, **kwargs) -> None:
-        self._costs = {}
+    def before_training_exp(self, template, **kwargs) -> None:
+        self._costs = {"setup_seconds": round(template.setup_seconds, 4)}
 
-    def before_training_iteration(self, strategy: CLIPTemplate, **kwargs) -> None:
+    def before_training_iteration(self, template, **kwargs) -> None:
         if "flops_per_sample" in self._costs:
             return
         self._costs.update(self.trainable_counts())
-        params = [p for group in strategy.optimizer.param_groups for p in group["params"]]
-        captions = strategy.caption_rng.get_state()
-        # fill the frozen text side's caches outside the count (else the first session, and the
-        # first one after a resume, would count caption encoding too)
-        strategy.caption_features()
-        strategy.caption_rng.set_state(captions)
-        with preserved_buffers(strategy.model), FlopCounterMode(display=False) as counter:
-            strategy.mb_output = strategy.forward()
-            torch.autograd.grad(strategy.criterion(), params, allow_unused=True)
-        strategy.caption_rng.set_state(captions)
+        params = [p for group in template.optimizer.param_groups for p in group["params"]]
+        batch = template.mbatch
+        with template.preserved_rng():  # fill the frozen text side's caches outside the count (else the first
+            template.training_loss(batch)  # session, and the first one after a resume, would count caption encoding)
+        with template.preserved_rng(), preserved_buffers(template.backbone), FlopCounterMode(display=False) as counter:
+            torch.autograd.grad(template.training_loss(batch), params, allow_unused=True)
         # under ddp: true this rank encoded 1/W of the batch
-        self._costs["flops_per_sample"] = counter.get_total_flops() * world_size() // len(strategy.mb_x)
+        self._costs["flops_per_sample"] = counter.get_total_flops() * world_size() // len(batch[0])
 
-    def after_training_iteration(self, strategy: CLIPTemplate, **kwargs) -> None:
+    def after_training_iteration(self, template, **kwargs) -> None:
         if "optimizer_state_bytes" not in self._costs:
-            self._costs["optimizer_state_bytes"] = optimizer_state_bytes(strategy.optimizer)
+            self._costs["optimizer_state_bytes"] = optimizer_state_bytes(template.optimizer)
 
     def trainable_counts(self) -> dict[str, int]:
         """The strategy's counts, ``trainable_released`` defaulting to ``trainable``."""
@@ -259,8 +275,7 @@ class CostMeter(SupervisedPlugin):
 
     def session_costs(self) -> dict[str, Any]:
         """Costs of the last session (trainable counts only, when it did not train)."""
-        counts = self._costs or self.trainable_counts()
-        return {**counts, "setup_seconds": round(self.strategy.setup_seconds, 4)}
+        return self._costs or {**self.trainable_counts(), "setup_seconds": 0.0}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

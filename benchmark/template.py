@@ -2,13 +2,16 @@
 
 Only the vision encoder learns; the text side is frozen, so caption embeddings are computed
 once (per class and template, or per distinct caption string) and cached. Strategies are
-Avalanche plugins on this template: in ``before_training_exp`` they choose (or add) the
-trainable parameters, and the optimizer and schedule are built right after them.
+plugins on this template through the session contract of :mod:`benchmark.plugins`: it runs
+their ``setup`` as Avalanche's model adaptation and builds the optimizer and schedule right
+after them, adds their ``penalty`` to the loss, and runs their ``finish`` after the session.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from avalanche.training.templates import SupervisedTemplate
@@ -20,6 +23,7 @@ from benchmark.backbones import Backbone
 from benchmark.config import TrainConfig
 from benchmark.distributed import all_reduce_mean, any_rank, batch_slice, eval_indices, gather_batch, world_size
 from benchmark.evaluation import ZeroShotEvaluator
+from benchmark.plugins import Batch, StrategyPlugin
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,10 +58,11 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> f
 class CLIPTemplate(SupervisedTemplate):
     """Trains ``backbone``'s vision encoder on (image, caption) batches with :func:`clip_loss`.
 
+    Implements :class:`benchmark.plugins.TrainingSession` for the strategies among its plugins.
     Captions: a training batch yields ``(images, labels)`` and each caption is the class name
     in one template drawn per sample (a seeded generator), or ``(images, labels, captions)``
-    when the dataset provides its own caption strings. In eval mode :meth:`forward` returns
-    zero-shot logits [B, C] against the current eval set's class embeddings.
+    when the dataset provides its own caption strings. Evaluation is zero-shot classification
+    against the current eval set's class embeddings, with the cross-entropy as its loss.
 
     Under ``ddp: true`` (a process group of W ranks) every rank loads the same global batch
     (same seed, so the same shuffling, augmentations and captions as one process), encodes
@@ -81,8 +86,8 @@ class CLIPTemplate(SupervisedTemplate):
     ) -> None:
         super().__init__(
             model=backbone,
-            optimizer=None,  # built in _before_training_exp, once plugins chose the trainables
-            criterion=torch.nn.CrossEntropyLoss(),
+            optimizer=None,  # one per session, by make_optimizer once the strategies chose the trainables
+            criterion=torch.nn.CrossEntropyLoss(),  # evaluation's loss on the zero-shot logits
             train_mb_size=train.batch_size,
             train_epochs=train.epochs,
             eval_mb_size=train.eval_batch_size,
@@ -95,6 +100,8 @@ class CLIPTemplate(SupervisedTemplate):
         self.zeroshot = zeroshot
         self.class_names, self.templates = class_names, templates
         self.caption_rng = torch.Generator().manual_seed(seed)
+        self.strategies = [p for p in self.plugins if isinstance(p, StrategyPlugin)]
+        self.setup_seconds = 0.0  # the strategies' setup (importance passes, masks) of the last session
         self.eval_class_embeddings: Tensor | None = None
         self._caption_cache: dict[str, Tensor] = {}
         self._class_text: Tensor | None = None  # [C, T, D]
@@ -103,7 +110,44 @@ class CLIPTemplate(SupervisedTemplate):
         # fp16 needs loss scaling (bf16's range does not): the released code's GradScaler
         self.grad_scaler = torch.amp.GradScaler(device.type) if self._autocast_dtype() == torch.float16 else None
 
-    # -- captions ------------------------------------------------------------------------
+    # -- the session contract (benchmark.plugins.TrainingSession) -----------------------------
+    @property
+    def session_index(self) -> int:
+        """The session being trained, 1-based."""
+        return self.experience.current_experience + 1
+
+    def session_batches(self, ordered: bool = False) -> DataLoader:
+        """This session's training batches: the training loader (``ordered=False``), or every sample
+        once in dataset order with the last partial batch kept (``ordered=True``: the loader of
+        Avalanche's ``EWCPlugin``, ``experience.dataset`` with its own transforms)."""
+        if not ordered:
+            return self.dataloader
+        dataset = self.experience.dataset
+        return DataLoader(dataset, batch_size=self.train_mb_size, collate_fn=getattr(dataset, "collate_fn", None))
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        """The CLIP loss of ``batch`` (scalar), as training computes it, without strategy penalties."""
+        image_features, text_features = self.batch_features(batch)
+        return clip_loss(image_features, text_features, self.backbone.logit_scale)
+
+    def batch_features(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Image features [B, D] (fp32, not normalised; under ``ddp: true`` gathered, this rank's rows
+        carrying the gradient) and caption features [B, D] (normalised) of ``batch``."""
+        batch = self._to_device(batch)
+        return self.encode_images(batch[0]).float(), self.caption_features(batch)
+
+    @contextmanager
+    def preserved_rng(self) -> Iterator[None]:
+        """Restore the torch generators (CPU, and this device's CUDA one) and the caption generator
+        afterwards: an extra pass over the data (augmentations, captions) leaves training's draws as they were."""
+        captions = self.caption_rng.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            try:
+                yield
+            finally:
+                self.caption_rng.set_state(captions)
+
+    # -- captions and images ------------------------------------------------------------------
     def class_text_features(self) -> Tensor:
         """Normalised features [C, T, D] of every (class, template) caption."""
         if self._class_text is None:
@@ -112,27 +156,65 @@ class CLIPTemplate(SupervisedTemplate):
             self._class_text = feats.view(len(self.class_names), len(self.templates), -1)
         return self._class_text
 
-    def caption_features(self) -> Tensor:
-        """Text features [B, D] of the current mini-batch's captions."""
-        if len(self.mbatch) > 2 and isinstance(self.mbatch[2], (list, tuple)) and isinstance(self.mbatch[2][0], str):
-            missing = [c for c in dict.fromkeys(self.mbatch[2]) if c not in self._caption_cache]
+    def caption_features(self, batch: Batch) -> Tensor:
+        """Text features [B, D] of ``batch``'s captions: its own caption strings, or per sample its class
+        name in a template drawn from the caption generator."""
+        if len(batch) > 2 and isinstance(batch[2], (list, tuple)) and isinstance(batch[2][0], str):
+            missing = [c for c in dict.fromkeys(batch[2]) if c not in self._caption_cache]
             if missing:
                 self._caption_cache.update(zip(missing, self.backbone.text_features(missing)))
-            return torch.stack([self._caption_cache[c] for c in self.mbatch[2]])
+            return torch.stack([self._caption_cache[c] for c in batch[2]])
+        labels = batch[1]
         bank = self.class_text_features()
-        choice = torch.randint(len(self.templates), (len(self.mb_y),), generator=self.caption_rng)
-        return bank[self.mb_y.cpu(), choice].to(self.device)
+        choice = torch.randint(len(self.templates), (len(labels),), generator=self.caption_rng)
+        return bank[labels.cpu(), choice].to(self.device)
 
-    # -- Avalanche hooks ------------------------------------------------------------------
-    def encode_train_images(self) -> Tensor:
-        """Image features [B, D] of the whole training mini-batch ``mb_x`` [B, 3, H, W].
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Image features [B, D] of the whole batch ``images`` [B, 3, H, W], under the precision's autocast.
 
         Under ``ddp: true`` this rank encodes only its slice; the others' features arrive by
         :func:`benchmark.distributed.gather_batch` (this rank's rows carry the gradient).
         """
         with self._autocast():
-            local = self.backbone.encode_image(self.mb_x[batch_slice(len(self.mb_x))])
-        return gather_batch(local, len(self.mb_x))
+            local = self.backbone.encode_image(images[batch_slice(len(images))])
+        return gather_batch(local, len(images))
+
+    def _to_device(self, batch: Batch) -> list:
+        """The batch with its tensors on the device (caption strings stay as they are)."""
+        return [m.to(self.device, non_blocking=True) if isinstance(m, Tensor) else m for m in batch]
+
+    def _unpack_minibatch(self) -> None:
+        self.mbatch = self._to_device(self.mbatch)
+
+    # -- Avalanche hooks ------------------------------------------------------------------
+    def check_model_and_optimizer(self, **kwargs) -> None:
+        """Avalanche's model adaptation of a session: the strategies' ``setup`` (timed; the encoder is
+        frozen before it), then the optimizer over what they left trainable."""
+        start = time.perf_counter()
+        for strategy in self.strategies:
+            strategy.setup(self)
+        self.setup_seconds = time.perf_counter() - start
+        self.make_optimizer()
+
+    def make_optimizer(self, **kwargs) -> None:
+        """A new Adam (no weight decay) over the trainable parameters, and the schedule of this session.
+
+        The schedule spans all steps of the session. With ``scheduler_step=epoch`` it only advances
+        once per epoch (the released LoRSU code): epoch 0 runs at the warm-up start (min_lr) and the
+        cosine barely decays over the few epochs.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
+        self.optimizer = torch.optim.Adam(params, lr=self.train_cfg.lr, weight_decay=0.0)
+        self._total_steps = len(self.dataloader) * self.train_epochs
+        self._step = 0
+
+    def _after_training_exp(self, **kwargs) -> None:
+        for strategy in self.strategies:
+            strategy.finish(self)
+        self.backbone.requires_grad_(False)
+        super()._after_training_exp(**kwargs)
 
     def _after_backward(self, **kwargs) -> None:
         if world_size() > 1:
@@ -173,25 +255,6 @@ class CLIPTemplate(SupervisedTemplate):
             self.dataloader = DataLoader(share, batch_size=self.eval_mb_size, collate_fn=share.collate_fn,
                                          pin_memory=self.device.type == "cuda")
 
-    def _unpack_minibatch(self) -> None:
-        """Move the tensors of the mini-batch to the device; caption strings stay as they are."""
-        self.mbatch = [m.to(self.device, non_blocking=True) if isinstance(m, Tensor) else m for m in self.mbatch]
-
-    def make_optimizer(self, **kwargs) -> None:
-        """No-op: the optimizer is built after the strategy plugins ran (see below)."""
-
-    def _before_training_exp(self, **kwargs) -> None:
-        super()._before_training_exp(**kwargs)  # plugins choose the trainable parameters here
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
-        self.optimizer = torch.optim.Adam(params, lr=self.train_cfg.lr, weight_decay=0.0)
-        # The schedule always spans all steps of the session. With scheduler_step=epoch it only
-        # advances once per epoch (the released LoRSU code): epoch 0 runs at the warm-up start
-        # (min_lr) and the cosine barely decays over the few epochs.
-        self._total_steps = len(self.dataloader) * self.train_epochs
-        self._step = 0
-
     def _before_training_iteration(self, **kwargs) -> None:
         cfg = self.train_cfg
         step = self._step if cfg.scheduler_step == "step" else self.clock.train_exp_epochs
@@ -217,7 +280,8 @@ class CLIPTemplate(SupervisedTemplate):
 
     def backward(self) -> None:
         """Backward of the (fp16: scaled) loss; strategies' ``after_backward`` see the scaled gradients."""
-        (self.loss if self.grad_scaler is None else self.grad_scaler.scale(self.loss)).backward(retain_graph=self.retain_graph)
+        loss = self.loss if self.grad_scaler is None else self.grad_scaler.scale(self.loss)
+        loss.backward(retain_graph=self.retain_graph)
 
     def optimizer_step(self) -> None:
         """Adam step (fp16: unscaled by the gradient scaler, skipped when a gradient is not finite)."""
@@ -228,14 +292,20 @@ class CLIPTemplate(SupervisedTemplate):
             self.grad_scaler.update()
 
     def forward(self) -> Tensor:
+        """Training: the image features [B, D] of the mini-batch; evaluation: its zero-shot logits [B, C]."""
         if not self.is_training:
             return self.zeroshot.logits(self.mb_x, self.eval_class_embeddings)
-        return self.encode_train_images()
+        return self.encode_images(self.mb_x)
 
     def criterion(self) -> Tensor:
+        """Training: the CLIP loss plus every strategy's penalty; evaluation: the cross-entropy."""
         if not self.is_training:
-            return F.cross_entropy(self.mb_output, self.mb_y)
-        loss = clip_loss(self.mb_output.float(), self.caption_features(), self.backbone.logit_scale)
+            return super().criterion()
+        loss = clip_loss(self.mb_output.float(), self.caption_features(self.mbatch), self.backbone.logit_scale)
+        for strategy in self.strategies:
+            term = strategy.penalty()
+            if term is not None:
+                loss = loss + term
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) in epoch {self.clock.train_exp_epochs + 1}, "

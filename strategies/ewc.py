@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 
 from benchmark.config import check
-from benchmark.plugins import StrategyPlugin, preserved_rng, session_batches, session_gradients
+from benchmark.plugins import StrategyPlugin, session_gradients
 from benchmark.registry import STRATEGIES
-from benchmark.template import clip_loss
 
 
 @dataclass
@@ -66,7 +65,7 @@ class Anchor:
 
 
 @STRATEGIES.register("ewc", options=EWCOptions)
-class EWC(StrategyPlugin):
+class EWC(StrategyPlugin[EWCOptions]):
     """F-EWC: every vision-encoder parameter + the EWC penalty of the previous sessions."""
 
     supports_ddp = True  # the Fisher comes from session_gradients (averaged over ranks per batch)
@@ -77,19 +76,20 @@ class EWC(StrategyPlugin):
         self.anchor = Anchor()
         self.last_penalty: Tensor | None = None  # the unweighted penalty of the last iteration (detached)
 
-    def before_training_exp(self, strategy, **kwargs) -> None:
+    def setup(self, session) -> None:
         self.backbone.visual.requires_grad_(True)
 
-    def before_backward(self, strategy, **kwargs) -> None:
+    def penalty(self) -> Tensor | None:
+        """``ewc_lambda`` · Σ_s Σ_i F_s,i (θ_i − θ_s,i)² over the previous sessions (None in session 1)."""
         if not self.anchor:
             self.last_penalty = torch.zeros(())
-            return
+            return None
         penalty = self.anchor.penalty(self.params)
         self.last_penalty = penalty.detach()
-        strategy.loss = strategy.loss + self.options.ewc_lambda * penalty
+        return self.options.ewc_lambda * penalty
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
-        self.consolidate(strategy)
+    def finish(self, session) -> None:
+        self.consolidate(session)
 
     def state_dict(self) -> dict:
         """The anchor (F, μ, C) folded in so far: what the next sessions' penalty needs."""
@@ -99,7 +99,7 @@ class EWC(StrategyPlugin):
         self.anchor.fisher, self.anchor.center = list(state["fisher"]), list(state["center"])
         self.anchor.constant = float(state["constant"])
 
-    def consolidate(self, strategy) -> None:
+    def consolidate(self, session) -> None:
         """Fisher of the session just trained, folded into the anchor.
 
         As Avalanche: ``experience.dataset`` (its own transforms: here the training augmentations)
@@ -107,7 +107,7 @@ class EWC(StrategyPlugin):
         F = (1/#batches) Σ_b (∇L_b)². The pass leaves the random generators as it found them, so the
         next session draws the shuffles, augmentations and captions it would draw without it.
         """
-        with preserved_rng(strategy):
-            fisher = session_gradients(strategy, self.params, clip_loss, reduce="fisher",
-                                       batches=session_batches(strategy), training=False)
+        with session.preserved_rng():
+            fisher = session_gradients(session, self.params, reduce="fisher", training=False,
+                                       batches=session.session_batches(ordered=True))
         self.anchor.add(fisher, self.params)

@@ -4,10 +4,10 @@ from benchmark.registry import STRATEGIES
 
 
 @STRATEGIES.register("full-ft")
-class FullFineTuning(StrategyPlugin):
+class FullFineTuning(StrategyPlugin[None]):
     """Full fine-tuning of the vision encoder (text side and logit scale frozen)."""
 
     supports_ddp = True
 
-    def before_training_exp(self, strategy, **kwargs) -> None:
+    def setup(self, session) -> None:
         self.backbone.visual.requires_grad_(True)

@@ -4,11 +4,11 @@ from benchmark.registry import STRATEGIES
 
 
 @STRATEGIES.register("layernorm")
-class LayerNormTuning(StrategyPlugin):
+class LayerNormTuning(StrategyPlugin[None]):
     """LayerNorm weights and biases of the vision encoder (blocks, pre/post norms)."""
 
     supports_ddp = True
 
-    def before_training_exp(self, strategy, **kwargs) -> None:
+    def setup(self, session) -> None:
         for norm in self.backbone.norm_layers():
             norm.requires_grad_(True)

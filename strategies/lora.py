@@ -104,7 +104,7 @@ def out_proj_applications() -> int:
 
 
 @STRATEGIES.register("lora", options=LoRAOptions)
-class LoRA(StrategyPlugin):
+class LoRA(StrategyPlugin[LoRAOptions]):
     """LoRA on all vision linears, attention projections and the image projection; one adapter or one per session."""
 
     supports_ddp = True  # no statistics of its own; every rank draws the same factors (same global seed)
@@ -116,14 +116,14 @@ class LoRA(StrategyPlugin):
         self._factors: dict[str, Tensor] = {}  # keep: the adapter between sessions, by parameter name under visual
 
     # -- the session ----------------------------------------------------------------------
-    def before_training_exp(self, strategy, **kwargs) -> None:
+    def setup(self, session) -> None:
         self._attach()
         if self._factors:
             self._restore()
         else:
             self._initialise()
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
+    def finish(self, session) -> None:
         if self.options.across_sessions == "keep":
             self._factors = {name: p.detach().clone() for name, p in self.adapter_parameters().items()}
         self._tuner.merge_and_unload()
@@ -131,7 +131,6 @@ class LoRA(StrategyPlugin):
         if self._projection is not None:
             merge(*self._projection)
             self._projection = None
-        self.backbone.requires_grad_(False)
 
     def state_dict(self) -> dict[str, Any]:
         """``factors``: the kept adapter ({} with ``merge`` or before the first session)."""
@@ -156,7 +155,7 @@ class LoRA(StrategyPlugin):
 
     def _attach(self) -> None:
         """Wrap the targets in peft layers and parametrize the projection (factors not yet set)."""
-        opts: LoRAOptions = self.options
+        opts = self.options
         projection = self.backbone.image_projection() if opts.proj_lora else None
         exclude = projection[0] if projection and isinstance(projection[0], nn.Linear) else None
         config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, bias="none",

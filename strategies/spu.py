@@ -14,7 +14,6 @@ it trains (fc1 weights, fc1 biases, projection) has magnitude ≥ 1e-12; never p
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,7 +24,6 @@ from benchmark.backbones import Backbone, BlockView
 from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from benchmark.registry import STRATEGIES
-from benchmark.template import clip_loss
 from strategies.lorsu import masks
 from strategies.lorsu.update import SparseEntries, attach, merge
 
@@ -81,7 +79,7 @@ def _projection(backbone: Backbone) -> list[nn.Parameter]:
 
 
 @STRATEGIES.register("spu", options=SPUOptions)
-class SPU(StrategyPlugin):
+class SPU(StrategyPlugin[SPUOptions]):
     """SPU: sparse fc1 entries by score + dense fc1 biases (or all biases) + the image projection."""
 
     needs_blocks = True
@@ -92,32 +90,32 @@ class SPU(StrategyPlugin):
         self.fc1_index: list[Tensor] = []  # this session's flat fc1 indices, per block
         self._parametrized: list[nn.Module] = []
 
-    def before_training_exp(self, strategy, **kwargs) -> None:
-        start = time.perf_counter()
+    def setup(self, session) -> None:
         blocks = self.backbone.blocks()
         self.fc1_index = [masks.top_entries(s, masks.mask_size(s.numel(), self.options.sparsity))
-                          for s in self.score(strategy, blocks)]
+                          for s in self.score(session, blocks)]
         for block, index in zip(blocks, self.fc1_index):
             attach(block.fc1, "weight", SparseEntries(block.fc1.weight, index))
             self._parametrized.append(block.fc1)
         for p in self.trained_biases() + _projection(self.backbone):
             p.requires_grad_(True)
-        self.setup_seconds = time.perf_counter() - start
 
-    def score(self, strategy, blocks: list[BlockView]) -> list[Tensor]:
+    def score(self, session, blocks: list[BlockView]) -> list[Tensor]:
         """Signed scores [hidden, W] of every block's fc1 weight (SPU ranks them by magnitude).
 
         The stop rule checks the scores of the fc1 weights, fc1 biases and image projection: SPU's
         code checks every parameter with ``requires_grad`` when it scores, which is what it trains
         (with its default ``train_biases``), text tower aside."""
-        opts: SPUOptions = self.options
+        opts = self.options
         weights = [b.fc1.weight for b in blocks]
+        logit_scale = self.backbone.logit_scale
         scores = session_gradients(
-            strategy, weights + _fc1_biases(blocks) + _projection(self.backbone),
-            output_norm if opts.importance == "output_norm" else clip_loss,
+            session, weights + _fc1_biases(blocks) + _projection(self.backbone),
+            (lambda batch: output_norm(*session.batch_features(batch), logit_scale))
+            if opts.importance == "output_norm" else None,  # None: the CLIP loss, the session's training loss
             reduce="running" if opts.importance_sum == "running" else "sum",
             training=True,
-            min_batches=scored_batches(len(strategy.dataloader), opts.importance_fraction, opts.importance_stop),
+            min_batches=scored_batches(len(session.session_batches()), opts.importance_fraction, opts.importance_stop),
             min_abs=SPU_MIN_ABS if opts.importance_stop == "released" else None,
         )
         return scores[: len(weights)]
@@ -127,11 +125,10 @@ class SPU(StrategyPlugin):
         blocks = self.backbone.blocks()
         return _fc1_biases(blocks) if self.options.train_biases == "fc1" else self.backbone.bias_parameters()
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
+    def finish(self, session) -> None:
         for fc1 in self._parametrized:
             merge(fc1, "weight")
         self._parametrized = []
-        self.backbone.requires_grad_(False)
 
     def trainable_counts(self) -> dict[str, int]:
         """fc1 mask sizes + the projection; ``trainable_with_biases`` adds the biases that train."""

@@ -4,7 +4,7 @@ from benchmark.registry import STRATEGIES
 
 
 @STRATEGIES.register("zeroshot")
-class ZeroShot(StrategyPlugin):
+class ZeroShot(StrategyPlugin[None]):
     """No training: the pretrained encoder evaluated after every session."""
 
     trains = False

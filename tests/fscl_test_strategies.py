@@ -36,11 +36,10 @@ class RecordingLoRSU(LoRSU):
     """LoRSU; with ``$FSCL_TEST_MASKS`` set, writes each session's heads and fc1 indices per
     block to ``rank<r>-session<k>.json`` in that folder before merging."""
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
+    def finish(self, session) -> None:
         folder = os.environ.get(MASKS_ENV)
         if folder:
             chosen = [{"heads": list(s.heads), "fc1": s.fc1_index.tolist() if s.fc1_index is not None else None}
                       for s in self.selection]
-            session = strategy.experience.current_experience + 1
-            (Path(folder) / f"rank{rank()}-session{session}.json").write_text(json.dumps(chosen))
-        super().after_training_exp(strategy, **kwargs)
+            (Path(folder) / f"rank{rank()}-session{session.session_index}.json").write_text(json.dumps(chosen))
+        super().finish(session)

@@ -124,10 +124,10 @@ class CountingObjective:
 
 
 class RecordedLoader:
-    """The template's training loader, keeping every batch it yields."""
+    """A session's loader, keeping every batch it yields in ``batches``."""
 
-    def __init__(self, loader) -> None:
-        self.loader, self.batches = loader, []
+    def __init__(self, loader, batches: list) -> None:
+        self.loader, self.batches = loader, batches
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -138,35 +138,41 @@ class RecordedLoader:
             yield batch
 
 
-class RecordLoader(SupervisedPlugin):
-    """Put before a strategy: wraps the session's training loader in a :class:`RecordedLoader`."""
+class RecordingSession:
+    """A training session (the template, through the session contract) whose batches are recorded as read."""
 
-    def before_training_exp(self, strategy, **kwargs) -> None:
-        strategy.dataloader = self.recorded = RecordedLoader(strategy.dataloader)
+    def __init__(self, session) -> None:
+        self.session, self.batches, self.loader = session, [], None
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+    def session_batches(self, ordered: bool = False) -> RecordedLoader:
+        self.loader = self.session.session_batches(ordered)
+        return RecordedLoader(self.loader, self.batches)
 
 
 class RecordingSPU(SPU):
-    """SPU that keeps its scores and how many batches it had read when it finished scoring."""
+    """SPU that keeps its scores, the session it scored on and how many batches scoring read."""
 
-    def __init__(self, backbone, options, recorder: RecordLoader) -> None:
-        super().__init__(backbone, options)
-        self.recorder = recorder
-
-    def score(self, strategy, blocks):
-        self.scores = super().score(strategy, blocks)
-        self.scored = len(self.recorder.recorded.batches)
+    def score(self, session, blocks):
+        self.recorded = RecordingSession(session)
+        self.scores = super().score(self.recorded, blocks)
+        self.scored = len(self.recorded.batches)
         return self.scores
 
 
 class RecordingLoRSU(LoRSU):
-    def __init__(self, backbone, options, recorder: RecordLoader) -> None:
-        super().__init__(backbone, options)
-        self.recorder = recorder
-
-    def score(self, strategy, blocks):
-        scores = super().score(strategy, blocks)
-        self.scored = len(self.recorder.recorded.batches)
+    def score(self, session, blocks):
+        self.recorded = RecordingSession(session)
+        scores = super().score(self.recorded, blocks)
+        self.scored = len(self.recorded.batches)
         return scores
+
+
+def as_loss(template, objective):
+    """``objective(image features, caption features, logit scale)`` as a loss of one batch."""
+    return lambda batch: objective(*template.batch_features(batch), template.backbone.logit_scale)
 
 
 # --------------------------------------------------------------------------- session_gradients
@@ -184,7 +190,7 @@ def test_session_gradient_reductions_equal_sums_by_hand(spec):
     }
     backbone.eval()
     for reduce, reference in expected.items():
-        result = session_gradients(template, params, clip_loss, reduce=reduce, batches=batches, training=True)
+        result = session_gradients(template, params, as_loss(template, clip_loss), reduce=reduce, batches=batches, training=True)
         for actual, wanted in zip(result, reference):
             close(actual, wanted)
     # left as it was: flags, modes, the template's mini-batch
@@ -198,7 +204,7 @@ def test_session_gradients_stop_at_samples_and_batches_within_one_pass(min_sampl
     backbone = load_backbone("openclip:fscl-tiny")
     template, _ = make_template(backbone)
     objective = CountingObjective()
-    session_gradients(template, [projection(backbone)], objective, batches=random_batches((4, 4, 2)),
+    session_gradients(template, [projection(backbone)], as_loss(template, objective), batches=random_batches((4, 4, 2)),
                       min_samples=min_samples, min_batches=min_batches)
     assert objective.calls == expected
 
@@ -212,7 +218,7 @@ def test_nonzero_rule_scores_until_every_accumulated_entry_is_away_from_zero(spe
     backbone = load_backbone(spec)
     template, _ = make_template(backbone)
     objective = CountingObjective(blind)
-    (score,) = session_gradients(template, [projection(backbone)], objective, batches=random_batches((4, 4, 2)),
+    (score,) = session_gradients(template, [projection(backbone)], as_loss(template, objective), batches=random_batches((4, 4, 2)),
                                  min_samples=1, min_abs=min_abs)
     assert objective.calls == expected
     assert (score == 0).any() == (blind >= expected)
@@ -227,7 +233,7 @@ def test_nonzero_rule_checks_the_weighted_sums_before_the_division():
     params = [projection(backbone)]
     ((first,),) = batch_gradients(template, params, clip_loss, batches[:1])
     objective = CountingObjective()
-    session_gradients(template, params, objective, batches=batches, min_samples=1,
+    session_gradients(template, params, as_loss(template, objective), batches=batches, min_samples=1,
                       min_abs=0.5 * float((4 * first).abs().min()))
     assert objective.calls == 1
 
@@ -277,19 +283,18 @@ def test_spu_scored_batch_counts():
 @pytest.mark.parametrize("batch_size", [10, 3, 2])
 def test_spu_scores_are_running_sums_over_the_released_number_of_batches(spec, batch_size):
     backbone = load_backbone(spec)
-    recorder = RecordLoader()
-    plugin = RecordingSPU(backbone, SPUOptions(), recorder)
-    template, stream = make_template(backbone, recorder, plugin, batch_size=batch_size)
+    plugin = RecordingSPU(backbone, SPUOptions())
+    template, stream = make_template(backbone, plugin, batch_size=batch_size)
     modes = []
     backbone.visual.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     template.train(stream[0], eval_streams=[])
 
-    total = len(recorder.recorded.loader)
+    total = len(plugin.recorded.loader)
     assert plugin.scored == scored_batches(total, 0.25, "released") and all(modes[: plugin.scored])
     reference = load_backbone(spec)  # the same initial weights
     weights = [b.fc1.weight for b in reference.blocks()]
     grads = batch_gradients(make_template(reference)[0], weights, output_norm,
-                            recorder.recorded.batches[: plugin.scored])
+                            plugin.recorded.batches[: plugin.scored])
     running = [torch.zeros_like(w) for w in weights]
     expected = [torch.zeros_like(w) for w in weights]
     for batch in grads:
@@ -303,11 +308,10 @@ def test_spu_scores_are_running_sums_over_the_released_number_of_batches(spec, b
 def test_spu_scores_the_whole_pass_while_a_trained_entry_scores_zero(stop, expected):
     backbone = load_backbone("openclip:fscl-tiny")
     kill_fc1_unit(backbone.blocks()[0])
-    recorder = RecordLoader()
-    plugin = RecordingSPU(backbone, SPUOptions(importance_stop=stop), recorder)
-    template, stream = make_template(backbone, recorder, plugin, batch_size=2)
+    plugin = RecordingSPU(backbone, SPUOptions(importance_stop=stop))
+    template, stream = make_template(backbone, plugin, batch_size=2)
     template.train(stream[0], eval_streams=[])
-    assert len(recorder.recorded.loader) == 5 and plugin.scored == expected  # released without the dead unit: 3
+    assert len(plugin.recorded.loader) == 5 and plugin.scored == expected  # released without the dead unit: 3
 
 
 # --------------------------------------------------------------------------- LoRSU
@@ -316,14 +320,13 @@ def test_lorsu_scores_in_eval_mode_until_enough_samples_and_no_zero_entry(min_ab
     backbone = load_backbone("openclip:fscl-tiny")
     if dead:
         kill_fc1_unit(backbone.blocks()[1])
-    recorder = RecordLoader()
     plugin = RecordingLoRSU(backbone, LoRSUOptions(rank=4, alpha=8.0, importance_samples=1,
-                                                   importance_min_abs=min_abs), recorder)
-    template, stream = make_template(backbone, recorder, plugin, batch_size=2)
+                                                   importance_min_abs=min_abs))
+    template, stream = make_template(backbone, plugin, batch_size=2)
     modes = []
     backbone.visual.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     template.train(stream[0], eval_streams=[])
-    assert len(recorder.recorded.loader) == 5 and plugin.scored == expected
+    assert len(plugin.recorded.loader) == 5 and plugin.scored == expected
     assert modes[:expected] == [False] * expected and all(modes[expected:])  # scored in eval mode, as released
 
 

@@ -148,7 +148,7 @@ def test_init_puts_the_random_factor_on_its_side_with_its_bound(spec, init):
         before = backbone.encode_image(images)
     torch.manual_seed(0)
     plugin = LoRA(backbone, LoRAOptions(rank=RANK, alpha=ALPHA, init=init))
-    plugin.before_training_exp(None)
+    plugin.setup(None)
     params = plugin.adapter_parameters()
     *layers, projection = ((params[down], params[up]) for down, up in factor_names(backbone).values())
     for down, up in layers:
@@ -163,9 +163,10 @@ def test_init_puts_the_random_factor_on_its_side_with_its_bound(spec, init):
     assert plugin.trainable_counts()["trainable"] == expected_trainable(spec)
 
     drawn = {name: p.clone() for name, p in plugin.adapter_parameters().items()}
-    plugin.after_training_exp(None)
+    plugin.finish(None)
+    backbone.requires_grad_(False)
     torch.manual_seed(0)
-    plugin.before_training_exp(None)  # same global seed: the same factors
+    plugin.setup(None)  # same global seed: the same factors
     assert all(torch.equal(p, drawn[name]) for name, p in plugin.adapter_parameters().items())
 
 
@@ -185,14 +186,15 @@ def test_one_adam_step_equals_the_hand_computed_update(spec, init):
 
     torch.manual_seed(0)
     plugin = LoRA(backbone, LoRAOptions(rank=RANK, alpha=ALPHA, init=init))
-    plugin.before_training_exp(None)
+    plugin.setup(None)
     params = plugin.adapter_parameters()
     factors0 = {name: (params[down].detach().clone(), params[up].detach().clone())
                 for name, (down, up) in factor_names(backbone).items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr, eps=eps)
     clip_loss(backbone.encode_image(images), text, backbone.logit_scale).backward()
     optimizer.step()
-    plugin.after_training_exp(None)
+    plugin.finish(None)
+    backbone.requires_grad_(False)  # as the template does after a strategy's finish
     assert_plain_and_frozen(backbone)
 
     names = list(factors0)

