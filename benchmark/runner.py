@@ -1,10 +1,13 @@
 """Runs a configuration grid: one continual run per grid point, each into its run record.
 
-A run: load the backbone, sample the sessions, evaluate zero-shot before training (row 0)
-and after every session on the target (per session class group) and on every control,
-then write the accuracy matrix and the summary. Finished runs are skipped; a run that
-fails (e.g. a non-finite loss) is marked ``failed`` with its reason, keeps the sessions
-already evaluated, and the rest of the grid goes on.
+Stages: (1) the data of the whole grid is resolved and checked — every stream's root and
+layout, its sessions and its controls — before any model is built (:func:`check_data`, one
+message for every problem); (2) per run: the decision (run, skip a finished run, or leave a
+folder another process holds), the backbone, the strategy and the template; (3) the sessions:
+zero-shot evaluation before training (row 0) and after every session on the target (per
+session class group) and every control; (4) the accuracy matrix and the summary. A run that
+fails (a non-finite loss, an unreadable image) is marked ``failed`` with its reason, keeps
+the sessions already evaluated, and the rest of the grid goes on.
 
 Resume: after every session a checkpoint is saved (:mod:`benchmark.checkpoints`); an
 interrupted run started again continues after its last saved session and ends with the same
@@ -13,13 +16,14 @@ processes shard the grid or, with ``ddp: true``, share each run (:mod:`benchmark
 """
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import resource
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from tqdm.auto import tqdm
 
 from benchmark import checkpoints
 from benchmark.backbones import load_backbone
-from benchmark.config import Config
+from benchmark.config import Config, ConfigError
 from benchmark.distributed import (
     all_reduce_sum,
     check_data_parallel,
@@ -40,9 +44,10 @@ from benchmark.distributed import (
     is_main_process,
     local_device,
 )
+from benchmark.errors import DataError
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
 from benchmark.metrics import AccuracyMatrix, summarize
-from benchmark.plugins import CostMeter
+from benchmark.plugins import CostMeter, StrategyPlugin
 from benchmark.records import (
     STATUS_FAILED,
     STATUS_FINISHED,
@@ -57,6 +62,30 @@ from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
 
 log = logging.getLogger(__name__)
+
+
+class RunDecision(enum.IntEnum):
+    """What one process does with a grid point (summed over the ranks of a data-parallel run:
+    only rank 0 decides, the others contribute RUN = 0)."""
+
+    RUN = 0
+    SKIP = 1  # finished already
+    BUSY = 2  # another live process holds the run folder
+
+
+class GridCheckError(ConfigError):
+    """The grid's data failed its checks; the message lists every problem, one per line."""
+
+
+@dataclass
+class RunData:
+    """The data of one run, resolved and checked before any model is built."""
+
+    stream: Any  # the target stream (a registered Stream)
+    sessions: list  # its few-shot sessions (streams.Session)
+    controls: dict[str, Any] = field(default_factory=dict)  # control name -> its stream
+    control_tests: dict[str, Any] = field(default_factory=dict)  # control name -> test images (subset applied)
+    subsets: dict[str, Any] = field(default_factory=dict)  # control name -> the seeded subset's record
 
 
 @dataclass(frozen=True)
@@ -139,13 +168,58 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
         record.update_manifest(**fields)
 
 
+def _stream(cfg: Config, name: str, cache: dict[tuple, Any]) -> Any:
+    """The stream ``name`` on ``cfg.data_root`` with its options, built once per grid (scans are cached in it)."""
+    entry = STREAMS.get(name)
+    options = cfg.options_for(name, entry.options)
+    key = (name, cfg.data_root, repr(options), cfg.skip_bad_images)
+    if key not in cache:
+        cache[key] = entry.obj(cfg.data_root, options, skip_bad_images=cfg.skip_bad_images)
+    return cache[key]
+
+
+def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
+    """Resolve one run's data: the target stream, its sessions, its controls' test sets (raises
+    :class:`DataError`, ``ValueError`` or :class:`ConfigError` naming the problem)."""
+    cache = {} if cache is None else cache
+    stream = _stream(cfg, cfg.stream, cache)
+    data = RunData(stream, stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed))
+    for name in cfg.controls:
+        control = data.controls[name] = _stream(cfg, name, cache)
+        test = control.dataset("test")
+        if cfg.control_subset is not None and len(test) > cfg.control_subset:
+            test = test.subset(control_subset(len(test), cfg.control_subset, cfg.shot_seed, name))
+            data.subsets[name] = {"size": len(test), "of": len(control.dataset("test")), "seed": cfg.shot_seed,
+                                  "ids": test.ids}
+        data.control_tests[name] = test
+    return data
+
+
+def check_data(runs: list[Config]) -> list[RunData]:
+    """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid
+    (a missing root, a wrong layout, too many sessions for a stream's classes, ...)."""
+    cache: dict[tuple, Any] = {}
+    found, problems = [], {}
+    for run in runs:
+        try:
+            found.append(run_data(run, cache))
+        except (DataError, ValueError, ConfigError) as err:
+            problems.setdefault(str(err), []).append(f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}")
+    if problems:
+        lines = [f"- {message}\n  (runs: {', '.join(where[:3])}{' ...' if len(where) > 3 else ''})"
+                 for message, where in problems.items()]
+        raise GridCheckError(f"the grid's data has {len(problems)} problem(s); nothing was run:\n" + "\n".join(lines))
+    return found
+
+
 def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
     """Run this process's grid points of ``cfg`` in order; returns one outcome per point.
 
-    Started as several processes (``accelerate launch``, ``torchrun``, a SLURM array), each
-    runs its own shard of the grid (:func:`benchmark.distributed.grid_shard`). With
-    ``ddp: true`` the launched processes instead run every point together, data parallel
-    (a SLURM array still shards the grid between its tasks).
+    The data of every point is checked first (:func:`check_data`): a problem anywhere stops the
+    grid before any model is built. Started as several processes (``accelerate launch``,
+    ``torchrun``, a SLURM array), each runs its own shard of the grid
+    (:func:`benchmark.distributed.grid_shard`). With ``ddp: true`` the launched processes instead
+    run every point together, data parallel (a SLURM array still shards the grid between its tasks).
     """
     outcomes = []
     if cfg.ddp:
@@ -154,125 +228,147 @@ def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
     runs = shard.select(cfg.expand())
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
+    data = check_data(runs)
     bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
-    for run_cfg in bar:
+    for run_cfg, run_data_ in zip(bar, data):
         bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
-        outcomes.append(run_one(run_cfg, progress=progress and is_main_process()))
+        outcomes.append(run_one(run_cfg, run_data_, progress=progress and is_main_process()))
     return outcomes
 
 
-def run_one(cfg: Config, progress: bool = False) -> RunOutcome:
+def decide(record: RunRecord, lock: RunLock) -> tuple[RunDecision, str]:
+    """This process's decision for a run folder (the lock is held when it is RUN), and why."""
+    if not record.writable:
+        return RunDecision.RUN, ""
+    if record.is_finished():
+        return RunDecision.SKIP, ""
+    try:
+        lock.acquire()
+    except RunInUseError as err:
+        return RunDecision.BUSY, str(err)
+    if record.is_finished():  # finished by another process meanwhile
+        lock.release()
+        return RunDecision.SKIP, ""
+    return RunDecision.RUN, ""
+
+
+def run_one(cfg: Config, data: RunData | None = None, progress: bool = False) -> RunOutcome:
     """One continual run of a scalar config into its run record (resumed if interrupted).
 
-    Under ``ddp: true`` rank 0 writes the record and decides for every rank whether the run
-    is skipped (finished) or busy (locked by another process).
+    ``data``: the run's checked data (default: resolved here). Under ``ddp: true`` rank 0 writes
+    the record and decides for every rank whether the run is skipped (finished) or busy (locked
+    by another process).
     """
     path = run_dir(cfg)
     record = RunRecord(path, writable=is_main_process())
     lock = RunLock(path)
-    decision, reason = 0, ""  # 0: run, 1: skip (finished), 2: busy
-    if record.writable:
-        if record.is_finished():
-            decision = 1
-        else:
-            try:
-                lock.acquire()
-            except RunInUseError as err:
-                decision, reason = 2, str(err)
-            else:
-                decision = 1 if record.is_finished() else 0  # finished by another process meanwhile
-                if decision:
-                    lock.release()
-    (decision,) = all_reduce_sum([decision])
-    if decision == 1:
+    decision, reason = decide(record, lock)
+    (total,) = all_reduce_sum([int(decision)])
+    decision = RunDecision(total)
+    if decision is RunDecision.SKIP:
         log.info("skipping finished run %s", path)
         return RunOutcome(path, "skipped")
-    if decision == 2:
+    if decision is RunDecision.BUSY:
         log.error("%s", reason)
         return RunOutcome(path, "busy", reason or f"run folder {path} is in use by another process")
     try:
-        return _Run(cfg, record, progress).execute()
+        return _Run(cfg, record, progress).execute(data or run_data(cfg))
     finally:
         if record.writable:
             lock.release()
 
 
 class _Run:
-    """State of one run while it executes."""
+    """State of one run while it executes: built in :meth:`build`, trained in :meth:`sessions`."""
 
     def __init__(self, cfg: Config, record: RunRecord, progress: bool) -> None:
         self.cfg, self.record, self.progress = cfg, record, progress
         self.device = local_device(cfg.device)
         if self.device.type == "cuda":  # tensors made on "cuda" land on this process's GPU, not all on GPU 0
             torch.cuda.set_device(self.device)
+        self.metric = ZeroShotAccuracy()
+        self.matrix: AccuracyMatrix | None = None
+        self.costs: dict[str, Any] = {"sessions": []}
 
-    def execute(self) -> RunOutcome:
+    def execute(self, data: RunData) -> RunOutcome:
         cfg = self.cfg
         seed_everything(cfg.seed)
+        backbone, plugin, meter, template, scenario, eval_stream = self.build(data)
+        done = self.start_or_resume(data, backbone, plugin, template)
+        try:
+            self.sessions(done, plugin, meter, template, scenario, eval_stream)
+        except (NonFiniteLossError, DataError) as err:
+            reason = f"session {len(self.costs['sessions']) + 1}: {err}"
+            log.error("run %s failed: %s", self.record.path, reason)
+            self.finish(backbone.visual_parameter_count(), STATUS_FAILED, reason)
+            return RunOutcome(self.record.path, STATUS_FAILED, reason)
+        self.finish(backbone.visual_parameter_count(), STATUS_FINISHED)
+        if self.record.writable:
+            checkpoints.prune(self.record.path, cfg.keep_checkpoints)
+        return RunOutcome(self.record.path, STATUS_FINISHED)
+
+    def build(self, data: RunData):
+        """The backbone, the strategy and its cost meter, the template, the scenario and the eval stream."""
+        cfg = self.cfg
         backbone = load_backbone(cfg.backbone, str(self.device))
         if cfg.ddp:
             check_data_parallel(backbone.visual, cfg.backbone)
-        stream_entry = STREAMS.get(cfg.stream)
-        stream = stream_entry.obj(cfg.data_root, cfg.options_for(cfg.stream, stream_entry.options),
-                                  skip_bad_images=cfg.skip_bad_images)
-        sessions = stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed)
-        scenario = stream.benchmark(sessions, backbone.preprocess(True, cfg.train.augment), backbone.preprocess(False))
-
+        spec = data.stream.spec
+        scenario = data.stream.benchmark(data.sessions, backbone.preprocess(True, cfg.train.augment),
+                                         backbone.preprocess(False))
         zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size)
-        spec = stream.spec
         for i, exp in enumerate(scenario.test_stream):
             zeroshot.add(EvalSet(f"{cfg.stream}@s{i + 1}", cfg.stream, spec.class_names, spec.templates, exp.dataset))
-        data_streams, subsets = {cfg.stream: stream}, {}
-        for name in cfg.controls:
-            entry = STREAMS.get(name)
-            control = data_streams[name] = entry.obj(cfg.data_root, cfg.options_for(name, entry.options),
-                                                     skip_bad_images=cfg.skip_bad_images)
-            test = control.dataset("test")
-            if cfg.control_subset is not None and len(test) > cfg.control_subset:
-                test = test.subset(control_subset(len(test), cfg.control_subset, cfg.shot_seed, name))
-                subsets[name] = {"size": len(test), "of": len(control.dataset("test")), "seed": cfg.shot_seed,
-                                 "ids": test.ids}
-            zeroshot.add(EvalSet(name, name, control.spec.class_names, control.spec.templates,
+        for name, test in data.control_tests.items():
+            control = data.controls[name].spec
+            zeroshot.add(EvalSet(name, name, control.class_names, control.templates,
                                  test.with_transform(backbone.preprocess(False))))
-        eval_stream = zeroshot.stream()
-
-        strategy_entry = STRATEGIES.get(cfg.strategy)
-        plugin = strategy_entry.obj(backbone, cfg.options_for(cfg.strategy, strategy_entry.options))
+        entry = STRATEGIES.get(cfg.strategy)
+        plugin: StrategyPlugin = entry.obj(backbone, cfg.options_for(cfg.strategy, entry.options))
         meter = CostMeter(plugin)
-        self.metric = ZeroShotAccuracy()
+        template = CLIPTemplate(
+            backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train,
+            zeroshot=zeroshot, seed=cfg.seed, device=self.device, plugins=[plugin, meter],
+            evaluator=EvaluationPlugin(
+                self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
+        )
+        self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
+        return backbone, plugin, meter, template, scenario, zeroshot.stream()
+
+    def start_or_resume(self, data: RunData, backbone, plugin: StrategyPlugin, template: CLIPTemplate) -> int:
+        """Start the record, or restore the last checkpoint of an interrupted run; the sessions already done."""
+        cfg = self.cfg
         resume = checkpoints.load_latest(self.record.path, cfg.to_dict(), self.device)
         if resume is None:
             if self.record.writable:
                 checkpoints.clear(self.record.path)
             self.record.start(cfg.to_dict(), {"seed": cfg.seed, "shot_seed": cfg.shot_seed},
-                              {f"session_{s.index}": s.ids for s in sessions})
+                              {f"session_{s.index}": s.ids for s in data.sessions})
         else:
             log.info("resuming %s after session %d", self.record.path, resume.session)
             self.record.resume(resume.session)
-        self.record.update_manifest(
-            classes_with_fewer_shots={f"session_{s.index}": s.short_classes for s in sessions if s.short_classes})
-        record_data(self.record, data_streams, subsets)
-        template = CLIPTemplate(
-            backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train, zeroshot=zeroshot,
-            seed=cfg.seed, device=self.device, plugins=[plugin, meter],
-            evaluator=EvaluationPlugin(
-                self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
-        )
-        self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(sessions))
-        costs: dict[str, Any] = {"sessions": []}
-        done = 0  # sessions already trained and evaluated (by the interrupted process)
-        if resume is not None:
-            backbone.visual.load_state_dict(resume.encoder)
-            plugin.load_state_dict(resume.strategy)
-            self.matrix, costs, done = resume.matrix, resume.costs, resume.session
-            checkpoints.restore_rng(resume.rng, template.caption_rng)
-        bar = tqdm(total=len(sessions) + 1, initial=done + 1 if done else 0, desc=f"{cfg.strategy} s{cfg.seed}",
+        self.record.update_manifest(classes_with_fewer_shots={
+            f"session_{s.index}": s.short_classes for s in data.sessions if s.short_classes})
+        record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets)
+        if resume is None:
+            return 0
+        backbone.visual.load_state_dict(resume.encoder)
+        plugin.load_state_dict(resume.strategy)
+        self.matrix, self.costs = resume.matrix, resume.costs
+        checkpoints.restore_rng(resume.rng, template.caption_rng)
+        return resume.session
+
+    def sessions(self, done: int, plugin: StrategyPlugin, meter: CostMeter, template: CLIPTemplate,
+                 scenario, eval_stream) -> None:
+        """Evaluate before training (unless resumed), then train and evaluate every session after ``done``."""
+        sessions = scenario.train_stream
+        bar = tqdm(total=len(sessions) + 1, initial=done + 1 if done else 0, desc=f"{self.cfg.strategy} s{self.cfg.seed}",
                    unit="eval", leave=False, disable=not self.progress)
         try:
             if not done:
                 self.evaluate(template, eval_stream, 0)
                 bar.update()
-            for exp in scenario.train_stream:
+            for exp in sessions:
                 session = exp.current_experience + 1
                 if session <= done:
                     continue
@@ -281,7 +377,7 @@ class _Run:
                 start = time.perf_counter()
                 if plugin.trains:
                     template.train(exp, eval_streams=[])
-                costs["sessions"].append({
+                self.costs["sessions"].append({
                     "session": session,
                     "train_seconds": round(time.perf_counter() - start, 4),
                     "train_samples": len(exp.dataset),
@@ -289,28 +385,19 @@ class _Run:
                     **meter.session_costs(),  # trainable counts, FLOPs per sample, setup (mask) time
                 })
                 self.evaluate(template, eval_stream, session)
-                self.checkpoint(session, backbone, plugin, template, costs)
+                self.checkpoint(session, template.backbone, plugin, template)
                 bar.update()
-        except NonFiniteLossError as err:
-            reason = f"session {len(costs['sessions']) + 1}: {err}"
-            log.error("run %s failed: %s", self.record.path, reason)
-            self.finish(costs, backbone.visual_parameter_count(), STATUS_FAILED, reason)
-            return RunOutcome(self.record.path, STATUS_FAILED, reason)
         finally:
             bar.close()
-        self.finish(costs, backbone.visual_parameter_count(), STATUS_FINISHED)
-        if self.record.writable:
-            checkpoints.prune(self.record.path, cfg.keep_checkpoints)
-        return RunOutcome(self.record.path, STATUS_FINISHED)
 
-    def checkpoint(self, session: int, backbone, plugin, template: CLIPTemplate, costs: dict[str, Any]) -> None:
+    def checkpoint(self, session: int, backbone, plugin: StrategyPlugin, template: CLIPTemplate) -> None:
         """Save what the sessions after ``session`` depend on (rank 0 only)."""
         if not self.record.writable:
             return
         checkpoints.save(self.record.path, checkpoints.SessionState(
             session=session, config=self.cfg.to_dict(), encoder=backbone.visual.state_dict(),
             strategy=plugin.state_dict(), rng=checkpoints.capture_rng(template.caption_rng),
-            matrix=self.matrix, costs=costs), self.cfg.keep_checkpoints)
+            matrix=self.matrix, costs=self.costs), self.cfg.keep_checkpoints)
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
@@ -336,10 +423,11 @@ class _Run:
             self.matrix.values[session, j] = add(name, "top1", *counts[name])
         self.record.append_metrics(rows)
 
-    def finish(self, costs: dict[str, Any], visual_params: int, status: str, reason: str = "") -> None:
+    def finish(self, visual_params: int, status: str, reason: str = "") -> None:
+        """Write the matrix and the summary, and the run's status (with its reason when it failed)."""
         path = self.record.path
         summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
-        summary["costs"] = {"visual_parameters": visual_params, **costs}
+        summary["costs"] = {"visual_parameters": visual_params, **self.costs}
         if self.record.writable:
             atomic_write(path / "matrix.csv", self.matrix.to_csv())
             write_json(path / "summary.json", summary)

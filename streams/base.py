@@ -17,13 +17,14 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 
+from benchmark.errors import DataError
 from streams.sampling import FewShotSampler, Session
 
 DATA_DIR = Path(__file__).parent / "data"
 Split = Literal["train", "test"]
 
 
-class StreamDataError(RuntimeError):
+class StreamDataError(DataError):
     """A dataset root or file is missing or unreadable; the message names the path."""
 
 
