@@ -79,12 +79,35 @@ def grid_shard(env: dict[str, str] | None = None, launcher: bool = True) -> Shar
 
 
 def local_device(name: str) -> torch.device:
-    """The device for config value ``name``; ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is there."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    """The device for config value ``name``, always with an index for CUDA: ``auto`` and ``cuda`` are
+    ``cuda:LOCAL_RANK`` (modulo the GPUs there) when CUDA is there (``auto``: else the CPU).
+    A device this machine lacks is a :class:`ConfigError` that says what it has."""
+    if name == "cpu" or name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device(name)
+    if name in ("auto", "cuda"):
+        _require_cuda(name)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if name.startswith("cuda:"):
+        _require_cuda(name)
+        index = name.partition(":")[2]
+        count = torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise ConfigError(f"device: invalid value {name!r}; allowed: cuda:0 .. cuda:{count - 1} "
+                              f"(this machine has {count} GPU(s)), cuda, auto, cpu")
+        return torch.device("cuda", int(index))
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device: 'mps' is not available on this machine (no Apple GPU, or torch built "
+                              "without it); allowed: auto, cpu")
+        return torch.device("mps")
+    raise ConfigError(f"device: invalid value {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+def _require_cuda(name: str) -> None:
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"
+        raise ConfigError(f"device: {name!r} asks for CUDA, which this machine lacks (torch {torch.__version__}: "
+                          f"{build}); allowed: auto, cpu")
 
 
 # --------------------------------------------------------------------------- data parallel

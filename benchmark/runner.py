@@ -222,8 +222,9 @@ def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
     run every point together, data parallel (a SLURM array still shards the grid between its tasks).
     """
     outcomes = []
+    device = local_device(cfg.device)  # a device this machine lacks: refused before any work
     if cfg.ddp:
-        init_data_parallel(local_device(cfg.device))
+        init_data_parallel(device)
     shard = grid_shard(launcher=not cfg.ddp)
     runs = shard.select(cfg.expand())
     if shard.count > 1:

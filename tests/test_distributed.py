@@ -17,7 +17,7 @@ import yaml
 from benchmark import checkpoints
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
-from benchmark.distributed import Shard, batch_slice_for, grid_shard
+from benchmark.distributed import Shard, batch_slice_for, grid_shard, local_device
 from benchmark.plugins import StrategyPlugin
 from benchmark.records import RunRecord
 from benchmark.registry import STRATEGIES
@@ -164,3 +164,30 @@ def test_ddp_refuses_a_backbone_with_batch_norm(tmp_path, capsys):
     assert main([*args, "ddp=true"]) == 2
     assert "ddp: backbone 'openclip:fscl-tiny-rn-bn' has batch-norm layers" in capsys.readouterr().err
     assert not list((tmp_path / "runs").rglob("manifest.json")) and not list((tmp_path / "runs").rglob("run.lock"))
+
+
+def test_devices_resolve_with_an_index_or_say_what_the_machine_has(monkeypatch):
+    assert local_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert local_device("cuda") == local_device("auto") == torch.device("cuda", 0)
+        assert local_device("cuda:0") == torch.device("cuda", 0)
+        with pytest.raises(ConfigError, match=r"allowed: cuda:0 \.\. cuda:"):
+            local_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        assert local_device("auto") == torch.device("cpu")
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(ConfigError, match=f"device: '{name}' asks for CUDA, which this machine lacks"):
+                local_device(name)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="'mps' is not available"):
+            local_device("mps")
+    with pytest.raises(ConfigError, match="device: invalid value 'tpu'"):
+        local_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_run_on_a_device_the_machine_lacks_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["run", "quick", f"out={tmp_path}", "device=cuda", "strategy=zeroshot", "seed=0"]) == 2
+    assert "asks for CUDA, which this machine lacks" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
