@@ -118,15 +118,33 @@ def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.devi
         except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:  # truncated or corrupt: the one before
             log.warning("ignoring unreadable checkpoint %s: %s", path, err)
             continue
-        if _identity(data.get("config") or {}) != _identity(config):
-            log.warning("checkpoints in %s belong to another configuration; starting the run over", run_path)
+        changed = config_differences(data.get("config") or {}, config)
+        if changed:
+            log.warning("checkpoints in %s belong to another configuration (%s); starting the run over", run_path,
+                        "; ".join(changed))
             return None
         return SessionState(**data)
     return None
 
 
-def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESUME_INDEPENDENT}
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every (dotted) key whose value differs between two resolved configs,
+    leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    keys = sorted(k for k in flat_old.keys() | flat_new.keys() if k.split(".")[0] not in RESUME_INDEPENDENT)
+    missing = "(unset)"
+    return [f"{k}: {flat_old.get(k, missing)!r} -> {flat_new.get(k, missing)!r}" for k in keys
+            if flat_old.get(k, missing) != flat_new.get(k, missing)]
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def prune(run_path: Path, keep: KeepCheckpoints) -> None:

@@ -110,6 +110,13 @@ class RunRecord:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def config(self) -> dict[str, Any] | None:
+        """The resolved configuration the run was started with (``config.yaml``), or None."""
+        try:
+            return yaml.safe_load((self.path / "config.yaml").read_text())
+        except (FileNotFoundError, yaml.YAMLError):
+            return None
+
     def is_finished(self) -> bool:
         manifest = self.manifest()
         return bool(manifest and manifest.get("status") == STATUS_FINISHED and (self.path / "summary.json").is_file())

@@ -195,9 +195,23 @@ def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
     return data
 
 
-def check_data(runs: list[Config]) -> list[RunData]:
+def changed_finished_runs(runs: list[Config]) -> list[str]:
+    """The finished runs of the grid whose record was made with another configuration, each with
+    the keys that differ (a finished run is never silently reused for other settings)."""
+    found = []
+    for run in runs:
+        record = RunRecord(run_dir(run), writable=False)
+        if record.is_finished():
+            changed = checkpoints.config_differences(record.config() or {}, run.to_dict())
+            if changed:
+                found.append(f"{record.path} finished with another configuration: {'; '.join(changed)}")
+    return found
+
+
+def check_data(runs: list[Config], force: bool = False) -> list[RunData]:
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid
-    (a missing root, a wrong layout, too many sessions for a stream's classes, ...)."""
+    (a missing root, a wrong layout, too many sessions for a stream's classes, ...; unless ``force``,
+    a finished run whose configuration changed)."""
     cache: dict[tuple, Any] = {}
     found, problems = [], {}
     for run in runs:
@@ -205,18 +219,22 @@ def check_data(runs: list[Config]) -> list[RunData]:
             found.append(run_data(run, cache))
         except (DataError, ValueError, ConfigError) as err:
             problems.setdefault(str(err), []).append(f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}")
+    if not force:
+        for message in changed_finished_runs(runs):
+            problems[message + " (--force runs it again, replacing its record; or give the grid another name=)"] = []
     if problems:
-        lines = [f"- {message}\n  (runs: {', '.join(where[:3])}{' ...' if len(where) > 3 else ''})"
+        lines = [f"- {message}" + (f"\n  (runs: {', '.join(where[:3])}{' ...' if len(where) > 3 else ''})" if where else "")
                  for message, where in problems.items()]
         raise GridCheckError(f"the grid's data has {len(problems)} problem(s); nothing was run:\n" + "\n".join(lines))
     return found
 
 
-def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
+def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[RunOutcome]:
     """Run this process's grid points of ``cfg`` in order; returns one outcome per point.
 
     The data of every point is checked first (:func:`check_data`): a problem anywhere stops the
-    grid before any model is built. Started as several processes (``accelerate launch``,
+    grid before any model is built; so does a finished run whose configuration changed, unless
+    ``force`` (it then runs again from the start). Started as several processes (``accelerate launch``,
     ``torchrun``, a SLURM array), each runs its own shard of the grid
     (:func:`benchmark.distributed.grid_shard`). With ``ddp: true`` the launched processes instead
     run every point together, data parallel (a SLURM array still shards the grid between its tasks).
@@ -229,41 +247,46 @@ def run_grid(cfg: Config, progress: bool = True) -> list[RunOutcome]:
     runs = shard.select(cfg.expand())
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
-    data = check_data(runs)
+    data = check_data(runs, force)
     bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
     for run_cfg, run_data_ in zip(bar, data):
         bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
-        outcomes.append(run_one(run_cfg, run_data_, progress=progress and is_main_process()))
+        outcomes.append(run_one(run_cfg, run_data_, progress=progress and is_main_process(), force=force))
     return outcomes
 
 
-def decide(record: RunRecord, lock: RunLock) -> tuple[RunDecision, str]:
-    """This process's decision for a run folder (the lock is held when it is RUN), and why."""
+def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool = False) -> tuple[RunDecision, str]:
+    """This process's decision for a run folder (the lock is held when it is RUN), and why. A finished
+    run is skipped; with ``force``, one finished with another ``config`` runs again."""
+    def done() -> bool:
+        return record.is_finished() and not (force and checkpoints.config_differences(record.config() or {}, config))
+
     if not record.writable:
         return RunDecision.RUN, ""
-    if record.is_finished():
+    if done():
         return RunDecision.SKIP, ""
     try:
         lock.acquire()
     except RunInUseError as err:
         return RunDecision.BUSY, str(err)
-    if record.is_finished():  # finished by another process meanwhile
+    if done():  # finished by another process meanwhile
         lock.release()
         return RunDecision.SKIP, ""
     return RunDecision.RUN, ""
 
 
-def run_one(cfg: Config, data: RunData | None = None, progress: bool = False) -> RunOutcome:
+def run_one(cfg: Config, data: RunData | None = None, progress: bool = False, force: bool = False) -> RunOutcome:
     """One continual run of a scalar config into its run record (resumed if interrupted).
 
-    ``data``: the run's checked data (default: resolved here). Under ``ddp: true`` rank 0 writes
+    ``data``: the run's checked data (default: resolved here); ``force``: run a finished run again when
+    its configuration changed. Under ``ddp: true`` rank 0 writes
     the record and decides for every rank whether the run is skipped (finished) or busy (locked
     by another process).
     """
     path = run_dir(cfg)
     record = RunRecord(path, writable=is_main_process())
     lock = RunLock(path)
-    decision, reason = decide(record, lock)
+    decision, reason = decide(record, lock, cfg.to_dict(), force)
     (total,) = all_reduce_sum([int(decision)])
     decision = RunDecision(total)
     if decision is RunDecision.SKIP:
