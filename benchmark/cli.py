@@ -1,27 +1,38 @@
-"""The ``fscl`` command line (also ``python -m benchmark``)."""
+"""The ``fscl`` command line (also ``python -m benchmark``).
+
+The core's verbs are ``run``, ``ls`` and ``export``; other packages add theirs through the
+``fscl.commands`` entry-point group (ours: ``report`` and ``demo`` from :mod:`reports.commands`,
+``data`` and ``pretrain-mini`` from :mod:`streams.commands`). An entry names a function that
+adds one verb to the parser (``add(verbs)``, ``verbs`` the sub-parsers of ``fscl``); the verb's
+handler imports what it needs, so ``fscl --help``, every verb's ``--help`` and ``fscl ls``
+never import torch.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
-from pathlib import Path
+from importlib.metadata import entry_points
+from typing import Any
 
-import benchmark  # noqa: F401  (torchvision repair before anything else)
-import reports  # noqa: F401
-import strategies  # noqa: F401  (the CLI is the one place that imports all four packages)
-import streams  # noqa: F401
-from benchmark.backbones.openclip import BackboneLoadError
-from benchmark.config import DEFAULT_PRESET, ConfigError, list_presets, load_config
-from benchmark.distributed import grid_shard, is_main_process, launched_processes
-from benchmark.export import FORMATS as EXPORT_FORMATS
-from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, UnknownNameError
-from streams import StreamDataError
+from benchmark.config import DEFAULT_PRESET, TrainConfig, describe_options, list_presets, load_config
+from benchmark.errors import FsclError
+from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, Registry
 
 log = logging.getLogger("fscl")
 
+COMMAND_GROUP = "fscl.commands"
+EXPORT_FORMATS = ("openclip", "hf-clip-vision")  # benchmark.export.FORMATS, without importing torch
+HELP_WIDTH = 100
 
-def _cmd_run(args: argparse.Namespace) -> int:
+
+def run_command(args: argparse.Namespace) -> int:
+    """``fscl run`` (and the first half of ``fscl demo``): run, or with ``--dry-run`` list, a grid."""
+    from benchmark.distributed import grid_shard, is_main_process, launched_processes
     from benchmark.runner import run_dir, run_grid
 
     source, overrides = args.config, list(args.overrides)
@@ -56,106 +67,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """The offline benchmark end to end: the default preset, then its report."""
-    from reports import write_report
-
-    args.config, args.dry_run = DEFAULT_PRESET, False
-    status = _cmd_run(args)
-    cfg = load_config(DEFAULT_PRESET, args.overrides)
-    runs = Path(cfg.out) / cfg.name
-    paths = write_report(runs, runs / "report")
-    print(f"report: {paths.markdown}\n        {paths.html}")
-    return status
+def _value(value: Any) -> str:
+    """A default as it is written in YAML (``true``, ``null``, ``"auto"``, ``1e-05``)."""
+    return "required" if value is dataclasses.MISSING else json.dumps(value, ensure_ascii=False)
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    """Tables, figures and report.md/.html of a runs folder; failed or partial runs are listed, not averaged."""
-    from reports import ReportError, write_report
-
-    try:
-        paths = write_report(args.runs_dir, args.out, reference=args.reference)
-    except ReportError as err:
-        print(f"fscl: error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {paths.markdown}, {paths.html} ({len(paths.figures)} figure files, tables in "
-          f"{paths.results_csv.name} / {paths.results_latex.name})")
-    if paths.excluded:
-        print(f"  {len(paths.excluded)} failed or partial run(s) left out; listed in the report", file=sys.stderr)
-    return 0
+def option_lines(options: type, prefix: str, details: bool) -> list[str]:
+    """``prefix.name: type = default`` per field of the dataclass ``options``, with ``details`` its help below."""
+    lines = []
+    for doc in describe_options(options):
+        lines.append(f"    {prefix}.{doc.name}: {doc.type} = {_value(doc.default)}")
+        if details:
+            lines += textwrap.wrap(doc.help, HELP_WIDTH, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return lines
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "presets":
-        for name in list_presets():
-            print(name)
+        print("\n".join(list_presets()))
         return 0
-    registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES}[args.what]
+    if args.what == "train":
+        print("\n".join(option_lines(TrainConfig, "train", args.details)))
+        return 0
+    registry: Registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES}[args.what]
     for entry in registry.entries():
         print(f"{entry.name:<16} {entry.summary}")
-        own = vars(entry.obj) if isinstance(entry.obj, type) else {}  # a subclass family does not repeat its base's
-        for label, values in (("load", own.get("load_forms", ())), ("tags", own.get("known_tags", ()))):
-            for value in values:  # backbone families: load-string forms and known pretrained tags
+        for label, values in (("load", entry.load_forms), ("tags", entry.known_tags)):
+            for value in values:
                 print(f"{'':<18}{label}: {value}")
+        if args.details and entry.options is not None:
+            print("\n".join(option_lines(entry.options, entry.name, details=True)))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel folder."""
-    from benchmark.export import ExportError, export
+    from benchmark.export import export
 
-    try:
-        out = export(args.run_dir, args.session, args.format, args.out)
-    except ExportError as err:
-        print(f"fscl: error: {err}", file=sys.stderr)
-        return 2
+    out = export(args.run_dir, args.session, args.format, args.out)
     print(f"{args.format} encoder after session {args.session} -> {out}")
     return 0
 
 
-def _cmd_data_check(args: argparse.Namespace) -> int:
-    """Exit 0 only when the stream is usable on that root (1: it is not)."""
-    import yaml
-
-    from benchmark.config import from_dict
-    from streams.check import check_stream
-
-    entry = STREAMS.get(args.stream)
-    values = {}
-    for option in args.option:
-        key, sep, raw = option.partition("=")
-        if not sep:
-            raise ConfigError(f"--option '{option}' must look like key=value")
-        values[key] = yaml.safe_load(raw) if raw.strip() else ""
-    if values and entry.options is None:
-        raise ConfigError(f"stream '{args.stream}' takes no options")
-    options = from_dict(entry.options, values, prefix=args.stream) if entry.options else None
-    report = check_stream(args.stream, args.root, options, sessions=args.sessions, shots=args.shots,
-                          progress=not args.no_progress)
-    print(report.text())
-    return 0 if report.ok else 1
-
-
-def _cmd_pretrain_mini(args: argparse.Namespace) -> int:
-    """Pretrain the mini world's model into the cache (or --out) and print what it reached."""
-    from streams.mini.backbone import WEIGHTS, default_model_dir
-    from streams.mini.pretrain import PretrainConfig, pretrain
-
-    folder = Path(args.out) if args.out else default_model_dir(args.seed)
-    if (folder / WEIGHTS).is_file() and not args.force:
-        print(f"the mini model is already in {folder} (--force rebuilds it)")
-        return 0
-    cfg = PretrainConfig(seed=args.seed)
-    if args.steps:
-        cfg.steps = args.steps
-    manifest = pretrain(folder, cfg, progress=not args.no_progress)
-    print(f"mini model -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
-    for name, acc in manifest["zero_shot_top1"].items():
-        print(f"  zero-shot top-1 {name:<18} {100 * acc:5.1f} %")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``fscl``: the core's verbs, then those of the ``fscl.commands`` entry points."""
     parser = argparse.ArgumentParser(
         prog="fscl", description="Few-shot continual-learning benchmark for the vision encoders of VLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -168,60 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "(accelerate launch / torchrun / a SLURM array) each process runs its share of the grid; "
                     "with ddp=true they train each run together (data parallel).",
         epilog="examples:\n  fscl run quick seed=0,1,2\n  fscl run my.yaml strategy=[zeroshot,full-ft] "
-               "train.epochs=2\n  fscl run quick --dry-run",
+               "train.epochs=2\n  fscl run quick --dry-run\n\n"
+               "keys: 'fscl ls train -v' lists the train.* keys; 'fscl ls strategies -v' and 'fscl ls streams -v'\n"
+               "the options of each strategy and stream (lorsu.rank=32); README.md 'Configuration' the others.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", default=None,
-                     help="preset name (see 'fscl ls presets') or YAML file; default: the offline preset")
+                     help="preset name (see 'fscl ls presets') or YAML file; default: the offline preset "
+                          f"'{DEFAULT_PRESET}'")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides; lists (a,b or [a,b]) on stream/strategy/backbone/shots/seed make a grid")
     run.add_argument("--dry-run", action="store_true",
                      help="print the runs of the grid (of this process's shard, when sharded) and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=run_command)
 
-    demo = verbs.add_parser("demo", help="run the offline benchmark end to end (no download)",
-                            description=f"Run the offline default preset '{DEFAULT_PRESET}' end to end.")
-    demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for 'run'")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_cmd_demo)
-
-    ls = verbs.add_parser("ls", help="list registered streams, strategies, backbones or presets",
-                          description="List what is registered (including plugins of other packages).")
-    ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets"])
+    ls = verbs.add_parser(
+        "ls", help="list registered streams, strategies, backbones, presets or the train.* keys",
+        description="List what is registered (including plugins of other packages), or the train.* keys.",
+        epilog="examples:\n  fscl ls strategies -v    every strategy with its options (type, default, help)\n"
+               "  fscl ls train -v         the training recipe's keys with their help",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets", "train"])
+    ls.add_argument("-v", "--verbose", dest="details", action="store_true",
+                    help="every option with its type, default and help text (streams, strategies, train)")
     ls.set_defaults(func=_cmd_ls)
-
-    data = verbs.add_parser("data", help="check a stream's data on disk",
-                            description="Data tools. 'check' validates a stream's root before a run.")
-    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
-    data_check = data_verbs.add_parser(
-        "check", help="validate a stream's root: layout, counts per split/class/session, unreadable files",
-        description="Build the stream on DIR, count its images per split, class and session, decode every image. "
-                    "Exit code 0 only when the stream is usable.",
-        epilog="examples:\n  fscl data check gtsrb --root /data\n"
-               "  fscl data check imagefolder --root /data -o root=imagenet/val -o class_names=names.txt",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    data_check.add_argument("stream", metavar="STREAM", help="stream name (see 'fscl ls streams')")
-    data_check.add_argument("--root", required=True, metavar="DIR",
-                            help="the data_root holding the stream's folder (or that folder itself)")
-    data_check.add_argument("-o", "--option", action="append", default=[], metavar="key=value",
-                            help="a stream option, as in the stream's config section (repeatable)")
-    data_check.add_argument("--sessions", type=int, default=5, help="sessions to split the classes into (default 5)")
-    data_check.add_argument("--shots", type=int, default=None, help="flag classes with fewer training images")
-    data_check.add_argument("--no-progress", action="store_true", help="no progress bars")
-    data_check.set_defaults(func=_cmd_data_check)
-
-    report = verbs.add_parser(
-        "report", help="tables, figures and a Markdown/HTML report of a runs folder",
-        description="Aggregate finished runs (mean ± std over seeds, paired tests against a reference strategy) "
-                    "into report.md, report.html, results.csv/.tex and figures/; failed or partial runs are listed "
-                    "and left out.",
-        epilog="example:\n  fscl report runs/quick --out report/quick --reference full-ft",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records ('fscl run' output)")
-    report.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
-    report.add_argument("--reference", default="lorsu",
-                        help="strategy the others are tested against, paired by seed (default: lorsu)")
-    report.set_defaults(func=_cmd_report)
 
     export = verbs.add_parser(
         "export", help="write a run's updated vision encoder for the VLM that uses it",
@@ -238,17 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     export.set_defaults(func=_cmd_export)
 
-    mini = verbs.add_parser(
-        "pretrain-mini", help="pretrain the mini world's tiny open_clip model (offline; not CLIP)",
-        description="Pretrain the mini world's tiny ViT with the CLIP loss on clean renders and save it in "
-                    "open_clip's local-dir layout with a manifest (seed, steps, data version, zero-shot "
-                    "accuracies) under $FSCL_CACHE (default ~/.cache/fscl). The 'mini' backbone loads it.")
-    mini.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0; same seed, same weights)")
-    mini.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
-    mini.add_argument("--out", default=None, metavar="DIR", help="model folder (default: the cache's)")
-    mini.add_argument("--force", action="store_true", help="rebuild even when the model exists")
-    mini.add_argument("--no-progress", action="store_true", help="no progress bar")
-    mini.set_defaults(func=_cmd_pretrain_mini)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name):
+        try:
+            ep.load()(verbs)
+        except Exception as err:  # a broken third-party verb must not take the others down
+            log.warning("could not add the fscl command %s (%s): %s", ep.name, ep.value, err)
     return parser
 
 
@@ -267,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except BrokenPipeError:  # `fscl ls backbones | head`
         return 0
-    except (ConfigError, UnknownNameError, BackboneLoadError, StreamDataError) as err:
+    except FsclError as err:  # a config value, a name, a path, data: the message says what to change
         print(f"fscl: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,10 +7,18 @@ that were never defined. We need no compiled torchvision op (images are decoded 
 transforms are pure Python), so on exactly that error we define the two missing schemas
 and import again. Where torchvision imports cleanly (a matched CUDA build) nothing is
 changed: defining the schemas first would abort the process on newer torch releases.
+
+``import benchmark`` does not import torch: it installs :class:`TorchvisionRepair`, which
+runs :func:`ensure_torchvision` when anything (avalanche, open_clip, timm, peft,
+transformers, our own code) first imports torchvision.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from importlib.abc import Loader, MetaPathFinder
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -36,3 +44,53 @@ def ensure_torchvision() -> None:
         lib.define(schema)
     _library_keepalive.append(lib)
     import torchvision  # noqa: F401,F811
+
+
+class TorchvisionRepair(MetaPathFinder, Loader):
+    """Runs :func:`ensure_torchvision` at the first import of torchvision, whoever imports it.
+
+    Placed first on ``sys.meta_path``, it answers a lookup of ``torchvision`` with the spec the
+    other finders give, but with itself as the loader; a lookup alone (``importlib.util.find_spec``,
+    as transformers does to see what is installed) changes nothing. When the import system loads
+    the module, the finder removes itself, runs the repair (which imports torchvision through the
+    ordinary finders) and hands that module back with its own spec.
+    """
+
+    def __init__(self) -> None:
+        self._spec: ModuleSpec | None = None
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname != "torchvision":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                ours = ModuleSpec(fullname, self, origin=spec.origin, is_package=spec.submodule_search_locations is not None)
+                ours.submodule_search_locations = spec.submodule_search_locations
+                return ours
+        return None
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType:
+        self.uninstall()
+        ensure_torchvision()
+        module = sys.modules["torchvision"]
+        self._spec = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__ = self._spec  # the import system set ours; the module was already executed
+
+    def install(self) -> None:
+        """Put the finder first on ``sys.meta_path`` unless torchvision is imported already."""
+        if "torchvision" not in sys.modules and self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+
+    def uninstall(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
+TORCHVISION_REPAIR = TorchvisionRepair()

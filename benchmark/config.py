@@ -17,10 +17,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import yaml
 
+from benchmark.errors import FsclError
 from benchmark.registry import STRATEGIES, STREAMS
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -29,7 +30,7 @@ GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(FsclError, ValueError):
     """A configuration value is invalid; the message names the key and what is allowed."""
 
 
@@ -148,7 +149,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(err).split("allowed: ")[-1])
         check(False, key, value, " or ".join(errors + (["null"] if type(None) in typing.get_args(hint) else [])))
     if origin in (list, tuple):
-        check(isinstance(value, (list, tuple)), key, value, f"a list of {_type_name(typing.get_args(hint)[0])}")
+        check(isinstance(value, (list, tuple)), key, value, f"a list of {describe_type(typing.get_args(hint)[0])}")
         (item,) = typing.get_args(hint)[:1]
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -173,8 +174,37 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _type_name(hint: Any) -> str:
+def describe_type(hint: Any) -> str:
+    """A type as the CLI names it: ``int``, ``str | null``, ``importance | random`` (a Literal's values)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else describe_type(a) for a in args)
+    if origin in (list, tuple):
+        return f"list[{describe_type(args[0])}]"
+    if origin is dict:
+        return "mapping"
     return getattr(hint, "__name__", str(hint))
+
+
+class OptionDoc(NamedTuple):
+    """One field of an options dataclass, as ``fscl ls -v`` prints it."""
+
+    name: str
+    type: str  # see describe_type
+    default: Any  # dataclasses.MISSING when the field is required
+    help: str
+
+
+def describe_options(cls: type) -> list[OptionDoc]:
+    """Name, type, default and help text (``field(metadata={"help": ...})``) of every field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    docs = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        docs.append(OptionDoc(f.name, describe_type(hints[f.name]), default, f.metadata.get("help", "")))
+    return docs
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

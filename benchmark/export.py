@@ -31,11 +31,12 @@ from benchmark import checkpoints
 from benchmark.backbones import Backbone, load_backbone
 from benchmark.backbones.hf import HFCLIPBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone, model_config
+from benchmark.errors import FsclError
 
 ExportFormat = Literal["openclip", "hf-clip-vision"]
 
 
-class ExportError(RuntimeError):
+class ExportError(FsclError, RuntimeError):
     """The encoder cannot be exported as asked; the message says what to do instead."""
 
 

@@ -50,7 +50,6 @@ from benchmark.plugins import StrategyPlugin, optimizer_state_bytes
 from benchmark.registry import STRATEGIES
 from benchmark.runner import peak_memory_mb
 from benchmark.template import CLIPTemplate
-from strategies import lorsu  # noqa: F401  (registers the strategies)
 from strategies.lorsu.reference import DenseLoRSU
 
 DEFAULT_STRATEGIES = ("full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-dense")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from benchmark.errors import FsclError
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING, RunRecord
 
 RUN_KEYS = ("name", "stream", "backbone", "strategy", "shots", "seed")
@@ -34,7 +35,7 @@ SUMMARY_SCALARS = ("target_initial", "target_final", "target_improvement", "cont
                    "control_auc", "backward_transfer")
 
 
-class ReportError(RuntimeError):
+class ReportError(FsclError, RuntimeError):
     """The runs folder cannot be reported on; the message says why and what was expected."""
 
 

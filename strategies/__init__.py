@@ -1,2 +1,22 @@
-"""Strategies: one module (or small package) per method, each an Avalanche plugin."""
-from strategies import ewc, full_ft, layernorm, lora, lorsu, spu, zeroshot  # noqa: F401  (registers the strategies)
+"""Strategies: one module (or small package) per method, each a plugin on the shared CLIP template.
+
+Declared here by name, so that ``fscl ls`` and config checks know them without importing
+torch; a strategy's module is imported when a run first asks for it. Options: :mod:`strategies.options`.
+"""
+from benchmark.registry import STRATEGIES
+
+STRATEGIES.declare("zeroshot", "strategies.zeroshot:ZeroShot",
+                   summary="No training: the pretrained encoder evaluated after every session.")
+STRATEGIES.declare("full-ft", "strategies.full_ft:FullFineTuning",
+                   summary="Full fine-tuning of the vision encoder (text side and logit scale frozen).")
+STRATEGIES.declare("ewc", "strategies.ewc:EWC", options="strategies.options:EWCOptions",
+                   summary="F-EWC: every vision-encoder parameter + the EWC penalty of the previous sessions.")
+STRATEGIES.declare("layernorm", "strategies.layernorm:LayerNormTuning",
+                   summary="LayerNorm weights and biases of the vision encoder (blocks, pre/post norms).")
+STRATEGIES.declare("lora", "strategies.lora:LoRA", options="strategies.options:LoRAOptions",
+                   summary="LoRA on all vision linears, attention projections and the image projection; "
+                           "one adapter or one per session.")
+STRATEGIES.declare("spu", "strategies.spu:SPU", options="strategies.options:SPUOptions",
+                   summary="SPU: sparse fc1 entries by score + dense fc1 biases (or all biases) + the image projection.")
+STRATEGIES.declare("lorsu", "strategies.lorsu:LoRSU", options="strategies.options:LoRSUOptions",
+                   summary="LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session.")

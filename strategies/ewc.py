@@ -13,24 +13,11 @@ session by session (parallel-axis rule), so memory does not grow with the number
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
-from benchmark.registry import STRATEGIES
-
-
-@dataclass
-class EWCOptions:
-    """Options of ``ewc``."""
-
-    ewc_lambda: float = 1000.0  # weight of the penalty
-
-    def __post_init__(self) -> None:
-        check(self.ewc_lambda >= 0, "ewc.ewc_lambda", self.ewc_lambda, "a float >= 0")
+from strategies.options import EWCOptions
 
 
 class Anchor:
@@ -64,7 +51,6 @@ class Anchor:
         return torch.stack(terms).sum() + self.constant
 
 
-@STRATEGIES.register("ewc", options=EWCOptions)
 class EWC(StrategyPlugin[EWCOptions]):
     """F-EWC: every vision-encoder parameter + the EWC penalty of the previous sessions."""
 

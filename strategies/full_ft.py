@@ -1,9 +1,7 @@
 """``full-ft`` (F-FT): every vision-encoder parameter trains."""
 from benchmark.plugins import StrategyPlugin
-from benchmark.registry import STRATEGIES
 
 
-@STRATEGIES.register("full-ft")
 class FullFineTuning(StrategyPlugin[None]):
     """Full fine-tuning of the vision encoder (text side and logit scale frozen)."""
 

@@ -1,9 +1,7 @@
 """``layernorm`` (LN): only the vision encoder's normalisation layers train."""
 from benchmark.plugins import StrategyPlugin
-from benchmark.registry import STRATEGIES
 
 
-@STRATEGIES.register("layernorm")
 class LayerNormTuning(StrategyPlugin[None]):
     """LayerNorm weights and biases of the vision encoder (blocks, pre/post norms)."""
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -34,31 +33,11 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from torch import Tensor, nn
 
-from benchmark.config import check
 from benchmark.plugins import StrategyPlugin
-from benchmark.registry import STRATEGIES
 from strategies.lorsu.update import LowRankDelta, attach, merge
+from strategies.options import LoRAOptions
 
 ADAPTER = "default"  # peft's adapter name
-
-
-@dataclass
-class LoRAOptions:
-    """Options of ``lora`` (defaults: the released implementation's LoRA baseline)."""
-
-    rank: int = field(default=64, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=64.0, metadata={"help": "the update is (alpha / rank) · B · A"})
-    proj_lora: bool = field(default=True, metadata={"help": "also adapt the final image projection"})
-    init: Literal["released", "peft"] = field(default="released", metadata={
-        "help": "released: output-side factor B ~ U(±1/√r), input-side A = 0 (the released code); "
-                "peft: A ~ U(±1/√in), B = 0 (peft's default, a larger first update)"})
-    across_sessions: Literal["keep", "merge"] = field(default="keep", metadata={
-        "help": "keep: one adapter trains through all sessions (the released code); "
-                "merge: merge it after each session and start the next from new factors"})
-
-    def __post_init__(self) -> None:
-        check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
-        check(self.alpha > 0, "lora.alpha", self.alpha, "a float > 0")
 
 
 def lora_targets(visual: nn.Module, exclude: nn.Module | None) -> list[str]:
@@ -103,7 +82,6 @@ def out_proj_applications() -> int:
         return round((out_proj.get_base_layer().weight - before).mean().item())
 
 
-@STRATEGIES.register("lora", options=LoRAOptions)
 class LoRA(StrategyPlugin[LoRAOptions]):
     """LoRA on all vision linears, attention projections and the image projection; one adapter or one per session."""
 

@@ -14,46 +14,18 @@ it trains (fc1 weights, fc1 biases, projection) has magnitude ≥ 1e-12; never p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmark.backbones import Backbone, BlockView
-from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
-from benchmark.registry import STRATEGIES
 from strategies.lorsu import masks
 from strategies.lorsu.update import SparseEntries, attach, merge
+from strategies.options import SPUOptions
 
 SPU_MIN_ABS = 1e-12  # SPU's code keeps scoring while an accumulated |score| is below this
-
-
-@dataclass
-class SPUOptions:
-    """Options of ``spu`` (defaults: SPU's code)."""
-
-    sparsity: float = field(default=0.1, metadata={
-        "help": "fraction of each fc1 weight that trains: its entries of largest |score|, per block"})
-    importance: Literal["output_norm", "clip_loss"] = field(default="output_norm", metadata={
-        "help": "scoring objective: the mean squared norm of the image-text logits (SPU) or the CLIP loss (LoRSU)"})
-    importance_fraction: float = field(default=0.25, metadata={
-        "help": "fraction f of the session's T training batches to score (SPU's score_batch_percentage)"})
-    importance_stop: Literal["released", "ceil"] = field(default="released", metadata={
-        "help": "released: score until the 0-based batch index exceeds f*T (floor(f*T) + 2 batches) and every "
-                "accumulated |score| is >= 1e-12, at most one pass (SPU's code); ceil: exactly ceil(f*T) batches"})
-    importance_sum: Literal["running", "batch"] = field(default="running", metadata={
-        "help": "running: add the running gradient sum after every batch, so batch j of K weighs K - j + 1 "
-                "(SPU's code never zeroes .grad while scoring); batch: the plain sum of the batch gradients"})
-    train_biases: Literal["fc1", "all"] = field(default="fc1", metadata={
-        "help": "biases that train densely: fc1's (SPU's code: only the c_fc layers train, their biases fully) "
-                "or every bias of the vision encoder"})
-
-    def __post_init__(self) -> None:
-        check(0 < self.sparsity <= 1, "spu.sparsity", self.sparsity, "a float in (0, 1]")
-        check(0 < self.importance_fraction <= 1, "spu.importance_fraction", self.importance_fraction,
-              "a float in (0, 1]")
 
 
 def output_norm(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
@@ -78,7 +50,6 @@ def _projection(backbone: Backbone) -> list[nn.Parameter]:
     return [getattr(*projection)] if projection is not None else []
 
 
-@STRATEGIES.register("spu", options=SPUOptions)
 class SPU(StrategyPlugin[SPUOptions]):
     """SPU: sparse fc1 entries by score + dense fc1 biases (or all biases) + the image projection."""
 

@@ -1,9 +1,7 @@
 """``zeroshot``: no update; the pretrained model, the reference row of every table."""
 from benchmark.plugins import StrategyPlugin
-from benchmark.registry import STRATEGIES
 
 
-@STRATEGIES.register("zeroshot")
 class ZeroShot(StrategyPlugin[None]):
     """No training: the pretrained encoder evaluated after every session."""
 

@@ -1,16 +1,54 @@
-"""Data streams: one module per stream (spec data + on-disk loader), sampling, the mini world."""
-from streams import (  # noqa: F401  (the paper's data)
-    aircraft,
-    controls,
-    counteranimal,
-    dalle,
-    digits,  # noqa: F401  (registers the stream)
-    eurosat,
-    gtsrb,
-    mini,  # noqa: F401  (the mini world's streams and the `mini` backbone family)
-    tsi,
-)
-from streams.base import LabelledImages, Stream, StreamDataError, StreamSpec
-from streams.sampling import FewShotSampler, Session
+"""Data streams: one module per stream (spec data + on-disk loader), sampling, the mini world.
+
+Every stream is declared here by name (the mini world's in :mod:`streams.mini`), so that
+``fscl ls`` and config checks know them without importing torch; a stream's module is
+imported when it is first used. Options: :mod:`streams.options`. The names below are
+imported on first use as well.
+"""
+from benchmark.lazy import lazy_exports
+from benchmark.registry import STREAMS
+from streams import mini  # noqa: F401  (declares the mini world's streams and backbone family)
 
 __all__ = ["FewShotSampler", "LabelledImages", "Session", "Stream", "StreamDataError", "StreamSpec"]
+__getattr__ = lazy_exports(__name__, {"FewShotSampler": "streams.sampling", "Session": "streams.sampling",
+                                      **dict.fromkeys(["LabelledImages", "Stream", "StreamDataError", "StreamSpec"],
+                                                      "streams.base")})
+
+_DOWNLOAD, _SPLIT, _CHECKSUM = ("streams.options:DownloadOptions", "streams.options:DownloadSplitOptions",
+                                "streams.options:ChecksumOptions")
+# the paper's targets
+STREAMS.declare("tsi", "streams.tsi:TSI", options="streams.options:TSIOptions",
+                summary="Toyota Smarthome Images, 27 activities; train and test subjects as in the paper.")
+STREAMS.declare("gtsrb", "streams.gtsrb:GTSRB", options=_DOWNLOAD,
+                summary="GTSRB traffic signs, 43 classes, torchvision's train/test split.")
+STREAMS.declare("aircraft", "streams.aircraft:Aircraft", options=_DOWNLOAD,
+                summary="FGVC-Aircraft, 100 variants, torchvision's trainval/test split.")
+STREAMS.declare("counteranimal", "streams.counteranimal:CounterAnimal", options="streams.options:CounterAnimalOptions",
+                summary="CounterAnimal, 45 ImageNet animal classes on counter (uncommon) backgrounds; "
+                        "released or seeded split.")
+STREAMS.declare("eurosat", "streams.eurosat:EuroSAT", options="streams.options:EuroSATOptions",
+                summary="EuroSAT land use, 10 classes; the released split file when present, "
+                        "else a seeded stratified split.")
+# controls
+STREAMS.declare("dalle", "streams.dalle:Dalle", summary="DALL-E 2 images of 22 TSI activities; control only.")
+STREAMS.declare("cifar10", "streams.controls:CIFAR10", options=_CHECKSUM,
+                summary="CIFAR-10 (torchvision root), 10 classes; control.")
+STREAMS.declare("cifar100", "streams.controls:CIFAR100", options=_CHECKSUM,
+                summary="CIFAR-100 (torchvision root), 100 classes; control.")
+STREAMS.declare("dtd", "streams.controls:DTD", options=_DOWNLOAD,
+                summary="Describable Textures (torchvision root), 47 classes, partition 1; control.")
+STREAMS.declare("food101", "streams.controls:Food101", options=_DOWNLOAD,
+                summary="Food-101 (torchvision root), 101 classes; control.")
+STREAMS.declare("pets", "streams.controls:OxfordPets", options=_DOWNLOAD,
+                summary="Oxford-IIIT Pet (torchvision root), 37 breeds; control.")
+STREAMS.declare("flowers102", "streams.controls:Flowers102", options=_CHECKSUM,
+                summary="Oxford Flowers-102 (torchvision root), 102 classes; control.")
+STREAMS.declare("caltech101", "streams.controls:Caltech101", options=_SPLIT,
+                summary="Caltech-101 (torchvision root), 101 classes, seeded split; control.")
+STREAMS.declare("sun397", "streams.controls:SUN397", options=_SPLIT,
+                summary="SUN397 scenes (torchvision root), 397 classes, seeded split; control.")
+STREAMS.declare("imagefolder", "streams.controls:ImageFolder", options="streams.options:ImageFolderOptions",
+                summary="Any folder of class folders with a class-names file (e.g. ImageNet val); control.")
+# real data that ships with scikit-learn
+STREAMS.declare("digits", "streams.digits:Digits", options="streams.options:DigitsOptions",
+                summary="Real handwritten digits of scikit-learn (10 classes, seeded stratified split).")

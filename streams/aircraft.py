@@ -4,9 +4,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamSpec
-from streams.torchvision_root import DownloadOptions, TorchvisionStream
+from streams.torchvision_root import TorchvisionStream
 
 LAYOUT = """\
 <data_root>/fgvc-aircraft-2013b/         (torchvision.datasets.FGVCAircraft(root=<data_root>))
@@ -16,7 +15,6 @@ LAYOUT = """\
   data/images_variant_test.txt           test"""
 
 
-@STREAMS.register("aircraft", options=DownloadOptions)
 class Aircraft(TorchvisionStream):
     """FGVC-Aircraft, 100 variants, torchvision's trainval/test split."""
 

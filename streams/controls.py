@@ -11,17 +11,15 @@ import json
 import os
 import pickle
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from PIL import Image
 
-from benchmark.config import check
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
-from streams.files import FileStream, Sample, SplitOptions
-from streams.torchvision_root import ChecksumOptions, DownloadOptions, DownloadSplitOptions, TorchvisionStream
+from streams.files import FileStream, Sample
+from streams.options import ImageFolderOptions
+from streams.torchvision_root import ChecksumOptions, TorchvisionStream
 
 
 def _spec(name: str) -> StreamSpec:
@@ -85,7 +83,6 @@ CIFAR_LAYOUT = """\
   {files}"""
 
 
-@STREAMS.register("cifar10", options=ChecksumOptions)
 class CIFAR10(_CIFAR):
     """CIFAR-10 (torchvision root), 10 classes; control."""
 
@@ -97,7 +94,6 @@ class CIFAR10(_CIFAR):
     dataset_class = "CIFAR10"
 
 
-@STREAMS.register("cifar100", options=ChecksumOptions)
 class CIFAR100(_CIFAR):
     """CIFAR-100 (torchvision root), 100 classes; control."""
 
@@ -108,7 +104,6 @@ class CIFAR100(_CIFAR):
     dataset_class = "CIFAR100"
 
 
-@STREAMS.register("dtd", options=DownloadOptions)
 class DTD(TorchvisionStream):
     """Describable Textures (torchvision root), 47 classes, partition 1; control."""
 
@@ -124,7 +119,6 @@ class DTD(TorchvisionStream):
         "train": {"split": "train", "partition": 1}, "test": {"split": "test", "partition": 1}}
 
 
-@STREAMS.register("food101", options=DownloadOptions)
 class Food101(TorchvisionStream):
     """Food-101 (torchvision root), 101 classes; control."""
 
@@ -139,7 +133,6 @@ class Food101(TorchvisionStream):
     split_args: ClassVar[dict[str, dict[str, Any]]] = {"train": {"split": "train"}, "test": {"split": "test"}}
 
 
-@STREAMS.register("pets", options=DownloadOptions)
 class OxfordPets(TorchvisionStream):
     """Oxford-IIIT Pet (torchvision root), 37 breeds; control."""
 
@@ -158,7 +151,6 @@ class OxfordPets(TorchvisionStream):
         return [(Path(p), int(y)) for p, y in zip(ds._images, ds._labels)]  # no public accessor
 
 
-@STREAMS.register("flowers102", options=ChecksumOptions)
 class Flowers102(_ChecksummedStream):
     """Oxford Flowers-102 (torchvision root), 102 classes; control."""
 
@@ -174,7 +166,6 @@ class Flowers102(_ChecksummedStream):
     keys_are_labels = True
 
 
-@STREAMS.register("caltech101", options=DownloadSplitOptions)
 class Caltech101(TorchvisionStream):
     """Caltech-101 (torchvision root), 101 classes, seeded split; control."""
 
@@ -194,7 +185,6 @@ class Caltech101(TorchvisionStream):
         return ds.categories[label]
 
 
-@STREAMS.register("sun397", options=DownloadSplitOptions)
 class SUN397(TorchvisionStream):
     """SUN397 scenes (torchvision root), 397 classes, seeded split; control."""
 
@@ -206,23 +196,6 @@ class SUN397(TorchvisionStream):
   a/abbey/sun_*.jpg ...                  one folder per class"""
     required = ("ClassName.txt",)
     dataset_class = "SUN397"
-
-
-@dataclass
-class ImageFolderOptions(SplitOptions):
-    """Options of the ``imagefolder`` control."""
-
-    root: str = ""  # the folder of class folders: absolute, or relative to data_root
-    class_names: str = ""  # file of class names (see ImageFolder); empty: the folder names
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
-    test_fraction: float = 1.0  # 1: every image is a test image; below 1: a seeded split
-
-    def __post_init__(self) -> None:
-        check(bool(self.root), "imagefolder.root", self.root, "the folder of class folders")
-        check(0 < self.test_fraction <= 1, "imagefolder.test_fraction", self.test_fraction, "a float in (0, 1]")
-        check(self.split_seed >= 0, "imagefolder.split_seed", self.split_seed, "an integer >= 0")
-        check(bool(self.templates) and all("{}" in t for t in self.templates), "imagefolder.templates",
-              self.templates, "a non-empty list of strings with '{}' for the class name")
 
 
 def read_class_names(path: Path, folders: list[str]) -> list[str]:
@@ -245,7 +218,6 @@ def read_class_names(path: Path, folders: list[str]) -> list[str]:
     return names
 
 
-@STREAMS.register("imagefolder", options=ImageFolderOptions)
 class ImageFolder(FileStream):
     """Any folder of class folders with a class-names file (e.g. ImageNet val); control."""
 

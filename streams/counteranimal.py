@@ -8,16 +8,15 @@ is there (else a seeded, stratified split).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import check
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
-from streams.files import FileStream, Sample, SplitFileOptions, list_images, load_pickle, malformed
+from streams.files import FileStream, Sample, list_images, load_pickle, malformed
+from streams.options import COUNTERANIMAL_NAMES_FILE as NAMES_FILE
+from streams.options import CounterAnimalOptions
 
-NAMES_FILE = "LAION-final/imagenet_names.txt"
 SPLIT_FILE = "LAION-final/counter_animal_ds.pkl"
 LAYOUT = f"""\
 <data_root>/counteranimal/
@@ -32,19 +31,6 @@ NAMES_FORMAT = ("one line per ImageNet class in class-index order (line i names 
 SPLIT_FORMAT = ("a pickled dict {'train_ds': {class folder: [file name, ...]}, 'test_ds': {...}}, as the released "
                 "code reads it: class folders named as in LAION-final ('9 ostrich'), file names of images in that "
                 "folder's counter-* folder")
-
-
-@dataclass
-class CounterAnimalOptions(SplitFileOptions):
-    """Options of ``counteranimal``: class names and the split (split_file, else test_fraction and split_seed)."""
-
-    class_names: str = field(default="dataset", metadata={"help": (
-        f"'dataset': the names of the dataset's {NAMES_FILE} when it is there (as the released code), CLIP's "
-        "ImageNet names otherwise; 'clip': always CLIP's ImageNet names (the stream's data file)")})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.class_names in ("dataset", "clip"), "counteranimal.class_names", self.class_names, "dataset | clip")
 
 
 def read_imagenet_names(path: Path, ids: Sequence[int]) -> tuple[str, ...]:
@@ -65,7 +51,6 @@ def read_imagenet_names(path: Path, ids: Sequence[int]) -> tuple[str, ...]:
     return tuple(names[k] for k in ids)
 
 
-@STREAMS.register("counteranimal", options=CounterAnimalOptions)
 class CounterAnimal(FileStream):
     """CounterAnimal, 45 ImageNet animal classes on counter (uncommon) backgrounds; released or seeded split."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from pathlib import Path
 
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
 from streams.files import FileStream, Sample, list_images
 
@@ -14,7 +13,6 @@ LAYOUT = """\
                                                   directly in dalle/)"""
 
 
-@STREAMS.register("dalle")
 class Dalle(FileStream):
     """DALL-E 2 images of 22 TSI activities; control only."""
 

@@ -1,26 +1,13 @@
 """``digits``: the real handwritten digits of ``sklearn.datasets.load_digits`` (no download)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-from benchmark.config import check
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, LabelledImages, Split, Stream, StreamSpec
-
-
-@dataclass
-class DigitsOptions:
-    """Options of the ``digits`` stream."""
-
-    test_fraction: float = 0.3  # stratified, seeded train/test split
-    split_seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(0 < self.test_fraction < 1, "digits.test_fraction", self.test_fraction, "a float in (0, 1)")
+from streams.options import DigitsOptions
 
 
 def _to_image(pixels: np.ndarray) -> Image.Image:
@@ -41,7 +28,6 @@ def _split(test_fraction: float, split_seed: int) -> dict[str, np.ndarray]:
             "train": np.sort(train_idx), "test": np.sort(test_idx)}
 
 
-@STREAMS.register("digits", options=DigitsOptions)
 class Digits(Stream):
     """Real handwritten digits of scikit-learn (10 classes, seeded stratified split)."""
 

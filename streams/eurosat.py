@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path, PurePath
 
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamSpec
-from streams.files import Sample, SplitFileOptions, load_pickle, malformed
-from streams.torchvision_root import DownloadOptions, TorchvisionStream
+from streams.files import Sample, load_pickle, malformed
+from streams.options import EuroSATOptions  # noqa: F401  (re-exported)
+from streams.torchvision_root import TorchvisionStream
 
 SPLIT_FILE = "eurosat_split.pkl"
 LAYOUT = f"""\
@@ -24,12 +23,6 @@ SPLIT_FORMAT = ("a pickled dict {'train': [(image path, label), ...], 'test': [.
                 "is that folder's index among the 10 sorted class folders")
 
 
-@dataclass
-class EuroSATOptions(SplitFileOptions, DownloadOptions):
-    """Options of ``eurosat``: the split (split_file, else test_fraction and split_seed) and download."""
-
-
-@STREAMS.register("eurosat", options=EuroSATOptions)
 class EuroSAT(TorchvisionStream):
     """EuroSAT land use, 10 classes; the released split file when present, else a seeded stratified split."""
 

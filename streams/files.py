@@ -17,7 +17,6 @@ import logging
 import pickle
 import zlib
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,8 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from benchmark.config import check
 from streams.base import LabelledImages, Split, Stream, StreamDataError, open_image
+from streams.options import SplitFileOptions, SplitOptions
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +38,6 @@ class Sample(NamedTuple):
     item: Any  # usually a Path; anything :meth:`FileStream.load_item` understands
     key: Hashable
     id: str
-
-
-@dataclass
-class SplitOptions:
-    """Options of a stream without an official train/test split (a seeded, stratified one)."""
-
-    test_fraction: float = 0.2  # share of every class's images that goes to the test split
-    split_seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a float in (0, 1)")
-        check(self.split_seed >= 0, "split_seed", self.split_seed, "an integer >= 0")
-
-
-@dataclass
-class SplitFileOptions(SplitOptions):
-    """Options of a stream whose released code reads a fixed split file; the seeded split is the fallback."""
-
-    split_file: str | None = field(default="auto", metadata={"help": (
-        "the fixed train/test split in the released code's format: 'auto' reads the file when it lies where the "
-        "released code keeps it in the stream's folder and takes the seeded split otherwise; a path (absolute, or "
-        "relative to the stream's folder) must exist; null always takes the seeded split")})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.split_file is None or bool(self.split_file.strip()), "split_file", self.split_file,
-              "'auto', the path of a split file, or null (the seeded split)")
 
 
 def load_pickle(path: Path, stream: str, expected: str) -> Any:

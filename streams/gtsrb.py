@@ -5,9 +5,8 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamSpec
-from streams.torchvision_root import DownloadOptions, TorchvisionStream
+from streams.torchvision_root import TorchvisionStream
 
 LAYOUT = """\
 <data_root>/gtsrb/                       (torchvision.datasets.GTSRB(root=<data_root>))
@@ -16,7 +15,6 @@ LAYOUT = """\
   GT-final_test.csv                      test labels: 'Filename;...;ClassId' (';'-separated)"""
 
 
-@STREAMS.register("gtsrb", options=DownloadOptions)
 class GTSRB(TorchvisionStream):
     """GTSRB traffic signs, 43 classes, torchvision's train/test split."""
 

@@ -10,33 +10,12 @@ folder would otherwise shift every later label without a word.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from streams.base import Split, StreamDataError
-from streams.files import FileStream, Sample, SplitOptions
-
-
-@dataclass
-class DownloadOptions:
-    """Options of a torchvision-read stream with an official split."""
-
-    download: bool = False  # let torchvision download the dataset into data_root when missing
-
-
-@dataclass
-class DownloadSplitOptions(SplitOptions):
-    """Options of a torchvision-read stream without an official split (a seeded one)."""
-
-    download: bool = False
-
-
-@dataclass
-class ChecksumOptions(DownloadOptions):
-    """Options of a torchvision class that verifies its files' MD5 sums when it reads them."""
-
-    verify_checksums: bool = True  # false: accept a copy whose files differ from the released ones
+from streams.files import FileStream, Sample
+from streams.options import ChecksumOptions, DownloadOptions, DownloadSplitOptions  # noqa: F401  (re-exported)
 
 
 class TorchvisionStream(FileStream):

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
-from benchmark.config import check
-from benchmark.registry import STREAMS
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
 from streams.files import FileStream, Sample, list_images, load_pickle, malformed
+from streams.options import TSI_CAPTIONS_FILE as CAPTIONS_FILE
+from streams.options import TSIOptions
 
 DATA_FILE = DATA_DIR / "tsi.yaml"
-CAPTIONS_FILE = "images_text_description_short_trunc.pkl"
 CAPTIONS_FORMAT = "a pickled dict {frame file name: caption text}, e.g. {'<Action>_<pXX>_<...>.jpg': '<caption>', ...}"
 IMAGE_FOLDERS = ("images_trunc", "images")
 LAYOUT = f"""\
@@ -24,20 +22,6 @@ LAYOUT = f"""\
   {CAPTIONS_FILE}   optional: frame file name -> caption (training captions)"""
 
 
-@dataclass
-class TSIOptions:
-    """Options of the ``tsi`` stream."""
-
-    captions: bool | str = field(default="auto", metadata={"help": (
-        f"train on the release's per-frame captions ({CAPTIONS_FILE}) instead of the class templates, as the "
-        "released code does: 'auto' when the file is there, true requires it, false never")})
-
-    def __post_init__(self) -> None:
-        check(isinstance(self.captions, bool) or self.captions == "auto", "tsi.captions", self.captions,
-              "auto | true | false")
-
-
-@STREAMS.register("tsi", options=TSIOptions)
 class TSI(FileStream):
     """Toyota Smarthome Images, 27 activities; train and test subjects as in the paper."""
 

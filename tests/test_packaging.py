@@ -28,6 +28,38 @@ def test_ensure_torchvision_is_idempotent():
     ensure_torchvision()
 
 
+def _fresh_python(code: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_cli_module_loads_no_torch_and_the_repair_runs_at_the_first_torchvision_import():
+    """The repair waits for the first import of torchvision, whoever makes it (here open_clip)."""
+    _fresh_python(
+        "import sys\n"
+        "import benchmark.cli\n"
+        "assert not {'torch', 'torchvision'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)\n"
+        "import open_clip\n"
+        "import torchvision\n"
+        "from torchvision import transforms\n"
+        "assert transforms.ToTensor() is not None\n"
+        "assert type(torchvision.__spec__.loader).__name__ != 'TorchvisionRepair', torchvision.__spec__\n"
+        "assert not any(type(f).__name__ == 'TorchvisionRepair' for f in sys.meta_path)\n")
+
+
+def test_a_lookup_of_torchvision_before_its_import_keeps_the_repair():
+    """transformers asks ``importlib.util.find_spec('torchvision')`` to see what is installed."""
+    _fresh_python(
+        "import importlib.util\n"
+        "import benchmark\n"
+        "assert importlib.util.find_spec('torchvision').origin.endswith('__init__.py')\n"
+        "from torchvision import transforms\n"
+        "assert transforms.ToTensor() is not None\n")
+
+
 def _setup_cfg():
     import configparser
 

@@ -1,12 +1,47 @@
-"""Backbone families and the load-string parser (``family:rest``, or a bare family name)."""
+"""Backbone families and the load-string parser (``family:rest``, or a bare family name).
+
+The families are declared here by name, load forms and known tags, so that ``fscl ls
+backbones`` and config checks need no torch; a family's module is imported when a backbone
+of it is first checked or loaded. The public classes of :mod:`benchmark.backbones.base` are
+importable from here too (``from benchmark.backbones import Backbone``), imported on first use.
+"""
 from __future__ import annotations
 
-from benchmark.backbones import hf, openclip  # noqa: F401  (register the families)
-from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, QKVRowUpdate, UpdateHandle
+from typing import TYPE_CHECKING
+
+from benchmark.errors import FsclError
+from benchmark.lazy import lazy_exports
 from benchmark.registry import BACKBONES
 
-__all__ = ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle", "check_backbone_string",
-           "load_backbone"]
+if TYPE_CHECKING:
+    from benchmark.backbones.base import Backbone
+
+__all__ = ["Backbone", "BackboneLoadError", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle",
+           "check_backbone_string", "load_backbone"]
+__getattr__ = lazy_exports(__name__, dict.fromkeys(
+    ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle"], "benchmark.backbones.base"))
+
+BACKBONES.declare(
+    "openclip", "benchmark.backbones.openclip:OpenCLIPBackbone",
+    summary="open_clip models: OpenAI/LAION ViTs (fused attention), EVA01/EVA02 (timm trunks), SigLIP (timm, fused qkv).",
+    load_forms=("openclip:NAME  (random init, e.g. openclip:fscl-tiny)", "openclip:NAME@TAG  (hub weights)",
+                "openclip:NAME@/path/to/weights.{pt,bin,safetensors}  (tokenizer files may sit beside it)",
+                "openclip:local-dir:/path  (open_clip_config.json + open_clip_model.safetensors [+ tokenizer])"),
+    known_tags=("ViT-L-14-336-quickgelu@openai", "ViT-B-16-quickgelu@openai",
+                "ViT-B-16@laion2b_s34b_b88k", "EVA01-g-14@laion400m_s11b_b41k",
+                "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
+                "ViT-B-16-SigLIP@webli", "ViT-SO400M-14-SigLIP-384@webli"))
+BACKBONES.declare(
+    "hf", "benchmark.backbones.hf:HFCLIPBackbone",
+    summary="HF transformers CLIPModel / SiglipModel (separate q/k/v projections): hf:/local/folder or hf:org/hub-id.",
+    load_forms=("hf:/path/to/folder  (save_pretrained of the model and its tokenizer [+ preprocessor_config.json])",
+                "hf:org/hub-id  (needs the hub, or HF_HUB_OFFLINE=1 and the local cache)"),
+    known_tags=("hf:openai/clip-vit-large-patch14-336", "hf:openai/clip-vit-base-patch16",
+                "hf:google/siglip-base-patch16-224", "hf:google/siglip-so400m-patch14-384"))
+
+
+class BackboneLoadError(FsclError, RuntimeError):
+    """A backbone could not be built; the message says what to pass instead."""
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -15,7 +50,7 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def check_backbone_string(spec: str) -> None:
-    """Raise ValueError unless ``spec`` names a registered family in a valid form (no loading)."""
+    """Raise ValueError unless ``spec`` names a registered family in a valid form (no weights loaded)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{spec!r} is not a backbone string; e.g. openclip:ViT-B-16@openai")
     family, rest = _split(spec)

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
 from benchmark.backbones.openclip import BackboneLoadError, _hub_reachable
-from benchmark.registry import BACKBONES
 
 
 def _is_path(rest: str) -> bool:
@@ -40,14 +39,8 @@ class _HFVisual(nn.Module):
         return self.projection(self.tower(pixel_values=images).pooler_output)
 
 
-@BACKBONES.register("hf")
 class HFCLIPBackbone(Backbone):
     """HF transformers CLIPModel / SiglipModel (separate q/k/v projections): hf:/local/folder or hf:org/hub-id."""
-
-    load_forms = ("hf:/path/to/folder  (save_pretrained of the model and its tokenizer [+ preprocessor_config.json])",
-                  "hf:org/hub-id  (needs the hub, or HF_HUB_OFFLINE=1 and the local cache)")
-    known_tags = ("hf:openai/clip-vit-large-patch14-336", "hf:openai/clip-vit-base-patch16",
-                  "hf:google/siglip-base-patch16-224", "hf:google/siglip-so400m-patch14-384")
 
     def __init__(self, spec: str, rest: str) -> None:
         from transformers import AutoModel, AutoTokenizer

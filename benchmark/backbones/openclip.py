@@ -23,9 +23,9 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
+from benchmark.backbones import BackboneLoadError
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
 from benchmark.backbones.timm_trunk import route_qkv_through_module, timm_block_views, timm_image_projection
-from benchmark.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)  # our tiny configs, e.g. "fscl-tin
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a local HF tokenizer folder holds one
 INIT_SEED = 0  # untrained models (no tag) are initialised from this seed, whatever the run seed
 HUB_HOST = "huggingface.co"
-
-
-class BackboneLoadError(RuntimeError):
-    """A backbone could not be built; the message says what to pass instead."""
 
 
 def parse(rest: str) -> tuple[str, str | None]:
@@ -156,17 +152,8 @@ def _tokenizer(name: str, tag: str | None) -> Callable:
     return open_clip.get_tokenizer(name)
 
 
-@BACKBONES.register("openclip")
 class OpenCLIPBackbone(Backbone):
     """open_clip models: OpenAI/LAION ViTs (fused attention), EVA01/EVA02 (timm trunks), SigLIP (timm, fused qkv)."""
-
-    load_forms = ("openclip:NAME  (random init, e.g. openclip:fscl-tiny)", "openclip:NAME@TAG  (hub weights)",
-                  "openclip:NAME@/path/to/weights.{pt,bin,safetensors}  (tokenizer files may sit beside it)",
-                  "openclip:local-dir:/path  (open_clip_config.json + open_clip_model.safetensors [+ tokenizer])")
-    known_tags = ("ViT-L-14-336-quickgelu@openai", "ViT-B-16-quickgelu@openai",
-                  "ViT-B-16@laion2b_s34b_b88k", "EVA01-g-14@laion400m_s11b_b41k",
-                  "EVA02-B-16@merged2b_s8b_b131k", "EVA02-L-14-336@merged2b_s6b_b61k",
-                  "ViT-B-16-SigLIP@webli", "ViT-SO400M-14-SigLIP-384@webli")
 
     def __init__(self, spec: str, rest: str) -> None:
         name, tag = parse(rest)

@@ -27,37 +27,11 @@ from torch import Tensor, nn
 from benchmark.backbones import Backbone, BlockView
 from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
-from benchmark.registry import STRATEGIES
 from strategies.lorsu import masks
 from strategies.lorsu.update import HeadLoRA, LowRankDelta, SparseEntries, attach, merge
+from strategies.options import LoRSUOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoRSUOptions:
-    """Options of ``lorsu`` (defaults: the released implementation's choices, docs/fidelity.md)."""
-
-    top_k_heads: int = 2  # heads updated per block
-    sparsity: float = 0.1  # fraction of each fc1 weight that trains
-    rank: int = 64
-    alpha: float = 64.0  # the update is (alpha / rank) · A · B
-    head_selection: Literal["importance", "random"] = "importance"
-    fc1_mask: Literal["importance", "random", "none"] = "importance"  # none: fc1 weight frozen
-    train_attn_bias: bool = True  # q/k/v biases of all heads, dense
-    train_fc1_bias: bool = True  # dense
-    proj_lora: bool = True  # unmasked rank-`rank` LoRA on the final image projection
-    importance_samples: int = 1000  # score on at least this many samples (or one pass)
-    importance_min_abs: float = 1e-10  # and until every accumulated |Σ n_b ∇L_b| >= this (released); 0: samples only
-
-    def __post_init__(self) -> None:
-        check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, "lorsu.top_k_heads", self.top_k_heads,
-              "an integer >= 1 (and at most the number of heads per block)")
-        check(0 < self.sparsity <= 1, "lorsu.sparsity", self.sparsity, "a float in (0, 1]")
-        check(isinstance(self.rank, int) and self.rank >= 1, "lorsu.rank", self.rank, "an integer >= 1")
-        check(self.alpha > 0, "lorsu.alpha", self.alpha, "a float > 0")
-        check(self.importance_samples >= 1, "lorsu.importance_samples", self.importance_samples, "an integer >= 1")
-        check(self.importance_min_abs >= 0, "lorsu.importance_min_abs", self.importance_min_abs, "a float >= 0")
 
 
 @dataclass(frozen=True)
@@ -83,7 +57,6 @@ def _unique(params) -> list[nn.Parameter]:
     return list({id(p): p for p in params if p is not None}.values())
 
 
-@STRATEGIES.register("lorsu", options=LoRSUOptions)
 class LoRSU(StrategyPlugin[LoRSUOptions]):
     """LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session."""
 

@@ -10,9 +10,30 @@ machinery end to end and to screen a new strategy before a GPU run.
   (clean controls of held-out compositions), ``mini-handwritten`` and ``mini-signs`` (targets).
 - :mod:`streams.mini.pretrain`: CLIP-loss pretraining into open_clip's local-dir layout.
 - :mod:`streams.mini.backbone`: the ``mini`` backbone family (cached; built when missing).
+
+The streams and the backbone family are declared here; their modules (and the names below)
+are imported on first use.
 """
-from streams.mini import backbone, datasets  # noqa: F401  (registers the streams and the backbone)
-from streams.mini.backbone import cache_root, default_model_dir, ensure_model
-from streams.mini.pretrain import PretrainConfig
+from benchmark.lazy import lazy_exports
+from benchmark.registry import BACKBONES, STREAMS
 
 __all__ = ["PretrainConfig", "cache_root", "default_model_dir", "ensure_model"]
+__getattr__ = lazy_exports(__name__, {"PretrainConfig": "streams.mini.pretrain", "cache_root": "streams.mini.backbone",
+                                      "default_model_dir": "streams.mini.backbone", "ensure_model": "streams.mini.backbone"})
+
+_MINI = "streams.options:MiniOptions"
+STREAMS.declare("mini-shapes", "streams.mini.datasets:MiniShapes", options=_MINI,
+                summary="Mini world control: the shape of clean held-out (shape, colour) compositions.")
+STREAMS.declare("mini-colours", "streams.mini.datasets:MiniColours", options=_MINI,
+                summary="Mini world control: the colour of clean held-out (shape, colour) compositions.")
+STREAMS.declare("mini-digits", "streams.mini.datasets:MiniDigits", options=_MINI,
+                summary="Mini world control: the printed digit on clean held-out (shape, colour) compositions.")
+STREAMS.declare("mini-signs", "streams.mini.datasets:MiniSigns", options=_MINI,
+                summary="Mini world target: sign-like compositions under perspective, blur, low light, noise, clutter.")
+STREAMS.declare("mini-handwritten", "streams.mini.datasets:MiniHandwritten", options="streams.options:DigitsOptions",
+                summary="Mini world target: scikit-learn's real handwritten digits against printed digits.")
+BACKBONES.declare(
+    "mini", "streams.mini.backbone:MiniBackbone",
+    summary="The mini world's tiny open_clip ViT (not CLIP), pretrained on clean renders; cached.",
+    load_forms=("mini  (the cached model of seed 0, pretrained first when missing; `fscl pretrain-mini`)",
+                "mini:/path/to/folder  (loads, or pretrains into, that folder)"))

@@ -3,18 +3,18 @@
 ``mini`` loads ``$FSCL_CACHE/mini-v<world>.<recipe>-s0`` (default cache ``~/.cache/fscl``);
 ``mini:/path/to/folder`` loads (or builds into) that folder. A missing model is pretrained
 first, with a progress bar (a few minutes on two CPU cores), exactly as ``fscl
-pretrain-mini`` would. Registered from the streams side because the core never imports
+pretrain-mini`` would. Declared in :mod:`streams.mini` because the core never imports
 ``streams``.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from pathlib import Path
 
+from filelock import FileLock
+
 from benchmark.backbones.openclip import OpenCLIPBackbone
-from benchmark.registry import BACKBONES
 from streams.mini.pretrain import RECIPE, PretrainConfig, pretrain
 from streams.mini.world import world
 
@@ -40,15 +40,13 @@ def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool
     if (folder / WEIGHTS).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs (grid shards, ddp ranks): one builds, the rest wait
+    with FileLock(folder.parent / f".{folder.name}.lock"):  # concurrent runs (grid shards, ddp ranks): one builds, the rest wait
         if not (folder / WEIGHTS).is_file():
             log.warning("the mini model is not in %s yet: pretraining it now (a few minutes on a CPU)", folder)
             pretrain(folder, cfg, progress=progress)
     return folder
 
 
-@BACKBONES.register("mini")
 class MiniBackbone(OpenCLIPBackbone):
     """The mini world's tiny open_clip ViT (not CLIP), pretrained on clean renders; cached."""
 

@@ -11,32 +11,16 @@ from __future__ import annotations
 
 import re
 from abc import abstractmethod
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-from benchmark.config import check
-from benchmark.registry import STREAMS
 from streams.base import LabelledImages, Split, Stream, StreamSpec
-from streams.digits import Digits, DigitsOptions
+from streams.digits import Digits
 from streams.mini.render import render, render_shifted
 from streams.mini.world import DATA_DIR, Composition, World, rng_for, world
-
-
-@dataclass
-class MiniOptions:
-    """Options of a procedural mini stream (images per class of each split, data seed)."""
-
-    train_per_class: int = 50
-    test_per_class: int = 30
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.train_per_class >= 1, "train_per_class", self.train_per_class, "an integer >= 1")
-        check(self.test_per_class >= 1, "test_per_class", self.test_per_class, "an integer >= 1")
-        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+from streams.options import MiniOptions
 
 
 def _spec(name: str) -> StreamSpec:
@@ -76,7 +60,6 @@ def rendered(stream: type[ProceduralStream], split: Split, per_class: int, seed:
     return images, targets
 
 
-@STREAMS.register("mini-shapes", options=MiniOptions)
 class MiniShapes(ProceduralStream):
     """Mini world control: the shape of clean held-out (shape, colour) compositions."""
 
@@ -88,7 +71,6 @@ class MiniShapes(ProceduralStream):
         return w.sample(rng, [p for p in w.pairs(held_out=True) if p[0] == shape])
 
 
-@STREAMS.register("mini-colours", options=MiniOptions)
 class MiniColours(ProceduralStream):
     """Mini world control: the colour of clean held-out (shape, colour) compositions."""
 
@@ -100,7 +82,6 @@ class MiniColours(ProceduralStream):
         return w.sample(rng, [p for p in w.pairs(held_out=True) if p[1] == colour])
 
 
-@STREAMS.register("mini-digits", options=MiniOptions)
 class MiniDigits(ProceduralStream):
     """Mini world control: the printed digit on clean held-out (shape, colour) compositions."""
 
@@ -128,7 +109,6 @@ def sign_composition(w: World, class_name: str) -> tuple[str, str, str]:
     return match["shape"], match["colour"], match["glyph"]
 
 
-@STREAMS.register("mini-signs", options=MiniOptions)
 class MiniSigns(ProceduralStream):
     """Mini world target: sign-like compositions under perspective, blur, low light, noise, clutter."""
 
@@ -146,7 +126,6 @@ class MiniSigns(ProceduralStream):
         return render_shifted(w, cls.composition(w, label, rng), rng)
 
 
-@STREAMS.register("mini-handwritten", options=DigitsOptions)
 class MiniHandwritten(Digits):
     """Mini world target: scikit-learn's real handwritten digits against printed digits."""
 

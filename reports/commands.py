@@ -1,0 +1,65 @@
+"""``fscl report`` and ``fscl demo``: the verbs this package adds to the command line.
+
+Named in the ``fscl.commands`` entry-point group (setup.cfg); only the parsers live here, the
+handlers import the work, so ``fscl --help`` stays light.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmark.config import DEFAULT_PRESET
+
+
+def add_report(verbs: argparse._SubParsersAction) -> None:
+    """``fscl report RUNS_DIR --out DIR [--reference STRATEGY]``."""
+    report = verbs.add_parser(
+        "report", help="tables, figures and a Markdown/HTML report of a runs folder",
+        description="Aggregate finished runs (mean ± std over seeds, paired tests against a reference strategy) "
+                    "into report.md, report.html, results.csv/.tex and figures/; failed or partial runs are listed "
+                    "and left out.",
+        epilog="example:\n  fscl report runs/quick --out report/quick --reference full-ft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records ('fscl run' output)")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
+    report.add_argument("--reference", default="lorsu",
+                        help="strategy the others are tested against, paired by seed (default: lorsu)")
+    report.set_defaults(func=_report)
+
+
+def add_demo(verbs: argparse._SubParsersAction) -> None:
+    """``fscl demo [key=value ...]``."""
+    demo = verbs.add_parser("demo", help="run the offline benchmark end to end (no download), then its report",
+                            description=f"Run the offline default preset '{DEFAULT_PRESET}' end to end, then write "
+                                        "its report into the runs folder.")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for 'run'")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Tables, figures and report.md/.html of a runs folder; failed or partial runs are listed, not averaged."""
+    from reports import write_report
+
+    paths = write_report(args.runs_dir, args.out, reference=args.reference)
+    print(f"report: {paths.markdown}, {paths.html} ({len(paths.figures)} figure files, tables in "
+          f"{paths.results_csv.name} / {paths.results_latex.name})")
+    if paths.excluded:
+        print(f"  {len(paths.excluded)} failed or partial run(s) left out; listed in the report", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The offline benchmark end to end: the default preset, then its report."""
+    from benchmark.cli import run_command
+    from benchmark.config import load_config
+    from reports import write_report
+
+    args.config, args.dry_run = DEFAULT_PRESET, False
+    status = run_command(args)
+    cfg = load_config(DEFAULT_PRESET, args.overrides)
+    runs = Path(cfg.out) / cfg.name
+    paths = write_report(runs, runs / "report")
+    print(f"report: {paths.markdown}\n        {paths.html}")
+    return status

@@ -1,0 +1,99 @@
+"""Options of the strategies: one dataclass per strategy that takes options (config section ``name:``).
+
+Kept apart from the strategies (which need torch) so that the CLI can print and check them
+without loading a model, as PEFT keeps a method's config apart from its layers. Every field
+carries its help text (``fscl ls strategies -v``); values are checked once, in ``__post_init__``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from benchmark.config import check
+
+
+@dataclass
+class EWCOptions:
+    """Options of ``ewc``."""
+
+    ewc_lambda: float = field(default=1000.0, metadata={"help": "weight of the EWC penalty"})
+
+    def __post_init__(self) -> None:
+        check(self.ewc_lambda >= 0, "ewc.ewc_lambda", self.ewc_lambda, "a float >= 0")
+
+
+@dataclass
+class LoRAOptions:
+    """Options of ``lora`` (defaults: the released implementation's LoRA baseline)."""
+
+    rank: int = field(default=64, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=64.0, metadata={"help": "the update is (alpha / rank) · B · A"})
+    proj_lora: bool = field(default=True, metadata={"help": "also adapt the final image projection"})
+    init: Literal["released", "peft"] = field(default="released", metadata={
+        "help": "released: output-side factor B ~ U(±1/√r), input-side A = 0 (the released code); "
+                "peft: A ~ U(±1/√in), B = 0 (peft's default, a larger first update)"})
+    across_sessions: Literal["keep", "merge"] = field(default="keep", metadata={
+        "help": "keep: one adapter trains through all sessions (the released code); "
+                "merge: merge it after each session and start the next from new factors"})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, "lora.alpha", self.alpha, "a float > 0")
+
+
+@dataclass
+class LoRSUOptions:
+    """Options of ``lorsu`` (defaults: the released implementation's choices, docs/fidelity.md)."""
+
+    top_k_heads: int = field(default=2, metadata={
+        "help": "attention heads updated per block (at most the backbone's heads per block)"})
+    sparsity: float = field(default=0.1, metadata={"help": "fraction of each fc1 weight that trains"})
+    rank: int = field(default=64, metadata={"help": "rank r of the heads' q/k/v update and of the projection LoRA"})
+    alpha: float = field(default=64.0, metadata={"help": "the update is (alpha / rank) · A · B"})
+    head_selection: Literal["importance", "random"] = field(default="importance", metadata={
+        "help": "importance: per block the heads of largest ‖I_q,h‖² + ‖I_k,h‖² + ‖I_v,h‖²; random: a random choice"})
+    fc1_mask: Literal["importance", "random", "none"] = field(default="importance", metadata={
+        "help": "fc1 entries that train: those of largest |importance|, random ones, or none (fc1 weight frozen)"})
+    train_attn_bias: bool = field(default=True, metadata={"help": "train the q/k/v biases of all heads (dense)"})
+    train_fc1_bias: bool = field(default=True, metadata={"help": "train the fc1 biases (dense)"})
+    proj_lora: bool = field(default=True, metadata={
+        "help": "an unmasked rank-`rank` LoRA on the final image projection (off by itself when there is none)"})
+    importance_samples: int = field(default=1000, metadata={
+        "help": "score the importance on at least this many training samples (or one pass)"})
+    importance_min_abs: float = field(default=1e-10, metadata={
+        "help": "and until every accumulated |Σ n_b ∇L_b| is >= this (the released rule); 0: the sample count only"})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, "lorsu.top_k_heads", self.top_k_heads,
+              "an integer >= 1 (and at most the number of heads per block)")
+        check(0 < self.sparsity <= 1, "lorsu.sparsity", self.sparsity, "a float in (0, 1]")
+        check(isinstance(self.rank, int) and self.rank >= 1, "lorsu.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, "lorsu.alpha", self.alpha, "a float > 0")
+        check(self.importance_samples >= 1, "lorsu.importance_samples", self.importance_samples, "an integer >= 1")
+        check(self.importance_min_abs >= 0, "lorsu.importance_min_abs", self.importance_min_abs, "a float >= 0")
+
+
+@dataclass
+class SPUOptions:
+    """Options of ``spu`` (defaults: SPU's code)."""
+
+    sparsity: float = field(default=0.1, metadata={
+        "help": "fraction of each fc1 weight that trains: its entries of largest |score|, per block"})
+    importance: Literal["output_norm", "clip_loss"] = field(default="output_norm", metadata={
+        "help": "scoring objective: the mean squared norm of the image-text logits (SPU) or the CLIP loss (LoRSU)"})
+    importance_fraction: float = field(default=0.25, metadata={
+        "help": "fraction f of the session's T training batches to score (SPU's score_batch_percentage)"})
+    importance_stop: Literal["released", "ceil"] = field(default="released", metadata={
+        "help": "released: score until the 0-based batch index exceeds f*T (floor(f*T) + 2 batches) and every "
+                "accumulated |score| is >= 1e-12, at most one pass (SPU's code); ceil: exactly ceil(f*T) batches"})
+    importance_sum: Literal["running", "batch"] = field(default="running", metadata={
+        "help": "running: add the running gradient sum after every batch, so batch j of K weighs K - j + 1 "
+                "(SPU's code never zeroes .grad while scoring); batch: the plain sum of the batch gradients"})
+    train_biases: Literal["fc1", "all"] = field(default="fc1", metadata={
+        "help": "biases that train densely: fc1's (SPU's code: only the c_fc layers train, their biases fully) "
+                "or every bias of the vision encoder"})
+
+    def __post_init__(self) -> None:
+        check(0 < self.sparsity <= 1, "spu.sparsity", self.sparsity, "a float in (0, 1]")
+        check(0 < self.importance_fraction <= 1, "spu.importance_fraction", self.importance_fraction,
+              "a float in (0, 1]")

@@ -1,0 +1,90 @@
+"""``fscl data check`` and ``fscl pretrain-mini``: the verbs this package adds to the command line.
+
+Named in the ``fscl.commands`` entry-point group (setup.cfg); only the parsers live here, the
+handlers import the work, so ``fscl --help`` stays light.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_data(verbs: argparse._SubParsersAction) -> None:
+    """``fscl data check STREAM --root DIR [-o key=value ...]``."""
+    data = verbs.add_parser("data", help="check a stream's data on disk",
+                            description="Data tools. 'check' validates a stream's root before a run.")
+    actions = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="validate a stream's root: layout, counts per split/class/session, unreadable files",
+        description="Build the stream on DIR, count its images per split, class and session, decode every image. "
+                    "Exit code 0 only when the stream is usable.",
+        epilog="examples:\n  fscl data check gtsrb --root /data\n"
+               "  fscl data check imagefolder --root /data -o root=imagenet/val -o class_names=names.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("stream", metavar="STREAM", help="stream name (see 'fscl ls streams')")
+    check.add_argument("--root", required=True, metavar="DIR",
+                       help="the data_root holding the stream's folder (or that folder itself)")
+    check.add_argument("-o", "--option", action="append", default=[], metavar="key=value",
+                       help="a stream option, as in the stream's config section (repeatable; see 'fscl ls streams -v')")
+    check.add_argument("--sessions", type=int, default=5, help="sessions to split the classes into (default 5)")
+    check.add_argument("--shots", type=int, default=None, help="flag classes with fewer training images")
+    check.add_argument("--no-progress", action="store_true", help="no progress bars")
+    check.set_defaults(func=_data_check)
+
+
+def add_pretrain_mini(verbs: argparse._SubParsersAction) -> None:
+    """``fscl pretrain-mini [--seed S] [--steps N] [--out DIR] [--force]``."""
+    mini = verbs.add_parser(
+        "pretrain-mini", help="pretrain the mini world's tiny open_clip model (offline; not CLIP)",
+        description="Pretrain the mini world's tiny ViT with the CLIP loss on clean renders and save it in "
+                    "open_clip's local-dir layout with a manifest (seed, steps, data version, zero-shot "
+                    "accuracies) under $FSCL_CACHE (default ~/.cache/fscl). The 'mini' backbone loads it.")
+    mini.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0; same seed, same weights)")
+    mini.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    mini.add_argument("--out", default=None, metavar="DIR", help="model folder (default: the cache's)")
+    mini.add_argument("--force", action="store_true", help="rebuild even when the model exists")
+    mini.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mini.set_defaults(func=_pretrain_mini)
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    """Exit 0 only when the stream is usable on that root (1: it is not)."""
+    import yaml
+
+    from benchmark.config import ConfigError, from_dict
+    from benchmark.registry import STREAMS
+    from streams.check import check_stream
+
+    entry = STREAMS.get(args.stream)
+    values = {}
+    for option in args.option:
+        key, sep, raw = option.partition("=")
+        if not sep:
+            raise ConfigError(f"--option '{option}' must look like key=value")
+        values[key] = yaml.safe_load(raw) if raw.strip() else ""
+    if values and entry.options is None:
+        raise ConfigError(f"stream '{args.stream}' takes no options")
+    options = from_dict(entry.options, values, prefix=args.stream) if entry.options else None
+    report = check_stream(args.stream, args.root, options, sessions=args.sessions, shots=args.shots,
+                          progress=not args.no_progress)
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def _pretrain_mini(args: argparse.Namespace) -> int:
+    """Pretrain the mini world's model into the cache (or --out) and print what it reached."""
+    from streams.mini.backbone import WEIGHTS, default_model_dir
+    from streams.mini.pretrain import PretrainConfig, pretrain
+
+    folder = Path(args.out) if args.out else default_model_dir(args.seed)
+    if (folder / WEIGHTS).is_file() and not args.force:
+        print(f"the mini model is already in {folder} (--force rebuilds it)")
+        return 0
+    cfg = PretrainConfig(seed=args.seed)
+    if args.steps:
+        cfg.steps = args.steps
+    manifest = pretrain(folder, cfg, progress=not args.no_progress)
+    print(f"mini model -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
+    for name, acc in manifest["zero_shot_top1"].items():
+        print(f"  zero-shot top-1 {name:<18} {100 * acc:5.1f} %")
+    return 0

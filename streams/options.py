@@ -1,0 +1,145 @@
+"""Options of the streams: the dataclasses of their config sections (``gtsrb: {download: true}``).
+
+Kept apart from the loaders (which need torch) so that the CLI can print and check them
+without loading any data. Every field carries its help text (``fscl ls streams -v``); values
+are checked once, in ``__post_init__``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from benchmark.config import check
+
+TSI_CAPTIONS_FILE = "images_text_description_short_trunc.pkl"  # under the stream's folder
+COUNTERANIMAL_NAMES_FILE = "LAION-final/imagenet_names.txt"  # under the stream's folder
+
+
+# --------------------------------------------------------------------------- shared
+@dataclass
+class SplitOptions:
+    """Options of a stream without an official train/test split (a seeded, stratified one)."""
+
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "share of every class's images that goes to the test split"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the stratified split"})
+
+    def __post_init__(self) -> None:
+        check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a float in (0, 1)")
+        check(self.split_seed >= 0, "split_seed", self.split_seed, "an integer >= 0")
+
+
+@dataclass
+class SplitFileOptions(SplitOptions):
+    """Options of a stream whose released code reads a fixed split file; the seeded split is the fallback."""
+
+    split_file: str | None = field(default="auto", metadata={"help": (
+        "the fixed train/test split in the released code's format: 'auto' reads the file when it lies where the "
+        "released code keeps it in the stream's folder and takes the seeded split otherwise; a path (absolute, or "
+        "relative to the stream's folder) must exist; null always takes the seeded split")})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.split_file is None or bool(self.split_file.strip()), "split_file", self.split_file,
+              "'auto', the path of a split file, or null (the seeded split)")
+
+
+@dataclass
+class DownloadOptions:
+    """Options of a torchvision-read stream with an official split."""
+
+    download: bool = field(default=False, metadata={
+        "help": "let torchvision download the dataset into data_root when it is missing"})
+
+
+@dataclass
+class DownloadSplitOptions(SplitOptions):
+    """Options of a torchvision-read stream without an official split (a seeded one)."""
+
+    download: bool = field(default=False, metadata={
+        "help": "let torchvision download the dataset into data_root when it is missing"})
+
+
+@dataclass
+class ChecksumOptions(DownloadOptions):
+    """Options of a torchvision class that verifies its files' MD5 sums when it reads them."""
+
+    verify_checksums: bool = field(default=True, metadata={
+        "help": "false: accept a copy whose files differ from the released ones"})
+
+
+# --------------------------------------------------------------------------- one stream each
+@dataclass
+class CounterAnimalOptions(SplitFileOptions):
+    """Options of ``counteranimal``: class names and the split (split_file, else test_fraction and split_seed)."""
+
+    class_names: str = field(default="dataset", metadata={"help": (
+        f"'dataset': the names of the dataset's {COUNTERANIMAL_NAMES_FILE} when it is there (as the released code), "
+        "CLIP's ImageNet names otherwise; 'clip': always CLIP's ImageNet names (the stream's data file)")})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.class_names in ("dataset", "clip"), "counteranimal.class_names", self.class_names, "dataset | clip")
+
+
+@dataclass
+class DigitsOptions:
+    """Options of the ``digits`` stream."""
+
+    test_fraction: float = field(default=0.3, metadata={"help": "test share of the stratified, seeded split"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the split"})
+
+    def __post_init__(self) -> None:
+        check(0 < self.test_fraction < 1, "digits.test_fraction", self.test_fraction, "a float in (0, 1)")
+
+
+@dataclass
+class EuroSATOptions(SplitFileOptions, DownloadOptions):
+    """Options of ``eurosat``: the split (split_file, else test_fraction and split_seed) and download."""
+
+
+@dataclass
+class ImageFolderOptions(SplitOptions):
+    """Options of the ``imagefolder`` control."""
+
+    root: str = field(default="", metadata={"help": "the folder of class folders: absolute, or relative to data_root"})
+    class_names: str = field(default="", metadata={
+        "help": "file of class names ('<folder> <name>' lines, one name a line, or JSON); empty: the folder names"})
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."], metadata={
+        "help": "prompt templates, '{}' standing for the class name"})
+    test_fraction: float = field(default=1.0, metadata={
+        "help": "1: every image is a test image; below 1: a seeded split"})
+
+    def __post_init__(self) -> None:
+        check(bool(self.root), "imagefolder.root", self.root, "the folder of class folders")
+        check(0 < self.test_fraction <= 1, "imagefolder.test_fraction", self.test_fraction, "a float in (0, 1]")
+        check(self.split_seed >= 0, "imagefolder.split_seed", self.split_seed, "an integer >= 0")
+        check(bool(self.templates) and all("{}" in t for t in self.templates), "imagefolder.templates",
+              self.templates, "a non-empty list of strings with '{}' for the class name")
+
+
+@dataclass
+class TSIOptions:
+    """Options of the ``tsi`` stream."""
+
+    captions: bool | str = field(default="auto", metadata={"help": (
+        f"train on the release's per-frame captions ({TSI_CAPTIONS_FILE}) instead of the class templates, as the "
+        "released code does: 'auto' when the file is there, true requires it, false never")})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.captions, bool) or self.captions == "auto", "tsi.captions", self.captions,
+              "auto | true | false")
+
+
+# --------------------------------------------------------------------------- the mini world
+@dataclass
+class MiniOptions:
+    """Options of a procedural mini stream (images per class of each split, data seed)."""
+
+    train_per_class: int = field(default=50, metadata={"help": "training images rendered per class"})
+    test_per_class: int = field(default=30, metadata={"help": "test images rendered per class"})
+    seed: int = field(default=0, metadata={"help": "seed of the rendered images"})
+
+    def __post_init__(self) -> None:
+        check(self.train_per_class >= 1, "train_per_class", self.train_per_class, "an integer >= 1")
+        check(self.test_per_class >= 1, "test_per_class", self.test_per_class, "an integer >= 1")
+        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
