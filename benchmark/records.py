@@ -105,16 +105,17 @@ class RunRecord:
         return self.path / "manifest.json"
 
     def manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None when there is none (or it cannot be read)."""
         try:
             return json.loads(self.manifest_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError):
             return None
 
     def config(self) -> dict[str, Any] | None:
         """The resolved configuration the run was started with (``config.yaml``), or None."""
         try:
             return yaml.safe_load((self.path / "config.yaml").read_text())
-        except (FileNotFoundError, yaml.YAMLError):
+        except (OSError, yaml.YAMLError):
             return None
 
     def is_finished(self) -> bool:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import resource
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -62,6 +64,9 @@ from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
 
 log = logging.getLogger(__name__)
+
+
+PARTIAL_SUMMARY = ("sessions", "target", "controls", "target_initial", "target_curve", "control_curve")
 
 
 class RunDecision(enum.IntEnum):
@@ -208,12 +213,31 @@ def changed_finished_runs(runs: list[Config]) -> list[str]:
     return found
 
 
-def check_data(runs: list[Config], force: bool = False) -> list[RunData]:
-    """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid
-    (a missing root, a wrong layout, too many sessions for a stream's classes, ...; unless ``force``,
-    a finished run whose configuration changed)."""
+def unwritable_outputs(runs: list[Config]) -> list[str]:
+    """The runs folders of the grid that this process cannot write into: a temporary file is made (and
+    removed) in each folder, or in its nearest existing parent when it does not exist yet."""
+    problems = []
+    for folder in sorted({Path(run.out).absolute() / run.name for run in runs}):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            problems.append(f"out: cannot write run records into {folder} ({existing} is a file, not a folder)")
+            continue
+        try:
+            fd, name = tempfile.mkstemp(dir=existing, prefix=".fscl-write-check-")
+            os.close(fd)
+            os.unlink(name)
+        except OSError as err:
+            problems.append(f"out: cannot write run records into {folder} ({existing}: {err.strerror or err})")
+    return problems
+
+
+def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
+    """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
+    its data (a missing root, a wrong layout, too many sessions for a stream's classes, ...), a runs
+    folder it cannot write, and (unless ``force``) a finished run whose configuration changed."""
     cache: dict[tuple, Any] = {}
-    found, problems = [], {}
+    found: list[RunData] = []
+    problems: dict[str, list[str]] = {message: [] for message in unwritable_outputs(runs)}
     for run in runs:
         try:
             found.append(run_data(run, cache))
@@ -232,7 +256,7 @@ def check_data(runs: list[Config], force: bool = False) -> list[RunData]:
 def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[RunOutcome]:
     """Run this process's grid points of ``cfg`` in order; returns one outcome per point.
 
-    The data of every point is checked first (:func:`check_data`): a problem anywhere stops the
+    Every point is checked first (:func:`check_grid`): a problem anywhere stops the
     grid before any model is built; so does a finished run whose configuration changed, unless
     ``force`` (it then runs again from the start). Started as several processes (``accelerate launch``,
     ``torchrun``, a SLURM array), each runs its own shard of the grid
@@ -247,7 +271,7 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[Ru
     runs = shard.select(cfg.expand())
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
-    data = check_data(runs, force)
+    data = check_grid(runs, force)
     bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
     for run_cfg, run_data_ in zip(bar, data):
         bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
@@ -300,6 +324,14 @@ def run_one(cfg: Config, data: RunData | None = None, progress: bool = False, fo
     finally:
         if record.writable:
             lock.release()
+            _remove_empty_folders(path, Path(cfg.out))
+
+
+def _remove_empty_folders(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents below ``top`` while empty (a run refused before it wrote anything)."""
+    while path != top and top in path.parents and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        path = path.parent
 
 
 class _Run:
@@ -448,9 +480,15 @@ class _Run:
         self.record.append_metrics(rows)
 
     def finish(self, visual_params: int, status: str, reason: str = "") -> None:
-        """Write the matrix and the summary, and the run's status (with its reason when it failed)."""
+        """Write the matrix and the summary, and the run's status (with its reason when it failed).
+
+        A failed run's summary keeps what it evaluated (sessions, initial accuracy, the curves so far)
+        and no final metric (TI, CC, forgetting...): those describe a run that reached its last session.
+        """
         path = self.record.path
         summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
+        if status == STATUS_FAILED:
+            summary = {k: v for k, v in summary.items() if k in PARTIAL_SUMMARY}
         summary["costs"] = {"visual_parameters": visual_params, **self.costs}
         if self.record.writable:
             atomic_write(path / "matrix.csv", self.matrix.to_csv())

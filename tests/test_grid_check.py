@@ -1,9 +1,13 @@
-"""The grid's data is checked before any model is built: one message for every problem."""
+"""Every check of a grid before any work (one message for every problem), and what a run that fails keeps."""
+import json
+
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from benchmark.config import load_config
-from benchmark.runner import GridCheckError, check_data, run_grid
+from benchmark.runner import GridCheckError, check_grid, run_grid
 
 
 def test_every_data_problem_of_the_grid_is_named_before_any_model_is_built(tmp_path, monkeypatch):
@@ -25,7 +29,7 @@ def test_every_data_problem_of_the_grid_is_named_before_any_model_is_built(tmp_p
 def test_checked_data_is_shared_by_the_runs_of_a_stream():
     runs = load_config("quick", ["strategy=[zeroshot,full-ft]", "seed=[0,1]", "controls=[digits]",
                                  "stream=digits"]).expand()
-    data = check_data(runs)
+    data = check_grid(runs)
     assert len(data) == 4 and len({id(d.stream) for d in data}) == 1  # one scan for the grid
     assert [s.ids for s in data[0].sessions] == [s.ids for s in data[2].sessions]  # same seed, other strategy
     assert [s.ids for s in data[0].sessions] != [s.ids for s in data[1].sessions]  # seed 1 draws its own shots
@@ -45,3 +49,37 @@ def test_a_finished_run_is_not_reused_for_another_configuration(tmp_path):
     assert again.status == "finished" and again.path == outcome.path
     assert yaml.safe_load((outcome.path / "config.yaml").read_text())["train"]["lr"] == 0.0007
     assert [o.status for o in run_grid(changed, progress=False, force=True)] == ["skipped"]  # nothing changed now
+
+
+def test_a_runs_folder_that_cannot_be_written_is_named_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = load_config("quick", [f"out={blocker / 'runs'}", "strategy=zeroshot", "seed=0"])
+    with pytest.raises(GridCheckError, match=rf"out: cannot write run records into {blocker / 'runs' / 'quick'}"):
+        run_grid(cfg, progress=False)
+
+
+def _write_folder_stream(root, bad: bool) -> None:
+    """Two class folders of real PNGs (and, with ``bad``, one file that is not an image)."""
+    gen = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(gen.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    if bad:
+        (root / "dogs" / "broken.jpg").write_bytes(b"not an image")
+
+
+def test_an_unreadable_image_met_mid_run_fails_that_run_and_the_grid_goes_on(tmp_path):
+    _write_folder_stream(tmp_path / "data" / "pets-bad", bad=True)
+    cfg = load_config("quick", [f"out={tmp_path / 'runs'}", f"data_root={tmp_path / 'data'}", "seed=0",
+                                "strategy=[zeroshot,full-ft]", "sessions=1", "train.epochs=1",
+                                "controls=[imagefolder]", "imagefolder.root=pets-bad"])
+    outcomes = run_grid(cfg, progress=False)
+    assert [o.status for o in outcomes] == ["failed", "failed"]  # both met it; the second still ran
+    for outcome in outcomes:
+        assert "broken.jpg" in outcome.reason and outcome.reason.startswith("session 1: ")
+        manifest = json.loads((outcome.path / "manifest.json").read_text())
+        assert manifest["status"] == "failed" and "broken.jpg" in manifest["reason"]
+        summary = json.loads((outcome.path / "summary.json").read_text())
+        assert "target_improvement" not in summary and "costs" in summary  # no final metric for a failed run
