@@ -243,8 +243,8 @@ def _definitions_section(reference: str) -> list[Block]:
              "mean over sessions; LoRSU's low-rank update of the R chosen q/k/v rows of width W counts "
              "min(R·W, r·(R + W)). **Trainable (released count)**: the convention of the released LoRSU code's log, "
              "min(R·W, r·4W) per block (the paper's figures, e.g. 5.4 % of ViT-L/14-336); the same as Trainable "
-             "params for every other strategy. **Train time**: training seconds summed over sessions (evaluation excluded). **FLOPs / "
-             "sample**: forward + backward FLOPs of one training sample (torch's FLOP counter), mean over "
+             "params for every other strategy. **Train time**: training seconds summed over sessions (evaluation "
+             "excluded). **FLOPs / sample**: forward + backward FLOPs of one training sample (torch's FLOP counter), mean over "
              "sessions. **Mask / setup time**: seconds spent choosing what to train (e.g. building masks), summed "
              "over sessions. **Peak memory**: the largest per-session peak (CUDA allocations on GPU, process RSS "
              "on CPU). **Optimizer state**: size of the optimizer's state tensors, mean over sessions."),

@@ -218,8 +218,8 @@ def test_nonzero_rule_scores_until_every_accumulated_entry_is_away_from_zero(spe
     backbone = load_backbone(spec)
     template, _ = make_template(backbone)
     objective = CountingObjective(blind)
-    (score,) = session_gradients(template, [projection(backbone)], as_loss(template, objective), batches=random_batches((4, 4, 2)),
-                                 min_samples=1, min_abs=min_abs)
+    (score,) = session_gradients(template, [projection(backbone)], as_loss(template, objective),
+                                 batches=random_batches((4, 4, 2)), min_samples=1, min_abs=min_abs)
     assert objective.calls == expected
     assert (score == 0).any() == (blind >= expected)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.utils import as_classification_dataset
-from avalanche.training.plugins import EvaluationPlugin
 from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin
 from PIL import Image
 from torchvision import transforms
 
