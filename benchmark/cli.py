@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from benchmark.config import DEFAULT_PRESET, TrainConfig, describe_options, list_presets, load_config
+from benchmark.config import DEMO_PRESET, TrainConfig, describe_options, list_presets, load_config
 from benchmark.errors import FsclError
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, Registry
 
@@ -32,22 +32,28 @@ HELP_WIDTH = 100
 
 def run_command(args: argparse.Namespace) -> int:
     """``fscl run`` (and the first half of ``fscl demo``): run, or with ``--dry-run`` list, a grid."""
-    from benchmark.distributed import grid_shard, is_main_process, launched_processes
-    from benchmark.runner import run_dir, run_grid
+    from benchmark.distributed import grid_shard, is_main_process, launched_processes, local_device
+    from benchmark.runner import check_grid, run_dir, run_grid
 
     source, overrides = args.config, list(args.overrides)
     if source is not None and "=" in source:  # `fscl run seed=1`: no preset given, only overrides
         source, overrides = None, [source, *overrides]
     cfg = load_config(source, overrides)
     runs = cfg.expand()
+    origin = f"preset '{source}'" if source in list_presets() else f"'{source}'" if source else "the defaults (no preset)"
     if args.dry_run:
         shard = grid_shard(launcher=not cfg.ddp)
         mine = shard.select(runs)
-        print(f"{len(runs)} run(s) of '{cfg.name}'" + (f", {len(mine)} in shard {shard}" if shard.count > 1 else "") + ":")
+        local_device(cfg.device)
+        check_grid(mine, getattr(args, "force", False))  # the checks a real run makes before any work
+        print(f"{len(runs)} run(s) of '{cfg.name}' from {origin}"
+              + (f", {len(mine)} in shard {shard}" if shard.count > 1 else "") + ":")
         for run in mine:
             print(f"  {run_dir(run)}")
         return 0
-    outcomes = run_grid(cfg, progress=not args.no_progress)
+    if is_main_process():
+        print(f"{len(runs)} run(s) of '{cfg.name}' from {origin}", file=sys.stderr)
+    outcomes = run_grid(cfg, progress=not args.no_progress, force=getattr(args, "force", False))
     if not is_main_process():  # ddp: true: rank 0 reports for the group
         return 0
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed", "busy")}
@@ -128,12 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                "the options of each strategy and stream (lorsu.rank=32); README.md 'Configuration' the others.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", default=None,
-                     help="preset name (see 'fscl ls presets') or YAML file; default: the offline preset "
-                          f"'{DEFAULT_PRESET}'")
+                     help="preset name (see 'fscl ls presets') or YAML file; default: none, the documented "
+                          "defaults (the paper's recipe, no controls, named after the stream); the offline "
+                          f"benchmark is 'fscl run {DEMO_PRESET}' or 'fscl demo'")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides; lists (a,b or [a,b]) on stream/strategy/backbone/shots/seed make a grid")
     run.add_argument("--dry-run", action="store_true",
-                     help="print the runs of the grid (of this process's shard, when sharded) and exit")
+                     help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
+                          "and print its runs (of this process's shard, when sharded)")
+    run.add_argument("--force", action="store_true",
+                     help="run again (replacing the record) a finished run whose configuration changed; without it "
+                          "such a run is refused, naming the keys that differ")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=run_command)
 

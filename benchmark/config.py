@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import re
 import types
 import typing
@@ -25,7 +26,7 @@ from benchmark.errors import FsclError
 from benchmark.registry import STRATEGIES, STREAMS
 
 PRESET_DIR = Path(__file__).parent / "presets"
-DEFAULT_PRESET = "mini"
+DEMO_PRESET = "mini"  # the offline benchmark of `fscl demo` (and `fscl run mini`)
 GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -167,7 +168,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
-        check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key, value,
+              "a finite number")
         return float(value)
     elif hint is str:
         check(isinstance(value, str), key, value, "a string")
@@ -234,10 +236,12 @@ def list_presets() -> list[str]:
 
 
 def read_source(source: str | None) -> dict[str, Any]:
-    """YAML mapping of a preset name or a config file path (None = the default preset)."""
-    source = source or DEFAULT_PRESET
+    """YAML mapping of a preset name or a config file path; None: no preset, the documented defaults
+    (the dataclasses' values; the name then comes from the stream, see :func:`load_config`)."""
+    if source is None:
+        return {}
     path = Path(source)
-    if not (source.endswith((".yaml", ".yml")) or path.exists()):
+    if not (source.endswith((".yaml", ".yml")) or path.is_file()):
         if source not in list_presets():
             close = difflib.get_close_matches(source, list_presets(), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -247,7 +251,10 @@ def read_source(source: str | None) -> dict[str, Any]:
         path = PRESET_DIR / f"{source}.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     data.setdefault("name", path.stem)
@@ -259,9 +266,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{override}' must look like key=value (e.g. seed=0,1,2)")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if key in GRID_AXES + ("controls",) and isinstance(value, str) and "," in value:
-        value = [yaml.safe_load(v) for v in value.split(",")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if key in GRID_AXES + ("controls",) and isinstance(value, str) and "," in value:
+            value = [yaml.safe_load(v) for v in value.split(",")]
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({err.problem or err})") from None
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
@@ -272,10 +282,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def load_config(source: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load, override and fully validate a configuration."""
+    """Load, override and fully validate a configuration: a preset or config file (``source``), or
+    without one the documented defaults, named after the stream(s) unless ``name=`` is given."""
     data = read_source(source)
     for override in overrides:
         apply_override(data, override)
+    if "name" not in data:
+        data["name"] = "+".join(map(str, _as_list(data.get("stream", Config.stream))))
     return parse_config(data)
 
 
@@ -312,6 +325,10 @@ def _validate(cfg: Config) -> None:
         check(isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1, "shots", shots, "an integer >= 1")
     for seed in _as_list(cfg.seed):
         check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed, "an integer >= 0")
+    for axis in GRID_AXES:
+        values = _as_list(getattr(cfg, axis))
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        check(not repeated, axis, getattr(cfg, axis), f"each value once (repeated: {', '.join(repeated)})")
     check(cfg.sessions >= 1, "sessions", cfg.sessions, "an integer >= 1")
     check(cfg.shot_seed is None or cfg.shot_seed >= 0, "shot_seed", cfg.shot_seed,
           "an integer >= 0, or null for the run's seed")

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark.config import DEFAULT_PRESET
+from benchmark.config import DEMO_PRESET
 
 
 def add_report(verbs: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_report(verbs: argparse._SubParsersAction) -> None:
 def add_demo(verbs: argparse._SubParsersAction) -> None:
     """``fscl demo [key=value ...]``."""
     demo = verbs.add_parser("demo", help="run the offline benchmark end to end (no download), then its report",
-                            description=f"Run the offline default preset '{DEFAULT_PRESET}' end to end, then write "
+                            description=f"Run the offline default preset '{DEMO_PRESET}' end to end, then write "
                                         "its report into the runs folder.")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for 'run'")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -56,9 +56,9 @@ def _demo(args: argparse.Namespace) -> int:
     from benchmark.config import load_config
     from reports import write_report
 
-    args.config, args.dry_run = DEFAULT_PRESET, False
+    args.config, args.dry_run = DEMO_PRESET, False
     status = run_command(args)
-    cfg = load_config(DEFAULT_PRESET, args.overrides)
+    cfg = load_config(DEMO_PRESET, args.overrides)
     runs = Path(cfg.out) / cfg.name
     paths = write_report(runs, runs / "report")
     print(f"report: {paths.markdown}\n        {paths.html}")

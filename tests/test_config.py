@@ -1,7 +1,9 @@
 """Configuration: YAML + overrides, grid expansion, validation messages."""
+import re
+
 import pytest
 
-from benchmark.config import ConfigError, apply_override, load_config, parse_config
+from benchmark.config import ConfigError, TrainConfig, apply_override, load_config, parse_config
 
 
 def test_overrides_and_grid_expansion():
@@ -26,7 +28,7 @@ def test_strategy_and_stream_sections_are_options():
     [
         ("shots=0", "shots: invalid value 0; allowed: an integer >= 1"),
         ("seed=-1", "seed: invalid value -1"),
-        ("train.lr=fast", "train.lr: invalid value 'fast'; allowed: a number"),
+        ("train.lr=fast", "train.lr: invalid value 'fast'; allowed: a finite number"),
         ("train.epochs=0", "train.epochs: invalid value 0"),
         ("train.scheduler_step=batch", "train.scheduler_step: invalid value 'batch'; allowed: step | epoch"),
         ("device=tpu", "device: invalid value 'tpu'"),
@@ -87,3 +89,36 @@ def test_paper_presets_use_the_released_recipe():
         assert cfg.backbone == "openclip:ViT-L-14-336-quickgelu@openai"
         assert (cfg.train.drop_last, cfg.train.augment, cfg.shot_seed) == ("auto", "released", None)
         assert all(r.shot_seed == r.seed for r in cfg.expand()) and {r.seed for r in cfg.expand()} == {0, 1, 2}
+
+
+def test_without_a_preset_a_run_starts_from_the_documented_defaults():
+    cfg = load_config(None, ["stream=gtsrb", "strategy=lorsu", "data_root=/data"])
+    assert cfg.name == "gtsrb" and cfg.controls == [] and cfg.options == {}  # not the mini world's
+    assert cfg.train == TrainConfig() and cfg.seed == 0
+    assert load_config(None, ["stream=[gtsrb,eurosat]"]).name == "gtsrb+eurosat"
+    assert load_config(None, ["stream=gtsrb", "name=mine"]).name == "mine"
+    assert load_config("mini").name == "mini" and load_config("mini").controls  # the offline benchmark: its preset
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").mkdir()
+    assert load_config("quick").name == "quick"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("stream: [digits\nseed: 0\n", "not valid YAML"),
+    ("train:\n  lr: .inf\n", "train.lr: invalid value inf; allowed: a finite number"),
+    ("train:\n  lr: .nan\n", "train.lr: invalid value nan; allowed: a finite number"),
+    ("seed: [0, 1, 0]\n", "seed: invalid value [0, 1, 0]; allowed: each value once (repeated: 0)"),
+])
+def test_bad_config_files_name_the_problem(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(str(path))
+
+
+def test_an_override_that_is_not_yaml_is_named():
+    with pytest.raises(ConfigError, match=r"override 'seed=\[0,': the value is not valid YAML"):
+        load_config("quick", ["seed=[0,"])

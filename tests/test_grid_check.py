@@ -6,6 +6,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.runner import GridCheckError, check_grid, run_grid
 
@@ -83,3 +84,21 @@ def test_an_unreadable_image_met_mid_run_fails_that_run_and_the_grid_goes_on(tmp
         assert manifest["status"] == "failed" and "broken.jpg" in manifest["reason"]
         summary = json.loads((outcome.path / "summary.json").read_text())
         assert "target_improvement" not in summary and "costs" in summary  # no final metric for a failed run
+
+
+def test_the_command_line_says_where_a_grid_comes_from_and_dry_run_checks_it(tmp_path, capsys):
+    assert main(["run", "stream=digits", "strategy=zeroshot", f"out={tmp_path}", "--dry-run"]) == 0
+    assert "1 run(s) of 'digits' from the defaults (no preset):" in capsys.readouterr().out
+    assert main(["run", "quick", "seed=0", "strategy=zeroshot", f"out={tmp_path}", "--dry-run"]) == 0
+    assert "of 'quick' from preset 'quick'" in capsys.readouterr().out
+    assert main(["run", "stream=gtsrb", f"data_root={tmp_path / 'none'}", f"out={tmp_path}", "--dry-run"]) == 2
+    assert f"gtsrb: data folder not found: {tmp_path / 'none' / 'gtsrb'}" in capsys.readouterr().err
+
+
+def test_force_on_the_command_line_runs_a_changed_finished_run_again(tmp_path, capsys):
+    base = ["run", "quick", f"out={tmp_path}", "strategy=zeroshot", "seed=0", "sessions=1", "--no-progress"]
+    assert main(base) == 0
+    assert main([*base, "train.eval_batch_size=32"]) == 2
+    assert "finished with another configuration: train.eval_batch_size: 64 -> 32" in capsys.readouterr().err
+    assert main([*base, "train.eval_batch_size=32", "--force"]) == 0
+    assert "1 finished" in capsys.readouterr().out
