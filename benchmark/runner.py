@@ -36,7 +36,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from tqdm.auto import tqdm
 
 from benchmark import checkpoints
-from benchmark.backbones import load_backbone
+from benchmark.backbones import backbone_skeleton, load_backbone
 from benchmark.config import Config, ConfigError
 from benchmark.distributed import (
     all_reduce_sum,
@@ -46,7 +46,7 @@ from benchmark.distributed import (
     is_main_process,
     local_device,
 )
-from benchmark.errors import DataError
+from benchmark.errors import DataError, FsclError
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter, StrategyPlugin
@@ -231,13 +231,38 @@ def unwritable_outputs(runs: list[Config]) -> list[str]:
     return problems
 
 
+def strategy_problems(runs: list[Config]) -> list[str]:
+    """What each (backbone, strategy, options) of the grid refuses, found by building the strategy on
+    the backbone's skeleton (its architecture on the meta device: no weights, no download): e.g.
+    ``lorsu.top_k_heads`` above the model's heads, a strategy that needs blocks on a ResNet tower, an
+    encoder that ``ddp: true`` cannot split, or a backbone that cannot be built here at all."""
+    skeletons: dict[str, Any] = {}
+    problems, seen = [], set()
+    for run in runs:
+        entry = STRATEGIES.get(run.strategy)
+        options = run.options_for(run.strategy, entry.options)
+        if (run.backbone, run.strategy, repr(options), run.ddp) in seen:
+            continue
+        seen.add((run.backbone, run.strategy, repr(options), run.ddp))
+        try:
+            if run.backbone not in skeletons:
+                skeletons[run.backbone] = backbone_skeleton(run.backbone)
+            entry.obj(skeletons[run.backbone], options)
+            if run.ddp:
+                check_data_parallel(skeletons[run.backbone].visual, run.backbone)
+        except FsclError as err:
+            problems.append(f"{run.strategy} on {run.backbone}: {err}")
+    return problems
+
+
 def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
-    its data (a missing root, a wrong layout, too many sessions for a stream's classes, ...), a runs
-    folder it cannot write, and (unless ``force``) a finished run whose configuration changed."""
+    what a strategy refuses on its backbone (:func:`strategy_problems`), its data (a missing root, a
+    wrong layout, too many sessions for a stream's classes, ...), a runs folder it cannot write, and
+    (unless ``force``) a finished run whose configuration changed."""
     cache: dict[tuple, Any] = {}
     found: list[RunData] = []
-    problems: dict[str, list[str]] = {message: [] for message in unwritable_outputs(runs)}
+    problems: dict[str, list[str]] = {message: [] for message in unwritable_outputs(runs) + strategy_problems(runs)}
     for run in runs:
         try:
             found.append(run_data(run, cache))

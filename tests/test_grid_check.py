@@ -102,3 +102,31 @@ def test_force_on_the_command_line_runs_a_changed_finished_run_again(tmp_path, c
     assert "finished with another configuration: train.eval_batch_size: 64 -> 32" in capsys.readouterr().err
     assert main([*base, "train.eval_batch_size=32", "--force"]) == 0
     assert "1 finished" in capsys.readouterr().out
+
+
+def test_what_a_strategy_refuses_on_its_backbone_is_found_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSCL_CACHE", str(tmp_path / "cache"))  # 'mini' is checked from its config, never pretrained
+    cfg = load_config("quick", [f"out={tmp_path / 'runs'}", "strategy=[full-ft,lorsu,layernorm]", "seed=0",
+                                "backbone=[openclip:fscl-tiny,mini]", "lorsu.top_k_heads=999"])
+    with pytest.raises(GridCheckError) as err:
+        run_grid(cfg, progress=False)
+    message = str(err.value)
+    assert "lorsu on openclip:fscl-tiny: lorsu.top_k_heads: invalid value 999; allowed: an integer in [1, 4]" in message
+    assert "lorsu on mini: lorsu.top_k_heads: invalid value 999" in message
+    assert "full-ft" not in message and "layernorm" not in message
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no run started, nothing built
+
+
+def test_backbone_skeletons_have_the_blocks_of_the_real_models(tmp_path):
+    from benchmark.backbones import backbone_skeleton, load_backbone
+
+    for spec in ("openclip:fscl-tiny", "openclip:ViT-L-14-336@openai"):  # a hub tag: no download for a skeleton
+        skeleton = backbone_skeleton(spec)
+        blocks = skeleton.blocks()
+        assert all(p.is_meta for p in skeleton.parameters())
+        if spec.endswith("fscl-tiny"):
+            real = load_backbone(spec).blocks()
+            assert [(b.num_heads, b.head_dim, b.fc1.weight.shape) for b in blocks] == [
+                (b.num_heads, b.head_dim, b.fc1.weight.shape) for b in real]
+        else:
+            assert (len(blocks), blocks[0].num_heads, blocks[0].width) == (24, 16, 1024)

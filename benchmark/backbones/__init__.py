@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from benchmark.backbones.base import Backbone
 
 __all__ = ["Backbone", "BackboneLoadError", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle",
-           "check_backbone_string", "load_backbone"]
+           "backbone_skeleton", "check_backbone_string", "load_backbone"]
 __getattr__ = lazy_exports(__name__, dict.fromkeys(
     ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle"], "benchmark.backbones.base"))
 
@@ -66,3 +66,11 @@ def load_backbone(spec: str, device: str | None = None) -> Backbone:
     family, rest = _split(spec)
     backbone = BACKBONES.get(family).obj(spec, rest)
     return backbone.to(device) if device else backbone
+
+
+def backbone_skeleton(spec: str) -> Backbone:
+    """The architecture of ``spec`` on the meta device: its modules, blocks and shapes, with no weights,
+    no tokenizer and no download (for checks before any work, e.g. a strategy's block requirements)."""
+    check_backbone_string(spec)
+    family, rest = _split(spec)
+    return BACKBONES.get(family).obj(spec, rest, weights=False)

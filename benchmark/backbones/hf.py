@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import open_clip
+import torch
 from torch import Tensor, nn
 
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
@@ -42,13 +43,17 @@ class _HFVisual(nn.Module):
 class HFCLIPBackbone(Backbone):
     """HF transformers CLIPModel / SiglipModel (separate q/k/v projections): hf:/local/folder or hf:org/hub-id."""
 
-    def __init__(self, spec: str, rest: str) -> None:
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, spec: str, rest: str, weights: bool = True) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         source = self._resolve(rest)
         try:
-            model = AutoModel.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            if weights:
+                model = AutoModel.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            else:  # the architecture only (a skeleton): no weights, no tokenizer, nothing allocated
+                with torch.device("meta"):
+                    model, tokenizer = AutoModel.from_config(AutoConfig.from_pretrained(source)), None
         except (OSError, ValueError) as err:
             raise BackboneLoadError(
                 f"could not load the HF model '{source}' (model and tokenizer files expected, as written by "

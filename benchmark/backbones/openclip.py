@@ -108,6 +108,14 @@ def _create(name: str, tag: str | None) -> tuple[nn.Module, Callable, Callable]:
     return model, train_tf, eval_tf
 
 
+def _skeleton(name: str) -> nn.Module:
+    """open_clip model ``name`` on the meta device: every module and shape, no weights (no download)."""
+    try:
+        return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        raise BackboneLoadError(f"could not build open_clip model '{name}': {err}") from err
+
+
 def model_config(name: str) -> dict:
     """A copy of the open_clip model config of ``name`` (a registered name or ``local-dir:/path``), or {}."""
     try:
@@ -155,11 +163,14 @@ def _tokenizer(name: str, tag: str | None) -> Callable:
 class OpenCLIPBackbone(Backbone):
     """open_clip models: OpenAI/LAION ViTs (fused attention), EVA01/EVA02 (timm trunks), SigLIP (timm, fused qkv)."""
 
-    def __init__(self, spec: str, rest: str) -> None:
+    def __init__(self, spec: str, rest: str, weights: bool = True) -> None:
         name, tag = parse(rest)
         name = resolve_name(name, tag)
-        tokenizer = _tokenizer(name, tag)  # before the weights: a missing tokenizer fails fast
-        model, train_tf, eval_tf = _create(name, tag)
+        if weights:
+            tokenizer = _tokenizer(name, tag)  # before the weights: a missing tokenizer fails fast
+            model, train_tf, eval_tf = _create(name, tag)
+        else:  # the architecture only (a skeleton): no weights, no tokenizer, nothing allocated
+            tokenizer, model, train_tf, eval_tf = None, _skeleton(name), None, None
         super().__init__(spec, model, model.visual, (train_tf, eval_tf))
         if hasattr(model.visual, "trunk"):
             route_qkv_through_module(model.visual.trunk)  # EVA01: q/v biases outside the qkv module otherwise

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+import open_clip
 from filelock import FileLock
 
 from benchmark.backbones.openclip import OpenCLIPBackbone
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "FSCL_CACHE"
 WEIGHTS = "open_clip_model.safetensors"
+MODEL_CONFIG = Path(__file__).parent / "data" / "mini-vit.json"  # the model's open_clip config
 
 
 def cache_root() -> Path:
@@ -50,7 +52,11 @@ def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool
 class MiniBackbone(OpenCLIPBackbone):
     """The mini world's tiny open_clip ViT (not CLIP), pretrained on clean renders; cached."""
 
-    def __init__(self, spec: str, rest: str) -> None:
+    def __init__(self, spec: str, rest: str, weights: bool = True) -> None:
+        if not weights:  # the architecture only: from the mini config, never pretraining
+            open_clip.add_model_config(MODEL_CONFIG)
+            super().__init__(spec, MODEL_CONFIG.stem, weights=False)
+            return
         folder = ensure_model(Path(rest) if rest else default_model_dir())
         super().__init__(spec, f"local-dir:{folder}")
 
