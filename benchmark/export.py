@@ -32,6 +32,7 @@ from benchmark.backbones import Backbone, load_backbone
 from benchmark.backbones.hf import HFCLIPBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone, model_config
 from benchmark.errors import FsclError
+from benchmark.records import STATUS_FINISHED, RunRecord
 
 ExportFormat = Literal["openclip", "hf-clip-vision"]
 
@@ -57,10 +58,18 @@ def encoder_after(run_dir: str | Path, session: int) -> Backbone:
     saved = checkpoints.saved_sessions(run_dir)
     if session not in saved:
         kept = f"sessions {', '.join(map(str, saved))}" if saved else "no session"
+        manifest = RunRecord(run_dir).manifest() or {}
+        if manifest.get("status") != STATUS_FINISHED:  # failed or cut short: the session may never have trained
+            reason = f": {manifest['reason']}" if manifest.get("reason") else ""
+            raise ExportError(
+                f"the encoder after session {session} is not stored in {run_dir}: the run is "
+                f"{manifest.get('status', 'unfinished')}{reason}; its checkpoints keep {kept}.")
+        keep = config.get("keep_checkpoints", "none")
+        advice = ("Rerun with keep_checkpoints=all to keep every session (keep_checkpoints=last keeps only the "
+                  "final one)" if keep != "all" else "The run kept every session it checkpointed")
         raise ExportError(
             f"the encoder after session {session} is not stored in {run_dir}: its checkpoints keep {kept} "
-            f"(keep_checkpoints: {config.get('keep_checkpoints', 'none')}). Rerun with keep_checkpoints=all to keep "
-            f"every session (keep_checkpoints=last keeps only the final one); session 0 (pretrained) needs none.")
+            f"(keep_checkpoints: {keep}). {advice}; session 0 (pretrained) needs none.")
     path = checkpoints.checkpoint_dir(run_dir) / f"session-{session}.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
     backbone.visual.load_state_dict(state["encoder"])

@@ -20,6 +20,7 @@ from benchmark.cli import main
 from benchmark.config import TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.export import ExportError, encoder_after, to_hf_clip_vision
+from benchmark.records import RunRecord
 from benchmark.template import CLIPTemplate
 from strategies.lorsu import LoRSU, LoRSUOptions
 from streams.digits import Digits
@@ -179,3 +180,14 @@ def test_lorsu_scores_and_heads_are_the_same_on_the_separate_qkv_form(run_dir):
             torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(sb.head_scores, sa.head_scores, rtol=1e-4, atol=0)
         assert sb.heads == sa.heads and torch.equal(sb.fc1_index, sa.fc1_index)
+
+
+def test_a_failed_run_s_missing_session_is_explained_by_its_failure(tmp_path, capsys):
+    run = tmp_path / "run"
+    record = RunRecord(run)
+    record.start({"backbone": SPEC, "sessions": 2, "keep_checkpoints": "all"}, {"seed": 0}, {"session_1": ["a"]})
+    record.update_manifest(status="failed", reason="session 1: non-finite loss (nan)")
+    with pytest.raises(ExportError) as err:
+        encoder_after(run, 2)
+    assert "the run is failed: session 1: non-finite loss (nan)" in str(err.value)
+    assert "keep_checkpoints=all" not in str(err.value)  # it was set: no advice to set it
