@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from benchmark.config import flatten
 from benchmark.metrics import AccuracyMatrix
 from benchmark.records import atomic_writer
 
@@ -130,21 +131,11 @@ def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.devi
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every (dotted) key whose value differs between two resolved configs,
     leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`)."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    flat_old, flat_new = flatten(old), flatten(new)
     keys = sorted(k for k in flat_old.keys() | flat_new.keys() if k.split(".")[0] not in RESUME_INDEPENDENT)
     missing = "(unset)"
     return [f"{k}: {flat_old.get(k, missing)!r} -> {flat_new.get(k, missing)!r}" for k in keys
             if flat_old.get(k, missing) != flat_new.get(k, missing)]
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def prune(run_path: Path, keep: KeepCheckpoints) -> None:

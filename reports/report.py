@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from benchmark.config import flatten
 from benchmark.metrics import backward_transfer, control_change, forgetting, target_improvement
 from benchmark.records import slug
 from reports.figures import (
@@ -255,15 +256,9 @@ def _definitions_section(reference: str) -> list[Block]:
     ]
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def _flatten(data: dict[str, Any]) -> dict[str, str]:
     """Nested config → dotted keys with JSON-rendered values (lists included)."""
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return flat
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(data).items()}
 
 
 def _natural(value: str) -> tuple[int, float, str]:
