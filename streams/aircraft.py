@@ -12,7 +12,8 @@ LAYOUT = """\
   data/variants.txt                      the 100 variant names, one a line
   data/images/<image id>.jpg
   data/images_variant_trainval.txt       train: '<image id> <variant>' per line
-  data/images_variant_test.txt           test"""
+  data/images_variant_test.txt           test
+(or <data_root>/fgvc_aircraft/fgvc-aircraft-2013b/, the released code's folder)"""
 
 
 class Aircraft(TorchvisionStream):
@@ -20,6 +21,8 @@ class Aircraft(TorchvisionStream):
 
     spec = StreamSpec.from_file(DATA_DIR / "aircraft.yaml")
     folder = "fgvc-aircraft-2013b"
+    # the released code gives torchvision <dataroot>/fgvc_aircraft (its README says aircraft/)
+    released_folders = ("fgvc_aircraft/fgvc-aircraft-2013b", "aircraft/fgvc-aircraft-2013b")
     layout = LAYOUT
     required = ("data/variants.txt", "data/images", "data/images_variant_trainval.txt",
                 "data/images_variant_test.txt")

@@ -6,6 +6,7 @@ on-disk layout, registered with ``@STREAMS.register("name", options=...)``.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 from benchmark.errors import DataError
 from streams.sampling import FewShotSampler, Session
 
+log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
 Split = Literal["train", "test"]
 
@@ -159,30 +161,70 @@ class Stream(ABC):
 
     Subclasses set :attr:`spec` and :attr:`folder` (its folder name under ``data_root``) and
     implement :meth:`dataset`; ``options`` is the stream's validated options dataclass.
+
+    Unreadable images (``skip_bad_images``): a run decodes only what it uses. Training
+    images are drawn from the whole listed split whatever the files hold (so the draws of
+    good images never depend on bad files); with ``skip_bad_images`` the drawn ones are
+    decoded when the sessions are made and a bad one is replaced by the next readable image
+    of its class's seeded order (:class:`~streams.sampling.FewShotSampler`), warned about and
+    recorded. Test images are all evaluated: with ``skip_bad_images`` the bad ones are left
+    out (:meth:`readable`), warned about and recorded. Without it a bad image fails the run
+    that meets it. ``fscl data check`` decodes every image.
     """
 
     spec: ClassVar[StreamSpec]
     folder: ClassVar[str | None] = None  # None: needs no files on disk
+    # other names of the stream's folder under data_root (the released code's), looked for
+    # when ``folder`` is absent; a name may hold several parts ("fgvc_aircraft/fgvc-aircraft-2013b")
+    released_folders: ClassVar[tuple[str, ...]] = ()
     layout: ClassVar[str] = ""  # the expected tree, shown when the root is wrong
     splits: ClassVar[tuple[Split, ...]] = ("train", "test")  # ("test",): a control-only stream
 
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
-        self.root = Path(data_root) / self.folder if self.folder else None
+        self.root = self.locate(Path(data_root)) if self.folder else None
         self.options = options
         self.skip_bad_images = skip_bad_images
-        self.skipped: dict[str, list[str]] = {}  # split -> ids of unreadable images left out
+        self.skipped: dict[str, list[str]] = {}  # split -> ids of unreadable images met (left out or replaced)
+        self._unreadable: dict[str, str | None] = {}  # train id -> decoding error (None: readable), once decoded
         if self.root is not None and not self.root.is_dir():
+            others = [str(Path(data_root) / name) for name in self.released_folders]
+            also = f" (nor the released code's {' or '.join(others)})" if others else ""
             raise StreamDataError(
-                f"{self.spec.name}: data folder not found: {self.root}\nexpected layout:\n{self.layout}"
+                f"{self.spec.name}: data folder not found: {self.root}{also}\nexpected layout:\n{self.layout}"
             )
 
-    def data_record(self) -> dict[str, Any]:
+    def folder_names(self) -> tuple[str, ...]:
+        """Every accepted name of the stream's folder under ``data_root``: ours first, then the released code's."""
+        return (self.folder, *self.released_folders) if self.folder else ()
+
+    def locate(self, data_root: Path) -> Path:
+        """The stream's folder under ``data_root``: ``folder`` when it is there, else the first released
+        name that is (else ``folder``, for the error message)."""
+        for name in self.folder_names():
+            if (data_root / name).is_dir():
+                return data_root / name
+        return data_root / self.folder
+
+    def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
         """What a run record must keep about this stream's data: where its texts come from
-        (data file version, dataset files read instead), skipped files, the split."""
+        (data file version, dataset files read instead), unreadable images met, the split.
+
+        ``skipped_images`` counts and lists the unreadable images met: test images left out,
+        and training images met by the draw of ``sessions`` (with ``replaced``: per session,
+        which id took the place of which). Without ``sessions``: the training images met by
+        every draw made on this object (no ``replaced``).
+        """
         record: dict[str, Any] = {"texts": {"version": self.spec.version, **self.text_sources()}}
-        skipped = sorted(i for ids in self.skipped.values() for i in ids)
-        if skipped:
-            record["skipped_images"] = {"count": len(skipped), "ids": skipped}
+        met = {i for split, ids in self.skipped.items() if split != "train" for i in ids}
+        if sessions is None:
+            met |= set(self.skipped.get("train", []))
+        else:
+            met |= {i for s in sessions for i in s.unreadable}
+        if met:
+            record["skipped_images"] = {"count": len(met), "ids": sorted(met)}
+            replaced = {f"session_{s.index}": dict(s.replaced) for s in sessions or () if s.replaced}
+            if replaced:
+                record["skipped_images"]["replaced"] = replaced
         return record
 
     def text_sources(self) -> dict[str, str]:
@@ -194,19 +236,72 @@ class Stream(ABC):
     def dataset(self, split: Split) -> LabelledImages:
         """The whole ``split`` (images untransformed)."""
 
+    def listed(self, split: Split) -> LabelledImages:
+        """The whole ``split`` as listed on disk (nothing decoded, nothing left out)."""
+        return self.dataset(split)
+
+    def readable(self, split: Split, data: LabelledImages) -> LabelledImages:
+        """``data`` without the images that cannot be decoded (decodes each one); the bad ones
+        are warned about and recorded under ``split`` (:meth:`data_record`)."""
+        bad = unreadable(data)
+        if bad:
+            log.warning("%s: leaving out %d unreadable image(s) of the %s split (skip_bad_images), e.g. %s",
+                        self.spec.name, len(bad), split, bad[0][1])
+            self.skipped[split] = sorted({*self.skipped.get(split, []), *(data.ids[i] for i, _ in bad)})
+        drop = {i for i, _ in bad}
+        return data.subset([i for i in range(len(data)) if i not in drop]) if drop else data
+
     def sessions(self, n_sessions: int, shots: int, shot_seed: int) -> list[Session]:
-        """The few-shot training sessions (sample ids drawn by :class:`FewShotSampler`)."""
-        train = self.dataset("train")
+        """The few-shot training sessions (sample ids drawn by :class:`FewShotSampler`).
+
+        With ``skip_bad_images`` the drawn images are decoded and an unreadable one replaced
+        (see the class docstring); without it nothing is decoded here.
+        """
+        train = self.listed("train")
         sampler = FewShotSampler(self.spec.name, shots, shot_seed)
-        return [sampler.sample(train.targets, train.ids, i + 1, classes)
-                for i, classes in enumerate(self.spec.session_classes(n_sessions))]
+        check = self._train_check(train) if self.skip_bad_images else None
+        out = [sampler.sample(train.targets, train.ids, i + 1, classes, check)
+               for i, classes in enumerate(self.spec.session_classes(n_sessions))]
+        for session in out:
+            self._report_replacements(session, train)
+        return out
+
+    def _train_check(self, train: LabelledImages) -> Callable[[int], str | None]:
+        """Index of ``train`` -> its decoding error (None when it decodes); each image decoded once."""
+        def check(i: int) -> str | None:
+            sid = train.ids[i]
+            if sid not in self._unreadable:
+                try:
+                    train.load(train.items[i])
+                    self._unreadable[sid] = None
+                except StreamDataError as err:
+                    self._unreadable[sid] = str(err)
+            return self._unreadable[sid]
+        return check
+
+    def _report_replacements(self, session: Session, train: LabelledImages) -> None:
+        """Warn about and record the unreadable images a draw met; fail a class left with none."""
+        if not session.unreadable:
+            return
+        self.skipped["train"] = sorted({*self.skipped.get("train", []), *session.unreadable})
+        for bad, good in session.replaced.items():
+            log.warning("%s: session %d: drawn training image %s is unreadable (%s); %s (skip_bad_images)",
+                        self.spec.name, session.index, bad, self._unreadable.get(bad),
+                        f"replaced by {good}" if good else "no readable image of its class is left to replace it")
+        drawn = set(session.ids)
+        kept = {t for t, sid in zip(train.targets, train.ids) if sid in drawn}
+        empty = [c for c in session.classes if c not in kept]
+        if empty:
+            raise StreamDataError(f"{self.spec.name}: no readable training image of class(es) "
+                                  f"{', '.join(repr(self.spec.class_names[c]) for c in empty)} "
+                                  f"(unreadable: {', '.join(session.unreadable[:5])})")
 
     def benchmark(self, sessions: list[Session], train_transform: Callable, eval_transform: Callable):
         """An Avalanche benchmark: train stream = sessions, test stream = their classes' test images."""
         from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
         from avalanche.benchmarks.utils import as_classification_dataset
 
-        train, test = self.dataset("train"), self.dataset("test")
+        train, test = self.listed("train"), self.dataset("test")
         index = {sid: i for i, sid in enumerate(train.ids)}
         return benchmark_from_datasets(
             train=[as_classification_dataset(train.subset([index[s] for s in sess.ids]).with_transform(train_transform))
@@ -214,3 +309,23 @@ class Stream(ABC):
             test=[as_classification_dataset(test.with_classes(sess.classes).with_transform(eval_transform))
                   for sess in sessions],
         )
+
+
+def unreadable(data: LabelledImages, limit: int | None = None, progress: str = "") -> list[tuple[int, str]]:
+    """(index, error message) of the images of ``data`` that cannot be decoded.
+
+    Stops after ``limit`` bad images when given; ``progress`` (a label) draws a bar on
+    stderr. Decodes every image: slow on big sets.
+    """
+    from tqdm.auto import tqdm
+
+    bad: list[tuple[int, str]] = []
+    items = tqdm(data.items, desc=progress, unit="img", leave=False, disable=not progress)
+    for i, item in enumerate(items):
+        try:
+            data.load(item)
+        except StreamDataError as err:
+            bad.append((i, str(err)))
+            if limit is not None and len(bad) >= limit:
+                break
+    return bad

@@ -2,7 +2,8 @@
 
 Builds the stream on the root (layout checks), every split (class checks), reports the
 images per split, class and session, decodes every image and lists the first unreadable
-ones. The stream is usable only when no problem was found.
+ones. The stream is usable only when no problem was found; each problem is reported once.
+A run decodes only the images it uses, so this is the way to find every unreadable file.
 """
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.registry import STREAMS
-from streams.base import LabelledImages, Stream, StreamDataError
-from streams.files import unreadable
+from streams.base import LabelledImages, Stream, StreamDataError, unreadable
 
 
 @dataclass
@@ -22,6 +22,11 @@ class DataReport:
     stream: str
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    def problem(self, message: str) -> None:
+        """Add a problem, unless the same one is already reported (e.g. by the other split)."""
+        if message not in self.problems:
+            self.problems.append(message)
 
     @property
     def ok(self) -> bool:
@@ -35,10 +40,17 @@ class DataReport:
 
 
 def resolve_data_root(stream: type[Stream], root: Path) -> Path:
-    """The data root for ``--root``, which may name the data root or the stream's own folder."""
+    """The data root for ``--root``, which may name the data root or the stream's own folder,
+    under our name for it or the released code's (``Stream.released_folders``)."""
     folder = getattr(stream, "folder", None)
-    if isinstance(folder, str) and not (root / folder).exists() and root.name == folder:
-        return root.parent
+    if not isinstance(folder, str):
+        return root
+    names = [Path(name).parts for name in (folder, *getattr(stream, "released_folders", ()))]
+    if any((root.joinpath(*parts)).is_dir() for parts in names):
+        return root
+    for parts in names:
+        if len(root.parts) > len(parts) and root.parts[-len(parts):] == parts:
+            return root.parents[len(parts) - 1]
     return root
 
 
@@ -51,19 +63,19 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
     try:
         stream = entry.obj(data_root, options)
     except StreamDataError as err:
-        report.problems.append(str(err))
+        report.problem(str(err))
         return report
     report.lines.append(f"stream {name} (data file v{stream.spec.version}) at {stream.root or '(built in)'}")
     try:
         report.lines += [f"{what.replace('_', ' ')} from {path}" for what, path in stream.text_sources().items()]
     except StreamDataError as err:
-        report.problems.append(str(err))
+        report.problem(str(err))
     data: dict[str, LabelledImages] = {}
     for split in stream.splits:
         try:
             data[split] = stream.dataset(split)
         except StreamDataError as err:
-            report.problems.append(str(err))
+            report.problem(str(err))
     if not data:
         return report
     _class_table(report, stream, data)
@@ -73,8 +85,10 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
         bad = unreadable(images, progress=f"decoding {split}" if progress else "")
         if bad:
             shown = "\n  ".join(message for _, message in bad[:listed])
-            report.problems.append(f"{len(bad)} of {len(images)} {split} images cannot be read (first {min(listed, len(bad))}"
-                                   f"):\n  {shown}\n  (with 'skip_bad_images: true' a run leaves them out and counts them)")
+            report.problem(f"{len(bad)} of {len(images)} {split} images cannot be read (first {min(listed, len(bad))}"
+                           f"):\n  {shown}\n  (a run fails when it meets one; with 'skip_bad_images: true' it replaces "
+                           "a drawn training image by the next of its class's seeded order and leaves test images "
+                           "out, warning and recording both)")
     return report
 
 
@@ -92,7 +106,7 @@ def _sessions(report: DataReport, stream: Stream, train: LabelledImages, session
     try:
         groups = stream.spec.session_classes(sessions)
     except ValueError as err:
-        report.problems.append(str(err))
+        report.problem(str(err))
         return
     per_class = _per_class(train, len(stream.spec.class_names))
     for i, classes in enumerate(groups, start=1):

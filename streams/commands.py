@@ -16,14 +16,16 @@ def add_data(verbs: argparse._SubParsersAction) -> None:
     actions = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     check = actions.add_parser(
         "check", help="validate a stream's root: layout, counts per split/class/session, unreadable files",
-        description="Build the stream on DIR, count its images per split, class and session, decode every image. "
+        description="Build the stream on DIR, count its images per split, class and session, decode every image "
+                    "(a run reads only the images it uses: this finds every unreadable file). "
                     "Exit code 0 only when the stream is usable.",
         epilog="examples:\n  fscl data check gtsrb --root /data\n"
                "  fscl data check imagefolder --root /data -o root=imagenet/val -o class_names=names.txt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("stream", metavar="STREAM", help="stream name (see 'fscl ls streams')")
     check.add_argument("--root", required=True, metavar="DIR",
-                       help="the data_root holding the stream's folder (or that folder itself)")
+                       help="the data_root holding the stream's folder, or that folder itself (our name for it or "
+                            "the released code's, e.g. toyota_smarthome_images for tsi)")
     check.add_argument("-o", "--option", action="append", default=[], metavar="key=value",
                        help="a stream option, as in the stream's config section (repeatable; see 'fscl ls streams -v')")
     check.add_argument("--sessions", type=int, default=5, help="sessions to split the classes into (default 5)")

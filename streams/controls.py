@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
-from streams.files import FileStream, Sample
+from streams.files import FileStream, Sample, list_folders
 from streams.options import ImageFolderOptions
 from streams.torchvision_root import ChecksumOptions, TorchvisionStream
 
@@ -177,12 +177,10 @@ class Caltech101(TorchvisionStream):
     required = ("101_ObjectCategories/BACKGROUND_Google",)  # torchvision removes it from the class list
     dataset_class = "Caltech101"
 
-    def files_and_labels(self, ds: Any) -> list[tuple[Path, int]]:
-        base = Path(ds.root) / "101_ObjectCategories"
-        return [(base / ds.categories[y] / f"image_{n:04d}.jpg", int(y)) for n, y in zip(ds.index, ds.y)]
-
-    def key(self, ds: Any, path: Path, label: int) -> Hashable:
-        return ds.categories[label]
+    def scan_all(self) -> list[Sample]:
+        # listed here: torchvision counts every entry of a class folder (hidden ones too) as an image
+        return self.class_folders(self.root / "101_ObjectCategories", {k: k for k in self.spec.keys},
+                                  others=True, ignore=("BACKGROUND_Google",))
 
 
 class SUN397(TorchvisionStream):
@@ -196,6 +194,11 @@ class SUN397(TorchvisionStream):
   a/abbey/sun_*.jpg ...                  one folder per class"""
     required = ("ClassName.txt",)
     dataset_class = "SUN397"
+
+    def scan_all(self) -> list[Sample]:
+        # listed here: torchvision takes every sun_*.jpg below the root, hidden folders too
+        samples = self.class_folders(self.root, {k: f"{str(k)[0]}/{k}" for k in self.spec.keys}, extensions=(".jpg",))
+        return [s for s in samples if s.item.name.startswith("sun_")]
 
 
 def read_class_names(path: Path, folders: list[str]) -> list[str]:
@@ -230,7 +233,7 @@ class ImageFolder(FileStream):
         opts: ImageFolderOptions = options
         self.folder = opts.root  # absolute, or relative to data_root
         root = Path(data_root) / opts.root
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        folders = [p.name for p in list_folders(root)] if root.is_dir() else []
         names = folders
         if opts.class_names and folders:
             names_file = Path(data_root) / opts.class_names

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
-from streams.files import FileStream, Sample, list_images, load_pickle, malformed
+from streams.files import FileStream, Sample, list_folders, list_images, load_pickle, malformed
 from streams.options import COUNTERANIMAL_NAMES_FILE as NAMES_FILE
 from streams.options import CounterAnimalOptions
 
@@ -71,31 +71,30 @@ class CounterAnimal(FileStream):
         return {"class_names": str(self.names_file)} if self.names_file is not None else {}
 
     def class_dirs(self) -> dict[Hashable, Path]:
-        """ImageNet id (or the folder name when it starts with none) → class folder."""
+        """ImageNet id (or the folder name when it starts with none) → class folder (hidden folders ignored)."""
         dirs: dict[Hashable, Path] = {}
-        for path in sorted((self.root / "LAION-final").iterdir()):
-            if path.is_dir():
-                head = path.name.split(" ", 1)[0]
-                dirs[int(head) if head.isdigit() else path.name] = path
+        for path in list_folders(self.root / "LAION-final"):
+            head = path.name.split(" ", 1)[0]
+            dirs[int(head) if head.isdigit() else path.name] = path
         return dirs
 
     def scan_all(self) -> list[Sample]:
         dirs = self.class_dirs()
+        problems = [f"counteranimal: class folder missing: {self.root / 'LAION-final'}/{key} <name> "
+                    f"(ImageNet class {key}, {self.spec.class_names[label]!r})"
+                    for label, key in enumerate(self.spec.keys) if key not in dirs]
         samples: list[Sample] = []
-        for label, key in enumerate(self.spec.keys):
-            if key not in dirs:
-                raise StreamDataError(
-                    f"counteranimal: class folder missing: {self.root / 'LAION-final'}/{key} <name> "
-                    f"(ImageNet class {key}, {self.spec.class_names[label]!r})\nexpected layout:\n{self.layout}")
         for key, path in dirs.items():
-            counters = [d for d in sorted(path.iterdir()) if d.is_dir() and d.name.startswith("counter")]
+            counters = [d for d in list_folders(path) if d.name.startswith("counter")]
             if not counters:
-                raise StreamDataError(f"counteranimal: no counter-* folder in {path}\nexpected layout:\n{self.layout}")
+                problems.append(f"counteranimal: no counter-* folder in {path}")
+                continue
             files = [f for folder in counters for f in list_images(folder)]
             if not files:
-                raise StreamDataError(f"counteranimal: empty class folder (no images): {counters[0]}\n"
-                                      f"expected layout:\n{self.layout}")
+                problems.append(f"counteranimal: empty class folder (no images): {counters[0]}")
             samples += [self.sample(f, key) for f in files]
+        if problems:
+            raise StreamDataError("\n".join([*problems, f"expected layout:\n{self.layout}"]))
         return samples
 
     def read_split_file(self, path: Path, samples: list[Sample]) -> dict[Split, list[str]]:

@@ -34,9 +34,9 @@ class EuroSAT(TorchvisionStream):
     released_split_file = SPLIT_FILE
 
     def scan_all(self) -> list[Sample]:
-        # a missing or empty class folder: name it (torchvision would renumber or stop)
-        self.class_folders(self.root / "2750", {k: k for k in self.spec.keys})
-        return super().scan_all()
+        # listed here, not by torchvision: a missing or empty class folder is named (torchvision would
+        # renumber or stop), a hidden folder is not a class, any other folder is refused as unknown
+        return self.class_folders(self.root / "2750", {k: k for k in self.spec.keys}, others=True)
 
     def read_split_file(self, path: Path, samples: list[Sample]) -> dict[Split, list[str]]:
         """Our ids (``2750/<class folder>/<file name>``) of the images each part of the file lists."""

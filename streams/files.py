@@ -5,7 +5,9 @@ to find ``(item, class key, sample id)`` triples for a split (:meth:`FileStream.
 this module turns them into a :class:`~streams.base.LabelledImages` the same way for all
 of them: keys mapped to labels through the stream's data file, unknown and empty classes
 refused with a message naming the path, samples sorted by id (so file-system order never
-matters), and, with ``skip_bad_images``, unreadable files left out and counted.
+matters), hidden entries (names starting with '.') ignored wherever a folder is listed, and,
+with ``skip_bad_images``, unreadable test files left out and counted (training images are
+drawn from the whole listed split; see :class:`~streams.base.Stream`).
 
 A stream without an official split takes a seeded, stratified one, or the fixed split of a
 split file in the paper's released format when it has one (docs/protocol.md, "Splits").
@@ -13,7 +15,6 @@ split file in the paper's released format when it has one (docs/protocol.md, "Sp
 from __future__ import annotations
 
 import hashlib
-import logging
 import pickle
 import zlib
 from collections.abc import Hashable, Sequence
@@ -22,12 +23,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from streams.base import LabelledImages, Split, Stream, StreamDataError, open_image
+from streams.base import LabelledImages, Split, Stream, StreamDataError, open_image, unreadable  # noqa: F401
 from streams.options import SplitFileOptions, SplitOptions
-
-log = logging.getLogger(__name__)
+from streams.sampling import Session
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -57,9 +56,31 @@ def malformed(stream: str, path: Path, problem: str, expected: str) -> StreamDat
     return StreamDataError(f"{stream}: malformed file {path}: {problem}\nexpected: {expected}")
 
 
+def hidden(name: str) -> bool:
+    """Whether a file or folder name is a hidden entry (``.ipynb_checkpoints``, ``.DS_Store``,
+    macOS's ``._<name>`` copies): such entries are never read as data."""
+    return name.startswith(".")
+
+
+def hidden_part(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in (or is) a hidden entry below ``root``."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = path.parts[-1:]
+    return any(hidden(part) for part in parts)
+
+
 def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files directly inside ``folder`` (extension matched case-insensitively), sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    """Image files directly inside ``folder`` (extension matched case-insensitively, hidden
+    files ignored), sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if not hidden(p.name) and p.is_file() and p.suffix.lower() in extensions)
+
+
+def list_folders(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` (hidden ones ignored), sorted by name."""
+    return sorted(p for p in folder.iterdir() if not hidden(p.name) and p.is_dir())
 
 
 def stratified_split(ids: Sequence[str], keys: Sequence[Hashable], test_fraction: float, seed: int,
@@ -103,7 +124,8 @@ class FileStream(Stream):
 
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
         super().__init__(data_root, options, skip_bad_images=skip_bad_images)
-        self._datasets: dict[Split, LabelledImages] = {}
+        self._datasets: dict[Split, LabelledImages] = {}  # each split as listed
+        self._readable: dict[Split, LabelledImages] = {}  # test splits without their unreadable images
         self._split_record: dict[str, Any] | None = None
         self._parts: dict[Split, list[Sample]] | None = None  # both parts of a seeded or file split, once made
         for rel in self.required:
@@ -193,23 +215,35 @@ class FileStream(Stream):
         return Sample(path, key, path.relative_to(self.root).as_posix())
 
     def class_folders(self, parent: Path, folders: dict[Hashable, str],
-                      extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Sample]:
-        """The images of a folder-per-class layout: ``parent/<folders[key]>/*``.
+                      extensions: Sequence[str] = IMAGE_EXTENSIONS, others: bool = False,
+                      ignore: Sequence[str] = ()) -> list[Sample]:
+        """The images of a folder-per-class layout: ``parent/<folders[key]>/*`` (hidden entries ignored).
 
-        A missing or empty class folder is an error naming it.
+        Every missing or empty class folder is named, all in one error. With ``others``, the
+        images of any other (non-hidden) folder of ``parent`` not in ``ignore`` are returned
+        too, keyed by the folder's name, so that :meth:`known` refuses them as unknown classes.
         """
-        samples = []
+        samples, problems = [], []
         for key, name in folders.items():
             folder = parent / name
-            self.require(folder, f"class folder missing (class {key!r})")
+            if not folder.is_dir():
+                problems.append(f"{self.spec.name}: class folder missing (class {key!r}): {folder}")
+                continue
             files = list_images(folder, extensions)
             if not files:
-                raise StreamDataError(f"{self.spec.name}: empty class folder (no {'/'.join(extensions)} "
-                                      f"images): {folder}\nexpected layout:\n{self.layout}")
+                problems.append(f"{self.spec.name}: empty class folder (no {'/'.join(extensions)} images): {folder}")
             samples += [self.sample(f, key) for f in files]
+        if problems:
+            raise StreamDataError("\n".join([*problems, f"expected layout:\n{self.layout}"]))
+        if others:
+            known = {parent / name for name in folders.values()} | {parent / name for name in ignore}
+            for folder in list_folders(parent):
+                if folder not in known:
+                    samples += [self.sample(f, folder.name) for f in list_images(folder, extensions)]
         return samples
 
-    def dataset(self, split: Split) -> LabelledImages:
+    def listed(self, split: Split) -> LabelledImages:
+        """The whole ``split`` as listed on disk (nothing decoded, unreadable images included)."""
         if split not in self.splits:
             raise StreamDataError(f"{self.spec.name} has no {split} split (it has: {', '.join(self.splits)}); "
                                   "use it as a control")
@@ -217,19 +251,29 @@ class FileStream(Stream):
             self._datasets[split] = self._build(split)
         return self._datasets[split]
 
+    def dataset(self, split: Split) -> LabelledImages:
+        """The ``split``: as listed, except that with ``skip_bad_images`` the unreadable test
+        images are left out (decoded once, here). Training images are never decoded here: the
+        drawn ones are, by :meth:`sessions`."""
+        data = self.listed(split)
+        if not self.skip_bad_images or split == "train":
+            return data
+        if split not in self._readable:
+            self._readable[split] = self.readable(split, data)
+        return self._readable[split]
+
     def _build(self, split: Split) -> LabelledImages:
         samples = sorted(self.known(self.scan(split)), key=lambda s: s.id)
         index = self.spec.key_index()
         targets = [index[s.key] for s in samples]
         present = set(targets)
-        for label, key in enumerate(self.spec.keys):
-            if label not in present:
-                raise StreamDataError(f"{self.spec.name}: empty class {self.spec.class_names[label]!r} in the "
-                                      f"{split} split: no {self.class_location(key, split)}\n"
-                                      f"expected layout:\n{self.layout}")
-        data = LabelledImages([s.item for s in samples], targets, [s.id for s in samples], self.load_item,
+        empty = [f"{self.spec.name}: empty class {self.spec.class_names[label]!r} in the {split} split: "
+                 f"no {self.class_location(key, split)}"
+                 for label, key in enumerate(self.spec.keys) if label not in present]
+        if empty:
+            raise StreamDataError("\n".join([*empty, f"expected layout:\n{self.layout}"]))
+        return LabelledImages([s.item for s in samples], targets, [s.id for s in samples], self.load_item,
                               captions=self.captions_for(split, samples))
-        return self._drop_unreadable(split, data) if self.skip_bad_images else data
 
     def known(self, samples: list[Sample]) -> list[Sample]:
         """``samples``, refused when one's class is not in the stream's data file."""
@@ -245,17 +289,8 @@ class FileStream(Stream):
         """Per-image captions of ``samples`` (None: captions come from the templates)."""
         return None
 
-    def _drop_unreadable(self, split: Split, data: LabelledImages) -> LabelledImages:
-        bad = unreadable(data)
-        if bad:
-            log.warning("%s: skipping %d unreadable image(s) of the %s split, e.g. %s",
-                        self.spec.name, len(bad), split, bad[0][1])
-        self.skipped[split] = [data.ids[i] for i, _ in bad]
-        drop = {i for i, _ in bad}
-        return data.subset([i for i in range(len(data)) if i not in drop])
-
-    def data_record(self) -> dict[str, Any]:
-        record = super().data_record()
+    def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
+        record = super().data_record(sessions)
         if self._split_record is not None:
             ids = self._split_record["ids"]
             digest = hashlib.sha256("\n".join(ids["test"]).encode()).hexdigest()
@@ -263,21 +298,3 @@ class FileStream(Stream):
                                "train": len(ids["train"]), "test": len(ids["test"]), "test_ids_sha256": digest,
                                "ids": ids}
         return record
-
-
-def unreadable(data: LabelledImages, limit: int | None = None, progress: str = "") -> list[tuple[int, str]]:
-    """(index, error message) of the images of ``data`` that cannot be decoded.
-
-    Stops after ``limit`` bad images when given; ``progress`` (a label) draws a bar on
-    stderr. Decodes every image: slow on big sets.
-    """
-    bad: list[tuple[int, str]] = []
-    items = tqdm(data.items, desc=progress, unit="img", leave=False, disable=not progress)
-    for i, item in enumerate(items):
-        try:
-            data.load(item)
-        except StreamDataError as err:
-            bad.append((i, str(err)))
-            if limit is not None and len(bad) >= limit:
-                break
-    return bad

@@ -29,17 +29,14 @@ class GTSRB(TorchvisionStream):
         return [(Path(p), int(y)) for p, y in ds._samples]  # torchvision keeps them here, no public accessor
 
     def key(self, ds: Any, path: Path, label: int) -> Hashable:
-        if path.parent.parent.name == "Training":
-            # torchvision numbers the training folders it *found*; the folder's name is the class id
-            name = path.parent.name
-            return int(name) if name.isdigit() else name
-        return label  # the ClassId column of the test CSV
+        return label  # the ClassId column of the test CSV (the training folders are listed by scan())
 
     def scan(self, split: Split):
         if split == "train":
-            # a missing or empty class folder: name it (torchvision would renumber or stop)
-            self.class_folders(self.root / "GTSRB" / "Training",
-                               {k: f"{k:05d}" for k in self.spec.keys}, extensions=(".ppm",))
+            # listed here, not by torchvision: a missing or empty class folder is named (torchvision would
+            # renumber or stop), a hidden folder is not a class, any other folder is refused as unknown
+            return self.class_folders(self.root / "GTSRB" / "Training",
+                                      {k: f"{k:05d}" for k in self.spec.keys}, extensions=(".ppm",), others=True)
         return super().scan(split)
 
     def class_location(self, key: Hashable, split: Split) -> str:

@@ -5,7 +5,9 @@ Our folder of such a stream is the folder torchvision's class creates under its 
 ``data_root`` itself. torchvision only enumerates the files; labels are re-derived from the
 class names (or the dataset's own label numbers) and checked against the stream's data
 file, because several of these classes number the classes they *found* — a missing class
-folder would otherwise shift every later label without a word.
+folder would otherwise shift every later label without a word. Where torchvision lists class
+folders itself (and would take a hidden folder such as ``.ipynb_checkpoints`` for a class),
+the stream lists them instead (:meth:`~streams.files.FileStream.class_folders`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from streams.base import Split, StreamDataError
-from streams.files import FileStream, Sample
+from streams.files import FileStream, Sample, hidden_part
 from streams.options import ChecksumOptions, DownloadOptions, DownloadSplitOptions  # noqa: F401  (re-exported)
 
 
@@ -78,7 +80,9 @@ class TorchvisionStream(FileStream):
         return label if self.keys_are_labels else ds.classes[label]
 
     def samples_of(self, ds: Any) -> list[Sample]:
-        return [self.sample(path, self.key(ds, path, label)) for path, label in self.files_and_labels(ds)]
+        """Our samples of torchvision's dataset object; files in hidden entries are not used."""
+        return [self.sample(path, self.key(ds, path, label)) for path, label in self.files_and_labels(ds)
+                if not hidden_part(path, self.root)]
 
     def scan(self, split: Split) -> list[Sample]:
         if not self.split_args:

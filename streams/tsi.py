@@ -17,7 +17,7 @@ DATA_FILE = DATA_DIR / "tsi.yaml"
 CAPTIONS_FORMAT = "a pickled dict {frame file name: caption text}, e.g. {'<Action>_<pXX>_<...>.jpg': '<caption>', ...}"
 IMAGE_FOLDERS = ("images_trunc", "images")
 LAYOUT = f"""\
-<data_root>/tsi/
+<data_root>/tsi/                         (or toyota_smarthome_images/, the released code's name)
   images_trunc/<Action>_<pXX>_<...>.jpg  frames named by action and subject (or images/)
   {CAPTIONS_FILE}   optional: frame file name -> caption (training captions)"""
 
@@ -27,6 +27,7 @@ class TSI(FileStream):
 
     spec = StreamSpec.from_file(DATA_FILE)
     folder = "tsi"
+    released_folders = ("toyota_smarthome_images",)
     layout = LAYOUT
     subjects: ClassVar[dict[Split, frozenset[str]]] = {
         split: frozenset(yaml.safe_load(DATA_FILE.read_text())[f"{split}_subjects"]) for split in ("train", "test")}
@@ -40,17 +41,26 @@ class TSI(FileStream):
         if (options or TSIOptions()).captions is True:
             self.require(self.root / CAPTIONS_FILE, "captions file missing (tsi.captions: true)")
 
-    def scan(self, split: Split) -> list[Sample]:
-        """Frames of the split's subjects; frames of other subjects are not used."""
-        samples = []
+    @cached_property
+    def frames(self) -> list[tuple[Path, str, str]]:
+        """(file, action, subject) of every frame of the image folder (hidden files ignored); every
+        badly named frame is counted in one error, with the first few named."""
+        frames, bad = [], []
         for path in list_images(self.images):
             parts = path.name.split("_")
             if len(parts) < 3 or not parts[1].startswith("p"):
-                raise StreamDataError(f"tsi: frame not named '<Action>_<pXX>_...': {path}\n"
-                                      f"expected layout:\n{self.layout}")
-            if parts[1] in self.subjects[split]:
-                samples.append(self.sample(path, parts[0]))
-        return samples
+                bad.append(path)
+            else:
+                frames.append((path, parts[0], parts[1]))
+        if bad:
+            shown = "\n  ".join(map(str, bad[:5]))
+            raise StreamDataError(f"tsi: {len(bad)} frame(s) not named '<Action>_<pXX>_...'"
+                                  f"{', e.g.' if len(bad) > 5 else ':'}\n  {shown}\nexpected layout:\n{self.layout}")
+        return frames
+
+    def scan(self, split: Split) -> list[Sample]:
+        """Frames of the split's subjects; frames of other subjects are not used."""
+        return [self.sample(path, action) for path, action, subject in self.frames if subject in self.subjects[split]]
 
     @cached_property
     def caption_table(self) -> dict[str, str] | None:

@@ -53,3 +53,25 @@ def test_short_class_keeps_everything():
 def test_sessions_follow_the_class_order():
     sessions = Digits("unused").sessions(3, 1, 0)
     assert [s.classes for s in sessions] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def test_checking_readability_changes_no_draw_and_a_bad_one_is_replaced_within_its_class():
+    train = Digits("unused").dataset("train")
+    sampler = FewShotSampler("digits", 3, 5)
+    plain = sampler.sample(train.targets, train.ids, 1, [2, 6])
+    checked = sampler.sample(train.targets, train.ids, 1, [2, 6], unreadable=lambda i: None)
+    assert checked == plain and not checked.replaced and not checked.unreadable
+    bad = {train.ids.index(plain.ids[1]), train.ids.index(plain.ids[4])}  # one drawn image of each class
+
+    def unreadable(i: int) -> str | None:
+        return "broken" if i in bad else None
+
+    first = sampler.sample(train.targets, train.ids, 1, [2, 6], unreadable=unreadable)
+    assert first == sampler.sample(train.targets, train.ids, 1, [2, 6], unreadable=unreadable)  # deterministic
+    assert set(first.replaced) == {plain.ids[1], plain.ids[4]} and sorted(first.unreadable) == sorted(first.replaced)
+    by_id = dict(zip(train.ids, train.targets))
+    for old, new in first.replaced.items():
+        assert by_id[new] == by_id[old] and new not in plain.ids
+    assert set(first.ids) == (set(plain.ids) - set(first.replaced)) | set(first.replaced.values())
+    alone = sampler.sample(train.targets, train.ids, 1, [6], unreadable=unreadable)
+    assert alone.ids == first.ids[3:]  # still independent of the other classes
