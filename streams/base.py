@@ -39,6 +39,8 @@ class StreamSpec:
     the dataset's own identifiers of the classes (folder names, ImageNet ids, ...), aligned
     with ``class_names``; without them a class's key is its index. In a data file the
     order may be written with keys instead of indices (``class_order_keys``).
+    ``vqa_question`` is the question of the stream's multiple-choice VQA set (``fscl vqa
+    build``; None: the stream has none).
     """
 
     name: str
@@ -47,6 +49,7 @@ class StreamSpec:
     templates: tuple[str, ...]
     class_order: tuple[int, ...]
     class_keys: tuple[Hashable, ...] | None = None
+    vqa_question: str | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> StreamSpec:
@@ -69,6 +72,7 @@ class StreamSpec:
             templates=tuple(data["templates"]),
             class_order=tuple(order),
             class_keys=keys,
+            vqa_question=data.get("vqa_question"),
         )
         if sorted(spec.class_order) != list(range(n)):
             raise ValueError(f"{path}: class_order must be a permutation of 0..{n - 1}")

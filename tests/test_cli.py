@@ -13,7 +13,7 @@ from benchmark.cli import EXPORT_FORMATS, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "torchvision", "avalanche", "open_clip", "transformers", "peft"}
-VERBS = ["run", "ls", "export", "data", "demo", "pretrain-mini", "report"]
+VERBS = ["run", "ls", "export", "data", "demo", "pretrain-mini", "report", "vqa"]
 
 
 def _verb_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -26,7 +26,7 @@ def test_the_verbs_are_the_core_ones_then_those_of_the_entry_points():
 
 
 @pytest.mark.parametrize("argv", [
-    ["--help"], *([verb, "--help"] for verb in VERBS), ["data", "check", "--help"],
+    ["--help"], *([verb, "--help"] for verb in VERBS), ["data", "check", "--help"], ["vqa", "build", "--help"],
     ["ls", "strategies", "-v"], ["ls", "streams", "-v"], ["ls", "backbones"], ["ls", "train", "-v"], ["ls", "presets"],
 ], ids=" ".join)
 def test_help_and_listings_import_no_torch(argv):

@@ -1,0 +1,56 @@
+"""A stream's multiple-choice question set: its test images, its question, and for ``hard``
+distractors the class similarities of a pretrained backbone's frozen text embeddings.
+
+The stream is the object the registry builds (``STREAMS.get(name).obj(root, options)``); its
+spec's ``vqa_question`` is the question. The default file is ``<root>/vqa/<stream>-<mode>-s<seed>.json``
+(``hard``: ``<stream>-hard-<backbone slug>-s<seed>.json``), beside the data it was made from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmark.records import slug
+from benchmark.vqa.questions import LabelQuestions, MultipleChoiceSet, QuestionSetError
+
+# The released code parses GTSRB answers leniently (questions.parse_gtsrb); every other set: exact letter.
+RELEASED_PARSE_RULES = {"gtsrb": "gtsrb"}
+
+
+def default_path(root: str | Path, stream: str, mode: str, seed: int, backbone: str | None = None) -> Path:
+    """Where ``fscl vqa build`` writes a set without ``--out``."""
+    tag = f"hard-{slug(backbone or '')}" if mode == "hard" else mode
+    return Path(root) / "vqa" / f"{stream}-{tag}-s{seed}.json"
+
+
+def class_similarity(backbone: str, class_names: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
+    """Cosine similarities [C, C] of the classes' text embeddings [C, D] under the pretrained
+    ``backbone`` (prompt-ensembled over ``templates`` as in zero-shot evaluation); the text side
+    is never trained, so they are the same for every strategy and session."""
+    from benchmark.backbones import load_backbone
+    from benchmark.evaluation import ZeroShotEvaluator
+
+    embeddings = ZeroShotEvaluator(load_backbone(backbone)).class_embeddings("vqa", class_names, templates)
+    return (embeddings @ embeddings.T).cpu().numpy()
+
+
+def build_question_set(stream: Any, mode: str = "random", seed: int = 0,
+                       backbone: str | None = None) -> MultipleChoiceSet:
+    """The question set of ``stream``'s test split (one item per test image, in its order).
+
+    ``hard`` needs ``backbone`` (a load string: whose text embeddings rank the classes);
+    ``random`` takes none.
+    """
+    spec = stream.spec
+    if spec.vqa_question is None:
+        raise QuestionSetError(f"stream '{spec.name}' has no question: add 'vqa_question: ...' to its data file")
+    if (mode == "hard") != (backbone is not None):
+        raise QuestionSetError(f"mode '{mode}' with backbone {backbone!r}: mode 'hard' needs a backbone "
+                               "(--backbone), mode 'random' takes none")
+    LabelQuestions(spec.name, spec.class_names, spec.vqa_question)  # refuses < 2 classes before any model loads
+    similarity = class_similarity(backbone, spec.class_names, spec.templates) if mode == "hard" else None
+    generator = LabelQuestions(spec.name, spec.class_names, spec.vqa_question, mode, seed, similarity, backbone)
+    test = stream.dataset("test")
+    return generator.build(test.ids, test.targets, RELEASED_PARSE_RULES.get(spec.name, "letter"))

@@ -1,0 +1,66 @@
+"""``fscl vqa build``: the verb this package adds to the command line.
+
+Named in the ``fscl.commands`` entry-point group (setup.cfg); only the parser lives here, the
+handler imports the work, so ``fscl --help`` stays light.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODES = ("random", "hard")  # benchmark.vqa.questions.MODES, without importing numpy
+
+
+def add_vqa(verbs: argparse._SubParsersAction) -> None:
+    """``fscl vqa build STREAM --root DIR [--mode random|hard] [--backbone B] [--seed N] [--out FILE]``."""
+    vqa = verbs.add_parser("vqa", help="multiple-choice VQA question sets of a stream's test images",
+                           description="VQA tools. 'build' writes a stream's frozen question set.")
+    actions = vqa.add_subparsers(dest="vqa_verb", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build", help="write the multiple-choice question set of a stream's test images (versioned JSON + sha256)",
+        description="One question per test image: the stream's question (its data file's vqa_question), "
+                    "K = min(5, classes) options with the right class at a uniformly drawn position and "
+                    "distractor classes drawn at random or, with --mode hard, among the nearest classes by the "
+                    "pretrained --backbone's text embeddings. Seeded per image (same file on every machine). "
+                    "Prints the file, its item count, the answer letters' histogram and its sha256.",
+        epilog="examples:\n  fscl vqa build gtsrb --root /data\n"
+               "  fscl vqa build gtsrb --root /data --mode hard --backbone openclip:ViT-L-14-336-quickgelu@openai",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("stream", metavar="STREAM", help="stream name (see 'fscl ls streams')")
+    build.add_argument("--root", required=True, metavar="DIR", help="the data_root holding the stream's folder")
+    build.add_argument("--mode", choices=MODES, default="random", help="distractor classes (default: random)")
+    build.add_argument("--backbone", default=None, metavar="LOAD_STRING",
+                       help="--mode hard: the pretrained model whose text embeddings rank the classes")
+    build.add_argument("--seed", type=int, default=0, help="question seed (default 0)")
+    build.add_argument("--out", default=None, metavar="FILE",
+                       help="file to write (default: DIR/vqa/<stream>-<mode>-s<seed>.json)")
+    build.add_argument("-o", "--option", action="append", default=[], metavar="key=value",
+                       help="a stream option, as in the stream's config section (repeatable)")
+    build.set_defaults(func=_build)
+
+
+def _build(args: argparse.Namespace) -> int:
+    """Build, freeze and describe one stream's question set."""
+    import yaml
+
+    from benchmark.config import ConfigError, from_dict
+    from benchmark.registry import STREAMS
+    from benchmark.vqa.build import build_question_set, default_path
+
+    entry = STREAMS.get(args.stream)
+    values = {}
+    for option in args.option:
+        key, sep, raw = option.partition("=")
+        if not sep:
+            raise ConfigError(f"--option '{option}' must look like key=value")
+        values[key] = yaml.safe_load(raw) if raw.strip() else ""
+    if values and entry.options is None:
+        raise ConfigError(f"stream '{args.stream}' takes no options")
+    options = from_dict(entry.options, values, prefix=args.stream) if entry.options else None
+    questions = build_question_set(entry.obj(args.root, options), args.mode, args.seed, args.backbone)
+    out = Path(args.out) if args.out else default_path(args.root, args.stream, args.mode, args.seed, args.backbone)
+    digest = questions.save(out)
+    letters = "  ".join(f"{letter} {n}" for letter, n in questions.letter_counts().items())
+    print(f"{args.stream}: {len(questions.items)} questions ({args.mode} distractors, seed {args.seed}) -> {out}\n"
+          f"  answer letters: {letters}\n  sha256: {digest}")
+    return 0
