@@ -102,8 +102,8 @@ def write_openclip(backbone: Backbone, out: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- HF CLIPVisionModel folder
-def _vit_or_fail(visual: nn.Module) -> None:
-    """Refuse open_clip vision towers that a CLIPVisionModel cannot express."""
+def vit_layout_problems(visual: nn.Module) -> list[str]:
+    """Why a ``CLIPVisionModel`` cannot express an open_clip vision tower (empty: it can)."""
     problems = []
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
         problems.append(f"a {type(visual).__name__} tower (timm trunk or ResNet), not open_clip's ViT")
@@ -119,12 +119,21 @@ def _vit_or_fail(visual: nn.Module) -> None:
                     for b in visual.transformer.resblocks)
         if not plain:
             problems.append("blocks with layer scale, extra norms or another MLP")
+        elif _hidden_act(visual) is None:
+            problems.append(f"the activation {visual.transformer.resblocks[0].mlp.gelu}, which transformers' CLIP lacks")
+    return problems
+
+
+def _vit_or_fail(visual: nn.Module) -> None:
+    """Refuse open_clip vision towers that a CLIPVisionModel cannot express."""
+    problems = vit_layout_problems(visual)
     if problems:
         raise ExportError("--format hf-clip-vision needs an OpenAI-layout CLIP ViT; this model has "
                           + "; ".join(problems) + ". Use --format openclip.")
 
 
-def _hidden_act(visual: nn.Module) -> str:
+def _hidden_act(visual: nn.Module) -> str | None:
+    """transformers' name of the blocks' activation; None when it has none."""
     import open_clip.transformer as oct
 
     act = visual.transformer.resblocks[0].mlp.gelu
@@ -132,7 +141,7 @@ def _hidden_act(visual: nn.Module) -> str:
         return "quick_gelu"
     if isinstance(act, nn.GELU) and act.approximate == "none":
         return "gelu"
-    raise ExportError(f"activation {act} has no transformers equivalent here; use --format openclip")
+    return None
 
 
 def hf_vision_config(visual: nn.Module):
@@ -198,22 +207,41 @@ def _load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
         module.load_state_dict({**module.state_dict(), **{k: v.detach().clone() for k, v in tensors.items()}})
 
 
+def _is_hf_clip(backbone: Backbone) -> bool:
+    return isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip"
+
+
+def load_hf_vision(transformer: nn.Module, backbone: Backbone) -> None:
+    """Copy the backbone's current vision encoder into an HF CLIP vision transformer, strictly.
+
+    ``transformer`` holds ``embeddings``, ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm``
+    (``CLIPVisionModel.vision_model``; in transformers 5 also a ``CLIPVisionModel`` itself, such as
+    LLaVA's vision tower); every parameter is replaced, in the module's own dtype and device.
+    """
+    if _is_hf_clip(backbone):
+        _load_exact(transformer, dict(backbone.visual.tower.named_parameters()))
+    elif isinstance(backbone, OpenCLIPBackbone):
+        _load_exact(transformer, hf_vision_state(backbone.visual))
+    else:
+        raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
+
+
 def to_hf_clip_vision(backbone: Backbone):
     """A ``CLIPVisionModelWithProjection`` with the backbone's current vision weights."""
     from transformers import CLIPVisionModelWithProjection
 
-    if isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip":
+    if _is_hf_clip(backbone):
         config = copy.deepcopy(backbone.model.config.vision_config)
         config.projection_dim = backbone.model.config.projection_dim
         model = CLIPVisionModelWithProjection(config)
-        _load_exact(model.vision_model, dict(backbone.visual.tower.named_parameters()))
+        load_hf_vision(model.vision_model, backbone)
         _load_exact(model.visual_projection, dict(backbone.visual.projection.named_parameters()))
         return model.eval()
     if not isinstance(backbone, OpenCLIPBackbone):
         raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
     visual = backbone.visual
     model = CLIPVisionModelWithProjection(hf_vision_config(visual))
-    _load_exact(model.vision_model, hf_vision_state(visual))
+    load_hf_vision(model.vision_model, backbone)
     _load_exact(model.visual_projection, {"weight": visual.proj.T})
     return model.eval()
 

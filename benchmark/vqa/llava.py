@@ -1,0 +1,222 @@
+"""The VLM of the VQA evaluation: a transformers ``LlavaForConditionalGeneration`` whose vision tower
+takes the run's current encoder.
+
+``vqa.model`` is ``llava:/local/folder`` (``save_pretrained`` of the model and its processor, e.g.
+``llava-hf/llava-1.5-7b-hf``) or ``llava:org/hub-id`` (needs the hub, or ``HF_HUB_OFFLINE=1`` and the
+local cache). ``llava-hf/llava-1.5-7b-hf`` is the fully fine-tuned LLaVA-1.5-7B; the LoRSU paper used
+the LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
+
+:func:`swap_encoder` copies a backbone's vision encoder into the tower in memory with the mapping of
+:mod:`benchmark.export` (open_clip OpenAI-layout ViT or ``hf:`` CLIP → HF ``CLIPVisionModel``);
+:func:`check_encoder_fits` says before any training whether it can. LLaVA reads the tower's
+``hidden_states[-2]`` without the class token (``vision_feature_layer=-2``, strategy ``default``).
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from benchmark.backbones import Backbone
+from benchmark.backbones.hf import HFCLIPBackbone, _is_path
+from benchmark.backbones.openclip import OpenCLIPBackbone, _hub_reachable
+from benchmark.errors import FsclError
+from benchmark.export import hf_vision_config, load_hf_vision, vit_layout_problems
+
+IMAGE_TOKEN = "<image>"
+SAVE_HINT = ("LlavaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
+             "AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
+
+
+class VQAModelError(FsclError, ValueError):
+    """The VLM cannot be loaded, or cannot take the run's encoder; the message says what to change."""
+
+
+class Llava(NamedTuple):
+    """A loaded LLaVA: the model (eval mode) and its ``LlavaProcessor``."""
+
+    model: nn.Module
+    processor: object
+
+
+# --------------------------------------------------------------------------- loading
+def _source(spec: str) -> tuple[str, bool]:
+    """``llava:REST`` → (folder or hub id, local_files_only)."""
+    family, _, rest = spec.partition(":")
+    if family != "llava" or not rest:
+        raise VQAModelError(f"vqa.model '{spec}': expected 'llava:/path/to/folder' (a LlavaForConditionalGeneration "
+                            f"folder with its processor) or 'llava:org/hub-id', e.g. llava:llava-hf/llava-1.5-7b-hf")
+    if _is_path(rest):
+        folder = Path(rest).expanduser()
+        if not (folder / "config.json").is_file():
+            what = "no config.json in that folder" if folder.is_dir() else "no such folder"
+            raise VQAModelError(f"vqa.model '{spec}': {what}. Put a LLaVA model there, written where there is "
+                                f"internet with {SAVE_HINT} (ID such as llava-hf/llava-1.5-7b-hf).")
+        return str(folder), True
+    if not _hub_reachable():
+        raise VQAModelError(f"vqa.model '{spec}': '{rest}' is a hub id and the hub cannot be reached from this "
+                            f"machine. Where there is internet run {SAVE_HINT.replace('ID', repr(rest))}, copy DIR "
+                            f"here and pass 'llava:/path/to/DIR'; or set HF_HUB_OFFLINE=1 to read the local cache.")
+    return rest, False
+
+
+def _check_processor(spec: str, processor, config) -> None:
+    """Refuse a processor that cannot feed the model: no image token, or a wrong image-token count."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    token = getattr(processor, "image_token", None)
+    token_id = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None and token else None
+    if token_id is None or token_id == tokenizer.unk_token_id or token_id != config.image_token_id:
+        raise VQAModelError(
+            f"vqa.model '{spec}': the tokenizer has no image token '{token or IMAGE_TOKEN}' with the id "
+            f"{config.image_token_id} of config.json (image_token_id); save the model's own LlavaProcessor "
+            f"(tokenizer with '{IMAGE_TOKEN}' as a special token) beside it: AutoProcessor.from_pretrained(ID)"
+            f".save_pretrained(DIR)")
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    features = patches + (config.vision_feature_select_strategy == "full")
+    size = processor.image_processor.crop_size["height"]
+    patch = getattr(processor, "patch_size", None)
+    tokens = None if patch is None else ((size // patch) ** 2 + processor.num_additional_image_tokens
+                                         - (processor.vision_feature_select_strategy == "default"))
+    if tokens != features:
+        raise VQAModelError(
+            f"vqa.model '{spec}': the processor expands '{IMAGE_TOKEN}' into {tokens} tokens (patch_size {patch}, "
+            f"num_additional_image_tokens {processor.num_additional_image_tokens}, crop {size}) but the tower gives "
+            f"{features} features; processor_config.json needs patch_size {vision.patch_size}, "
+            f"vision_feature_select_strategy '{config.vision_feature_select_strategy}' and "
+            f"num_additional_image_tokens 1 (the class token)")
+
+
+def load_llava(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llava:
+    """Load ``llava:/folder`` or ``llava:hub-id`` (model + processor), in eval mode on ``device``.
+
+    ``dtype``: the weights' type; default float16 on CUDA (as released), float32 elsewhere.
+    """
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    source, local = _source(spec)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+        if config.model_type != "llava":
+            raise VQAModelError(f"vqa.model '{spec}' is a '{config.model_type}' model; expected a "
+                                f"LlavaForConditionalGeneration (model_type 'llava'), e.g. llava-hf/llava-1.5-7b-hf")
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+        _check_processor(spec, processor, config)
+        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except OSError as err:
+        raise VQAModelError(f"vqa.model '{spec}': could not read the model or its processor ({err}); the folder "
+                            f"needs what {SAVE_HINT} writes") from err
+    return Llava(model.to(device).eval(), processor)
+
+
+# --------------------------------------------------------------------------- the vision tower
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The ``CLIPVisionModel`` of a LLaVA: ``model.model.vision_tower`` (transformers ≥4.52) or ``model.vision_tower``."""
+    inner = getattr(model, "model", None)
+    return inner.vision_tower if hasattr(inner, "vision_tower") else model.vision_tower
+
+
+def check_encoder_fits(tower_config, backbone: Backbone) -> None:
+    """Raise :class:`VQAModelError` unless the backbone's vision encoder loads into a tower of ``tower_config``.
+
+    ``tower_config``: the tower's ``CLIPVisionConfig`` (``vision_tower(model).config``, or
+    ``AutoConfig.from_pretrained(folder).vision_config`` before the model is loaded). The encoder must
+    be an OpenAI-layout CLIP ViT (open_clip) or an ``hf:`` CLIPModel of the same width, depth, heads,
+    MLP width, patch and image size and activation.
+    """
+    if isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip":
+        ours = backbone.model.config.vision_config
+    else:
+        problems = (vit_layout_problems(backbone.visual) if isinstance(backbone, OpenCLIPBackbone)
+                    else [f"a {type(backbone.model).__name__} (not a CLIP ViT)"])
+        if problems:
+            raise VQAModelError(
+                f"vqa: the encoder of '{backbone.spec}' cannot go into LLaVA's CLIP vision tower: it has "
+                f"{'; '.join(problems)}. VQA needs an OpenAI-layout CLIP ViT (open_clip, such as "
+                f"openclip:ViT-L-14-336-quickgelu@openai for LLaVA-1.5) or an hf: CLIPModel; EVA, SigLIP and "
+                f"timm trunks cannot be loaded into it")
+        ours = hf_vision_config(backbone.visual)
+    fields = {"hidden_size": "width", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+              "intermediate_size": "MLP width", "patch_size": "patch size", "image_size": "image size",
+              "hidden_act": "activation"}
+    diffs = [f"{label} {getattr(ours, key)} (tower: {getattr(tower_config, key)})"
+             for key, label in fields.items() if getattr(ours, key) != getattr(tower_config, key)]
+    if diffs:
+        raise VQAModelError(
+            f"vqa: the encoder of '{backbone.spec}' does not fit LLaVA's vision tower: {', '.join(diffs)}. "
+            f"The tower takes only the encoder architecture the VLM was trained with (LLaVA-1.5: "
+            f"openclip:ViT-L-14-336-quickgelu@openai)")
+
+
+def swap_encoder(model: nn.Module, backbone: Backbone) -> None:
+    """Load the backbone's current vision encoder into LLaVA's tower, in memory, strictly (the tower's dtype)."""
+    tower = vision_tower(model)
+    check_encoder_fits(tower.config, backbone)
+    load_hf_vision(getattr(tower, "vision_model", tower), backbone)  # 4.x: CLIPVisionModel.vision_model
+
+
+# --------------------------------------------------------------------------- a tiny offline LLaVA
+def _save_tiny_tokenizer(folder: Path):
+    """A Llama-like tokenizer: one token per character or space + character (" A" is one token, like "▁A"),
+    ``<unk> <s> </s> <pad> <image>`` (ids 0-4); prepends ``<s>``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {token: i for i, token in enumerate(specials + chars + [" " + c for c in chars if c != " "])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    fast.save_pretrained(folder)
+    return fast
+
+
+def save_tiny_llava(folder: str | Path, vision_config=None, seed: int = 0) -> Path:
+    """Write a tiny random-weight LLaVA with its processor, loadable as ``llava:<folder>`` (offline tests, demos).
+
+    ``vision_config``: the tower's ``CLIPVisionConfig``; default the vision side of ``openclip:fscl-tiny``
+    (width 64, 2 layers of 4 heads, MLP 256, 32 px, patch 8, GELU). Pass
+    ``benchmark.export.hf_vision_config(backbone.visual)`` to match another open_clip ViT. The language
+    model is a 1-layer Llama of width 32 over a character tokenizer (see :func:`_save_tiny_tokenizer`).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = vision_config or CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
+    tokenizer = _save_tiny_tokenizer(folder)
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
+           (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"), ("image", IMAGE_TOKEN))}
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                       bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["image"], vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    model.save_pretrained(folder)
+    size = vision.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    LlavaProcessor(image_processor, tokenizer, patch_size=vision.patch_size, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(folder)
+    return folder

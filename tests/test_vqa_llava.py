@@ -1,0 +1,151 @@
+"""VQA through LLaVA: the prompt, loading, the encoder swap and letter/generate scoring, on a tiny random
+LLaVA (the vision side of ``openclip:fscl-tiny``, a 1-layer Llama, a character tokenizer) saved and
+loaded through ``from_pretrained``, on CPU, no network."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.backbones import load_backbone
+from benchmark.backbones.hf import save_char_tokenizer, save_tiny_siglip
+from benchmark.export import to_hf_clip_vision
+from benchmark.vqa.llava import VQAModelError, check_encoder_fits, load_llava, save_tiny_llava, swap_encoder, vision_tower
+from benchmark.vqa.prompt import conversation, pad_to_square
+from benchmark.vqa.questions import LETTERS, MultipleChoiceSet, QuestionItem
+from benchmark.vqa.scorer import generate_answers, letter_scores, letter_token_ids, summarise
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
+
+
+def image(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A random RGB image of ``size`` (width, height)."""
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.numpy())
+
+
+def items(ks=(2, 5, 3, 4)):
+    """Questions of different prompt lengths and option counts on non-square images."""
+    questions = MultipleChoiceSet("test", tuple(
+        QuestionItem(str(i), f"Question {i}{'?' * 9 * i}", tuple(f"option {j}" for j in range(k)), 0)
+        for i, k in enumerate(ks)))
+    return [(image(i, (40 + 7 * i, 30)), conversation(questions.prompt(item)), len(item.choices))
+            for i, item in enumerate(questions.items)]
+
+
+def test_the_prompt_is_the_released_vicuna_v1_one():
+    item = QuestionItem("0", "What kind of traffic sign is this?", ("stop", "yield", "speed limit 30"), 1)
+    assert conversation(MultipleChoiceSet("gtsrb", (item,)).prompt(item)) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat kind of traffic sign is this?\n"
+        "A. stop\nB. yield\nC. speed limit 30\nAnswer with the option's letter from the given choices directly. "
+        "ASSISTANT:")
+    (square,) = pad_to_square([Image.new("RGB", (4, 2), (0, 0, 0))], SimpleNamespace(image_mean=[0.481, 0.458, 0.408]))
+    assert square.size == (4, 4) and square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((0, 1)) == (0, 0, 0)
+
+
+def test_the_tiny_llava_loads_through_from_pretrained_offline(folder, monkeypatch):
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_llava(f"llava:{folder}")
+    assert isinstance(model, LlavaForConditionalGeneration) and isinstance(vision_tower(model), CLIPVisionModel)
+    assert vision_tower(model).config.hidden_size == 64 and model.dtype == torch.float32 and not model.training
+    ids = processor(images=[image(0, (32, 32))], text=["<image>hi"], return_tensors="pt").input_ids[0]
+    assert (ids == model.config.image_token_id).sum() == 16  # (32 / 8)² patches, the class token dropped
+    assert processor.tokenizer.convert_ids_to_tokens(letter_token_ids(processor.tokenizer)) == [f" {c}" for c in LETTERS]
+
+
+def test_a_missing_folder_or_image_token_is_refused_with_what_to_put_where(folder, tmp_path):
+    with pytest.raises(VQAModelError, match=r"'llava:/nowhere/x': no such folder.*save_pretrained"):
+        load_llava("llava:/nowhere/x")
+    with pytest.raises(VQAModelError, match="no config.json"):
+        load_llava(f"llava:{tmp_path}")
+    with pytest.raises(VQAModelError, match="expected 'llava:/path/to/folder'"):
+        load_llava(f"hf:{folder}")
+    broken = save_tiny_llava(tmp_path / "broken")
+    save_char_tokenizer(broken)  # a tokenizer without '<image>'
+    with pytest.raises(VQAModelError, match="tokenizer has no image token '<image>' with the id 4"):
+        load_llava(f"llava:{broken}")
+
+
+def test_the_swapped_tower_gives_the_exported_encoder_s_features_and_new_scores(folder):
+    backbone = load_backbone("openclip:fscl-tiny")
+    model, processor = load_llava(f"llava:{folder}")
+    questions = items()
+    before = letter_scores(model, processor, questions)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for step in range(2):
+        swap_encoder(model, backbone)
+        with torch.no_grad():
+            ours = vision_tower(model)(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+            exported = to_hf_clip_vision(backbone).vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(ours, exported, rtol=0, atol=1e-5)
+        swapped = letter_scores(model, processor, questions)
+        assert all(a.letter_logprobs != b.letter_logprobs for a, b in zip(before, swapped))
+        before = swapped
+        with torch.no_grad():  # "training": move the first block, which hidden_states[-2] sees
+            fc1 = backbone.visual.transformer.resblocks[0].mlp.c_fc.weight
+            fc1.add_(0.5 * torch.randn(fc1.shape, generator=torch.Generator().manual_seed(2 + step)))
+
+
+def test_batched_letter_scores_equal_unbatched(folder):
+    model, processor = load_llava(f"llava:{folder}")
+    questions = items()
+    batched = letter_scores(model, processor, questions)
+    for question, score in zip(questions, batched):
+        (alone,) = letter_scores(model, processor, [question])
+        torch.testing.assert_close(torch.tensor(score.letter_logprobs), torch.tensor(alone.letter_logprobs),
+                                   rtol=0, atol=1e-5)
+        assert (score.choice, score.top_token) == (alone.choice, alone.top_token)
+
+
+def rig_letters(model, tokenizer, preferred: list[int], boost: float) -> None:
+    """Add ``boost`` to the logit of letter ``preferred[i]`` of batch row ``i`` at every step (rows in item order)."""
+    letters = letter_token_ids(tokenizer)
+    rig = torch.zeros(len(preferred), model.lm_head.out_features)
+    rig[range(len(preferred)), [letters[p] for p in preferred]] = boost
+    model.lm_head.register_forward_hook(lambda module, args, out: out + rig[:, None, :])
+
+
+def test_the_letter_argmax_is_the_first_generated_token(folder):
+    model, processor = load_llava(f"llava:{folder}")
+    rig_letters(model, processor.tokenizer, [2, 0, 3, 1], boost=6.0)  # a letter wins over the vocabulary
+    questions = items((5, 5, 5, 5))
+    scores = letter_scores(model, processor, questions)
+    answers = generate_answers(model, processor, questions)
+    assert [s.top_letter for s in scores] == [s.choice for s in scores] == [2, 0, 3, 1]
+    assert [a[0] for a in answers] == [LETTERS[s.choice] for s in scores]
+
+
+def test_a_model_that_prefers_the_right_letter_scores_100_percent(folder):
+    model, processor = load_llava(f"llava:{folder}")
+    questions, right = items(), [1, 4, 0, 2]
+    rig_letters(model, processor.tokenizer, right, boost=50.0)
+    result = summarise(letter_scores(model, processor, questions), right)
+    assert result["vqa_acc"] == result["vqa_acc_strict"] == 1.0 and result["vqa_letter_mass"] > 0.999
+
+
+def test_the_fit_check_refuses_encoders_the_tower_cannot_take(folder, tmp_path):
+    from transformers import AutoConfig
+
+    tower = AutoConfig.from_pretrained(folder).vision_config
+    backbone = load_backbone("openclip:fscl-tiny")
+    check_encoder_fits(tower, backbone)  # the tiny LLaVA's tower is fscl-tiny's vision side
+    siglip = load_backbone(f"hf:{save_tiny_siglip(tmp_path / 'siglip')}")
+    with pytest.raises(VQAModelError, match="'hf:.*siglip'.*a SiglipModel.*OpenAI-layout CLIP ViT"):
+        check_encoder_fits(tower, siglip)
+    narrow = AutoConfig.from_pretrained(folder).vision_config
+    narrow.hidden_size, narrow.num_hidden_layers = 32, 3
+    with pytest.raises(VQAModelError, match=r"'openclip:fscl-tiny' does not fit.*width 64 \(tower: 32\), layers 2 \(tower: 3\)"):
+        check_encoder_fits(narrow, backbone)
+    backbone.visual.ln_pre = torch.nn.Identity()  # not expressible as a CLIPVisionModel (as EVA's timm trunks)
+    with pytest.raises(VQAModelError, match="cannot go into LLaVA's CLIP vision tower: it has no ln_pre"):
+        check_encoder_fits(tower, backbone)
