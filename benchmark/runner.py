@@ -150,13 +150,15 @@ def control_subset(n_items: int, size: int, seed: int, name: str) -> list[int]:
     return sorted(rng.choice(n_items, size=min(size, n_items), replace=False).tolist())
 
 
-def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[str, Any]) -> None:
-    """Write what a run must keep about its data into the manifest: skipped unreadable images,
-    seeded splits (their id lists in ``splits.json``) and the control subsets' ids."""
+def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[str, Any],
+                sessions: dict[str, Any] | None = None) -> None:
+    """Write what a run must keep about its data into the manifest: unreadable images met (for the
+    target: by this run's ``sessions``, with the draws that replaced them), seeded splits (their id
+    lists in ``splits.json``) and the control subsets' ids."""
     fields: dict[str, Any] = {}
     split_ids = {}
     for name, data_stream in data_streams.items():
-        info = data_stream.data_record()
+        info = data_stream.data_record((sessions or {}).get(name))
         if "skipped_images" in info:
             fields.setdefault("skipped_images", {})[name] = info["skipped_images"]
         if "texts" in info:  # the data file's version and the dataset's own names/captions file, if used
@@ -191,11 +193,14 @@ def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
     data = RunData(stream, stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed))
     for name in cfg.controls:
         control = data.controls[name] = _stream(cfg, name, cache)
-        test = control.dataset("test")
-        if cfg.control_subset is not None and len(test) > cfg.control_subset:
-            test = test.subset(control_subset(len(test), cfg.control_subset, cfg.shot_seed, name))
-            data.subsets[name] = {"size": len(test), "of": len(control.dataset("test")), "seed": cfg.shot_seed,
-                                  "ids": test.ids}
+        full = control.listed("test")  # the subset is drawn from what is listed, readable or not
+        if cfg.control_subset is not None and len(full) > cfg.control_subset:
+            test = full.subset(control_subset(len(full), cfg.control_subset, cfg.shot_seed, name))
+            if cfg.skip_bad_images:
+                test = control.readable("test", test)
+            data.subsets[name] = {"size": len(test), "of": len(full), "seed": cfg.shot_seed, "ids": test.ids}
+        else:
+            test = control.dataset("test")
         data.control_tests[name] = test
     return data
 
@@ -430,7 +435,8 @@ class _Run:
             self.record.resume(resume.session)
         self.record.update_manifest(classes_with_fewer_shots={
             f"session_{s.index}": s.short_classes for s in data.sessions if s.short_classes})
-        record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets)
+        record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
+                    sessions={cfg.stream: data.sessions})
         if resume is None:
             return 0
         backbone.visual.load_state_dict(resume.encoder)

@@ -121,7 +121,13 @@ def test_paper_preset_end_to_end_on_tiny_trees(tiny_paper_root, tmp_path, capsys
     assert all(i.endswith(".jpg") for i in subsets["aircraft"]["ids"])
     zeroshot = json.loads((runs["tsi", "zeroshot"] / "manifest.json").read_text())
     assert zeroshot["control_subsets"] == subsets  # fixed and seeded: the same for every strategy
-    assert manifest["skipped_images"] == {"dalle": {"count": 1, "ids": ["v2/walking_0.png"]}}
+    # the subset is drawn from every listed image, readable or not; the bad one is met only if drawn
+    drawn = control_subset(subsets["dalle"]["of"], 20, 0, "dalle")
+    listed = sorted(p.relative_to(tiny_paper_root / "dalle").as_posix()
+                    for p in (tiny_paper_root / "dalle" / "v2").iterdir())
+    met = "v2/walking_0.png" in [listed[i] for i in drawn]
+    assert manifest.get("skipped_images", {}).get("dalle", {}).get("ids") == (["v2/walking_0.png"] if met else None)
+    assert "v2/walking_0.png" not in subsets["dalle"]["ids"] and subsets["dalle"]["size"] == 20 - met
     assert set(manifest["splits"]) == {"eurosat", "counteranimal"}
     splits = json.loads((tsi / "splits.json").read_text())
     assert len(splits["eurosat"]["test"]) == manifest["splits"]["eurosat"]["test"] == 10
