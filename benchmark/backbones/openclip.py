@@ -110,10 +110,18 @@ def _create(name: str, tag: str | None) -> tuple[nn.Module, Callable, Callable]:
 
 def _skeleton(name: str) -> nn.Module:
     """open_clip model ``name`` on the meta device: every module and shape, no weights (no download)."""
+
+    def no_weights_warning(record: logging.LogRecord) -> bool:  # open_clip warns on the root logger for
+        return not record.getMessage().startswith("No pretrained weights loaded")  # every model without weights
+
+    root = logging.getLogger()
+    root.addFilter(no_weights_warning)
     try:
         return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         raise BackboneLoadError(f"could not build open_clip model '{name}': {err}") from err
+    finally:
+        root.removeFilter(no_weights_warning)
 
 
 def model_config(name: str) -> dict:
