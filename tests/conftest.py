@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models and configs that run on CPU in seconds, no network."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,20 @@ def tiny_backbone():
     from benchmark.backbones import load_backbone
 
     return load_backbone("openclip:fscl-tiny")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the tests marked ``gpu``: ``$FSCL_TEST_DEVICE`` (default ``cpu``).
+
+    Those tests run on the CPU with the rest of the suite; the GPU check (``benchmarks/gpu_check.sh``)
+    runs them again with ``FSCL_TEST_DEVICE=cuda pytest -m gpu``. A test that means nothing on the
+    CPU skips itself when ``device.type == "cpu"``.
+    """
+    device = torch.device(os.environ.get("FSCL_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"FSCL_TEST_DEVICE={device}, but torch {torch.__version__} sees no CUDA device")
+    return device
 
 
 @pytest.fixture(scope="module")

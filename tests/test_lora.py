@@ -61,7 +61,7 @@ def session_template(backbone, *plugins):
     template = CLIPTemplate(
         backbone=backbone, class_names=stream.spec.class_names, templates=stream.spec.templates[:1],
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, min_lr=1e-4), zeroshot=ZeroShotEvaluator(backbone),
-        seed=0, device=torch.device("cpu"), plugins=list(plugins), evaluator=EvaluationPlugin(loggers=[]),
+        seed=0, device=backbone.logit_scale.device, plugins=list(plugins), evaluator=EvaluationPlugin(loggers=[]),
     )
     return template, scenario.train_stream
 
@@ -124,10 +124,10 @@ def expected_trainable(spec: str) -> int:
 def fixed_batch(backbone, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [size, 3, H, W] and normalised caption features [size, D], each from its own generator."""
     shape = backbone.preprocess(False)(Image.new("RGB", (32, 32))).shape
-    images = torch.randn(size, *shape, generator=torch.Generator().manual_seed(11))
+    images = torch.randn(size, *shape, generator=torch.Generator().manual_seed(11)).to(backbone.logit_scale.device)
     dim = backbone.encode_image(images[:1]).shape[-1]
     text = torch.nn.functional.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(12)), dim=-1)
-    return images, text
+    return images, text.to(images.device)
 
 
 # --------------------------------------------------------------------------- options
@@ -171,15 +171,16 @@ def test_init_puts_the_random_factor_on_its_side_with_its_bound(spec, init):
 
 
 # --------------------------------------------------------------------------- one Adam step by hand
+@pytest.mark.gpu
 @pytest.mark.parametrize("init", ["released", "peft"])
-def test_one_adam_step_equals_the_hand_computed_update(spec, init):
+def test_one_adam_step_equals_the_hand_computed_update(spec, init, device):
     """ΔW after one Adam step (lr) on a fixed batch, from the dense weight gradient G = ∂L/∂W at W₀.
 
     ΔW = s·B·A, so ∂L/∂A = s·Bᵀ·G and ∂L/∂B = s·G·Aᵀ; Adam's first step moves a parameter by
     −lr·g/(|g| + eps). released (A₀ = 0): ΔW = s·B₀·A₁; peft (B₀ = 0): ΔW = s·B₁·A₀.
     """
     lr, eps = 1e-2, 1e-8
-    backbone = load_backbone(spec)
+    backbone = load_backbone(spec, device)
     images, text = fixed_batch(backbone)
     dense = copy.deepcopy(backbone)
     weights0 = snapshot(backbone.visual)
@@ -220,8 +221,9 @@ def test_one_adam_step_equals_the_hand_computed_update(spec, init):
 
 
 # --------------------------------------------------------------------------- one session
-def test_lora_changes_weights_only_through_merged_adapters(spec):
-    backbone = load_backbone(spec)
+@pytest.mark.gpu
+def test_lora_changes_weights_only_through_merged_adapters(spec, device):
+    backbone = load_backbone(spec, device)
     plugin = LoRA(backbone, LoRAOptions(rank=RANK, alpha=ALPHA))
     template, stream = session_template(backbone, plugin)
     before = snapshot(backbone)

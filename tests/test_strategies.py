@@ -66,7 +66,7 @@ def session_template(backbone, *plugins, epochs: int = 2, batch_size: int = 16, 
         templates=stream.spec.templates if all_templates else stream.spec.templates[:1],
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr / 10, **train),
         zeroshot=ZeroShotEvaluator(backbone),
-        seed=0, device=torch.device("cpu"), plugins=list(plugins), evaluator=EvaluationPlugin(loggers=[]),
+        seed=0, device=backbone.logit_scale.device, plugins=list(plugins), evaluator=EvaluationPlugin(loggers=[]),
     )
     return template, scenario.train_stream
 
@@ -94,8 +94,8 @@ def assert_plain_and_frozen(backbone) -> None:
 
 def random_scores(blocks, seed: int = 0) -> list[BlockScores]:
     gen = torch.Generator().manual_seed(seed)
-    return [BlockScores(*(torch.randn(b.width, b.width, generator=gen) for _ in range(3)),
-                        torch.randn(*b.fc1.weight.shape, generator=gen)) for b in blocks]
+    return [BlockScores(*(torch.randn(b.width, b.width, generator=gen).to(b.fc1.weight.device) for _ in range(3)),
+                        torch.randn(*b.fc1.weight.shape, generator=gen).to(b.fc1.weight.device)) for b in blocks]
 
 
 # --------------------------------------------------------------------------- selection rules
@@ -164,8 +164,9 @@ def test_qkv_update_on_activations_equals_the_merged_weight_change(spec):
 
 
 # --------------------------------------------------------------------------- LoRSU
-def test_lorsu_session_changes_only_masked_entries_and_chosen_heads(spec):
-    backbone = load_backbone(spec)
+@pytest.mark.gpu
+def test_lorsu_session_changes_only_masked_entries_and_chosen_heads(spec, device):
+    backbone = load_backbone(spec, device)
     plugin = LoRSU(backbone, LoRSUOptions(rank=RANK, alpha=ALPHA))
     template, stream = session_template(backbone, plugin)
     before = snapshot(backbone)
@@ -267,9 +268,10 @@ def test_lorsu_merge_preserves_outputs(spec):
     torch.testing.assert_close(backbone.encode_image(x), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_efficient_lorsu_equals_the_dense_reference_after_adam_steps(spec):
+@pytest.mark.gpu
+def test_efficient_lorsu_equals_the_dense_reference_after_adam_steps(spec, device):
     torch.manual_seed(0)
-    fast_backbone, dense_backbone = load_backbone(spec), load_backbone(spec)
+    fast_backbone, dense_backbone = load_backbone(spec, device), load_backbone(spec, device)
     # The q/k/v biases train densely in both forms; they are left out because the key bias has a zero
     # gradient in exact arithmetic (softmax ignores a constant shift), which Adam turns from rounding
     # noise into lr-sized steps of either sign.
@@ -283,6 +285,7 @@ def test_efficient_lorsu_equals_the_dense_reference_after_adam_steps(spec):
 
     gen = torch.Generator().manual_seed(4)
     images, text = torch.randn(8, 3, 32, 32, generator=gen), F.normalize(torch.randn(8, EMBED, generator=gen), dim=-1)
+    images, text = images.to(device), text.to(device)
     runs = []
     for backbone in (fast_backbone, dense_backbone):
         optimizer = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=1e-3)
@@ -309,8 +312,9 @@ def test_efficient_lorsu_equals_the_dense_reference_after_adam_steps(spec):
     assert max((p - start[n]).abs().max() for n, p in fast_backbone.named_parameters()) > 1e-3  # they did move
 
 
-def test_lorsu_trains_under_bf16_autocast(spec):
-    backbone = load_backbone(spec)
+@pytest.mark.gpu
+def test_lorsu_trains_under_bf16_autocast(spec, device):
+    backbone = load_backbone(spec, device)
     template, stream = session_template(backbone, LoRSU(backbone, LoRSUOptions(rank=RANK, alpha=ALPHA)),
                                         precision="bf16")
     before = snapshot(backbone)
@@ -368,10 +372,11 @@ def test_lorsu_ablations_and_scheduler_step(scheduler_step):
 
 
 # --------------------------------------------------------------------------- the baselines
-def test_full_ft_and_layernorm_change_exactly_their_parameters():
+@pytest.mark.gpu
+def test_full_ft_and_layernorm_change_exactly_their_parameters(device):
     for plugin_type, expected in ((FullFineTuning, lambda b: b.visual.parameters()),
                                   (LayerNormTuning, lambda b: [p for n in b.norm_layers() for p in n.parameters()])):
-        backbone = load_backbone("openclip:fscl-tiny")
+        backbone = load_backbone("openclip:fscl-tiny", device)
         template, stream = session_template(backbone, plugin_type(backbone), epochs=1)
         before = snapshot(backbone)
         template.train(stream[0])

@@ -46,14 +46,15 @@ def _caption_dataset(n: int = 8) -> LabelledImages:
                           Image.fromarray, captions=captions)
 
 
-def _template(n: int, *plugins, **train) -> tuple[CLIPTemplate, object]:
-    """Full fine-tuning of the tiny model on ``n`` captioned images (one session), ``train``: TrainConfig values."""
-    backbone = load_backbone("openclip:fscl-tiny")
+def _template(n: int, *plugins, device: torch.device | str = "cpu", **train) -> tuple[CLIPTemplate, object]:
+    """Full fine-tuning of the tiny model on ``n`` captioned images (one session) on ``device``, ``train``:
+    TrainConfig values."""
+    backbone = load_backbone("openclip:fscl-tiny", device)
     data = _caption_dataset(n).with_transform(backbone.preprocess(False))
     scenario = benchmark_from_datasets(train=[as_classification_dataset(data)])
     template = CLIPTemplate(
         backbone=backbone, class_names=("a", "b"), templates=("{}",), train=TrainConfig(**train),
-        zeroshot=ZeroShotEvaluator(backbone), seed=0, device=torch.device("cpu"),
+        zeroshot=ZeroShotEvaluator(backbone), seed=0, device=torch.device(device),
         plugins=[FullFineTuning(backbone), *plugins], evaluator=EvaluationPlugin(loggers=[]),
     )
     return template, scenario.train_stream[0]
@@ -68,6 +69,7 @@ class BatchSizes(SupervisedPlugin):
         self.sizes.append(len(strategy.mb_x))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n, drop_last, sizes", [
     (20, "auto", [16, 16]),  # more than one batch: the last partial batch is dropped (the released loader)
     (20, True, [16, 16]),
@@ -75,9 +77,9 @@ class BatchSizes(SupervisedPlugin):
     (10, "auto", [10, 10]),  # one partial batch only: kept
     (10, False, [10, 10]),
 ])
-def test_drop_last_sets_the_steps_of_a_session(n, drop_last, sizes):
+def test_drop_last_sets_the_steps_of_a_session(n, drop_last, sizes, device):
     sizes_seen = BatchSizes()
-    template, session = _template(n, sizes_seen, epochs=2, batch_size=16, drop_last=drop_last)
+    template, session = _template(n, sizes_seen, epochs=2, batch_size=16, drop_last=drop_last, device=device)
     template.train(session, eval_streams=[])
     assert sizes_seen.sizes == sizes
     assert template._total_steps == len(sizes)  # the schedule spans exactly the steps taken
@@ -89,16 +91,17 @@ def test_drop_last_true_on_a_session_smaller_than_a_batch_says_so():
         template.train(session, eval_streams=[])
 
 
-def test_fp16_trains_through_a_gradient_scaler_and_bf16_without():
-    template, session = _template(8, epochs=1, batch_size=8, precision="fp16")
+@pytest.mark.gpu
+def test_fp16_trains_through_a_gradient_scaler_and_bf16_without(device):
+    template, session = _template(8, epochs=1, batch_size=8, precision="fp16", device=device)
     assert isinstance(template.grad_scaler, torch.amp.GradScaler) and template.grad_scaler.is_enabled()
     before = template.backbone.visual.proj.detach().clone()
     template.train(session, eval_streams=[])
     assert template.grad_scaler.get_scale() > 1  # the loss was scaled (65536 at the start)
     assert template.grad_scaler._growth_tracker.item() == 1  # one step, unskipped: the gradients were finite
     assert not torch.equal(before, template.backbone.visual.proj)
-    assert _template(8, precision="bf16")[0].grad_scaler is None
-    assert _template(8, precision="fp32")[0].grad_scaler is None
+    assert _template(8, precision="bf16", device=device)[0].grad_scaler is None
+    assert _template(8, precision="fp32", device=device)[0].grad_scaler is None
 
 
 def test_released_augmentation_adds_colour_jitter_and_grayscale_after_the_crop(tiny_backbone):
@@ -121,8 +124,9 @@ def test_released_augmentation_adds_colour_jitter_and_grayscale_after_the_crop(t
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # the torch RNG decides
 
 
-def test_training_on_per_image_captions_uses_those_captions():
-    template, session = _template(8, epochs=1, batch_size=8)
+@pytest.mark.gpu
+def test_training_on_per_image_captions_uses_those_captions(device):
+    template, session = _template(8, epochs=1, batch_size=8, device=device)
     backbone = template.backbone
     before = backbone.visual.proj.detach().clone()
     template.train(session, eval_streams=[])
