@@ -433,7 +433,10 @@ class _Run:
         else:
             log.info("resuming %s after session %d", self.record.path, resume.session)
             self.record.resume(resume.session)
-        self.record.update_manifest(classes_with_fewer_shots={
+        device = {"device": str(self.device)}  # as resolved (auto -> cuda:0 or cpu), and the GPU's name
+        if self.device.type == "cuda":
+            device["gpu"] = torch.cuda.get_device_name(self.device)
+        self.record.update_manifest(**device, classes_with_fewer_shots={
             f"session_{s.index}": s.short_classes for s in data.sessions if s.short_classes})
         record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
                     sessions={cfg.stream: data.sessions})

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).parent.parent
 STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu")
 
@@ -25,7 +23,6 @@ def _table(stdout: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-@pytest.mark.slow  # over a minute on two cores: seven subprocesses that each import torch and avalanche
 def test_the_gpu_check_passes_on_the_cpu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--python", sys.executable,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)

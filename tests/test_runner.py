@@ -45,6 +45,7 @@ def test_run_writes_complete_records_and_rerun_skips(tmp_path, capsys):
     assert manifest["status"] == "finished"
     assert {"torch", "open_clip_torch", "avalanche-lib", "fscl-bench", "python"} <= set(manifest["versions"])
     assert manifest["seeds"] == {"seed": 0, "shot_seed": 0} and manifest["samples"]["count"] == 50
+    assert manifest["device"] == "cpu"  # the device as resolved (device: auto)
     samples = json.loads((path / "samples.json").read_text())
     assert [len(v) for v in samples.values()] == [25, 25]
 
