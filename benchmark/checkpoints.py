@@ -12,7 +12,8 @@ rest of the run depends on:
 * the RNG states that drive the next sessions: torch (CPU and CUDA), numpy, Python's
   ``random`` and the template's caption generator (the training data loader shuffles and
   augments from the global torch RNG);
-* the accuracy matrix and the cost rows so far, and the resolved config it belongs to.
+* the accuracy matrix (and the VQA one, when the run evaluates VQA) and the cost rows so far,
+  and the resolved config it belongs to.
 
 The optimizer is not saved: the template builds a fresh Adam for every session, so none of
 its state survives a session boundary. A resumed run therefore continues with exactly the
@@ -32,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from benchmark.config import flatten
+from benchmark.config import Config, flatten
 from benchmark.metrics import AccuracyMatrix
 from benchmark.records import atomic_writer
 
@@ -56,6 +57,7 @@ class SessionState:
     rng: dict[str, Any]
     matrix: AccuracyMatrix
     costs: dict[str, Any]
+    vqa_matrix: AccuracyMatrix | None = None  # VQA accuracies so far (None: VQA off, or a checkpoint from before it)
 
 
 def capture_rng(caption_rng: torch.Generator) -> dict[str, Any]:
@@ -130,8 +132,10 @@ def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.devi
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every (dotted) key whose value differs between two resolved configs,
-    leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`)."""
-    flat_old, flat_new = flatten(old), flatten(new)
+    leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`). A key the old
+    config lacks (written before the key existed, e.g. ``vqa.*``) counts as its default."""
+    flat_old = {**flatten(Config().to_dict()), **flatten(old)} if old else {}
+    flat_new = flatten(new)
     keys = sorted(k for k in flat_old.keys() | flat_new.keys() if k.split(".")[0] not in RESUME_INDEPENDENT)
     missing = "(unset)"
     return [f"{k}: {flat_old.get(k, missing)!r} -> {flat_new.get(k, missing)!r}" for k in keys

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from benchmark.config import DEMO_PRESET, TrainConfig, describe_options, list_presets, load_config
+from benchmark.config import DEMO_PRESET, TrainConfig, VQAConfig, describe_options, list_presets, load_config
 from benchmark.errors import FsclError
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, Registry
 
@@ -92,8 +92,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "presets":
         print("\n".join(list_presets()))
         return 0
-    if args.what == "train":
-        print("\n".join(option_lines(TrainConfig, "train", args.details)))
+    if args.what in ("train", "vqa"):
+        print("\n".join(option_lines({"train": TrainConfig, "vqa": VQAConfig}[args.what], args.what, args.details)))
         return 0
     registry: Registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES}[args.what]
     for entry in registry.entries():
@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "with ddp=true they train each run together (data parallel).",
         epilog="examples:\n  fscl run quick seed=0,1,2\n  fscl run my.yaml strategy=[zeroshot,full-ft] "
                "train.epochs=2\n  fscl run quick --dry-run\n\n"
-               "keys: 'fscl ls train -v' lists the train.* keys; 'fscl ls strategies -v' and 'fscl ls streams -v'\n"
-               "the options of each strategy and stream (lorsu.rank=32); README.md 'Configuration' the others.",
+               "keys: 'fscl ls train -v' and 'fscl ls vqa -v' list the train.* and vqa.* keys; 'fscl ls strategies -v'\n"
+               "and 'fscl ls streams -v' the options of each strategy and stream (lorsu.rank=32); README.md\n"
+               "'Configuration' the others.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", default=None,
                      help="preset name (see 'fscl ls presets') or YAML file; default: none, the documented "
@@ -149,14 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=run_command)
 
     ls = verbs.add_parser(
-        "ls", help="list registered streams, strategies, backbones, presets or the train.* keys",
-        description="List what is registered (including plugins of other packages), or the train.* keys.",
+        "ls", help="list registered streams, strategies, backbones, presets or the train.* or vqa.* keys",
+        description="List what is registered (including plugins of other packages), or the train.* or vqa.* keys.",
         epilog="examples:\n  fscl ls strategies -v    every strategy with its options (type, default, help)\n"
-               "  fscl ls train -v         the training recipe's keys with their help",
+               "  fscl ls train -v         the training recipe's keys with their help\n"
+               "  fscl ls vqa -v           the VQA evaluation's keys with their help",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets", "train"])
+    ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets", "train", "vqa"])
     ls.add_argument("-v", "--verbose", dest="details", action="store_true",
-                    help="every option with its type, default and help text (streams, strategies, train)")
+                    help="every option with its type, default and help text (streams, strategies, train, vqa)")
     ls.set_defaults(func=_cmd_ls)
 
     export = verbs.add_parser(

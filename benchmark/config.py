@@ -75,6 +75,35 @@ class TrainConfig:
 
 
 @dataclass
+class VQAConfig:
+    """Multiple-choice VQA through a LLaVA whose vision tower takes the run's encoder (off by default)."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "the VLM: llava:/local/folder (a saved LlavaForConditionalGeneration with its processor) or "
+                "llava:org/hub-id; null = no VQA evaluation"})
+    scoring: Literal["letter"] = field(default="letter", metadata={
+        "help": "letter: the most probable option letter at the first answer token (one forward pass per batch)"})
+    mode: Literal["random", "hard"] = field(default="random", metadata={
+        "help": "distractors: random classes, or the classes closest to the answer under the run's backbone "
+                "before training (hard)"})
+    seed: int = field(default=0, metadata={"help": "seed of the questions (distractors, letter order) and subsets"})
+    batch_size: int = field(default=16, metadata={"help": "questions per forward pass"})
+    sessions: Literal["ends", "all"] = field(default="ends", metadata={
+        "help": "evaluate before training and after the last session (ends, as the paper), or after every session"})
+    subset: int | None = field(default=None, metadata={
+        "help": "with sessions: all, a seeded subset of N questions per dataset after the sessions in between "
+                "(the full sets at the ends); null = full sets"})
+
+    def __post_init__(self) -> None:
+        check(self.model is None or (isinstance(self.model, str) and self.model.startswith("llava:")
+                                     and len(self.model) > len("llava:")),
+              "vqa.model", self.model, "llava:/path/to/folder (or llava:org/hub-id), or null for no VQA")
+        check(self.seed >= 0, "vqa.seed", self.seed, "an integer >= 0")
+        check(self.batch_size >= 1, "vqa.batch_size", self.batch_size, "an integer >= 1")
+        check(self.subset is None or self.subset >= 1, "vqa.subset", self.subset, "an integer >= 1, or null")
+
+
+@dataclass
 class Config:
     """Everything one benchmark invocation needs; axes may hold lists until :meth:`expand`."""
 
@@ -98,6 +127,7 @@ class Config:
     keep_checkpoints: Literal["last", "all", "none"] = "none"  # per-session checkpoints kept after success
     ddp: bool = False  # data-parallel runs over the launched processes instead of sharding the grid
     train: TrainConfig = field(default_factory=TrainConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy/stream name
 
     def expand(self) -> list[Config]:

@@ -60,16 +60,18 @@ class AccuracyMatrix:
     def column(self, dataset: str) -> np.ndarray:
         return self.values[:, self.datasets.index(dataset)]
 
-    def to_frame(self) -> pd.DataFrame:
+    def to_frame(self, per_group: bool = True) -> pd.DataFrame:
+        """One row per session: the datasets' columns, then (``per_group``) the seen and per-group columns."""
         frame = pd.DataFrame(self.values, columns=self.datasets)
-        frame[self.target + SEEN] = self.seen
-        for i in range(self.n_sessions):
-            frame[f"{self.target}@s{i + 1}"] = self.groups[:, i]
+        if per_group:
+            frame[self.target + SEEN] = self.seen
+            for i in range(self.n_sessions):
+                frame[f"{self.target}@s{i + 1}"] = self.groups[:, i]
         frame.insert(0, "session", range(self.n_sessions + 1))
         return frame
 
-    def to_csv(self) -> str:
-        return self.to_frame().to_csv(index=False, float_format="%.6f")
+    def to_csv(self, per_group: bool = True) -> str:
+        return self.to_frame(per_group).to_csv(index=False, float_format="%.6f")
 
     @classmethod
     def from_csv(cls, text: str, target: str) -> AccuracyMatrix:

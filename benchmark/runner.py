@@ -5,9 +5,10 @@ layout, its sessions and its controls — before any model is built (:func:`chec
 message for every problem); (2) per run: the decision (run, skip a finished run, or leave a
 folder another process holds), the backbone, the strategy and the template; (3) the sessions:
 zero-shot evaluation before training (row 0) and after every session on the target (per
-session class group) and every control; (4) the accuracy matrix and the summary. A run that
-fails (a non-finite loss, an unreadable image) is marked ``failed`` with its reason, keeps
-the sessions already evaluated, and the rest of the grid goes on.
+session class group) and every control, and with ``vqa.model`` the VQA scores of LLaVA with
+the current encoder in its tower (:mod:`benchmark.vqa.evaluate`); (4) the accuracy matrices and
+the summary. A run that fails (a non-finite loss, an unreadable image) is marked ``failed`` with
+its reason, keeps the sessions already evaluated, and the rest of the grid goes on.
 
 Resume: after every session a checkpoint is saved (:mod:`benchmark.checkpoints`); an
 interrupted run started again continues after its last saved session and ends with the same
@@ -16,6 +17,7 @@ processes shard the grid or, with ``ddp: true``, share each run (:mod:`benchmark
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -62,11 +64,15 @@ from benchmark.records import (
 )
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
+from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set
 
 log = logging.getLogger(__name__)
 
 
 PARTIAL_SUMMARY = ("sessions", "target", "controls", "target_initial", "target_curve", "control_curve")
+# summary.json's vqa block: the metrics that mean the same over the sessions VQA evaluated (no AUC, no BWT)
+VQA_SUMMARY = ("sessions", "target", "controls", "target_initial", "target_final", "target_improvement",
+               "control_change", "target_curve", "control_curve", "forgetting")
 
 
 class RunDecision(enum.IntEnum):
@@ -260,19 +266,49 @@ def strategy_problems(runs: list[Config]) -> list[str]:
     return problems
 
 
+def vqa_problems(runs: list[Config]) -> list[str]:
+    """What the VQA evaluation of the grid refuses: ``ddp: true`` (sharded VQA is future work), a
+    ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), or a backbone whose
+    encoder its vision tower cannot take (checked on the backbone's skeleton)."""
+    from benchmark.vqa.llava import check_encoder_fits, llava_config
+
+    problems, seen = [], set()
+    for run in runs:
+        if run.vqa.model is None or (run.vqa.model, run.backbone, run.ddp) in seen:
+            continue
+        seen.add((run.vqa.model, run.backbone, run.ddp))
+        if run.ddp:
+            problems.append("vqa: ddp: true with a vqa.model is not supported yet (VQA evaluation sharded over the "
+                            "processes is future work); run VQA with ddp: false, or set vqa.model: null")
+        try:
+            check_encoder_fits(llava_config(run.vqa.model).vision_config, backbone_skeleton(run.backbone))
+        except FsclError as err:
+            problems.append(str(err))
+    return list(dict.fromkeys(problems))
+
+
 def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
-    what a strategy refuses on its backbone (:func:`strategy_problems`), its data (a missing root, a
+    what a strategy refuses on its backbone (:func:`strategy_problems`), what VQA refuses
+    (:func:`vqa_problems`), its data (a missing root, a
     wrong layout, too many sessions for a stream's classes, ...), a runs folder it cannot write, and
     (unless ``force``) a finished run whose configuration changed."""
     cache: dict[tuple, Any] = {}
     found: list[RunData] = []
-    problems: dict[str, list[str]] = {message: [] for message in unwritable_outputs(runs) + strategy_problems(runs)}
+    problems: dict[str, list[str]] = {
+        message: [] for message in unwritable_outputs(runs) + strategy_problems(runs) + vqa_problems(runs)}
     for run in runs:
+        where = f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}"
         try:
             found.append(run_data(run, cache))
         except (DataError, ValueError, ConfigError) as err:
-            problems.setdefault(str(err), []).append(f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}")
+            problems.setdefault(str(err), []).append(where)
+            continue
+        if run.vqa.model is not None:
+            for stream in [found[-1].stream, *found[-1].controls.values()]:
+                if stream.spec.vqa_question is None:
+                    problems.setdefault(f"vqa: stream '{stream.spec.name}' has no question: add 'vqa_question: ...' "
+                                        f"to its data file, or set vqa.model: null", []).append(where)
     if not force:
         for message in changed_finished_runs(runs):
             problems[message + " (--force runs it again, replacing its record; or give the grid another name=)"] = []
@@ -374,6 +410,8 @@ class _Run:
             torch.cuda.set_device(self.device)
         self.metric = ZeroShotAccuracy()
         self.matrix: AccuracyMatrix | None = None
+        self.vqa_sets: list[VQASet] = []  # with vqa.model: the target's set, then each control's
+        self.vqa_matrix: AccuracyMatrix | None = None  # VQA accuracy (vqa_acc), NaN rows where not evaluated
         self.costs: dict[str, Any] = {"sessions": []}
 
     def execute(self, data: RunData) -> RunOutcome:
@@ -419,7 +457,22 @@ class _Run:
                 self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
         )
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
+        if cfg.vqa.model is not None:
+            self.build_vqa(data)
         return backbone, plugin, meter, template, scenario, zeroshot.stream()
+
+    def build_vqa(self, data: RunData) -> None:
+        """The VQA question sets of the run's test images (the target: every session's classes as one set) with
+        their seeded subsets (``vqa.subset``), and the empty VQA matrix."""
+        cfg, vqa = self.cfg, self.cfg.vqa
+        classes = sorted({c for session in data.sessions for c in session.classes})
+        tests = {cfg.stream: (data.stream, data.stream.dataset("test").with_classes(classes)),
+                 **{name: (data.controls[name], test) for name, test in data.control_tests.items()}}
+        self.vqa_sets = [
+            dataclasses.replace(qset, subset=control_subset(len(qset.questions.items), vqa.subset, vqa.seed, qset.name))
+            if vqa.subset is not None and vqa.subset < len(qset.questions.items) else qset
+            for qset in build_sets(tests, vqa.mode, vqa.seed, cfg.backbone)]
+        self.vqa_matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
 
     def start_or_resume(self, data: RunData, backbone, plugin: StrategyPlugin, template: CLIPTemplate) -> int:
         """Start the record, or restore the last checkpoint of an interrupted run; the sessions already done."""
@@ -440,11 +493,15 @@ class _Run:
             f"session_{s.index}": s.short_classes for s in data.sessions if s.short_classes})
         record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
                     sessions={cfg.stream: data.sessions})
+        if self.vqa_sets:
+            self.record.update_manifest(vqa_sets={q.name: q.record(cfg.vqa.mode, cfg.vqa.seed) for q in self.vqa_sets})
         if resume is None:
             return 0
         backbone.visual.load_state_dict(resume.encoder)
         plugin.load_state_dict(resume.strategy)
         self.matrix, self.costs = resume.matrix, resume.costs
+        if self.vqa_sets:
+            self.vqa_matrix = resume.vqa_matrix
         checkpoints.restore_rng(resume.rng, template.caption_rng)
         return resume.session
 
@@ -487,7 +544,7 @@ class _Run:
         checkpoints.save(self.record.path, checkpoints.SessionState(
             session=session, config=self.cfg.to_dict(), encoder=backbone.visual.state_dict(),
             strategy=plugin.state_dict(), rng=checkpoints.capture_rng(template.caption_rng),
-            matrix=self.matrix, costs=self.costs), self.cfg.keep_checkpoints)
+            matrix=self.matrix, costs=self.costs, vqa_matrix=self.vqa_matrix), self.cfg.keep_checkpoints)
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
@@ -512,6 +569,28 @@ class _Run:
         for j, name in enumerate(self.matrix.controls, start=1):
             self.matrix.values[session, j] = add(name, "top1", *counts[name])
         self.record.append_metrics(rows)
+        if self.vqa_sets and (session in (0, self.matrix.n_sessions) or self.cfg.vqa.sessions == "all"):
+            self.evaluate_vqa(template.backbone, session)
+
+    def evaluate_vqa(self, backbone, session: int) -> None:
+        """VQA after ``session`` with the current encoder in LLaVA's tower: rows ``vqa_acc``, ``vqa_acc_strict``
+        (with correct/total) and ``vqa_letter_mass`` (with total) per dataset; ``vqa_acc`` fills the VQA matrix.
+        The sessions between the ends ask each set's subset (``vqa.subset``), the ends the full sets."""
+        from benchmark.vqa.llava import swap_encoder
+
+        llava = cached_llava(self.cfg.vqa.model, self.device)
+        swap_encoder(llava.model, backbone)
+        full = session in (0, self.matrix.n_sessions)
+        rows: list[dict[str, Any]] = []
+        for j, qset in enumerate(self.vqa_sets):
+            scores = score_set(llava, qset, self.cfg.vqa.batch_size, full)
+            base = {"session": session, "dataset": qset.name, "total": scores["total"]}
+            rows += [{**base, "metric": "vqa_acc", "value": scores["vqa_acc"], "correct": scores["correct"]},
+                     {**base, "metric": "vqa_acc_strict", "value": scores["vqa_acc_strict"],
+                      "correct": scores["strict_correct"]},
+                     {**base, "metric": "vqa_letter_mass", "value": scores["vqa_letter_mass"]}]
+            self.vqa_matrix.values[session, j] = scores["vqa_acc"]
+        self.record.append_metrics(rows)
 
     def finish(self, visual_params: int, status: str, reason: str = "") -> None:
         """Write the matrix and the summary, and the run's status (with its reason when it failed).
@@ -523,8 +602,23 @@ class _Run:
         summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
         if status == STATUS_FAILED:
             summary = {k: v for k, v in summary.items() if k in PARTIAL_SUMMARY}
+        if self.vqa_matrix is not None:
+            summary["vqa"] = vqa_summary(self.vqa_matrix, PARTIAL_SUMMARY if status == STATUS_FAILED else VQA_SUMMARY)
         summary["costs"] = {"visual_parameters": visual_params, **self.costs}
         if self.record.writable:
             atomic_write(path / "matrix.csv", self.matrix.to_csv())
+            if self.vqa_matrix is not None:
+                atomic_write(path / "vqa_matrix.csv", self.vqa_matrix.to_csv(per_group=False))
             write_json(path / "summary.json", summary)
         self.record.update_manifest(status=status, **({"reason": reason} if reason else {}))
+
+
+def vqa_summary(m: AccuracyMatrix, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``keys`` of :func:`summarize` on the VQA matrix's evaluated sessions only (with ``vqa.sessions: ends``,
+    rows 0 and T: TI = A[T] − A[0]); ``evaluated`` lists those sessions."""
+    rows = np.flatnonzero(~np.isnan(m.values[:, 0]))
+    if not len(rows):
+        return {}
+    evaluated = AccuracyMatrix(m.target, m.datasets, m.values[rows], m.seen[rows], m.groups[rows])
+    summary = {k: v for k, v in summarize(evaluated).items() if k in keys}
+    return {**summary, "sessions": int(rows[-1]), "evaluated": rows.tolist()}

@@ -37,11 +37,12 @@ def class_similarity(backbone: str, class_names: tuple[str, ...], templates: tup
 
 
 def build_question_set(stream: Any, mode: str = "random", seed: int = 0,
-                       backbone: str | None = None) -> MultipleChoiceSet:
+                       backbone: str | None = None, test: Any = None) -> MultipleChoiceSet:
     """The question set of ``stream``'s test split (one item per test image, in its order).
 
     ``hard`` needs ``backbone`` (a load string: whose text embeddings rank the classes);
-    ``random`` takes none.
+    ``random`` takes none. ``test``: the images to ask about (``LabelledImages`` of the stream,
+    e.g. a run's control subset); default the whole test split.
     """
     spec = stream.spec
     if spec.vqa_question is None:
@@ -52,5 +53,5 @@ def build_question_set(stream: Any, mode: str = "random", seed: int = 0,
     LabelQuestions(spec.name, spec.class_names, spec.vqa_question)  # refuses < 2 classes before any model loads
     similarity = class_similarity(backbone, spec.class_names, spec.templates) if mode == "hard" else None
     generator = LabelQuestions(spec.name, spec.class_names, spec.vqa_question, mode, seed, similarity, backbone)
-    test = stream.dataset("test")
+    test = stream.dataset("test") if test is None else test
     return generator.build(test.ids, test.targets, RELEASED_PARSE_RULES.get(spec.name, "letter"))

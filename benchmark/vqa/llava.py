@@ -90,22 +90,36 @@ def _check_processor(spec: str, processor, config) -> None:
             f"num_additional_image_tokens 1 (the class token)")
 
 
+def llava_config(spec: str):
+    """The ``LlavaConfig`` of ``llava:/folder`` or ``llava:hub-id``, without its weights (the grid check);
+    :class:`VQAModelError` when it is missing or no LLaVA."""
+    from transformers import AutoConfig
+
+    source, local = _source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise VQAModelError(f"vqa.model '{spec}': could not read its config.json ({err}); the folder needs what "
+                            f"{SAVE_HINT} writes") from err
+    if config.model_type != "llava":
+        raise VQAModelError(f"vqa.model '{spec}' is a '{config.model_type}' model; expected a "
+                            f"LlavaForConditionalGeneration (model_type 'llava'), e.g. llava-hf/llava-1.5-7b-hf")
+    return config
+
+
 def load_llava(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llava:
     """Load ``llava:/folder`` or ``llava:hub-id`` (model + processor), in eval mode on ``device``.
 
     ``dtype``: the weights' type; default float16 on CUDA (as released), float32 elsewhere.
     """
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     source, local = _source(spec)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
+    config = llava_config(spec)
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local)
-        if config.model_type != "llava":
-            raise VQAModelError(f"vqa.model '{spec}' is a '{config.model_type}' model; expected a "
-                                f"LlavaForConditionalGeneration (model_type 'llava'), e.g. llava-hf/llava-1.5-7b-hf")
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
         _check_processor(spec, processor, config)
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local)
