@@ -270,6 +270,21 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
 
 
+def stream_options(name: str, pairs: typing.Sequence[str]) -> Any:
+    """The validated options of stream ``name`` from ``key=value`` strings (values parsed as YAML), as a
+    verb's ``-o key=value`` gives them; None for a stream that takes no options and got none."""
+    entry = STREAMS.get(name)
+    values = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--option '{pair}' must look like key=value")
+        values[key] = yaml.safe_load(raw) if raw.strip() else ""
+    if values and entry.options is None:
+        raise ConfigError(f"stream '{name}' takes no options")
+    return from_dict(entry.options, values, prefix=name) if entry.options else None
+
+
 # --------------------------------------------------------------------------- loading
 def list_presets() -> list[str]:
     """Names of the presets shipped with the package."""

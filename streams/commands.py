@@ -51,22 +51,10 @@ def add_pretrain_mini(verbs: argparse._SubParsersAction) -> None:
 
 def _data_check(args: argparse.Namespace) -> int:
     """Exit 0 only when the stream is usable on that root (1: it is not)."""
-    import yaml
-
-    from benchmark.config import ConfigError, from_dict
-    from benchmark.registry import STREAMS
+    from benchmark.config import stream_options
     from streams.check import check_stream
 
-    entry = STREAMS.get(args.stream)
-    values = {}
-    for option in args.option:
-        key, sep, raw = option.partition("=")
-        if not sep:
-            raise ConfigError(f"--option '{option}' must look like key=value")
-        values[key] = yaml.safe_load(raw) if raw.strip() else ""
-    if values and entry.options is None:
-        raise ConfigError(f"stream '{args.stream}' takes no options")
-    options = from_dict(entry.options, values, prefix=args.stream) if entry.options else None
+    options = stream_options(args.stream, args.option)
     report = check_stream(args.stream, args.root, options, sessions=args.sessions, shots=args.shots,
                           progress=not args.no_progress)
     print(report.text())

@@ -41,23 +41,12 @@ def add_vqa(verbs: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     """Build, freeze and describe one stream's question set."""
-    import yaml
-
-    from benchmark.config import ConfigError, from_dict
+    from benchmark.config import stream_options
     from benchmark.registry import STREAMS
     from benchmark.vqa.build import build_question_set, default_path
 
-    entry = STREAMS.get(args.stream)
-    values = {}
-    for option in args.option:
-        key, sep, raw = option.partition("=")
-        if not sep:
-            raise ConfigError(f"--option '{option}' must look like key=value")
-        values[key] = yaml.safe_load(raw) if raw.strip() else ""
-    if values and entry.options is None:
-        raise ConfigError(f"stream '{args.stream}' takes no options")
-    options = from_dict(entry.options, values, prefix=args.stream) if entry.options else None
-    questions = build_question_set(entry.obj(args.root, options), args.mode, args.seed, args.backbone)
+    options = stream_options(args.stream, args.option)
+    questions = build_question_set(STREAMS.get(args.stream).obj(args.root, options), args.mode, args.seed, args.backbone)
     out = Path(args.out) if args.out else default_path(args.root, args.stream, args.mode, args.seed, args.backbone)
     digest = questions.save(out)
     letters = "  ".join(f"{letter} {n}" for letter, n in questions.letter_counts().items())
