@@ -2,7 +2,8 @@
 
 Every figure takes a ``styles`` mapping from :func:`strategy_styles`, so a strategy keeps
 its colour, marker and line style across all figures of a report; markers and line styles
-keep the strategies apart in grayscale print. Accuracies are drawn in percent.
+keep the strategies apart in grayscale print. Accuracies are drawn in percent. The figures of
+accuracies take the :class:`~reports.frame.Evaluation` they show (zero-shot top-1 or VQA).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from reports.frame import ROLE_TARGET, TOP1
+from reports.frame import ROLE_TARGET, ZEROSHOT, Evaluation
 
 # Okabe & Ito's colour-blind-safe palette; markers and line styles carry the identity in grayscale.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -40,13 +41,15 @@ def strategy_styles(strategies: Sequence[str]) -> dict[str, Style]:
             for i, name in enumerate(strategies)}
 
 
-def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
+def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
+                  evaluation: Evaluation = ZEROSHOT) -> Figure:
     """Accuracy vs session: mean line and ± std band over seeds, one line per strategy.
 
     Args:
-        curves: :func:`reports.tables.curve_table` of one setting.
+        curves: :func:`reports.tables.curve_table` of one setting under ``evaluation``.
         styles: from :func:`strategy_styles`; also fixes the legend order.
         title: the setting's label.
+        evaluation: whose accuracy the curves are (the axis labels).
 
     Returns:
         One panel for the target accuracy, and a second for the mean control accuracy when
@@ -65,7 +68,8 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str) ->
             if np.isfinite(std).any():
                 ax.fill_between(x, mean - std, mean + std, color=style.color, alpha=0.15, linewidth=0)
         ax.set_xlabel("session (0 = before training)")
-        ax.set_ylabel("target top-1 accuracy (%)" if kind == "target" else "mean control top-1 accuracy (%)")
+        ax.set_ylabel(f"target {evaluation.accuracy} (%)" if kind == "target"
+                      else f"mean control {evaluation.accuracy} (%)")
         ax.set_xticks(sorted(curves["session"].unique()))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
@@ -73,19 +77,22 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str) ->
     return fig
 
 
-def tradeoff_figure(table: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
-    """TI (x) vs CC (y), one point per strategy with ± std error bars; upper right = gain without forgetting.
+def tradeoff_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
+                    evaluation: Evaluation = ZEROSHOT) -> Figure:
+    """TI (x) vs CC (y) of ``evaluation``, one point per strategy with ± std error bars; upper right = gain
+    without forgetting.
 
     Args:
         table: :func:`reports.tables.results_table` rows of one setting.
     """
+    ti, cc = evaluation.key("target_improvement"), evaluation.key("control_change")
     fig = Figure(figsize=(5.2, 4.2), layout="constrained")
     ax = fig.subplots()
     ax.axhline(0, color="0.5", linewidth=0.8, linestyle=":")
     ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
     for _, row in table.iterrows():
-        _point(ax, styles[row["strategy"]], row["strategy"], 100 * row["target_improvement_mean"],
-               100 * row["control_change_mean"], 100 * row["target_improvement_std"], 100 * row["control_change_std"])
+        _point(ax, styles[row["strategy"]], row["strategy"], 100 * row[f"{ti}_mean"], 100 * row[f"{cc}_mean"],
+               100 * row[f"{ti}_std"], 100 * row[f"{cc}_std"])
     ax.set_xlabel("target improvement TI (pp)")
     ax.set_ylabel("control change CC (pp)")
     ax.grid(alpha=0.3)
@@ -97,19 +104,21 @@ def tradeoff_figure(table: pd.DataFrame, styles: dict[str, Style], title: str) -
 COST_AXES = (("trainable", "trainable parameters"), ("train_seconds", "training time, all sessions (s)"))
 
 
-def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
-    """TI (y) vs cost (log x): trainable parameters and training time, one panel each.
+def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
+                evaluation: Evaluation = ZEROSHOT) -> Figure:
+    """TI of ``evaluation`` (y) vs cost (log x): trainable parameters and training time, one panel each.
 
     Strategies whose cost is zero (e.g. zero-shot) cannot sit on a log axis; each panel
     names the ones it leaves out.
     """
+    ti = evaluation.key("target_improvement")
     fig = Figure(figsize=(10.4, 4.0), layout="constrained")
     axes = fig.subplots(1, len(COST_AXES))
     for ax, (key, label) in zip(axes, COST_AXES):
         shown = table[table[f"{key}_mean"] > 0]
         for _, row in shown.iterrows():
             _point(ax, styles[row["strategy"]], row["strategy"], row[f"{key}_mean"],
-                   100 * row["target_improvement_mean"], row[f"{key}_std"], 100 * row["target_improvement_std"])
+                   100 * row[f"{ti}_mean"], row[f"{key}_std"], 100 * row[f"{ti}_std"])
         left_out = sorted(set(table["strategy"]) - set(shown["strategy"]))
         if left_out:
             ax.text(0.01, 0.01, f"not shown (cost 0 or unknown): {', '.join(left_out)}", transform=ax.transAxes,
@@ -134,13 +143,15 @@ def _point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: float, 
                 markersize=8, linestyle="none", capsize=3, label=label)
 
 
-def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str) -> Figure:
-    """Accuracy-matrix heatmaps (sessions × datasets, top-1 in %), one panel per run.
+def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
+                  evaluation: Evaluation = ZEROSHOT) -> Figure:
+    """Accuracy-matrix heatmaps (sessions × datasets, accuracy of ``evaluation`` in %), one panel per run.
 
     Args:
         scores: tidy scores (:func:`reports.frame.load_runs`).
         panels: run (its ``run`` column value) → panel title, in drawing order.
         title: the setting's label.
+        evaluation: whose accuracy; only the sessions it scored are rows.
 
     Datasets are ordered target first, then controls in logged order; cells carry their value.
     Panels wrap after :data:`HEATMAPS_PER_ROW`.
@@ -154,7 +165,7 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str) -> F
     axes = grid_axes[: len(panels)]
     image = None
     for ax, (run, panel_title) in zip(axes, panels.items()):
-        rows = scores[(scores["run"] == run) & (scores["metric"] == TOP1)]
+        rows = scores[(scores["run"] == run) & (scores["metric"] == evaluation.metric)]
         order = list(pd.unique(rows.sort_values("role", key=lambda r: r != ROLE_TARGET, kind="stable")["dataset"]))
         grid = rows.pivot(index="session", columns="dataset", values="value")[order] * 100
         image = ax.imshow(grid.to_numpy(), vmin=0, vmax=100, cmap=HEATMAP_CMAP, aspect="auto")
@@ -166,7 +177,7 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str) -> F
         ax.set_yticks(range(len(grid)), grid.index.tolist())
         ax.set_ylabel("session")
         ax.set_title(panel_title, fontsize="small")
-    fig.colorbar(image, ax=list(axes), label="top-1 accuracy (%)", shrink=0.9)
+    fig.colorbar(image, ax=list(axes), label=f"{evaluation.accuracy} (%)", shrink=0.9)
     fig.suptitle(title, fontsize="medium")
     return fig
 

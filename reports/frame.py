@@ -6,9 +6,12 @@ finished runs from the failed and partial ones, which are kept in the ``runs`` f
 their reason but never enter ``scores`` or any aggregate.
 
 - ``runs``: one row per run folder: the run keys (:data:`RUN_KEYS`), ``status``, ``reason``,
-  and for finished runs the scalars of ``summary.json`` (accuracies as fractions in [0, 1])
-  and its costs (:func:`cost_scalars`).
+  and for finished runs the scalars of ``summary.json`` (accuracies as fractions in [0, 1]),
+  those of its ``vqa`` block prefixed ``vqa_`` (runs with VQA), and its costs (:func:`cost_scalars`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
+
+A run is scored by one or two :class:`Evaluation` s: CLIP zero-shot classification and, with
+``vqa.model``, multiple-choice VQA through LLaVA; every table and figure is made per evaluation.
 """
 from __future__ import annotations
 
@@ -33,6 +36,39 @@ ROLE_TARGET, ROLE_CONTROL = "target", "control"  # the ``role`` of a dataset in 
 TOP1 = "top1"  # the runner's metric name for a dataset's top-1 accuracy over all its classes
 SUMMARY_SCALARS = ("target_initial", "target_final", "target_improvement", "control_change", "target_auc",
                    "control_auc", "backward_transfer")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How runs are scored, and where its numbers sit in the frames.
+
+    Attributes:
+        name: ``zeroshot`` or ``vqa``.
+        title: its name in headings and captions.
+        metric: the ``scores`` metric of a dataset's accuracy (``top1``, ``vqa_acc``).
+        prefix: of its summary scalars in the ``runs`` frame (``vqa_target_improvement``, ...).
+        accuracy: the accuracy's name on axes (shown in %).
+    """
+
+    name: str
+    title: str
+    metric: str
+    prefix: str
+    accuracy: str
+
+    def key(self, scalar: str) -> str:
+        """The ``runs`` column of one of its summary scalars (e.g. ``target_improvement``)."""
+        return self.prefix + scalar
+
+
+ZEROSHOT = Evaluation("zeroshot", "Zero-shot classification (CLIP top-1)", TOP1, "", "top-1 accuracy")
+VQA = Evaluation("vqa", "VQA (LLaVA multiple-choice accuracy)", "vqa_acc", "vqa_", "VQA accuracy")
+EVALUATIONS = (VQA, ZEROSHOT)  # report order: VQA, the paper's headline, first
+
+
+def evaluations(runs: pd.DataFrame) -> list[Evaluation]:
+    """The evaluations with results among ``runs`` (rows of the ``runs`` frame), in report order."""
+    return [e for e in EVALUATIONS if e.key("target_final") in runs and runs[e.key("target_final")].notna().any()]
 
 
 class ReportError(FsclError, RuntimeError):
@@ -218,17 +254,26 @@ def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any])
 
 
 def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """Scalars of a finished run's summary: metrics (NaN where undefined), controls, costs."""
+    """Scalars of a finished run's summary: metrics (NaN where undefined), controls, VQA metrics, costs."""
+    vqa = summary.get("vqa")
+    return {
+        "sessions": summary.get("sessions"),
+        "controls": ", ".join(summary.get("controls") or []),
+        **_metric_scalars(summary),
+        **({VQA.key(k): v for k, v in _metric_scalars(vqa).items()} if vqa else {}),
+        **cost_scalars(summary.get("costs") or {}),
+    }
+
+
+def _metric_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """:data:`SUMMARY_SCALARS` and the target's and mean control forgetting of one evaluation's summary."""
     target, controls = summary.get("target"), list(summary.get("controls") or [])
     forgetting = summary.get("forgetting") or {}
     control_forgetting = [_number(forgetting.get(c)) for c in controls]
     return {
-        "sessions": summary.get("sessions"),
-        "controls": ", ".join(controls),
         **{k: _number(summary.get(k)) for k in SUMMARY_SCALARS},
         "target_forgetting": _number(forgetting.get(target)),
         "control_forgetting": float(np.mean(control_forgetting)) if controls else math.nan,
-        **cost_scalars(summary.get("costs") or {}),
     }
 
 

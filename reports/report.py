@@ -2,6 +2,8 @@
 
 The content is built once as a list of blocks (headings, text, tables, figures) and then
 rendered twice: to Markdown (figures linked) and to HTML (figures embedded as base64 PNG).
+Every setting gets its results table and figures once per evaluation its runs have (VQA first,
+the paper's headline, then zero-shot), then its costs table.
 Failed and partial runs are listed in their own section and never enter an aggregate.
 """
 from __future__ import annotations
@@ -30,8 +32,28 @@ from reports.figures import (
     strategy_styles,
     tradeoff_figure,
 )
-from reports.frame import GROUP_KEYS, ReportError, RunSet, group_label, is_mini_world, scan_runs, strategy_order
-from reports.tables import COST_COLUMNS, TEST_NAME, TextTable, curve_table, results_table, results_text_table
+from reports.frame import (
+    GROUP_KEYS,
+    VQA,
+    ZEROSHOT,
+    Evaluation,
+    ReportError,
+    RunSet,
+    evaluations,
+    group_label,
+    is_mini_world,
+    scan_runs,
+    strategy_order,
+)
+from reports.tables import (
+    COST_COLUMNS,
+    TEST_NAME,
+    TextTable,
+    curve_table,
+    result_columns,
+    results_table,
+    results_text_table,
+)
 
 MINI_WORLD_NOTE = ("**Mini-world results, not CLIP.** These runs use the offline procedural mini world (a tiny "
                    "model and synthetic streams); they show that a method works, not how it does on real CLIP "
@@ -111,19 +133,14 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
     runs_by_setting = dict(iter(finished.groupby(list(GROUP_KEYS), sort=True)))
     for key, rows in table.groupby(list(GROUP_KEYS), sort=True):
         setting = dict(zip(GROUP_KEYS, key))
-        label = group_label(**setting)
-        test = f"p: {TEST_NAME}, against {reference}"
-        captioned = [(results_text_table(rows), f"{label}. Mean ± std over seeds; {test}."),
-                     (results_text_table(rows, COST_COLUMNS), f"{label}. Costs, mean ± std over seeds.")]
-        captioned = [(t, c) for t, c in captioned if len(t.header) > 2]  # no costs table when none was recorded
-        latex += [t.latex(caption) for t, caption in captioned]
-        tables = [t for t, _ in captioned]
+        tables = _setting_tables(rows, evaluations(runs_by_setting[key]), group_label(**setting), reference)
+        latex += [t.latex(caption) for t, caption, _ in tables]
         section, drawn = _setting_section(runset.scores, setting, runs_by_setting[key], rows, tables, reference,
                                           styles, out)
         blocks += section
         figures += drawn
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
-    blocks += _definitions_section(reference)
+    blocks += _definitions_section(reference, vqa=VQA in evaluations(finished))
 
     paths = ReportPaths(out / "report.md", out / "report.html", out / "results.csv", out / "results.tex",
                         out / "runs.csv", figures, list(runset.excluded["run"]))
@@ -144,15 +161,28 @@ def _intro(runset: RunSet, reference: str) -> str:
             + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + ".")
 
 
+def _setting_tables(rows: pd.DataFrame, evaluated: list[Evaluation], label: str,
+                    reference: str) -> list[tuple[TextTable, str, Evaluation | None]]:
+    """The printed tables of one setting with their captions: the results of each evaluation (in
+    ``evaluated``'s order), then the costs (None: of no evaluation; left out when none was recorded)."""
+    several = len(evaluated) > 1
+    test = f"p: {TEST_NAME}, against {reference}"
+    tables = [(results_text_table(rows, result_columns(e)),
+               f"{label}{f'. {e.title}' if several else ''}. Mean ± std over seeds; {test}.", e) for e in evaluated]
+    tables.append((results_text_table(rows, COST_COLUMNS), f"{label}. Costs, mean ± std over seeds.", None))
+    return [(t, caption, e) for t, caption, e in tables if len(t.header) > 2]
+
+
 def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd.DataFrame, rows: pd.DataFrame,
-                     tables: list[TextTable], reference: str, styles: dict[str, Style],
-                     out: Path) -> tuple[list[Block], list[Path]]:
-    """Heading, description, results (and costs) tables and figures of one setting.
+                     tables: list[tuple[TextTable, str, Evaluation | None]], reference: str,
+                     styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path]]:
+    """Heading, description, results (and costs) tables and figures of one setting, the figures once
+    per evaluation (an evaluation's name heads its table and captions when the runs have several).
 
     Args:
         all_scores: the tidy scores of every finished run.
         setting: the values of :data:`GROUP_KEYS`; ``runs`` and ``rows`` are its finished runs
-            and its :func:`results_table` rows, ``tables`` their printed forms.
+            and its :func:`results_table` rows, ``tables`` their printed forms (:func:`_setting_tables`).
     """
     label = group_label(**setting)
     stem = out / "figures" / slug("{name}-{stream}-{backbone}-{shots}shot".format(**setting))
@@ -164,31 +194,49 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
     sessions = ", ".join(str(s) for s in sorted({int(s) for s in runs["sessions"]}))
     blocks.append(Text(f"Target stream `{setting['stream']}`, backbone `{setting['backbone']}`, {setting['shots']} "
                        f"shots per class, {sessions} session(s); controls: {controls}."))
-    blocks += [Table(t) for t in tables]
+    evaluated = evaluations(runs)
+    several = len(evaluated) > 1
+    for table, _, evaluation in tables:
+        if several:
+            blocks.append(Text(f"**{evaluation.title if evaluation else 'Costs'}**"))
+        blocks.append(Table(table))
     if reference not in set(rows["strategy"]):
         blocks.append(Text(f"The reference strategy `{reference}` has no finished run in this setting, so there are "
                            f"no paired tests (p: n/a)."))
 
     scores = all_scores[all_scores["run"].isin(runs["run"])]
-    figures = [(curves_figure(curve_table(scores), setting_styles, label), "curves",
-                "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std.")]
-    if rows["control_change_mean"].notna().any():
-        figures.append((tradeoff_figure(rows, setting_styles, label), "tradeoff",
-                        "Gain vs forgetting: TI against CC, mean ± std over seeds; upper right is best."))
-    figures.append((cost_figure(rows, setting_styles, label), "cost",
-                    "Cost vs gain: TI against trainable parameters and training time (log scale)."))
     panels = {}
     for strategy in rows["strategy"]:
         run = runs[runs["strategy"] == strategy].sort_values("seed").iloc[0]
         panels[run["run"]] = f"{strategy} (seed {run['seed']})"
-    figures.append((matrix_figure(scores, panels, label), "matrix",
-                    "Accuracy matrix (top-1 %, sessions × datasets) of each strategy's lowest-seed run."))
     written = []
-    for fig, kind, caption in figures:
-        png, svg = save_figure(fig, stem.parent / f"{stem.name}-{kind}")
-        written += [png, svg]
-        blocks.append(Image(png, caption))
+    for evaluation in evaluated:
+        figures = _figures(scores, rows, panels, setting_styles, label, evaluation)
+        for fig, kind, caption in figures:
+            tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"  # zero-shot keeps its file names
+            png, svg = save_figure(fig, stem.parent / f"{stem.name}-{tag}{kind}")
+            written += [png, svg]
+            blocks.append(Image(png, f"{evaluation.title}. {caption}" if several else caption))
     return blocks, written
+
+
+def _figures(scores: pd.DataFrame, rows: pd.DataFrame, panels: dict[str, str], styles: dict[str, Style],
+             label: str, evaluation: Evaluation) -> list[tuple[Any, str, str]]:
+    """(figure, kind, caption) of one setting under one evaluation: the accuracy curves, TI against CC
+    (with controls), TI against costs and the accuracy matrices of ``panels`` (runs)."""
+    ti, cc = evaluation.key("target_improvement"), evaluation.key("control_change")
+    figures = [(curves_figure(curve_table(scores, evaluation), styles, label, evaluation), "curves",
+                "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std.")]
+    if cc + "_mean" in rows and rows[cc + "_mean"].notna().any():
+        figures.append((tradeoff_figure(rows, styles, label, evaluation), "tradeoff",
+                        "Gain vs forgetting: TI against CC, mean ± std over seeds; upper right is best."))
+    if ti + "_mean" in rows:
+        figures.append((cost_figure(rows, styles, label, evaluation), "cost",
+                        "Cost vs gain: TI against trainable parameters and training time (log scale)."))
+    unit = "top-1" if evaluation == ZEROSHOT else evaluation.accuracy
+    figures.append((matrix_figure(scores, panels, label, evaluation), "matrix",
+                    f"Accuracy matrix ({unit} %, sessions × datasets) of each strategy's lowest-seed run."))
+    return figures
 
 
 def _excluded_section(runset: RunSet) -> list[Block]:
@@ -229,15 +277,23 @@ def _versions_section(runset: RunSet) -> list[Block]:
     return blocks
 
 
-def _definitions_section(reference: str) -> list[Block]:
+def _definitions_section(reference: str, vqa: bool = False) -> list[Block]:
+    """What the tables' numbers mean; ``vqa``: the reported runs include VQA evaluations."""
     def doc(fn: Any) -> str:
         return " ".join(inspect.getdoc(fn).split())
 
+    vqa_text = [Text(f"**{VQA.title}**: A[t, d] is then LLaVA's multiple-choice accuracy on dataset d with the "
+                     "encoder of session t in its vision tower (`vqa.scoring`: the most probable option letter, or "
+                     "the released greedy answer and parse rules), and TI, CC and forgetting are computed in the same "
+                     "way over the sessions VQA scored (`vqa.sessions: ends`: sessions 0 and T only, so forgetting "
+                     "is A[0, τ] − A[T, τ]). Its curves and matrices show those sessions; `vqa_*` columns of "
+                     "`results.csv` and `runs.csv` hold its numbers.")] if vqa else []
     return [
         Heading("How to read the tables"),
         Text("Notation: A[t, d] is the zero-shot top-1 accuracy on dataset d after session t (t = 0: the "
              "pretrained model, T: the last session); τ is the target, C the controls. Accuracies are in percent, "
              "their changes in percentage points (pp)."),
+        *vqa_text,
         Text(f"**TI**: {doc(target_improvement)} **CC**: {doc(control_change)} **Forgetting** (of the target): "
              f"{doc(forgetting)} **Final target acc.**: A[T, τ]. **BWT** (in `runs.csv`): {doc(backward_transfer)}"),
         Text("**Trainable params**: the free parameters the strategy updates (with and without dense biases), "

@@ -2,23 +2,23 @@
 
 :func:`results_table` gives one numeric row per (setting, strategy) in the units of the run
 records (accuracies as fractions); :func:`results_text_table` formats one setting of it for
-print (accuracies in percent / percentage points), either the results (:data:`RESULT_COLUMNS`)
-or the remaining costs (:data:`COST_COLUMNS`), and :class:`TextTable` renders any table as
-Markdown, HTML or LaTeX.
+print (accuracies in percent / percentage points), either the results of one evaluation
+(:func:`result_columns`) or the remaining costs (:data:`COST_COLUMNS`), and :class:`TextTable`
+renders any table as Markdown, HTML or LaTeX.
 """
 from __future__ import annotations
 
 import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from reports.frame import GROUP_KEYS, TOP1, ReportError, strategy_order
+from reports.frame import EVALUATIONS, GROUP_KEYS, ZEROSHOT, Evaluation, ReportError, evaluations, strategy_order
 
 TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel), runs paired by seed"
 
@@ -66,6 +66,7 @@ class Column:
         better: which direction the best value lies in.
         fmt: formats one number (mean or std) in the display unit.
         tested: whether a paired test against the reference strategy is run on it.
+        scored: an accuracy metric, one per evaluation (its key then carries the evaluation's prefix).
     """
 
     key: str
@@ -74,13 +75,14 @@ class Column:
     better: Literal["higher", "lower"]
     fmt: Callable[[float], str]
     tested: bool = False
+    scored: bool = False
 
 
 RESULT_COLUMNS = (
-    Column("target_improvement", "TI (pp)", "TI", "higher", _percent, tested=True),
-    Column("control_change", "CC (pp)", "CC", "higher", _percent, tested=True),
-    Column("target_forgetting", "Forgetting (pp)", "Forgetting", "lower", _percent, tested=True),
-    Column("target_final", "Final target acc. (%)", "Final acc.", "higher", _percent),
+    Column("target_improvement", "TI (pp)", "TI", "higher", _percent, tested=True, scored=True),
+    Column("control_change", "CC (pp)", "CC", "higher", _percent, tested=True, scored=True),
+    Column("target_forgetting", "Forgetting (pp)", "Forgetting", "lower", _percent, tested=True, scored=True),
+    Column("target_final", "Final target acc. (%)", "Final acc.", "higher", _percent, scored=True),
     Column("trainable", "Trainable params", "Trainable", "lower", _count),
     Column("train_seconds", "Train time (s)", "Train time", "lower", _seconds),
 )
@@ -94,6 +96,19 @@ COST_COLUMNS = (
     Column("optimizer_state_bytes", "Optimizer state (MiB)", "Optimizer state", "lower", _bytes_as_mebibytes),
 )
 COLUMNS = RESULT_COLUMNS + COST_COLUMNS
+
+
+def result_columns(evaluation: Evaluation = ZEROSHOT) -> tuple[Column, ...]:
+    """:data:`RESULT_COLUMNS` of one evaluation: its accuracy metrics, and the training costs."""
+    return tuple(replace(c, key=evaluation.key(c.key)) if c.scored else c for c in RESULT_COLUMNS)
+
+
+def table_columns(finished: pd.DataFrame) -> tuple[Column, ...]:
+    """The columns :func:`results_table` aggregates: :data:`COLUMNS`, then the accuracy metrics of every
+    other evaluation with results among ``finished`` (VQA's ``vqa_target_improvement``, ...)."""
+    present = evaluations(finished)
+    return COLUMNS + tuple(c for e in EVALUATIONS if e in present and e != ZEROSHOT
+                           for c in result_columns(e) if c.scored)
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
 
     Returns:
         One row per (setting, strategy), the reference first: the group keys, ``strategy``,
-        ``n`` (seeds), ``seeds``, and per column of :data:`COLUMNS` ``<key>_mean``,
+        ``n`` (seeds), ``seeds``, and per column of :func:`table_columns` ``<key>_mean``,
         ``<key>_std``, ``<key>_best``; tested columns add ``<key>_p``, ``<key>_pairs`` and
         ``<key>_note`` (``reference``, ``no reference``, ``n<2``, ``zero variance`` or empty).
         Units as in the run records.
@@ -140,7 +155,8 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
     """
     if finished.empty:
         raise ReportError("no finished runs to aggregate")
-    finished = finished.reindex(columns=list(dict.fromkeys([*finished.columns, *(c.key for c in COLUMNS)])))
+    columns = table_columns(finished)
+    finished = finished.reindex(columns=list(dict.fromkeys([*finished.columns, *(c.key for c in columns)])))
     rows = []
     for key, group in finished.groupby(list(GROUP_KEYS), sort=True):
         ref = group[group["strategy"] == reference].set_index("seed")
@@ -149,7 +165,7 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
             by_seed = runs.set_index("seed")
             row = {**dict(zip(GROUP_KEYS, key)), "strategy": strategy, "n": len(runs),
                    "seeds": ", ".join(str(s) for s in sorted(runs["seed"]))}
-            for col in COLUMNS:
+            for col in columns:
                 row[f"{col.key}_mean"] = runs[col.key].mean()
                 row[f"{col.key}_std"] = runs[col.key].std(ddof=1)
                 if col.tested:
@@ -162,7 +178,7 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
                     row.update({f"{col.key}_p": test.p, f"{col.key}_pairs": test.pairs, f"{col.key}_note": test.note})
             rows.append(row)
     table = pd.DataFrame(rows)
-    for col in COLUMNS:
+    for col in columns:
         table[f"{col.key}_best"] = _best(table, f"{col.key}_mean", col.better)
     return table
 
@@ -175,15 +191,16 @@ def _best(table: pd.DataFrame, column: str, better: str) -> pd.Series:
     return pd.Series(np.isclose(table[column], best) & (defined >= 2), index=table.index)
 
 
-def curve_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of the per-session accuracy curves of each strategy.
+def curve_table(scores: pd.DataFrame, evaluation: Evaluation = ZEROSHOT) -> pd.DataFrame:
+    """Mean and std over seeds of the per-session accuracy curves of each strategy under ``evaluation``.
 
-    Curve ``target`` is the target's top-1 accuracy; ``control`` the mean top-1 accuracy over
-    the control datasets of a run (absent without controls). Returns columns ``strategy``,
-    ``curve``, ``session``, ``mean``, ``std`` (ddof 1, NaN for one seed), ``n``; fractions.
+    Curve ``target`` is the target's accuracy (top-1, or VQA); ``control`` the mean accuracy over
+    the control datasets of a run (absent without controls). Only the sessions the evaluation
+    scored appear (VQA: often 0 and T). Returns columns ``strategy``, ``curve``, ``session``,
+    ``mean``, ``std`` (ddof 1, NaN for one seed), ``n``; fractions.
     """
-    top1 = scores[scores["metric"] == TOP1]
-    per_run = (top1.groupby(["run", "strategy", "role", "session"], as_index=False)["value"].mean()
+    accuracy = scores[scores["metric"] == evaluation.metric]
+    per_run = (accuracy.groupby(["run", "strategy", "role", "session"], as_index=False)["value"].mean()
                .rename(columns={"role": "curve"}))
     return (per_run.groupby(["strategy", "curve", "session"])["value"].agg(["mean", "std", "count"])
             .rename(columns={"count": "n"}).reset_index())

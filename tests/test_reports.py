@@ -21,10 +21,11 @@ from benchmark.cli import main
 from benchmark.config import Config
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
+from benchmark.runner import VQA_SUMMARY, vqa_summary
 from reports import ReportError, filter_runs, load_runs, paired_test, results_table, scan_runs, write_report
 from reports.figures import cost_figure, curves_figure, matrix_figure, strategy_styles, tradeoff_figure
-from reports.frame import cost_scalars, strategy_order
-from reports.tables import COST_COLUMNS, TEST_NAME, curve_table, results_text_table
+from reports.frame import VQA, ZEROSHOT, cost_scalars, strategy_order
+from reports.tables import COST_COLUMNS, TEST_NAME, curve_table, result_columns, results_text_table
 
 MINI, DIGITS = "mini-shapes", "digits"
 CONTROLS = ["clean_a", "clean_b"]
@@ -52,8 +53,9 @@ FORGET = {"lorsu": [-0.10, -0.12, -0.14], "lora": [-0.03, -0.09, -0.10], "ln": [
 
 def write_run(root: Path, strategy: str, seed: int, rows: list[list[float]], *, stream: str = MINI,
               backbone: str = "mini", controls: list[str] = CONTROLS, sessions: int = 2,
-              status: str = STATUS_FINISHED, reason: str = "") -> Path:
-    """A run record as the runner writes it; ``rows`` are the evaluated sessions (0, 1, ...)."""
+              status: str = STATUS_FINISHED, reason: str = "", vqa: dict[int, list[float]] | None = None) -> Path:
+    """A run record as the runner writes it; ``rows`` are the evaluated sessions (0, 1, ...); ``vqa``: the
+    VQA accuracies (target, controls) of the sessions VQA scored."""
     cfg = Config(name="exp", stream=stream, strategy=strategy, backbone=backbone, shots=5, seed=seed,
                  sessions=sessions, controls=list(controls), out=str(root))
     path = root / cfg.name / stream / slug(backbone) / strategy / f"5-s{seed}"
@@ -70,10 +72,19 @@ def write_run(root: Path, strategy: str, seed: int, rows: list[list[float]], *, 
         entries += list(zip(controls, ["top1"] * len(controls), row[1:]))
         record.append_metrics([{"session": t, "dataset": d, "metric": m, "value": v, "correct": round(100 * v),
                                 "total": 100} for d, m, v in entries])
+    vqa_matrix = AccuracyMatrix.empty(stream, list(controls), sessions)
+    for t, row in (vqa or {}).items():
+        vqa_matrix.values[t] = row
+        record.append_metrics([{"session": t, "dataset": d, "metric": m, "value": v, "correct": round(100 * v),
+                                "total": 100, "scoring": "letter"} for d, v in zip([stream, *controls], row)
+                               for m in ("vqa_acc", "vqa_acc_strict")])
     if status == "running":
         return path
     atomic_write(path / "matrix.csv", matrix.to_csv())
     summary = summarize(matrix)
+    if vqa:
+        atomic_write(path / "vqa_matrix.csv", vqa_matrix.to_csv(per_group=False))
+        summary["vqa"] = vqa_summary(vqa_matrix, VQA_SUMMARY)
     summary["costs"] = {"visual_parameters": 10_000, "sessions": [
         {"session": s + 1, "train_seconds": SECONDS.get(strategy, (1.0, 1.0))[s], "train_samples": 25,
          "peak_memory_mb": 100.0 + 20 * s, "trainable": TRAINABLE.get(strategy, 1),
@@ -316,3 +327,75 @@ def test_reports_import_only_benchmark():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & {"strategies", "streams"}, path
+
+
+# Setting C (mini world, 2 sessions, control clean_a) with VQA at the ends: lorsu and lora over seeds 0-2.
+VQA_START = [0.40, 0.70]  # VQA accuracy of target and clean_a before training
+VQA_END = {  # after session 2: VQA TI and CC in the comments
+    ("lorsu", 0): [0.50, 0.70], ("lorsu", 1): [0.56, 0.69], ("lorsu", 2): [0.52, 0.68],  # TI .10 .16 .12, CC 0 -.01 -.02
+    ("lora", 0): [0.45, 0.60], ("lora", 1): [0.50, 0.62], ("lora", 2): [0.49, 0.58],  # TI .05 .10 .09, CC -.1 -.08 -.12
+}
+
+
+@pytest.fixture(scope="module")
+def vqa_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vqa-runs")
+    for (strategy, seed), end in VQA_END.items():
+        write_run(root, strategy, seed, [[0.2, 0.6], [0.3, 0.6], [0.4, 0.5 + seed / 100]], controls=["clean_a"],
+                  vqa={0: VQA_START, 2: end})
+    write_run(root, "lorsu", 0, [[0.10], [0.30], [0.50]], stream=DIGITS, backbone="openclip:fscl-tiny", controls=[])
+    return root
+
+
+def test_vqa_numbers_are_aggregated_beside_zero_shot_with_paired_tests(vqa_runs):
+    runset = scan_runs(vqa_runs)
+    table = results_table(runset.finished, "lorsu")
+    lorsu, lora = row_of(table, "lorsu"), row_of(table, "lora")
+    assert lorsu["vqa_target_improvement_mean"] == pytest.approx(np.mean([0.10, 0.16, 0.12]))
+    assert lorsu["vqa_target_improvement_std"] == pytest.approx(np.std([0.10, 0.16, 0.12], ddof=1))
+    assert lora["vqa_control_change_mean"] == pytest.approx(-0.10)
+    assert lora["vqa_target_forgetting_mean"] == pytest.approx(-np.mean([0.05, 0.10, 0.09]))  # A[0] - A[T]
+    assert lora["vqa_target_final_mean"] == pytest.approx(np.mean([0.45, 0.50, 0.49]))
+    assert lora["vqa_target_improvement_p"] == pytest.approx(
+        stats.ttest_rel([0.05, 0.10, 0.09], [0.10, 0.16, 0.12]).pvalue)
+    assert bool(lorsu["vqa_target_improvement_best"]) and not bool(lora["vqa_target_improvement_best"])
+    assert lorsu["target_improvement_mean"] == pytest.approx(0.2)  # zero-shot, from the top-1 rows as before
+    assert math.isnan(row_of(table, "lorsu", DIGITS)["vqa_target_improvement_mean"])  # that run had no VQA
+    curves = curve_table(runset.scores, VQA)
+    assert sorted(set(curves["session"])) == [0, 2] and set(curves["curve"]) == {"target", "control"}
+    target = curves[(curves["strategy"] == "lora") & (curves["curve"] == "target") & (curves["session"] == 2)]
+    assert target["mean"].item() == pytest.approx(np.mean([0.45, 0.50, 0.49]))
+    markdown = results_text_table(table[table["stream"] == MINI], result_columns(VQA)).markdown()
+    assert "| lorsu | 3 | **12.7 ± 3.1** | ref. |" in markdown
+
+
+def test_a_report_with_vqa_puts_it_first_and_keeps_zero_shot(vqa_runs, tmp_path):
+    report = write_report(vqa_runs, tmp_path, reference="lorsu")
+    markdown = report.markdown.read_text()
+    sections = {s.split("\n", 1)[0]: s for s in markdown.split("\n## ")}
+    mini = next(s for h, s in sections.items() if h.startswith(MINI))
+    vqa_at, zeroshot_at, costs_at = (mini.index(f"**{t}**") for t in (VQA.title, ZEROSHOT.title, "Costs"))
+    assert vqa_at < zeroshot_at < costs_at
+    assert mini.count("| Strategy | n | TI (pp) | p (TI) | CC (pp) |") == 2
+    names = {p.name for p in report.figures if p.suffix == ".png"}
+    stem = slug(f"exp-{MINI}-mini-5shot")
+    assert {f"{stem}-vqa-{kind}.png" for kind in ("curves", "tradeoff", "cost", "matrix")} <= names
+    assert {f"{stem}-{kind}.png" for kind in ("curves", "tradeoff", "cost", "matrix")} <= names
+    digits = next(s for h, s in sections.items() if h.startswith(DIGITS))
+    assert VQA.title not in digits and not any(n.startswith(slug(f"exp-{DIGITS}")) and "-vqa-" in n for n in names)
+    assert mini.index(f"{VQA.title}. Target accuracy") < mini.index("](figures/" + f"{stem}-curves.png")
+    assert "VQA scored" in sections["How to read the tables"]
+    csv = pd.read_csv(report.results_csv)
+    assert csv.loc[csv["strategy"] == "lora", "vqa_control_change_mean"].dropna().tolist() == pytest.approx([-0.10])
+    latex = report.results_latex.read_text()
+    assert latex.index(VQA.title) < latex.index(ZEROSHOT.title)
+    figure = matrix_figure(scan_runs(vqa_runs).scores, {f"exp/{MINI}/mini/lora/5-s0": "lora"}, "C", VQA)
+    image = next(ax for ax in figure.axes if ax.images).images[0]
+    assert image.get_array().shape == (2, 2) and figure.axes[-1].get_ylabel() == "VQA accuracy (%)"
+
+
+def test_a_report_without_vqa_has_no_vqa_part(report):
+    markdown = report.markdown.read_text()
+    assert "VQA" not in markdown and "Zero-shot classification" not in markdown
+    assert not any("-vqa-" in p.name for p in report.figures)
+    assert not any(c.startswith("vqa_") for c in pd.read_csv(report.results_csv).columns)
