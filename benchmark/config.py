@@ -81,8 +81,12 @@ class VQAConfig:
     model: str | None = field(default=None, metadata={
         "help": "the VLM: llava:/local/folder (a saved LlavaForConditionalGeneration with its processor) or "
                 "llava:org/hub-id; null = no VQA evaluation"})
-    scoring: Literal["letter"] = field(default="letter", metadata={
-        "help": "letter: the most probable option letter at the first answer token (one forward pass per batch)"})
+    scoring: Literal["letter", "generate"] = field(default="letter", metadata={
+        "help": "letter: the most probable option letter at the first answer token (one forward pass per batch); "
+                "generate: the released greedy answer (20 new tokens) and parse rules, for parity with the paper"})
+    sets: list[str] | None = field(default=None, metadata={
+        "help": "the datasets asked: the run's target (always asked) and those of its controls named here; "
+                "null = the target and every control"})
     mode: Literal["random", "hard"] = field(default="random", metadata={
         "help": "distractors: random classes, or the classes closest to the answer under the run's backbone "
                 "before training (hard)"})

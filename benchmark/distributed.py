@@ -12,8 +12,8 @@ module reads them. Two ways to use N processes:
   :class:`~accelerate.PartialState` creates the process group (NCCL on GPUs, gloo on CPU);
   the CLIP template then encodes a slice of each global batch per rank and gathers the
   features (:func:`gather_batch`), gradients and strategy statistics are averaged
-  (:func:`all_reduce_mean`), evaluation is split by :func:`eval_indices` and its counts
-  summed (:func:`all_reduce_sum`). At world size 1 every helper is a no-op.
+  (:func:`all_reduce_mean`), evaluation (zero-shot and VQA questions) is split by
+  :func:`eval_indices` and its counts summed (:func:`all_reduce_sum`). At world size 1 every helper is a no-op.
 """
 from __future__ import annotations
 
@@ -174,13 +174,14 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
             t.data.div_(world_size())
 
 
-def all_reduce_sum(values: Sequence[int]) -> list[int]:
-    """Integer sums over ranks (e.g. correct / total counts); the input at world size 1."""
+def all_reduce_sum(values: Sequence[int | float]) -> list[int | float]:
+    """Sums over ranks (e.g. correct / total counts; floats are summed in float64); the input at world size 1."""
     if world_size() <= 1:
         return list(values)
     # NCCL only moves GPU tensors
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    buf = torch.tensor(list(values), dtype=torch.int64, device=device)
+    dtype = torch.float64 if any(isinstance(v, float) for v in values) else torch.int64
+    buf = torch.tensor(list(values), dtype=dtype, device=device)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.tolist()
 

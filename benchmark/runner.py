@@ -64,7 +64,8 @@ from benchmark.records import (
 )
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.template import CLIPTemplate, NonFiniteLossError
-from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set
+from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set, vqa_rows
+from benchmark.vqa.questions import QuestionSetError
 
 log = logging.getLogger(__name__)
 
@@ -266,20 +267,28 @@ def strategy_problems(runs: list[Config]) -> list[str]:
     return problems
 
 
+def vqa_controls(cfg: Config) -> list[str]:
+    """The controls a run's VQA evaluation asks (``vqa.sets``; the target is always asked)."""
+    return [c for c in cfg.controls if cfg.vqa.sets is None or c in cfg.vqa.sets]
+
+
 def vqa_problems(runs: list[Config]) -> list[str]:
-    """What the VQA evaluation of the grid refuses: ``ddp: true`` (sharded VQA is future work), a
-    ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), or a backbone whose
-    encoder its vision tower cannot take (checked on the backbone's skeleton)."""
+    """What the VQA evaluation of the grid refuses: a ``vqa.sets`` name that is neither a run's target nor one
+    of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), or a
+    backbone whose encoder its vision tower cannot take (checked on the backbone's skeleton)."""
     from benchmark.vqa.llava import check_encoder_fits, llava_config
 
     problems, seen = [], set()
     for run in runs:
-        if run.vqa.model is None or (run.vqa.model, run.backbone, run.ddp) in seen:
+        if run.vqa.model is None:
             continue
-        seen.add((run.vqa.model, run.backbone, run.ddp))
-        if run.ddp:
-            problems.append("vqa: ddp: true with a vqa.model is not supported yet (VQA evaluation sharded over the "
-                            "processes is future work); run VQA with ddp: false, or set vqa.model: null")
+        unknown = [name for name in run.vqa.sets or [] if name != run.stream and name not in run.controls]
+        if unknown:
+            problems.append(f"vqa.sets: {', '.join(map(repr, unknown))} is neither the target nor a control of the "
+                            f"run on '{run.stream}'; allowed: {', '.join([run.stream, *run.controls])}")
+        if (run.vqa.model, run.backbone) in seen:
+            continue
+        seen.add((run.vqa.model, run.backbone))
         try:
             check_encoder_fits(llava_config(run.vqa.model).vision_config, backbone_skeleton(run.backbone))
         except FsclError as err:
@@ -305,7 +314,7 @@ def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
             problems.setdefault(str(err), []).append(where)
             continue
         if run.vqa.model is not None:
-            for stream in [found[-1].stream, *found[-1].controls.values()]:
+            for stream in [found[-1].stream, *(found[-1].controls[c] for c in vqa_controls(run))]:
                 if stream.spec.vqa_question is None:
                     problems.setdefault(f"vqa: stream '{stream.spec.name}' has no question: add 'vqa_question: ...' "
                                         f"to its data file, or set vqa.model: null", []).append(where)
@@ -466,13 +475,14 @@ class _Run:
         their seeded subsets (``vqa.subset``), and the empty VQA matrix."""
         cfg, vqa = self.cfg, self.cfg.vqa
         classes = sorted({c for session in data.sessions for c in session.classes})
+        controls = vqa_controls(cfg)
         tests = {cfg.stream: (data.stream, data.stream.dataset("test").with_classes(classes)),
-                 **{name: (data.controls[name], test) for name, test in data.control_tests.items()}}
+                 **{name: (data.controls[name], data.control_tests[name]) for name in controls}}
         self.vqa_sets = [
             dataclasses.replace(qset, subset=control_subset(len(qset.questions.items), vqa.subset, vqa.seed, qset.name))
             if vqa.subset is not None and vqa.subset < len(qset.questions.items) else qset
             for qset in build_sets(tests, vqa.mode, vqa.seed, cfg.backbone)]
-        self.vqa_matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
+        self.vqa_matrix = AccuracyMatrix.empty(cfg.stream, controls, len(data.sessions))
 
     def start_or_resume(self, data: RunData, backbone, plugin: StrategyPlugin, template: CLIPTemplate) -> int:
         """Start the record, or restore the last checkpoint of an interrupted run; the sessions already done."""
@@ -494,7 +504,10 @@ class _Run:
         record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
                     sessions={cfg.stream: data.sessions})
         if self.vqa_sets:
-            self.record.update_manifest(vqa_sets={q.name: q.record(cfg.vqa.mode, cfg.vqa.seed) for q in self.vqa_sets})
+            sets = {q.name: q.record(cfg.vqa.mode, cfg.vqa.seed) for q in self.vqa_sets}
+            if resume is not None:
+                check_recorded_sets((self.record.manifest() or {}).get("vqa_sets") or {}, sets, self.record.path)
+            self.record.update_manifest(vqa_sets=sets)
         if resume is None:
             return 0
         backbone.visual.load_state_dict(resume.encoder)
@@ -573,23 +586,21 @@ class _Run:
             self.evaluate_vqa(template.backbone, session)
 
     def evaluate_vqa(self, backbone, session: int) -> None:
-        """VQA after ``session`` with the current encoder in LLaVA's tower: rows ``vqa_acc``, ``vqa_acc_strict``
-        (with correct/total) and ``vqa_letter_mass`` (with total) per dataset; ``vqa_acc`` fills the VQA matrix.
-        The sessions between the ends ask each set's subset (``vqa.subset``), the ends the full sets."""
+        """VQA after ``session`` with the current encoder in LLaVA's tower: the rows of
+        :func:`~benchmark.vqa.evaluate.vqa_rows` per dataset (``vqa_acc``, and by ``vqa.scoring``); ``vqa_acc``
+        fills the VQA matrix. The sessions between the ends ask each set's subset (``vqa.subset``), the ends the
+        full sets; under ``ddp: true`` every process scores its share of the questions."""
         from benchmark.vqa.llava import swap_encoder
 
-        llava = cached_llava(self.cfg.vqa.model, self.device)
+        vqa = self.cfg.vqa
+        llava = cached_llava(vqa.model, self.device)
         swap_encoder(llava.model, backbone)
         full = session in (0, self.matrix.n_sessions)
         rows: list[dict[str, Any]] = []
         for j, qset in enumerate(self.vqa_sets):
-            scores = score_set(llava, qset, self.cfg.vqa.batch_size, full)
-            base = {"session": session, "dataset": qset.name, "total": scores["total"]}
-            rows += [{**base, "metric": "vqa_acc", "value": scores["vqa_acc"], "correct": scores["correct"]},
-                     {**base, "metric": "vqa_acc_strict", "value": scores["vqa_acc_strict"],
-                      "correct": scores["strict_correct"]},
-                     {**base, "metric": "vqa_letter_mass", "value": scores["vqa_letter_mass"]}]
-            self.vqa_matrix.values[session, j] = scores["vqa_acc"]
+            counts = score_set(llava, qset, vqa.batch_size, full, vqa.scoring)  # summed over ddp ranks
+            rows += vqa_rows(session, qset.name, counts, vqa.scoring)
+            self.vqa_matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)
 
     def finish(self, visual_params: int, status: str, reason: str = "") -> None:
@@ -611,6 +622,17 @@ class _Run:
                 atomic_write(path / "vqa_matrix.csv", self.vqa_matrix.to_csv(per_group=False))
             write_json(path / "summary.json", summary)
         self.record.update_manifest(status=status, **({"reason": reason} if reason else {}))
+
+
+def check_recorded_sets(recorded: dict[str, Any], sets: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run whose question sets (``sets``, the manifest's ``vqa_sets`` form) are not those its
+    manifest ``recorded``: the scores before and after the interruption would answer other questions."""
+    changed = [f"{name} (sha256 {recorded.get(name, {}).get('sha256')} recorded, {entry['sha256']} now)"
+               for name, entry in sets.items() if recorded.get(name, {}).get("sha256") != entry["sha256"]]
+    if changed:
+        raise QuestionSetError(f"cannot resume {path}: its VQA question sets changed since it started: "
+                               f"{'; '.join(changed)}. Run it again from the start (--force), or restore the data "
+                               f"it was started on")
 
 
 def vqa_summary(m: AccuracyMatrix, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from benchmark import checkpoints
+from benchmark.cache import CACHE_ENV
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
 from benchmark.metrics import AccuracyMatrix
@@ -37,6 +38,15 @@ def _rows(run: Path) -> list[dict]:
 
 def _vqa_rows(run: Path) -> list[dict]:
     return [row for row in _rows(run) if row["metric"].startswith("vqa_")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory) -> Path:
+    """A cache folder of this module's own: the runs' question sets are frozen there."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +137,14 @@ def test_all_sessions_ask_a_seeded_subset_between_the_ends_and_controls_their_su
 
 
 def test_the_grid_check_refuses_what_vqa_cannot_do_in_one_message_before_any_work(llava, tmp_path):
-    cfg = load_config("quick", [f"out={tmp_path}", "seed=0", "strategy=zeroshot", "ddp=true",
-                                "backbone=[openclip:fscl-tiny,openclip:ViT-B-16]", f"vqa.model=llava:{llava}"])
+    cfg = load_config("quick", [f"out={tmp_path}", "seed=0", "strategy=zeroshot", "controls=[test-vqa-digits]",
+                                "backbone=[openclip:fscl-tiny,openclip:ViT-B-16]", f"vqa.model=llava:{llava}",
+                                "vqa.sets=[test-vqa-digits,mnist]"])
     with pytest.raises(GridCheckError) as err:
         run_grid(cfg, progress=False)
     message = str(err.value)
-    assert "ddp: true with a vqa.model is not supported yet" in message and "future work" in message
+    assert ("vqa.sets: 'mnist' is neither the target nor a control of the run on 'digits'; allowed: digits, "
+            "test-vqa-digits") in message
     assert "openclip:ViT-B-16' does not fit LLaVA's vision tower" in message
     generator = np.random.default_rng(0)
     for name in ("cats", "dogs"):  # a control without a question
@@ -155,7 +167,8 @@ def test_the_grid_check_refuses_what_vqa_cannot_do_in_one_message_before_any_wor
     ("vqa.mode=easy", "vqa.mode: invalid value 'easy'"),
     ("vqa.subset=0", "vqa.subset: invalid value 0"),
     ("vqa.batch_size=0", "vqa.batch_size: invalid value 0"),
-    ("vqa.scoring=generate", "vqa.scoring: invalid value 'generate'"),
+    ("vqa.scoring=beam", "vqa.scoring: invalid value 'beam'"),
+    ("vqa.sets=digits", "vqa.sets: invalid value 'digits'"),
 ])
 def test_vqa_keys_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,16 +4,22 @@ distractors the class similarities of a pretrained backbone's frozen text embedd
 The stream is the object the registry builds (``STREAMS.get(name).obj(root, options)``); its
 spec's ``vqa_question`` is the question. The default file is ``<root>/vqa/<stream>-<mode>-s<seed>.json``
 (``hard``: ``<stream>-hard-<backbone slug>-s<seed>.json``), beside the data it was made from.
+Runs build their sets on first use and keep them in the cache folder (:func:`cached_question_set`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmark.records import slug
-from benchmark.vqa.questions import LabelQuestions, MultipleChoiceSet, QuestionSetError
+from benchmark.vqa.questions import GENERATOR_VERSION, LabelQuestions, MultipleChoiceSet, QuestionSetError
+
+log = logging.getLogger(__name__)
 
 # The released code parses GTSRB answers leniently (questions.parse_gtsrb); every other set: exact letter.
 RELEASED_PARSE_RULES = {"gtsrb": "gtsrb"}
@@ -55,3 +61,47 @@ def build_question_set(stream: Any, mode: str = "random", seed: int = 0,
     generator = LabelQuestions(spec.name, spec.class_names, spec.vqa_question, mode, seed, similarity, backbone)
     test = stream.dataset("test") if test is None else test
     return generator.build(test.ids, test.targets, RELEASED_PARSE_RULES.get(spec.name, "letter"))
+
+
+def check_asks(questions: MultipleChoiceSet, test: Any, class_names: tuple[str, ...]) -> None:
+    """Raise :class:`QuestionSetError` unless ``questions`` asks about exactly ``test``'s images, in its order,
+    each with its own class (by name) as the right option."""
+    ids = [item.id for item in questions.items]
+    if ids != list(test.ids):
+        extra, missing = sorted(set(ids) - set(test.ids)), sorted(set(test.ids) - set(ids))
+        raise QuestionSetError(f"question set '{questions.name}' asks about other images than the {len(test.ids)} "
+                               f"test images it is asked on ({len(ids)} items; not in the test split: {extra[:3]}, "
+                               f"missing: {missing[:3]}, or another order)")
+    wrong = [item.id for item, label in zip(questions.items, test.targets)
+             if item.choices[item.answer] != class_names[int(label)]]
+    if wrong:
+        raise QuestionSetError(f"question set '{questions.name}': the right option of {len(wrong)} item(s) is not "
+                               f"the image's class (e.g. {wrong[:3]})")
+
+
+def cached_question_set(stream: Any, test: Any, mode: str, seed: int, backbone: str | None,
+                        cache: str | Path) -> MultipleChoiceSet:
+    """:func:`build_question_set` of ``stream``'s images ``test``, frozen in the cache folder and read back next time.
+
+    The file is ``<cache>/vqa/<stream>-<key>-<mode>[-<backbone>]-s<seed>.json`` (:func:`default_path`), ``key``
+    hashing what decides its content (the images and their labels, the classes, the question, the generator's
+    version, mode, seed, ``hard``'s backbone). A cached file is used only when its content hash, its images
+    and its answers check (:meth:`MultipleChoiceSet.load`, :func:`check_asks`); otherwise it is built again
+    and replaced, with a warning.
+    """
+    spec = stream.spec
+    key = hashlib.sha256(json.dumps(
+        [spec.name, list(test.ids), [int(t) for t in test.targets], list(spec.class_names), spec.vqa_question,
+         GENERATOR_VERSION, mode, seed, backbone], separators=(",", ":")).encode()).hexdigest()[:16]
+    path = default_path(cache, f"{spec.name}-{key}", mode, seed, backbone)
+    if path.is_file():
+        try:
+            questions = MultipleChoiceSet.load(path)
+            check_asks(questions, test, spec.class_names)
+            return questions
+        except QuestionSetError as err:
+            log.warning("rebuilding the cached question set %s: %s", path, err)
+    questions = build_question_set(stream, mode, seed, backbone, test=test)
+    check_asks(questions, test, spec.class_names)
+    questions.save(path)
+    return questions

@@ -45,33 +45,68 @@ class VQASet:
 
 
 def build_sets(tests: dict[str, tuple[Any, Any]], mode: str, seed: int, backbone: str) -> list[VQASet]:
-    """The question set (named ``name``) of each ``name -> (stream, test images)``; ``hard`` ranks
-    distractors with the pretrained ``backbone``."""
-    from benchmark.vqa.build import build_question_set
+    """The question set (named ``name``) of each ``name -> (stream, test images)``, read from the cache folder
+    or built there on first use (:func:`~benchmark.vqa.build.cached_question_set`); ``hard`` ranks distractors
+    with the pretrained ``backbone``."""
+    from benchmark.cache import cache_root
+    from benchmark.vqa.build import cached_question_set
 
     sets = []
     with torch.random.fork_rng(devices=[]):  # hard mode loads the backbone: its init must not move the run's RNG
         for name, (stream, test) in tests.items():
-            questions = build_question_set(stream, mode, seed, backbone if mode == "hard" else None, test=test)
+            questions = cached_question_set(stream, test, mode, seed, backbone if mode == "hard" else None,
+                                            cache_root())
             sets.append(VQASet(name, questions, test.with_transform(None)))
     return sets
 
 
-def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True) -> dict[str, Any]:
-    """``vqa_acc``, ``vqa_acc_strict``, ``vqa_letter_mass`` (:func:`summarise`) of the set (its subset unless
-    ``full``) under the LLaVA's current tower, with ``correct``/``strict_correct``/``total`` counts."""
-    from benchmark.vqa.prompt import conversation
-    from benchmark.vqa.scorer import letter_scores, summarise
+def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True,
+              scoring: str = "letter") -> dict[str, int | float]:
+    """Counts of the set's questions (its subset unless ``full``) under the LLaVA's current tower, summed over
+    the processes of a data-parallel run (each scores its strided share, :func:`~benchmark.distributed.eval_indices`).
 
-    indices = range(len(qset.questions.items)) if full or qset.subset is None else qset.subset
-    items = [qset.questions.items[i] for i in indices]
-    images = [qset.images[i][0] for i in indices]
-    scores = []
-    for start in range(0, len(items), batch_size):
-        batch = [(image, conversation(qset.questions.prompt(item), llava.processor.image_token), len(item.choices))
-                 for image, item in zip(images[start:start + batch_size], items[start:start + batch_size])]
-        scores += letter_scores(llava.model, llava.processor, batch)
-    answers = [item.answer for item in items]
-    return {**summarise(scores, answers), "total": len(items),
-            "correct": sum(s.choice == a for s, a in zip(scores, answers)),
-            "strict_correct": sum(s.top_letter == a for s, a in zip(scores, answers))}
+    ``letter``: ``total``, ``correct`` (the most probable of the K letters is right), ``strict_correct`` (the most
+    probable token is the right letter) and ``letter_mass`` (the probability on the K letters, summed over questions).
+    ``generate``: ``total``, ``correct`` (the released greedy answer parses to the right option; see
+    :meth:`~benchmark.vqa.questions.QuestionSet.parse`) and ``parsed`` (answers that name one of the options).
+    """
+    from benchmark.distributed import all_reduce_sum, eval_indices
+    from benchmark.vqa.prompt import conversation
+    from benchmark.vqa.scorer import generate_answers, letter_scores
+
+    asked = range(len(qset.questions.items)) if full or qset.subset is None else qset.subset
+    mine = [asked[i] for i in eval_indices(len(asked))]
+    counts: dict[str, int | float] = ({"correct": 0, "strict_correct": 0, "letter_mass": 0.0} if scoring == "letter"
+                                      else {"correct": 0, "parsed": 0})
+    for start in range(0, len(mine), batch_size):
+        items = [qset.questions.items[i] for i in mine[start:start + batch_size]]
+        batch = [(qset.images[i][0], conversation(qset.questions.prompt(item), llava.processor.image_token),
+                  len(item.choices)) for i, item in zip(mine[start:start + batch_size], items)]
+        if scoring == "letter":
+            for score, item in zip(letter_scores(llava.model, llava.processor, batch), items):
+                counts["correct"] += score.choice == item.answer
+                counts["strict_correct"] += score.top_letter == item.answer
+                counts["letter_mass"] += score.letter_mass
+        else:
+            for answer, item in zip(generate_answers(llava.model, llava.processor, batch), items):
+                choice = qset.questions.parse(answer)
+                counts["correct"] += choice == item.answer
+                counts["parsed"] += choice is not None and choice < len(item.choices)
+    summed = all_reduce_sum([len(mine), *counts.values()])
+    return {"total": summed[0], **dict(zip(counts, summed[1:]))}
+
+
+def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring: str) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` rows of one set's :func:`score_set` counts, each naming its ``scoring``:
+    ``vqa_acc`` and, by letter, ``vqa_acc_strict`` (with correct/total) and ``vqa_letter_mass`` (mean, with
+    total); by generation ``vqa_parsed`` (the share of answers naming an option, with total)."""
+    total = counts["total"]
+    base = {"session": session, "dataset": dataset, "total": total, "scoring": scoring}
+    rows = [{**base, "metric": "vqa_acc", "value": counts["correct"] / total, "correct": counts["correct"]}]
+    if scoring == "letter":
+        rows += [{**base, "metric": "vqa_acc_strict", "value": counts["strict_correct"] / total,
+                  "correct": counts["strict_correct"]},
+                 {**base, "metric": "vqa_letter_mass", "value": counts["letter_mass"] / total}]
+    else:
+        rows.append({**base, "metric": "vqa_parsed", "value": counts["parsed"] / total})
+    return rows
