@@ -1,6 +1,7 @@
 """VQA as an evaluation of runs: ``fscl run quick ... vqa.model=llava:<folder>`` end to end on CPU with a tiny
 random LLaVA whose tower takes ``openclip:fscl-tiny`` — metric rows, vqa_matrix.csv, the summary's vqa block,
-the manifest's question-set hashes, ``vqa.sessions: all`` with a subset, the grid check's refusals and resume."""
+the manifest's question-set hashes, ``vqa.sessions: all`` with a subset, the grid check's refusals and resume;
+letter vs generate scoring, ``vqa.sets``, the cached question sets, ddp (gloo, 2 ranks) and the report."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from benchmark import checkpoints
@@ -18,7 +21,11 @@ from benchmark.config import ConfigError, load_config
 from benchmark.metrics import AccuracyMatrix
 from benchmark.registry import STREAMS
 from benchmark.runner import GridCheckError, run_grid
-from benchmark.vqa.llava import save_tiny_llava
+from benchmark.vqa.build import cached_question_set, check_asks
+from benchmark.vqa.evaluate import VQASet, score_set, vqa_rows
+from benchmark.vqa.llava import Llava, load_llava, save_tiny_llava
+from benchmark.vqa.questions import MultipleChoiceSet, QuestionItem, QuestionSetError
+from benchmark.vqa.scorer import letter_token_ids
 from streams.digits import Digits
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
@@ -184,3 +191,116 @@ def test_records_and_checkpoints_from_before_vqa_still_match_their_runs():
     state = checkpoints.SessionState(session=1, config=old, encoder={}, strategy={}, rng={},
                                       matrix=AccuracyMatrix.empty("digits", [], 2), costs={})
     assert state.vqa_matrix is None
+
+
+def _answer_b(model, tokenizer) -> None:
+    """Rig the model to answer "B" and stop: the letter B wins the prompt's last position, end-of-sequence
+    every later (decoding) step."""
+    letter_b, eos = letter_token_ids(tokenizer)[1], tokenizer.eos_token_id
+    prefill = {}
+    model.register_forward_pre_hook(lambda module, args, kwargs: prefill.update(on=kwargs["input_ids"].shape[1] > 1),
+                                    with_kwargs=True)
+
+    def boost(module, args, out):
+        rig = torch.zeros(out.shape[-1])
+        rig[letter_b if prefill["on"] else eos] = 50.0
+        return out + rig
+
+    model.lm_head.register_forward_hook(boost)
+
+
+def test_letter_and_generate_scoring_agree_on_a_model_that_answers_in_the_format(llava):
+    model, processor = load_llava(f"llava:{llava}")
+    _answer_b(model, processor.tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    images = [(Image.fromarray(torch.randint(0, 256, (32, 40, 3), dtype=torch.uint8, generator=generator).numpy()), 0)
+              for _ in range(7)]
+    answers = [1, 0, 1, 2, 1, 3, 0]  # B is right for items 0, 2, 4
+    questions = MultipleChoiceSet("test", tuple(QuestionItem(str(i), "Which?", ("a", "b", "c", "d"), a)
+                                                for i, a in enumerate(answers)))
+    qset = VQASet("test", questions, images)
+    letter = score_set(Llava(model, processor), qset, batch_size=3, scoring="letter")
+    generate = score_set(Llava(model, processor), qset, batch_size=3, scoring="generate")
+    assert generate == {"total": 7, "correct": 3, "parsed": 7}
+    assert letter | {"letter_mass": None} == {"total": 7, "correct": 3, "strict_correct": 3, "letter_mass": None}
+    assert vqa_rows(2, "test", generate, "generate") == [
+        {"session": 2, "dataset": "test", "total": 7, "scoring": "generate", "metric": "vqa_acc", "value": 3 / 7,
+         "correct": 3},
+        {"session": 2, "dataset": "test", "total": 7, "scoring": "generate", "metric": "vqa_parsed", "value": 1.0}]
+
+
+def test_generate_scoring_in_a_run_records_its_rows(llava, tmp_path):
+    assert main(["run", "quick", "strategy=zeroshot", f"vqa.model=llava:{llava}", f"out={tmp_path}",
+                 "vqa.scoring=generate", "vqa.batch_size=64", *SETTINGS]) == 0
+    rows = _vqa_rows(tmp_path / RUN.format("zeroshot"))
+    assert {(r["session"], r["metric"], r["scoring"]) for r in rows} == {
+        (s, m, "generate") for s in (0, 2) for m in ("vqa_acc", "vqa_parsed")}
+    assert all(r["value"] == r["correct"] / r["total"] for r in rows if r["metric"] == "vqa_acc")
+
+
+def test_vqa_sets_choose_the_controls_asked(llava, tmp_path):
+    assert main(["run", "quick", "strategy=zeroshot", f"vqa.model=llava:{llava}", f"out={tmp_path}",
+                 "controls=[test-vqa-digits]", "control_subset=10", "vqa.sets=[digits]", *SETTINGS]) == 0
+    run = tmp_path / RUN.format("zeroshot")
+    assert {r["dataset"] for r in _vqa_rows(run)} == {"digits"}
+    assert {r["dataset"] for r in _rows(run) if r["metric"] == "top1"} == {"digits", "test-vqa-digits"}
+    assert (run / "vqa_matrix.csv").read_text().splitlines()[0] == "session,digits"
+    assert json.loads((run / "summary.json").read_text())["vqa"]["controls"] == []
+
+
+def test_question_sets_are_frozen_in_the_cache_and_checked_before_reuse(runs, cache, tmp_path, caplog):
+    (frozen,) = (cache / "vqa").glob("digits-*-random-s0.json")
+    sha = json.loads((runs / RUN.format("zeroshot") / "manifest.json").read_text())["vqa_sets"]["digits"]["sha256"]
+    assert MultipleChoiceSet.load(frozen, expected_sha256=sha).name == "digits"
+    stream = STREAMS.get("digits").obj("data", None)
+    test = stream.dataset("test").with_classes(range(10))
+    before = frozen.stat().st_mtime_ns
+    assert cached_question_set("digits", stream, test, "random", 0, None, cache).sha256 == sha  # read back, not rebuilt
+    assert frozen.stat().st_mtime_ns == before
+    body = json.loads(frozen.read_text())
+    body["items"][0]["answer"] = (body["items"][0]["answer"] + 1) % 5  # tampered: its hash no longer matches
+    frozen.write_text(json.dumps(body))
+    with caplog.at_level("WARNING"):
+        assert cached_question_set("digits", stream, test, "random", 0, None, cache).sha256 == sha  # rebuilt
+    assert "rebuilding the cached question set" in caplog.text and "changed after it was written" in caplog.text
+    assert MultipleChoiceSet.load(frozen).sha256 == sha
+    with pytest.raises(QuestionSetError, match=r"other images than the 9 test images"):
+        check_asks(MultipleChoiceSet.load(frozen), test.subset(range(9)), stream.spec.class_names)
+
+
+def test_a_run_whose_question_sets_changed_is_not_resumed(runs, llava, tmp_path):
+    run = tmp_path / RUN.format("full-ft")
+    shutil.copytree(runs / RUN.format("full-ft"), run)
+    (run / "checkpoints" / "session-2.pt").unlink()
+    (run / "summary.json").unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["vqa_sets"]["digits"]["sha256"] = "0" * 64
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    with pytest.raises(QuestionSetError, match="its VQA question sets changed since it started: digits"):
+        run_grid(load_config("quick", ["strategy=full-ft", f"vqa.model=llava:{llava}", f"out={tmp_path}",
+                                       "keep_checkpoints=all", *SETTINGS[:-1]]), progress=False)
+
+
+@pytest.mark.slow  # two processes start, load and run (~50 s on two shared cores)
+def test_ddp_scores_a_share_of_the_questions_per_process_and_sums_the_counts(runs, llava, cache, tmp_path):
+    from test_distributed import _launch
+
+    (outcomes, _) = _launch(tmp_path, ["strategy=zeroshot", f"vqa.model=llava:{llava}", f"out={tmp_path / 'ddp'}",
+                                       "ddp=true", *SETTINGS[:-1]], {CACHE_ENV: str(cache)})
+    assert [status for _, status, _ in outcomes] == ["finished"]
+    single, ddp = _vqa_rows(runs / RUN.format("zeroshot")), _vqa_rows(tmp_path / "ddp" / RUN.format("zeroshot"))
+    assert [{**r, "value": None} for r in ddp] == [{**r, "value": None} for r in single]  # the same counts
+    assert [r["value"] for r in ddp] == pytest.approx([r["value"] for r in single], abs=1e-9)
+
+
+def test_the_report_of_runs_with_vqa_shows_vqa_first(runs, tmp_path):
+    from reports import write_report
+
+    paths = write_report(runs / "quick", tmp_path, reference="zeroshot")
+    markdown = paths.markdown.read_text()
+    assert markdown.index("**VQA (LLaVA multiple-choice accuracy)**") < markdown.index("**Zero-shot classification")
+    results = pd.read_csv(paths.results_csv).set_index("strategy")
+    summary = json.loads((runs / RUN.format("full-ft") / "summary.json").read_text())["vqa"]
+    assert results.loc["full-ft", "vqa_target_improvement_mean"] == pytest.approx(summary["target_improvement"])
+    assert results.loc["zeroshot", "vqa_target_improvement_mean"] == 0
+    assert any(p.name.endswith("-vqa-matrix.png") for p in paths.figures)

@@ -79,11 +79,12 @@ def check_asks(questions: MultipleChoiceSet, test: Any, class_names: tuple[str, 
                                f"the image's class (e.g. {wrong[:3]})")
 
 
-def cached_question_set(stream: Any, test: Any, mode: str, seed: int, backbone: str | None,
+def cached_question_set(name: str, stream: Any, test: Any, mode: str, seed: int, backbone: str | None,
                         cache: str | Path) -> MultipleChoiceSet:
     """:func:`build_question_set` of ``stream``'s images ``test``, frozen in the cache folder and read back next time.
 
-    The file is ``<cache>/vqa/<stream>-<key>-<mode>[-<backbone>]-s<seed>.json`` (:func:`default_path`), ``key``
+    The file is ``<cache>/vqa/<name>-<key>-<mode>[-<backbone>]-s<seed>.json`` (:func:`default_path`; ``name``: the
+    stream's registered name), ``key``
     hashing what decides its content (the images and their labels, the classes, the question, the generator's
     version, mode, seed, ``hard``'s backbone). A cached file is used only when its content hash, its images
     and its answers check (:meth:`MultipleChoiceSet.load`, :func:`check_asks`); otherwise it is built again
@@ -93,7 +94,7 @@ def cached_question_set(stream: Any, test: Any, mode: str, seed: int, backbone: 
     key = hashlib.sha256(json.dumps(
         [spec.name, list(test.ids), [int(t) for t in test.targets], list(spec.class_names), spec.vqa_question,
          GENERATOR_VERSION, mode, seed, backbone], separators=(",", ":")).encode()).hexdigest()[:16]
-    path = default_path(cache, f"{spec.name}-{key}", mode, seed, backbone)
+    path = default_path(cache, f"{name}-{key}", mode, seed, backbone)
     if path.is_file():
         try:
             questions = MultipleChoiceSet.load(path)

@@ -54,7 +54,7 @@ def build_sets(tests: dict[str, tuple[Any, Any]], mode: str, seed: int, backbone
     sets = []
     with torch.random.fork_rng(devices=[]):  # hard mode loads the backbone: its init must not move the run's RNG
         for name, (stream, test) in tests.items():
-            questions = cached_question_set(stream, test, mode, seed, backbone if mode == "hard" else None,
+            questions = cached_question_set(name, stream, test, mode, seed, backbone if mode == "hard" else None,
                                             cache_root())
             sets.append(VQASet(name, questions, test.with_transform(None)))
     return sets
