@@ -175,7 +175,8 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
 
 
 def all_reduce_sum(values: Sequence[int | float]) -> list[int | float]:
-    """Sums over ranks (e.g. correct / total counts; floats are summed in float64); the input at world size 1."""
+    """Sums over ranks (e.g. correct / total counts), each of its value's type (a buffer of float64 when any is a
+    float); the input at world size 1."""
     if world_size() <= 1:
         return list(values)
     # NCCL only moves GPU tensors
@@ -183,7 +184,7 @@ def all_reduce_sum(values: Sequence[int | float]) -> list[int | float]:
     dtype = torch.float64 if any(isinstance(v, float) for v in values) else torch.int64
     buf = torch.tensor(list(values), dtype=dtype, device=device)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.tolist()
+    return [type(v)(total) for v, total in zip(values, buf.tolist())]
 
 
 def any_rank(flags: Sequence[bool]) -> list[bool]:

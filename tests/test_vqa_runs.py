@@ -290,6 +290,7 @@ def test_ddp_scores_a_share_of_the_questions_per_process_and_sums_the_counts(run
     assert [status for _, status, _ in outcomes] == ["finished"]
     single, ddp = _vqa_rows(runs / RUN.format("zeroshot")), _vqa_rows(tmp_path / "ddp" / RUN.format("zeroshot"))
     assert [{**r, "value": None} for r in ddp] == [{**r, "value": None} for r in single]  # the same counts
+    assert all(type(r["total"]) is int for r in ddp)
     assert [r["value"] for r in ddp] == pytest.approx([r["value"] for r in single], abs=1e-9)
 
 
