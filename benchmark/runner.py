@@ -598,7 +598,7 @@ class _Run:
         full = session in (0, self.matrix.n_sessions)
         rows: list[dict[str, Any]] = []
         for j, qset in enumerate(self.vqa_sets):
-            counts = score_set(llava, qset, vqa.batch_size, full, vqa.scoring)  # summed over ddp ranks
+            counts = score_set(llava, qset, vqa.batch_size, full, vqa.scoring, self.progress)  # summed over ddp ranks
             rows += vqa_rows(session, qset.name, counts, vqa.scoring)
             self.vqa_matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)

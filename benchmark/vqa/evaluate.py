@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmark.vqa.llava import Llava
 from benchmark.vqa.questions import MultipleChoiceSet
@@ -60,8 +61,8 @@ def build_sets(tests: dict[str, tuple[Any, Any]], mode: str, seed: int, backbone
     return sets
 
 
-def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True,
-              scoring: str = "letter") -> dict[str, int | float]:
+def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, scoring: str = "letter",
+              progress: bool = False) -> dict[str, int | float]:
     """Counts of the set's questions (its subset unless ``full``) under the LLaVA's current tower, summed over
     the processes of a data-parallel run (each scores its strided share, :func:`~benchmark.distributed.eval_indices`).
 
@@ -69,6 +70,7 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True,
     probable token is the right letter) and ``letter_mass`` (the probability on the K letters, summed over questions).
     ``generate``: ``total``, ``correct`` (the released greedy answer parses to the right option; see
     :meth:`~benchmark.vqa.questions.QuestionSet.parse`) and ``parsed`` (answers that name one of the options).
+    ``progress``: a progress bar over this process's questions.
     """
     from benchmark.distributed import all_reduce_sum, eval_indices
     from benchmark.vqa.prompt import conversation
@@ -78,6 +80,7 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True,
     mine = [asked[i] for i in eval_indices(len(asked))]
     counts: dict[str, int | float] = ({"correct": 0, "strict_correct": 0, "letter_mass": 0.0} if scoring == "letter"
                                       else {"correct": 0, "parsed": 0})
+    bar = tqdm(total=len(mine), desc=f"vqa {qset.name}", unit="q", leave=False, disable=not progress)
     for start in range(0, len(mine), batch_size):
         items = [qset.questions.items[i] for i in mine[start:start + batch_size]]
         batch = [(qset.images[i][0], conversation(qset.questions.prompt(item), llava.processor.image_token),
@@ -92,6 +95,8 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True,
                 choice = qset.questions.parse(answer)
                 counts["correct"] += choice == item.answer
                 counts["parsed"] += choice is not None and choice < len(item.choices)
+        bar.update(len(items))
+    bar.close()
     summed = all_reduce_sum([len(mine), *counts.values()])
     return {"total": summed[0], **dict(zip(counts, summed[1:]))}
 
