@@ -182,9 +182,9 @@ def load_runs(runs_dir: str | Path, include_unfinished: bool = False) -> pd.Data
 
     Columns: ``run`` (folder relative to ``runs_dir``), the run keys (:data:`RUN_KEYS`),
     ``status``, ``session`` (0 = before training), ``dataset``, ``role`` (``target`` or
-    ``control``), ``metric`` (``top1``, ``top1_seen``, ``top1_s<i>``), ``value`` (accuracy,
-    a fraction), ``correct`` and ``total`` (image counts). Only finished runs unless
-    ``include_unfinished``.
+    ``control``), ``metric`` (``top1``, ``top1_seen``, ``top1_s<i>``; with VQA ``vqa_acc`` and the rows of
+    its scoring, e.g. ``vqa_acc_strict``), ``value`` (accuracy, a fraction), ``correct`` and ``total``
+    (image or question counts). Only finished runs unless ``include_unfinished``.
     """
     return scan_runs(runs_dir, include_unfinished).scores
 
