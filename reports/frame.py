@@ -61,7 +61,7 @@ class Evaluation:
         return self.prefix + scalar
 
 
-ZEROSHOT = Evaluation("zeroshot", "Zero-shot classification (CLIP top-1)", TOP1, "", "top-1 accuracy")
+ZEROSHOT = Evaluation("zeroshot", "Zero-shot classification (top-1)", TOP1, "", "top-1 accuracy")
 VQA = Evaluation("vqa", "VQA (LLaVA multiple-choice accuracy)", "vqa_acc", "vqa_", "VQA accuracy")
 EVALUATIONS = (VQA, ZEROSHOT)  # report order: VQA, the paper's headline, first
 
