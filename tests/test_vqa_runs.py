@@ -266,6 +266,11 @@ def test_question_sets_are_frozen_in_the_cache_and_checked_before_reuse(runs, ca
     assert MultipleChoiceSet.load(frozen).sha256 == sha
     with pytest.raises(QuestionSetError, match=r"other images than the 9 test images"):
         check_asks(MultipleChoiceSet.load(frozen), test.subset(range(9)), stream.spec.class_names)
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder should be
+    with caplog.at_level("WARNING"):
+        assert cached_question_set("digits", stream, test, "random", 0, None, blocked).sha256 == sha
+    assert "cannot cache the question set" in caplog.text
 
 
 def test_a_run_whose_question_sets_changed_is_not_resumed(runs, llava, tmp_path):

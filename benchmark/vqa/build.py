@@ -88,7 +88,7 @@ def cached_question_set(name: str, stream: Any, test: Any, mode: str, seed: int,
     hashing what decides its content (the images and their labels, the classes, the question, the generator's
     version, mode, seed, ``hard``'s backbone). A cached file is used only when its content hash, its images
     and its answers check (:meth:`MultipleChoiceSet.load`, :func:`check_asks`); otherwise it is built again
-    and replaced, with a warning.
+    and replaced, with a warning (as is a cache folder that cannot be written: the set is then used unsaved).
     """
     spec = stream.spec
     key = hashlib.sha256(json.dumps(
@@ -104,5 +104,8 @@ def cached_question_set(name: str, stream: Any, test: Any, mode: str, seed: int,
             log.warning("rebuilding the cached question set %s: %s", path, err)
     questions = build_question_set(stream, mode, seed, backbone, test=test)
     check_asks(questions, test, spec.class_names)
-    questions.save(path)
+    try:
+        questions.save(path)
+    except OSError as err:  # e.g. a read-only home: the run goes on with the set it built
+        log.warning("cannot cache the question set in %s (%s); set FSCL_CACHE to a writable folder", path, err)
     return questions
