@@ -35,10 +35,14 @@ class LoRAOptions:
     across_sessions: Literal["keep", "merge"] = field(default="keep", metadata={
         "help": "keep: one adapter trains through all sessions (the released code); "
                 "merge: merge it after each session and start the next from new factors"})
+    skip_last_blocks: int = field(default=0, metadata={
+        "help": "no adapter in the last N blocks (lora-ppl: 1, as LLaVA reads the input of the last block)"})
 
     def __post_init__(self) -> None:
         check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
         check(self.alpha > 0, "lora.alpha", self.alpha, "a float > 0")
+        check(isinstance(self.skip_last_blocks, int) and self.skip_last_blocks >= 0, "lora.skip_last_blocks",
+              self.skip_last_blocks, "an integer >= 0 (and below the number of blocks)")
 
 
 @dataclass
@@ -62,10 +66,22 @@ class LoRSUOptions:
         "help": "score the importance on at least this many training samples (or one pass)"})
     importance_min_abs: float = field(default=1e-10, metadata={
         "help": "and until every accumulated |Σ n_b ∇L_b| is >= this (the released rule); 0: the sample count only"})
+    importance_sum: Literal["batch", "running"] = field(default="batch", metadata={
+        "help": "batch: Σ_b n_b ∇L_b / N; running: the released LoRSU-Ppl code's, which never zeroes .grad while "
+                "scoring, so batch b adds n_b times the sum of the gradients of batches 1..b"})
+    qkv_update: Literal["joint", "separate"] = field(default="joint", metadata={
+        "help": "joint: one rank-r update of the chosen heads' stacked q/k/v rows, A [rows, r] Kaiming, B zero (the "
+                "released CLIP path); separate: one rank-r update for each of q, k and v (the released LoRSU-Ppl), "
+                "its input-side factor [r, W] Kaiming and its output-side factor zero"})
+    skip_last_blocks: int = field(default=0, metadata={
+        "help": "leave the last N blocks untouched (not scored, not trained); LLaVA reads the input of the last "
+                "block, so its VLM loss never reaches it (lorsu-ppl: 1)"})
 
     def __post_init__(self) -> None:
         check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, "lorsu.top_k_heads", self.top_k_heads,
               "an integer >= 1 (and at most the number of heads per block)")
+        check(isinstance(self.skip_last_blocks, int) and self.skip_last_blocks >= 0, "lorsu.skip_last_blocks",
+              self.skip_last_blocks, "an integer >= 0 (and below the number of blocks)")
         check(0 < self.sparsity <= 1, "lorsu.sparsity", self.sparsity, "a float in (0, 1]")
         check(isinstance(self.rank, int) and self.rank >= 1, "lorsu.rank", self.rank, "an integer >= 1")
         check(self.alpha > 0, "lorsu.alpha", self.alpha, "a float > 0")
@@ -97,3 +113,57 @@ class SPUOptions:
         check(0 < self.sparsity <= 1, "spu.sparsity", self.sparsity, "a float in (0, 1]")
         check(0 < self.importance_fraction <= 1, "spu.importance_fraction", self.importance_fraction,
               "a float in (0, 1]")
+
+
+@dataclass
+class VLMRecipeOptions:
+    """The VLM template's optimizer settings (options of the ``*-ppl`` strategies; the released LoRSU-Ppl trainer's)."""
+
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay of every trainable parameter but biases and norms (the released command line's "
+                "0.01)"})
+    warmup: Literal["epoch", "steps"] = field(default="epoch", metadata={
+        "help": "linear warm-up from train.min_lr to train.lr over the first epoch (the released Ppl trainer), or "
+                "over train.warmup_steps"})
+    carry_optimizer_state: bool = field(default=False, metadata={
+        "help": "start each session's AdamW from the state the previous session ended with, by position (the "
+                "released code's quirk)"})
+    train_augment: bool = field(default=False, metadata={
+        "help": "false: train on the evaluation transform, no augmentation (the released Ppl trainer); "
+                "true: train.augment, as the CLIP path"})
+
+    def _check_recipe(self, name: str) -> None:
+        check(self.weight_decay >= 0, f"{name}.weight_decay", self.weight_decay, "a float >= 0")
+
+
+@dataclass
+class LoRSUPplOptions(VLMRecipeOptions, LoRSUOptions):
+    """Options of ``lorsu-ppl``: LoRSU's with the released LoRSU-Ppl defaults (separate q/k/v updates, the last
+    block skipped, no attention bias, no projection LoRA) and the VLM template's optimizer settings."""
+
+    train_attn_bias: bool = field(default=False, metadata={"help": "train the q/k/v biases of all heads (dense)"})
+    proj_lora: bool = field(default=False, metadata={
+        "help": "a LoRA on the final image projection (LLaVA never reads it; off)"})
+    qkv_update: Literal["joint", "separate"] = field(default="separate", metadata=LoRSUOptions.__dataclass_fields__[
+        "qkv_update"].metadata)
+    skip_last_blocks: int = field(default=1, metadata=LoRSUOptions.__dataclass_fields__["skip_last_blocks"].metadata)
+
+    def __post_init__(self) -> None:
+        LoRSUOptions.__post_init__(self)
+        self._check_recipe("lorsu-ppl")
+
+
+@dataclass
+class LoRAPplOptions(VLMRecipeOptions, LoRAOptions):
+    """Options of ``lora-ppl``: LoRA's with the released LoRSU-Ppl code's peft LoRA (peft's init, layers 0..L-2, no
+    projection) and the VLM template's optimizer settings."""
+
+    init: Literal["released", "peft"] = field(default="peft", metadata=LoRAOptions.__dataclass_fields__[
+        "init"].metadata)
+    proj_lora: bool = field(default=False, metadata={
+        "help": "also adapt the final image projection (LLaVA never reads it; off)"})
+    skip_last_blocks: int = field(default=1, metadata=LoRAOptions.__dataclass_fields__["skip_last_blocks"].metadata)
+
+    def __post_init__(self) -> None:
+        LoRAOptions.__post_init__(self)
+        self._check_recipe("lora-ppl")
