@@ -243,8 +243,9 @@ class CostMeter(SupervisedPlugin):
     forward + backward pass (``torch.utils.flop_counter``) of the training loss on that
     mini-batch: an extra pass whose gradients are discarded, with the random generators and the
     buffers restored, so training is unchanged; the template's :meth:`flop_groups` (e.g. the frozen
-    language model of the VLM loss) are also reported apart, as ``<part>_flops_per_sample``. After the first optimizer step it reads the
-    optimizer-state size; the template's setup time (importance, masks) comes with them.
+    language model of the VLM loss) are also reported apart, as ``<part>_flops_per_sample``. After the
+    first optimizer step it reads the optimizer-state size; the template's setup time (importance,
+    masks) comes with them.
     """
 
     supports_distributed = True  # under ddp: true it counts one rank's share and scales it

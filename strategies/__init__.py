@@ -22,7 +22,6 @@ STRATEGIES.declare("spu", "strategies.spu:SPU", options="strategies.options:SPUO
 STRATEGIES.declare("lorsu", "strategies.lorsu:LoRSU", options="strategies.options:LoRSUOptions",
                    summary="LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session.")
 STRATEGIES.declare("lorsu-ppl", "strategies.lorsu:LoRSUPpl", options="strategies.options:LoRSUPplOptions",
-                   summary="LoRSU-Ppl: LoRSU trained with LLaVA's answer loss (needs vqa.model); separate q/k/v "
-                           "updates, the last block skipped.")
+                   summary="LoRSU-Ppl: LoRSU trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.")
 STRATEGIES.declare("lora-ppl", "strategies.lora:LoRAPpl", options="strategies.options:LoRAPplOptions",
                    summary="LoRA-Ppl: LoRA trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.")

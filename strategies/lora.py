@@ -201,8 +201,11 @@ class LoRA(StrategyPlugin[LoRAOptions]):
 
 
 class LoRAPpl(LoRA):
-    """LoRA-Ppl: LoRA trained with LLaVA's next-token loss on the answer (the VLM template), with the released
-    LoRSU-Ppl code's peft LoRA (:class:`strategies.options.LoRAPplOptions`: layers 0..L-2, no projection)."""
+    """LoRA-Ppl: LoRA trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.
+
+    The VLM template (:mod:`benchmark.vlm_template`) trains it, with the released LoRSU-Ppl code's peft LoRA
+    (:class:`strategies.options.LoRAPplOptions`: peft's init, no projection).
+    """
 
     objective = "vlm"
     supports_ddp = False  # the VLM template has no data-parallel path

@@ -226,8 +226,11 @@ def qkv_update_size(rows: int, width: int, rank: int, convention: Literal["free"
 
 
 class LoRSUPpl(LoRSU):
-    """LoRSU-Ppl: LoRSU trained with LLaVA's next-token loss on the answer (the VLM template), with the released
-    LoRSU-Ppl defaults (:class:`strategies.options.LoRSUPplOptions`)."""
+    """LoRSU-Ppl: LoRSU trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.
+
+    The VLM template (:mod:`benchmark.vlm_template`) trains it, with the released LoRSU-Ppl defaults
+    (:class:`strategies.options.LoRSUPplOptions`: separate q/k/v updates, the last block skipped).
+    """
 
     objective = "vlm"
     supports_ddp = False  # the VLM template has no data-parallel path

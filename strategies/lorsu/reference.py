@@ -2,10 +2,10 @@
 
 Per block the q/k/v weights are parametrized as ``W + m ⊙ (α/r)·A·B`` with a full A [3W, r],
 B [r, W] (``qkv_update: separate``: one full pair per projection) and ``m`` the rows of the chosen
-heads (the parametrization is re-evaluated every time the attention reads its weight), and fc1.weight trains whole with its gradient
-multiplied by the 0/1 mask. Mathematically the same update as :class:`strategies.lorsu.LoRSU`;
-the tests check that both reach the same weights and ``benchmarks/strategy_cost.py`` compares
-their cost. Not registered as a strategy.
+heads (the parametrization is re-evaluated every time the attention reads its weight), and
+fc1.weight trains whole with its gradient multiplied by the 0/1 mask. Mathematically the same
+update as :class:`strategies.lorsu.LoRSU`; the tests check that both reach the same weights and
+``benchmarks/strategy_cost.py`` compares their cost. Not registered as a strategy.
 """
 from __future__ import annotations
 
