@@ -73,7 +73,7 @@ class Mode:
 
 
 GPU = Mode("cuda", ("openclip:ViT-B-16-quickgelu", "openclip:ViT-L-14-336-quickgelu"),
-           ("--device", "cuda", "--model", "ViT-B-16", "--rounds", "3"), ("--device", "cuda"))
+           ("--device", "cuda", "--model", "ViT-B-16", "--rounds", "3", "--vlm", "7b"), ("--device", "cuda"))
 CPU = Mode("cpu", ("openclip:fscl-tiny",),
            ("--device", "cpu", "--model", "fscl-tiny", "--rounds", "1", "--threads", "1"),
            ("--device", "cpu", "--model", "fscl-tiny"))

@@ -78,7 +78,7 @@ class VLMLoss(nn.Module):
         ``tokens``: [B, N, W] from :func:`encoder_tokens`; ``pairs``: the batch's tokenized pairs
         (:class:`benchmark.vqa.pairs.PairBatch`, on the model's device).
         """
-        image_embeds = self.projector(tokens.to(self.llava.dtype) if not torch.is_autocast_enabled() else tokens)
+        image_embeds = self.projector(tokens.to(self.llava.dtype))  # [B, N, H]; fp32 tokens into an fp16/bf16 LLaVA
         embeds = self.llava.get_input_embeddings()(pairs.input_ids)  # [B, L, H]
         slots = (pairs.input_ids == self.image_token_id).unsqueeze(-1)  # [B, L, 1]
         if int(slots.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
