@@ -356,6 +356,9 @@ def test_ppl_runs_fill_both_matrices_and_report_the_language_models_flops(runs):
         moved = {name for name, value in final["encoder"].items() if not torch.equal(value, start[name])}
         assert moved and all(name.startswith("transformer.resblocks.0.") for name in moved)  # block 1 never trains
         assert ("optimizer" in (final["template"] or {})) == (strategy == "lora-ppl")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        mass = {r["session"]: r["value"] for r in rows if r["metric"] == "vqa_letter_mass"}
+        assert set(mass) == {0, 2} and mass[2] != mass[0]  # the trained encoder went into LLaVA's tower
     moved = {n for n, v in torch.load(runs / RUN.format("lorsu-ppl") / "checkpoints/session-2.pt",
                                       weights_only=False)["encoder"].items() if not torch.equal(v, start[n])}
     assert moved == {f"transformer.resblocks.0.{n}" for n in ("attn.in_proj_weight", "mlp.c_fc.weight", "mlp.c_fc.bias")}
