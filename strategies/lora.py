@@ -98,8 +98,8 @@ class LoRA(StrategyPlugin[LoRAOptions]):
         skip = self.options.skip_last_blocks
         if skip:
             depth = len(backbone.blocks())
-            check(skip < depth, "lora.skip_last_blocks", skip, f"an integer in [0, {max(depth - 1, 0)}] (backbone "
-                  f"'{backbone.spec}' has {depth} transformer blocks)")
+            check(skip < depth, f"{self.options.section}.skip_last_blocks", skip,
+                  f"an integer in [0, {max(depth - 1, 0)}] (backbone '{backbone.spec}' has {depth} transformer blocks)")
         self._tuner: LoraModel | None = None
         self._projection: tuple[nn.Module, str] | None = None
         self._factors: dict[str, Tensor] = {}  # keep: the adapter between sessions, by parameter name under visual

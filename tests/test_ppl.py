@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from benchmark import checkpoints
 from benchmark.backbones import load_backbone
+from benchmark.backbones.hf import save_tiny_clip
 from benchmark.cli import main
 from benchmark.config import TrainConfig, load_config
 from benchmark.evaluation import ZeroShotEvaluator
@@ -54,6 +55,21 @@ def llava_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def llava(llava_dir):
     return load_llava(f"llava:{llava_dir}")
+
+
+@pytest.fixture(scope="module")
+def hf_parts(tmp_path_factory) -> tuple[str, Path]:
+    """An ``hf:`` tiny CLIP (QuickGELU) and a tiny LLaVA whose tower takes it."""
+    folder = save_tiny_clip(tmp_path_factory.mktemp("hf-tiny"))
+    spec = f"hf:{folder}"
+    vision = load_backbone(spec).model.config.vision_config
+    return spec, save_tiny_llava(tmp_path_factory.mktemp("llava-hf") / "tiny", vision_config=vision)
+
+
+@pytest.fixture(params=["openclip", "hf"])
+def family(request, llava_dir, hf_parts) -> tuple[str, Path]:
+    """(backbone spec, LLaVA folder) of each encoder family the VLM loss trains."""
+    return ("openclip:fscl-tiny", llava_dir) if request.param == "openclip" else hf_parts
 
 
 def digit_pairs(tokenizer, loss: VLMLoss) -> AnswerPairs:
@@ -116,9 +132,10 @@ def test_labels_keep_only_the_answer_tokens_and_eos(llava):
     assert batch.attention_mask[0].sum() != batch.attention_mask[1].sum()  # "one" and "seven": right padding
 
 
-def test_vlm_loss_is_llavas_own_loss_with_the_encoder_in_its_tower(llava):
-    model, processor = llava
-    backbone = load_backbone("openclip:fscl-tiny")
+def test_vlm_loss_is_llavas_own_loss_with_the_encoder_in_its_tower(family):
+    spec, folder = family
+    model, processor = load_llava(f"llava:{folder}")
+    backbone = load_backbone(spec)
     loss = VLMLoss(model, backbone)
     pairs = digit_pairs(processor.tokenizer, loss)
     images, labels = fixed_batch()
@@ -178,10 +195,11 @@ def test_lorsu_ppl_session_moves_only_chosen_rows_and_masked_entries(llava):
     assert not params & {id(p) for p in model.parameters()}
 
 
-def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(llava):
-    model, processor = llava
+def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(family):
+    spec, folder = family
+    model, processor = load_llava(f"llava:{folder}")
     torch.manual_seed(0)
-    fast_backbone, dense_backbone = load_backbone("openclip:fscl-tiny"), load_backbone("openclip:fscl-tiny")
+    fast_backbone, dense_backbone = load_backbone(spec), load_backbone(spec)
     options = LoRSUPplOptions(rank=8, alpha=16.0)
     fast, dense = LoRSUPpl(fast_backbone, options), DenseLoRSU(dense_backbone, options)
     start = snapshot(fast_backbone)

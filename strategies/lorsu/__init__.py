@@ -72,10 +72,10 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
         super().__init__(backbone, options or LoRSUOptions())
         opts = self.options
         depth = len(backbone.blocks())
-        check(opts.skip_last_blocks < depth, "lorsu.skip_last_blocks", opts.skip_last_blocks,
+        check(opts.skip_last_blocks < depth, f"{opts.section}.skip_last_blocks", opts.skip_last_blocks,
               f"an integer in [0, {depth - 1}] (backbone '{backbone.spec}' has {depth} blocks)")
         heads = min(b.num_heads for b in backbone.blocks())
-        check(opts.top_k_heads <= heads, "lorsu.top_k_heads", opts.top_k_heads,
+        check(opts.top_k_heads <= heads, f"{opts.section}.top_k_heads", opts.top_k_heads,
               f"an integer in [1, {heads}] (backbone '{backbone.spec}' has {heads} attention heads per block)")
         if opts.proj_lora and backbone.image_projection() is None:  # e.g. SigLIP: nothing to adapt (as in lora)
             log.warning("backbone '%s' has no image projection: lorsu.proj_lora is off", backbone.spec)
