@@ -103,15 +103,16 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
 
     # -- 1-3: scores and selection ------------------------------------------------------------
     def score(self, session, blocks: list[BlockView]) -> list[BlockScores]:
-        """Signed mean CLIP-loss gradient of every block's q/k/v and fc1 weights on the session data.
+        """Signed mean training-loss gradient of every block's q/k/v and fc1 weights on the session data.
 
         The released pass: the model in eval mode, one batch after another of the training loader
         until the batch that reaches ``importance_samples`` samples *and* leaves every accumulated entry
         of Σ_b n_b ∇L_b at magnitude >= ``importance_min_abs``, never past one pass. That check covers
-        what the released code has unfrozen while it scores: q/k/v and fc1 weights, fc1 biases, projection.
+        what the released code has unfrozen while it scores: q/k/v and fc1 weights, fc1 biases, and (CLIP
+        loss only: LLaVA never reads it) the projection.
         """
         candidates = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
-        projection = self.backbone.image_projection()
+        projection = self.backbone.image_projection() if self.objective == "clip" else None
         checked = _unique([*candidates, *(b.fc1.bias for b in blocks), getattr(*projection) if projection else None])
         reduce = "mean" if self.options.importance_sum == "batch" else "running_mean"
         grads = session_gradients(session, checked, training=False, reduce=reduce,
