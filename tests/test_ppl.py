@@ -84,10 +84,11 @@ def fixed_batch(n: int = 4, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def answer_loss(loss: VLMLoss, pairs: AnswerPairs, backbone, images, labels) -> torch.Tensor:
-    return loss(encoder_tokens(backbone, images, loss.layer, loss.select), pairs.batch(labels))
+    device = images.device
+    return loss(encoder_tokens(backbone, images, loss.layer, loss.select), pairs.batch(labels.cpu()).to(device))
 
 
-def vlm_session(backbone, llava, plugin, epochs: int = 2, lr: float = 1e-3):
+def vlm_session(backbone, llava, plugin, epochs: int = 2, lr: float = 1e-3, device: torch.device | None = None):
     """The VLM template on two 2-shot digits sessions (10 images each), evaluation transform."""
     model, processor = llava
     loss = VLMLoss(model, backbone)
@@ -98,7 +99,7 @@ def vlm_session(backbone, llava, plugin, epochs: int = 2, lr: float = 1e-3):
         vlm_loss=loss, pairs=digit_pairs(processor.tokenizer, loss), recipe=plugin.options, backbone=backbone,
         class_names=stream.spec.class_names, templates=stream.spec.templates[:1],
         train=TrainConfig(epochs=epochs, batch_size=16, lr=lr, min_lr=lr / 10), zeroshot=ZeroShotEvaluator(backbone),
-        seed=0, device=torch.device("cpu"), plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+        seed=0, device=device or torch.device("cpu"), plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
     return template, scenario.train_stream
 
 
@@ -164,11 +165,12 @@ def test_gradients_reach_only_the_encoder_below_the_feature_layer(llava):
 
 
 # --------------------------------------------------------------------------- a LoRSU-Ppl session
-def test_lorsu_ppl_session_moves_only_chosen_rows_and_masked_entries(llava):
-    model, _ = llava
-    backbone = load_backbone("openclip:fscl-tiny")
+@pytest.mark.gpu
+def test_lorsu_ppl_session_moves_only_chosen_rows_and_masked_entries(llava_dir, device):
+    model, processor = llava = load_llava(f"llava:{llava_dir}", device, torch.float32)
+    backbone = load_backbone("openclip:fscl-tiny", str(device))
     plugin = LoRSUPpl(backbone, LoRSUPplOptions(rank=4, alpha=8.0))
-    template, stream = vlm_session(backbone, llava, plugin)
+    template, stream = vlm_session(backbone, llava, plugin, device=device)
     before, llava_before = snapshot(backbone.visual), snapshot(model)
     template.train(stream[0])
     assert changed(llava_before, model) == set()  # LLM, projector and tower bit for bit
@@ -195,23 +197,25 @@ def test_lorsu_ppl_session_moves_only_chosen_rows_and_masked_entries(llava):
     assert not params & {id(p) for p in model.parameters()}
 
 
-def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(family):
+@pytest.mark.gpu
+def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(family, device):
     spec, folder = family
-    model, processor = load_llava(f"llava:{folder}")
+    model, processor = load_llava(f"llava:{folder}", device, torch.float32)
     torch.manual_seed(0)
-    fast_backbone, dense_backbone = load_backbone(spec), load_backbone(spec)
+    fast_backbone, dense_backbone = load_backbone(spec, str(device)), load_backbone(spec, str(device))
     options = LoRSUPplOptions(rank=8, alpha=16.0)
     fast, dense = LoRSUPpl(fast_backbone, options), DenseLoRSU(dense_backbone, options)
     start = snapshot(fast_backbone)
     gen = torch.Generator().manual_seed(5)
     blocks = fast.trained_blocks()
-    scores = [BlockScores(*(torch.randn(64, 64, generator=gen) for _ in range(3)), torch.randn(256, 64, generator=gen))
-              for _ in blocks]
+    scores = [BlockScores(*(torch.randn(64, 64, generator=gen).to(device) for _ in range(3)),
+                          torch.randn(256, 64, generator=gen).to(device)) for _ in blocks]
     selection = fast.select(blocks, scores)
     fast.install(blocks, selection)
     dense.install(dense.trained_blocks(), selection)
     dense.copy_factors_from(fast)
     images, labels = fixed_batch(seed=6)
+    images = images.to(device)
     runs = []
     for backbone in (fast_backbone, dense_backbone):
         loss = VLMLoss(model, backbone)
