@@ -20,6 +20,7 @@ contract, evaluation, precision, checkpoints, resume, the cost meter); what chan
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any, Literal, Protocol
 
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 from benchmark.template import CLIPTemplate
 from benchmark.vqa.pairs import AnswerPairs
 from benchmark.vqa.vlm_loss import VLMLoss, encoder_tokens
+
+log = logging.getLogger(__name__)
 
 
 class VLMRecipe(Protocol):
@@ -76,6 +79,12 @@ class VLMTemplate(CLIPTemplate):
         self.recipe = recipe
         self._warmup = 0
         self._carried: dict[str, Any] | None = None  # the last session's optimizer state (carry_optimizer_state)
+        autocast, llava = self._autocast_dtype(), vlm_loss.llava.dtype
+        if autocast is not None and llava in (torch.float16, torch.bfloat16) and autocast != llava:
+            log.warning("LLaVA's weights are %s but train.precision autocasts to %s: the frozen language model's "
+                        "residual stream then runs in float32 (about twice the activation memory); "
+                        "train.precision: %s matches it (fp16: the released setting)", llava, autocast,
+                        "fp16" if llava == torch.float16 else "bf16")
 
     # -- the loss ---------------------------------------------------------------------------------
     def training_loss(self, batch) -> Tensor:
