@@ -1,8 +1,9 @@
 """The session contract between a training template and the strategies, the session-data gradient
 pass that importance-based strategies share, and the cost meter.
 
-A template (the CLIP template, :class:`benchmark.template.CLIPTemplate`) trains one session at a
-time and, around it, calls every :class:`StrategyPlugin`:
+A template (the CLIP template, :class:`benchmark.template.CLIPTemplate`, or the VLM one,
+:class:`benchmark.vlm_template.VLMTemplate`, for a strategy whose ``objective`` is ``vlm``) trains one
+session at a time and, around it, calls every :class:`StrategyPlugin`:
 
 1. ``setup(session)``: the strategy chooses or adds its trainable parameters (the template
    times this and builds the optimizer over whatever then has ``requires_grad``);
