@@ -58,6 +58,7 @@ class SessionState:
     matrix: AccuracyMatrix
     costs: dict[str, Any]
     vqa_matrix: AccuracyMatrix | None = None  # VQA accuracies so far (None: VQA off, or a checkpoint from before it)
+    template: dict[str, Any] | None = None  # the training template's carried state (e.g. a carried optimizer)
 
 
 def capture_rng(caption_rng: torch.Generator) -> dict[str, Any]:

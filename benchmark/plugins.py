@@ -1,8 +1,9 @@
 """The session contract between a training template and the strategies, the session-data gradient
 pass that importance-based strategies share, and the cost meter.
 
-A template (the CLIP template, :class:`benchmark.template.CLIPTemplate`) trains one session at a
-time and, around it, calls every :class:`StrategyPlugin`:
+A template (the CLIP template, :class:`benchmark.template.CLIPTemplate`, or the VLM one,
+:class:`benchmark.vlm_template.VLMTemplate`, for a strategy whose ``objective`` is ``vlm``) trains one
+session at a time and, around it, calls every :class:`StrategyPlugin`:
 
 1. ``setup(session)``: the strategy chooses or adds its trainable parameters (the template
    times this and builds the optimizer over whatever then has ``requires_grad``);
@@ -74,6 +75,8 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
     trains: ClassVar[bool] = True  # False: the runner never calls training (e.g. zero-shot)
     needs_blocks: ClassVar[bool] = False  # True: reads Backbone.blocks(); checked when the plugin is built
     supports_ddp: ClassVar[bool] = False  # True: safe under data-parallel training (see above)
+    objective: ClassVar[Literal["clip", "vlm"]] = "clip"  # the loss it trains with: the CLIP template's, or the
+    # VLM template's (LLaVA's answer loss, benchmark.vlm_template; the run needs vqa.model)
 
     def __init__(self, backbone: Backbone, options: OptionsT | None = None) -> None:
         super().__init__()
@@ -129,7 +132,7 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-Reduce = Literal["mean", "sum", "running", "fisher"]
+Reduce = Literal["mean", "sum", "running", "running_mean", "fisher"]
 
 
 @contextmanager
@@ -156,6 +159,8 @@ def _accumulate(totals: list[Tensor], running: list[Tensor], grads: list[Tensor]
             total.add_(grad)
         elif reduce == "running":
             total.add_(running[i].add_(grad))
+        elif reduce == "running_mean":
+            total.add_(running[i].add_(grad), alpha=n)
         else:
             total.add_(grad.square())
 
@@ -197,6 +202,7 @@ def session_gradients(
     ``"sum"``: S = Σ_b g_b;
     ``"running"``: S = Σ_b Σ_{j<=b} g_j = Σ_j (K - j + 1) g_j, what adding up ``.grad`` after every
     backward without zeroing it gives (SPU's code);
+    ``"running_mean"``: (1/N) Σ_b n_b Σ_{j<=b} g_j, the mean of ``.grad`` never zeroed (LoRSU-Ppl's code);
     ``"fisher"``: S / K with S = Σ_b g_b² (Avalanche EWC's Fisher).
     """
     if reduce not in get_args(Reduce):
@@ -204,7 +210,7 @@ def session_gradients(
     loss = loss or session.training_loss
     flags = [p.requires_grad for p in params]
     totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    running = [torch.zeros_like(t) for t in totals] if reduce == "running" else []
+    running = [torch.zeros_like(t) for t in totals] if reduce.startswith("running") else []
     samples = count = 0
     stops_early = min_samples is not None or min_batches is not None or min_abs is not None
     try:
@@ -226,7 +232,7 @@ def session_gradients(
             p.requires_grad_(flag)
     if not count:
         raise RuntimeError("the session has no training data to score parameters with")
-    norm = {"mean": samples, "fisher": count}.get(reduce, 1)
+    norm = {"mean": samples, "running_mean": samples, "fisher": count}.get(reduce, 1)
     return [t.div_(norm) for t in totals]
 
 
@@ -237,8 +243,10 @@ class CostMeter(SupervisedPlugin):
     then) it reads the strategy's trainable-parameter counts and counts the FLOPs of one
     forward + backward pass (``torch.utils.flop_counter``) of the training loss on that
     mini-batch: an extra pass whose gradients are discarded, with the random generators and the
-    buffers restored, so training is unchanged. After the first optimizer step it reads the
-    optimizer-state size; the template's setup time (importance, masks) comes with them.
+    buffers restored, so training is unchanged; the template's :meth:`flop_groups` (e.g. the frozen
+    language model of the VLM loss) are also reported apart, as ``<part>_flops_per_sample``. After the
+    first optimizer step it reads the optimizer-state size; the template's setup time (importance,
+    masks) comes with them.
     """
 
     supports_distributed = True  # under ddp: true it counts one rank's share and scales it
@@ -263,6 +271,10 @@ class CostMeter(SupervisedPlugin):
             torch.autograd.grad(template.training_loss(batch), params, allow_unused=True)
         # under ddp: true this rank encoded 1/W of the batch
         self._costs["flops_per_sample"] = counter.get_total_flops() * world_size() // len(batch[0])
+        counts = counter.get_flop_counts()
+        for part, modules in template.flop_groups().items():  # e.g. the frozen language model of the VLM loss
+            flops = sum(sum(counts[m].values()) for m in modules if m in counts)
+            self._costs[f"{part}_flops_per_sample"] = flops * world_size() // len(batch[0])
 
     def after_training_iteration(self, template, **kwargs) -> None:
         if "optimizer_state_bytes" not in self._costs:

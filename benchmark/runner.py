@@ -247,7 +247,8 @@ def strategy_problems(runs: list[Config]) -> list[str]:
     """What each (backbone, strategy, options) of the grid refuses, found by building the strategy on
     the backbone's skeleton (its architecture on the meta device: no weights, no download): e.g.
     ``lorsu.top_k_heads`` above the model's heads, a strategy that needs blocks on a ResNet tower, an
-    encoder that ``ddp: true`` cannot split, or a backbone that cannot be built here at all."""
+    encoder that ``ddp: true`` cannot split, a VLM-loss strategy (``*-ppl``) without ``vqa.model``, or a
+    backbone that cannot be built here at all."""
     skeletons: dict[str, Any] = {}
     problems, seen = [], set()
     for run in runs:
@@ -256,6 +257,9 @@ def strategy_problems(runs: list[Config]) -> list[str]:
         if (run.backbone, run.strategy, repr(options), run.ddp) in seen:
             continue
         seen.add((run.backbone, run.strategy, repr(options), run.ddp))
+        if entry.obj.objective == "vlm" and run.vqa.model is None:
+            problems.append(f"{run.strategy} trains the encoder with LLaVA's answer loss and needs vqa.model: "
+                            f"llava:/path/to/folder (a LLaVA whose vision tower takes '{run.backbone}')")
         try:
             if run.backbone not in skeletons:
                 skeletons[run.backbone] = backbone_skeleton(run.backbone)
@@ -447,8 +451,12 @@ class _Run:
         if cfg.ddp:
             check_data_parallel(backbone.visual, cfg.backbone)
         spec = data.stream.spec
-        scenario = data.stream.benchmark(data.sessions, backbone.preprocess(True, cfg.train.augment),
-                                         backbone.preprocess(False))
+        entry = STRATEGIES.get(cfg.strategy)
+        options = cfg.options_for(cfg.strategy, entry.options)
+        vlm = entry.obj.objective == "vlm"
+        plain = vlm and not options.train_augment  # the released Ppl trainer: no augmentation
+        train_tf = backbone.preprocess(False) if plain else backbone.preprocess(True, cfg.train.augment)
+        scenario = data.stream.benchmark(data.sessions, train_tf, backbone.preprocess(False))
         zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size)
         for i, exp in enumerate(scenario.test_stream):
             zeroshot.add(EvalSet(f"{cfg.stream}@s{i + 1}", cfg.stream, spec.class_names, spec.templates, exp.dataset))
@@ -456,19 +464,32 @@ class _Run:
             control = data.controls[name].spec
             zeroshot.add(EvalSet(name, name, control.class_names, control.templates,
                                  test.with_transform(backbone.preprocess(False))))
-        entry = STRATEGIES.get(cfg.strategy)
-        plugin: StrategyPlugin = entry.obj(backbone, cfg.options_for(cfg.strategy, entry.options))
+        plugin: StrategyPlugin = entry.obj(backbone, options)
         meter = CostMeter(plugin)
-        template = CLIPTemplate(
+        common = dict(
             backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train,
             zeroshot=zeroshot, seed=cfg.seed, device=self.device, plugins=[plugin, meter],
             evaluator=EvaluationPlugin(
                 self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
         )
+        template = self.vlm_template(spec, backbone, options, common) if vlm else CLIPTemplate(**common)
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
         if cfg.vqa.model is not None:
             self.build_vqa(data)
         return backbone, plugin, meter, template, scenario, zeroshot.stream()
+
+    def vlm_template(self, spec, backbone, recipe, common: dict[str, Any]) -> CLIPTemplate:
+        """The VLM template of a ``*-ppl`` strategy: LLaVA (``vqa.model``, shared with the VQA evaluation) around
+        the backbone's encoder, and the stream's question/answer pair of every class."""
+        from benchmark.vlm_template import VLMTemplate
+        from benchmark.vqa.pairs import AnswerPairs
+        from benchmark.vqa.vlm_loss import VLMLoss
+
+        llava = cached_llava(self.cfg.vqa.model, self.device)
+        loss = VLMLoss(llava.model, backbone)
+        pairs = AnswerPairs(llava.processor.tokenizer, loss.image_token_id, loss.image_tokens, spec.vqa_question,
+                            spec.ppl_answer, spec.class_names)
+        return VLMTemplate(vlm_loss=loss, pairs=pairs, recipe=recipe, **common)
 
     def build_vqa(self, data: RunData) -> None:
         """The VQA question sets of the run's test images (the target: every session's classes as one set) with
@@ -515,6 +536,7 @@ class _Run:
         self.matrix, self.costs = resume.matrix, resume.costs
         if self.vqa_sets:
             self.vqa_matrix = resume.vqa_matrix
+        template.load_carried_state(resume.template or {})
         checkpoints.restore_rng(resume.rng, template.caption_rng)
         return resume.session
 
@@ -557,7 +579,8 @@ class _Run:
         checkpoints.save(self.record.path, checkpoints.SessionState(
             session=session, config=self.cfg.to_dict(), encoder=backbone.visual.state_dict(),
             strategy=plugin.state_dict(), rng=checkpoints.capture_rng(template.caption_rng),
-            matrix=self.matrix, costs=self.costs, vqa_matrix=self.vqa_matrix), self.cfg.keep_checkpoints)
+            matrix=self.matrix, costs=self.costs, vqa_matrix=self.vqa_matrix, template=template.carried_state()),
+            self.cfg.keep_checkpoints)
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""

@@ -255,11 +255,16 @@ class CLIPTemplate(SupervisedTemplate):
             self.dataloader = DataLoader(share, batch_size=self.eval_mb_size, collate_fn=share.collate_fn,
                                          pin_memory=self.device.type == "cuda")
 
-    def _before_training_iteration(self, **kwargs) -> None:
+    def scheduled_lr(self) -> float:
+        """The learning rate of the coming training step (:func:`cosine_lr` over the session's steps)."""
         cfg = self.train_cfg
         step = self._step if cfg.scheduler_step == "step" else self.clock.train_exp_epochs
+        return cosine_lr(step, self._total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+
+    def _before_training_iteration(self, **kwargs) -> None:
+        lr = self.scheduled_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(step, self._total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+            group["lr"] = lr
         self._step += 1
         super()._before_training_iteration(**kwargs)
 
@@ -301,7 +306,7 @@ class CLIPTemplate(SupervisedTemplate):
         """Training: the CLIP loss plus every strategy's penalty; evaluation: the cross-entropy."""
         if not self.is_training:
             return super().criterion()
-        loss = clip_loss(self.mb_output.float(), self.caption_features(self.mbatch), self.backbone.logit_scale)
+        loss = self.batch_loss()
         for strategy in self.strategies:
             term = strategy.penalty()
             if term is not None:
@@ -312,3 +317,20 @@ class CLIPTemplate(SupervisedTemplate):
                 f"iteration {self.clock.train_epoch_iterations + 1}"
             )
         return loss
+
+    def batch_loss(self) -> Tensor:
+        """The training loss of the current mini-batch from :meth:`forward`'s output (no penalties)."""
+        return clip_loss(self.mb_output.float(), self.caption_features(self.mbatch), self.backbone.logit_scale)
+
+    # -- what a checkpoint and the cost meter read beyond the strategies' own state -------------
+    def carried_state(self) -> dict:
+        """State of the template that the next session depends on (saved in every checkpoint; none here)."""
+        return {}
+
+    def load_carried_state(self, state: dict) -> None:
+        """Restore :meth:`carried_state` at a resume."""
+
+    def flop_groups(self) -> dict[str, list[str]]:
+        """Parts of a training step whose FLOPs the cost meter reports apart: name -> module names as
+        ``torch.utils.flop_counter.FlopCounterMode`` keys them (none here)."""
+        return {}

@@ -9,7 +9,9 @@ Checks, one table row each (every one in its own subprocesses, logs under OUT/lo
     pytest -m gpu         the tests marked ``gpu`` on FSCL_TEST_DEVICE=cuda (their ``device`` fixture)
     runs <backbone>       every strategy through ``python -m benchmark run`` on generated images in EuroSAT's
                           layout (2 sessions of 2 shots, 1 epoch, bf16): OpenAI-layout ViT-B/16 and
-                          ViT-L/14-336, random weights; every run finished, train seconds and peak memory
+                          ViT-L/14-336, random weights, with VQA through a tiny random LLaVA whose tower
+                          takes the encoder (the *-ppl strategies train through it); every run finished,
+                          train seconds and peak memory
     device=<d>            auto, cuda, cuda:0: a tiny run each, which must allocate on cuda:0
     resume after kill -9  a run killed in session 2 and run again ends with the uninterrupted run's matrix.csv
     ddp, 2 processes      torchrun, ``ddp=true`` (needs 2+ GPUs; SKIP otherwise)
@@ -41,7 +43,11 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu")
+STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl")
+# A tiny random LLaVA whose tower takes a backbone's encoder: the *-ppl strategies' VLM (and every run's VQA)
+TINY_LLAVA = ("import sys, benchmark; from benchmark.backbones import backbone_skeleton; "
+              "from benchmark.export import hf_vision_config; from benchmark.vqa.llava import save_tiny_llava; "
+              "save_tiny_llava(sys.argv[2], vision_config=hf_vision_config(backbone_skeleton(sys.argv[1]).visual))")
 THROUGHPUT = ("eval_throughput", "vqa_throughput")  # benchmarks/<name>.py, run with Mode.throughput_args once they exist
 TINY_RUN = ("run", "quick", "strategy=full-ft", "sessions=1", "seed=0", "shots=2", "train.epochs=1",
             "digits.test_fraction=0.05", "--no-progress")
@@ -73,7 +79,7 @@ class Mode:
 
 
 GPU = Mode("cuda", ("openclip:ViT-B-16-quickgelu", "openclip:ViT-L-14-336-quickgelu"),
-           ("--device", "cuda", "--model", "ViT-B-16", "--rounds", "3"), ("--device", "cuda"))
+           ("--device", "cuda", "--model", "ViT-B-16", "--rounds", "3", "--vlm", "7b"), ("--device", "cuda"))
 CPU = Mode("cpu", ("openclip:fscl-tiny",),
            ("--device", "cpu", "--model", "fscl-tiny", "--rounds", "1", "--threads", "1"),
            ("--device", "cpu", "--model", "fscl-tiny"))
@@ -217,10 +223,12 @@ def strategy_runs(check: Check) -> list[Row]:
     rows = []
     for i, backbone in enumerate(check.mode.backbones):
         out = check.out / "runs" / f"strategies-{i}"
+        llava = check.out / f"llava-{i}"
+        check.run(f"llava-{i}", [sys.executable, "-c", TINY_LLAVA, backbone, str(llava)], timeout=300)
         config = {"name": "gpu-check", "stream": "eurosat", "strategy": list(STRATEGIES), "backbone": backbone,
                   "shots": 2, "sessions": 2, "seed": 0, "data_root": str(data), "out": str(out),
                   "device": check.mode.device, "eurosat": {"test_fraction": 0.5},  # 3 train, 3 test images a class
-                  "train": {"epochs": 1, "precision": "bf16"}}
+                  "train": {"epochs": 1, "precision": "bf16"}, "vqa": {"model": f"llava:{llava}"}}
         path = check.out / f"strategies-{i}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         proc = check.run(f"strategies-{i}", [sys.executable, "-m", "benchmark", "run", str(path), "--no-progress"],

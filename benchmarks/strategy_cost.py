@@ -13,9 +13,17 @@ bytes, trainable parameters (LoRSU's masked count and the count with dense biase
 set-up time (importance and masks). ``lorsu-dense`` is the dense reference of
 :mod:`strategies.lorsu.reference`. The goals of issue 3 are checked at the end.
 
+A second table does the same for the strategies trained with LLaVA's answer loss (``lorsu-ppl``,
+``lora-ppl``) against full fine-tuning of the encoder inside LLaVA (``full-ft`` on the VLM
+template), and adds the frozen language model's FLOPs per image: ``--vlm tiny`` (default) with
+``fscl-tiny`` inside the tiny random LLaVA of the tests, ``--vlm 7b`` with the ``--model`` encoder
+inside a random LLaVA-1.5-7B-shaped model (Llama-2-7B: 32 layers of width 4096, bf16; GPU only,
+"skipped: no GPU" otherwise), ``--vlm none`` to leave it out.
+
     python benchmarks/strategy_cost.py                    # ViT-B-16, batch 8, 3 timed rounds
     python benchmarks/strategy_cost.py --rounds 5 --strategies full-ft lorsu lorsu-dense
     python benchmarks/strategy_cost.py --threads 1        # on a machine shared with other jobs
+    python benchmarks/strategy_cost.py --device cuda --model ViT-L-14-336-quickgelu --vlm 7b
 
 On a shared machine two intra-op threads spin while the other job holds a core, and wall
 times swing by tens of percent; one thread and the CPU-time column give stable ratios.
@@ -27,9 +35,11 @@ import copy
 import logging
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import benchmark  # noqa: F401  (torchvision repair: before avalanche and open_clip)
 
@@ -50,9 +60,15 @@ from benchmark.plugins import StrategyPlugin, optimizer_state_bytes
 from benchmark.registry import STRATEGIES
 from benchmark.runner import peak_memory_mb
 from benchmark.template import CLIPTemplate
+from benchmark.vlm_template import VLMTemplate
+from benchmark.vqa.llava import load_llava, save_tiny_llava
+from benchmark.vqa.pairs import AnswerPairs
+from benchmark.vqa.vlm_loss import VLMLoss
 from strategies.lorsu.reference import DenseLoRSU
+from strategies.options import VLMRecipeOptions
 
 DEFAULT_STRATEGIES = ("full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-dense")
+VLM_STRATEGIES = ("full-ft", "lorsu-ppl", "lora-ppl")  # full-ft: the encoder fully trained inside LLaVA
 GOALS = (  # (name, strategy, reference, columns, bound): column(strategy) <= bound * column(reference)
     ("LoRSU step time <= 0.85x full-ft", "lorsu", "full-ft", ("step_s", "cpu_s"), 0.85),
     ("LoRSU optimizer state <= 0.15x full-ft", "lorsu", "full-ft", ("optimizer_bytes",), 0.15),
@@ -102,14 +118,73 @@ def make_plugin(name: str, backbone: Backbone) -> StrategyPlugin:
     return entry.obj(backbone, entry.options() if entry.options else None)
 
 
-def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.device) -> Entry:
-    """Build the strategy's template and run its session set-up (importance, masks, optimizer)."""
+@dataclass
+class VLM:
+    """The frozen LLaVA of the VLM table and what the VLM template needs of it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+
+    def template_parts(self, backbone: Backbone, classes: int) -> dict:
+        loss = VLMLoss(self.model, backbone)
+        pairs = AnswerPairs(self.tokenizer, loss.image_token_id, loss.image_tokens, "What is in this image?",
+                            "This is a {}.", [f"class {i}" for i in range(classes)])
+        return {"vlm_loss": loss, "pairs": pairs}
+
+
+def llava_7b_config(vision_config, folder: Path):
+    """A LLaVA-1.5-7B-shaped ``LlavaConfig``: ``vision_config`` as the tower, Llama-2-7B as the language model
+    (32 layers, width 4096, 32 heads, MLP 11008, vocabulary 32064), a 2-layer MLP projector; the special
+    tokens those of the tiny LLaVA written to ``folder`` (its tokenizer serves the random model)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    config = AutoConfig.from_pretrained(save_tiny_llava(folder))
+    config.vision_config = vision_config
+    text = config.text_config
+    config.text_config = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                     bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                                     pad_token_id=text.pad_token_id)
+    return config
+
+
+def load_vlm(kind: str, backbone: Backbone, device: torch.device, folder: Path) -> VLM:
+    """``tiny``: the tests' tiny random LLaVA (its tower: ``backbone``'s shape); ``7b``: :func:`llava_7b_config`,
+    random weights in bf16 on ``device``."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from benchmark.export import hf_vision_config
+
+    if kind == "tiny":
+        model, processor = load_llava(f"llava:{save_tiny_llava(folder, vision_config=hf_vision_config(backbone.visual))}",
+                                      device)
+        return VLM(model, processor.tokenizer)
+    config = llava_7b_config(hf_vision_config(backbone.visual), folder)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return VLM(model, AutoTokenizer.from_pretrained(folder))
+
+
+def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.device,
+           vlm: VLM | None = None) -> Entry:
+    """Build the strategy's template (the VLM one with ``vlm``) and run its session set-up (importance, masks,
+    optimizer)."""
     plugin = make_plugin(name, backbone)
-    template = CLIPTemplate(
+    common = dict(
         backbone=backbone, class_names=tuple(f"class {i}" for i in range(batch)), templates=("a photo of a {}.",),
         train=TrainConfig(epochs=1, batch_size=batch), zeroshot=ZeroShotEvaluator(backbone), seed=0, device=device,
         plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]),
     )
+    if vlm is None:
+        template = CLIPTemplate(**common)
+    else:
+        recipe = plugin.options if plugin.objective == "vlm" else VLMRecipeOptions()
+        template = VLMTemplate(recipe=recipe, **vlm.template_parts(backbone, batch), **common)
     template.experience, template.is_training = experience, True
     template.model.train()
     template.class_text_features()  # the frozen text side, encoded once outside every measurement
@@ -122,7 +197,8 @@ def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.
 
 def instrumented_step(entry: Entry, device: torch.device) -> None:
     """The first (untimed) step: FLOPs per sample, step memory, optimizer state, trainable counts."""
-    weights = {p.untyped_storage().data_ptr() for p in entry.template.model.parameters()}
+    held = [*entry.template.model.parameters(), *getattr(entry.template, "vlm_loss", torch.nn.Module()).parameters()]
+    weights = {p.untyped_storage().data_ptr() for p in held}  # the encoder's and (VLM) LLaVA's weights
     saved: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -137,6 +213,8 @@ def instrumented_step(entry: Entry, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     with FlopCounterMode(display=False) as flops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         entry.template.training_epoch()
+    counts = flops.get_flop_counts()
+    lm = sum(sum(counts[m].values()) for m in entry.template.flop_groups().get("lm", ()) if m in counts)
     optimizer = entry.template.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
@@ -144,7 +222,8 @@ def instrumented_step(entry: Entry, device: torch.device) -> None:
     memory = (torch.cuda.max_memory_allocated(device) - base if device.type == "cuda"
               else sum(saved.values()) + grads + state)
     batch = entry.template.train_mb_size
-    entry.stats.update(flops=flops.get_total_flops() / batch, memory_bytes=memory, optimizer_bytes=state,
+    entry.stats.update(flops=flops.get_total_flops() / batch, lm_flops=lm / batch, memory_bytes=memory,
+                       optimizer_bytes=state,
                        **entry.plugin.trainable_counts())
 
 
@@ -162,16 +241,17 @@ def timed_step(entry: Entry, device: torch.device) -> None:
 def table(entries: list[Entry]) -> str:
     ref = next((e for e in entries if e.name == "full-ft"), entries[0])
     ref_step, ref_cpu, ref_state = ref.stats["step_s"], ref.stats["cpu_s"], ref.stats["optimizer_bytes"] or 1
+    lm = any(e.stats["lm_flops"] for e in entries)  # the VLM table: the language model's share of the FLOPs
     head = (f"{'strategy':<12} {'step s':>7} {'x ' + ref.name:>10} {'cpu s':>7} {'x ' + ref.name:>10} "
-            f"{'GFLOP/img':>9} {'memory MiB':>10} "
+            f"{'GFLOP/img':>9} " + (f"{'LM GFLOP':>9} " if lm else "") + f"{'memory MiB':>10} "
             f"{'Adam MiB':>9} {'x ' + ref.name:>10} {'trainable':>11} {'+ biases':>11} {'setup s':>8}")
     lines = [head, "-" * len(head)]
     for e in entries:
         s = e.stats
         lines.append(
             f"{e.name:<12} {s['step_s']:>7.2f} {s['step_s'] / ref_step:>10.2f} {s['cpu_s']:>7.2f} "
-            f"{s['cpu_s'] / ref_cpu:>10.2f} {s['flops'] / 1e9:>9.2f} "
-            f"{s['memory_bytes'] / 2**20:>10.0f} {s['optimizer_bytes'] / 2**20:>9.1f} "
+            f"{s['cpu_s'] / ref_cpu:>10.2f} {s['flops'] / 1e9:>9.2f} " + (f"{s['lm_flops'] / 1e9:>9.2f} " if lm else "")
+            + f"{s['memory_bytes'] / 2**20:>10.0f} {s['optimizer_bytes'] / 2**20:>9.1f} "
             f"{s['optimizer_bytes'] / ref_state:>10.3f} {s['trainable']:>11,} {s['trainable_with_biases']:>11,} "
             f"{e.setup_s:>8.2f}")
     return "\n".join(lines)
@@ -189,6 +269,46 @@ def goals(entries: list[Entry]) -> list[str]:
     return lines
 
 
+def measure(names: list[str], backbone: Backbone, experience, batch: int, device: torch.device, rounds: int,
+            vlm: VLM | None = None) -> list[Entry]:
+    """Set every strategy up on its own copy of the encoder, take the instrumented step, then ``rounds`` timed
+    rounds in rotating order; the entries with their medians."""
+    entries = []
+    for name in names:
+        torch.manual_seed(0)
+        entries.append(set_up(name, copy_vision_side(backbone), experience, batch, device, vlm))
+        print(f"  set up {name} ({entries[-1].setup_s:.1f} s)", flush=True)
+    for entry in entries:
+        instrumented_step(entry, device)
+    for r in range(rounds):
+        shift = r % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            timed_step(entry, device)
+        print(f"  round {r + 1}/{rounds}", flush=True)
+    for entry in entries:
+        entry.stats["step_s"] = statistics.median(entry.times)
+        entry.stats["cpu_s"] = statistics.median(entry.cpu_times)
+    return entries
+
+
+def vlm_table(kind: str, model: str, batch: int, device: torch.device, rounds: int) -> None:
+    """The Ppl strategies against full fine-tuning of the encoder inside LLaVA (see the module docstring)."""
+    if kind == "7b" and device.type != "cuda":
+        print("\nVLM loss, LLaVA-1.5-7B-shaped: skipped: no GPU (--device cuda)")
+        return
+    backbone = load_backbone("openclip:fscl-tiny" if kind == "tiny" else f"openclip:{model}", str(device))
+    size = backbone.preprocess(False)(Image.new("RGB", (8, 8))).shape[-1]
+    experience = benchmark_from_datasets(train=[as_classification_dataset(RandomImages(batch, size))]).train_stream[0]
+    with tempfile.TemporaryDirectory() as folder:
+        vlm = load_vlm(kind, backbone, device, Path(folder))
+        lm_params = sum(p.numel() for p in vlm.model.parameters()) - backbone.visual_parameter_count()
+        print(f"\nVLM loss: {backbone.spec} inside a random {kind} LLaVA ({lm_params / 1e6:,.2f} M other parameters), "
+              f"batch {batch}", flush=True)
+        entries = measure(list(VLM_STRATEGIES), backbone, experience, batch, device, rounds, vlm)
+    print()
+    print(table(entries))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights)")
@@ -196,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each: one step of every strategy)")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help=f"any of {', '.join(DEFAULT_STRATEGIES)} or another registered strategy")
+    parser.add_argument("--vlm", choices=("tiny", "7b", "none"), default="tiny",
+                        help="the VLM-loss table: fscl-tiny in a tiny LLaVA, --model in a 7B-shaped one (GPU), or none")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -212,28 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         train=[as_classification_dataset(RandomImages(args.batch, size))]).train_stream[0]
     print(f"{args.model}: {backbone.visual_parameter_count() / 1e6:.1f} M visual parameters, batch {args.batch}, "
           f"{size}px, {device}, {torch.get_num_threads()} threads, {args.rounds} timed rounds", flush=True)
-
-    entries = []
-    for name in args.strategies:
-        torch.manual_seed(0)
-        entries.append(set_up(name, copy_vision_side(backbone), experience, args.batch, device))
-        print(f"  set up {name} ({entries[-1].setup_s:.1f} s)", flush=True)
-    for entry in entries:
-        instrumented_step(entry, device)
-    for r in range(args.rounds):
-        shift = r % len(entries)
-        for entry in entries[shift:] + entries[:shift]:
-            timed_step(entry, device)
-        print(f"  round {r + 1}/{args.rounds}", flush=True)
-    for entry in entries:
-        entry.stats["step_s"] = statistics.median(entry.times)
-        entry.stats["cpu_s"] = statistics.median(entry.cpu_times)
-
+    entries = measure(args.strategies, backbone, experience, args.batch, device, args.rounds)
     print()
     print(table(entries))
     print()
     print("\n".join(goals(entries)))
     print(f"\nprocess peak memory: {peak_memory_mb(device):.0f} MiB (all strategies' copies together)")
+    del backbone, entries
+    if args.vlm != "none":
+        vlm_table(args.vlm, args.model, args.batch, device, args.rounds)
     return 0
 
 

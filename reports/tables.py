@@ -91,6 +91,7 @@ COST_COLUMNS = (
     Column("trainable_with_biases", "Trainable incl. biases", "Trainable incl. biases", "lower", _count),
     Column("trainable_released", "Trainable (released count)", "Trainable (released)", "lower", _count),
     Column("flops_per_sample", "FLOPs / sample (fwd+bwd)", "FLOPs", "lower", _flops),
+    Column("lm_flops_per_sample", "LM FLOPs / sample (VLM loss)", "LM FLOPs", "lower", _flops),
     Column("setup_seconds", "Mask / setup time (s)", "Setup time", "lower", _seconds),
     Column("peak_memory_mb", "Peak memory (MiB)", "Peak memory", "lower", _mebibytes),
     Column("optimizer_state_bytes", "Optimizer state (MiB)", "Optimizer state", "lower", _bytes_as_mebibytes),

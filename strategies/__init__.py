@@ -1,4 +1,5 @@
-"""Strategies: one module (or small package) per method, each a plugin on the shared CLIP template.
+"""Strategies: one module (or small package) per method, each a plugin on a training template (the CLIP one, or
+the VLM one for the ``*-ppl`` strategies).
 
 Declared here by name, so that ``fscl ls`` and config checks know them without importing
 torch; a strategy's module is imported when a run first asks for it. Options: :mod:`strategies.options`.
@@ -20,3 +21,7 @@ STRATEGIES.declare("spu", "strategies.spu:SPU", options="strategies.options:SPUO
                    summary="SPU: sparse fc1 entries by score + dense fc1 biases (or all biases) + the image projection.")
 STRATEGIES.declare("lorsu", "strategies.lorsu:LoRSU", options="strategies.options:LoRSUOptions",
                    summary="LoRSU: sparse fc1 + low-rank updates of the most important heads, merged after each session.")
+STRATEGIES.declare("lorsu-ppl", "strategies.lorsu:LoRSUPpl", options="strategies.options:LoRSUPplOptions",
+                   summary="LoRSU-Ppl: LoRSU trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.")
+STRATEGIES.declare("lora-ppl", "strategies.lora:LoRAPpl", options="strategies.options:LoRAPplOptions",
+                   summary="LoRA-Ppl: LoRA trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.")

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig
@@ -33,21 +34,26 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from torch import Tensor, nn
 
+from benchmark.config import check
 from benchmark.plugins import StrategyPlugin
 from strategies.lorsu.update import LowRankDelta, attach, merge
-from strategies.options import LoRAOptions
+from strategies.options import LoRAOptions, LoRAPplOptions
 
 ADAPTER = "default"  # peft's adapter name
 
 
-def lora_targets(visual: nn.Module, exclude: nn.Module | None) -> list[str]:
-    """Names (under ``visual``) of its attention modules and of every other linear layer.
+def lora_targets(visual: nn.Module, exclude: nn.Module | None, skipped: Sequence[nn.Module] = ()) -> list[str]:
+    """Names (under ``visual``) of its attention modules and of every other linear layer, none inside the
+    ``skipped`` modules (e.g. the last blocks).
 
     Linears inside an ``nn.MultiheadAttention`` are left out: peft adapts them with it.
     """
     inside_attention = {id(m) for a in visual.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules()}
+    left_out = {id(m) for block in skipped for m in block.modules()}
     names = []
     for name, module in visual.named_modules():
+        if id(module) in left_out:
+            continue
         if isinstance(module, nn.MultiheadAttention) or (
             isinstance(module, nn.Linear) and id(module) not in inside_attention and module is not exclude
         ):
@@ -88,10 +94,22 @@ class LoRA(StrategyPlugin[LoRAOptions]):
     supports_ddp = True  # no statistics of its own; every rank draws the same factors (same global seed)
 
     def __init__(self, backbone, options: LoRAOptions | None = None) -> None:
-        super().__init__(backbone, options or LoRAOptions())
+        super().__init__(backbone, options or self.default_options())
+        skip = self.options.skip_last_blocks
+        if skip:
+            depth = len(backbone.blocks())
+            check(skip < depth, f"{self.options.section}.skip_last_blocks", skip,
+                  f"an integer in [0, {max(depth - 1, 0)}] (backbone '{backbone.spec}' has {depth} transformer blocks)")
         self._tuner: LoraModel | None = None
         self._projection: tuple[nn.Module, str] | None = None
         self._factors: dict[str, Tensor] = {}  # keep: the adapter between sessions, by parameter name under visual
+
+    default_options: ClassVar[type] = LoRAOptions
+
+    def skipped_blocks(self) -> list[nn.Module]:
+        """The modules of the last ``skip_last_blocks`` blocks (no adapter there)."""
+        skip = self.options.skip_last_blocks
+        return [b.module for b in self.backbone.blocks()[-skip:]] if skip else []
 
     # -- the session ----------------------------------------------------------------------
     def setup(self, session) -> None:
@@ -137,7 +155,7 @@ class LoRA(StrategyPlugin[LoRAOptions]):
         projection = self.backbone.image_projection() if opts.proj_lora else None
         exclude = projection[0] if projection and isinstance(projection[0], nn.Linear) else None
         config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, bias="none",
-                            target_modules=lora_targets(self.backbone.visual, exclude))
+                            target_modules=lora_targets(self.backbone.visual, exclude, self.skipped_blocks()))
         self._tuner = LoraModel(self.backbone.visual, config, ADAPTER)
         for layer in self._lora_layers():
             if isinstance(layer, LoraMultiheadAttention):  # its out-projection update is (α/r)·B·A once
@@ -180,3 +198,15 @@ class LoRA(StrategyPlugin[LoRAOptions]):
             module, name = self._projection
             original = module.parametrizations[name].original
             original -= delta(torch.zeros_like(original))  # the update alone, as merge() added it
+
+
+class LoRAPpl(LoRA):
+    """LoRA-Ppl: LoRA trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.
+
+    The VLM template (:mod:`benchmark.vlm_template`) trains it, with the released LoRSU-Ppl code's peft LoRA
+    (:class:`strategies.options.LoRAPplOptions`: peft's init, no projection).
+    """
+
+    objective = "vlm"
+    supports_ddp = False  # the VLM template has no data-parallel path
+    default_options = LoRAPplOptions

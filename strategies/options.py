@@ -7,7 +7,7 @@ carries its help text (``fscl ls strategies -v``); values are checked once, in `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from benchmark.config import check
 
@@ -26,6 +26,8 @@ class EWCOptions:
 class LoRAOptions:
     """Options of ``lora`` (defaults: the released implementation's LoRA baseline)."""
 
+    section: ClassVar[str] = "lora"  # the config section, in error messages
+
     rank: int = field(default=64, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=64.0, metadata={"help": "the update is (alpha / rank) · B · A"})
     proj_lora: bool = field(default=True, metadata={"help": "also adapt the final image projection"})
@@ -35,15 +37,21 @@ class LoRAOptions:
     across_sessions: Literal["keep", "merge"] = field(default="keep", metadata={
         "help": "keep: one adapter trains through all sessions (the released code); "
                 "merge: merge it after each session and start the next from new factors"})
+    skip_last_blocks: int = field(default=0, metadata={
+        "help": "no adapter in the last N blocks (lora-ppl: 1, as LLaVA reads the input of the last block)"})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
-        check(self.alpha > 0, "lora.alpha", self.alpha, "a float > 0")
+        check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
+        check(isinstance(self.skip_last_blocks, int) and self.skip_last_blocks >= 0, f"{self.section}.skip_last_blocks",
+              self.skip_last_blocks, "an integer >= 0 (and below the number of blocks)")
 
 
 @dataclass
 class LoRSUOptions:
     """Options of ``lorsu`` (defaults: the released implementation's choices, docs/fidelity.md)."""
+
+    section: ClassVar[str] = "lorsu"  # the config section, in error messages
 
     top_k_heads: int = field(default=2, metadata={
         "help": "attention heads updated per block (at most the backbone's heads per block)"})
@@ -62,15 +70,27 @@ class LoRSUOptions:
         "help": "score the importance on at least this many training samples (or one pass)"})
     importance_min_abs: float = field(default=1e-10, metadata={
         "help": "and until every accumulated |Σ n_b ∇L_b| is >= this (the released rule); 0: the sample count only"})
+    importance_sum: Literal["batch", "running"] = field(default="batch", metadata={
+        "help": "batch: Σ_b n_b ∇L_b / N; running: the released LoRSU-Ppl code's, which never zeroes .grad while "
+                "scoring, so batch b adds n_b times the sum of the gradients of batches 1..b"})
+    qkv_update: Literal["joint", "separate"] = field(default="joint", metadata={
+        "help": "joint: one rank-r update of the chosen heads' stacked q/k/v rows, A [rows, r] Kaiming, B zero (the "
+                "released CLIP path); separate: one rank-r update for each of q, k and v (the released LoRSU-Ppl), "
+                "its input-side factor [r, W] Kaiming and its output-side factor zero"})
+    skip_last_blocks: int = field(default=0, metadata={
+        "help": "leave the last N blocks untouched (not scored, not trained); LLaVA reads the input of the last "
+                "block, so its VLM loss never reaches it (lorsu-ppl: 1)"})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, "lorsu.top_k_heads", self.top_k_heads,
+        check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, f"{self.section}.top_k_heads", self.top_k_heads,
               "an integer >= 1 (and at most the number of heads per block)")
-        check(0 < self.sparsity <= 1, "lorsu.sparsity", self.sparsity, "a float in (0, 1]")
-        check(isinstance(self.rank, int) and self.rank >= 1, "lorsu.rank", self.rank, "an integer >= 1")
-        check(self.alpha > 0, "lorsu.alpha", self.alpha, "a float > 0")
-        check(self.importance_samples >= 1, "lorsu.importance_samples", self.importance_samples, "an integer >= 1")
-        check(self.importance_min_abs >= 0, "lorsu.importance_min_abs", self.importance_min_abs, "a float >= 0")
+        check(isinstance(self.skip_last_blocks, int) and self.skip_last_blocks >= 0, f"{self.section}.skip_last_blocks",
+              self.skip_last_blocks, "an integer >= 0 (and below the number of blocks)")
+        check(0 < self.sparsity <= 1, f"{self.section}.sparsity", self.sparsity, "a float in (0, 1]")
+        check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
+        check(self.importance_samples >= 1, f"{self.section}.importance_samples", self.importance_samples, "an integer >= 1")
+        check(self.importance_min_abs >= 0, f"{self.section}.importance_min_abs", self.importance_min_abs, "a float >= 0")
 
 
 @dataclass
@@ -97,3 +117,61 @@ class SPUOptions:
         check(0 < self.sparsity <= 1, "spu.sparsity", self.sparsity, "a float in (0, 1]")
         check(0 < self.importance_fraction <= 1, "spu.importance_fraction", self.importance_fraction,
               "a float in (0, 1]")
+
+
+@dataclass
+class VLMRecipeOptions:
+    """The VLM template's optimizer settings (options of the ``*-ppl`` strategies; the released LoRSU-Ppl trainer's)."""
+
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay of every trainable parameter but biases and norms (the released command line's "
+                "0.01)"})
+    warmup: Literal["epoch", "steps"] = field(default="epoch", metadata={
+        "help": "linear warm-up from train.min_lr to train.lr over the first epoch (the released Ppl trainer), or "
+                "over train.warmup_steps"})
+    carry_optimizer_state: bool = field(default=False, metadata={
+        "help": "start each session's AdamW from the state the previous session ended with, by position (the "
+                "released code's quirk)"})
+    train_augment: bool = field(default=False, metadata={
+        "help": "false: train on the evaluation transform, no augmentation (the released Ppl trainer); "
+                "true: train.augment, as the CLIP path"})
+
+    def _check_recipe(self) -> None:
+        check(self.weight_decay >= 0, f"{self.section}.weight_decay", self.weight_decay, "a float >= 0")
+
+
+@dataclass
+class LoRSUPplOptions(VLMRecipeOptions, LoRSUOptions):
+    """Options of ``lorsu-ppl``: LoRSU's with the released LoRSU-Ppl defaults (separate q/k/v updates, the last
+    block skipped, no attention bias, no projection LoRA) and the VLM template's optimizer settings."""
+
+    section: ClassVar[str] = "lorsu-ppl"
+
+    train_attn_bias: bool = field(default=False, metadata={"help": "train the q/k/v biases of all heads (dense)"})
+    proj_lora: bool = field(default=False, metadata={
+        "help": "a LoRA on the final image projection (LLaVA never reads it; off)"})
+    qkv_update: Literal["joint", "separate"] = field(default="separate", metadata=LoRSUOptions.__dataclass_fields__[
+        "qkv_update"].metadata)
+    skip_last_blocks: int = field(default=1, metadata=LoRSUOptions.__dataclass_fields__["skip_last_blocks"].metadata)
+
+    def __post_init__(self) -> None:
+        LoRSUOptions.__post_init__(self)
+        self._check_recipe()
+
+
+@dataclass
+class LoRAPplOptions(VLMRecipeOptions, LoRAOptions):
+    """Options of ``lora-ppl``: LoRA's with the released LoRSU-Ppl code's peft LoRA (peft's init, layers 0..L-2, no
+    projection) and the VLM template's optimizer settings."""
+
+    section: ClassVar[str] = "lora-ppl"
+
+    init: Literal["released", "peft"] = field(default="peft", metadata=LoRAOptions.__dataclass_fields__[
+        "init"].metadata)
+    proj_lora: bool = field(default=False, metadata={
+        "help": "also adapt the final image projection (LLaVA never reads it; off)"})
+    skip_last_blocks: int = field(default=1, metadata=LoRAOptions.__dataclass_fields__["skip_last_blocks"].metadata)
+
+    def __post_init__(self) -> None:
+        LoRAOptions.__post_init__(self)
+        self._check_recipe()

@@ -40,7 +40,8 @@ class StreamSpec:
     with ``class_names``; without them a class's key is its index. In a data file the
     order may be written with keys instead of indices (``class_order_keys``).
     ``vqa_question`` is the question of the stream's multiple-choice VQA set (``fscl vqa
-    build``; None: the stream has none).
+    build``; None: the stream has none). ``ppl_answer`` is the answer a VLM-loss strategy (``lorsu-ppl``,
+    ``lora-ppl``) trains LLaVA to give to that question, ``{}`` standing for the class name.
     """
 
     name: str
@@ -50,6 +51,7 @@ class StreamSpec:
     class_order: tuple[int, ...]
     class_keys: tuple[Hashable, ...] | None = None
     vqa_question: str | None = None
+    ppl_answer: str = "{}"
 
     @classmethod
     def from_file(cls, path: Path) -> StreamSpec:
@@ -73,11 +75,14 @@ class StreamSpec:
             class_order=tuple(order),
             class_keys=keys,
             vqa_question=data.get("vqa_question"),
+            ppl_answer=data.get("ppl_answer", "{}"),
         )
         if sorted(spec.class_order) != list(range(n)):
             raise ValueError(f"{path}: class_order must be a permutation of 0..{n - 1}")
         if not all("{}" in t for t in spec.templates):
             raise ValueError(f"{path}: every template needs a '{{}}' for the class name")
+        if spec.ppl_answer.count("{}") != 1:
+            raise ValueError(f"{path}: ppl_answer needs exactly one '{{}}' for the class name, got {spec.ppl_answer!r}")
         return spec
 
     @property

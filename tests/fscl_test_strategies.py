@@ -13,7 +13,8 @@ from pathlib import Path
 from benchmark.distributed import rank
 from benchmark.registry import STRATEGIES
 from strategies.ewc import EWC, EWCOptions
-from strategies.lorsu import LoRSU, LoRSUOptions
+from strategies.lorsu import LoRSU, LoRSUOptions, LoRSUPpl
+from strategies.options import LoRSUPplOptions
 
 PAUSE_ENV = "FSCL_TEST_PAUSE"  # a file path: created in the middle of session 2, then the run sleeps
 MASKS_ENV = "FSCL_TEST_MASKS"  # a folder: each rank writes the LoRSU selection of every session there
@@ -29,6 +30,13 @@ class PausingEWC(EWC):
         if marker and strategy.experience.current_experience == 1:
             Path(marker).touch()
             time.sleep(600)
+
+
+@STRATEGIES.register("test-lorsu-ppl-pause", options=LoRSUPplOptions)
+class PausingLoRSUPpl(LoRSUPpl):
+    """LoRSU-Ppl; with ``$FSCL_TEST_PAUSE`` set, pauses in the middle of session 2 as :class:`PausingEWC` does."""
+
+    after_training_iteration = PausingEWC.after_training_iteration
 
 
 @STRATEGIES.register("test-lorsu-record", options=LoRSUOptions)

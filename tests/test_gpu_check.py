@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).parent.parent
-STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu")
+STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl")
 
 
 def _table(stdout: str) -> dict[str, tuple[str, str]]:
@@ -35,13 +35,13 @@ def test_the_gpu_check_passes_on_the_cpu(tmp_path):
         "device=cuda": "SKIP", "device=cuda:0": "SKIP", "resume after kill -9": "PASS", "ddp, 2 processes": "SKIP",
         "strategy_cost": "PASS", **throughput}
     assert re.fullmatch(r"\d+ passed on cpu", rows["pytest -m gpu"][1])
-    assert rows["runs fscl-tiny"][1].startswith("7/7 finished")
+    assert rows["runs fscl-tiny"][1].startswith(f"{len(STRATEGIES)}/{len(STRATEGIES)} finished")
     assert rows["device=auto"][1] == "finished on the CPU"
     assert rows["resume after kill -9"][1].startswith("resumed after session 1; matrix.csv equals")
     for strategy in STRATEGIES:  # the per-strategy costs of the runs, printed before the table
         assert re.search(rf"^  {re.escape(strategy)} +finished +\d+\.\d\d +\d", proc.stdout, re.MULTILINE), strategy
     assert re.search(r"^  lorsu-dense ", proc.stdout, re.MULTILINE)  # strategy_cost's table
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(
-        ["environment.log", "pytest.log", "strategies-0.log", "device-auto.log", "resume-reference.log",
+        ["environment.log", "pytest.log", "llava-0.log", "strategies-0.log", "device-auto.log", "resume-reference.log",
          "resume-killed.log", "resume-again.log", "strategy_cost.log"]
         + [f"{name}.log" for name, status in throughput.items() if status == "PASS"])

@@ -7,9 +7,13 @@ Per session, on the plain encoder left by the previous session:
    ``importance_min_abs`` in magnitude, or one pass);
 2. fc1: the top ⌊sparsity · numel⌋ entries of |I| per block become trainable values;
 3. heads: per block the ``top_k_heads`` heads of largest ‖I_q,h‖² + ‖I_k,h‖² + ‖I_v,h‖²;
-4. a rank-``rank`` update (α/r)·A·B of those heads' q/k/v rows, computed on the activations;
+4. a rank-``rank`` update (α/r)·A·B of those heads' q/k/v rows, computed on the activations
+   (``qkv_update: separate``: one for each of q, k and v, LoRSU-Ppl's);
 5. (switches) q/k/v biases of all heads, fc1 bias, a LoRA of the image projection;
-6. train (the template's Adam and schedule); 7. merge everything into the weights.
+6. train (the template's optimizer and schedule); 7. merge everything into the weights.
+
+``skip_last_blocks`` leaves the last blocks out of 1-7. ``lorsu-ppl`` (:class:`LoRSUPpl`) is LoRSU
+trained with LLaVA's answer loss (:mod:`benchmark.vlm_template`), with the released LoRSU-Ppl defaults.
 
 Modules: :mod:`.masks` (selection rules), :mod:`.update` (trainable pieces, merging),
 :mod:`.reference` (the dense reference the efficient form is checked against).
@@ -28,8 +32,8 @@ from benchmark.backbones import Backbone, BlockView
 from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from strategies.lorsu import masks
-from strategies.lorsu.update import HeadLoRA, LowRankDelta, SparseEntries, attach, merge
-from strategies.options import LoRSUOptions
+from strategies.lorsu.update import HeadLoRA, LowRankDelta, SeparateHeadLoRA, SparseEntries, attach, merge
+from strategies.options import LoRSUOptions, LoRSUPplOptions
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,11 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
     def __init__(self, backbone: Backbone, options: LoRSUOptions | None = None) -> None:
         super().__init__(backbone, options or LoRSUOptions())
         opts = self.options
+        depth = len(backbone.blocks())
+        check(opts.skip_last_blocks < depth, f"{opts.section}.skip_last_blocks", opts.skip_last_blocks,
+              f"an integer in [0, {depth - 1}] (backbone '{backbone.spec}' has {depth} blocks)")
         heads = min(b.num_heads for b in backbone.blocks())
-        check(opts.top_k_heads <= heads, "lorsu.top_k_heads", opts.top_k_heads,
+        check(opts.top_k_heads <= heads, f"{opts.section}.top_k_heads", opts.top_k_heads,
               f"an integer in [1, {heads}] (backbone '{backbone.spec}' has {heads} attention heads per block)")
         if opts.proj_lora and backbone.image_projection() is None:  # e.g. SigLIP: nothing to adapt (as in lora)
             log.warning("backbone '%s' has no image projection: lorsu.proj_lora is off", backbone.spec)
@@ -79,8 +86,13 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
         self._finalizers: list[Callable[[], None]] = []  # merge steps, run in order after the session
 
     # -- the session ----------------------------------------------------------------------
-    def setup(self, session) -> None:
+    def trained_blocks(self) -> list[BlockView]:
+        """The blocks LoRSU scores and updates: all but the last ``skip_last_blocks``."""
         blocks = self.backbone.blocks()
+        return blocks[:len(blocks) - self.options.skip_last_blocks]
+
+    def setup(self, session) -> None:
+        blocks = self.trained_blocks()
         needs_scores = self.options.head_selection == "importance" or self.options.fc1_mask == "importance"
         scores = self.score(session, blocks) if needs_scores else None
         self.selection = self.select(blocks, scores)
@@ -91,17 +103,19 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
 
     # -- 1-3: scores and selection ------------------------------------------------------------
     def score(self, session, blocks: list[BlockView]) -> list[BlockScores]:
-        """Signed mean CLIP-loss gradient of every block's q/k/v and fc1 weights on the session data.
+        """Signed mean training-loss gradient of every block's q/k/v and fc1 weights on the session data.
 
         The released pass: the model in eval mode, one batch after another of the training loader
         until the batch that reaches ``importance_samples`` samples *and* leaves every accumulated entry
         of Σ_b n_b ∇L_b at magnitude >= ``importance_min_abs``, never past one pass. That check covers
-        what the released code has unfrozen while it scores: q/k/v and fc1 weights, fc1 biases, projection.
+        what the released code has unfrozen while it scores: q/k/v and fc1 weights, fc1 biases, and (CLIP
+        loss only: LLaVA never reads it) the projection.
         """
         candidates = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
-        projection = self.backbone.image_projection()
+        projection = self.backbone.image_projection() if self.objective == "clip" else None
         checked = _unique([*candidates, *(b.fc1.bias for b in blocks), getattr(*projection) if projection else None])
-        grads = session_gradients(session, checked, training=False,
+        reduce = "mean" if self.options.importance_sum == "batch" else "running_mean"
+        grads = session_gradients(session, checked, training=False, reduce=reduce,
                                   min_samples=self.options.importance_samples, min_abs=self.options.importance_min_abs)
         by_id = {id(p): g for p, g in zip(checked, grads)}
         return [BlockScores(*(by_id[id(p.weight)][p.rows] for p in b.qkv), by_id[id(b.fc1.weight)]) for b in blocks]
@@ -150,7 +164,8 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
 
     def install_qkv(self, block: BlockView, rows: Tensor) -> None:
         """Low-rank update of the stacked q/k/v ``rows`` [R], applied on the activations."""
-        update = HeadLoRA(rows, block.width, self.options.rank, self.options.alpha)
+        kind = HeadLoRA if self.options.qkv_update == "joint" else SeparateHeadLoRA
+        update = kind(rows, block.width, self.options.rank, self.options.alpha)
         self.backbone.adapters[f"lorsu_qkv_{block.index}"] = update
         self.qkv_updates.append((block, update))
         handle = block.add_qkv_update(update)
@@ -181,11 +196,12 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
         logged convention; ``trainable_with_biases`` adds the dense biases to ``trainable``."""
         opts = self.options
         masked = released = biases = 0
-        for block, sel in zip(self.backbone.blocks(), self.selection):
-            rows, width = 3 * len(sel.heads) * block.head_dim, block.width
+        parts = 1 if opts.qkv_update == "joint" else 3  # one update of the stacked rows, or one per projection
+        for block, sel in zip(self.trained_blocks(), self.selection):
+            rows, width = 3 * len(sel.heads) * block.head_dim // parts, block.width
             fc1 = 0 if sel.fc1_index is None else len(sel.fc1_index)
-            masked += fc1 + qkv_update_size(rows, width, opts.rank, "free")
-            released += fc1 + qkv_update_size(rows, width, opts.rank, "released")
+            masked += fc1 + parts * qkv_update_size(rows, width, opts.rank, "free")
+            released += fc1 + parts * qkv_update_size(rows, width, opts.rank, "released", parts)
             if opts.train_attn_bias:
                 biases += sum(b.numel() for b in _unique(p.bias for p in block.qkv))
             if opts.train_fc1_bias and block.fc1.bias is not None:
@@ -197,12 +213,28 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
         return {"trainable": masked, "trainable_with_biases": masked + biases, "trainable_released": released}
 
 
-def qkv_update_size(rows: int, width: int, rank: int, convention: Literal["free", "released"]) -> int:
-    """Parameters of a block's rank-``rank`` update of ``rows`` (R) stacked q/k/v rows of width W.
+def qkv_update_size(rows: int, width: int, rank: int, convention: Literal["free", "released"], parts: int = 1) -> int:
+    """Parameters of a rank-``rank`` update of ``rows`` (R) q/k/v rows of width W (``parts``: 1 for the stacked
+    q/k/v rows of a block, 3 for one projection's rows under ``qkv_update: separate``).
 
     ``free``: what really trains, min(R·W, r·(R + W)) (a dense update of the rows when that is smaller).
-    ``released``: the released code's logged count, min(R·W, r·4W) (its LoRA factors span all 3W q/k/v
-    rows, masked to the chosen heads): 16.47 M (5.41 %) for ViT-L/14-336 at r = 64, 2 heads, sparsity 0.1.
+    ``released``: the released code's logged count, min(R·W, r·(3W/parts + W)) (its LoRA factors span all
+    rows of the projection(s), masked to the chosen heads): 16.47 M (5.41 %) for ViT-L/14-336 at r = 64,
+    2 heads, sparsity 0.1.
     """
-    other = rows + width if convention == "free" else 4 * width
+    other = rows + width if convention == "free" else (3 // parts + 1) * width
     return min(rows * width, rank * other)
+
+
+class LoRSUPpl(LoRSU):
+    """LoRSU-Ppl: LoRSU trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.
+
+    The VLM template (:mod:`benchmark.vlm_template`) trains it, with the released LoRSU-Ppl defaults
+    (:class:`strategies.options.LoRSUPplOptions`: separate q/k/v updates, the last block skipped).
+    """
+
+    objective = "vlm"
+    supports_ddp = False  # the VLM template has no data-parallel path
+
+    def __init__(self, backbone: Backbone, options: LoRSUPplOptions | None = None) -> None:
+        super().__init__(backbone, options or LoRSUPplOptions())

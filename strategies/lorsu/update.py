@@ -3,7 +3,8 @@
 - :class:`SparseEntries`: a parametrization of a weight whose entries at fixed flat indices
   are trainable values; the optimizer holds only those values (state ∝ mask size).
 - :class:`HeadLoRA`: the structured low-rank update of a block's chosen q/k/v rows, applied
-  on the activations through :meth:`benchmark.backbones.BlockView.add_qkv_update`.
+  on the activations through :meth:`benchmark.backbones.BlockView.add_qkv_update`;
+  :class:`SeparateHeadLoRA`: the same with one pair of factors for each of q, k and v (LoRSU-Ppl).
 - :class:`LowRankDelta`: a plain LoRA parametrization ``W + (α/r)·A·B`` of a whole weight
   (LoRSU's and LoRA's image-projection update).
 
@@ -63,6 +64,32 @@ class HeadLoRA(nn.Module):
     def delta(self) -> Tensor:
         """The weight update of the chosen rows, [R, W]."""
         return self.scale * self.A @ self.B
+
+
+class SeparateHeadLoRA(nn.Module):
+    """Low-rank updates of the chosen rows of q, k and v, one rank-r pair of factors each (LoRSU-Ppl's):
+    ``x ↦ [(α/r)·x·Dⱼᵀ·Uⱼᵀ]ⱼ`` [..., R], j = q, k, v in the order of ``rows``.
+
+    ``rows`` [R]: stacked q/k/v row indices (ascending, as :meth:`BlockView.qkv_rows` gives them), so
+    projection j owns those in [j·W, (j+1)·W). Dⱼ [r, W] (input side) Kaiming-uniform, Uⱼ [Rⱼ, r] zero: the
+    released ``MaskedLoRALinear`` (``lora_A`` Kaiming, ``lora_B`` zero) restricted to the chosen rows.
+    """
+
+    def __init__(self, rows: Tensor, width: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        counts = [int(((rows >= j * width) & (rows < (j + 1) * width)).sum()) for j in range(3)]
+        self.down = nn.ParameterList(nn.Parameter(kaiming_factor(rank, width, rows.device)) for _ in range(3))
+        self.up = nn.ParameterList(nn.Parameter(torch.zeros(n, rank, device=rows.device)) for n in counts)
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([nn.functional.linear(nn.functional.linear(x, d), u) for d, u in zip(self.down, self.up)],
+                         -1) * self.scale
+
+    def delta(self) -> Tensor:
+        """The weight update of the chosen rows, [R, W]."""
+        return self.scale * torch.cat([u @ d for d, u in zip(self.down, self.up)])
 
 
 class LowRankDelta(nn.Module):

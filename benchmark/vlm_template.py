@@ -1,0 +1,157 @@
+"""The VLM training template: the CLIP template's session loop with LLaVA's next-token loss on the answer.
+
+For the strategies whose objective is ``vlm`` (``lorsu-ppl``, ``lora-ppl``; the LoRSU paper's "Ppl" methods).
+Everything of :class:`benchmark.template.CLIPTemplate` stays (Avalanche's loop, the strategies' session
+contract, evaluation, precision, checkpoints, resume, the cost meter); what changes:
+
+* the loss: a training batch ``(images, labels)`` becomes a question about each image and its class's
+  answer (:class:`benchmark.vqa.pairs.AnswerPairs`), and the loss is LLaVA's mean next-token
+  cross-entropy over the answer tokens and ``</s>``, with the run's encoder in place of LLaVA's tower
+  (:class:`benchmark.vqa.vlm_loss.VLMLoss`). :meth:`training_loss` is that loss, so the shared
+  importance pass, EWC's Fisher and the cost meter use it unchanged. LLaVA is frozen and outside the
+  backbone, so no optimizer ever holds it;
+* the optimizer and schedule (the released LoRSU-Ppl trainer): AdamW (betas 0.9/0.999) with weight decay on
+  every trainable parameter except biases and normalisation weights, a linear warm-up from ``train.min_lr``
+  to ``train.lr`` over the first epoch (or ``train.warmup_steps``), then a cosine of the step count over the
+  whole session down to ``train.min_lr``, stepped every step;
+* optionally (the released code's quirk, off by default) each session's optimizer starts from the state
+  the previous session's ended with, matched by position, as ``torch.optim.Optimizer.load_state_dict`` does.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.template import CLIPTemplate
+from benchmark.vqa.pairs import AnswerPairs
+from benchmark.vqa.vlm_loss import VLMLoss, encoder_tokens
+
+log = logging.getLogger(__name__)
+
+
+class VLMRecipe(Protocol):
+    """The VLM template's optimizer settings (fields of a VLM strategy's options)."""
+
+    weight_decay: float  # AdamW's decoupled weight decay of non-bias, non-norm parameters
+    warmup: Literal["epoch", "steps"]  # warm up over the first epoch, or over train.warmup_steps
+    carry_optimizer_state: bool  # start each session's optimizer from the previous one's state
+
+
+def warmup_cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """The released LoRSU-Ppl schedule at ``step`` (0-based) of ``total``: linear from ``min_lr`` to ``lr`` over
+    ``warmup`` steps, then ``min_lr + (lr − min_lr)·(1 + cos(π·step/total))/2`` (the cosine counts every step of
+    the session, the warm-up's too, so it resumes below ``lr``)."""
+    if step < warmup:
+        return min_lr + (lr - min_lr) * step / warmup
+    return min_lr + 0.5 * (1 + math.cos(math.pi * step / max(1, total))) * (lr - min_lr)
+
+
+def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable parameters with weight decay and without it (biases, and every parameter of a norm layer),
+    the rule of the released trainer (``get_parameter_names(model, ALL_LAYERNORM_LAYERS)`` minus ``bias``)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase))
+             for p in m.parameters()}
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if "bias" in name or id(p) in norms else decay).append(p)
+    return decay, plain
+
+
+class VLMTemplate(CLIPTemplate):
+    """Trains the backbone's vision encoder with LLaVA's answer loss (see the module docstring).
+
+    Args (besides :class:`CLIPTemplate`'s):
+        vlm_loss: the frozen LLaVA around the encoder (:class:`VLMLoss`).
+        pairs: the tokenized question/answer pair of every class of the target stream.
+        recipe: the strategy's :class:`VLMRecipe`.
+    """
+
+    def __init__(self, *, vlm_loss: VLMLoss, pairs: AnswerPairs, recipe: VLMRecipe, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.vlm_loss = vlm_loss.to(self.device)
+        self.pairs = pairs
+        self.recipe = recipe
+        self._warmup = 0
+        self._carried: dict[str, Any] | None = None  # the last session's optimizer state (carry_optimizer_state)
+        autocast, llava = self._autocast_dtype(), vlm_loss.llava.dtype
+        if autocast is not None and llava in (torch.float16, torch.bfloat16) and autocast != llava:
+            log.warning("LLaVA's weights are %s but train.precision autocasts to %s: the frozen language model's "
+                        "residual stream then runs in float32 (about twice the activation memory); "
+                        "train.precision: %s matches it (fp16: the released setting)", llava, autocast,
+                        "fp16" if llava == torch.float16 else "bf16")
+
+    # -- the loss ---------------------------------------------------------------------------------
+    def training_loss(self, batch) -> Tensor:
+        """LLaVA's answer loss of ``batch`` (scalar), as training computes it, without strategy penalties."""
+        batch = self._to_device(batch)
+        return self.answer_loss(batch[0], batch[1])
+
+    def answer_loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Mean next-token loss of the answers of ``labels`` [B] about ``images`` [B, 3, S, S] (fp32 scalar)."""
+        with self._autocast():
+            tokens = encoder_tokens(self.backbone, images, self.vlm_loss.layer, self.vlm_loss.select)
+            return self.vlm_loss(tokens, self.pairs.batch(labels.cpu()).to(self.device))
+
+    def forward(self) -> Tensor:
+        """Training: the answer loss of the mini-batch; evaluation: its zero-shot logits [B, C]."""
+        if not self.is_training:
+            return super().forward()
+        return self.answer_loss(self.mb_x, self.mb_y)
+
+    def batch_loss(self) -> Tensor:
+        return self.mb_output
+
+    # -- optimizer and schedule -------------------------------------------------------------------
+    def make_optimizer(self, **kwargs) -> None:
+        """AdamW over the trainable parameters (decay / no-decay groups) and this session's schedule."""
+        decay, plain = decay_groups(self.model)
+        if not decay and not plain:
+            raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
+        groups = [{"params": decay, "weight_decay": self.recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr,
+                                           betas=(0.9, 0.999))
+        if self.recipe.carry_optimizer_state and self._carried is not None:
+            self._load_carried(self._carried)
+        self._total_steps = len(self.dataloader) * self.train_epochs
+        self._warmup = len(self.dataloader) if self.recipe.warmup == "epoch" else self.train_cfg.warmup_steps
+        self._step = 0
+
+    def _load_carried(self, state: dict[str, Any]) -> None:
+        """The previous session's optimizer state, by position (groups and shapes must match)."""
+        shapes = [[tuple(p.shape) for p in g["params"]] for g in self.optimizer.param_groups]
+        if shapes != state["shapes"]:
+            raise RuntimeError("carry_optimizer_state: this session's trainable parameters do not match the "
+                               f"previous session's by position and shape ({shapes} vs {state['shapes']})")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def scheduled_lr(self) -> float:
+        cfg = self.train_cfg
+        return warmup_cosine_lr(self._step, self._total_steps, cfg.lr, cfg.min_lr, self._warmup)
+
+    def _after_training_exp(self, **kwargs) -> None:
+        if self.recipe.carry_optimizer_state:
+            self._carried = {"optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                             "shapes": [[tuple(p.shape) for p in g["params"]] for g in self.optimizer.param_groups]}
+        super()._after_training_exp(**kwargs)
+
+    # -- checkpoints and costs --------------------------------------------------------------------
+    def carried_state(self) -> dict:
+        return {} if self._carried is None else {"optimizer": self._carried}
+
+    def load_carried_state(self, state: dict) -> None:
+        self._carried = state.get("optimizer")
+
+    def flop_groups(self) -> dict[str, list[str]]:
+        """``lm``: LLaVA's language model and output head (frozen; its forward and the backward to its inputs)."""
+        llava = self.vlm_loss.llava
+        inner = getattr(llava, "model", llava)
+        lm = getattr(inner, "language_model", None) or llava.language_model
+        names = {id(m): n for n, m in self.vlm_loss.named_modules()}  # the counter names them under VLMLoss
+        root = type(self.vlm_loss).__name__
+        return {"lm": [f"{root}.{names[id(m)]}" for m in (lm, llava.get_output_embeddings())]}
