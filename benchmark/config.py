@@ -487,21 +487,34 @@ def _parse(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def declared_type(key: str) -> Any:
-    """The declared type of dotted config ``key`` (``train.lr`` → float, ``lorsu.train.lr`` → float,
-    ``lorsu.top_k_heads`` → int, ``controls`` → list[str]); None for a key that is not known."""
+def _declaring(key: str) -> tuple[type | None, str]:
+    """The dataclass that declares dotted config ``key`` and the field's name there (None: not a known key)."""
     head, _, rest = key.partition(".")
     if not rest:
-        return None if head in ("options", "sweeps") else typing.get_type_hints(Config).get(head)
+        return (None if head in ("options", "sweeps") else Config), head
     section: Any = {TRAIN: TrainConfig, "vqa": VQAConfig}.get(head)
     if section is None and head in STRATEGIES and rest.startswith(f"{TRAIN}."):
         section, rest = TrainConfig, rest[len(TRAIN) + 1:]
     elif section is None:
         entry = STRATEGIES.get(head) if head in STRATEGIES else STREAMS.get(head) if head in STREAMS else None
         section = entry.options if entry is not None else None
-    if section is None or "." in rest:
-        return None
-    return typing.get_type_hints(section).get(rest)
+    return (None if "." in rest else section), rest
+
+
+def declared_type(key: str) -> Any:
+    """The declared type of dotted config ``key`` (``train.lr`` → float, ``lorsu.train.lr`` → float,
+    ``lorsu.top_k_heads`` → int, ``controls`` → list[str]); None for a key that is not known."""
+    cls, name = _declaring(key)
+    return None if cls is None else typing.get_type_hints(cls).get(name)
+
+
+def declared_default(key: str) -> Any:
+    """The documented default of dotted config ``key`` (``lorsu.top_k_heads`` → 2); MISSING when it has none."""
+    cls, name = _declaring(key)
+    for f in dataclasses.fields(cls) if cls is not None else ():
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return dataclasses.MISSING
 
 
 def takes_list(hint: Any) -> bool:
