@@ -157,9 +157,9 @@ class Config:
                                                    in base.options])
             for values in itertools.product(*(self.sweeps[k] for k in keys)):
                 run = _with_values(base, dict(zip(keys, values))) if keys else dataclasses.replace(base)
-                run.swept = dict(zip(keys, values))
+                run.swept = {**self.swept, **dict(zip(keys, values))}  # a run's own config.yaml keeps its folder
                 run.resolve()
-                where = (run.stream, run.backbone, run.strategy, run.shots, run.seed, sweep_tag(run.swept, run.strategy))
+                where = (run.stream, run.backbone, run.strategy, run.shots, run.seed, sweep_tag(run.swept))
                 check(where not in seen, "grid", run.swept, f"swept values that name distinct run folders "
                                                            f"({seen.get(where)} and {run.swept} do not)")
                 seen[where] = run.swept
@@ -198,17 +198,16 @@ class Config:
         return data
 
 
-def sweep_tag(swept: dict[str, Any], strategy: str, limit: int = 60) -> str:
+def sweep_tag(swept: dict[str, Any], limit: int = 60) -> str:
     """The folder name of a run's swept values (empty when none): ``key=value`` joined by ``,``, keys by
-    their last part unless two share it (then dotted, without the run's strategy), values as in YAML
+    their last part unless two share it (then the dotted keys), values as in YAML
     (floats by their shortest exact form, ``0.0005``); cut to ``limit`` characters plus a hash of the
     whole when longer, or when a value holds a character a folder name should not."""
     if not swept:
         return ""
-    names = {k: k.removeprefix(f"{strategy}.") for k in swept}
-    short = {k: n.rsplit(".", 1)[-1] for k, n in names.items()}
+    short = {k: k.rsplit(".", 1)[-1] for k in swept}
     if len(set(short.values())) < len(short):
-        short = names
+        short = {k: k for k in swept}
     text = ",".join(f"{short[k]}={_tag_value(swept[k])}" for k in sorted(swept))
     clean = re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
     if clean != text or len(clean) > limit:
@@ -594,7 +593,10 @@ def _validate(cfg: Config) -> None:
         check(isinstance(section, dict), name, section, "a mapping of option keys")
         if name in STRATEGIES and TRAIN in section:  # the strategy's own training keys, over cfg.train
             check(isinstance(section[TRAIN], dict), f"{name}.train", section[TRAIN], "a mapping of train keys")
-            from_dict(TrainConfig, {**dataclasses.asdict(cfg.train), **section[TRAIN]}, prefix=f"{name}.train")
+            try:
+                from_dict(TrainConfig, {**dataclasses.asdict(cfg.train), **section[TRAIN]}, prefix=f"{name}.train")
+            except ConfigError as err:  # a cross-field check names train.<key>: say whose recipe it is
+                raise ConfigError(str(err) if str(err).startswith(f"{name}.") else f"{name}: {err}") from None
         for registry in (STRATEGIES, STREAMS):
             if name in registry:
                 entry = registry.get(name)

@@ -111,7 +111,7 @@ class RunOutcome:
 def run_dir(cfg: Config) -> Path:
     """``<out>/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>`` of a scalar config; a run of a grid with
     swept keys has their values as a folder before the last (``lorsu/lr=0.0005/5-s0``, :func:`sweep_tag`)."""
-    strategy = Path(cfg.strategy) / sweep_tag(cfg.swept, cfg.strategy) if cfg.swept else Path(cfg.strategy)
+    strategy = Path(cfg.strategy) / sweep_tag(cfg.swept) if cfg.swept else Path(cfg.strategy)
     return Path(cfg.out) / cfg.name / cfg.stream / slug(cfg.backbone) / strategy / f"{cfg.shots}-s{cfg.seed}"
 
 

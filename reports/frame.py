@@ -188,7 +188,7 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     config = _read_yaml(folder / "config.yaml")
     row: dict[str, Any] = {"run": folder.relative_to(root).as_posix(), **{k: config.get(k) for k in RUN_KEYS}}
     swept = config.get("swept") or {}  # a swept grid's values of this run: a column each, and their folder name
-    row.update({SWEEP: sweep_tag(swept, str(row["strategy"])), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
+    row.update({SWEEP: sweep_tag(swept), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
     status, reason = _status(record, manifest, config)
     summary: dict[str, Any] = {}
     if status == STATUS_FINISHED:
