@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -366,7 +367,7 @@ def describe_options(cls: type) -> list[OptionDoc]:
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -504,7 +505,12 @@ def declared_type(key: str) -> Any:
     """The declared type of dotted config ``key`` (``train.lr`` → float, ``lorsu.train.lr`` → float,
     ``lorsu.top_k_heads`` → int, ``controls`` → list[str]); None for a key that is not known."""
     cls, name = _declaring(key)
-    return None if cls is None else typing.get_type_hints(cls).get(name)
+    return None if cls is None else _type_hints(cls).get(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow (evaluates every annotation): once per class
 
 
 def declared_default(key: str) -> Any:

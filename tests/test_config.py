@@ -217,3 +217,18 @@ def test_long_sweeps_keep_short_unique_folder_names():
     assert tags == [sweep_tag(s) for s in swept]  # stable
     assert sweep_tag({"train.lr": 1e-4, "lorsu.train.lr": 1e-3}) == "lorsu.train.lr=0.001,train.lr=0.0001"  # same last part
     assert sweep_tag({"x.name": "a/b"}).startswith("name=a-b-")  # a character a folder must not hold: hashed
+
+
+def test_ablation_presets_sweep_one_lorsu_option_around_the_papers_value():
+    from benchmark.config import declared_default, list_presets
+
+    presets = [p for p in list_presets() if p.startswith("paper-ablation-")]
+    swept = {}
+    for preset in presets:
+        cfg = load_config(preset)
+        assert cfg.strategy == "lorsu" and cfg.train == load_config("paper-cl5").train and len(cfg.sweeps) == 1
+        ((key, values),) = cfg.sweeps.items()
+        assert declared_default(key) in values  # the paper's value: the ablation tables' reference
+        assert len(cfg.expand()) == 5 * 3 * len(values)
+        swept[key] = values
+    assert set(swept) == {"lorsu.head_selection", "lorsu.top_k_heads", "lorsu.fc1_mask", "lorsu.sparsity", "lorsu.rank"}
