@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from benchmark.config import declared_default
+from benchmark.config import declared_default, declared_type
 from benchmark.records import slug
 from reports.figures import Style, save_figure
 from reports.frame import GROUP_KEYS, SWEEP, SWEPT_PREFIX, ReportError, group_label
@@ -89,6 +89,11 @@ def ablation_table(finished: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _as_declared(key: str, value: Any) -> Any:
+    """A swept value as its key's type declares it (a frame's column of ints with gaps holds floats)."""
+    return int(value) if declared_type(key) is int and isinstance(value, float) and value.is_integer() else value
+
+
 def ablation_text_table(rows: pd.DataFrame) -> TextTable:
     """One (setting, strategy) of :func:`ablation_table` for print: the swept values, ``mean ± std`` (accuracies in
     percent / pp), a p-value column after each tested column, the best mean of each column in bold."""
@@ -101,7 +106,8 @@ def ablation_text_table(rows: pd.DataFrame) -> TextTable:
             for c in columns}
     table = []
     for _, row in rows.iterrows():
-        cells = [Cell(f"{row[k]}{' (ref.)' if row['reference'] and i == 0 else ''}") for i, k in enumerate(keys)]
+        cells = [Cell(f"{_as_declared(k, row[k])}{' (ref.)' if row['reference'] and i == 0 else ''}")
+                 for i, k in enumerate(keys)]
         cells.append(Cell(str(row["n"])))
         for col in columns:
             mean, std = row[f"{col.key}_mean"], row[f"{col.key}_std"]
@@ -136,7 +142,7 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str) -> Fi
         if not keep.any():
             continue
         keys = points["keys"].iloc[0].split(", ")
-        labels = [",".join(str(p[k]) for k in keys) for _, p in points.iterrows()]
+        labels = [",".join(str(_as_declared(k, p[k])) for k in keys) for _, p in points.iterrows()]
         ti, cc, labels = ti[keep], cc[keep], [lab for lab, k in zip(labels, keep) if k]
         front = pareto_front(ti, cc)
         ax.plot(ti, cc, color=style.color, linestyle=style.linestyle, linewidth=1.2,
