@@ -508,7 +508,7 @@ def declared_type(key: str) -> Any:
     return None if cls is None else _type_hints(cls).get(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)  # slow (evaluates every annotation): once per class
 

@@ -8,7 +8,9 @@ zero-shot evaluation before training (row 0) and after every session on the targ
 session class group) and every control, and with ``vqa.model`` the VQA scores of LLaVA with
 the current encoder in its tower (:mod:`benchmark.vqa.evaluate`); (4) the accuracy matrices and
 the summary. A run that fails (a non-finite loss, an unreadable image) is marked ``failed`` with
-its reason, keeps the sessions already evaluated, and the rest of the grid goes on.
+its reason, keeps the sessions already evaluated, and the rest of the grid goes on. A run with
+``validation_per_class`` (``fscl tune``, :mod:`benchmark.tune`) sees every stream through its
+validation view (``Stream.validation``): no test split is read.
 
 Resume: after every session a checkpoint is saved (:mod:`benchmark.checkpoints`); an
 interrupted run started again continues after its last saved session and ends with the same

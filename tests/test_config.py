@@ -167,7 +167,7 @@ def test_a_strategys_own_train_keys_win_over_train_in_its_runs_only():
 
 @pytest.mark.parametrize("override, fragment", [
     ("lorsu.train.lr=fast", "lorsu.train.lr: invalid value 'fast'"),
-    ("lorsu.train.lr=1e-7", "lorsu: train.min_lr: invalid value 1e-06; allowed: a float in [0, lr=1e-07]"),  # min_lr <= lr, with the strategy's own lr
+    ("lorsu.train.lr=1e-7", "lorsu: train.min_lr: invalid value 1e-06; allowed: a float in [0, lr=1e-07]"),  # own lr
     ("lorsu.train.epoch=2", "lorsu.train.epoch: unknown key"),
     ("full-ft.rank=2", "full-ft: invalid value {'rank': 2}; allowed: nothing: strategy 'full-ft' takes no options"),
     ("train.lr=[1e-5,fast]", "train.lr[1]: invalid value 'fast'"),
