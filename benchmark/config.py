@@ -226,12 +226,12 @@ def _sweeps_in(key: str, run: Config) -> bool:
     """Whether swept ``key`` varies in ``run`` (scalar axes): a section's key only in its strategy's runs (its
     stream's: as target or control); ``train.X`` not where the run's strategy sets its own ``X``."""
     head, _, rest = key.partition(".")
-    if head in STRATEGIES and head not in (f.name for f in dataclasses.fields(Config)):
+    if head in STRATEGIES:
         return head == run.strategy
     if head in STREAMS:
         return head == run.stream or head in run.controls
     if head == TRAIN:
-        own = run.options.get(run.strategy, {}).get(TRAIN) or {} if run.strategy in STRATEGIES else {}
+        own = (run.options.get(run.strategy, {}).get(TRAIN) or {}) if run.strategy in STRATEGIES else {}
         return rest not in own
     return True
 
@@ -542,7 +542,7 @@ def split_sweeps(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list]]
         for key, value in node.items():
             full = f"{prefix}{key}"
             hint = declared_type(full)
-            if isinstance(value, dict) and (hint is None or dataclasses.is_dataclass(hint)) and full != "swept":
+            if isinstance(value, dict) and (hint is None or dataclasses.is_dataclass(hint)):
                 out[key] = walk(value, f"{full}.")
             elif isinstance(value, (list, tuple)) and hint is not None and not takes_list(hint):
                 check(len(value) > 0, full, value, "a value, or a non-empty list of values (a sweep)")
