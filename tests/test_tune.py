@@ -130,3 +130,21 @@ def test_validation_images_are_held_out_of_the_training_split_disjoint_and_seede
     sessions = view.sessions(5, 5, shot_seed=0)
     assert not {i for s in sessions for i in s.ids} & set(held.ids)
     assert held_out([0, 0, 0, 1], 5, 0, "x") in ([0], [1], [2])  # at most half of a class: class 1 keeps its image
+
+
+def test_tune_shards_its_grid_and_writes_the_config_once_every_run_is_done(tmp_path, monkeypatch, capsys):
+    argv = ["tune", "quick", f"out={tmp_path}", "seed=0", "train.epochs=1", "sessions=1", "strategy=full-ft",
+            "train.lr=[1e-4,1e-3]", "--no-progress"]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "2 run(s) of 'quick-tune'" in capsys.readouterr().out
+    tuned = tmp_path / "quick-tune" / "tuned.yaml"
+    monkeypatch.setenv("FSCL_SHARD_COUNT", "2")
+    monkeypatch.setenv("FSCL_SHARD_INDEX", "0")
+    assert main(argv) == 0
+    assert "1 tune run(s) not finished" in capsys.readouterr().err and not tuned.exists()
+    monkeypatch.setenv("FSCL_SHARD_INDEX", "1")
+    assert main(argv) == 0 and tuned.is_file()  # the last shard to finish writes it
+    monkeypatch.delenv("FSCL_SHARD_COUNT")
+    capsys.readouterr()
+    assert main(argv) == 0  # again: every run is skipped, the same choice
+    assert "0 finished, 2 skipped" in capsys.readouterr().out
