@@ -80,7 +80,8 @@ def tune_grid(cfg: Config, options: TuneOptions) -> tuple[Config, list[str]]:
 
     ``cfg``: the base config (a preset with overrides); its strategies that train, its swept keys (none:
     ``train.lr`` over :func:`lr_grid`), streams and seeds; named ``<name>-tune``. A strategy's own value of a
-    swept ``train`` key is dropped (the sweep decides it).
+    swept ``train`` key is dropped (the sweep decides it); ``control_subset`` is off (the validation draw
+    bounds the controls).
     """
     data = cfg.to_dict()
     sweeps = dict(cfg.sweeps) or {f"{TRAIN}.lr": lr_grid(cfg.train.lr)}
