@@ -232,3 +232,14 @@ def test_ablation_presets_sweep_one_lorsu_option_around_the_papers_value():
         assert len(cfg.expand()) == 5 * 3 * len(values)
         swept[key] = values
     assert set(swept) == {"lorsu.head_selection", "lorsu.top_k_heads", "lorsu.fc1_mask", "lorsu.sparsity", "lorsu.rank"}
+
+
+def test_the_mini_preset_runs_every_strategy_that_trains_at_its_own_tuned_rate():
+    from benchmark.config import PRESET_DIR, read_source
+
+    data, cfg = read_source("mini"), load_config("mini")
+    trainers = [s for s in cfg.strategy if s != "zeroshot"]
+    assert all("lr" in data[s]["train"] for s in trainers)  # the rate fscl tune chose, per strategy
+    runs = {r.strategy: r for r in cfg.expand() if r.seed == 0 and r.stream == "mini-signs"}
+    assert all(runs[s].train.lr == data[s]["train"]["lr"] for s in trainers)
+    assert "fscl tune mini" in (PRESET_DIR / "mini.yaml").read_text()  # its provenance, as comments
