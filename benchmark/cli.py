@@ -169,6 +169,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``fscl``: the core's verbs, then those of the ``fscl.commands`` entry points."""
+    from benchmark.tune import CRITERIA  # light: no torch
     parser = argparse.ArgumentParser(
         prog="fscl", description="Few-shot continual-learning benchmark for the vision encoders of VLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -215,10 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     tune.add_argument("config", nargs="?", default=None, help="preset name or YAML file, as for 'run'")
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides; list values are swept")
-    tune.add_argument("--criterion", default="constrained", choices=["constrained", "target", "sum"],
-                      help="constrained (default): the largest validation TI whose validation CC is within "
-                           "--tolerance of the zero-shot model's (else the largest CC); target: the largest TI; "
-                           "sum: the largest TI + CC")
+    tune.add_argument("--criterion", default="constrained", choices=list(CRITERIA),
+                      help="; ".join(f"{name}{' (default)' if name == 'constrained' else ''}: {text}"
+                                     for name, text in CRITERIA.items()))
     tune.add_argument("--tolerance", type=float, default=1.0, metavar="PP",
                       help="control change allowed below the zero-shot model's, in percentage points (default 1)")
     tune.add_argument("--validation-per-class", type=int, default=10, metavar="N",
