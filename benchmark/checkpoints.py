@@ -43,7 +43,7 @@ CHECKPOINT_DIR = "checkpoints"
 KeepCheckpoints = Literal["last", "all", "none"]
 _NAME = re.compile(r"session-(\d+)\.pt")
 # config keys that do not change a run's numbers: a checkpoint resumes across them
-RESUME_INDEPENDENT = ("out", "device", "loggers", "keep_checkpoints", "ddp")
+RESUME_INDEPENDENT = ("out", "device", "loggers", "keep_checkpoints", "ddp", "swept")  # swept: values also in place
 
 
 @dataclass

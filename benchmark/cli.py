@@ -1,6 +1,6 @@
 """The ``fscl`` command line (also ``python -m benchmark``).
 
-The core's verbs are ``run``, ``ls`` and ``export``; other packages add theirs through the
+The core's verbs are ``run``, ``tune``, ``ls`` and ``export``; other packages add theirs through the
 ``fscl.commands`` entry-point group (ours: ``report`` and ``demo`` from :mod:`reports.commands`,
 ``data`` and ``pretrain-mini`` from :mod:`streams.commands`). An entry names a function that
 adds one verb to the parser (``add(verbs)``, ``verbs`` the sub-parsers of ``fscl``); the verb's
@@ -17,9 +17,10 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
-from benchmark.config import DEMO_PRESET, TrainConfig, VQAConfig, describe_options, list_presets, load_config
+from benchmark.config import DEMO_PRESET, Config, TrainConfig, VQAConfig, describe_options, list_presets, load_config
 from benchmark.errors import FsclError
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, Registry
 
@@ -30,32 +31,43 @@ EXPORT_FORMATS = ("openclip", "hf-clip-vision")  # benchmark.export.FORMATS, wit
 HELP_WIDTH = 100
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``fscl run`` (and the first half of ``fscl demo``): run, or with ``--dry-run`` list, a grid."""
-    from benchmark.distributed import grid_shard, is_main_process, launched_processes, local_device
-    from benchmark.runner import check_grid, run_dir, run_grid
-
+def _load(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config of ``fscl run``/``tune`` (a preset or file, and overrides), and where it comes from in words."""
     source, overrides = args.config, list(args.overrides)
     if source is not None and "=" in source:  # `fscl run seed=1`: no preset given, only overrides
         source, overrides = None, [source, *overrides]
-    cfg = load_config(source, overrides)
-    runs = cfg.expand()
     origin = f"preset '{source}'" if source in list_presets() else f"'{source}'" if source else "the defaults (no preset)"
-    if args.dry_run:
-        shard = grid_shard(launcher=not cfg.ddp)
-        mine = shard.select(runs)
-        local_device(cfg.device)
-        check_grid(mine, getattr(args, "force", False))  # the checks a real run makes before any work
-        print(f"{len(runs)} run(s) of '{cfg.name}' from {origin}"
-              + (f", {len(mine)} in shard {shard}" if shard.count > 1 else "") + ":")
-        for run in mine:
-            print(f"  {run_dir(run)}")
-        return 0
+    return load_config(source, overrides), origin
+
+
+def _dry_run(cfg: Config, what: str, force: bool) -> int:
+    """Check this process's share of the grid ``cfg`` as a run would, and print its run folders."""
+    from benchmark.distributed import grid_shard, local_device
+    from benchmark.runner import check_grid, run_dir
+
+    runs = cfg.expand()
+    shard = grid_shard(launcher=not cfg.ddp)
+    mine = shard.select(runs)
+    local_device(cfg.device)
+    check_grid(mine, force)  # the checks a real run makes before any work
+    print(f"{len(runs)} run(s) of '{cfg.name}' from {what}" + (f", {len(mine)} in shard {shard}" if shard.count > 1
+                                                                else "") + ":")
+    for run in mine:
+        print(f"  {run_dir(run)}")
+    return 0
+
+
+def _run_grid(cfg: Config, what: str, args: argparse.Namespace) -> int | None:
+    """Run this process's share of the grid ``cfg``; on the main process print the outcomes and return the exit
+    status (None on the other ranks of a ``ddp`` run)."""
+    from benchmark.distributed import is_main_process, launched_processes
+    from benchmark.runner import run_grid
+
     if is_main_process():
-        print(f"{len(runs)} run(s) of '{cfg.name}' from {origin}", file=sys.stderr)
+        print(f"{len(cfg.expand())} run(s) of '{cfg.name}' from {what}", file=sys.stderr)
     outcomes = run_grid(cfg, progress=not args.no_progress, force=getattr(args, "force", False))
     if not is_main_process():  # ddp: true: rank 0 reports for the group
-        return 0
+        return None
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed", "busy")}
     busy = f", {counts['busy']} busy (in use by another process)" if counts["busy"] else ""
     print(f"{counts['finished']} finished, {counts['skipped']} skipped (already done), {counts['failed']} failed"
@@ -71,6 +83,46 @@ def run_command(args: argparse.Namespace) -> int:
         print("  (exit status 0 under a multi-process launcher, so that the other shards go on)", file=sys.stderr)
         return 0
     return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``fscl run`` (and the first half of ``fscl demo``): run, or with ``--dry-run`` list, a grid."""
+    cfg, origin = _load(args)
+    if args.dry_run:
+        return _dry_run(cfg, origin, getattr(args, "force", False))
+    return _run_grid(cfg, origin, args) or 0
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    """``fscl tune``: run the tune's validation grid (:mod:`benchmark.tune`), then write the tuned config."""
+    from benchmark import tune
+    from benchmark.distributed import is_main_process
+
+    cfg, origin = _load(args)
+    options = tune.TuneOptions(args.criterion, args.tolerance, args.validation_per_class)
+    grid, left_out = tune.tune_grid(cfg, options)
+    what = f"the tune of {origin}"
+    if left_out:
+        print(f"controls left out of the tune (no training split to draw validation images from): "
+              f"{', '.join(left_out)}", file=sys.stderr)
+    if args.dry_run:
+        return _dry_run(grid, what, args.force)
+    status = _run_grid(grid, what, args)
+    if status is None or not is_main_process():
+        return 0
+    found, pending = tune.scores(grid.expand())
+    if pending:
+        print(f"{pending} tune run(s) not finished (other shards, or busy): run 'fscl tune' again with the same "
+              f"arguments once they are, to write the tuned config", file=sys.stderr)
+        return status
+    rows = tune.table(found)
+    chosen = tune.choose(rows, options.criterion, options.tolerance)
+    out = tune.write(Path(args.out) if args.out else Path(grid.out) / grid.name / "tuned.yaml", cfg, origin,
+                     options, grid, left_out, rows, chosen)
+    for strategy, values in chosen.items():
+        print(f"  {strategy}: {', '.join(f'{k}={v}' for k, v in values.items())}")
+    print(f"tuned config -> {out} (fscl run {out})")
+    return 0
 
 
 def _value(value: Any) -> str:
@@ -117,6 +169,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``fscl``: the core's verbs, then those of the ``fscl.commands`` entry points."""
+    from benchmark.tune import CRITERIA  # light: no torch
     parser = argparse.ArgumentParser(
         prog="fscl", description="Few-shot continual-learning benchmark for the vision encoders of VLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -139,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "defaults (the paper's recipe, no controls, named after the stream); the offline "
                           f"benchmark is 'fscl run {DEMO_PRESET}' or 'fscl demo'")
     run.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="dotted overrides; lists (a,b or [a,b]) on stream/strategy/backbone/shots/seed make a grid")
+                     help="dotted overrides; lists (a,b or [a,b] on stream/strategy/backbone/shots/seed, [a,b] on "
+                          "any key whose type is not a list, e.g. train.lr=[1e-5,1e-4]) make a grid")
     run.add_argument("--dry-run", action="store_true",
                      help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
                           "and print its runs (of this process's shard, when sharded)")
@@ -148,6 +202,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "such a run is refused, naming the keys that differ")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=run_command)
+
+    tune = verbs.add_parser(
+        "tune", help="choose each strategy's learning rate (or any swept key) on validation data",
+        description="Run every strategy that trains over the swept keys (list values, e.g. train.lr=[1e-5,1e-4] or "
+                    "lorsu.top_k_heads=[1,2,4]; none: train.lr on a log grid around the config's, x10^-0.5 .. "
+                    "x10^1.5) on validation images held out of the target's training split and drawn from the "
+                    "controls' training splits (no test split is read), then write a config that 'fscl run' takes, "
+                    "with each strategy's chosen values and the validation table. Resumes and shards as 'fscl run'.",
+        epilog="examples:\n  fscl tune mini stream=mini-signs seed=[0,1]\n"
+               "  fscl tune paper-cl5 'train.lr=[3e-6,1e-5,3e-5]' --tolerance 2 --out tuned-cl5.yaml\n"
+               "  fscl run runs/mini-tune/tuned.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune.add_argument("config", nargs="?", default=None, help="preset name or YAML file, as for 'run'")
+    tune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides; list values are swept")
+    tune.add_argument("--criterion", default="constrained", choices=list(CRITERIA),
+                      help="; ".join(f"{name}{' (default)' if name == 'constrained' else ''}: {text}"
+                                     for name, text in CRITERIA.items()))
+    tune.add_argument("--tolerance", type=float, default=1.0, metavar="PP",
+                      help="control change allowed below the zero-shot model's, in percentage points (default 1)")
+    tune.add_argument("--validation-per-class", type=int, default=10, metavar="N",
+                      help="validation images per class of the target and of each control (default 10)")
+    tune.add_argument("--out", default=None, metavar="FILE",
+                      help="the tuned config to write (default: <out>/<name>-tune/tuned.yaml)")
+    tune.add_argument("--dry-run", action="store_true", help="check the tune's grid and print its runs")
+    tune.add_argument("--force", action="store_true", help="as for 'run'")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tune.set_defaults(func=tune_command)
 
     ls = verbs.add_parser(
         "ls", help="list registered streams, strategies, backbones, presets or the train.* or vqa.* keys",

@@ -2,16 +2,26 @@
 
 A config file (or a preset shipped in ``benchmark/presets``) holds the top-level keys of
 :class:`Config`; a section named after a registered strategy or stream holds that
-strategy's or stream's options (``lorsu: {top_k_heads: 4}`` or ``lorsu.top_k_heads=4``).
-List values of the grid axes (stream, strategy, backbone, shots, seed) expand into one run
-per combination. Every value is checked before any work starts; an error names the key,
-the bad value and what is allowed.
+strategy's or stream's options (``lorsu: {top_k_heads: 4}`` or ``lorsu.top_k_heads=4``), and a
+strategy's section may hold its own training keys (``lorsu: {train: {lr: 5.0e-4}}``), which win
+over ``train`` in that strategy's runs.
+
+Grids: list values of the grid axes (stream, strategy, backbone, shots, seed) expand into one
+run per combination, and so does a list value of any other key whose declared type takes no
+list (``train.lr: [1.0e-5, 1.0e-4]``, ``lorsu.top_k_heads: [1, 2, 4]``); a key whose type is a list
+(``controls``, ``loggers``) never expands. A key of a strategy's or stream's section is swept only
+in the runs of that strategy (of that stream, as target or control). Every value is checked
+before any work starts; an error names the key, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
+import hashlib
 import itertools
+import json
 import math
 import re
 import types
@@ -28,6 +38,7 @@ from benchmark.registry import STRATEGIES, STREAMS
 PRESET_DIR = Path(__file__).parent / "presets"
 DEMO_PRESET = "mini"  # the offline benchmark of `fscl demo` (and `fscl run mini`)
 GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
+TRAIN = "train"  # the training recipe's section, at top level and in a strategy's section
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -132,29 +143,133 @@ class Config:
     ddp: bool = False  # data-parallel runs over the launched processes instead of sharding the grid
     train: TrainConfig = field(default_factory=TrainConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
+    # null: evaluate on the test splits; N: hold N images per class out of the target's training pool and draw
+    # N per class from each control's training split, and evaluate on those, never on a test split (fscl tune)
+    validation_per_class: int | None = None
+    swept: dict[str, Any] = field(default_factory=dict)  # a run's values of its grid's swept keys (its folder name)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per strategy/stream name
+    sweeps: dict[str, list] = field(default_factory=dict, repr=False)  # a grid's swept keys -> their values
 
     def expand(self) -> list[Config]:
-        """One :class:`Config` per grid point, axes as scalars, in a stable order."""
-        axes = [_as_list(getattr(self, a)) for a in GRID_AXES]
-        runs = [dataclasses.replace(self, **dict(zip(GRID_AXES, combo))) for combo in itertools.product(*axes)]
-        for run in runs:  # one control list can serve a grid of targets: each drops itself
-            run.controls = [c for c in run.controls if c != run.stream]
-            if run.shot_seed is None:  # as the released code: each seed draws its own shots
-                run.shot_seed = run.seed
+        """One :class:`Config` per grid point, in a stable order: axes and swept keys as scalars (the swept
+        ones of each run in its ``swept``), a strategy's own ``train`` keys resolved into ``train``."""
+        runs, seen = [], {}
+        for combo in itertools.product(*(_as_list(getattr(self, a)) for a in GRID_AXES)):
+            base = dataclasses.replace(self, **dict(zip(GRID_AXES, combo)), sweeps={})
+            keys = [k for k in self.sweeps if _sweeps_in(k, base)]
+            # a section's key swept for other runs is left out of this run's record (its default), not its 1st value
+            base.options = without_keys(base.options, [k for k in self.sweeps if k not in keys and k.partition(".")[0]
+                                                   in base.options])
+            for values in itertools.product(*(self.sweeps[k] for k in keys)):
+                run = _with_values(base, dict(zip(keys, values))) if keys else dataclasses.replace(base)
+                run.swept = {**self.swept, **dict(zip(keys, values))}  # a run's own config.yaml keeps its folder
+                run.resolve()
+                where = (run.stream, run.backbone, run.strategy, run.shots, run.seed, sweep_tag(run.swept))
+                check(where not in seen, "grid", run.swept, f"swept values that name distinct run folders "
+                                                           f"({seen.get(where)} and {run.swept} do not)")
+                seen[where] = run.swept
+                runs.append(run)
         return runs
+
+    def resolve(self) -> None:
+        """Make a grid point's config what its run records: its own stream left out of the controls, the
+        shot seed set, and its strategy's ``train`` keys moved into ``train`` (every section's taken out)."""
+        self.controls = [c for c in self.controls if c != self.stream]  # one control list serves a grid of targets
+        if self.shot_seed is None:  # as the released code: each seed draws its own shots
+            self.shot_seed = self.seed
+        own = self.options.get(self.strategy, {}).get(TRAIN) if self.strategy in STRATEGIES else None
+        if own:
+            self.train = from_dict(TrainConfig, {**dataclasses.asdict(self.train), **own}, prefix=f"{self.strategy}.train")
+        self.options = {name: {k: v for k, v in section.items() if k != TRAIN}
+                        for name, section in self.options.items()
+                        if not (name in STRATEGIES and isinstance(section, dict) and section and set(section) == {TRAIN})}
 
     def options_for(self, name: str, options_type: type | None) -> Any:
         """The validated options dataclass of strategy/stream ``name`` (None if it takes none)."""
         if options_type is None:
             return None
-        return from_dict(options_type, self.options.get(name, {}), prefix=name)
+        section = self.options.get(name, {})
+        if name in STRATEGIES:
+            section = {k: v for k, v in section.items() if k != TRAIN}
+        return from_dict(options_type, section, prefix=name)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form, options sections back at top level (as written in YAML)."""
+        """Plain-data form, options sections back at top level (as written in YAML), swept lists in place."""
         data = dataclasses.asdict(self)
+        sweeps = data.pop("sweeps")
         data.update(data.pop("options"))
+        for key, values in sweeps.items():
+            set_dotted(data, key, list(values))
         return data
+
+
+def sweep_tag(swept: dict[str, Any], limit: int = 60) -> str:
+    """The folder name of a run's swept values (empty when none): ``key=value`` joined by ``,``, keys by
+    their last part unless two share it (then the dotted keys), values as in YAML
+    (floats by their shortest exact form, ``0.0005``); cut to ``limit`` characters plus a hash of the
+    whole when longer, or when a value holds a character a folder name should not."""
+    if not swept:
+        return ""
+    short = {k: k.rsplit(".", 1)[-1] for k in swept}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in swept}
+    text = ",".join(f"{short[k]}={_tag_value(swept[k])}" for k in sorted(swept))
+    clean = re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
+    if clean != text or len(clean) > limit:
+        clean = f"{clean[: limit - 9]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return clean
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _sweeps_in(key: str, run: Config) -> bool:
+    """Whether swept ``key`` varies in ``run`` (scalar axes): a section's key only in its strategy's runs (its
+    stream's: as target or control); ``train.X`` not where the run's strategy sets its own ``X``."""
+    head, _, rest = key.partition(".")
+    if head in STRATEGIES:
+        return head == run.strategy
+    if head in STREAMS:
+        return head == run.stream or head in run.controls
+    if head == TRAIN:
+        own = (run.options.get(run.strategy, {}).get(TRAIN) or {}) if run.strategy in STRATEGIES else {}
+        return rest not in own
+    return True
+
+
+def without_keys(data: dict[str, Any], keys: typing.Iterable[str]) -> dict[str, Any]:
+    """A deep copy of nested ``data`` without the dotted ``keys`` (``lorsu.top_k_heads``, ``lorsu.train.lr``)."""
+    data = copy.deepcopy(data)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data
+
+
+def _with_values(run: Config, values: dict[str, Any]) -> Config:
+    """``run`` with dotted keys set to ``values`` (validated again: a value may fail with another's company)."""
+    data = run.to_dict()
+    for key, value in values.items():
+        set_dotted(data, key, value)
+    return parse_config(data)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` (``lorsu.train.lr``) of a nested mapping in place, making sections as needed."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{part}' is not a section")
+    node[leaf] = value
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -256,7 +371,7 @@ def describe_options(cls: type) -> list[OptionDoc]:
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -332,13 +447,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             value = [yaml.safe_load(v) for v in value.split(",")]
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{override}': the value is not valid YAML ({err.problem or err})") from None
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{override}': '{part}' is not a section")
-    node[leaf] = value
+    try:
+        set_dotted(data, key, value)
+    except ConfigError as err:
+        raise ConfigError(f"override '{override}': {str(err).partition(': ')[2]}") from None
 
 
 def load_config(source: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -353,14 +465,98 @@ def load_config(source: str | None = None, overrides: typing.Sequence[str] = ())
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    """Validate a plain mapping into a :class:`Config` (names, ranges, option sections)."""
+    """Validate a plain mapping into a :class:`Config` (names, ranges, option sections); the list values of
+    keys whose type takes no list become its ``sweeps``, each value checked with the others' first."""
+    data, sweeps = split_sweeps(data)
+    cfg = _parse(data)
+    for key, values in sweeps.items():
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        check(not repeated, key, values, f"each value once (repeated: {', '.join(repeated)})")
+        for value in values[1:]:
+            other = copy.deepcopy(data)
+            set_dotted(other, key, value)
+            _parse(other)
+    cfg.sweeps = sweeps
+    return cfg
+
+
+def _parse(data: dict[str, Any]) -> Config:
     data = dict(data)
-    top = {f.name for f in dataclasses.fields(Config)} - {"options"}
+    top = {f.name for f in dataclasses.fields(Config)} - {"options", "sweeps"}
+    check("sweeps" not in data, "sweeps", data.get("sweeps"), "nothing: a key's list of values is its sweep")
     options = {k: data.pop(k) for k in list(data) if k not in top and (k in STRATEGIES or k in STREAMS)}
     cfg = from_dict(Config, data)
     cfg.options = options
     _validate(cfg)
     return cfg
+
+
+def _declaring(key: str) -> tuple[type | None, str]:
+    """The dataclass that declares dotted config ``key`` and the field's name there (None: not a known key)."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return (None if head in ("options", "sweeps") else Config), head
+    section: Any = {TRAIN: TrainConfig, "vqa": VQAConfig}.get(head)
+    if section is None and head in STRATEGIES and rest.startswith(f"{TRAIN}."):
+        section, rest = TrainConfig, rest[len(TRAIN) + 1:]
+    elif section is None:
+        entry = STRATEGIES.get(head) if head in STRATEGIES else STREAMS.get(head) if head in STREAMS else None
+        section = entry.options if entry is not None else None
+    return (None if "." in rest else section), rest
+
+
+def declared_type(key: str) -> Any:
+    """The declared type of dotted config ``key`` (``train.lr`` → float, ``lorsu.train.lr`` → float,
+    ``lorsu.top_k_heads`` → int, ``controls`` → list[str]); None for a key that is not known."""
+    cls, name = _declaring(key)
+    return None if cls is None else _type_hints(cls).get(name)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow (evaluates every annotation): once per class
+
+
+def declared_default(key: str) -> Any:
+    """The documented default of dotted config ``key`` (``lorsu.top_k_heads`` → 2); MISSING when it has none."""
+    cls, name = _declaring(key)
+    for f in dataclasses.fields(cls) if cls is not None else ():
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return dataclasses.MISSING
+
+
+def takes_list(hint: Any) -> bool:
+    """Whether a value of type ``hint`` may itself be a list or mapping (then a list value never expands)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(takes_list(h) for h in typing.get_args(hint))
+    return origin in (list, tuple, dict) or hint in (list, tuple, dict)
+
+
+def split_sweeps(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list]]:
+    """A copy of ``data`` whose list values at keys that take no list (see :func:`takes_list`; the grid axes
+    stay lists) are replaced by their first value, and those lists (values checked) by dotted key."""
+    sweeps: dict[str, list] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            full = f"{prefix}{key}"
+            hint = declared_type(full)
+            if isinstance(value, dict) and (hint is None or dataclasses.is_dataclass(hint)):
+                out[key] = walk(value, f"{full}.")
+            elif isinstance(value, (list, tuple)) and hint is not None and not takes_list(hint):
+                check(len(value) > 0, full, value, "a value, or a non-empty list of values (a sweep)")
+                sweeps[full] = [coerce(v, hint, f"{full}[{i}]") for i, v in enumerate(value)]
+                out[key] = sweeps[full][0]
+            else:
+                out[key] = value
+        return out
+
+    return walk(dict(data), ""), sweeps
 
 
 def _validate(cfg: Config) -> None:
@@ -395,6 +591,8 @@ def _validate(cfg: Config) -> None:
     check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
           "device", cfg.device, "auto, cpu, cuda, cuda:N or mps")
     check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    check(cfg.validation_per_class is None or cfg.validation_per_class >= 1, "validation_per_class",
+          cfg.validation_per_class, "an integer >= 1, or null (evaluate on the test splits)")
     if cfg.ddp:
         for name in _as_list(cfg.strategy):
             if not getattr(STRATEGIES.get(name).obj, "supports_ddp", False):
@@ -403,10 +601,18 @@ def _validate(cfg: Config) -> None:
                                   f"{', '.join(n for n in STRATEGIES.names() if STRATEGIES.get(n).obj.supports_ddp)}")
     for name, section in cfg.options.items():
         check(isinstance(section, dict), name, section, "a mapping of option keys")
+        if name in STRATEGIES and TRAIN in section:  # the strategy's own training keys, over cfg.train
+            check(isinstance(section[TRAIN], dict), f"{name}.train", section[TRAIN], "a mapping of train keys")
+            try:
+                from_dict(TrainConfig, {**dataclasses.asdict(cfg.train), **section[TRAIN]}, prefix=f"{name}.train")
+            except ConfigError as err:  # a cross-field check names train.<key>: say whose recipe it is
+                raise ConfigError(str(err) if str(err).startswith(f"{name}.") else f"{name}: {err}") from None
         for registry in (STRATEGIES, STREAMS):
             if name in registry:
                 entry = registry.get(name)
+                own = {k: v for k, v in section.items() if not (registry is STRATEGIES and k == TRAIN)}
                 if entry.options is None:
-                    check(not section, name, section, f"nothing: {registry.kind} '{name}' takes no options")
+                    check(not own, name, section, f"nothing: {registry.kind} '{name}' takes no options"
+                          + (" but its own train keys" if registry is STRATEGIES else ""))
                 else:
                     cfg.options_for(name, entry.options)

@@ -8,7 +8,9 @@ zero-shot evaluation before training (row 0) and after every session on the targ
 session class group) and every control, and with ``vqa.model`` the VQA scores of LLaVA with
 the current encoder in its tower (:mod:`benchmark.vqa.evaluate`); (4) the accuracy matrices and
 the summary. A run that fails (a non-finite loss, an unreadable image) is marked ``failed`` with
-its reason, keeps the sessions already evaluated, and the rest of the grid goes on.
+its reason, keeps the sessions already evaluated, and the rest of the grid goes on. A run with
+``validation_per_class`` (``fscl tune``, :mod:`benchmark.tune`) sees every stream through its
+validation view (``Stream.validation``): no test split is read.
 
 Resume: after every session a checkpoint is saved (:mod:`benchmark.checkpoints`); an
 interrupted run started again continues after its last saved session and ends with the same
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from benchmark import checkpoints
 from benchmark.backbones import backbone_skeleton, load_backbone
-from benchmark.config import Config, ConfigError
+from benchmark.config import Config, ConfigError, sweep_tag
 from benchmark.distributed import (
     all_reduce_sum,
     check_data_parallel,
@@ -110,8 +112,10 @@ class RunOutcome:
 
 
 def run_dir(cfg: Config) -> Path:
-    """``<out>/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>`` of a scalar config."""
-    return Path(cfg.out) / cfg.name / cfg.stream / slug(cfg.backbone) / cfg.strategy / f"{cfg.shots}-s{cfg.seed}"
+    """``<out>/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>`` of a scalar config; a run of a grid with
+    swept keys has their values as a folder before the last (``lorsu/lr=0.0005/5-s0``, :func:`sweep_tag`)."""
+    strategy = Path(cfg.strategy) / sweep_tag(cfg.swept) if cfg.swept else Path(cfg.strategy)
+    return Path(cfg.out) / cfg.name / cfg.stream / slug(cfg.backbone) / strategy / f"{cfg.shots}-s{cfg.seed}"
 
 
 def seed_everything(seed: int) -> None:
@@ -163,9 +167,13 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
     target: by this run's ``sessions``, with the draws that replaced them), seeded splits (their id
     lists in ``splits.json``) and the control subsets' ids."""
     fields: dict[str, Any] = {}
-    split_ids = {}
+    split_ids, validation_ids = {}, {}
     for name, data_stream in data_streams.items():
         info = data_stream.data_record((sessions or {}).get(name))
+        if "validation" in info:  # validation_per_class: the images held out of the training split
+            held = dict(info["validation"])
+            validation_ids[name] = held.pop("ids")
+            fields.setdefault("validation", {})[name] = {**held, "file": "validation.json"}
         if "skipped_images" in info:
             fields.setdefault("skipped_images", {})[name] = info["skipped_images"]
         if "texts" in info:  # the data file's version and the dataset's own names/captions file, if used
@@ -176,6 +184,8 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
             fields.setdefault("splits", {})[name] = {**split, "file": "splits.json"}
     if split_ids and record.writable:
         write_json(record.path / "splits.json", split_ids)
+    if validation_ids and record.writable:
+        write_json(record.path / "validation.json", validation_ids)
     if subsets:
         fields["control_subsets"] = subsets
     if fields:
@@ -183,13 +193,19 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
 
 
 def _stream(cfg: Config, name: str, cache: dict[tuple, Any]) -> Any:
-    """The stream ``name`` on ``cfg.data_root`` with its options, built once per grid (scans are cached in it)."""
+    """The stream ``name`` on ``cfg.data_root`` with its options, built once per grid (scans are cached in it);
+    with ``validation_per_class`` its validation view (``Stream.validation``: no test split is read)."""
     entry = STREAMS.get(name)
     options = cfg.options_for(name, entry.options)
     key = (name, cfg.data_root, repr(options), cfg.skip_bad_images)
     if key not in cache:
         cache[key] = entry.obj(cfg.data_root, options, skip_bad_images=cfg.skip_bad_images)
-    return cache[key]
+    if cfg.validation_per_class is None:
+        return cache[key]
+    held = (*key, cfg.validation_per_class)
+    if held not in cache:
+        cache[held] = cache[key].validation(cfg.validation_per_class)
+    return cache[held]
 
 
 def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:

@@ -5,7 +5,8 @@ see :mod:`benchmark.records`) at any depth. :func:`scan_runs` finds them and sor
 finished runs from the failed and partial ones, which are kept in the ``runs`` frame with
 their reason but never enter ``scores`` or any aggregate.
 
-- ``runs``: one row per run folder: the run keys (:data:`RUN_KEYS`), ``status``, ``reason``,
+- ``runs``: one row per run folder: the run keys (:data:`RUN_KEYS`), ``sweep`` (the folder name of
+  its swept values, empty outside a sweep) and a ``swept:<key>`` column per swept key, ``status``, ``reason``,
   and for finished runs the scalars of ``summary.json`` (accuracies as fractions in [0, 1]),
   those of its ``vqa`` block prefixed ``vqa_`` (runs with VQA), and its costs (:func:`cost_scalars`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
@@ -26,10 +27,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from benchmark.config import sweep_tag
 from benchmark.errors import FsclError
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING, RunRecord
 
 RUN_KEYS = ("name", "stream", "backbone", "strategy", "shots", "seed")
+SWEEP, SWEPT_PREFIX = "sweep", "swept:"  # the runs' sweep_tag ("" outside a sweep); a column per swept key
 GROUP_KEYS = ("name", "stream", "backbone", "shots")  # one results table per group; strategies × seeds inside
 STATUS_INCOMPLETE = "incomplete"  # a record with a file missing or unreadable
 ROLE_TARGET, ROLE_CONTROL = "target", "control"  # the ``role`` of a dataset in a run
@@ -220,6 +223,8 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     manifest = record.manifest() or {}
     config = _read_yaml(folder / "config.yaml")
     row: dict[str, Any] = {"run": folder.relative_to(root).as_posix(), **{k: config.get(k) for k in RUN_KEYS}}
+    swept = config.get("swept") or {}  # a swept grid's values of this run: a column each, and their folder name
+    row.update({SWEEP: sweep_tag(swept), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
     status, reason = _status(record, manifest, config)
     summary: dict[str, Any] = {}
     if status == STATUS_FINISHED:
@@ -289,7 +294,7 @@ def _tidy_scores(scores: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _check_unique(finished: pd.DataFrame) -> None:
-    duplicated = finished[finished.duplicated(list(RUN_KEYS), keep=False)]
+    duplicated = finished[finished.duplicated([*RUN_KEYS, SWEEP], keep=False)]
     if len(duplicated):
         raise ReportError("several finished runs share the same name/stream/backbone/strategy/shots/seed, so seeds "
                           "cannot be paired; report on one runs folder at a time: " + ", ".join(duplicated["run"]))

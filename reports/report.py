@@ -23,6 +23,7 @@ import pandas as pd
 from benchmark.config import flatten
 from benchmark.metrics import backward_transfer, control_change, forgetting, target_improvement
 from benchmark.records import slug
+from reports.ablation import ablation_section
 from reports.figures import (
     Style,
     cost_figure,
@@ -34,6 +35,7 @@ from reports.figures import (
 )
 from reports.frame import (
     GROUP_KEYS,
+    SWEEP,
     VQA,
     ZEROSHOT,
     Evaluation,
@@ -122,8 +124,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
             f"{r.run}: {r.status} ({r.reason})" for r in runset.excluded.itertuples()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = results_table(finished, reference)
     styles = strategy_styles(strategy_order(finished["strategy"], reference))
+    swept, finished = finished[finished[SWEEP] != ""], finished[finished[SWEEP] == ""]  # sweeps: reports.ablation
+    table = results_table(finished, reference) if len(finished) else pd.DataFrame(columns=[*GROUP_KEYS, "strategy"])
 
     blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, reference))]
     if any(is_mini_world(r.stream, r.backbone) for r in finished.itertuples()):
@@ -139,6 +142,10 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
                                           styles, out)
         blocks += section
         figures += drawn
+    if len(swept):
+        section, drawn, sweeps = ablation_section(swept, styles, out)
+        blocks, figures = blocks + section, figures + drawn
+        sweeps.to_csv(out / "ablation.csv", index=False)
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
     blocks += _definitions_section(reference, vqa=VQA in evaluations(finished))
 

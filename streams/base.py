@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from benchmark.errors import DataError
-from streams.sampling import FewShotSampler, Session
+from streams.sampling import FewShotSampler, Session, held_out
 
 log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
@@ -305,6 +305,11 @@ class Stream(ABC):
                                   f"{', '.join(repr(self.spec.class_names[c]) for c in empty)} "
                                   f"(unreadable: {', '.join(session.unreadable[:5])})")
 
+    def validation(self, per_class: int, seed: int = 0) -> Stream:
+        """This stream's validation view (:class:`Validation`): ``per_class`` images per class held out of
+        its training split are its test split, the rest its training split; its own test split is never read."""
+        return Validation(self, per_class, seed)
+
     def benchmark(self, sessions: list[Session], train_transform: Callable, eval_transform: Callable):
         """An Avalanche benchmark: train stream = sessions, test stream = their classes' test images."""
         from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -318,6 +323,41 @@ class Stream(ABC):
             test=[as_classification_dataset(test.with_classes(sess.classes).with_transform(eval_transform))
                   for sess in sessions],
         )
+
+
+class Validation(Stream):
+    """A stream seen through its training split only (``fscl tune``'s protocol): a seeded draw of
+    ``per_class`` images per class of the source's training split (at most half of each class,
+    :func:`~streams.sampling.held_out`) is the ``test`` split, the other training images the ``train``
+    split, so few-shot sessions drawn from it are disjoint from the validation images. The source's
+    test split is never read. A control-only stream (no training split) has no validation view."""
+
+    def __init__(self, source: Stream, per_class: int, seed: int = 0) -> None:
+        if "train" not in source.splits:
+            raise StreamDataError(f"{source.spec.name}: has no training split to hold validation images out of "
+                                  f"(a control-only stream); leave it out of the controls of a validation run")
+        self.source, self.per_class, self.seed = source, per_class, seed
+        self.spec = source.spec  # type: ignore[misc]  (an instance's spec: the source's)
+        self.root, self.options, self.skip_bad_images = source.root, source.options, source.skip_bad_images
+        self.skipped, self._unreadable = source.skipped, source._unreadable
+        listed = source.listed("train")
+        held = held_out(listed.targets, per_class, seed, source.spec.name)
+        keep = sorted(set(range(len(listed))) - set(held))
+        self._splits = {"train": listed.subset(keep), "test": listed.subset(held)}
+
+    def dataset(self, split: Split) -> LabelledImages:
+        return self._splits[split]
+
+    def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
+        """The source's record, plus the validation split: its images held out of the training split."""
+        record = self.source.data_record(sessions)
+        held = self._splits["test"]
+        record["validation"] = {"per_class": self.per_class, "seed": self.seed, "size": len(held),
+                                "of_train": len(held) + len(self._splits["train"]), "ids": held.ids}
+        return record
+
+    def text_sources(self) -> dict[str, str]:
+        return self.source.text_sources()
 
 
 def unreadable(data: LabelledImages, limit: int | None = None, progress: str = "") -> list[tuple[int, str]]:

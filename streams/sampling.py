@@ -102,3 +102,16 @@ class FewShotSampler:
             if replacement is not None:
                 keep.append(replacement)
         return sorted(keep)
+
+
+def held_out(targets: Sequence[int], per_class: int, seed: int, stream: str) -> list[int]:
+    """Indices (ascending) of ``per_class`` images per class of a training split held out for validation,
+    at most half of a class (the rest stays drawable); each class by its own generator seeded from
+    (seed, CRC-32 of the stream's name, class), as :class:`FewShotSampler` draws shots."""
+    targets_arr = np.asarray(targets)
+    chosen: list[int] = []
+    for cls in np.unique(targets_arr):
+        pool = np.flatnonzero(targets_arr == cls)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(stream.encode()), int(cls), 1]))
+        chosen.extend(int(i) for i in rng.choice(pool, size=min(per_class, len(pool) // 2), replace=False))
+    return sorted(chosen)

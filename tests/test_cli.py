@@ -13,7 +13,7 @@ from benchmark.cli import EXPORT_FORMATS, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "torchvision", "avalanche", "open_clip", "transformers", "peft"}
-VERBS = ["run", "ls", "export", "data", "demo", "pretrain-mini", "report", "vqa"]
+VERBS = ["run", "tune", "ls", "export", "data", "demo", "pretrain-mini", "report", "vqa"]
 
 
 def _verb_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -122,3 +122,124 @@ def test_bad_config_files_name_the_problem(tmp_path, text, fragment):
 def test_an_override_that_is_not_yaml_is_named():
     with pytest.raises(ConfigError, match=r"override 'seed=\[0,': the value is not valid YAML"):
         load_config("quick", ["seed=[0,"])
+
+
+# --------------------------------------------------------------------------- sweeps of any key
+def test_a_list_value_of_any_option_is_a_grid_axis_in_its_strategys_runs():
+    cfg = load_config("quick", ["seed=0", "strategy=[full-ft,lorsu]", "train.lr=[1e-5,1e-4]",
+                                "lorsu.top_k_heads=[1,2]", "lorsu.head_selection=[importance,random]"])
+    assert cfg.sweeps == {"train.lr": [1e-5, 1e-4], "lorsu.top_k_heads": [1, 2],
+                          "lorsu.head_selection": ["importance", "random"]}
+    runs = cfg.expand()
+    full_ft = [r for r in runs if r.strategy == "full-ft"]
+    lorsu = [r for r in runs if r.strategy == "lorsu"]
+    assert len(full_ft) == 2 and len(lorsu) == 2 * 2 * 2  # lorsu's keys sweep lorsu's runs only
+    assert [r.train.lr for r in full_ft] == [1e-5, 1e-4] and all("lorsu" not in r.options or
+                                                                 "top_k_heads" not in r.options["lorsu"] for r in full_ft)
+    combos = {(r.train.lr, r.options["lorsu"]["top_k_heads"], r.options["lorsu"]["head_selection"]) for r in lorsu}
+    assert combos == {(lr, k, h) for lr in (1e-5, 1e-4) for k in (1, 2) for h in ("importance", "random")}
+    for run in lorsu:  # resolved: the values in place, and which were swept
+        data = run.to_dict()
+        assert data["swept"] == {"train.lr": data["train"]["lr"], "lorsu.top_k_heads": data["lorsu"]["top_k_heads"],
+                                 "lorsu.head_selection": data["lorsu"]["head_selection"]}
+        assert parse_config(data).expand() == [run]
+
+
+def test_keys_whose_type_is_a_list_never_expand():
+    runs = load_config("mini", ["seed=0", "stream=mini-signs", "strategy=zeroshot",
+                                "controls=[mini-shapes,mini-digits]", "loggers=[text,csv]"]).expand()
+    assert len(runs) == 1 and runs[0].controls == ["mini-shapes", "mini-digits"] and runs[0].loggers == ["text", "csv"]
+    assert runs[0].swept == {}
+
+
+def test_a_strategys_own_train_keys_win_over_train_in_its_runs_only():
+    cfg = load_config("quick", ["seed=0", "strategy=[zeroshot,full-ft,lorsu]", "lorsu.train.lr=5e-4",
+                                "lorsu.train.epochs=2", "full-ft.train.lr=2e-4", "train.lr=[1e-5,1e-4]"])
+    runs = {(r.strategy, r.train.lr): r for r in cfg.expand()}
+    # the global train.lr sweep does not expand lorsu and full-ft, which set their own lr
+    assert sorted(runs) == [("full-ft", 2e-4), ("lorsu", 5e-4), ("zeroshot", 1e-5), ("zeroshot", 1e-4)]
+    assert runs["lorsu", 5e-4].train.epochs == 2 and runs["full-ft", 2e-4].train.epochs == 5
+    for run in runs.values():  # resolved into train: no strategy section keeps train keys
+        assert all("train" not in section for section in run.options.values())
+        assert "full-ft" not in run.options  # a section that only held train keys is gone
+    assert runs["lorsu", 5e-4].swept == {} and runs["zeroshot", 1e-4].swept == {"train.lr": 1e-4}
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lorsu.train.lr=fast", "lorsu.train.lr: invalid value 'fast'"),
+    ("lorsu.train.lr=1e-7", "lorsu: train.min_lr: invalid value 1e-06; allowed: a float in [0, lr=1e-07]"),  # own lr
+    ("lorsu.train.epoch=2", "lorsu.train.epoch: unknown key"),
+    ("full-ft.rank=2", "full-ft: invalid value {'rank': 2}; allowed: nothing: strategy 'full-ft' takes no options"),
+    ("train.lr=[1e-5,fast]", "train.lr[1]: invalid value 'fast'"),
+    ("train.lr=[1e-5,1e-5]", "train.lr: invalid value [1e-05, 1e-05]; allowed: each value once"),
+    ("lorsu.top_k_heads=[]", "lorsu.top_k_heads: invalid value []"),
+    ("lorsu.head_selection=[importance,best]", "lorsu.head_selection[1]: invalid value 'best'; allowed: importance | random"),
+    ("lorsu.nope=[1,2]", "lorsu.nope: unknown key"),
+])
+def test_bad_swept_values_and_strategy_train_keys_are_named(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("quick", ["strategy=[full-ft,lorsu]", override])
+    assert fragment.lower() in str(err.value).lower()
+
+
+def test_swept_grids_round_trip_through_their_plain_form():
+    cfg = load_config("quick", ["train.lr=[1e-5,1e-4]", "lorsu.rank=[4,8]", "strategy=lorsu"])
+    assert cfg.to_dict()["train"]["lr"] == [1e-5, 1e-4] and parse_config(cfg.to_dict()) == cfg
+
+
+def test_run_folders_name_the_swept_values_stably_and_uniquely(tmp_path):
+    from benchmark.runner import run_dir
+
+    cfg = load_config("quick", [f"out={tmp_path}", "seed=0", "strategy=[zeroshot,lorsu]", "train.lr=[1e-5,0.0005]",
+                                "lorsu.top_k_heads=[1,4]"])
+    folders = [run_dir(r).relative_to(tmp_path).as_posix() for r in cfg.expand()]
+    assert folders == [
+        "quick/digits/openclip-fscl-tiny/zeroshot/lr=1e-05/5-s0",
+        "quick/digits/openclip-fscl-tiny/zeroshot/lr=0.0005/5-s0",
+        "quick/digits/openclip-fscl-tiny/lorsu/top_k_heads=1,lr=1e-05/5-s0",
+        "quick/digits/openclip-fscl-tiny/lorsu/top_k_heads=4,lr=1e-05/5-s0",
+        "quick/digits/openclip-fscl-tiny/lorsu/top_k_heads=1,lr=0.0005/5-s0",
+        "quick/digits/openclip-fscl-tiny/lorsu/top_k_heads=4,lr=0.0005/5-s0",
+    ]
+    # without swept keys the folders are those of before (old runs resume)
+    plain = load_config("quick", [f"out={tmp_path}", "seed=0", "strategy=lorsu"]).expand()[0]
+    assert run_dir(plain).relative_to(tmp_path).as_posix() == "quick/digits/openclip-fscl-tiny/lorsu/5-s0"
+
+
+def test_long_sweeps_keep_short_unique_folder_names():
+    from benchmark.config import sweep_tag
+
+    lrs = [1e-5 + i * 1e-9 for i in range(50)]
+    swept = [{"train.lr": lr, "train.min_lr": 1e-6, "lorsu.importance_samples": 1000, "lorsu.head_selection": "random",
+              "lorsu.importance_min_abs": 1e-10} for lr in lrs]
+    tags = [sweep_tag(s) for s in swept]
+    assert len(set(tags)) == len(tags) and all(len(t) <= 60 for t in tags)
+    assert tags == [sweep_tag(s) for s in swept]  # stable
+    assert sweep_tag({"train.lr": 1e-4, "lorsu.train.lr": 1e-3}) == "lorsu.train.lr=0.001,train.lr=0.0001"  # same last part
+    assert sweep_tag({"x.name": "a/b"}).startswith("name=a-b-")  # a character a folder must not hold: hashed
+
+
+def test_ablation_presets_sweep_one_lorsu_option_around_the_papers_value():
+    from benchmark.config import declared_default, list_presets
+
+    presets = [p for p in list_presets() if p.startswith("paper-ablation-")]
+    swept = {}
+    for preset in presets:
+        cfg = load_config(preset)
+        assert cfg.strategy == "lorsu" and cfg.train == load_config("paper-cl5").train and len(cfg.sweeps) == 1
+        ((key, values),) = cfg.sweeps.items()
+        assert declared_default(key) in values  # the paper's value: the ablation tables' reference
+        assert len(cfg.expand()) == 5 * 3 * len(values)
+        swept[key] = values
+    assert set(swept) == {"lorsu.head_selection", "lorsu.top_k_heads", "lorsu.fc1_mask", "lorsu.sparsity", "lorsu.rank"}
+
+
+def test_the_mini_preset_runs_every_strategy_that_trains_at_its_own_tuned_rate():
+    from benchmark.config import PRESET_DIR, read_source
+
+    data, cfg = read_source("mini"), load_config("mini")
+    trainers = [s for s in cfg.strategy if s != "zeroshot"]
+    assert all("lr" in data[s]["train"] for s in trainers)  # the rate fscl tune chose, per strategy
+    runs = {r.strategy: r for r in cfg.expand() if r.seed == 0 and r.stream == "mini-signs"}
+    assert all(runs[s].train.lr == data[s]["train"]["lr"] for s in trainers)
+    assert "fscl tune mini" in (PRESET_DIR / "mini.yaml").read_text()  # its provenance, as comments

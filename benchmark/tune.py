@@ -1,0 +1,246 @@
+"""``fscl tune``: each strategy's hyper-parameters chosen on validation data, never on a test set.
+
+Protocol. The tune is a grid of runs (:mod:`benchmark.runner`, so resume and sharding work as for
+``fscl run``) of every strategy that trains, over the swept keys (the config's list values, e.g.
+``train.lr=[1e-5,1e-4]`` or ``lorsu.top_k_heads=[1,2,4]``; none given: ``train.lr`` on a log grid
+around the config's, :func:`lr_grid`), its streams and seeds, each with ``validation_per_class``: a
+seeded draw of N images per class is held out of the target's training split (the few-shot sessions
+are drawn from the rest, so they never meet a validation image) and N per class are drawn from each
+control's training split; those are evaluated instead of the test splits, which no tune run reads
+(controls without a training split are left out). A candidate's score is its validation TI and CC,
+averaged over the streams and seeds; :func:`choose` picks one per strategy by the criterion.
+
+The result is a config that ``fscl run`` takes like a preset: the base config with each strategy's
+chosen values in its own section (``lorsu: {train: {lr: ...}}``), the protocol and the validation
+table written above it as comments (the table also as ``tune.csv`` in the tune's runs folder).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.config import GRID_AXES, TRAIN, Config, ConfigError, check, parse_config, set_dotted, without_keys
+from benchmark.records import STATUS_FAILED, RunRecord, git_hash
+from benchmark.registry import STRATEGIES, STREAMS
+
+CRITERIA = {
+    "constrained": "the largest validation TI among the candidates whose validation CC stays within the tolerance "
+                   "of the zero-shot model's (0: it does not change); none within it: the largest CC (the smallest "
+                   "control loss)",
+    "target": "the largest validation TI",
+    "sum": "the largest validation TI + CC",
+}
+LR_STEPS = (-0.5, 0.0, 0.5, 1.0, 1.5)  # the default train.lr grid: the config's lr × 10^step
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How ``fscl tune`` chooses (its command-line options)."""
+
+    criterion: str = "constrained"  # a key of CRITERIA
+    tolerance: float = 1.0  # percentage points of validation CC below the zero-shot model's (constrained)
+    validation_per_class: int = 10  # validation images per class, of the target and of each control
+
+    def __post_init__(self) -> None:
+        check(self.criterion in CRITERIA, "--criterion", self.criterion, " | ".join(CRITERIA))
+        check(self.tolerance >= 0 and math.isfinite(self.tolerance), "--tolerance", self.tolerance,
+              "a number of percentage points >= 0")
+        check(self.validation_per_class >= 1, "--validation-per-class", self.validation_per_class, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One tune run: its strategy, candidate (swept key → value), stream, seed and validation TI / CC
+    (fractions; None when the run failed)."""
+
+    strategy: str
+    candidate: tuple[tuple[str, Any], ...]
+    stream: str
+    seed: int
+    ti: float | None
+    cc: float | None
+
+
+def lr_grid(lr: float, steps: tuple[float, ...] = LR_STEPS) -> list[float]:
+    """``lr × 10^step`` for each step, to two significant digits (5e-05 → 1.6e-05, 5e-05, 0.00016, ...)."""
+    return [float(f"{lr * 10 ** step:.2g}") for step in steps]
+
+
+def tune_grid(cfg: Config, options: TuneOptions) -> tuple[Config, list[str]]:
+    """The tune's grid config, and the controls it leaves out (no training split to draw validation from).
+
+    ``cfg``: the base config (a preset with overrides); its strategies that train, its swept keys (none:
+    ``train.lr`` over :func:`lr_grid`), streams and seeds; named ``<name>-tune``. A strategy's own value of a
+    swept ``train`` key is dropped (the sweep decides it); ``control_subset`` is off (the validation draw
+    bounds the controls).
+    """
+    data = cfg.to_dict()
+    sweeps = dict(cfg.sweeps) or {f"{TRAIN}.lr": lr_grid(cfg.train.lr)}
+    trainers = [s for s in _as_list(cfg.strategy) if STRATEGIES.get(s).obj.trains]
+    check(bool(trainers), "strategy", cfg.strategy, "at least one strategy that trains (zeroshot has nothing to tune)")
+    for key in sweeps:
+        if not (key.startswith(f"{TRAIN}.") or key.partition(".")[0] in trainers):
+            raise ConfigError(f"{key}: a tune sweeps train.* keys or the options of a strategy it tunes "
+                              f"({', '.join(trainers)}), not {key.partition('.')[0]!r}")
+    left_out = [c for c in cfg.controls if "train" not in STREAMS.get(c).obj.splits]
+    for key, values in sweeps.items():
+        set_dotted(data, key, list(values))
+        if key.startswith(f"{TRAIN}."):
+            for strategy in trainers:
+                (data.get(strategy, {}).get(TRAIN) or {}).pop(key.partition(".")[2], None)
+    data.update(strategy=trainers, controls=[c for c in cfg.controls if c not in left_out], name=f"{cfg.name}-tune",
+                validation_per_class=options.validation_per_class, control_subset=None, swept={})
+    return parse_config(data), left_out
+
+
+def scores(runs: list[Config]) -> tuple[list[Score], int]:
+    """The validation scores of the tune's runs, and how many are not done yet (running, or not started)."""
+    from benchmark.runner import run_dir
+
+    found, pending = [], 0
+    for run in runs:
+        record = RunRecord(run_dir(run), writable=False)
+        candidate = tuple(run.swept.items())
+        if record.is_finished():
+            summary = json.loads((record.path / "summary.json").read_text())
+            cc = summary.get("control_change")  # None without controls: nothing to lose
+            found.append(Score(run.strategy, candidate, run.stream, run.seed, summary["target_improvement"],
+                               0.0 if cc is None else cc))
+        elif (record.manifest() or {}).get("status") == STATUS_FAILED:
+            found.append(Score(run.strategy, candidate, run.stream, run.seed, None, None))
+        else:
+            pending += 1
+    return found, pending
+
+
+def table(found: list[Score]) -> list[dict[str, Any]]:
+    """One row per (strategy, candidate) in run order: ``strategy``, ``candidate`` (dict), ``runs``, ``failed``,
+    ``ti`` and ``cc`` (means over the candidate's finished runs, fractions; None when one failed)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for s in found:
+        row = rows.setdefault((s.strategy, s.candidate), {"strategy": s.strategy, "candidate": dict(s.candidate),
+                                                          "runs": 0, "failed": 0, "ti": [], "cc": []})
+        row["runs"] += 1
+        if s.ti is None:
+            row["failed"] += 1
+        else:
+            row["ti"].append(s.ti)
+            row["cc"].append(s.cc)
+    for row in rows.values():
+        ok = row["ti"] and not row["failed"]
+        row["ti"] = sum(row["ti"]) / len(row["ti"]) if ok else None
+        row["cc"] = sum(row["cc"]) / len(row["cc"]) if ok else None
+    return list(rows.values())
+
+
+def choose(rows: list[dict[str, Any]], criterion: str, tolerance: float) -> dict[str, dict[str, Any]]:
+    """Each strategy's chosen candidate (swept key → value) from :func:`table` rows by ``criterion`` (see
+    :data:`CRITERIA`; ``tolerance`` in percentage points); ties go to the earlier candidate, a candidate with
+    a failed run is never chosen. A strategy whose every candidate failed is left out."""
+    chosen = {}
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        ok = [r for r in rows if r["strategy"] == strategy and r["ti"] is not None]
+        if not ok:
+            continue
+        if criterion == "constrained":
+            within = [r for r in ok if r["cc"] >= -tolerance / 100 - 1e-12]
+            best = max(within, key=lambda r: r["ti"]) if within else max(ok, key=lambda r: r["cc"])
+        elif criterion == "target":
+            best = max(ok, key=lambda r: r["ti"])
+        else:
+            best = max(ok, key=lambda r: r["ti"] + r["cc"])
+        chosen[strategy] = best["candidate"]
+    return chosen
+
+
+def tuned_config(base: Config, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The config ``fscl run`` takes: ``base`` as YAML data (keys at their defaults and the swept keys left
+    out), named ``<name>-tuned``, each strategy's chosen values in its own section (``train.X`` →
+    ``<strategy>.train.X``, ``<strategy>.Y`` as is)."""
+    data = without_keys(dataclasses.replace(base, sweeps={}).to_dict(), base.sweeps)
+    data = _compact(data, Config().to_dict())
+    for strategy, values in chosen.items():
+        for key, value in values.items():
+            set_dotted(data, key if key.startswith(f"{strategy}.") else f"{strategy}.{key}", value)
+    return {"name": f"{base.name}-tuned", **{k: v for k, v in data.items() if k != "name" and v != {}}}
+
+
+def _compact(data: dict[str, Any], defaults: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """``data`` without the keys whose value is the default's (at top level the grid axes and name kept)."""
+    out = {}
+    for key, value in data.items():
+        default = defaults[key] if key in defaults else object()
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = _compact(value, default, top=False)
+            if value:
+                out[key] = value
+        elif (top and key in (*GRID_AXES, "name")) or value != default:
+            out[key] = value
+    return out
+
+
+def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Config, left_out: list[str],
+          rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> Path:
+    """Write the tuned config (protocol and validation table as comments above it) to ``path``, and the
+    table as ``tune.csv`` into the tune's runs folder; returns ``path``."""
+    from benchmark.records import atomic_write
+
+    runs = grid.expand()
+    seeds = sorted({r.seed for r in runs})
+    streams = list(dict.fromkeys(r.stream for r in runs))
+    header = [
+        f"Tuned by `fscl tune` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {source} "
+        f"(git {git_hash() or 'unknown'}); the tune's runs: {Path(grid.out) / grid.name}.",
+        f"Protocol: validation runs (validation_per_class: {options.validation_per_class}): per class, that many "
+        "images held out of the target's training split (the few-shot sessions are drawn from the rest) and drawn "
+        "from each control's training split are evaluated; no test split is read.",
+        f"Streams {', '.join(streams)}; seeds {', '.join(map(str, seeds))}; controls "
+        f"{', '.join(grid.controls) or 'none'}" + (f" (left out, no training split: {', '.join(left_out)})"
+                                                   if left_out else "") + ".",
+        f"Criterion {options.criterion}: {CRITERIA[options.criterion]}"
+        + (f"; tolerance {options.tolerance:g} pp" if options.criterion == "constrained" else "") + ".",
+        "Validation TI / CC in pp, mean over the streams and seeds (* = chosen):",
+        *_table_text(rows, chosen).splitlines(),
+    ]
+    text = "".join(f"# {line}\n" for line in header)
+    text += yaml.safe_dump(tuned_config(base, chosen), sort_keys=False, default_flow_style=None)
+    parse_config(yaml.safe_load(text))  # what fscl run will read: valid, or no file
+    atomic_write(path, text)
+    atomic_write(Path(grid.out) / grid.name / "tune.csv", _table_csv(rows, chosen))
+    return path
+
+
+def _table_text(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> str:
+    lines = ["| strategy | candidate | runs | TI (pp) | CC (pp) |", "|---|---|---|---|---|"]
+    for r in rows:
+        mark = " *" if chosen.get(r["strategy"]) == r["candidate"] else ""
+        values = ", ".join(f"{k}={v}" for k, v in r["candidate"].items()) or "(base)"
+        ti = "failed" if r["ti"] is None else f"{100 * r['ti']:.1f}"
+        cc = "failed" if r["cc"] is None else f"{100 * r['cc']:.1f}"
+        lines.append(f"| {r['strategy']}{mark} | {values} | {r['runs']} | {ti} | {cc} |")
+    return "\n".join(lines)
+
+
+def _table_csv(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["strategy", *keys, "runs", "failed", "ti", "cc", "chosen"])
+    for r in rows:
+        writer.writerow([r["strategy"], *(r["candidate"].get(k, "") for k in keys), r["runs"], r["failed"],
+                         r["ti"], r["cc"], chosen.get(r["strategy"]) == r["candidate"]])
+    return out.getvalue()
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
