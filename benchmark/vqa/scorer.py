@@ -72,14 +72,19 @@ def _inputs(model: nn.Module, processor, items: Sequence[Item]) -> dict[str, tor
     return {key: value.to(model.device) for key, value in batch.items()}
 
 
-@torch.no_grad()
-def letter_scores(model: nn.Module, processor, items: Sequence[Item]) -> list[LetterScore]:
-    """Score ``items`` with one forward pass: logits [B, V] at each prompt's last position → letter scores."""
+def answer_logits(model: nn.Module, processor, items: Sequence[Item]) -> torch.Tensor:
+    """The logits [B, V] of the first answer token of ``items`` (each prompt's last position), one forward
+    pass; differentiable (training a VLM on letter answers uses it, scoring wraps it in ``no_grad``)."""
     batch = _inputs(model, processor, items)
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: 0.. from each row's first real token
-    logits = model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()  # [B, V]
-    logprobs = logits.log_softmax(-1)
+    return model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()
+
+
+@torch.no_grad()
+def letter_scores(model: nn.Module, processor, items: Sequence[Item]) -> list[LetterScore]:
+    """Score ``items`` with one forward pass: logits [B, V] at each prompt's last position → letter scores."""
+    logprobs = answer_logits(model, processor, items).log_softmax(-1)
     letters = letter_token_ids(processor.tokenizer, max(k for _, _, k in items))
     scores = []
     for row, (_, _, k) in zip(logprobs, items):
