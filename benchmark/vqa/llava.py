@@ -226,12 +226,17 @@ def char_tokenizer():
                        pre_tokenizers.Split(Regex(r" ?[\s\S]"), behavior="isolated"), decoders.Fuse())
 
 
-def word_tokenizer(texts: Iterable[str]):
-    """One token per word (a run of letters and digits) or punctuation mark of ``texts``, whitespace dropped:
-    short sequences for a closed vocabulary (a prompt's unknown words become ``<unk>``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_tokenizer(texts: Iterable[str], whole: Iterable[str] = ()):
+    """One token per word (a run of letters and digits) or punctuation mark of ``texts``, whitespace dropped,
+    except that a whitespace-delimited string of ``whole`` (such as the option markers "A." to "E.") is one
+    token: short sequences for a closed vocabulary (a prompt's unknown words become ``<unk>``)."""
+    import re
 
-    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    from tokenizers import Regex, pre_tokenizers
+
+    kept = "".join(f"^{re.escape(w)}$|" for w in whole)
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                     pre_tokenizers.Split(Regex(kept + r"\w+|[^\w\s]"), behavior="isolated")])
     words = [word for text in texts for word, _ in split.pre_tokenize_str(text)]
     return _llama_like(sorted(set(words)), split)
 
