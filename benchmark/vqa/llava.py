@@ -4,8 +4,9 @@ takes the run's current encoder.
 ``vqa.model`` is ``llava:/local/folder`` (``save_pretrained`` of the model and its processor, e.g.
 ``llava-hf/llava-1.5-7b-hf``), ``llava:org/hub-id`` (needs the hub, or ``HF_HUB_OFFLINE=1`` and the
 local cache), or a family of :data:`~benchmark.registry.VQA_MODELS` such as ``mini`` (the mini
-world's small VLM, declared by ``streams.mini``; built into the cache on first use). ``llava-hf/llava-1.5-7b-hf`` is the fully fine-tuned LLaVA-1.5-7B; the LoRSU paper used
-the LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
+world's small VLM, declared by ``streams.mini``; built into the cache on first use).
+``llava-hf/llava-1.5-7b-hf`` is the fully fine-tuned LLaVA-1.5-7B; the LoRSU paper used the
+LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
 
 :func:`swap_encoder` copies a backbone's vision encoder into the tower in memory with the mapping of
 :mod:`benchmark.export` (open_clip OpenAI-layout ViT or ``hf:`` CLIP → HF ``CLIPVisionModel``);

@@ -8,8 +8,10 @@ questions about clean renders of the pretraining distribution (never a held-out 
 pair, never a stream's image): each step draws, for every mini stream, questions with that
 stream's ``vqa_question`` and options made like the real sets (:class:`~benchmark.vqa.questions.LabelQuestions`,
 random distractors, uniform answer position), in the released ``vicuna_v1`` prompt, and the loss
-is the cross-entropy of the answer letter at the first answer token (what letter scoring reads).
-Deterministic from (seed, world version, recipe). The folder::
+is the cross-entropy of the answer letter at the first answer token (what letter scoring reads) and
+at the positions where the answer is already determined. Deterministic from (seed, world version,
+recipe). Status: this recipe learns the answer format but not yet the option matching (chance
+accuracy on every stream); a longer or different recipe is future work. The folder::
 
     <folder>/config.json, model.safetensors, generation_config.json     the LlavaForConditionalGeneration
     <folder>/processor_config.json, tokenizer.json, ...                  its LlavaProcessor
@@ -40,7 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmark.template import cosine_lr
-from benchmark.vqa.llava import VQAModelError, new_llava, save_llava, new_llava_config, word_tokenizer
+from benchmark.vqa.llava import VQAModelError, new_llava, new_llava_config, save_llava, word_tokenizer
 from benchmark.vqa.prompt import SYSTEM, conversation
 from benchmark.vqa.questions import LETTERS, MC_SUFFIX, LabelQuestions
 from streams.mini.backbone import cache_root, default_model_dir, ensure_model
