@@ -33,7 +33,7 @@ from typing import Any, Literal, NamedTuple, Union
 import yaml
 
 from benchmark.errors import FsclError
-from benchmark.registry import STRATEGIES, STREAMS
+from benchmark.registry import STRATEGIES, STREAMS, VQA_MODELS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEMO_PRESET = "mini"  # the offline benchmark of `fscl demo` (and `fscl run mini`)
@@ -90,8 +90,9 @@ class VQAConfig:
     """Multiple-choice VQA through a LLaVA whose vision tower takes the run's encoder (off by default)."""
 
     model: str | None = field(default=None, metadata={
-        "help": "the VLM: llava:/local/folder (a saved LlavaForConditionalGeneration with its processor) or "
-                "llava:org/hub-id; null = no VQA evaluation"})
+        "help": "the VLM: llava:/local/folder (a saved LlavaForConditionalGeneration with its processor), "
+                "llava:org/hub-id, or mini (the mini world's small VLM, not LLaVA; built on first use); "
+                "null = no VQA evaluation"})
     scoring: Literal["letter", "generate"] = field(default="letter", metadata={
         "help": "letter: the most probable option letter at the first answer token (one forward pass per batch); "
                 "generate: the released greedy answer (20 new tokens) and parse rules, for parity with the paper"})
@@ -110,9 +111,11 @@ class VQAConfig:
                 "(the full sets at the ends); null = full sets"})
 
     def __post_init__(self) -> None:
-        check(self.model is None or (isinstance(self.model, str) and self.model.startswith("llava:")
-                                     and len(self.model) > len("llava:")),
-              "vqa.model", self.model, "llava:/path/to/folder (or llava:org/hub-id), or null for no VQA")
+        family = self.model.partition(":")[0] if isinstance(self.model, str) else None
+        check(self.model is None or (family == "llava" and len(self.model) > len("llava:"))
+              or (family != "llava" and family in VQA_MODELS), "vqa.model", self.model,
+              "llava:/path/to/folder (or llava:org/hub-id), "
+              + "".join(f"{name}, " for name in VQA_MODELS.names()) + "or null for no VQA")
         check(self.seed >= 0, "vqa.seed", self.seed, "an integer >= 0")
         check(self.batch_size >= 1, "vqa.batch_size", self.batch_size, "an integer >= 1")
         check(self.subset is None or self.subset >= 1, "vqa.subset", self.subset, "an integer >= 1, or null")

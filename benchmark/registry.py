@@ -155,3 +155,6 @@ def load_plugins() -> None:
 STREAMS: Registry[Any] = Registry("stream")
 STRATEGIES: Registry[Any] = Registry("strategy")
 BACKBONES: Registry[Any] = Registry("backbone family")
+# vqa.model families besides llava:PATH (e.g. `mini`, declared by streams.mini): the implementation has
+# folder(rest) -> Path (the LLaVA folder, built on first use) and config(rest) -> LlavaConfig (no building)
+VQA_MODELS: Registry[Any] = Registry("vqa.model family")

@@ -1,4 +1,4 @@
-"""``fscl data check`` and ``fscl pretrain-mini``: the verbs this package adds to the command line.
+"""``fscl data check`` and ``fscl pretrain-mini [--vlm]``: the verbs this package adds to the command line.
 
 Named in the ``fscl.commands`` entry-point group (setup.cfg); only the parsers live here, the
 handlers import the work, so ``fscl --help`` stays light.
@@ -35,13 +35,18 @@ def add_data(verbs: argparse._SubParsersAction) -> None:
 
 
 def add_pretrain_mini(verbs: argparse._SubParsersAction) -> None:
-    """``fscl pretrain-mini [--seed S] [--steps N] [--out DIR] [--force]``."""
+    """``fscl pretrain-mini [--vlm] [--seed S] [--steps N] [--out DIR] [--force]``."""
     mini = verbs.add_parser(
-        "pretrain-mini", help="pretrain the mini world's tiny open_clip model (offline; not CLIP)",
+        "pretrain-mini", help="pretrain the mini world's tiny open_clip model, or with --vlm its small VLM (offline)",
         description="Pretrain the mini world's tiny ViT with the CLIP loss on clean renders and save it in "
                     "open_clip's local-dir layout with a manifest (seed, steps, data version, zero-shot "
-                    "accuracies) under $FSCL_CACHE (default ~/.cache/fscl). The 'mini' backbone loads it.")
-    mini.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0; same seed, same weights)")
+                    "accuracies) under $FSCL_CACHE (default ~/.cache/fscl). The 'mini' backbone loads it. "
+                    "With --vlm, train the mini world's small LLaVA-shaped VLM (not LLaVA: the mini encoder in its "
+                    "tower, a small Llama trained on the world's multiple-choice questions) into the cache; "
+                    "vqa.model: mini loads it. Both are otherwise built on first use.")
+    mini.add_argument("--vlm", action="store_true",
+                      help="train the mini VLM (on the cached mini model, pretrained first when missing)")
+    mini.add_argument("--seed", type=int, default=0, help="training seed (default 0; same seed, same weights)")
     mini.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     mini.add_argument("--out", default=None, metavar="DIR", help="model folder (default: the cache's)")
     mini.add_argument("--force", action="store_true", help="rebuild even when the model exists")
@@ -62,7 +67,9 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _pretrain_mini(args: argparse.Namespace) -> int:
-    """Pretrain the mini world's model into the cache (or --out) and print what it reached."""
+    """Pretrain the mini world's model (or with --vlm its VLM) into the cache (or --out); print what it reached."""
+    if args.vlm:
+        return _train_mini_vlm(args)
     from streams.mini.backbone import WEIGHTS, default_model_dir
     from streams.mini.pretrain import PretrainConfig, pretrain
 
@@ -77,4 +84,22 @@ def _pretrain_mini(args: argparse.Namespace) -> int:
     print(f"mini model -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
     for name, acc in manifest["zero_shot_top1"].items():
         print(f"  zero-shot top-1 {name:<18} {100 * acc:5.1f} %")
+    return 0
+
+
+def _train_mini_vlm(args: argparse.Namespace) -> int:
+    """Train the mini VLM into the cache (or --out) and print its VQA accuracies."""
+    from streams.mini.vlm import WEIGHTS, VLMConfig, build, default_vlm_dir
+
+    folder = Path(args.out) if args.out else default_vlm_dir(args.seed)
+    if (folder / WEIGHTS).is_file() and not args.force:
+        print(f"the mini VLM is already in {folder} (--force rebuilds it)")
+        return 0
+    cfg = VLMConfig(seed=args.seed)
+    if args.steps:
+        cfg.steps = args.steps
+    manifest = build(folder, cfg, progress=not args.no_progress)
+    print(f"mini VLM -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
+    for name, acc in manifest["vqa_acc"].items():
+        print(f"  VQA accuracy (letter) {name:<18} {100 * acc:5.1f} %")
     return 0

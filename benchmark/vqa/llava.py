@@ -2,9 +2,11 @@
 takes the run's current encoder.
 
 ``vqa.model`` is ``llava:/local/folder`` (``save_pretrained`` of the model and its processor, e.g.
-``llava-hf/llava-1.5-7b-hf``) or ``llava:org/hub-id`` (needs the hub, or ``HF_HUB_OFFLINE=1`` and the
-local cache). ``llava-hf/llava-1.5-7b-hf`` is the fully fine-tuned LLaVA-1.5-7B; the LoRSU paper used
-the LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
+``llava-hf/llava-1.5-7b-hf``), ``llava:org/hub-id`` (needs the hub, or ``HF_HUB_OFFLINE=1`` and the
+local cache), or a family of :data:`~benchmark.registry.VQA_MODELS` such as ``mini`` (the mini
+world's small VLM, declared by ``streams.mini``; built into the cache on first use).
+``llava-hf/llava-1.5-7b-hf`` is the fully fine-tuned LLaVA-1.5-7B; the LoRSU paper used the
+LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
 
 :func:`swap_encoder` copies a backbone's vision encoder into the tower in memory with the mapping of
 :mod:`benchmark.export` (open_clip OpenAI-layout ViT or ``hf:`` CLIP → HF ``CLIPVisionModel``);
@@ -14,6 +16,7 @@ the LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +28,7 @@ from benchmark.backbones.hf import HFCLIPBackbone, _is_path
 from benchmark.backbones.openclip import OpenCLIPBackbone, _hub_reachable
 from benchmark.errors import FsclError
 from benchmark.export import hf_vision_config, load_hf_vision, vit_layout_problems
+from benchmark.registry import VQA_MODELS
 
 IMAGE_TOKEN = "<image>"
 SAVE_HINT = ("LlavaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
@@ -43,12 +47,26 @@ class Llava(NamedTuple):
 
 
 # --------------------------------------------------------------------------- loading
-def _source(spec: str) -> tuple[str, bool]:
-    """``llava:REST`` → (folder or hub id, local_files_only)."""
+def _family(spec: str):
+    """The :data:`~benchmark.registry.VQA_MODELS` entry of ``spec``'s family (such as ``mini``), or None for
+    ``llava:``; :class:`VQAModelError` for any other form."""
     family, _, rest = spec.partition(":")
-    if family != "llava" or not rest:
-        raise VQAModelError(f"vqa.model '{spec}': expected 'llava:/path/to/folder' (a LlavaForConditionalGeneration "
-                            f"folder with its processor) or 'llava:org/hub-id', e.g. llava:llava-hf/llava-1.5-7b-hf")
+    if family == "llava" and rest:
+        return None
+    if family != "llava" and family in VQA_MODELS:
+        return VQA_MODELS.get(family)
+    others = "".join(f", or '{name}'" for name in VQA_MODELS.names())
+    raise VQAModelError(f"vqa.model '{spec}': expected 'llava:/path/to/folder' (a LlavaForConditionalGeneration "
+                        f"folder with its processor) or 'llava:org/hub-id', e.g. llava:llava-hf/llava-1.5-7b-hf{others}")
+
+
+def _source(spec: str) -> tuple[str, bool]:
+    """``llava:REST`` → (folder or hub id, local_files_only); a registered family's spec → its folder (built
+    on first use)."""
+    family, _, rest = spec.partition(":")
+    entry = _family(spec)
+    if entry is not None:
+        return str(entry.obj.folder(rest)), True
     if _is_path(rest):
         folder = Path(rest).expanduser()
         if not (folder / "config.json").is_file():
@@ -92,9 +110,13 @@ def _check_processor(spec: str, processor, config) -> None:
 
 def llava_config(spec: str):
     """The ``LlavaConfig`` of ``llava:/folder`` or ``llava:hub-id``, without its weights (the grid check);
-    :class:`VQAModelError` when it is missing or no LLaVA."""
+    :class:`VQAModelError` when it is missing or no LLaVA. A registered family (``mini``) gives the
+    config of its folder, or of the model it would build, without building it."""
     from transformers import AutoConfig
 
+    entry = _family(spec)
+    if entry is not None:
+        return entry.obj.config(spec.partition(":")[2])
     source, local = _source(spec)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
@@ -175,24 +197,100 @@ def swap_encoder(model: nn.Module, backbone: Backbone) -> None:
     load_hf_vision(getattr(tower, "vision_model", tower), backbone)  # 4.x: CLIPVisionModel.vision_model
 
 
-# --------------------------------------------------------------------------- a tiny offline LLaVA
-def _save_tiny_tokenizer(folder: Path):
-    """A Llama-like tokenizer: one token per character or space + character (" A" is one token, like "▁A"),
-    ``<unk> <s> </s> <pad> <image>`` (ids 0-4); prepends ``<s>``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+# --------------------------------------------------------------------------- small offline LLaVAs
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)  # ids 0-4 of the tokenizers below
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def _llama_like(tokens: list[str], pre_tokenizer, decoder=None):
+    """A ``PreTrainedTokenizerFast`` with one id per string of ``tokens`` after :data:`LLAMA_SPECIALS`, split
+    by ``pre_tokenizer`` (anything else is ``<unk>``); prepends ``<s>``; ``<image>`` is its image token."""
+    from tokenizers import Tokenizer, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {token: i for i, token in enumerate(specials + chars + [" " + c for c in chars if c != " "])}
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*LLAMA_SPECIALS, *tokens]))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+    tok.pre_tokenizer = pre_tokenizer
+    if decoder is not None:
+        tok.decoder = decoder
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
-    fast.save_pretrained(folder)
-    return fast
+
+
+def char_tokenizer():
+    """One token per printable character or space + character (" A" is one token, like Llama's "▁A")."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    return _llama_like(chars + [" " + c for c in chars if c != " "],
+                       pre_tokenizers.Split(Regex(r" ?[\s\S]"), behavior="isolated"), decoders.Fuse())
+
+
+def word_tokenizer(texts: Iterable[str], whole: Iterable[str] = ()):
+    """One token per word (a run of letters and digits) or punctuation mark of ``texts``, whitespace dropped,
+    except that a whitespace-delimited string of ``whole`` (such as the option markers "A." to "E.") is one
+    token: short sequences for a closed vocabulary (a prompt's unknown words become ``<unk>``)."""
+    import re
+
+    from tokenizers import Regex, pre_tokenizers
+
+    kept = "".join(f"^{re.escape(w)}$|" for w in whole)
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                     pre_tokenizers.Split(Regex(kept + r"\w+|[^\w\s]"), behavior="isolated")])
+    words = [word for text in texts for word, _ in split.pre_tokenize_str(text)]
+    return _llama_like(sorted(set(words)), split)
+
+
+def new_llava_config(vision_config, tokenizer, text: dict[str, int] | None = None):
+    """The ``LlavaConfig`` of a LLaVA with tower ``vision_config`` (a ``CLIPVisionConfig``) and a Llama of
+    ``text`` sizes (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``;
+    default :data:`TINY_TEXT`) over ``tokenizer`` (one of the tokenizers above), reading the tower's
+    ``hidden_states[-2]`` without the class token, as LLaVA-1.5 does."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    text = {**TINY_TEXT, **(text or {})}
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
+           (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"), ("image", IMAGE_TOKEN))}
+    llama = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=text["num_attention_heads"],
+                        max_position_embeddings=1024, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                        pad_token_id=ids["pad"], **text)
+    return LlavaConfig(vision_config=vision_config, text_config=llama, image_token_id=ids["image"],
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def new_llava(config, seed: int = 0) -> nn.Module:
+    """A random-weight ``LlavaForConditionalGeneration`` of ``config``, initialised from ``seed`` (the global
+    RNG untouched)."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    text = config.text_config
+    model.generation_config.update(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                                   pad_token_id=text.pad_token_id)
+    return model
+
+
+def llava_processor(vision_config, tokenizer):
+    """The ``LlavaProcessor`` of a LLaVA with tower ``vision_config``: ``tokenizer`` and a CLIP image processor
+    at the tower's size (CLIP's mean and std), ``<image>`` expanded to one token per patch."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    size = vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(image_processor, tokenizer, patch_size=vision_config.patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def save_llava(folder: str | Path, model: nn.Module, processor) -> Path:
+    """Write ``model`` and its ``processor`` (:func:`llava_processor`) to ``folder``, loadable as ``llava:<folder>``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 def save_tiny_llava(folder: str | Path, vision_config=None, seed: int = 0) -> Path:
@@ -201,36 +299,12 @@ def save_tiny_llava(folder: str | Path, vision_config=None, seed: int = 0) -> Pa
     ``vision_config``: the tower's ``CLIPVisionConfig``; default the vision side of ``openclip:fscl-tiny``
     (width 64, 2 layers of 4 heads, MLP 256, 32 px, patch 8, GELU). Pass
     ``benchmark.export.hf_vision_config(backbone.visual)`` to match another open_clip ViT. The language
-    model is a 1-layer Llama of width 32 over a character tokenizer (see :func:`_save_tiny_tokenizer`).
+    model is a 1-layer Llama of width 32 over a character tokenizer (:func:`char_tokenizer`).
     """
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vision = vision_config or CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                                num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
-    tokenizer = _save_tiny_tokenizer(folder)
-    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
-           (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"), ("image", IMAGE_TOKEN))}
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                       bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["image"], vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    model.save_pretrained(folder)
-    size = vision.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    LlavaProcessor(image_processor, tokenizer, patch_size=vision.patch_size, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(folder)
-    return folder
+    tokenizer = char_tokenizer()
+    model = new_llava(new_llava_config(vision, tokenizer), seed)
+    return save_llava(folder, model, llava_processor(vision, tokenizer))

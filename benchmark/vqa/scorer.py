@@ -65,21 +65,29 @@ def letter_token_ids(tokenizer, k: int = len(LETTERS)) -> list[int]:
     return ids
 
 
-def _inputs(model: nn.Module, processor, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+def model_inputs(model: nn.Module, processor, items: Sequence[Item]) -> dict[str, torch.Tensor]:
     """Left-padded model inputs of ``items`` on the model's device, images in its dtype."""
     batch = encode(processor, [image for image, _, _ in items], [prompt for _, prompt, _ in items])
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     return {key: value.to(model.device) for key, value in batch.items()}
 
 
+def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor], logits_to_keep: int = 0) -> torch.Tensor:
+    """Float logits [B, L', V] of left-padded ``batch`` (:func:`model_inputs`) at the last ``logits_to_keep``
+    positions (0: all L), with position ids counted from each row's first real token; differentiable."""
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    return model(**batch, position_ids=position_ids, logits_to_keep=logits_to_keep).logits.float()
+
+
+def answer_logits(model: nn.Module, processor, items: Sequence[Item]) -> torch.Tensor:
+    """The logits [B, V] of the first answer token of ``items`` (each prompt's last position), one forward pass."""
+    return sequence_logits(model, model_inputs(model, processor, items), logits_to_keep=1)[:, -1]
+
+
 @torch.no_grad()
 def letter_scores(model: nn.Module, processor, items: Sequence[Item]) -> list[LetterScore]:
     """Score ``items`` with one forward pass: logits [B, V] at each prompt's last position → letter scores."""
-    batch = _inputs(model, processor, items)
-    mask = batch["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: 0.. from each row's first real token
-    logits = model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()  # [B, V]
-    logprobs = logits.log_softmax(-1)
+    logprobs = answer_logits(model, processor, items).log_softmax(-1)
     letters = letter_token_ids(processor.tokenizer, max(k for _, _, k in items))
     scores = []
     for row, (_, _, k) in zip(logprobs, items):
@@ -95,7 +103,7 @@ def letter_scores(model: nn.Module, processor, items: Sequence[Item]) -> list[Le
 def generate_answers(model: nn.Module, processor, items: Sequence[Item],
                      max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers of ``items`` (the released decoding), special tokens skipped, stripped."""
-    batch = _inputs(model, processor, items)
+    batch = model_inputs(model, processor, items)
     out = model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)  # [B, L + new]
     answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
