@@ -107,12 +107,3 @@ def generate_answers(model: nn.Module, processor, items: Sequence[Item],
     out = model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)  # [B, L + new]
     answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
-
-
-def summarise(scores: Sequence[LetterScore], answers: Sequence[int]) -> dict[str, float]:
-    """``vqa_acc`` (letter argmax right), ``vqa_acc_strict`` (vocabulary argmax is the right letter) and
-    ``vqa_letter_mass`` (mean letter mass) of scored questions with right option indices ``answers``."""
-    n = len(scores)
-    return {"vqa_acc": sum(s.choice == a for s, a in zip(scores, answers)) / n,
-            "vqa_acc_strict": sum(s.top_letter == a for s, a in zip(scores, answers)) / n,
-            "vqa_letter_mass": sum(s.letter_mass for s in scores) / n}
