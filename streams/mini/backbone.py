@@ -9,26 +9,20 @@ pretrain-mini`` would. Declared in :mod:`streams.mini` because the core never im
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import open_clip
 from filelock import FileLock
 
 from benchmark.backbones.openclip import OpenCLIPBackbone
+from benchmark.cache import CACHE_ENV, cache_root  # noqa: F401  (CACHE_ENV: re-exported for the tests)
 from streams.mini.pretrain import RECIPE, PretrainConfig, pretrain
 from streams.mini.world import world
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "FSCL_CACHE"
 WEIGHTS = "open_clip_model.safetensors"
 MODEL_CONFIG = Path(__file__).parent / "data" / "mini-vit.json"  # the model's open_clip config
-
-
-def cache_root() -> Path:
-    """``$FSCL_CACHE`` if set, else ``~/.cache/fscl``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fscl").expanduser()
 
 
 def default_model_dir(seed: int = 0) -> Path:
