@@ -185,6 +185,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as false / true
         check(value in allowed, key, value, " | ".join(map(str, allowed)))
         return value
     if origin in (Union, types.UnionType):

@@ -69,9 +69,13 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.epoch_seed + i * 0x9E3779B97F4A7C15) % 2**63)
+        generator = torch.default_generator  # the CPU generator torchvision's random transforms draw from
+        state = generator.get_state()
+        generator.manual_seed((self.epoch_seed + i * 0x9E3779B97F4A7C15) % 2**63)
+        try:
             return self.dataset[i]
+        finally:
+            generator.set_state(state)
 
 
 class CLIPTemplate(SupervisedTemplate):
