@@ -138,7 +138,7 @@ class ZeroShotEvaluator:
         self.dtype, self.num_workers, self.cache, self.progress = dtype, num_workers, cache, progress
         self._class_embeddings: dict[str, Tensor] = {}
         self._held: dict[str, Tensor] = {}  # image key -> uint8 images [N, 3, H, W] (memory-mapped, or on the GPU)
-        self._image_keys: dict[str, str | None] = {}  # eval set key -> its images' cache key (see image_keys)
+        self._keys: dict[int, tuple[Dataset, str]] = {}  # id(dataset) -> (dataset, its images' cache key)
         self.sets: list[EvalSet] = []
 
     @property
@@ -190,14 +190,23 @@ class ZeroShotEvaluator:
     def _held_images(self, dataset: Any, split: SplitTransform, name: str) -> Tensor:
         """The cached uint8 images of ``dataset``: memory-mapped, or on the GPU (``cache: device``, when they
         take at most :data:`DEVICE_SHARE` of its free memory); kept for the evaluator's later evaluations."""
-        images, key = cached_images(dataset, split, batch_size=self.batch_size, progress=self.progress, desc=name,
-                                    num_workers=loader_workers(self.num_workers, -(-len(dataset) // self.batch_size)))
+        key = self._images_key(dataset, split)
         if key not in self._held:
+            images, _ = cached_images(dataset, split, key=key, batch_size=self.batch_size, progress=self.progress,
+                                      desc=name, num_workers=loader_workers(self.num_workers,
+                                                                            -(-len(dataset) // self.batch_size)))
             if self.cache == "device" and self.device.type == "cuda" and \
                     images.numel() <= DEVICE_SHARE * torch.cuda.mem_get_info(self.device)[0]:
                 images = images.to(self.device)
             self._held[key] = images
         return self._held[key]
+
+    def _images_key(self, dataset: Any, split: SplitTransform) -> str:
+        """:func:`~benchmark.image_cache.images_key` of ``dataset``, computed once per dataset object."""
+        known = self._keys.get(id(dataset))
+        if known is None or known[0] is not dataset:
+            known = self._keys[id(dataset)] = (dataset, images_key(dataset, split))
+        return known[1]
 
     def held_bytes(self) -> int:
         """Bytes of evaluation images this evaluator holds on the GPU (``cache: device``)."""
@@ -243,11 +252,11 @@ class ZeroShotEvaluator:
     def image_keys(self) -> dict[str, str | None]:
         """Per added set, the cache key of its uint8 images (:func:`~benchmark.image_cache.images_key`), or
         None for a set that is not labelled images or whose transform does not split."""
+        keys: dict[str, str | None] = {}
         for s in self.sets:
-            if s.key not in self._image_keys:
-                split = split_eval_transform(s.dataset.transform) if is_labelled_images(s.dataset) else None
-                self._image_keys[s.key] = None if split is None else images_key(s.dataset, split)
-        return {s.key: self._image_keys[s.key] for s in self.sets}
+            split = split_eval_transform(s.dataset.transform) if is_labelled_images(s.dataset) else None
+            keys[s.key] = None if split is None else self._images_key(s.dataset, split)
+        return keys
 
     def row_keys(self, context: dict[str, Any]) -> dict[str, str | None]:
         """Per added set, the SHA-256 of what its zero-shot counts depend on before any training: the

@@ -221,11 +221,12 @@ def _write(path: Path, key: str, batches: Any, n_images: int, bar: tqdm) -> None
         raise
 
 
-def cached_images(dataset: Any, split: SplitTransform, *, batch_size: int = 64, num_workers: int = 0,
-                  folder: Path | None = None, progress: bool = False, desc: str = "") -> tuple[Tensor, str]:
+def cached_images(dataset: Any, split: SplitTransform, *, key: str | None = None, batch_size: int = 64,
+                  num_workers: int = 0, folder: Path | None = None, progress: bool = False,
+                  desc: str = "") -> tuple[Tensor, str]:
     """The uint8 images [N, 3, H, W] of labelled images ``dataset`` (memory-mapped from the cache file,
-    built first when missing or unsound) and the file's key."""
-    key = images_key(dataset, split)
+    built first when missing or unsound) and the file's key (``key``: :func:`images_key`, when known)."""
+    key = key or images_key(dataset, split)
     path = cache_path(key, folder)
     shape = check_file(path, key) if path.exists() else None
     if shape is None:
