@@ -44,12 +44,16 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         shard = grid_shard(launcher=not cfg.ddp)
         mine = shard.select(runs)
-        local_device(cfg.device)
-        check_grid(mine, getattr(args, "force", False))  # the checks a real run makes before any work
+        device = local_device(cfg.device)
+        data = check_grid(mine, getattr(args, "force", False))  # the checks a real run makes before any work
         print(f"{len(runs)} run(s) of '{cfg.name}' from {origin}"
               + (f", {len(mine)} in shard {shard}" if shard.count > 1 else "") + ":")
         for run in mine:
             print(f"  {run_dir(run)}")
+        from benchmark.estimate import estimate_lines
+
+        print("cost" + (" of this shard" if shard.count > 1 else "") + ":")
+        print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device.type)))
         return 0
     if is_main_process():
         print(f"{len(runs)} run(s) of '{cfg.name}' from {origin}", file=sys.stderr)
@@ -142,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted overrides; lists (a,b or [a,b]) on stream/strategy/backbone/shots/seed make a grid")
     run.add_argument("--dry-run", action="store_true",
                      help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
-                          "and print its runs (of this process's shard, when sharded)")
+                          "and print its runs (of this process's shard, when sharded), its training steps and "
+                          "evaluated images, and an estimate of its wall time from the rates of earlier runs")
     run.add_argument("--force", action="store_true",
                      help="run again (replacing the record) a finished run whose configuration changed; without it "
                           "such a run is refused, naming the keys that differ")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torchvision import transforms
 
 from benchmark import image_cache
 from benchmark.cli import main
+from benchmark.estimate import session_steps
 from benchmark.evaluation import EvalSet, ZeroShotEvaluator
 from benchmark.image_cache import HEADER_BYTES, cache_path, cached_images, check_file, split_eval_transform
 from benchmark.shared_rows import FOLDER
@@ -207,3 +209,24 @@ def test_resume_with_the_cache_and_a_new_backbone_gets_its_own_row(tmp_path):
     assert _run(tmp_path, "strategy=zeroshot", "control_subset=50") == 0  # other control ids: that row is new
     new = set((tmp_path / "quick" / FOLDER).glob("*.json")) - stored
     assert [json.loads(p.read_text())["dataset"] for p in new] == ["mini-shapes"]
+
+
+def test_session_steps_follow_the_loaders_drop_last_rule():
+    assert session_steps(25, 8, 2, "auto") == 6 and session_steps(25, 8, 2, False) == 8
+    assert session_steps(5, 8, 3, "auto") == 3 and session_steps(16, 8, 1, True) == 2
+
+
+def test_dry_run_counts_steps_and_images_and_estimates_from_earlier_runs(tmp_path, capsys):
+    grid = ("strategy=[zeroshot,full-ft]", "--dry-run")
+    assert _run(tmp_path, *grid) == 0
+    out = capsys.readouterr().out
+    # full-ft: 2 sessions of 25 samples, batches of 8 (the last dropped) x 2 epochs; images: the 540 test digits and
+    # 60 control images once for row 0, then twice more for full-ft (zeroshot evaluates once)
+    assert "openclip:fscl-tiny: 2 run(s), 12 training steps, 1,800 evaluated images" in out
+    assert "no estimate: no finished run of openclip:fscl-tiny on cpu" in out
+    assert _run(tmp_path, "strategy=full-ft") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, *grid) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"estimate: about \d+ s on cpu at [\d.]+ steps/s and [\d,]+ images/s, the rates of 1 finished",
+                     out), out
