@@ -271,7 +271,7 @@ class CLIPTemplate(SupervisedTemplate):
         if isinstance(self.dataloader, DataLoader):  # one task (no task-balanced loader): ours, seeded per sample
             n_batches = len(self.dataloader)
             self.dataloader = DataLoader(
-                SeededItems(self.adapted_dataset), batch_size=self.train_mb_size, shuffle=True,
+                SeededItems(self.adapted_dataset), batch_size=self.train_mb_size, shuffle=kwargs.get("shuffle", True),
                 drop_last=kwargs["drop_last"], pin_memory=self.device.type == "cuda",
                 num_workers=loader_workers(self.train_cfg.num_workers, n_batches))
         if len(self.dataloader) == 0:
