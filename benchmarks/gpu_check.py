@@ -349,8 +349,8 @@ def costs(check: Check) -> list[Row]:
         proc = check.run(name, [sys.executable, str(script), *check.mode.throughput_args], timeout=300)
         print(f"\n{script} {shlex.join(check.mode.throughput_args)}\n" + proc.output)
         # a benchmark's goal lines ("met      <what> (<ratio>x)") summed up in the row
-        goals = [f"{m[2]} {m[3]}x{'' if m[1] == 'met' else ' (goal NOT met)'}"
-                 for m in re.finditer(r"^(met|NOT met) +(.+?) evaluation >= .*\(([\d.]+)x\)$", proc.output, re.MULTILINE)]
+        goals = [f"{m[2]} {m[3]}x{'' if m[1] == 'met' else f' (goal {m[1]})'}" for m in re.finditer(
+            r"^(met|NOT met|split) +(.+?) evaluation >= .*\(([\d.]+)x[;)]", proc.output, re.MULTILINE)]
         rows.append(Row(name, "PASS" if proc.rc == 0 else "FAIL", proc.seconds,
                         ("; ".join(goals) or "output above") if proc.rc == 0 else failure(proc)))
     return rows
