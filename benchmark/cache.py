@@ -1,5 +1,5 @@
-"""The cache folder of things fscl-bench builds once and reuses: ``$FSCL_CACHE``, else ``~/.cache/fscl``
-(the mini world's pretrained model, the question sets of runs' VQA evaluations)."""
+"""The cache folder of everything fscl-bench builds once and reuses: ``$FSCL_CACHE``, else ``~/.cache/fscl``
+(the mini world's pretrained model and VLM, the question sets of runs' VQA evaluations, the evaluated images)."""
 from __future__ import annotations
 
 import os

@@ -43,7 +43,8 @@ CHECKPOINT_DIR = "checkpoints"
 KeepCheckpoints = Literal["last", "all", "none"]
 _NAME = re.compile(r"session-(\d+)\.pt")
 # config keys that do not change a run's numbers: a checkpoint resumes across them
-RESUME_INDEPENDENT = ("out", "device", "loggers", "keep_checkpoints", "ddp", "swept")  # swept: values also in place
+RESUME_INDEPENDENT = ("out", "device", "loggers", "keep_checkpoints", "ddp", "swept",  # swept: values also in place
+                      "eval_cache", "train.num_workers")
 
 
 @dataclass
@@ -137,7 +138,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     config lacks (written before the key existed, e.g. ``vqa.*``) counts as its default."""
     flat_old = {**flatten(Config().to_dict()), **flatten(old)} if old else {}
     flat_new = flatten(new)
-    keys = sorted(k for k in flat_old.keys() | flat_new.keys() if k.split(".")[0] not in RESUME_INDEPENDENT)
+    keys = sorted(k for k in flat_old.keys() | flat_new.keys()
+                  if k not in RESUME_INDEPENDENT and k.split(".")[0] not in RESUME_INDEPENDENT)
     missing = "(unset)"
     return [f"{k}: {flat_old.get(k, missing)!r} -> {flat_new.get(k, missing)!r}" for k in keys
             if flat_old.get(k, missing) != flat_new.get(k, missing)]

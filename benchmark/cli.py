@@ -41,19 +41,23 @@ def _load(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def _dry_run(cfg: Config, what: str, force: bool) -> int:
-    """Check this process's share of the grid ``cfg`` as a run would, and print its run folders."""
+    """Check this process's share of the grid ``cfg`` as a run would, print its run folders and what it costs
+    (training steps, evaluated images, an estimated wall time: :mod:`benchmark.estimate`)."""
     from benchmark.distributed import grid_shard, local_device
+    from benchmark.estimate import estimate_lines
     from benchmark.runner import check_grid, run_dir
 
     runs = cfg.expand()
     shard = grid_shard(launcher=not cfg.ddp)
     mine = shard.select(runs)
-    local_device(cfg.device)
-    check_grid(mine, force)  # the checks a real run makes before any work
+    device = local_device(cfg.device)
+    data = check_grid(mine, force)  # the checks a real run makes before any work
     print(f"{len(runs)} run(s) of '{cfg.name}' from {what}" + (f", {len(mine)} in shard {shard}" if shard.count > 1
                                                                 else "") + ":")
     for run in mine:
         print(f"  {run_dir(run)}")
+    print("cost" + (" of this shard" if shard.count > 1 else "") + ":")
+    print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device.type)))
     return 0
 
 
@@ -196,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "any key whose type is not a list, e.g. train.lr=[1e-5,1e-4]) make a grid")
     run.add_argument("--dry-run", action="store_true",
                      help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
-                          "and print its runs (of this process's shard, when sharded)")
+                          "and print its runs (of this process's shard, when sharded), its training steps and "
+                          "evaluated images, and an estimate of its wall time from the rates of earlier runs")
     run.add_argument("--force", action="store_true",
                      help="run again (replacing the record) a finished run whose configuration changed; without it "
                           "such a run is refused, naming the keys that differ")

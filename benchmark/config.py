@@ -74,7 +74,11 @@ class TrainConfig:
                 "colour jitter (0.32, 0.32, 0.32, 0.08; p 0.8) and grayscale (p 0.2) (released)"})
     eval_batch_size: int = field(default=64, metadata={"help": "images per evaluation batch"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "autocast dtype: auto = bf16 on GPU, fp32 on CPU; fp16 trains with a gradient scaler"})
+        "help": "autocast dtype of training and evaluation: auto = bf16 on GPU, fp32 on CPU; fp16 trains with a "
+                "gradient scaler"})
+    num_workers: int | Literal["auto"] = field(default="auto", metadata={
+        "help": "data-loader worker processes of training and evaluation: auto = one per usable core but one, at "
+                "most 8; 0 = load in the main process. The numbers are the same for any value"})
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -83,6 +87,8 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", self.lr, "a float > 0")
         check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"a float in [0, lr={self.lr}]")
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(self.num_workers == "auto" or self.num_workers >= 0, "train.num_workers", self.num_workers,
+              "an integer >= 0, or auto")
 
 
 @dataclass
@@ -144,6 +150,9 @@ class Config:
     )
     keep_checkpoints: Literal["last", "all", "none"] = "none"  # per-session checkpoints kept after success
     ddp: bool = False  # data-parallel runs over the launched processes instead of sharding the grid
+    # evaluated images decoded, resized and cropped once into uint8 files under the cache folder (disk), also held
+    # on the GPU when they fit (device), or decoded at every evaluation (off); the numbers are the same
+    eval_cache: Literal["disk", "device", "off"] = "disk"
     train: TrainConfig = field(default_factory=TrainConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
     # null: evaluate on the test splits; N: hold N images per class out of the target's training pool and draw
@@ -298,6 +307,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as false / true
         check(value in allowed, key, value, " | ".join(map(str, allowed)))
         return value
     if origin in (Union, types.UnionType):

@@ -3,11 +3,23 @@
 The text side is frozen, so each dataset's class embeddings (prompt-ensembled: the mean of
 the normalised embeddings over the dataset's templates, normalised again) are computed once
 and reused for every evaluation of every session.
+
+Images reach the encoder as uint8 batches normalised on the device (:mod:`benchmark.image_cache`):
+decoded, resized and cropped once into the evaluation cache (``eval_cache: disk``; ``device`` also
+holds them on the GPU when they fit), or at every evaluation by loader workers (``off``). The encoder
+runs in the run's precision (bf16 autocast on a GPU, fp32 on the CPU), on channels-last input on a GPU.
+Evaluation never draws from the global RNG, so it can be skipped or shared without changing training.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -15,10 +27,30 @@ from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from benchmark.backbones import Backbone
-from benchmark.distributed import all_reduce_sum
+from benchmark.distributed import all_reduce_sum, world_size
+from benchmark.image_cache import (
+    SplitTransform,
+    UInt8Images,
+    cached_images,
+    images_key,
+    is_labelled_images,
+    labels_of,
+    loader_workers,
+    split_eval_transform,
+)
+
+EvalCache = Literal["disk", "device", "off"]
+DEVICE_SHARE = 0.5  # eval_cache: device holds a set on the GPU while it takes at most this share of the free memory
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32, no autocast)."""
+    if device.type == "cpu" and precision == "auto" or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -30,17 +62,88 @@ class EvalSet:
     classes_from: str  # the dataset whose class names these are (the cache key)
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
-    dataset: Dataset  # yields (image tensor [3, H, W], label)
+    dataset: Dataset  # yields (image tensor [3, H, W], label); labelled images (streams) can be cached
+
+
+class EvalBatches:
+    """The batches of one evaluation: ``(images [B, 3, H, W] float32 on the device, normalised, labels [B],
+    task labels [B] (zeros))``, from a loader or a held uint8 tensor; uint8 images are normalised on the device."""
+
+    def __init__(self, source: Iterable, n_batches: int, split: SplitTransform | None, device: torch.device) -> None:
+        self.source, self.n_batches, self.split, self.device = source, n_batches, split, device
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for images, labels, *_ in self.source:
+            images = images.to(self.device, non_blocking=True)
+            if self.split is not None:
+                images = self.split.normalise(images)
+            if self.device.type == "cuda":  # the patch embedding's convolution runs faster on NHWC input
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = torch.as_tensor(labels)
+            yield images, labels, torch.zeros_like(labels)
+
+
+def _slices(images: Tensor, labels: Tensor, batch_size: int, pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """Consecutive batches of a held tensor; ``pin``: copied into pinned memory by a thread, one batch ahead
+    (the next batch's copy overlaps the current forward pass)."""
+    starts = range(0, len(images), batch_size)
+    if not pin:
+        for s in starts:
+            yield images[s:s + batch_size], labels[s:s + batch_size]
+        return
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for s in starts:
+                item = (images[s:s + batch_size].pin_memory(), labels[s:s + batch_size])
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # handed to the consumer
+            ready.put(err)
+        ready.put(None)
+
+    thread = threading.Thread(target=fill, name="eval-pin", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class ZeroShotEvaluator:
-    """Zero-shot top-1 classification with a backbone's current image encoder."""
+    """Zero-shot top-1 classification with a backbone's current image encoder.
 
-    def __init__(self, backbone: Backbone, batch_size: int = 64) -> None:
+    ``dtype``: the autocast dtype of the encoder (None: fp32); ``num_workers``: loader workers (an
+    integer or ``auto``, see :func:`benchmark.image_cache.loader_workers`); ``cache``: the evaluation
+    cache (``off``: images decoded at every evaluation); ``progress``: a bar while a cache file is built.
+    """
+
+    def __init__(self, backbone: Backbone, batch_size: int = 64, *, dtype: torch.dtype | None = None,
+                 num_workers: int | str = 0, cache: EvalCache = "off", progress: bool = False) -> None:
         self.backbone = backbone
         self.batch_size = batch_size
+        self.dtype, self.num_workers, self.cache, self.progress = dtype, num_workers, cache, progress
         self._class_embeddings: dict[str, Tensor] = {}
+        self._held: dict[str, Tensor] = {}  # image key -> uint8 images [N, 3, H, W] (memory-mapped, or on the GPU)
+        self._keys: dict[int, tuple[Dataset, str]] = {}  # id(dataset) -> (dataset, its images' cache key)
         self.sets: list[EvalSet] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.logit_scale.device
 
     def class_embeddings(self, key: str, class_names: Sequence[str], templates: Sequence[str]) -> Tensor:
         """Normalised prompt-ensembled class embeddings [C, D], computed once per ``key``."""
@@ -51,20 +154,73 @@ class ZeroShotEvaluator:
         return self._class_embeddings[key]
 
     def logits(self, images: Tensor, class_embeddings: Tensor) -> Tensor:
-        """Cosine similarities [B, C] of images [B, 3, H, W] to class embeddings [C, D]."""
-        feats = torch.nn.functional.normalize(self.backbone.encode_image(images).float(), dim=-1)
-        return feats @ class_embeddings.T
+        """Cosine similarities [B, C] (fp32) of images [B, 3, H, W] to class embeddings [C, D]; the encoder
+        runs under the evaluator's autocast dtype."""
+        autocast = nullcontext() if self.dtype is None else torch.autocast(images.device.type, dtype=self.dtype)
+        with autocast:
+            feats = self.backbone.encode_image(images)
+        return torch.nn.functional.normalize(feats.float(), dim=-1) @ class_embeddings.T
+
+    # -- the images of an evaluation ------------------------------------------------
+    def batches(self, dataset: Dataset, indices: Sequence[int] | None = None, name: str = "") -> EvalBatches:
+        """The evaluation batches of ``dataset`` (of its items ``indices`` only, when given), in order.
+
+        Labelled images whose transform splits (:func:`~benchmark.image_cache.split_eval_transform`)
+        come as uint8 from the cache (or, ``cache: off``, from loader workers) and are normalised on the
+        device; any other dataset is loaded as it is.
+        """
+        split = split_eval_transform(dataset.transform) if is_labelled_images(dataset) else None
+        n = len(dataset) if indices is None else len(indices)
+        n_batches = -(-n // self.batch_size)
+        if split is not None and self.cache != "off":
+            images, labels = self._held_images(dataset, split, name), labels_of(dataset)
+            if indices is not None:
+                chosen = torch.as_tensor(list(indices), dtype=torch.int64)
+                images, labels = images[chosen.to(images.device)], labels[chosen]
+            pin = self.device.type == "cuda" and images.device.type == "cpu"
+            return EvalBatches(_slices(images, labels, self.batch_size, pin), n_batches, split, self.device)
+        data: Dataset = dataset if split is None else UInt8Images(dataset, split)
+        if indices is not None:
+            data = Subset(data, list(indices))
+        loader = DataLoader(data, batch_size=self.batch_size, num_workers=loader_workers(self.num_workers, n_batches),
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+                            collate_fn=getattr(dataset, "collate_fn", None))
+        return EvalBatches(loader, n_batches, split, self.device)
+
+    def _held_images(self, dataset: Any, split: SplitTransform, name: str) -> Tensor:
+        """The cached uint8 images of ``dataset``: memory-mapped, or on the GPU (``cache: device``, when they
+        take at most :data:`DEVICE_SHARE` of its free memory); kept for the evaluator's later evaluations."""
+        key = self._images_key(dataset, split)
+        if key not in self._held:
+            images, _ = cached_images(dataset, split, key=key, batch_size=self.batch_size, progress=self.progress,
+                                      desc=name, num_workers=loader_workers(self.num_workers,
+                                                                            -(-len(dataset) // self.batch_size)))
+            if self.cache == "device" and self.device.type == "cuda" and \
+                    images.numel() <= DEVICE_SHARE * torch.cuda.mem_get_info(self.device)[0]:
+                images = images.to(self.device)
+            self._held[key] = images
+        return self._held[key]
+
+    def _images_key(self, dataset: Any, split: SplitTransform) -> str:
+        """:func:`~benchmark.image_cache.images_key` of ``dataset``, computed once per dataset object."""
+        known = self._keys.get(id(dataset))
+        if known is None or known[0] is not dataset:
+            known = self._keys[id(dataset)] = (dataset, images_key(dataset, split))
+        return known[1]
+
+    def held_bytes(self) -> int:
+        """Bytes of evaluation images this evaluator holds on the GPU (``cache: device``)."""
+        return sum(t.numel() for t in self._held.values() if t.device.type == "cuda")
 
     @torch.no_grad()
     def predict(self, dataset: Dataset, class_embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """(predicted labels [N], true labels [N]) over a dataset of (image, label) pairs."""
         was_training = self.backbone.training
         self.backbone.eval()
-        device = class_embeddings.device
         preds, labels = [], []
-        for images, y, *_ in DataLoader(dataset, batch_size=self.batch_size):
-            preds.append(self.logits(images.to(device), class_embeddings).argmax(1).cpu())
-            labels.append(torch.as_tensor(y))
+        for images, y, _ in self.batches(dataset):
+            preds.append(self.logits(images, class_embeddings.to(images.device)).argmax(1).cpu())
+            labels.append(y)
         self.backbone.train(was_training)
         return torch.cat(preds), torch.cat(labels)
 
@@ -78,14 +234,57 @@ class ZeroShotEvaluator:
         self.sets.append(eval_set)
 
     def stream(self):
-        """The Avalanche stream of the added sets, one experience per set, in order."""
+        """The Avalanche stream of the added sets, one experience per set, in order (the template loads an
+        experience's images through :meth:`set_batches`)."""
         return benchmark_from_datasets(
             eval=[as_classification_dataset(s.dataset) for s in self.sets]
         ).streams["eval"]
 
+    def set_batches(self, experience_index: int, indices: Sequence[int] | None = None) -> EvalBatches:
+        s = self.sets[experience_index]
+        return self.batches(s.dataset, indices, s.key)
+
     def embeddings_for(self, experience_index: int) -> Tensor:
         s = self.sets[experience_index]
         return self.class_embeddings(s.classes_from, s.class_names, s.templates)
+
+    # -- the pretrained model's row, shared ---------------------------------------------
+    def image_keys(self) -> dict[str, str | None]:
+        """Per added set, the cache key of its uint8 images (:func:`~benchmark.image_cache.images_key`), or
+        None for a set that is not labelled images or whose transform does not split."""
+        keys: dict[str, str | None] = {}
+        for s in self.sets:
+            split = split_eval_transform(s.dataset.transform) if is_labelled_images(s.dataset) else None
+            keys[s.key] = None if split is None else self._images_key(s.dataset, split)
+        return keys
+
+    def row_keys(self, context: dict[str, Any]) -> dict[str, str | None]:
+        """Per added set, the SHA-256 of what its zero-shot counts depend on before any training: the
+        backbone's identity and weights (:func:`model_fingerprint`), the set's classes, templates and images
+        (their cache key, which covers the transform's geometric part), its normalisation, and the
+        evaluation's batch size, precision and ``context`` (device, library versions); None for a set whose
+        images have no cache key."""
+        model = model_fingerprint(self.backbone)
+        keys: dict[str, str | None] = {}
+        for s, (name, images) in zip(self.sets, self.image_keys().items()):
+            if images is None:
+                keys[name] = None
+                continue
+            split = split_eval_transform(s.dataset.transform)
+            described = {"model": model, "classes": s.class_names, "templates": s.templates, "images": images,
+                         "normalise": [split.mean, split.std], "batch_size": self.batch_size,
+                         "dtype": str(self.dtype), "world_size": world_size(), **context}
+            keys[name] = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+        return keys
+
+
+def model_fingerprint(backbone: Backbone) -> str:
+    """SHA-256 of a backbone's load string, class and every tensor of its state (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256(f"{backbone.spec}|{type(backbone).__qualname__}".encode())
+    for name, tensor in backbone.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 class ZeroShotAccuracy(PluginMetric[float]):

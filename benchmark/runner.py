@@ -49,9 +49,10 @@ from benchmark.distributed import (
     init_data_parallel,
     is_main_process,
     local_device,
+    world_size,
 )
 from benchmark.errors import DataError, FsclError
-from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator
+from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter, StrategyPlugin
 from benchmark.records import (
@@ -65,6 +66,7 @@ from benchmark.records import (
     write_json,
 )
 from benchmark.registry import STRATEGIES, STREAMS
+from benchmark.shared_rows import read_counts, shared_folder, write_counts
 from benchmark.template import CLIPTemplate, NonFiniteLossError
 from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set, vqa_rows
 from benchmark.vqa.questions import QuestionSetError
@@ -442,6 +444,9 @@ class _Run:
         self.vqa_sets: list[VQASet] = []  # with vqa.model: the target's set, then each control's
         self.vqa_matrix: AccuracyMatrix | None = None  # VQA accuracy (vqa_acc), NaN rows where not evaluated
         self.costs: dict[str, Any] = {"sessions": []}
+        self.trains = True  # False: a strategy that never changes the model, whose every row is row 0
+        self.row0: dict[str, tuple[int, int]] | None = None  # (correct, total) per eval set before training
+        self.eval_timing = {"images": 0, "seconds": 0.0}  # images this run's process evaluated, and how long
 
     def execute(self, data: RunData) -> RunOutcome:
         cfg = self.cfg
@@ -473,14 +478,19 @@ class _Run:
         plain = vlm and not options.train_augment  # the released Ppl trainer: no augmentation
         train_tf = backbone.preprocess(False) if plain else backbone.preprocess(True, cfg.train.augment)
         scenario = data.stream.benchmark(data.sessions, train_tf, backbone.preprocess(False))
-        zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size)
-        for i, exp in enumerate(scenario.test_stream):
-            zeroshot.add(EvalSet(f"{cfg.stream}@s{i + 1}", cfg.stream, spec.class_names, spec.templates, exp.dataset))
+        zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size,
+                                     dtype=autocast_dtype(cfg.train.precision, self.device),
+                                     num_workers=cfg.train.num_workers, cache=cfg.eval_cache, progress=self.progress)
+        test = data.stream.dataset("test")  # as the scenario's test stream: per session its classes' images
+        for session in data.sessions:
+            zeroshot.add(EvalSet(f"{cfg.stream}@s{session.index}", cfg.stream, spec.class_names, spec.templates,
+                                 test.with_classes(session.classes).with_transform(backbone.preprocess(False))))
         for name, test in data.control_tests.items():
             control = data.controls[name].spec
             zeroshot.add(EvalSet(name, name, control.class_names, control.templates,
                                  test.with_transform(backbone.preprocess(False))))
         plugin: StrategyPlugin = entry.obj(backbone, options)
+        self.trains = plugin.trains
         meter = CostMeter(plugin)
         common = dict(
             backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train,
@@ -570,6 +580,7 @@ class _Run:
                 session = exp.current_experience + 1
                 if session <= done:
                     continue
+                held_mb = template.zeroshot.held_bytes() / 2**20  # eval_cache: device's images, not training's
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 start = time.perf_counter()
@@ -579,7 +590,7 @@ class _Run:
                     "session": session,
                     "train_seconds": round(time.perf_counter() - start, 4),
                     "train_samples": len(exp.dataset),
-                    "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+                    "peak_memory_mb": round(peak_memory_mb(self.device) - held_mb, 1),
                     **meter.session_costs(),  # trainable counts, FLOPs per sample, setup (mask) time
                 })
                 self.evaluate(template, eval_stream, session)
@@ -600,8 +611,7 @@ class _Run:
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
-        template.eval(eval_stream)
-        counts = self.metric.counts
+        counts = self.eval_counts(template, eval_stream, session)
         target, n = self.cfg.stream, self.matrix.n_sessions
         groups = [counts[f"{target}@s{i + 1}"] for i in range(n)]
         rows: list[dict[str, Any]] = []
@@ -623,6 +633,50 @@ class _Run:
         self.record.append_metrics(rows)
         if self.vqa_sets and (session in (0, self.matrix.n_sessions) or self.cfg.vqa.sessions == "all"):
             self.evaluate_vqa(template.backbone, session)
+
+    # -- evaluation counts: row 0 shared by the grid, a strategy that never trains evaluated once ---------------
+    def eval_counts(self, template: CLIPTemplate, eval_stream, session: int) -> dict[str, tuple[int, int]]:
+        """``(correct, total)`` per eval set after ``session``: evaluated, except row 0 (and every row of a
+        strategy that never trains), which comes from :meth:`session_zero`."""
+        if session and self.trains:
+            return self.run_eval(template, list(eval_stream))
+        if self.row0 is None:
+            self.row0 = self.session_zero(template, eval_stream)
+        return self.row0
+
+    def run_eval(self, template: CLIPTemplate, experiences: list) -> dict[str, tuple[int, int]]:
+        """Evaluate ``experiences`` (eval sets) with Avalanche's loop; their counts, timed in the manifest."""
+        start = time.perf_counter()
+        template.eval(experiences)
+        names = [template.zeroshot.sets[exp.current_experience].key for exp in experiences]
+        self.eval_timing["images"] += sum(self.metric.counts[name][1] for name in names)
+        self.eval_timing["seconds"] = round(self.eval_timing["seconds"] + time.perf_counter() - start, 3)
+        self.record.update_manifest(eval_timing=self.eval_timing)
+        return {name: self.metric.counts[name] for name in names}
+
+    def session_zero(self, template: CLIPTemplate, eval_stream) -> dict[str, tuple[int, int]]:
+        """Row 0's counts: each set's from the grid's shared store (:mod:`benchmark.shared_rows`) when a run
+        stored them already (under ``ddp: true``: when every rank finds them), else evaluated and stored. The
+        manifest records the keys of the sets' cached images and of their shared counts."""
+        zeroshot = template.zeroshot
+        context = {"device": self.device.type, "torch": torch.__version__,
+                   "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+        keys = zeroshot.row_keys(context)
+        folder = shared_folder(self.cfg.out, self.cfg.name)
+        found = {name: read_counts(folder, key) for name, key in keys.items() if key is not None}
+        everywhere = all_reduce_sum([int(found.get(s.key) is not None) for s in zeroshot.sets])
+        counts = {s.key: found[s.key] for s, n in zip(zeroshot.sets, everywhere) if n == world_size()}
+        missing = [exp for exp in eval_stream if zeroshot.sets[exp.current_experience].key not in counts]
+        evaluated = self.run_eval(template, missing) if missing else {}
+        if self.record.writable:
+            for name, value in evaluated.items():
+                if keys[name] is not None:
+                    write_counts(folder, keys[name], value, name)
+        counts.update(evaluated)
+        self.record.update_manifest(evaluation={
+            "cache": self.cfg.eval_cache, "images": zeroshot.image_keys(),
+            "session0": {"keys": keys, "shared": sorted(set(counts) - set(evaluated))}})
+        return {s.key: counts[s.key] for s in zeroshot.sets}
 
     def evaluate_vqa(self, backbone, session: int) -> None:
         """VQA after ``session`` with the current encoder in LLaVA's tower: the rows of

@@ -17,12 +17,13 @@ import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from benchmark.backbones import Backbone
 from benchmark.config import TrainConfig
 from benchmark.distributed import all_reduce_mean, any_rank, batch_slice, eval_indices, gather_batch, world_size
-from benchmark.evaluation import ZeroShotEvaluator
+from benchmark.evaluation import ZeroShotEvaluator, autocast_dtype
+from benchmark.image_cache import loader_workers
 from benchmark.plugins import Batch, StrategyPlugin
 
 
@@ -55,6 +56,28 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> f
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+class SeededItems(Dataset):
+    """A training dataset whose item ``i`` draws its augmentations from a torch generator seeded by
+    (:attr:`epoch_seed`, ``i``), not from wherever it is loaded: the same images with any number of loader
+    workers. :attr:`epoch_seed` is set in the main process before each epoch (the workers start after it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.epoch_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        generator = torch.default_generator  # the CPU generator torchvision's random transforms draw from
+        state = generator.get_state()
+        generator.manual_seed((self.epoch_seed + i * 0x9E3779B97F4A7C15) % 2**63)
+        try:
+            return self.dataset[i]
+        finally:
+            generator.set_state(state)
+
+
 class CLIPTemplate(SupervisedTemplate):
     """Trains ``backbone``'s vision encoder on (image, caption) batches with :func:`clip_loss`.
 
@@ -69,6 +92,11 @@ class CLIPTemplate(SupervisedTemplate):
     its slice of it, and the features are gathered so the CLIP loss is the full-batch loss;
     gradients are averaged over the ranks before the strategies' ``after_backward`` and the
     optimizer step. Evaluation runs on disjoint strided shares of each eval set.
+
+    Loading: ``train.num_workers`` loader workers; every training sample's augmentations come from its
+    own generator (:class:`SeededItems`, one seed per epoch drawn from the torch RNG), so the numbers do
+    not depend on the worker count. Evaluation batches come from the evaluator
+    (:meth:`ZeroShotEvaluator.set_batches`), already on the device and normalised.
     """
 
     def __init__(
@@ -240,6 +268,12 @@ class CLIPTemplate(SupervisedTemplate):
     def make_train_dataloader(self, **kwargs) -> None:
         kwargs["drop_last"] = self.drop_last()
         super().make_train_dataloader(**kwargs)
+        if isinstance(self.dataloader, DataLoader):  # one task (no task-balanced loader): ours, seeded per sample
+            n_batches = len(self.dataloader)
+            self.dataloader = DataLoader(
+                SeededItems(self.adapted_dataset), batch_size=self.train_mb_size, shuffle=kwargs.get("shuffle", True),
+                drop_last=kwargs["drop_last"], pin_memory=self.device.type == "cuda",
+                num_workers=loader_workers(self.train_cfg.num_workers, n_batches))
         if len(self.dataloader) == 0:
             raise ValueError(f"train.drop_last=true leaves no batch: the session has {len(self.adapted_dataset)} "
                              f"samples, fewer than train.batch_size={self.train_mb_size}; use drop_last=auto")
@@ -248,12 +282,17 @@ class CLIPTemplate(SupervisedTemplate):
             raise RuntimeError("ddp: true needs every rank to load the same global batches; this stream's "
                                "experiences have task labels, which Avalanche splits across ranks")
 
+    def _before_training_epoch(self, **kwargs) -> None:
+        if isinstance(getattr(self.dataloader, "dataset", None), SeededItems):
+            self.dataloader.dataset.epoch_seed = int(torch.randint(2**62, (1,)))
+        super()._before_training_epoch(**kwargs)
+
     def make_eval_dataloader(self, **kwargs) -> None:
-        super().make_eval_dataloader(**kwargs)
-        if world_size() > 1:  # Avalanche's DistributedSampler would pad with repeated samples
-            share = self.adapted_dataset.subset(eval_indices(len(self.adapted_dataset)))
-            self.dataloader = DataLoader(share, batch_size=self.eval_mb_size, collate_fn=share.collate_fn,
-                                         pin_memory=self.device.type == "cuda")
+        """The evaluator's batches of the current eval set (under ``ddp: true`` this rank's strided share:
+        Avalanche's DistributedSampler would pad with repeated samples)."""
+        index = self.experience.current_experience
+        share = eval_indices(len(self.zeroshot.sets[index].dataset)) if world_size() > 1 else None
+        self.dataloader = self.zeroshot.set_batches(index, share)
 
     def scheduled_lr(self) -> float:
         """The learning rate of the coming training step (:func:`cosine_lr` over the session's steps)."""
@@ -274,10 +313,7 @@ class CLIPTemplate(SupervisedTemplate):
 
     def _autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype of ``train.precision`` on this device (None: fp32, no autocast)."""
-        precision = self.train_cfg.precision
-        if self.device.type == "cpu" and precision == "auto" or precision == "fp32":
-            return None
-        return torch.float16 if precision == "fp16" else torch.bfloat16
+        return autocast_dtype(self.train_cfg.precision, self.device)
 
     def _autocast(self):
         dtype = self._autocast_dtype()

@@ -16,7 +16,8 @@ Checks, one table row each (every one in its own subprocesses, logs under OUT/lo
     resume after kill -9  a run killed in session 2 and run again ends with the uninterrupted run's matrix.csv
     ddp, 2 processes      torchrun, ``ddp=true`` (needs 2+ GPUs; SKIP otherwise)
     strategy_cost         benchmarks/strategy_cost.py (its table is printed); the throughput benchmarks of
-                          THROUGHPUT run once their files exist
+                          THROUGHPUT run once their files exist (eval_throughput: the warm evaluation's
+                          images/s as a multiple of the raw forward's, per model)
 
 The exit status is 1 when a check fails. ``--cpu`` swaps the ViTs for ``openclip:fscl-tiny``, runs the
 tests on the CPU and SKIPs what needs CUDA (device=cuda, device=cuda:0, ddp).
@@ -355,8 +356,11 @@ def costs(check: Check) -> list[Row]:
             continue
         proc = check.run(name, [sys.executable, str(script), *check.mode.throughput_args], timeout=300)
         print(f"\n{script} {shlex.join(check.mode.throughput_args)}\n" + proc.output)
+        # a benchmark's goal lines ("met      <what> (<ratio>x)") summed up in the row
+        goals = [f"{m[2]} {m[3]}x{'' if m[1] == 'met' else f' (goal {m[1]})'}" for m in re.finditer(
+            r"^(met|NOT met|split) +(.+?) evaluation >= .*\(([\d.]+)x[;)]", proc.output, re.MULTILINE)]
         rows.append(Row(name, "PASS" if proc.rc == 0 else "FAIL", proc.seconds,
-                        "output above" if proc.rc == 0 else failure(proc)))
+                        ("; ".join(goals) or "output above") if proc.rc == 0 else failure(proc)))
     return rows
 
 

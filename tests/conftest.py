@@ -9,6 +9,20 @@ import torch
 import benchmark  # noqa: F401  (torchvision repair first)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fscl_cache(tmp_path_factory):
+    """A cache folder of the test session's own (``$FSCL_CACHE``, subprocesses too): the evaluation cache of
+    the tests' temporary images never lands in the user's cache."""
+    folder = tmp_path_factory.mktemp("fscl-cache")
+    previous = os.environ.get("FSCL_CACHE")
+    os.environ["FSCL_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FSCL_CACHE", None)
+    else:
+        os.environ["FSCL_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     """The shipped ``fscl-tiny`` open_clip model (random weights, seed-fixed). Treat as read-only."""

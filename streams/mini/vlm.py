@@ -243,7 +243,8 @@ def vqa_accuracies(model, processor, batch_size: int = 64) -> dict[str, float]:
         stream = stream_cls(".")
         test = stream.dataset("test")
         qset = VQASet(stream.spec.name, build_question_set(stream, test=test), test.with_transform(None))
-        result[stream.spec.name] = round(score_set(Llava(model, processor), qset, batch_size)["vqa_acc"], 4)
+        counts = score_set(Llava(model, processor), qset, batch_size)
+        result[stream.spec.name] = round(counts["correct"] / counts["total"], 4)
     return result
 
 

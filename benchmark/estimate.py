@@ -1,0 +1,123 @@
+"""What a grid costs before it runs (``fscl run --dry-run``): training steps, evaluated images, a wall-time estimate.
+
+Counts: a run trains ``epochs x batches`` steps per session (the batches as the loader makes them,
+``train.drop_last`` included) unless its strategy never trains, and evaluates every eval set (each
+session's class group of the target's test set, each control's test set or subset) before training and
+after every session; row 0 is counted once per (backbone, set, images) for the whole grid (the runs share
+it, :mod:`benchmark.shared_rows`) and a strategy that never trains evaluates once.
+
+Rates: measured by the earlier runs under the grid's ``out`` folder on the same backbone and device type
+(their ``summary.json`` training seconds and samples, their manifest's ``eval_timing``). The estimate is
+steps / step rate + images / image rate: start-up, model loading and filling the evaluation cache are
+not in it. Without such runs there is no estimate (a small grid run first measures the rates).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.config import Config
+from benchmark.registry import STRATEGIES
+
+
+@dataclass
+class Cost:
+    """Training steps and evaluated images (the grid's share of one backbone)."""
+
+    steps: int = 0
+    images: int = 0
+    runs: int = 0
+
+
+def session_steps(samples: int, batch_size: int, epochs: int, drop_last: bool | str) -> int:
+    """Optimizer steps of one session of ``samples`` (the template's loader: ``auto`` drops the last partial
+    batch only when the session holds more than one batch)."""
+    drop = samples > batch_size if drop_last == "auto" else drop_last
+    return epochs * (samples // batch_size if drop else -(-samples // batch_size))
+
+
+def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
+    """Per backbone, the grid's training steps and evaluated images (``data``: each run's checked RunData)."""
+    costs: dict[str, Cost] = defaultdict(Cost)
+    row0: set[tuple] = set()
+    tests: dict[int, Any] = {}
+    for run, run_data in zip(runs, data):
+        cost = costs[run.backbone]
+        cost.runs += 1
+        trains = STRATEGIES.get(run.strategy).obj.trains
+        if trains:
+            cost.steps += sum(session_steps(len(s.ids), run.train.batch_size, run.train.epochs, run.train.drop_last)
+                              for s in run_data.sessions)
+        test = tests.setdefault(id(run_data.stream), run_data.stream.dataset("test"))
+        sets = [(f"{run.stream}@{s.index}", tuple(test.with_classes(s.classes).ids)) for s in run_data.sessions]
+        sets += [(name, tuple(images.ids)) for name, images in run_data.control_tests.items()]
+        for name, ids in sets:
+            if (run.backbone, name, ids) not in row0:
+                row0.add((run.backbone, name, ids))
+                cost.images += len(ids)
+            if trains:
+                cost.images += len(ids) * len(run_data.sessions)
+    return dict(costs)
+
+
+def measured_rates(out: str | Path, backbone: str, device: str) -> tuple[float, float, int] | None:
+    """(training steps/s, evaluated images/s, runs measured) of the finished runs under ``out`` on ``backbone``
+    and the device type of ``device``; None when no such run recorded both."""
+    steps = train_seconds = images = eval_seconds = 0.0
+    found = 0
+    for manifest_path in Path(out).rglob("manifest.json"):
+        folder = manifest_path.parent
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            summary = json.loads((folder / "summary.json").read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        timing = manifest.get("eval_timing") or {}
+        if config.get("backbone") != backbone or str(manifest.get("device", "")).split(":")[0] != device \
+                or not timing.get("seconds"):
+            continue
+        train = config.get("train", {})
+        for session in summary.get("costs", {}).get("sessions", []):
+            if session.get("train_seconds"):
+                steps += session_steps(session["train_samples"], train.get("batch_size", 16), train.get("epochs", 5),
+                                       train.get("drop_last", "auto"))
+                train_seconds += session["train_seconds"]
+        images += timing["images"]
+        eval_seconds += timing["seconds"]
+        found += 1
+    if not found or not train_seconds or not eval_seconds:
+        return None
+    return steps / train_seconds, images / eval_seconds, found
+
+
+def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: str) -> list[str]:
+    """The dry run's cost lines: per backbone the counts, the measured rates and the estimated wall time."""
+    lines = []
+    for backbone, cost in grid_cost(runs, data).items():
+        out = runs[0].out
+        head = (f"{backbone}: {cost.runs} run(s), {cost.steps:,} training steps, {cost.images:,} evaluated images "
+                f"(row 0 once per set for the grid, a strategy that never trains evaluated once)")
+        rates = measured_rates(out, backbone, device)
+        if rates is None:
+            lines += [head, f"  no estimate: no finished run of {backbone} on {device} under {out} recorded its "
+                            f"rates (run a small grid first)"]
+            continue
+        step_rate, image_rate, found = rates
+        seconds = cost.steps / step_rate + cost.images / image_rate
+        lines += [head, f"  estimate: about {_duration(seconds)} on {device} at {step_rate:.1f} steps/s and "
+                        f"{image_rate:,.0f} images/s, the rates of {found} finished run(s) under {out} (start-up, "
+                        f"model loading and filling the evaluation cache not included)"]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
