@@ -151,7 +151,8 @@ def test_dry_run_prints_this_shard(tmp_path, capsys, monkeypatch):
     assert main(["run", "quick", f"out={tmp_path}", "seed=0,1,2", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "6 run(s) of 'quick' from preset 'quick', 2 in shard 1/3:"
-    assert [line.split("/")[-2:] for line in lines[1:]] == [["zeroshot", "5-s1"], ["full-ft", "5-s1"]]
+    assert [line.split("/")[-2:] for line in lines[1:3]] == [["zeroshot", "5-s1"], ["full-ft", "5-s1"]]
+    assert lines[3] == "cost of this shard:"
 
 
 def test_ddp_refuses_a_backbone_with_batch_norm(tmp_path, capsys):
