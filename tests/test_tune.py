@@ -31,11 +31,15 @@ class TrainOnly(Digits):
 
 @STREAMS.register("test-train-only-target")
 class TrainOnlyTarget(TrainOnly):
+    """The tune test's target: digits whose test split must stay closed."""
+
     spec = dataclasses.replace(Digits.spec, name="test-train-only-target")
 
 
 @STREAMS.register("test-train-only-control")
 class TrainOnlyControl(TrainOnly):
+    """The tune test's control: digits whose test split must stay closed."""
+
     spec = dataclasses.replace(Digits.spec, name="test-train-only-control")
 
 
