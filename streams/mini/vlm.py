@@ -129,7 +129,7 @@ Question = tuple[int, int, str, int]  # (stream index in STREAMS, class, prompt,
 def question_batch(seed: int, step: int, batch_size: int, image_token: str, options: int = len(LETTERS)) -> list[Question]:
     """Step ``step``'s training questions: ``batch_size`` spread over the mini streams (round robin), each about a
     uniformly drawn class with that stream's question and random options (:class:`LabelQuestions`), cut to
-    ``options`` (the right one and the first ``options`` − 1 distractors, in their drawn order)."""
+    ``options`` (the first ``options`` − 1 distractors and the right one at a uniform position)."""
     rng = rng_for(RECIPE, "mini-vlm", seed, step)
     batch = []
     for i in range(batch_size):
@@ -139,8 +139,10 @@ def question_batch(seed: int, step: int, batch_size: int, image_token: str, opti
         questions = LabelQuestions(spec.name, spec.class_names, spec.vqa_question, seed=seed)
         qset = questions.build([f"mini-vlm/{seed}/{step}/{i}"], [label])
         item = qset.items[0]
-        keep = sorted([item.answer, *[j for j in range(len(item.choices)) if j != item.answer][:options - 1]])
-        item = replace(item, choices=tuple(item.choices[j] for j in keep), answer=keep.index(item.answer))
+        if options < len(item.choices):  # the right option at a uniform position among the first distractors
+            others = [c for j, c in enumerate(item.choices) if j != item.answer][:options - 1]
+            answer = int(rng.integers(options))
+            item = replace(item, choices=(*others[:answer], item.choices[item.answer], *others[answer:]), answer=answer)
         batch.append((index, label, conversation(qset.prompt(item), image_token), item.answer))
     return batch
 
