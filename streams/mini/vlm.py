@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from filelock import FileLock
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from benchmark.template import cosine_lr
