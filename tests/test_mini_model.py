@@ -105,7 +105,7 @@ def test_mini_preset_runs_end_to_end(tiny_model, tmp_path):
     small = [f"{name}.{key}=2" for name in ("mini-signs", "mini-shapes", "mini-colours", "mini-digits")
              for key in ("train_per_class", "test_per_class")]
     overrides = [f"out={tmp_path}", f"backbone=mini:{folder}", "stream=mini-signs", "strategy=[zeroshot,full-ft,lorsu]",
-                 "seed=0", "shots=2", "train.epochs=1", *small]
+                 "seed=0", "shots=2", "train.epochs=1", "vqa.model=null", *small]  # VQA: tests/test_mini_vlm.py
     assert main(["run", "mini", "--no-progress", *overrides]) == 0
     for run in load_config("mini", overrides).expand():
         path = run_dir(run)

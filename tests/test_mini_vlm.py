@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from benchmark.backbones import load_backbone
 from benchmark.cli import main
@@ -23,8 +22,9 @@ from streams.mini.vlm import WEIGHTS, MiniVLM, VLMConfig, build, default_vlm_dir
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
 
 def small(seed: int = 0, steps: int = 2) -> VLMConfig:
-    """A recipe of seconds: a 1-layer Llama of width 32."""
-    return VLMConfig(seed=seed, steps=steps, batch_size=10, width=32, layers=1, heads=2, warmup_steps=1)
+    """A recipe of seconds: a 1-layer Llama of width 32, a pool of 2 renders per class, 2 alignment steps."""
+    return VLMConfig(seed=seed, steps=steps, batch_size=10, width=32, layers=1, heads=2, warmup_steps=1, pool=2,
+                     align_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def built(cache):
 
 def test_the_vlm_is_cached_with_its_manifest_and_versioned_key(built, cache):
     folder, manifest = built
-    assert folder.parent == cache and folder.name == "mini-llava-v1.1.1-s0" and (folder / WEIGHTS).is_file()
+    assert folder.parent == cache and folder.name == "mini-llava-v1.1.2-s0" and (folder / WEIGHTS).is_file()
     assert json.loads((folder / "manifest.json").read_text()) == manifest
     assert "NOT LLaVA" in manifest["what"] and manifest["steps"] == 2 and manifest["seed"] == 0
     assert set(manifest["vqa_acc"]) == {"mini-shapes", "mini-colours", "mini-digits", "mini-handwritten", "mini-signs"}
@@ -88,10 +88,13 @@ def test_the_word_tokenizer_covers_every_mini_prompt_with_single_letter_tokens()
     assert len(letter_token_ids(tokenizer)) == 5
     assert tokenizer.convert_tokens_to_ids("<image>") not in (None, tokenizer.unk_token_id)
     batch = question_batch(seed=0, step=0, batch_size=10, image_token="<image>")
-    ids = [tokenizer(prompt).input_ids for _, prompt, _ in batch]
+    ids = [tokenizer(prompt).input_ids for _, _, prompt, _ in batch]
     assert all(tokenizer.unk_token_id not in row for row in ids)
     assert max(map(len, ids)) < 100  # a character tokenizer needs several times as many
-    assert all(isinstance(image, Image.Image) and 0 <= answer < 5 for image, _, answer in batch)
+    assert all(0 <= answer < 5 and 0 <= label < len(vlm.STREAMS[s].spec.class_names) for s, label, _, answer in batch)
+    two = question_batch(seed=0, step=0, batch_size=10, image_token="<image>", options=2)
+    assert [s for s, *_ in two] == [s for s, *_ in batch]
+    assert all(prompt.count("\nB. ") == 1 and "\nC. " not in prompt and answer < 2 for *_, prompt, answer in two)
 
 
 def test_training_lowers_the_letter_loss(cache):
@@ -147,3 +150,20 @@ def test_a_mini_run_scores_vqa_with_the_mini_vlm(built, tmp_path):
     assert vqa == {(s, d) for s in (0, 2) for d in ("mini-signs", "mini-shapes", "mini-colours", "mini-digits")}
     summary = json.loads((run_dir(run) / "summary.json").read_text())
     assert summary["vqa"]["target"] == "mini-signs" and summary["vqa"]["evaluated"] == [0, 2]
+
+
+def test_the_standardisation_folds_into_the_projector():
+    generator = torch.Generator().manual_seed(0)
+
+    class Projector(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear_1, self.linear_2 = torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear_2(torch.nn.functional.gelu(self.linear_1(x)))
+
+    x = 5 + 3 * torch.randn(2, 7, 6, generator=generator)
+    standardised = vlm.Standardised(Projector(), x.flatten(0, 1).mean(0), x.flatten(0, 1).std(0))
+    expected = standardised(x).detach()
+    torch.testing.assert_close(standardised.fold()(x), expected, rtol=1e-4, atol=1e-5)
