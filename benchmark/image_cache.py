@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from benchmark.cache import cache_root
+from benchmark.records import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -193,32 +193,24 @@ def check_file(path: Path, key: str) -> tuple[int, ...] | None:
 
 
 def _write(path: Path, key: str, batches: Any, n_images: int, bar: tqdm) -> None:
-    """Write the uint8 batches to ``path`` atomically (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        digest, shape = hashlib.sha256(), None
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\0" * HEADER_BYTES)
-            for images, *_ in batches:
-                if shape is None:
-                    shape = (n_images, *images.shape[1:])
-                elif images.shape[1:] != shape[1:]:
-                    raise ValueError(f"evaluated images of different sizes ({tuple(images.shape[1:])} after "
-                                     f"{shape[1:]}): the transform must crop to one size to be cached")
-                block = images.numpy().tobytes()
-                digest.update(block)
-                f.write(block)
-                bar.update(len(images))
-            header = json.dumps({"format": FORMAT, "key": key, "shape": list(shape or (0, 3, 0, 0)),
-                                 "sha256": digest.hexdigest()}).encode()
-            f.seek(0)
-            f.write(MAGIC + struct.pack("<I", len(header)) + header)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the uint8 batches to ``path`` atomically (:func:`~benchmark.records.atomic_writer`)."""
+    digest, shape = hashlib.sha256(), None
+    with atomic_writer(path, "wb") as f:
+        f.write(b"\0" * HEADER_BYTES)
+        for images, *_ in batches:
+            if shape is None:
+                shape = (n_images, *images.shape[1:])
+            elif images.shape[1:] != shape[1:]:
+                raise ValueError(f"evaluated images of different sizes ({tuple(images.shape[1:])} after "
+                                 f"{shape[1:]}): the transform must crop to one size to be cached")
+            block = images.numpy().tobytes()
+            digest.update(block)
+            f.write(block)
+            bar.update(len(images))
+        header = json.dumps({"format": FORMAT, "key": key, "shape": list(shape or (0, 3, 0, 0)),
+                             "sha256": digest.hexdigest()}).encode()
+        f.seek(0)
+        f.write(MAGIC + struct.pack("<I", len(header)) + header)
 
 
 def cached_images(dataset: Any, split: SplitTransform, *, key: str | None = None, batch_size: int = 64,
