@@ -31,6 +31,23 @@ EXPORT_FORMATS = ("openclip", "hf-clip-vision")  # benchmark.export.FORMATS, wit
 HELP_WIDTH = 100
 
 
+def jobs_value(text: str) -> int | str:
+    """``--jobs``'s value: ``auto`` or a whole number >= 1 (argparse's type)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number >= 1, or auto")
+    return int(text)
+
+
+def add_jobs_argument(parser: argparse.ArgumentParser, default: int | str) -> None:
+    """``--jobs N|auto`` of the verbs that run a grid."""
+    parser.add_argument("--jobs", type=jobs_value, default=default, metavar="N",
+                        help="run the grid's pending runs in N local processes, each run in one process with the "
+                             "same numbers (auto: on the CPU one process per core or OMP_NUM_THREADS thread, each "
+                             f"one thread; on a GPU 1); default {default}")
+
+
 def _load(args: argparse.Namespace) -> tuple[Config, str]:
     """The config of ``fscl run``/``tune`` (a preset or file, and overrides), and where it comes from in words."""
     source, overrides = args.config, list(args.overrides)
@@ -40,7 +57,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, str]:
     return load_config(source, overrides), origin
 
 
-def _dry_run(cfg: Config, what: str, force: bool) -> int:
+def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1) -> int:
     """Check this process's share of the grid ``cfg`` as a run would, print its run folders and what it costs
     (training steps, evaluated images, an estimated wall time: :mod:`benchmark.estimate`)."""
     from benchmark.distributed import grid_shard, local_device
@@ -57,7 +74,7 @@ def _dry_run(cfg: Config, what: str, force: bool) -> int:
     for run in mine:
         print(f"  {run_dir(run)}")
     print("cost" + (" of this shard" if shard.count > 1 else "") + ":")
-    print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device.type)))
+    print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device, jobs)))
     return 0
 
 
@@ -69,7 +86,8 @@ def _run_grid(cfg: Config, what: str, args: argparse.Namespace) -> int | None:
 
     if is_main_process():
         print(f"{len(cfg.expand())} run(s) of '{cfg.name}' from {what}", file=sys.stderr)
-    outcomes = run_grid(cfg, progress=not args.no_progress, force=getattr(args, "force", False))
+    outcomes = run_grid(cfg, progress=not args.no_progress, force=getattr(args, "force", False),
+                        jobs=getattr(args, "jobs", 1))
     if not is_main_process():  # ddp: true: rank 0 reports for the group
         return None
     counts = {s: sum(o.status == s for o in outcomes) for s in ("finished", "skipped", "failed", "busy")}
@@ -93,7 +111,7 @@ def run_command(args: argparse.Namespace) -> int:
     """``fscl run`` (and the first half of ``fscl demo``): run, or with ``--dry-run`` list, a grid."""
     cfg, origin = _load(args)
     if args.dry_run:
-        return _dry_run(cfg, origin, getattr(args, "force", False))
+        return _dry_run(cfg, origin, getattr(args, "force", False), args.jobs)
     return _run_grid(cfg, origin, args) or 0
 
 
@@ -110,7 +128,7 @@ def tune_command(args: argparse.Namespace) -> int:
         print(f"controls left out of the tune (no training split to draw validation images from): "
               f"{', '.join(left_out)}", file=sys.stderr)
     if args.dry_run:
-        return _dry_run(grid, what, args.force)
+        return _dry_run(grid, what, args.force, args.jobs)
     status = _run_grid(grid, what, args)
     if status is None or not is_main_process():
         return 0
@@ -206,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run again (replacing the record) a finished run whose configuration changed; without it "
                           "such a run is refused, naming the keys that differ")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_jobs_argument(run, 1)
     run.set_defaults(func=run_command)
 
     tune = verbs.add_parser(
@@ -233,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dry-run", action="store_true", help="check the tune's grid and print its runs")
     tune.add_argument("--force", action="store_true", help="as for 'run'")
     tune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_jobs_argument(tune, 1)
     tune.set_defaults(func=tune_command)
 
     ls = verbs.add_parser(

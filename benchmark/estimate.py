@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from benchmark.config import Config
+from benchmark.jobs import resolve_jobs
 from benchmark.registry import STRATEGIES
 
 
@@ -97,23 +99,27 @@ def measured_rates(out: str | Path, backbone: str, device: str) -> tuple[float, 
     return steps / train_seconds, images / eval_seconds, found
 
 
-def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: str) -> list[str]:
-    """The dry run's cost lines: per backbone the counts, the measured rates and the estimated wall time."""
+def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: torch.device,
+                   jobs: int | str = 1) -> list[str]:
+    """The dry run's cost lines: per backbone the counts, the measured rates and the estimated wall time (with
+    ``jobs`` > 1 local processes: divided among them, as if each kept the measured rates)."""
     lines = []
     for backbone, cost in grid_cost(runs, data).items():
         out = runs[0].out
         head = (f"{backbone}: {cost.runs} run(s), {cost.steps:,} training steps, {cost.images:,} evaluated images "
                 f"(row 0 once per set for the grid, a strategy that never trains evaluated once)")
-        rates = measured_rates(out, backbone, device)
+        rates = measured_rates(out, backbone, device.type)
         if rates is None:
-            lines += [head, f"  no estimate: no finished run of {backbone} on {device} under {out} recorded its "
-                            f"rates (run a small grid first)"]
+            lines += [head, f"  no estimate: no finished run of {backbone} on {device.type} under {out} recorded "
+                            f"its rates (run a small grid first)"]
             continue
         step_rate, image_rate, found = rates
         seconds = cost.steps / step_rate + cost.images / image_rate
-        lines += [head, f"  estimate: about {_duration(seconds)} on {device} at {step_rate:.1f} steps/s and "
-                        f"{image_rate:,.0f} images/s, the rates of {found} finished run(s) under {out} (start-up, "
-                        f"model loading and filling the evaluation cache not included)"]
+        n_jobs = resolve_jobs(jobs, device, cost.runs)
+        split = f", in {n_jobs} processes about {_duration(seconds / n_jobs)}" if n_jobs > 1 else ""
+        lines += [head, f"  estimate: about {_duration(seconds)} on {device.type}{split} at {step_rate:.1f} steps/s "
+                        f"and {image_rate:,.0f} images/s, the rates of {found} finished run(s) under {out} "
+                        f"(start-up, model loading and filling the evaluation cache not included)"]
     return lines
 
 

@@ -244,8 +244,10 @@ class CostMeter(SupervisedPlugin):
     forward + backward pass (``torch.utils.flop_counter``) of the training loss on that
     mini-batch: an extra pass whose gradients are discarded, with the random generators and the
     buffers restored, so training is unchanged; the template's :meth:`flop_groups` (e.g. the frozen
-    language model of the VLM loss) are also reported apart, as ``<part>_flops_per_sample``. After the
-    first optimizer step it reads the optimizer-state size; the template's setup time (importance,
+    language model of the VLM loss) are also reported apart, as ``<part>_flops_per_sample``. A later
+    session whose trainable parameters (names and shapes) and batch shape are those of an earlier
+    one reuses that count (the same graph, so the same FLOPs) instead of a pass. After the first
+    optimizer step it reads the optimizer-state size; the template's setup time (importance,
     masks) comes with them.
     """
 
@@ -255,6 +257,7 @@ class CostMeter(SupervisedPlugin):
         super().__init__()
         self.strategy = strategy
         self._costs: dict[str, Any] = {}
+        self._flops: dict[tuple, dict[str, int]] = {}  # (trainables, batch shape) -> the FLOP counts of a pass
 
     def before_training_exp(self, template, **kwargs) -> None:
         self._costs = {"setup_seconds": round(template.setup_seconds, 4)}
@@ -263,18 +266,28 @@ class CostMeter(SupervisedPlugin):
         if "flops_per_sample" in self._costs:
             return
         self._costs.update(self.trainable_counts())
-        params = [p for group in template.optimizer.param_groups for p in group["params"]]
         batch = template.mbatch
+        key = (tuple((name, tuple(p.shape)) for name, p in template.model.named_parameters() if p.requires_grad),
+               tuple(batch[0].shape))
+        if key not in self._flops:
+            self._flops[key] = self.count_flops(template, batch)
+        self._costs.update(self._flops[key])
+
+    def count_flops(self, template, batch: Batch) -> dict[str, int]:
+        """``flops_per_sample`` (and ``<part>_flops_per_sample``) of one forward + backward of the training
+        loss on ``batch``, counted by ``FlopCounterMode`` (an extra pass leaving training as it was)."""
+        params = [p for group in template.optimizer.param_groups for p in group["params"]]
         with template.preserved_rng():  # fill the frozen text side's caches outside the count (else the first
             template.training_loss(batch)  # session, and the first one after a resume, would count caption encoding)
         with template.preserved_rng(), preserved_buffers(template.backbone), FlopCounterMode(display=False) as counter:
             torch.autograd.grad(template.training_loss(batch), params, allow_unused=True)
         # under ddp: true this rank encoded 1/W of the batch
-        self._costs["flops_per_sample"] = counter.get_total_flops() * world_size() // len(batch[0])
+        found = {"flops_per_sample": counter.get_total_flops() * world_size() // len(batch[0])}
         counts = counter.get_flop_counts()
         for part, modules in template.flop_groups().items():  # e.g. the frozen language model of the VLM loss
             flops = sum(sum(counts[m].values()) for m in modules if m in counts)
-            self._costs[f"{part}_flops_per_sample"] = flops * world_size() // len(batch[0])
+            found[f"{part}_flops_per_sample"] = flops * world_size() // len(batch[0])
+        return found
 
     def after_training_iteration(self, template, **kwargs) -> None:
         if "optimizer_state_bytes" not in self._costs:

@@ -138,6 +138,7 @@ class RunRecord:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv,
             "host": socket.gethostname(),
+            "pid": os.getpid(),
             "platform": platform.platform(),
             "versions": versions(),
             "git": git_hash(),

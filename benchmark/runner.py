@@ -53,6 +53,7 @@ from benchmark.distributed import (
 )
 from benchmark.errors import DataError, FsclError
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype
+from benchmark.jobs import resolve_jobs, run_jobs
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter, StrategyPlugin
 from benchmark.records import (
@@ -350,7 +351,7 @@ def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
     return found
 
 
-def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[RunOutcome]:
+def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int | str = 1) -> list[RunOutcome]:
     """Run this process's grid points of ``cfg`` in order; returns one outcome per point.
 
     Every point is checked first (:func:`check_grid`): a problem anywhere stops the
@@ -359,6 +360,8 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[Ru
     ``torchrun``, a SLURM array), each runs its own shard of the grid
     (:func:`benchmark.distributed.grid_shard`). With ``ddp: true`` the launched processes instead
     run every point together, data parallel (a SLURM array still shards the grid between its tasks).
+    ``jobs`` (an integer, or ``auto``: :func:`benchmark.jobs.resolve_jobs`) runs the process's pending
+    points in that many local processes (:mod:`benchmark.jobs`), each run still in one process.
     """
     outcomes = []
     device = local_device(cfg.device)  # a device this machine lacks: refused before any work
@@ -369,6 +372,18 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[Ru
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
     data = check_grid(runs, force)
+    if jobs != 1:
+        pending = [i for i, run in enumerate(runs) if not is_done(RunRecord(run_dir(run), writable=False),
+                                                                  run.to_dict(), force)]
+        n_jobs = resolve_jobs(jobs, device, len(pending))
+        if n_jobs > 1:
+            if cfg.ddp:
+                raise ConfigError("--jobs runs whole runs in local processes; with ddp: true the launched "
+                                  "processes share each run instead: leave --jobs at 1")
+            outcomes = [RunOutcome(run_dir(run), "skipped") for run in runs]
+            for i, outcome in zip(pending, run_jobs([runs[i] for i in pending], n_jobs, progress, force)):
+                outcomes[i] = outcome
+            return outcomes
     bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
     for run_cfg, run_data_ in zip(bar, data):
         bar.set_postfix_str(f"{run_cfg.stream}/{run_cfg.strategy}/{run_cfg.shots}-s{run_cfg.seed}")
@@ -376,11 +391,16 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False) -> list[Ru
     return outcomes
 
 
+def is_done(record: RunRecord, config: dict[str, Any], force: bool = False) -> bool:
+    """Whether the run is finished (with ``force``: finished with this ``config``), so a grid skips it."""
+    return record.is_finished() and not (force and checkpoints.config_differences(record.config() or {}, config))
+
+
 def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool = False) -> tuple[RunDecision, str]:
     """This process's decision for a run folder (the lock is held when it is RUN), and why. A finished
     run is skipped; with ``force``, one finished with another ``config`` runs again."""
     def done() -> bool:
-        return record.is_finished() and not (force and checkpoints.config_differences(record.config() or {}, config))
+        return is_done(record, config, force)
 
     if not record.writable:
         return RunDecision.RUN, ""

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmark.cli import add_jobs_argument
 from benchmark.config import DEMO_PRESET
 
 
@@ -35,6 +36,7 @@ def add_demo(verbs: argparse._SubParsersAction) -> None:
                                         "its report into the runs folder.")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for 'run'")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_jobs_argument(demo, "auto")
     demo.set_defaults(func=_demo)
 
 

@@ -230,3 +230,5 @@ def test_dry_run_counts_steps_and_images_and_estimates_from_earlier_runs(tmp_pat
     out = capsys.readouterr().out
     assert re.search(r"estimate: about \d+ s on cpu at [\d.]+ steps/s and [\d,]+ images/s, the rates of 1 finished",
                      out), out
+    assert _run(tmp_path, *grid, "--jobs", "2") == 0  # two local processes share the grid's two runs
+    assert re.search(r"estimate: about \d+ s on cpu, in 2 processes about \d+ s at", capsys.readouterr().out)

@@ -1,0 +1,110 @@
+"""A grid in several local processes (``fscl run --jobs N``): one machine's cores used by whole runs.
+
+Small models (the mini world, a tiny ViT on the CPU) keep one core busy far better than they split
+one forward pass over many threads, so a grid of such runs finishes sooner as ``N`` processes of
+``threads // N`` torch threads each, every process taking the next pending run from a shared queue.
+Each run is still one process's, with the same seeds: the records are the ones one process writes
+(only the order in which runs finish changes). Processes start with ``spawn`` (no state copied from
+the parent: each imports the packages again, a few seconds) and report every run's outcome back.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import traceback
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmark.config import Config, ConfigError
+from benchmark.errors import FsclError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # how often the parent looks whether its job processes are still alive
+
+
+class JobError(FsclError):
+    """A job process raised an error that stops the grid (as it would have stopped it in one process)."""
+
+
+def resolve_jobs(jobs: int | str, device: torch.device, pending: int) -> int:
+    """How many processes run ``pending`` runs: ``jobs`` (an integer ≥ 1, or ``auto``: on the CPU one per
+    torch intra-op thread, i.e. per core or per ``OMP_NUM_THREADS``; on a GPU one), never more than
+    ``pending``; 1 means the runs go in this process."""
+    if jobs == "auto":
+        jobs = torch.get_num_threads() if device.type == "cpu" else 1
+    elif not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"--jobs: invalid value {jobs!r}; allowed: a whole number >= 1, or auto")
+    return max(1, min(jobs, pending))
+
+
+def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bool = False) -> list:
+    """Run ``runs`` in ``jobs`` spawned processes of ``max(1, torch threads // jobs)`` threads each; one
+    :class:`~benchmark.runner.RunOutcome` per run, in the order of ``runs``.
+
+    An error a run does not record as its failure (the same that would stop a grid in one process)
+    stops the other processes and is raised here as :class:`JobError`; a run whose process died
+    before reporting it is a failed outcome saying so (its record resumes at the next ``fscl run``).
+    """
+    from benchmark.runner import RunOutcome, run_dir
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for i in range(len(runs)):
+        tasks.put(i)
+    for _ in range(jobs):
+        tasks.put(None)  # one stop per process
+    level = logging.getLogger().getEffectiveLevel()
+    processes = [context.Process(target=_job, args=(list(runs), force, threads, level, tasks, results),
+                                 name=f"fscl-job-{k}") for k in range(jobs)]
+    log.info("%d run(s) in %d processes of %d thread(s)", len(runs), jobs, threads)
+    outcomes: dict[int, RunOutcome] = {}
+    bar = tqdm(total=len(runs), desc=f"runs ({jobs} jobs)", unit="run", disable=not progress)
+    try:
+        for process in processes:
+            process.start()
+        while len(outcomes) < len(runs):
+            try:
+                i, outcome, error = results.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not any(p.is_alive() for p in processes):
+                    break
+                continue
+            if error is not None:
+                raise JobError(f"{run_dir(runs[i])}: {error}")
+            outcomes[i] = outcome
+            bar.set_postfix_str(f"{runs[i].stream}/{runs[i].strategy}/{runs[i].shots}-s{runs[i].seed}")
+            bar.update()
+    finally:
+        bar.close()
+        for process in processes:
+            if len(outcomes) < len(runs) and process.is_alive():
+                process.terminate()  # an error or an interrupt: the others stop too (their runs resume later)
+            process.join()
+    codes = ", ".join(str(p.exitcode) for p in processes)
+    return [outcomes.get(i) or RunOutcome(run_dir(run), "failed", f"its job process exited before finishing it "
+                                                                  f"(exit codes {codes}); 'fscl run' again resumes it")
+            for i, run in enumerate(runs)]
+
+
+def _job(runs: list[Config], force: bool, threads: int, level: int, tasks, results) -> None:
+    """One job process: take run indices from ``tasks`` until a ``None``, run each, put
+    ``(index, outcome, None)`` — or ``(index, None, message)`` for an error that stops the grid — on ``results``."""
+    from benchmark.runner import run_data, run_one
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="[%(processName)s] %(levelname)s %(name)s: %(message)s")
+    cache: dict = {}  # streams scanned once per process
+    while (i := tasks.get()) is not None:
+        try:
+            results.put((i, run_one(runs[i], run_data(runs[i], cache), progress=False, force=force), None))
+        except FsclError as err:
+            results.put((i, None, str(err)))
+            return
+        except Exception:  # noqa: BLE001 - handed to the parent, which raises it
+            results.put((i, None, traceback.format_exc()))
+            return

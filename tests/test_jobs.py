@@ -1,0 +1,68 @@
+"""A grid in several local processes (--jobs): the records one process writes, every outcome reported, the value's rules."""
+import json
+
+import pytest
+import torch
+from test_grid_check import _write_folder_stream
+
+from benchmark.cli import main
+from benchmark.config import ConfigError, load_config
+from benchmark.jobs import resolve_jobs
+from benchmark.records import RunRecord
+from benchmark.runner import run_grid
+
+GRID = ["strategy=[zeroshot,full-ft,layernorm]", "seed=[0,1]", "sessions=2", "train.epochs=2",
+        "controls=[mini-shapes]", "control_subset=40"]
+TIMED = {"train_seconds", "setup_seconds", "peak_memory_mb"}  # what differs between two runs of the same config
+
+
+def _summary(path) -> dict:
+    summary = json.loads((path / "summary.json").read_text())
+    summary["costs"]["sessions"] = [{k: v for k, v in s.items() if k not in TIMED}
+                                    for s in summary["costs"]["sessions"]]
+    return summary
+
+
+def test_jobs_write_the_records_one_process_writes_and_skip_finished_runs(tmp_path):
+    one = run_grid(load_config("quick", [f"out={tmp_path / 'one'}", *GRID]), progress=False)
+    assert [o.status for o in one] == ["finished"] * 6
+    # one run finished already: the two processes share the other five
+    run_grid(load_config("quick", [f"out={tmp_path / 'jobs'}", *GRID[1:], "strategy=full-ft", "seed=1"]),
+             progress=False)
+    jobs = run_grid(load_config("quick", [f"out={tmp_path / 'jobs'}", *GRID]), progress=False, jobs=2)
+    assert [o.status for o in jobs] == ["finished"] * 3 + ["skipped"] + ["finished"] * 2
+    for a, b in zip(one, jobs):
+        assert b.path == tmp_path / "jobs" / a.path.relative_to(tmp_path / "one")
+        assert RunRecord(b.path).metrics() == RunRecord(a.path).metrics()
+        assert (b.path / "matrix.csv").read_text() == (a.path / "matrix.csv").read_text()
+        assert _summary(b.path) == _summary(a.path)
+        assert not (b.path / "run.lock").exists()
+
+
+def test_a_run_that_fails_in_a_job_process_is_reported_and_the_others_go_on(tmp_path, capsys):
+    _write_folder_stream(tmp_path / "data" / "pets-bad", bad=True)
+    args = ["run", "quick", f"out={tmp_path / 'runs'}", f"data_root={tmp_path / 'data'}", "seed=0", "--no-progress",
+            "strategy=[zeroshot,full-ft]", "sessions=1", "train.epochs=1", "controls=[imagefolder]",
+            "imagefolder.root=pets-bad", "--jobs", "2"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "0 finished, 0 skipped (already done), 2 failed" in captured.out
+    assert captured.err.count("broken.jpg") >= 2  # each failure named, with its run folder
+    for manifest in (tmp_path / "runs").rglob("manifest.json"):
+        assert json.loads(manifest.read_text())["status"] == "failed"
+
+
+def test_the_number_of_jobs(tmp_path, capsys):
+    cpu = torch.device("cpu")
+    assert resolve_jobs("auto", cpu, 100) == torch.get_num_threads()  # one per core (or OMP_NUM_THREADS thread)
+    assert resolve_jobs("auto", cpu, 1) == 1 and resolve_jobs(8, cpu, 3) == 3 and resolve_jobs(2, cpu, 0) == 1
+    assert resolve_jobs("auto", torch.device("cuda", 0), 10) == 1  # a GPU: one process unless told otherwise
+    for bad in (0, -1, "two", True):
+        with pytest.raises(ConfigError, match="--jobs: invalid value"):
+            resolve_jobs(bad, cpu, 4)
+    with pytest.raises(SystemExit):
+        main(["run", "quick", "--jobs", "0"])
+    assert "argument --jobs: invalid value '0': a whole number >= 1, or auto" in capsys.readouterr().err
+    ddp = load_config("quick", [f"out={tmp_path}", "strategy=full-ft", "ddp=true", "sessions=1"])
+    with pytest.raises(ConfigError, match="with ddp: true the launched processes share each run"):
+        run_grid(ddp, progress=False, jobs=2)
