@@ -20,7 +20,16 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import DEMO_PRESET, Config, TrainConfig, VQAConfig, describe_options, list_presets, load_config
+from benchmark.config import (
+    DEMO_PRESET,
+    Config,
+    ConfigError,
+    TrainConfig,
+    VQAConfig,
+    describe_options,
+    list_presets,
+    load_config,
+)
 from benchmark.errors import FsclError
 from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, Registry
 
@@ -57,7 +66,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, str]:
     return load_config(source, overrides), origin
 
 
-def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1) -> int:
+def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1, probe: bool = False) -> int:
     """Check this process's share of the grid ``cfg`` as a run would, print its run folders and what it costs
     (training steps, evaluated images, an estimated wall time: :mod:`benchmark.estimate`)."""
     from benchmark.distributed import grid_shard, local_device
@@ -74,7 +83,7 @@ def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1) -> int:
     for run in mine:
         print(f"  {run_dir(run)}")
     print("cost" + (" of this shard" if shard.count > 1 else "") + ":")
-    print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device, jobs)))
+    print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device, jobs, probe)))
     return 0
 
 
@@ -109,9 +118,11 @@ def _run_grid(cfg: Config, what: str, args: argparse.Namespace) -> int | None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``fscl run`` (and the first half of ``fscl demo``): run, or with ``--dry-run`` list, a grid."""
+    if getattr(args, "probe", False) and not args.dry_run:
+        raise ConfigError("--probe measures rates for the estimate of --dry-run; give both (or neither)")
     cfg, origin = _load(args)
     if args.dry_run:
-        return _dry_run(cfg, origin, getattr(args, "force", False), args.jobs)
+        return _dry_run(cfg, origin, getattr(args, "force", False), args.jobs, args.probe)
     return _run_grid(cfg, origin, args) or 0
 
 
@@ -220,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
                           "and print its runs (of this process's shard, when sharded), its training steps and "
                           "evaluated images, and an estimate of its wall time from the rates of earlier runs")
+    run.add_argument("--probe", action="store_true",
+                     help="with --dry-run: estimate from rates measured now on this machine (a few full fine-tuning "
+                          "steps and evaluation batches of random images per backbone) instead of earlier runs'")
     run.add_argument("--force", action="store_true",
                      help="run again (replacing the record) a finished run whose configuration changed; without it "
                           "such a run is refused, naming the keys that differ")

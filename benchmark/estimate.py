@@ -7,25 +7,32 @@ after every session; row 0 is counted once per (backbone, set, images) for the w
 it, :mod:`benchmark.shared_rows`) and a strategy that never trains evaluates once.
 
 Rates: measured by the earlier runs under the grid's ``out`` folder on the same backbone and device type
-(their ``summary.json`` training seconds and samples, their manifest's ``eval_timing``). The estimate is
-steps / step rate + images / image rate: start-up, model loading and filling the evaluation cache are
-not in it. Without such runs there is no estimate (a small grid run first measures the rates).
+(their ``summary.json`` training seconds and samples, their manifest's ``eval_timing``), or, with
+``--probe``, measured now (:func:`probe_rates`: full fine-tuning steps and evaluation batches of random
+images on the run's device). The estimate is steps / step rate + images / image rate: start-up, model
+loading and filling the evaluation cache are not in it. Without either there is no estimate.
 """
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from PIL import Image
+from torch import Tensor
 
-from benchmark.config import Config
+from benchmark.config import Config, TrainConfig
 from benchmark.jobs import resolve_jobs
 from benchmark.registry import STRATEGIES
+
+PROBE_STEPS = 5  # timed training steps and evaluation batches of --probe (after one warm-up each)
 
 
 @dataclass
@@ -99,27 +106,95 @@ def measured_rates(out: str | Path, backbone: str, device: str) -> tuple[float, 
     return steps / train_seconds, images / eval_seconds, found
 
 
+def probe_rates(spec: str, train: TrainConfig, device: torch.device, steps: int = PROBE_STEPS) -> tuple[float, float]:
+    """(training steps/s, evaluated images/s) of backbone ``spec`` on ``device``, measured now on random images
+    of its input size (one seeded generator), each after one untimed warm-up: ``steps`` full fine-tuning steps
+    (Adam, :func:`~benchmark.template.clip_loss`, ``train.batch_size`` images under ``train.precision``'s
+    autocast; the costliest CLIP-loss step, LoRSU's or LoRA's is cheaper) and ``steps`` evaluation batches of
+    ``train.eval_batch_size`` uint8 images (normalised on the device, encoded in the evaluation's precision,
+    classified: :meth:`~benchmark.evaluation.ZeroShotEvaluator.logits`)."""
+    from benchmark.backbones import load_backbone
+    from benchmark.evaluation import ZeroShotEvaluator, autocast_dtype
+    from benchmark.image_cache import split_eval_transform
+    from benchmark.template import clip_loss
+
+    backbone = load_backbone(spec, str(device))
+    split = split_eval_transform(backbone.preprocess(False))
+    height, width = backbone.preprocess(False)(Image.new("RGB", (256, 256))).shape[1:]
+    generator = torch.Generator().manual_seed(0)
+
+    def uint8_images(n: int) -> Tensor:
+        return torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=generator).to(device)
+
+    def timed(step: Callable[[], Any]) -> float:
+        step()  # warm-up: kernels chosen, memory allocated
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+        return steps / (time.perf_counter() - start)
+
+    dtype = autocast_dtype(train.precision, device)
+    texts = torch.nn.functional.normalize(torch.randn(train.batch_size, backbone.text_features(["x"]).shape[1],
+                                                      generator=generator), dim=-1).to(device)
+    images = split.normalise(uint8_images(train.batch_size)) if split else uint8_images(train.batch_size).float()
+    backbone.visual.requires_grad_(True)
+    optimizer = torch.optim.Adam(backbone.visual.parameters(), lr=1e-6)
+
+    def train_step() -> None:
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            features = backbone.encode_image(images)
+        clip_loss(features.float(), texts, backbone.logit_scale).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_rate = timed(train_step)
+    backbone.requires_grad_(False)
+    evaluator = ZeroShotEvaluator(backbone, train.eval_batch_size, dtype=dtype)
+    batch, classes = uint8_images(train.eval_batch_size), texts[:2]
+
+    @torch.no_grad()
+    def eval_step() -> None:
+        evaluator.logits(split.normalise(batch) if split else batch.float(), classes).argmax(1).cpu()
+
+    return step_rate, timed(eval_step) * train.eval_batch_size
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: torch.device,
-                   jobs: int | str = 1) -> list[str]:
-    """The dry run's cost lines: per backbone the counts, the measured rates and the estimated wall time (with
-    ``jobs`` > 1 local processes: divided among them, as if each kept the measured rates)."""
+                   jobs: int | str = 1, probe: bool = False) -> list[str]:
+    """The dry run's cost lines: per backbone the counts, the rates (of earlier runs, or with ``probe`` measured
+    now by :func:`probe_rates`) and the estimated wall time (with ``jobs`` > 1 local processes: divided among
+    them, as if each kept the rates)."""
     lines = []
     for backbone, cost in grid_cost(runs, data).items():
-        out = runs[0].out
+        out, first = runs[0].out, next(run for run in runs if run.backbone == backbone)
         head = (f"{backbone}: {cost.runs} run(s), {cost.steps:,} training steps, {cost.images:,} evaluated images "
                 f"(row 0 once per set for the grid, a strategy that never trains evaluated once)")
-        rates = measured_rates(out, backbone, device.type)
-        if rates is None:
-            lines += [head, f"  no estimate: no finished run of {backbone} on {device.type} under {out} recorded "
-                            f"its rates (run a small grid first)"]
-            continue
-        step_rate, image_rate, found = rates
+        if probe:
+            step_rate, image_rate = probe_rates(backbone, first.train, device)
+            source = (f"measured now ({PROBE_STEPS} full fine-tuning steps and evaluation batches of random images; "
+                      f"LoRSU, LoRA and the other partial updates train faster, the VLM-loss strategies slower)")
+        else:
+            rates = measured_rates(out, backbone, device.type)
+            if rates is None:
+                lines += [head, f"  no estimate: no finished run of {backbone} on {device.type} under {out} "
+                                f"recorded its rates (--probe measures them now, or run a small grid first)"]
+                continue
+            step_rate, image_rate, found = rates
+            source = f"the rates of {found} finished run(s) under {out}"
         seconds = cost.steps / step_rate + cost.images / image_rate
         n_jobs = resolve_jobs(jobs, device, cost.runs)
         split = f", in {n_jobs} processes about {_duration(seconds / n_jobs)}" if n_jobs > 1 else ""
+        vqa = ", VQA" if any(run.vqa.model for run in runs if run.backbone == backbone) else ""
         lines += [head, f"  estimate: about {_duration(seconds)} on {device.type}{split} at {step_rate:.1f} steps/s "
-                        f"and {image_rate:,.0f} images/s, the rates of {found} finished run(s) under {out} "
-                        f"(start-up, model loading and filling the evaluation cache not included)"]
+                        f"and {image_rate:,.0f} images/s, {source} (start-up, model loading{vqa} and filling the "
+                        f"evaluation cache not included)"]
     return lines
 
 

@@ -51,6 +51,7 @@ def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bo
     """
     from benchmark.runner import RunOutcome, run_dir
 
+    build_models(runs)
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
     tasks, results = context.Queue(), context.Queue()
@@ -89,6 +90,20 @@ def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bo
     return [outcomes.get(i) or RunOutcome(run_dir(run), "failed", f"its job process exited before finishing it "
                                                                   f"(exit codes {codes}); 'fscl run' again resumes it")
             for i, run in enumerate(runs)]
+
+
+def build_models(runs: Sequence[Config]) -> None:
+    """Load each backbone of ``runs`` once here, and make each VQA model folder a registered family builds
+    (``vqa.model: mini``): what is built on first use (the mini world's models) is built once, with this
+    process's threads, before the job processes start (rather than by one of them, with one thread, while
+    the others wait on its lock)."""
+    from benchmark.backbones import load_backbone
+    from benchmark.vqa.llava import model_source
+
+    for spec in dict.fromkeys(run.backbone for run in runs):
+        load_backbone(spec)
+    for spec in dict.fromkeys(run.vqa.model for run in runs if run.vqa.model is not None):
+        model_source(spec)
 
 
 def _job(runs: list[Config], force: bool, threads: int, level: int, tasks, results) -> None:

@@ -60,7 +60,7 @@ def _family(spec: str):
                         f"folder with its processor) or 'llava:org/hub-id', e.g. llava:llava-hf/llava-1.5-7b-hf{others}")
 
 
-def _source(spec: str) -> tuple[str, bool]:
+def model_source(spec: str) -> tuple[str, bool]:
     """``llava:REST`` → (folder or hub id, local_files_only); a registered family's spec → its folder (built
     on first use)."""
     family, _, rest = spec.partition(":")
@@ -117,7 +117,7 @@ def llava_config(spec: str):
     entry = _family(spec)
     if entry is not None:
         return entry.obj.config(spec.partition(":")[2])
-    source, local = _source(spec)
+    source, local = model_source(spec)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as err:
@@ -136,7 +136,7 @@ def load_llava(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    source, local = _source(spec)
+    source, local = model_source(spec)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
