@@ -258,13 +258,13 @@ class ZeroShotEvaluator:
             keys[s.key] = None if split is None else self._images_key(s.dataset, split)
         return keys
 
-    def row_keys(self, context: dict[str, Any]) -> dict[str, str | None]:
+    def row_keys(self, context: dict[str, Any], model: str | None = None) -> dict[str, str | None]:
         """Per added set, the SHA-256 of what its zero-shot counts depend on before any training: the
         backbone's identity and weights (:func:`model_fingerprint`), the set's classes, templates and images
         (their cache key, which covers the transform's geometric part), its normalisation, and the
         evaluation's batch size, precision and ``context`` (device, library versions); None for a set whose
-        images have no cache key."""
-        model = model_fingerprint(self.backbone)
+        images have no cache key. ``model``: the backbone's fingerprint, when known already."""
+        model = model or model_fingerprint(self.backbone)
         keys: dict[str, str | None] = {}
         for s, (name, images) in zip(self.sets, self.image_keys().items()):
             if images is None:

@@ -122,6 +122,16 @@ def _update_with_item(digest: Any, item: Any) -> None:
         digest.update(repr(item).encode() + b"\n")
 
 
+def sources_key(dataset: Any) -> str:
+    """SHA-256 (hex) of where labelled images come from: their ids, loader and sources (what
+    :func:`images_key` hashes, without a transform)."""
+    load = getattr(dataset.load, "__qualname__", repr(dataset.load))
+    digest = hashlib.sha256(json.dumps({"load": load, "pil": PIL.__version__, "ids": list(dataset.ids)}).encode())
+    for item in dataset.items:
+        _update_with_item(digest, item)
+    return digest.hexdigest()
+
+
 def images_key(dataset: Any, split: SplitTransform) -> str:
     """SHA-256 (hex) of what the uint8 images of ``dataset`` (labelled images) depend on."""
     digest = hashlib.sha256()

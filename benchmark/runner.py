@@ -52,7 +52,7 @@ from benchmark.distributed import (
     world_size,
 )
 from benchmark.errors import DataError, FsclError
-from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype
+from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
 from benchmark.jobs import resolve_jobs, run_jobs
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter, StrategyPlugin
@@ -69,7 +69,7 @@ from benchmark.records import (
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.shared_rows import read_counts, shared_folder, write_counts
 from benchmark.template import CLIPTemplate, NonFiniteLossError
-from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set, vqa_rows
+from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set, vqa_row_key, vqa_rows
 from benchmark.vqa.questions import QuestionSetError
 
 log = logging.getLogger(__name__)
@@ -467,6 +467,8 @@ class _Run:
         self.trains = True  # False: a strategy that never changes the model, whose every row is row 0
         self.row0: dict[str, tuple[int, int]] | None = None  # (correct, total) per eval set before training
         self.eval_timing = {"images": 0, "seconds": 0.0}  # images this run's process evaluated, and how long
+        self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
+        self.vqa_row0: dict[str, dict[str, int | float]] | None = None  # VQA counts per question set before training
 
     def execute(self, data: RunData) -> RunOutcome:
         cfg = self.cfg
@@ -679,42 +681,77 @@ class _Run:
         stored them already (under ``ddp: true``: when every rank finds them), else evaluated and stored. The
         manifest records the keys of the sets' cached images and of their shared counts."""
         zeroshot = template.zeroshot
-        context = {"device": self.device.type, "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
-        keys = zeroshot.row_keys(context)
+        keys = zeroshot.row_keys(self.eval_context(), self.fingerprint(template.backbone))
         folder = shared_folder(self.cfg.out, self.cfg.name)
         found = {name: read_counts(folder, key) for name, key in keys.items() if key is not None}
         everywhere = all_reduce_sum([int(found.get(s.key) is not None) for s in zeroshot.sets])
-        counts = {s.key: found[s.key] for s, n in zip(zeroshot.sets, everywhere) if n == world_size()}
+        counts = {s.key: (found[s.key]["correct"], found[s.key]["total"])
+                  for s, n in zip(zeroshot.sets, everywhere) if n == world_size()}
         missing = [exp for exp in eval_stream if zeroshot.sets[exp.current_experience].key not in counts]
         evaluated = self.run_eval(template, missing) if missing else {}
         if self.record.writable:
-            for name, value in evaluated.items():
+            for name, (correct, total) in evaluated.items():
                 if keys[name] is not None:
-                    write_counts(folder, keys[name], value, name)
+                    write_counts(folder, keys[name], {"correct": correct, "total": total}, name)
         counts.update(evaluated)
         self.record.update_manifest(evaluation={
             "cache": self.cfg.eval_cache, "images": zeroshot.image_keys(),
             "session0": {"keys": keys, "shared": sorted(set(counts) - set(evaluated))}})
         return {s.key: counts[s.key] for s in zeroshot.sets}
 
+    def eval_context(self) -> dict[str, Any]:
+        """What shared row-0 counts depend on beyond the model and the set: the device type, the GPU, torch."""
+        return {"device": self.device.type, "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+
+    def fingerprint(self, backbone) -> str:
+        """:func:`~benchmark.evaluation.model_fingerprint` of the pretrained ``backbone``, computed once per run."""
+        if self.pretrained is None:
+            self.pretrained = model_fingerprint(backbone)
+        return self.pretrained
+
     def evaluate_vqa(self, backbone, session: int) -> None:
         """VQA after ``session`` with the current encoder in LLaVA's tower: the rows of
         :func:`~benchmark.vqa.evaluate.vqa_rows` per dataset (``vqa_acc``, and by ``vqa.scoring``); ``vqa_acc``
         fills the VQA matrix. The sessions between the ends ask each set's subset (``vqa.subset``), the ends the
-        full sets; under ``ddp: true`` every process scores its share of the questions."""
+        full sets; under ``ddp: true`` every process scores its share of the questions. Row 0 (and the last row
+        of a strategy that never trains) comes from :meth:`vqa_session_zero`."""
         from benchmark.vqa.llava import swap_encoder
 
         vqa = self.cfg.vqa
         llava = cached_llava(vqa.model, self.device)
         swap_encoder(llava.model, backbone)
         full = session in (0, self.matrix.n_sessions)
+        if full and (session == 0 or not self.trains) and self.vqa_row0 is None:
+            self.vqa_row0 = self.vqa_session_zero(llava, backbone)
         rows: list[dict[str, Any]] = []
         for j, qset in enumerate(self.vqa_sets):
-            counts = score_set(llava, qset, vqa.batch_size, full, vqa.scoring, self.progress)  # summed over ddp ranks
+            counts = self.vqa_row0[qset.name] if full and (session == 0 or not self.trains) else \
+                score_set(llava, qset, vqa.batch_size, full, vqa.scoring, self.progress)  # summed over ddp ranks
             rows += vqa_rows(session, qset.name, counts, vqa.scoring)
             self.vqa_matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)
+
+    def vqa_session_zero(self, llava, backbone) -> dict[str, dict[str, int | float]]:
+        """VQA row 0's counts per question set (all its questions, the pretrained encoder in ``llava``'s tower):
+        from the grid's shared store when a run stored them (under ``ddp: true``: when every rank finds them),
+        else scored and stored; the manifest's ``vqa_session0`` names the keys and the sets read."""
+        vqa = self.cfg.vqa
+        keys = {q.name: vqa_row_key(vqa, q, self.fingerprint(backbone), self.eval_context()) for q in self.vqa_sets}
+        folder = shared_folder(self.cfg.out, self.cfg.name)
+        found = {name: read_counts(folder, key) for name, key in keys.items()}
+        everywhere = all_reduce_sum([int(found[q.name] is not None) for q in self.vqa_sets])
+        counts, shared = {}, []
+        for qset, n in zip(self.vqa_sets, everywhere):
+            if n == world_size():
+                counts[qset.name] = found[qset.name]
+                shared.append(qset.name)
+                continue
+            counts[qset.name] = score_set(llava, qset, vqa.batch_size, True, vqa.scoring, self.progress)
+            if self.record.writable:
+                write_counts(folder, keys[qset.name], counts[qset.name], qset.name)
+        self.record.update_manifest(vqa_session0={"keys": keys, "shared": shared})
+        return counts
 
     def finish(self, visual_params: int, status: str, reason: str = "") -> None:
         """Write the matrix and the summary, and the run's status (with its reason when it failed).

@@ -106,6 +106,24 @@ def test_vqa_leaves_the_top1_numbers_as_they_are_without_it(runs, tmp_path):
     assert "vqa" not in json.loads((tmp_path / run / "summary.json").read_text())
 
 
+def test_vqa_row_0_is_scored_once_per_grid_and_a_strategy_that_never_trains_scores_once(runs, llava, tmp_path,
+                                                                                         monkeypatch):
+    manifests = {s: json.loads((runs / RUN.format(s) / "manifest.json").read_text())["vqa_session0"]
+                 for s in ("zeroshot", "full-ft")}
+    assert manifests["zeroshot"]["shared"] == [] and manifests["full-ft"]["shared"] == ["digits"]
+    assert manifests["zeroshot"]["keys"] == manifests["full-ft"]["keys"]  # the same pretrained encoder and questions
+    stored = json.loads((runs / "quick" / ".session0" / f"{manifests['full-ft']['keys']['digits']}.json").read_text())
+    assert stored["dataset"] == "digits" and stored["total"] == 540
+    # scored by the run itself (no store in this folder): the same rows as read from the store
+    calls = []
+    monkeypatch.setattr("benchmark.runner.score_set", lambda *a, **k: calls.append(a[1].name) or score_set(*a, **k))
+    for strategy in ("full-ft", "zeroshot"):
+        assert main(["run", "quick", f"strategy={strategy}", f"vqa.model=llava:{llava}", f"out={tmp_path / strategy}",
+                     *SETTINGS]) == 0
+        assert _vqa_rows(tmp_path / strategy / RUN.format(strategy)) == _vqa_rows(runs / RUN.format(strategy))
+    assert calls == ["digits", "digits", "digits"]  # full-ft: before and after training; zeroshot: once
+
+
 def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_path):
     reference = runs / RUN.format("full-ft")
     run = tmp_path / RUN.format("full-ft")

@@ -6,6 +6,8 @@ Nothing here draws from the global RNGs (the LLaVA and the ``hard`` mode's backb
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +101,24 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, sc
     bar.close()
     summed = all_reduce_sum([len(mine), *counts.values()])
     return {"total": summed[0], **dict(zip(counts, summed[1:]))}
+
+
+def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any]) -> str:
+    """SHA-256 (hex) of what the counts of ``qset`` (all its questions) with a pretrained encoder depend on, for
+    the grid's shared row 0 (:mod:`benchmark.shared_rows`): ``encoder`` (its
+    :func:`~benchmark.evaluation.model_fingerprint`), the VQA model (:func:`~benchmark.vqa.llava.model_identity`),
+    the questions (their SHA-256) and images (:func:`~benchmark.image_cache.sources_key`), ``vqa``'s scoring
+    and batch size, the number of processes and ``context`` (device, library versions)."""
+    import transformers
+
+    from benchmark.distributed import world_size
+    from benchmark.image_cache import sources_key
+    from benchmark.vqa.llava import model_identity
+
+    described = {"encoder": encoder, "vqa_model": model_identity(vqa.model), "questions": qset.questions.sha256,
+                 "images": sources_key(qset.images), "scoring": vqa.scoring, "batch_size": vqa.batch_size,
+                 "world_size": world_size(), "transformers": transformers.__version__, **context}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring: str) -> list[dict[str, Any]]:

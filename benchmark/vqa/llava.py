@@ -108,6 +108,16 @@ def _check_processor(spec: str, processor, config) -> None:
             f"num_additional_image_tokens 1 (the class token)")
 
 
+def model_identity(spec: str) -> dict[str, object]:
+    """What identifies the VQA model ``spec`` names (its shared counts' key): the spec and, for a folder (a
+    registered family's, or ``llava:/folder``), each file's name, size and modification time."""
+    source, local = model_source(spec)
+    folder = Path(source)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()) \
+        if local and folder.is_dir() else []
+    return {"spec": spec, "files": files}
+
+
 def llava_config(spec: str):
     """The ``LlavaConfig`` of ``llava:/folder`` or ``llava:hub-id``, without its weights (the grid check);
     :class:`VQAModelError` when it is missing or no LLaVA. A registered family (``mini``) gives the
