@@ -4,8 +4,9 @@ Small models (the mini world, a tiny ViT on the CPU) keep one core busy far bett
 one forward pass over many threads, so a grid of such runs finishes sooner as ``N`` processes of
 ``threads // N`` torch threads each, every process taking the next pending run from a shared queue.
 Each run is still one process's, with the same seeds: the records are the ones one process writes
-(only the order in which runs finish changes). Processes start with ``spawn`` (no state copied from
-the parent: each imports the packages again, a few seconds) and report every run's outcome back.
+(only the order in which runs finish changes). One-thread processes on the CPU are forked (they start at
+once); others are spawned (each imports the packages again, a few seconds): :func:`start_method`. Every
+process reports each run's outcome back.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import multiprocessing
 import queue
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -42,18 +43,19 @@ def resolve_jobs(jobs: int | str, device: torch.device, pending: int) -> int:
 
 
 def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bool = False) -> list:
-    """Run ``runs`` in ``jobs`` spawned processes of ``max(1, torch threads // jobs)`` threads each; one
+    """Run ``runs`` in ``jobs`` local processes of ``max(1, torch threads // jobs)`` threads each; one
     :class:`~benchmark.runner.RunOutcome` per run, in the order of ``runs``.
 
     An error a run does not record as its failure (the same that would stop a grid in one process)
     stops the other processes and is raised here as :class:`JobError`; a run whose process died
     before reporting it is a failed outcome saying so (its record resumes at the next ``fscl run``).
     """
+    from benchmark.distributed import local_device
     from benchmark.runner import RunOutcome, run_dir
 
     build_models(runs)
     threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(start_method({local_device(run.device) for run in runs}, threads))
     tasks, results = context.Queue(), context.Queue()
     for i in range(len(runs)):
         tasks.put(i)
@@ -90,6 +92,15 @@ def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bo
     return [outcomes.get(i) or RunOutcome(run_dir(run), "failed", f"its job process exited before finishing it "
                                                                   f"(exit codes {codes}); 'fscl run' again resumes it")
             for i, run in enumerate(runs)]
+
+
+def start_method(devices: Iterable[torch.device], threads: int) -> str:
+    """``fork`` when the runs' ``devices`` are all the CPU and each process has one thread (the processes start
+    at once, with this one's imports, models and registries, as a CPU DataLoader's workers do), else ``spawn``:
+    CUDA cannot be used in a forked child once initialised in its parent, and GNU OpenMP hangs in a forked child
+    that runs more than one thread after its parent ran a parallel region."""
+    on_cpu = all(device.type == "cpu" for device in devices)
+    return "fork" if on_cpu and threads == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def build_models(runs: Sequence[Config]) -> None:

@@ -7,7 +7,7 @@ from test_grid_check import _write_folder_stream
 
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
-from benchmark.jobs import resolve_jobs
+from benchmark.jobs import resolve_jobs, start_method
 from benchmark.records import RunRecord
 from benchmark.runner import run_grid
 
@@ -41,10 +41,15 @@ def test_jobs_write_the_records_one_process_writes_and_skip_finished_runs(tmp_pa
 
 def test_a_run_that_fails_in_a_job_process_is_reported_and_the_others_go_on(tmp_path, capsys):
     _write_folder_stream(tmp_path / "data" / "pets-bad", bad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # two threads per process: spawned, not forked (the other test forks on small machines)
     args = ["run", "quick", f"out={tmp_path / 'runs'}", f"data_root={tmp_path / 'data'}", "seed=0", "--no-progress",
             "strategy=[zeroshot,full-ft]", "sessions=1", "train.epochs=1", "controls=[imagefolder]",
             "imagefolder.root=pets-bad", "--jobs", "2"]
-    assert main(args) == 1
+    try:
+        assert main(args) == 1
+    finally:
+        torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert "0 finished, 0 skipped (already done), 2 failed" in captured.out
     assert captured.err.count("broken.jpg") >= 2  # each failure named, with its run folder
@@ -57,6 +62,8 @@ def test_the_number_of_jobs(tmp_path, capsys):
     assert resolve_jobs("auto", cpu, 100) == torch.get_num_threads()  # one per core (or OMP_NUM_THREADS thread)
     assert resolve_jobs("auto", cpu, 1) == 1 and resolve_jobs(8, cpu, 3) == 3 and resolve_jobs(2, cpu, 0) == 1
     assert resolve_jobs("auto", torch.device("cuda", 0), 10) == 1  # a GPU: one process unless told otherwise
+    assert start_method([cpu], 1) == "fork" and start_method([cpu], 2) == "spawn"  # OpenMP threads hang when forked
+    assert start_method([cpu, torch.device("cuda", 0)], 1) == "spawn"  # CUDA cannot be used in a forked child
     for bad in (0, -1, "two", True):
         with pytest.raises(ConfigError, match="--jobs: invalid value"):
             resolve_jobs(bad, cpu, 4)
