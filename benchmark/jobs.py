@@ -66,10 +66,10 @@ def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bo
                                  name=f"fscl-job-{k}") for k in range(jobs)]
     log.info("%d run(s) in %d processes of %d thread(s)", len(runs), jobs, threads)
     outcomes: dict[int, RunOutcome] = {}
-    bar = tqdm(total=len(runs), desc=f"runs ({jobs} jobs)", unit="run", disable=not progress)
+    for process in processes:
+        process.start()
+    bar = tqdm(total=len(runs), desc=f"runs ({jobs} jobs)", unit="run", disable=not progress)  # after: not forked
     try:
-        for process in processes:
-            process.start()
         while len(outcomes) < len(runs):
             try:
                 i, outcome, error = results.get(timeout=POLL_SECONDS)
