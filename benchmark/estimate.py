@@ -1,25 +1,29 @@
-"""What a grid costs before it runs (``fscl run --dry-run``): training steps, evaluated images, a wall-time estimate.
+"""What a grid costs before it runs (``fscl run --dry-run``): training steps, evaluated images, VQA questions, and
+a wall-time estimate.
 
 Counts: a run trains ``epochs x batches`` steps per session (the batches as the loader makes them,
 ``train.drop_last`` included) unless its strategy never trains, and evaluates every eval set (each
 session's class group of the target's test set, each control's test set or subset) before training and
 after every session; row 0 is counted once per (backbone, set, images) for the whole grid (the runs share
-it, :mod:`benchmark.shared_rows`) and a strategy that never trains evaluates once.
+it, :mod:`benchmark.shared_rows`) and a strategy that never trains evaluates once. With ``vqa.model`` a run
+asks each question set (the target's test images of every session's classes, each control in ``vqa.sets``)
+before training (once per grid) and after the last session (a strategy that never trains: not again), and
+with ``vqa.sessions: all`` its subset after every session between.
 
 Rates: measured by the earlier runs under the grid's ``out`` folder on the same backbone and device type
-(their ``summary.json`` training seconds and samples, their manifest's ``eval_timing``), or, with
-``--probe``, measured now (:func:`probe_rates`: full fine-tuning steps and evaluation batches of random
-images on the run's device). The estimate is steps / step rate + images / image rate: start-up, model
-loading and filling the evaluation cache are not in it. Without either there is no estimate.
+(their ``summary.json`` training seconds and samples, their manifest's ``eval_timing`` and, with the same
+``vqa.model``, ``vqa_timing``), or, with ``--probe``, measured now (:func:`probe_rates`). The estimate is
+steps / step rate + images / image rate + questions / question rate: start-up, model loading, building
+question sets and filling the evaluation cache are not in it. Without rates there is no estimate.
 """
 from __future__ import annotations
 
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from benchmark.config import Config, TrainConfig
+from benchmark.config import Config
 from benchmark.jobs import resolve_jobs
 from benchmark.registry import STRATEGIES
 
@@ -37,11 +41,22 @@ PROBE_STEPS = 5  # timed training steps and evaluation batches of --probe (after
 
 @dataclass
 class Cost:
-    """Training steps and evaluated images (the grid's share of one backbone)."""
+    """Training steps, evaluated images and VQA questions (the grid's share of one backbone)."""
 
     steps: int = 0
     images: int = 0
+    questions: int = 0
     runs: int = 0
+
+
+@dataclass
+class Rates:
+    """Training steps, evaluated images and VQA questions per second (None: not measured), and where from."""
+
+    steps: float
+    images: float
+    questions: float | None
+    source: str
 
 
 def session_steps(samples: int, batch_size: int, epochs: int, drop_last: bool | str) -> int:
@@ -52,7 +67,10 @@ def session_steps(samples: int, batch_size: int, epochs: int, drop_last: bool | 
 
 
 def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
-    """Per backbone, the grid's training steps and evaluated images (``data``: each run's checked RunData)."""
+    """Per backbone, the grid's training steps, evaluated images and VQA questions (``data``: each run's checked
+    RunData)."""
+    from benchmark.runner import vqa_controls
+
     costs: dict[str, Cost] = defaultdict(Cost)
     row0: set[tuple] = set()
     tests: dict[int, Any] = {}
@@ -72,14 +90,25 @@ def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
                 cost.images += len(ids)
             if trains:
                 cost.images += len(ids) * len(run_data.sessions)
+        if run.vqa.model is None:
+            continue
+        vqa = run.vqa
+        classes = sorted({c for s in run_data.sessions for c in s.classes})
+        asked = [(run.stream, tuple(test.with_classes(classes).ids))]
+        asked += [(name, tuple(run_data.control_tests[name].ids)) for name in vqa_controls(run)]
+        for name, ids in asked:
+            key = (run.backbone, vqa.model, vqa.scoring, vqa.batch_size, vqa.mode, vqa.seed, name, ids)
+            if key not in row0:
+                row0.add(key)
+                cost.questions += len(ids)
+            cost.questions += len(ids) * trains
+            if vqa.sessions == "all":
+                cost.questions += (len(run_data.sessions) - 1) * min(len(ids), vqa.subset or len(ids))
     return dict(costs)
 
 
-def measured_rates(out: str | Path, backbone: str, device: str) -> tuple[float, float, int] | None:
-    """(training steps/s, evaluated images/s, runs measured) of the finished runs under ``out`` on ``backbone``
-    and the device type of ``device``; None when no such run recorded both."""
-    steps = train_seconds = images = eval_seconds = 0.0
-    found = 0
+def _finished_records(out: str | Path) -> Iterator[tuple[dict, dict, dict]]:
+    """(config, manifest, summary) of every finished run record under ``out``."""
     for manifest_path in Path(out).rglob("manifest.json"):
         folder = manifest_path.parent
         try:
@@ -88,6 +117,16 @@ def measured_rates(out: str | Path, backbone: str, device: str) -> tuple[float, 
             summary = json.loads((folder / "summary.json").read_text())
         except (OSError, ValueError, yaml.YAMLError):
             continue
+        if isinstance(config, dict) and manifest.get("status") == "finished":
+            yield config, manifest, summary
+
+
+def measured_rates(out: str | Path, backbone: str, device: str, vqa_model: str | None = None) -> Rates | None:
+    """The rates of the finished runs under ``out`` on ``backbone`` and the device type ``device`` (questions/s:
+    of those with ``vqa.model`` = ``vqa_model``); None when no such run recorded training and evaluation."""
+    steps = train_seconds = images = eval_seconds = questions = vqa_seconds = 0.0
+    found = 0
+    for config, manifest, summary in _finished_records(out):
         timing = manifest.get("eval_timing") or {}
         if config.get("backbone") != backbone or str(manifest.get("device", "")).split(":")[0] != device \
                 or not timing.get("seconds"):
@@ -100,25 +139,32 @@ def measured_rates(out: str | Path, backbone: str, device: str) -> tuple[float, 
                 train_seconds += session["train_seconds"]
         images += timing["images"]
         eval_seconds += timing["seconds"]
+        vqa_timing = manifest.get("vqa_timing") or {}
+        if vqa_model is not None and (config.get("vqa") or {}).get("model") == vqa_model:
+            questions += vqa_timing.get("questions", 0)
+            vqa_seconds += vqa_timing.get("seconds", 0.0)
         found += 1
     if not found or not train_seconds or not eval_seconds:
         return None
-    return steps / train_seconds, images / eval_seconds, found
+    return Rates(steps / train_seconds, images / eval_seconds, questions / vqa_seconds if vqa_seconds else None,
+                 f"the rates of {found} finished run(s) under {out}")
 
 
-def probe_rates(spec: str, train: TrainConfig, device: torch.device, steps: int = PROBE_STEPS) -> tuple[float, float]:
-    """(training steps/s, evaluated images/s) of backbone ``spec`` on ``device``, measured now on random images
-    of its input size (one seeded generator), each after one untimed warm-up: ``steps`` full fine-tuning steps
-    (Adam, :func:`~benchmark.template.clip_loss`, ``train.batch_size`` images under ``train.precision``'s
-    autocast; the costliest CLIP-loss step, LoRSU's or LoRA's is cheaper) and ``steps`` evaluation batches of
-    ``train.eval_batch_size`` uint8 images (normalised on the device, encoded in the evaluation's precision,
-    classified: :meth:`~benchmark.evaluation.ZeroShotEvaluator.logits`)."""
+def probe_rates(run: Config, run_data: Any, device: torch.device, steps: int = PROBE_STEPS) -> Rates:
+    """The rates of ``run``'s backbone on ``device``, measured now, each after one untimed warm-up: ``steps``
+    full fine-tuning steps (Adam, :func:`~benchmark.template.clip_loss`, ``train.batch_size`` random images of
+    the backbone's input size under ``train.precision``'s autocast; the costliest CLIP-loss step, LoRSU's or
+    LoRA's is cheaper), ``steps`` evaluation batches of ``train.eval_batch_size`` random uint8 images
+    (normalised on the device, encoded in the evaluation's precision, classified:
+    :meth:`~benchmark.evaluation.ZeroShotEvaluator.logits`) and, with ``vqa.model``, ``steps`` batches of the
+    target's real questions (its question set, built or read as a run does) scored as a run scores them."""
     from benchmark.backbones import load_backbone
     from benchmark.evaluation import ZeroShotEvaluator, autocast_dtype
     from benchmark.image_cache import split_eval_transform
     from benchmark.template import clip_loss
 
-    backbone = load_backbone(spec, str(device))
+    train = run.train
+    backbone = load_backbone(run.backbone, str(device))
     split = split_eval_transform(backbone.preprocess(False))
     height, width = backbone.preprocess(False)(Image.new("RGB", (256, 256))).shape[1:]
     generator = torch.Generator().manual_seed(0)
@@ -158,7 +204,29 @@ def probe_rates(spec: str, train: TrainConfig, device: torch.device, steps: int 
     def eval_step() -> None:
         evaluator.logits(split.normalise(batch) if split else batch.float(), classes).argmax(1).cpu()
 
-    return step_rate, timed(eval_step) * train.eval_batch_size
+    image_rate = timed(eval_step) * train.eval_batch_size
+    question_rate = None if run.vqa.model is None else _probe_questions(run, run_data, backbone, device, timed)
+    return Rates(step_rate, image_rate, question_rate,
+                 f"measured now ({steps} full fine-tuning steps and evaluation batches of random images"
+                 f"{f', {steps} batches of the target questions' if question_rate else ''}; LoRSU, LoRA and the other "
+                 f"partial updates train faster, the VLM-loss strategies slower)")
+
+
+def _probe_questions(run: Config, run_data: Any, backbone, device: torch.device,
+                     timed: Callable[[Callable[[], Any]], float]) -> float:
+    """Questions per second of ``run``'s VQA scoring: ``timed`` batches of the first questions of the target's set
+    with ``backbone`` in the VQA model's tower."""
+    from benchmark.vqa.evaluate import build_sets, cached_llava, score_set
+    from benchmark.vqa.llava import swap_encoder
+
+    vqa = run.vqa
+    llava = cached_llava(vqa.model, device)
+    swap_encoder(llava.model, backbone)
+    classes = sorted({c for s in run_data.sessions for c in s.classes})
+    (qset,) = build_sets({run.stream: (run_data.stream, run_data.stream.dataset("test").with_classes(classes))},
+                         vqa.mode, vqa.seed, run.backbone)
+    first = replace(qset, subset=list(range(min(vqa.batch_size, len(qset.questions.items)))))
+    return timed(lambda: score_set(llava, first, vqa.batch_size, False, vqa.scoring)) * len(first.subset)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -173,28 +241,29 @@ def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: torch.de
     them, as if each kept the rates)."""
     lines = []
     for backbone, cost in grid_cost(runs, data).items():
-        out, first = runs[0].out, next(run for run in runs if run.backbone == backbone)
-        head = (f"{backbone}: {cost.runs} run(s), {cost.steps:,} training steps, {cost.images:,} evaluated images "
-                f"(row 0 once per set for the grid, a strategy that never trains evaluated once)")
-        if probe:
-            step_rate, image_rate = probe_rates(backbone, first.train, device)
-            source = (f"measured now ({PROBE_STEPS} full fine-tuning steps and evaluation batches of random images; "
-                      f"LoRSU, LoRA and the other partial updates train faster, the VLM-loss strategies slower)")
-        else:
-            rates = measured_rates(out, backbone, device.type)
-            if rates is None:
-                lines += [head, f"  no estimate: no finished run of {backbone} on {device.type} under {out} "
-                                f"recorded its rates (--probe measures them now, or run a small grid first)"]
-                continue
-            step_rate, image_rate, found = rates
-            source = f"the rates of {found} finished run(s) under {out}"
-        seconds = cost.steps / step_rate + cost.images / image_rate
+        out = runs[0].out
+        first, first_data = next((run, d) for run, d in zip(runs, data) if run.backbone == backbone)
+        questions = f", {cost.questions:,} VQA questions" if cost.questions else ""
+        head = (f"{backbone}: {cost.runs} run(s), {cost.steps:,} training steps, {cost.images:,} evaluated images"
+                f"{questions} (row 0 once per set for the grid, a strategy that never trains evaluated once)")
+        rates = probe_rates(first, first_data, device) if probe else \
+            measured_rates(out, backbone, device.type, first.vqa.model)
+        if rates is None:
+            lines += [head, f"  no estimate: no finished run of {backbone} on {device.type} under {out} "
+                            f"recorded its rates (--probe measures them now, or run a small grid first)"]
+            continue
+        seconds = cost.steps / rates.steps + cost.images / rates.images
+        left_out = ["start-up", "model loading", "building question sets", "filling the evaluation cache"]
+        speeds = f"{rates.steps:.1f} steps/s, {rates.images:,.0f} images/s"
+        if cost.questions and rates.questions:
+            seconds += cost.questions / rates.questions
+            speeds += f", {rates.questions:,.1f} questions/s ({first.vqa.model})"
+        elif cost.questions:
+            left_out.insert(0, f"VQA (no run under {out} recorded its rate with vqa.model {first.vqa.model})")
         n_jobs = resolve_jobs(jobs, device, cost.runs)
         split = f", in {n_jobs} processes about {_duration(seconds / n_jobs)}" if n_jobs > 1 else ""
-        vqa = ", VQA" if any(run.vqa.model for run in runs if run.backbone == backbone) else ""
-        lines += [head, f"  estimate: about {_duration(seconds)} on {device.type}{split} at {step_rate:.1f} steps/s "
-                        f"and {image_rate:,.0f} images/s, {source} (start-up, model loading{vqa} and filling the "
-                        f"evaluation cache not included)"]
+        lines += [head, f"  estimate: about {_duration(seconds)} on {device.type}{split} at {speeds}, {rates.source} "
+                        f"({', '.join(left_out[:-1])} and {left_out[-1]} not included)"]
     return lines
 
 

@@ -469,6 +469,7 @@ class _Run:
         self.eval_timing = {"images": 0, "seconds": 0.0}  # images this run's process evaluated, and how long
         self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
         self.vqa_row0: dict[str, dict[str, int | float]] | None = None  # VQA counts per question set before training
+        self.vqa_timing = {"questions": 0, "seconds": 0.0}  # questions this run's processes scored, and how long
 
     def execute(self, data: RunData) -> RunOutcome:
         cfg = self.cfg
@@ -727,10 +728,20 @@ class _Run:
         rows: list[dict[str, Any]] = []
         for j, qset in enumerate(self.vqa_sets):
             counts = self.vqa_row0[qset.name] if full and (session == 0 or not self.trains) else \
-                score_set(llava, qset, vqa.batch_size, full, vqa.scoring, self.progress)  # summed over ddp ranks
+                self.score(llava, qset, full)
             rows += vqa_rows(session, qset.name, counts, vqa.scoring)
             self.vqa_matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)
+
+    def score(self, llava, qset: VQASet, full: bool) -> dict[str, int | float]:
+        """:func:`~benchmark.vqa.evaluate.score_set` of ``qset`` (all its questions, or its subset unless ``full``;
+        counts summed over ddp ranks), timed in the manifest's ``vqa_timing``."""
+        start = time.perf_counter()
+        counts = score_set(llava, qset, self.cfg.vqa.batch_size, full, self.cfg.vqa.scoring, self.progress)
+        self.vqa_timing["questions"] += int(counts["total"])
+        self.vqa_timing["seconds"] = round(self.vqa_timing["seconds"] + time.perf_counter() - start, 3)
+        self.record.update_manifest(vqa_timing=self.vqa_timing)
+        return counts
 
     def vqa_session_zero(self, llava, backbone) -> dict[str, dict[str, int | float]]:
         """VQA row 0's counts per question set (all its questions, the pretrained encoder in ``llava``'s tower):
@@ -747,7 +758,7 @@ class _Run:
                 counts[qset.name] = found[qset.name]
                 shared.append(qset.name)
                 continue
-            counts[qset.name] = score_set(llava, qset, vqa.batch_size, True, vqa.scoring, self.progress)
+            counts[qset.name] = self.score(llava, qset, True)
             if self.record.writable:
                 write_counts(folder, keys[qset.name], counts[qset.name], qset.name)
         self.record.update_manifest(vqa_session0={"keys": keys, "shared": shared})

@@ -228,12 +228,12 @@ def test_dry_run_counts_steps_and_images_and_estimates_from_earlier_runs(tmp_pat
     capsys.readouterr()
     assert _run(tmp_path, *grid) == 0
     out = capsys.readouterr().out
-    assert re.search(r"estimate: about \d+ s on cpu at [\d.]+ steps/s and [\d,]+ images/s, the rates of 1 finished",
+    assert re.search(r"estimate: about \d+ s on cpu at [\d.]+ steps/s, [\d,]+ images/s, the rates of 1 finished",
                      out), out
     assert _run(tmp_path, *grid, "--jobs", "2") == 0  # two local processes share the grid's two runs
     assert re.search(r"estimate: about \d+ s on cpu, in 2 processes about \d+ s at", capsys.readouterr().out)
     assert _run(tmp_path / "new", *grid, "--probe") == 0  # no earlier run there: rates measured now
-    assert re.search(r"estimate: about \d+ s on cpu at [\d.]+ steps/s and [\d,]+ images/s, measured now \(5 full",
+    assert re.search(r"estimate: about \d+ s on cpu at [\d.]+ steps/s, [\d,]+ images/s, measured now \(5 full",
                      capsys.readouterr().out)
     assert _run(tmp_path, "--probe") == 2  # only with --dry-run
     assert "--probe measures rates for the estimate of --dry-run" in capsys.readouterr().err

@@ -5,6 +5,7 @@ letter vs generate scoring, ``vqa.sets``, the cached question sets, ddp (gloo, 2
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,22 @@ def test_vqa_row_0_is_scored_once_per_grid_and_a_strategy_that_never_trains_scor
                      *SETTINGS]) == 0
         assert _vqa_rows(tmp_path / strategy / RUN.format(strategy)) == _vqa_rows(runs / RUN.format(strategy))
     assert calls == ["digits", "digits", "digits"]  # full-ft: before and after training; zeroshot: once
+
+
+def test_the_dry_run_counts_vqa_questions_and_estimates_them_from_earlier_runs_or_a_probe(runs, llava, tmp_path,
+                                                                                          capsys):
+    args = ["run", "quick", "strategy=[zeroshot,full-ft]", f"vqa.model=llava:{llava}", *SETTINGS, "--dry-run"]
+    # 540 questions before training (once for the grid), 540 after full-ft's last session, none again for zeroshot
+    head = "openclip:fscl-tiny: 2 run(s), 2 training steps, 1,620 evaluated images, 1,080 VQA questions"
+    assert main([*args, f"out={runs}"]) == 0
+    out = capsys.readouterr().out
+    assert head in out and re.search(rf"[\d.]+ questions/s \(llava:{llava}\), the rates of 2 finished run", out), out
+    assert main([*args, f"out={tmp_path}", "--probe"]) == 0
+    out = capsys.readouterr().out
+    assert head in out and re.search(r"[\d.]+ questions/s \(llava:.*measured now \(5 full .* random images, "
+                                     r"5 batches of the target questions;", out), out
+    assert main([*args, f"out={tmp_path}", "vqa.sessions=all", "vqa.subset=100"]) == 0  # + 100 per run after session 1
+    assert "1,280 VQA questions" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_path):
