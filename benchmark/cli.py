@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "and print its runs (of this process's shard, when sharded), its training steps and "
                           "evaluated images, and an estimate of its wall time from the rates of earlier runs")
     run.add_argument("--probe", action="store_true",
-                     help="with --dry-run: estimate from rates measured now on this machine (a few full fine-tuning "
-                          "steps and evaluation batches of random images per backbone) instead of earlier runs'")
+                     help="with --dry-run: estimate from rates measured now on this machine (per backbone a few full "
+                          "fine-tuning steps and evaluation batches of random images, and with vqa.model a few VQA "
+                          "batches of the target's questions) instead of earlier runs'")
     run.add_argument("--force", action="store_true",
                      help="run again (replacing the record) a finished run whose configuration changed; without it "
                           "such a run is refused, naming the keys that differ")

@@ -723,12 +723,12 @@ class _Run:
         llava = cached_llava(vqa.model, self.device)
         swap_encoder(llava.model, backbone)
         full = session in (0, self.matrix.n_sessions)
-        if full and (session == 0 or not self.trains) and self.vqa_row0 is None:
+        pretrained = full and (session == 0 or not self.trains)  # row 0's counts, the grid's
+        if pretrained and self.vqa_row0 is None:
             self.vqa_row0 = self.vqa_session_zero(llava, backbone)
         rows: list[dict[str, Any]] = []
         for j, qset in enumerate(self.vqa_sets):
-            counts = self.vqa_row0[qset.name] if full and (session == 0 or not self.trains) else \
-                self.score(llava, qset, full)
+            counts = self.vqa_row0[qset.name] if pretrained else self.score(llava, qset, full)
             rows += vqa_rows(session, qset.name, counts, vqa.scoring)
             self.vqa_matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)

@@ -19,14 +19,12 @@ from pathlib import Path
 from benchmark.records import write_json
 
 FOLDER = ".session0"
+Counts = dict[str, int | float]  # a set's counts: at least correct and total
 
 
 def shared_folder(out: str | Path, name: str) -> Path:
     """Where the grid ``name`` under ``out`` keeps its shared session-0 counts."""
     return Path(out) / name / FOLDER
-
-
-Counts = dict[str, int | float]
 
 
 def read_counts(folder: Path, key: str) -> Counts | None:
