@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "any key whose type is not a list, e.g. train.lr=[1e-5,1e-4]) make a grid")
     run.add_argument("--dry-run", action="store_true",
                      help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
-                          "and print its runs (of this process's shard, when sharded), its training steps and "
-                          "evaluated images, and an estimate of its wall time from the rates of earlier runs")
+                          "and print its runs (of this process's shard, when sharded), its training steps, "
+                          "evaluated images and VQA questions, and an estimate of its wall time from the rates of "
+                          "earlier runs")
     run.add_argument("--probe", action="store_true",
                      help="with --dry-run: estimate from rates measured now on this machine (per backbone a few full "
                           "fine-tuning steps and evaluation batches of random images, and with vqa.model a few VQA "
