@@ -65,7 +65,7 @@ class Evaluation:
 
 
 ZEROSHOT = Evaluation("zeroshot", "Zero-shot classification (top-1)", TOP1, "", "top-1 accuracy")
-VQA = Evaluation("vqa", "VQA (LLaVA multiple-choice accuracy)", "vqa_acc", "vqa_", "VQA accuracy")
+VQA = Evaluation("vqa", "VQA (the VLM's multiple-choice accuracy)", "vqa_acc", "vqa_", "VQA accuracy")
 EVALUATIONS = (VQA, ZEROSHOT)  # report order: VQA, the paper's headline, first
 
 

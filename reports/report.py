@@ -289,8 +289,9 @@ def _definitions_section(reference: str, vqa: bool = False) -> list[Block]:
     def doc(fn: Any) -> str:
         return " ".join(inspect.getdoc(fn).split())
 
-    vqa_text = [Text(f"**{VQA.title}**: A[t, d] is then LLaVA's multiple-choice accuracy on dataset d with the "
-                     "encoder of session t in its vision tower (`vqa.scoring`: the most probable option letter, or "
+    vqa_text = [Text(f"**{VQA.title}**: A[t, d] is then the multiple-choice accuracy on dataset d of the VLM of "
+                     "`vqa.model` (LLaVA-1.5, or the mini world's own) with the encoder of session t in its "
+                     "vision tower (`vqa.scoring`: the most probable option letter, or "
                      "the released greedy answer and parse rules), and TI, CC and forgetting are computed in the same "
                      "way over the sessions VQA scored (`vqa.sessions: ends`: sessions 0 and T only, so forgetting "
                      "is A[0, τ] − A[T, τ]). Its curves and matrices show those sessions; `vqa_*` columns of "

@@ -339,7 +339,7 @@ def test_the_report_of_runs_with_vqa_shows_vqa_first(runs, tmp_path):
 
     paths = write_report(runs / "quick", tmp_path, reference="zeroshot")
     markdown = paths.markdown.read_text()
-    assert markdown.index("**VQA (LLaVA multiple-choice accuracy)**") < markdown.index("**Zero-shot classification")
+    assert markdown.index("**VQA (the VLM's multiple-choice accuracy)**") < markdown.index("**Zero-shot classification")
     results = pd.read_csv(paths.results_csv).set_index("strategy")
     summary = json.loads((runs / RUN.format("full-ft") / "summary.json").read_text())["vqa"]
     assert results.loc["full-ft", "vqa_target_improvement_mean"] == pytest.approx(summary["target_improvement"])
