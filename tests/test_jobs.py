@@ -1,6 +1,11 @@
 """A grid in several local processes (--jobs): the records one process writes, every outcome reported, the value's rules."""
 import json
+import os
+import signal
+import threading
+import time
 
+import fscl_test_strategies
 import pytest
 import torch
 from test_grid_check import _write_folder_stream
@@ -8,8 +13,8 @@ from test_grid_check import _write_folder_stream
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
 from benchmark.jobs import resolve_jobs, start_method
-from benchmark.records import RunRecord
-from benchmark.runner import run_grid
+from benchmark.records import RunLock, RunRecord
+from benchmark.runner import run_dir, run_grid
 
 GRID = ["strategy=[zeroshot,full-ft,layernorm]", "seed=[0,1]", "sessions=2", "train.epochs=2",
         "controls=[mini-shapes]", "control_subset=40"]
@@ -55,6 +60,35 @@ def test_a_run_that_fails_in_a_job_process_is_reported_and_the_others_go_on(tmp_
     assert captured.err.count("broken.jpg") >= 2  # each failure named, with its run folder
     for manifest in (tmp_path / "runs").rglob("manifest.json"):
         assert json.loads(manifest.read_text())["status"] == "failed"
+
+
+def test_a_killed_job_process_leaves_its_run_to_resume_and_the_others_finish(tmp_path, monkeypatch):
+    marker = tmp_path / "in-session-2"
+    monkeypatch.setenv(fscl_test_strategies.PAUSE_ENV, str(marker))  # the EWC run sleeps in session 2
+    cfg = load_config("quick", [f"out={tmp_path}", "strategy=[test-ewc-pause,full-ft]", "seed=0", "sessions=2",
+                                "train.epochs=2"])
+    paused = run_dir(cfg.expand()[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread per process: forked, with this process's test strategies
+    found: dict = {}
+    grid = threading.Thread(target=lambda: found.update(outcomes=run_grid(cfg, progress=False, jobs=2)))
+    try:
+        grid.start()
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert grid.is_alive() and time.monotonic() < deadline, "the run never reached session 2"
+            time.sleep(0.2)
+        os.kill(RunLock(paused).owner()["pid"], signal.SIGKILL)  # as the OOM killer would
+        grid.join(timeout=300)
+    finally:
+        torch.set_num_threads(threads)
+    killed, other = found["outcomes"]
+    assert killed.status == "failed" and "its job process exited before finishing it" in killed.reason
+    assert "-9" in killed.reason and "'fscl run' again resumes it" in killed.reason
+    assert other.status == "finished"
+    monkeypatch.delenv(fscl_test_strategies.PAUSE_ENV)
+    assert [o.status for o in run_grid(cfg, progress=False, jobs=2)] == ["finished", "skipped"]  # resumed
+    assert json.loads((paused / "manifest.json").read_text())["resumed"][0]["after_session"] == 1
 
 
 def test_the_number_of_jobs(tmp_path, capsys):
