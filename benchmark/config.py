@@ -78,7 +78,8 @@ class TrainConfig:
                 "gradient scaler"})
     num_workers: int | Literal["auto"] = field(default="auto", metadata={
         "help": "data-loader worker processes of training and evaluation: auto = one per usable core but one, at "
-                "most 8; 0 = load in the main process. The numbers are the same for any value"})
+                "most 8 (a --jobs process counts its share of the cores); 0 = load in the main process. The "
+                "numbers are the same for any value"})
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

@@ -41,6 +41,7 @@ from benchmark.records import atomic_writer
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+CORES_ENV = "FSCL_CORES"  # the cores a process may use (each process of --jobs: its share)
 MAGIC = b"FSCLU8\x00\x01"
 HEADER_BYTES = 4096  # the pixels start here (page-aligned for the memory map)
 FOLDER = "eval-images"
@@ -253,12 +254,19 @@ def cached_images(dataset: Any, split: SplitTransform, *, key: str | None = None
     return torch.from_numpy(pixels), key  # written, and torch needs a writable array
 
 
+def usable_cores() -> int:
+    """The cores this process may use: ``$FSCL_CORES`` (set in each process of ``--jobs``: its share), else those
+    it is allowed to run on."""
+    if os.environ.get(CORES_ENV, "").isdigit():
+        return max(1, int(os.environ[CORES_ENV]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def loader_workers(setting: int | str, n_batches: int) -> int:
-    """Worker processes for a loader of ``n_batches``: ``setting`` (``auto``: one per usable core but one,
-    at most 8), never more than the batches (a loader of one batch gains nothing from a worker)."""
+    """Worker processes for a loader of ``n_batches``: ``setting`` (``auto``: one per :func:`usable_cores` but
+    one, at most 8), never more than the batches (a loader of one batch gains nothing from a worker)."""
     if setting == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        setting = min(8, cores - 1)
+        setting = min(8, usable_cores() - 1)
     return max(0, min(int(setting), n_batches if n_batches > 1 else 0))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import traceback
 from collections.abc import Iterable, Sequence
@@ -120,9 +121,11 @@ def build_models(runs: Sequence[Config]) -> None:
 def _job(runs: list[Config], force: bool, threads: int, level: int, tasks, results) -> None:
     """One job process: take run indices from ``tasks`` until a ``None``, run each, put
     ``(index, outcome, None)`` — or ``(index, None, message)`` for an error that stops the grid — on ``results``."""
+    from benchmark.image_cache import CORES_ENV
     from benchmark.runner import run_data, run_one
 
     torch.set_num_threads(threads)
+    os.environ[CORES_ENV] = str(threads)  # loader workers (train.num_workers: auto) count this process's share
     logging.basicConfig(level=level, format="[%(processName)s] %(levelname)s %(name)s: %(message)s")
     cache: dict = {}  # streams scanned once per process
     while (i := tasks.get()) is not None:

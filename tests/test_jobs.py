@@ -12,6 +12,7 @@ from test_grid_check import _write_folder_stream
 
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
+from benchmark.image_cache import CORES_ENV, loader_workers
 from benchmark.jobs import resolve_jobs, start_method
 from benchmark.records import RunLock, RunRecord
 from benchmark.runner import run_dir, run_grid
@@ -91,7 +92,7 @@ def test_a_killed_job_process_leaves_its_run_to_resume_and_the_others_finish(tmp
     assert json.loads((paused / "manifest.json").read_text())["resumed"][0]["after_session"] == 1
 
 
-def test_the_number_of_jobs(tmp_path, capsys):
+def test_the_number_of_jobs(tmp_path, capsys, monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_jobs("auto", cpu, 100) == torch.get_num_threads()  # one per core (or OMP_NUM_THREADS thread)
     assert resolve_jobs("auto", cpu, 1) == 1 and resolve_jobs(8, cpu, 3) == 3 and resolve_jobs(2, cpu, 0) == 1
@@ -104,6 +105,10 @@ def test_the_number_of_jobs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "quick", "--jobs", "0"])
     assert "argument --jobs: invalid value '0': a whole number >= 1, or auto" in capsys.readouterr().err
+    monkeypatch.setenv(CORES_ENV, "1")  # a job process's share of the cores: its loaders load in the process
+    assert loader_workers("auto", 10) == 0 and loader_workers(2, 10) == 2
+    monkeypatch.setenv(CORES_ENV, "4")
+    assert loader_workers("auto", 10) == 3 and loader_workers("auto", 1) == 0
     ddp = load_config("quick", [f"out={tmp_path}", "strategy=full-ft", "ddp=true", "sessions=1"])
     with pytest.raises(ConfigError, match="with ddp: true the launched processes share each run"):
         run_grid(ddp, progress=False, jobs=2)
