@@ -69,37 +69,25 @@ def _data_check(args: argparse.Namespace) -> int:
 def _pretrain_mini(args: argparse.Namespace) -> int:
     """Pretrain the mini world's model (or with --vlm its VLM) into the cache (or --out); print what it reached."""
     if args.vlm:
-        return _train_mini_vlm(args)
-    from streams.mini.backbone import WEIGHTS, default_model_dir
-    from streams.mini.pretrain import PretrainConfig, pretrain
-
-    folder = Path(args.out) if args.out else default_model_dir(args.seed)
+        from streams.mini.vlm import WEIGHTS, build
+        from streams.mini.vlm import VLMConfig as Recipe
+        from streams.mini.vlm import default_vlm_dir as default_dir
+        what, scores, label = "mini VLM", "vqa_acc", "VQA accuracy (letter)"
+    else:
+        from streams.mini.backbone import WEIGHTS
+        from streams.mini.backbone import default_model_dir as default_dir
+        from streams.mini.pretrain import PretrainConfig as Recipe
+        from streams.mini.pretrain import pretrain as build
+        what, scores, label = "mini model", "zero_shot_top1", "zero-shot top-1"
+    folder = Path(args.out) if args.out else default_dir(args.seed)
     if (folder / WEIGHTS).is_file() and not args.force:
-        print(f"the mini model is already in {folder} (--force rebuilds it)")
+        print(f"the {what} is already in {folder} (--force rebuilds it)")
         return 0
-    cfg = PretrainConfig(seed=args.seed)
-    if args.steps:
-        cfg.steps = args.steps
-    manifest = pretrain(folder, cfg, progress=not args.no_progress)
-    print(f"mini model -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
-    for name, acc in manifest["zero_shot_top1"].items():
-        print(f"  zero-shot top-1 {name:<18} {100 * acc:5.1f} %")
-    return 0
-
-
-def _train_mini_vlm(args: argparse.Namespace) -> int:
-    """Train the mini VLM into the cache (or --out) and print its VQA accuracies."""
-    from streams.mini.vlm import WEIGHTS, VLMConfig, build, default_vlm_dir
-
-    folder = Path(args.out) if args.out else default_vlm_dir(args.seed)
-    if (folder / WEIGHTS).is_file() and not args.force:
-        print(f"the mini VLM is already in {folder} (--force rebuilds it)")
-        return 0
-    cfg = VLMConfig(seed=args.seed)
+    cfg = Recipe(seed=args.seed)
     if args.steps:
         cfg.steps = args.steps
     manifest = build(folder, cfg, progress=not args.no_progress)
-    print(f"mini VLM -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
-    for name, acc in manifest["vqa_acc"].items():
-        print(f"  VQA accuracy (letter) {name:<18} {100 * acc:5.1f} %")
+    print(f"{what} -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
+    for name, acc in manifest[scores].items():
+        print(f"  {label} {name:<18} {100 * acc:5.1f} %")
     return 0

@@ -18,8 +18,6 @@ import logging
 import math
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from tqdm.auto import tqdm
 
 from benchmark.backbones.openclip import OpenCLIPBackbone
 from benchmark.evaluation import ZeroShotEvaluator
-from benchmark.records import write_json
+from benchmark.records import atomic_folder, write_json
 from benchmark.template import clip_loss, cosine_lr
 from streams.mini.datasets import MiniColours, MiniDigits, MiniHandwritten, MiniShapes, MiniSigns
 from streams.mini.render import render
@@ -153,16 +151,22 @@ def zero_shot_accuracies(folder: Path) -> dict[str, float]:
     return result
 
 
+def build_facts(start: float, train_seconds: float) -> dict[str, Any]:
+    """What a mini model's manifest records about its build: seconds training and in all (since ``start``, a
+    ``time.perf_counter()``), torch, its threads, the machine's cores and host."""
+    return {"train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - start, 1),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "host": platform.node()}
+
+
 def pretrain(folder: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Pretrain (recipe ``cfg``, default :class:`PretrainConfig`), evaluate zero-shot and save
     into ``folder`` (replaced atomically); returns the manifest."""
     folder, cfg = Path(folder), cfg or PretrainConfig()
-    folder.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, losses = train(cfg, progress)
     train_seconds = time.perf_counter() - start
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         save_local_dir(model, cfg.model, tmp)
         accuracies = zero_shot_accuracies(tmp)
         controls = [accuracies[c.spec.name] for c in CONTROLS]
@@ -178,19 +182,8 @@ def pretrain(folder: Path, cfg: PretrainConfig | None = None, progress: bool = T
             "zero_shot_top1": accuracies,
             "zero_shot_top1_controls_mean": round(float(np.mean(controls)), 4),
             "zero_shot_top1_targets_mean": round(float(np.mean(targets)), 4),
-            "train_seconds": round(train_seconds, 1),
-            "total_seconds": round(time.perf_counter() - start, 1),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "host": platform.node(),
+            **build_facts(start, train_seconds),
         }
         write_json(tmp / "manifest.json", manifest)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("mini model saved to %s: %s", folder, accuracies)
     return manifest

@@ -21,12 +21,7 @@ is written to a temporary sibling folder and renamed into place when complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -41,6 +36,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark.records import atomic_folder, write_json
 from benchmark.template import cosine_lr
 from benchmark.vqa.llava import VQAModelError, new_llava, new_llava_config, save_llava, word_tokenizer
 from benchmark.vqa.prompt import SYSTEM, conversation
@@ -48,6 +44,7 @@ from benchmark.vqa.questions import LETTERS, MC_SUFFIX, LabelQuestions
 from streams.mini.backbone import cache_root, default_model_dir, ensure_model
 from streams.mini.datasets import MiniColours, MiniDigits, MiniHandwritten, MiniShapes, MiniSigns, ProceduralStream
 from streams.mini.pretrain import RECIPE as BACKBONE_RECIPE
+from streams.mini.pretrain import build_facts
 from streams.mini.render import render
 from streams.mini.world import Composition, World, rng_for, world
 
@@ -370,7 +367,6 @@ def build(folder: Path, cfg: VLMConfig | None = None, progress: bool = True) -> 
     """Train (recipe ``cfg``, default :class:`VLMConfig`), score the mini streams and save into ``folder``
     (replaced atomically); returns the manifest."""
     folder, cfg = Path(folder), cfg or VLMConfig()
-    folder.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, processor, losses = train(cfg, progress)
     train_seconds = time.perf_counter() - start
@@ -390,23 +386,11 @@ def build(folder: Path, cfg: VLMConfig | None = None, progress: bool = True) -> 
         "vqa_acc_controls_mean": round(float(np.mean(controls)), 4),
         "vqa_acc_targets_mean": round(float(np.mean(targets)), 4),
         "weights_sha256": weights_digest(model),
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - start, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "host": platform.node(),
+        **build_facts(start, train_seconds),
     }
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         save_llava(tmp, model, processor)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "manifest.json", manifest)
     log.info("mini VLM saved to %s: VQA accuracy %s", folder, accuracies)
     return manifest
 
