@@ -65,6 +65,12 @@ class EvalSet:
     dataset: Dataset  # yields (image tensor [3, H, W], label); labelled images (streams) can be cached
 
 
+def eval_split(dataset: Dataset) -> SplitTransform | None:
+    """The split evaluation transform of ``dataset`` when its images can be cached (labelled images whose
+    transform splits: :func:`~benchmark.image_cache.split_eval_transform`), else None."""
+    return split_eval_transform(dataset.transform) if is_labelled_images(dataset) else None
+
+
 class EvalBatches:
     """The batches of one evaluation: ``(images [B, 3, H, W] float32 on the device, normalised, labels [B],
     task labels [B] (zeros))``, from a loader or a held uint8 tensor; uint8 images are normalised on the device."""
@@ -169,7 +175,7 @@ class ZeroShotEvaluator:
         come as uint8 from the cache (or, ``cache: off``, from loader workers) and are normalised on the
         device; any other dataset is loaded as it is.
         """
-        split = split_eval_transform(dataset.transform) if is_labelled_images(dataset) else None
+        split = eval_split(dataset)
         n = len(dataset) if indices is None else len(indices)
         n_batches = -(-n // self.batch_size)
         if split is not None and self.cache != "off":
@@ -254,7 +260,7 @@ class ZeroShotEvaluator:
         None for a set that is not labelled images or whose transform does not split."""
         keys: dict[str, str | None] = {}
         for s in self.sets:
-            split = split_eval_transform(s.dataset.transform) if is_labelled_images(s.dataset) else None
+            split = eval_split(s.dataset)
             keys[s.key] = None if split is None else self._images_key(s.dataset, split)
         return keys
 
@@ -270,7 +276,7 @@ class ZeroShotEvaluator:
             if images is None:
                 keys[name] = None
                 continue
-            split = split_eval_transform(s.dataset.transform)
+            split = eval_split(s.dataset)
             described = {"model": model, "classes": s.class_names, "templates": s.templates, "images": images,
                          "normalise": [split.mean, split.std], "batch_size": self.batch_size,
                          "dtype": str(self.dtype), "world_size": world_size(), **context}

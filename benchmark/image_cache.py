@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,8 @@ def _update_with_item(digest: Any, item: Any) -> None:
 
 
 def sources_key(dataset: Any) -> str:
-    """SHA-256 (hex) of where labelled images come from: their ids, loader and sources (what
-    :func:`images_key` hashes, without a transform)."""
+    """SHA-256 (hex) of where labelled images come from: their ids, loader and sources (file paths, sizes and
+    modification times; arrays' bytes) and the PIL version."""
     load = getattr(dataset.load, "__qualname__", repr(dataset.load))
     digest = hashlib.sha256(json.dumps({"load": load, "pil": PIL.__version__, "ids": list(dataset.ids)}).encode())
     for item in dataset.items:
@@ -134,15 +134,11 @@ def sources_key(dataset: Any) -> str:
 
 
 def images_key(dataset: Any, split: SplitTransform) -> str:
-    """SHA-256 (hex) of what the uint8 images of ``dataset`` (labelled images) depend on."""
-    digest = hashlib.sha256()
-    load = getattr(dataset.load, "__qualname__", repr(dataset.load))
-    digest.update(json.dumps({"format": FORMAT, "geometry": split.description(), "load": load,
-                              "pil": PIL.__version__, "torchvision": torchvision.__version__,
-                              "ids": list(dataset.ids)}).encode())
-    for item in dataset.items:
-        _update_with_item(digest, item)
-    return digest.hexdigest()
+    """SHA-256 (hex) of what the uint8 images of ``dataset`` (labelled images) depend on: their sources
+    (:func:`sources_key`), the geometric transform and the torchvision version."""
+    described = {"format": FORMAT, "geometry": split.description(), "torchvision": torchvision.__version__,
+                 "sources": sources_key(dataset)}
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
 class UInt8Images(Dataset):
@@ -270,6 +266,6 @@ def loader_workers(setting: int | str, n_batches: int) -> int:
     return max(0, min(int(setting), n_batches if n_batches > 1 else 0))
 
 
-def labels_of(dataset: Any, indices: Sequence[int] | None = None) -> Tensor:
-    targets = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    return targets if indices is None else targets[torch.as_tensor(list(indices), dtype=torch.int64)]
+def labels_of(dataset: Any) -> Tensor:
+    """The labels [N] (int64) of labelled images, in order."""
+    return torch.as_tensor(dataset.targets, dtype=torch.int64)
