@@ -16,6 +16,7 @@ import os
 import queue
 import traceback
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -43,9 +44,11 @@ def resolve_jobs(jobs: int | str, device: torch.device, pending: int) -> int:
     return max(1, min(jobs, pending))
 
 
-def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bool = False) -> list:
-    """Run ``runs`` in ``jobs`` local processes of ``max(1, torch threads // jobs)`` threads each; one
-    :class:`~benchmark.runner.RunOutcome` per run, in the order of ``runs``.
+def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: bool = True,
+             force: bool = False) -> list:
+    """Run ``runs`` (with their checked ``data``, :func:`~benchmark.runner.check_grid`'s) in ``jobs`` local
+    processes of ``max(1, torch threads // jobs)`` threads each; one :class:`~benchmark.runner.RunOutcome` per
+    run, in the order of ``runs``.
 
     An error a run does not record as its failure (the same that would stop a grid in one process)
     stops the other processes and is raised here as :class:`JobError`; a run whose process died
@@ -63,7 +66,7 @@ def run_jobs(runs: Sequence[Config], jobs: int, progress: bool = True, force: bo
     for _ in range(jobs):
         tasks.put(None)  # one stop per process
     level = logging.getLogger().getEffectiveLevel()
-    processes = [context.Process(target=_job, args=(list(runs), force, threads, level, tasks, results),
+    processes = [context.Process(target=_job, args=(list(runs), list(data), force, threads, level, tasks, results),
                                  name=f"fscl-job-{k}") for k in range(jobs)]
     log.info("%d run(s) in %d processes of %d thread(s)", len(runs), jobs, threads)
     outcomes: dict[int, RunOutcome] = {}
@@ -118,19 +121,18 @@ def build_models(runs: Sequence[Config]) -> None:
         model_source(spec)
 
 
-def _job(runs: list[Config], force: bool, threads: int, level: int, tasks, results) -> None:
+def _job(runs: list[Config], data: list[Any], force: bool, threads: int, level: int, tasks, results) -> None:
     """One job process: take run indices from ``tasks`` until a ``None``, run each, put
     ``(index, outcome, None)`` — or ``(index, None, message)`` for an error that stops the grid — on ``results``."""
     from benchmark.image_cache import CORES_ENV
-    from benchmark.runner import run_data, run_one
+    from benchmark.runner import run_one
 
     torch.set_num_threads(threads)
     os.environ[CORES_ENV] = str(threads)  # loader workers (train.num_workers: auto) count this process's share
     logging.basicConfig(level=level, format="[%(processName)s] %(levelname)s %(name)s: %(message)s")
-    cache: dict = {}  # streams scanned once per process
     while (i := tasks.get()) is not None:
         try:
-            results.put((i, run_one(runs[i], run_data(runs[i], cache), progress=False, force=force), None))
+            results.put((i, run_one(runs[i], data[i], progress=False, force=force), None))
         except FsclError as err:
             results.put((i, None, str(err)))
             return

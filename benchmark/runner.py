@@ -381,7 +381,8 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int 
                 raise ConfigError("--jobs runs whole runs in local processes; with ddp: true the launched "
                                   "processes share each run instead: leave --jobs at 1")
             outcomes = [RunOutcome(run_dir(run), "skipped") for run in runs]
-            for i, outcome in zip(pending, run_jobs([runs[i] for i in pending], n_jobs, progress, force)):
+            done = run_jobs([runs[i] for i in pending], [data[i] for i in pending], n_jobs, progress, force)
+            for i, outcome in zip(pending, done):
                 outcomes[i] = outcome
             return outcomes
     bar = tqdm(runs, desc="runs", unit="run", disable=not (progress and is_main_process()))
