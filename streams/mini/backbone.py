@@ -9,6 +9,7 @@ pretrain-mini`` would. Declared in :mod:`streams.mini` because the core never im
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -30,17 +31,23 @@ def default_model_dir(seed: int = 0) -> Path:
     return cache_root() / f"mini-v{world().version}.{RECIPE}-s{seed}"
 
 
-def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> Path:
-    """``folder`` holding a pretrained mini model, pretraining it (recipe ``cfg``) when missing."""
+def ensure_built(folder: Path, weights: str, what: str, build: Callable[[Path], object]) -> Path:
+    """``folder`` (user paths expanded) once it holds the file ``weights``; else ``build(folder)`` makes it first, under a
+    lock beside it: of concurrent runs (grid shards, ``--jobs`` processes, ddp ranks) one builds, the rest wait."""
     folder = Path(folder).expanduser()
-    if (folder / WEIGHTS).is_file():
+    if (folder / weights).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.parent / f".{folder.name}.lock"):  # concurrent runs (grid shards, ddp ranks): one builds, the rest wait
-        if not (folder / WEIGHTS).is_file():
-            log.warning("the mini model is not in %s yet: pretraining it now (a few minutes on a CPU)", folder)
-            pretrain(folder, cfg, progress=progress)
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        if not (folder / weights).is_file():
+            log.warning("the %s is not in %s yet: building it now (a few minutes on a CPU)", what, folder)
+            build(folder)
     return folder
+
+
+def ensure_model(folder: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> Path:
+    """``folder`` holding a pretrained mini model, pretraining it (recipe ``cfg``) when missing."""
+    return ensure_built(folder, WEIGHTS, "mini model", lambda path: pretrain(path, cfg, progress=progress))
 
 
 class MiniBackbone(OpenCLIPBackbone):

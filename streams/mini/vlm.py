@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -41,7 +40,7 @@ from benchmark.template import cosine_lr
 from benchmark.vqa.llava import VQAModelError, new_llava, new_llava_config, save_llava, word_tokenizer
 from benchmark.vqa.prompt import SYSTEM, conversation
 from benchmark.vqa.questions import LETTERS, MC_SUFFIX, LabelQuestions
-from streams.mini.backbone import cache_root, default_model_dir, ensure_model
+from streams.mini.backbone import cache_root, default_model_dir, ensure_built, ensure_model
 from streams.mini.datasets import MiniColours, MiniDigits, MiniHandwritten, MiniShapes, MiniSigns, ProceduralStream
 from streams.mini.pretrain import RECIPE as BACKBONE_RECIPE
 from streams.mini.pretrain import build_facts
@@ -397,15 +396,7 @@ def build(folder: Path, cfg: VLMConfig | None = None, progress: bool = True) -> 
 
 def ensure_vlm(folder: Path, cfg: VLMConfig | None = None, progress: bool = True) -> Path:
     """``folder`` holding a trained mini VLM, training it (recipe ``cfg``) when missing."""
-    folder = Path(folder).expanduser()
-    if (folder / WEIGHTS).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.parent / f".{folder.name}.lock"):  # concurrent runs: one trains, the rest wait
-        if not (folder / WEIGHTS).is_file():
-            log.warning("the mini VLM is not in %s yet: training it now (a few minutes on a CPU)", folder)
-            build(folder, cfg, progress=progress)
-    return folder
+    return ensure_built(folder, WEIGHTS, "mini VLM", lambda path: build(path, cfg, progress=progress))
 
 
 class MiniVLM:
