@@ -103,6 +103,12 @@ def local_device(name: str) -> torch.device:
     raise ConfigError(f"device: invalid value {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has done its queued work (CUDA runs asynchronously; other devices do not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _require_cuda(name: str) -> None:
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from benchmark.config import Config
+from benchmark.distributed import synchronize
 from benchmark.jobs import resolve_jobs
 from benchmark.registry import STRATEGIES
 
@@ -174,11 +175,11 @@ def probe_rates(run: Config, run_data: Any, device: torch.device, steps: int = P
 
     def timed(step: Callable[[], Any]) -> float:
         step()  # warm-up: kernels chosen, memory allocated
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        _synchronize(device)
+        synchronize(device)
         return steps / (time.perf_counter() - start)
 
     dtype = autocast_dtype(train.precision, device)
@@ -227,11 +228,6 @@ def _probe_questions(run: Config, run_data: Any, backbone, device: torch.device,
                          vqa.mode, vqa.seed, run.backbone)
     first = replace(qset, subset=list(range(min(vqa.batch_size, len(qset.questions.items)))))
     return timed(lambda: score_set(llava, first, vqa.batch_size, False, vqa.scoring)) * len(first.subset)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: torch.device,

@@ -41,6 +41,7 @@ from PIL import Image
 
 from benchmark.backbones import Backbone, load_backbone
 from benchmark.config import TrainConfig
+from benchmark.distributed import synchronize
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype
 from benchmark.template import CLIPTemplate
 from streams.base import LabelledImages, open_image
@@ -59,11 +60,6 @@ def write_images(folder: Path, n: int, seed: int = 0) -> LabelledImages:
         Image.fromarray(small).resize((w, h), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
         paths.append(folder / f"{i:05d}.jpg")
     return LabelledImages(paths, [i % 10 for i in range(n)], [f"img/{i}" for i in range(n)], open_image)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
