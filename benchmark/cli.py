@@ -193,10 +193,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel folder."""
-    from benchmark.export import export
+    from benchmark.export import export, loading_snippet
 
     out = export(args.run_dir, args.session, args.format, args.out)
-    print(f"{args.format} encoder after session {args.session} -> {out}")
+    print(f"{args.format} encoder after session {args.session} -> {out}\nload it in a script:\n")
+    print(textwrap.indent(loading_snippet(args.format, out), "    "))
     return 0
 
 
@@ -237,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "fine-tuning steps and evaluation batches of random images, and with vqa.model a few VQA "
                           "batches of the target's questions) instead of earlier runs'")
     run.add_argument("--force", action="store_true",
-                     help="run again (replacing the record) a finished run whose configuration changed; without it "
-                          "such a run is refused, naming the keys that differ")
+                     help="run again (replacing the record) a finished run whose configuration changed, or that lacks "
+                          "the checkpoints keep_checkpoints now asks for (to export them); without it a changed run "
+                          "is refused, naming the keys that differ, and the other is skipped")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_jobs_argument(run, 1)
     run.set_defaults(func=run_command)

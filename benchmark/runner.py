@@ -393,8 +393,11 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int 
 
 
 def is_done(record: RunRecord, config: dict[str, Any], force: bool = False) -> bool:
-    """Whether the run is finished (with ``force``: finished with this ``config``), so a grid skips it."""
-    return record.is_finished() and not (force and checkpoints.config_differences(record.config() or {}, config))
+    """Whether the run is finished, so a grid skips it; with ``force`` only when finished with this ``config`` and
+    holding the checkpoints its ``keep_checkpoints`` keeps (``fscl export`` reads them)."""
+    return record.is_finished() and not (force and (
+        checkpoints.config_differences(record.config() or {}, config)
+        or checkpoints.lacks_kept(record.path, config["keep_checkpoints"], config["sessions"])))
 
 
 def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool = False) -> tuple[RunDecision, str]:
