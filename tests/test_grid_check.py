@@ -1,10 +1,13 @@
 """Every check of a grid before any work (one message for every problem), and what a run that fails keeps."""
 import json
+import re
 
+import huggingface_hub
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_streams_layouts import PAPER_WRITERS
 
 from benchmark.cli import main
 from benchmark.config import load_config
@@ -130,3 +133,43 @@ def test_backbone_skeletons_have_the_blocks_of_the_real_models(tmp_path):
                 (b.num_heads, b.head_dim, b.fc1.weight.shape) for b in real]
         else:
             assert (len(blocks), blocks[0].num_heads, blocks[0].width) == (24, 16, 1024)
+
+
+def test_the_dry_run_of_a_paper_preset_says_what_it_will_and_will_not_produce(tmp_path, capsys, monkeypatch):
+    """A compact summary instead of 105 folders; VQA off in a paper setting; the hub weights need internet (an empty
+    Hugging Face cache here, and no internet: a real run would fail loading them)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for write in PAPER_WRITERS.values():
+        write(tmp_path / "data")
+    grid = ["run", "paper-cl5", f"data_root={tmp_path / 'data'}", f"out={tmp_path / 'runs'}", "shots=1", "--dry-run"]
+    assert main(grid) == 0
+    out = capsys.readouterr().out
+    assert "105 run(s) of 'paper-cl5' from preset 'paper-cl5': 5 targets × 7 strategies × 3 seeds\n" in out
+    assert "  strategies: zeroshot, full-ft, ewc, layernorm, lora, spu, lorsu\n" in out
+    assert f"  to run: 105; finished, skipped: 0 -> {tmp_path / 'runs' / 'paper-cl5'}" in out
+    assert str(tmp_path / "runs" / "paper-cl5" / "tsi") not in out  # no folder listed without -v
+    assert "VQA: off — set `vqa.model=llava:" in out and "for the paper's headline numbers" in out
+    weights = out.split("\nweights:\n", 1)[1].splitlines()[0]
+    assert weights.startswith("  openclip:ViT-L-14-336-quickgelu@openai: ")
+    assert "the Hugging Face hub (timm/vit_large_patch14_clip_336.openai), not in the local cache: needs internet" in weights
+    if "cannot be reached from this machine" in weights:  # no internet here (CI): the run would fail
+        assert "a run on this machine fails loading them" in weights
+    assert "cost of the 105 run(s) to do:" in out
+    assert main([*grid, "-v"]) == 0
+    listed = re.findall(r"^    to run   (.+)$", capsys.readouterr().out, re.M)
+    assert len(listed) == 105 and listed[0].endswith("paper-cl5/tsi/openclip-ViT-L-14-336-quickgelu-openai/zeroshot/1-s0")
+
+
+def test_the_dry_run_counts_the_cost_of_the_runs_to_do_only(tmp_path, capsys):
+    base = ["run", "quick", f"out={tmp_path}", "seed=0", "sessions=1", "train.epochs=1", "--no-progress"]
+    assert main([*base, "strategy=full-ft"]) == 0
+    capsys.readouterr()
+    assert main([*base, "strategy=[zeroshot,full-ft]", "--dry-run", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "to run: 1; finished, skipped: 1" in out and "VQA: off (vqa.model: null)" in out
+    assert re.search(r"^    finished .+/full-ft/5-s0$", out, re.M) and re.search(r"^    to run   .+/zeroshot/5-s0$", out, re.M)
+    assert "openclip:fscl-tiny: none: random initialisation" in out
+    assert "cost of the 1 run(s) to do:\n  openclip:fscl-tiny: 1 run(s), 0 training steps" in out
+    assert main([*base, "strategy=full-ft", "--dry-run"]) == 0
+    assert "cost: none, every run is finished" in capsys.readouterr().out
