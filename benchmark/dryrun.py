@@ -128,8 +128,10 @@ def unread_by_vlm(run: Config) -> str | None:
         return None
     size = config.vision_config.image_size
     images = torch.empty(1, 3, size, size, device="meta")
-    encoder_tokens(skeleton, images, config.vision_feature_layer, config.vision_feature_select_strategy).sum().backward()
-    if any(p.grad is not None for p in trained.values()):
-        return None
+    tokens = encoder_tokens(skeleton, images, config.vision_feature_layer, config.vision_feature_select_strategy)
+    if tokens.requires_grad:  # the tokens depend on a trained parameter: which ones do they reach?
+        tokens.sum().backward()
+        if any(p.grad is not None for p in trained.values()):
+            return None
     names = sorted(trained)
     return f"{len(names)} tensors: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from benchmark import checkpoints
 from benchmark.backbones import backbone_skeleton, load_backbone
 from benchmark.config import Config, ConfigError, sweep_tag
+from benchmark.dryrun import grid_warnings
 from benchmark.distributed import (
     all_reduce_sum,
     check_data_parallel,
@@ -372,6 +373,9 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int 
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
     data = check_grid(runs, force)
+    if is_main_process():
+        for warning in grid_warnings(cfg, runs):
+            log.warning("%s", warning)
     if jobs != 1:
         pending = [i for i, run in enumerate(runs) if not is_done(RunRecord(run_dir(run), writable=False),
                                                                   run.to_dict(), force)]

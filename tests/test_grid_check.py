@@ -9,8 +9,11 @@ import yaml
 from PIL import Image
 from test_streams_layouts import PAPER_WRITERS
 
+import fscl_test_strategies  # noqa: F401  (test-last-block)
+
 from benchmark.cli import main
 from benchmark.config import load_config
+from benchmark.dryrun import grid_warnings
 from benchmark.runner import GridCheckError, check_grid, run_grid
 
 
@@ -173,3 +176,28 @@ def test_the_dry_run_counts_the_cost_of_the_runs_to_do_only(tmp_path, capsys):
     assert "cost of the 1 run(s) to do:\n  openclip:fscl-tiny: 1 run(s), 0 training steps" in out
     assert main([*base, "strategy=full-ft", "--dry-run"]) == 0
     assert "cost: none, every run is finished" in capsys.readouterr().out
+
+
+def test_a_strategy_at_the_base_rate_beside_tuned_ones_is_warned_about(tmp_path, capsys, caplog):
+    grid = ["quick", f"out={tmp_path}", "seed=0", "strategy=[zeroshot,full-ft,layernorm]", "full-ft.train.lr=1e-4"]
+    assert main(["run", *grid, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("warnings:\n  layernorm trains at the base train.lr 0.0005 while full-ft run at their own (tuned) rates: "
+            "an unfair comparison. Tune it the same way ('fscl tune quick strategy=layernorm'") in out
+    assert "zeroshot" not in out.split("warnings:", 1)[1]  # it trains nothing
+    assert main(["run", *grid, "sessions=1", "train.epochs=1", "--no-progress"]) == 0  # a real grid logs it too
+    assert "layernorm trains at the base train.lr 0.0005" in caplog.text
+    assert not grid_warnings(load_config("quick", ["strategy=[full-ft,layernorm]", "train.lr=[1e-4,1e-3]",
+                                                   "full-ft.train.lr=1e-4"]), [])  # swept for all: fair
+    mini = load_config("mini")  # every strategy that trains has its tuned rate
+    assert not [w for w in grid_warnings(mini, mini.expand()) if "train.lr" in w]
+
+
+def test_a_strategy_that_trains_only_what_the_vlm_never_reads_is_warned_about(tmp_path):
+    cfg = load_config("quick", ["backbone=mini", "vqa.model=mini", "seed=0", "strategy=[test-last-block,full-ft,lorsu]"])
+    warnings = grid_warnings(cfg, cfg.expand())
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("test-last-block on mini trains only parameters that mini never reads (")
+    assert warnings[0].endswith("): its VQA scores cannot change")
+    without = load_config("quick", ["backbone=mini", "seed=0", "strategy=test-last-block"])
+    assert not grid_warnings(without, without.expand())  # no VLM: nothing to warn about
