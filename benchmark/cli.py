@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from typing import Any
 
 from benchmark.config import (
     DEMO_PRESET,
+    PRESET_DIR,
     Config,
     ConfigError,
     TrainConfig,
@@ -192,9 +195,18 @@ def option_lines(options: type, prefix: str, details: bool) -> list[str]:
     return lines
 
 
+def preset_summary(name: str) -> str:
+    """The first sentence of the comment that opens preset ``name``'s file (its one-line summary)."""
+    lines = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()
+    comment = " ".join(line.lstrip("#").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+    return re.split(r"(?<=\.)\s", comment, maxsplit=1)[0]
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "presets":
-        print("\n".join(list_presets()))
+        names = list_presets()
+        width = max(map(len, names)) + 2
+        print("\n".join(f"{name:<{width}}{preset_summary(name)}" if args.details else name for name in names))
         return 0
     if args.what in ("train", "vqa"):
         print("\n".join(option_lines({"train": TrainConfig, "vqa": VQAConfig}[args.what], args.what, args.details)))
@@ -307,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets", "train", "vqa"])
     ls.add_argument("-v", "--verbose", dest="details", action="store_true",
-                    help="every option with its type, default and help text (streams, strategies, train, vqa)")
+                    help="every option with its type, default and help text (streams, strategies, train, vqa); "
+                         "each preset's one-line summary (presets)")
     ls.set_defaults(func=_cmd_ls)
 
     export = verbs.add_parser(
