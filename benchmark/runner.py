@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from benchmark import checkpoints
 from benchmark.backbones import backbone_skeleton, load_backbone
 from benchmark.config import Config, ConfigError, sweep_tag
-from benchmark.dryrun import grid_warnings
 from benchmark.distributed import (
     all_reduce_sum,
     check_data_parallel,
@@ -52,6 +51,7 @@ from benchmark.distributed import (
     local_device,
     world_size,
 )
+from benchmark.dryrun import grid_warnings
 from benchmark.errors import DataError, FsclError
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
 from benchmark.jobs import resolve_jobs, run_jobs

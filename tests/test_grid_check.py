@@ -2,14 +2,13 @@
 import json
 import re
 
+import fscl_test_strategies  # noqa: F401  (test-last-block)
 import huggingface_hub
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 from test_streams_layouts import PAPER_WRITERS
-
-import fscl_test_strategies  # noqa: F401  (test-last-block)
 
 from benchmark.cli import main
 from benchmark.config import load_config
