@@ -200,3 +200,28 @@ def test_a_strategy_that_trains_only_what_the_vlm_never_reads_is_warned_about(tm
     assert warnings[0].endswith("): its VQA scores cannot change")
     without = load_config("quick", ["backbone=mini", "seed=0", "strategy=test-last-block"])
     assert not grid_warnings(without, without.expand())  # no VLM: nothing to warn about
+
+
+def test_where_each_backbone_s_weights_come_from(tmp_path, monkeypatch):
+    from benchmark.backbones import weights_source
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    assert weights_source("openclip:fscl-tiny") == (
+        "none: random initialisation (seed 0), no pretrained weights", True)
+    checkpoint = tmp_path / "w.pt"
+    assert weights_source(f"openclip:ViT-B-16@{checkpoint}") == (f"local file {checkpoint} (not found)", False)
+    checkpoint.write_bytes(b"")
+    assert weights_source(f"openclip:ViT-B-16@{checkpoint}") == (f"local file {checkpoint}", True)
+    assert not weights_source(f"openclip:local-dir:{tmp_path}").ready
+    assert not weights_source(f"hf:{tmp_path}").ready
+    # a model in the Hugging Face cache's own layout (models--ORG--NAME/refs/main -> snapshots/REV/FILE)
+    repo = tmp_path / "hf-cache" / "models--openai--clip-vit-base-patch16"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    cached = weights_source("hf:openai/clip-vit-base-patch16")
+    assert cached.ready and cached.where.startswith("the Hugging Face cache (")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = weights_source("openclip:ViT-B-16@openai")  # not cached, and the hub not to be asked
+    assert not offline.ready and offline.where.endswith("needs internet (HF_HUB_OFFLINE is set)")

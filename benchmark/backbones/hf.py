@@ -76,7 +76,8 @@ class HFCLIPBackbone(Backbone):
     def weights_source(cls, rest: str) -> WeightsSource:
         if _is_path(rest):
             folder = Path(rest).expanduser()
-            return WeightsSource(f"local folder {folder}", (folder / "config.json").is_file())
+            found = (folder / "config.json").is_file()
+            return WeightsSource(f"local folder {folder}" + ("" if found else " (no config.json there)"), found)
         return hub_source(rest, ("config.json",))
 
     @staticmethod

@@ -216,7 +216,8 @@ class OpenCLIPBackbone(Backbone):
         name, tag = parse(rest)
         if name.startswith("local-dir:"):
             folder = Path(name[len("local-dir:"):]).expanduser()
-            return WeightsSource(f"local folder {folder}", (folder / "open_clip_config.json").is_file())
+            found = (folder / "open_clip_config.json").is_file()
+            return WeightsSource(f"local folder {folder}" + ("" if found else " (no open_clip_config.json there)"), found)
         if tag is None:
             return WeightsSource(f"none: random initialisation (seed {INIT_SEED}), no pretrained weights", True)
         if _is_path(tag):
