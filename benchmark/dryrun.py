@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmark.config import GRID_AXES, TRAIN, Config
+from benchmark.errors import FsclError
 from benchmark.registry import STRATEGIES
 
 AXIS_NAMES = {"stream": "target", "strategy": "strategy", "backbone": "backbone", "shots": "shots", "seed": "seed"}
@@ -128,10 +129,13 @@ def unread_by_vlm(run: Config) -> str | None:
         return None
     size = config.vision_config.image_size
     images = torch.empty(1, 3, size, size, device="meta")
-    tokens = encoder_tokens(skeleton, images, config.vision_feature_layer, config.vision_feature_select_strategy)
-    if tokens.requires_grad:  # the tokens depend on a trained parameter: which ones do they reach?
-        tokens.sum().backward()
-        if any(p.grad is not None for p in trained.values()):
-            return None
+    try:
+        tokens = encoder_tokens(skeleton, images, config.vision_feature_layer, config.vision_feature_select_strategy)
+        if tokens.requires_grad:  # the tokens depend on a trained parameter: which ones do they reach?
+            tokens.sum().backward()
+    except (RuntimeError, NotImplementedError, FsclError):  # an op without a meta kernel, a tower the VLM cannot read
+        return None
+    if any(p.grad is not None for p in trained.values()):
+        return None
     names = sorted(trained)
     return f"{len(names)} tensors: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
