@@ -96,6 +96,12 @@ def saved_sessions(run_path: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
+def lacks_kept(run_path: Path, keep: KeepCheckpoints, sessions: int) -> bool:
+    """Whether the finished run at ``run_path`` lacks a checkpoint that ``keep`` keeps (it ran with less kept)."""
+    wanted = {"none": set(), "last": {sessions}, "all": set(range(1, sessions + 1))}[keep]
+    return not wanted <= set(saved_sessions(run_path))
+
+
 def save(run_path: Path, state: SessionState, keep: KeepCheckpoints) -> Path:
     """Write ``session-k.pt`` atomically; unless ``keep == "all"`` drop the older ones."""
     folder = checkpoint_dir(run_path)

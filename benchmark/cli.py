@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from typing import Any
 
 from benchmark.config import (
     DEMO_PRESET,
+    PRESET_DIR,
     Config,
     ConfigError,
     TrainConfig,
@@ -66,24 +69,42 @@ def _load(args: argparse.Namespace) -> tuple[Config, str]:
     return load_config(source, overrides), origin
 
 
-def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1, probe: bool = False) -> int:
-    """Check this process's share of the grid ``cfg`` as a run would, print its run folders and what it costs
-    (training steps, evaluated images, an estimated wall time: :mod:`benchmark.estimate`)."""
+def _source(args: argparse.Namespace) -> str | None:
+    """The preset or file of ``fscl run``/``tune`` (None: the defaults), as given."""
+    return args.config if args.config is not None and "=" not in args.config else None
+
+
+def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1, probe: bool = False, verbose: bool = False,
+             source: str | None = None) -> int:
+    """Check this process's share of the grid ``cfg`` as a run would, then say what it will and will not produce
+    (:mod:`benchmark.dryrun`: its axes, runs to do and finished runs skipped, VQA, weights, warnings) and what the
+    runs to do cost (training steps, evaluated images, an estimated wall time: :mod:`benchmark.estimate`)."""
     from benchmark.distributed import grid_shard, local_device
+    from benchmark.dryrun import grid_lines, grid_warnings, output_lines
     from benchmark.estimate import estimate_lines
-    from benchmark.runner import check_grid, run_dir
+    from benchmark.records import RunRecord
+    from benchmark.runner import check_grid, is_done, run_dir
 
     runs = cfg.expand()
     shard = grid_shard(launcher=not cfg.ddp)
     mine = shard.select(runs)
     device = local_device(cfg.device)
     data = check_grid(mine, force)  # the checks a real run makes before any work
+    done = [is_done(RunRecord(run_dir(run), writable=False), run.to_dict(), force) for run in mine]
+    summary = grid_lines(cfg, mine, done, [run_dir(run) for run in mine], verbose)
     print(f"{len(runs)} run(s) of '{cfg.name}' from {what}" + (f", {len(mine)} in shard {shard}" if shard.count > 1
-                                                                else "") + ":")
-    for run in mine:
-        print(f"  {run_dir(run)}")
-    print("cost" + (" of this shard" if shard.count > 1 else "") + ":")
-    print("\n".join(f"  {line}" for line in estimate_lines(mine, data, device, jobs, probe)))
+                                                                else "") + f": {summary[0]}")
+    print("\n".join([*summary[1:], *output_lines(cfg, mine)]))
+    warnings = grid_warnings(cfg, mine, source)
+    if warnings:
+        print("warnings:\n" + "\n".join(f"  {line}" for line in warnings))
+    todo = [(run, d) for run, d, finished in zip(mine, data, done) if not finished]
+    if not todo:
+        print("cost: none, every run is finished")
+        return 0
+    print(f"cost of the {len(todo)} run(s) to do" + (" of this shard" if shard.count > 1 else "") + ":")
+    lines = estimate_lines([run for run, _ in todo], [d for _, d in todo], device, jobs, probe)
+    print("\n".join(f"  {line}" for line in lines))
     return 0
 
 
@@ -122,7 +143,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--probe measures rates for the estimate of --dry-run; give both (or neither)")
     cfg, origin = _load(args)
     if args.dry_run:
-        return _dry_run(cfg, origin, getattr(args, "force", False), args.jobs, args.probe)
+        return _dry_run(cfg, origin, getattr(args, "force", False), args.jobs, args.probe, args.list_runs,
+                        _source(args))
     return _run_grid(cfg, origin, args) or 0
 
 
@@ -139,7 +161,7 @@ def tune_command(args: argparse.Namespace) -> int:
         print(f"controls left out of the tune (no training split to draw validation images from): "
               f"{', '.join(left_out)}", file=sys.stderr)
     if args.dry_run:
-        return _dry_run(grid, what, args.force, args.jobs)
+        return _dry_run(grid, what, args.force, args.jobs, verbose=args.list_runs, source=_source(args))
     status = _run_grid(grid, what, args)
     if status is None or not is_main_process():
         return 0
@@ -173,9 +195,18 @@ def option_lines(options: type, prefix: str, details: bool) -> list[str]:
     return lines
 
 
+def preset_summary(name: str) -> str:
+    """The first sentence of the comment that opens preset ``name``'s file (its one-line summary)."""
+    lines = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()
+    comment = " ".join(line.lstrip("#").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+    return re.split(r"(?<=\.)\s", comment, maxsplit=1)[0]
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "presets":
-        print("\n".join(list_presets()))
+        names = list_presets()
+        width = max(map(len, names)) + 2
+        print("\n".join(f"{name:<{width}}{preset_summary(name)}" if args.details else name for name in names))
         return 0
     if args.what in ("train", "vqa"):
         print("\n".join(option_lines({"train": TrainConfig, "vqa": VQAConfig}[args.what], args.what, args.details)))
@@ -193,10 +224,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel folder."""
-    from benchmark.export import export
+    from benchmark.export import export, loading_snippet
 
     out = export(args.run_dir, args.session, args.format, args.out)
-    print(f"{args.format} encoder after session {args.session} -> {out}")
+    print(f"{args.format} encoder after session {args.session} -> {out}\nload it in a script:\n")
+    print(textwrap.indent(loading_snippet(args.format, out), "    "))
     return 0
 
 
@@ -229,16 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "any key whose type is not a list, e.g. train.lr=[1e-5,1e-4]) make a grid")
     run.add_argument("--dry-run", action="store_true",
                      help="check the grid as a run would (options, device, data, runs folder, changed finished runs) "
-                          "and print its runs (of this process's shard, when sharded), its training steps, "
-                          "evaluated images and VQA questions, and an estimate of its wall time from the rates of "
-                          "earlier runs")
+                          "and summarise it (of this process's shard, when sharded): its axes, runs to do and finished "
+                          "runs skipped (-v: every folder), what it produces (checkpoints, VQA on or off), where each "
+                          "backbone's weights come from (local, cache, or a hub that needs internet), warnings of "
+                          "unfair comparisons, and for the runs to do their training steps, evaluated images and VQA "
+                          "questions and an estimate of their wall time from the rates of earlier runs")
     run.add_argument("--probe", action="store_true",
                      help="with --dry-run: estimate from rates measured now on this machine (per backbone a few full "
                           "fine-tuning steps and evaluation batches of random images, and with vqa.model a few VQA "
                           "batches of the target's questions) instead of earlier runs'")
     run.add_argument("--force", action="store_true",
-                     help="run again (replacing the record) a finished run whose configuration changed; without it "
-                          "such a run is refused, naming the keys that differ")
+                     help="run again (replacing the record) a finished run whose configuration changed, or that lacks "
+                          "the checkpoints keep_checkpoints now asks for (to export them); without it a changed run "
+                          "is refused, naming the keys that differ, and the other is skipped")
+    run.add_argument("-v", "--verbose", dest="list_runs", action="store_true",
+                     help="with --dry-run: list every run folder, to run or finished")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_jobs_argument(run, 1)
     run.set_defaults(func=run_command)
@@ -265,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="validation images per class of the target and of each control (default 10)")
     tune.add_argument("--out", default=None, metavar="FILE",
                       help="the tuned config to write (default: <out>/<name>-tune/tuned.yaml)")
-    tune.add_argument("--dry-run", action="store_true", help="check the tune's grid and print its runs")
+    tune.add_argument("--dry-run", action="store_true", help="check the tune's grid and summarise its runs")
+    tune.add_argument("-v", "--verbose", dest="list_runs", action="store_true",
+                      help="with --dry-run: list every run folder, to run or finished")
     tune.add_argument("--force", action="store_true", help="as for 'run'")
     tune.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_jobs_argument(tune, 1)
@@ -280,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets", "train", "vqa"])
     ls.add_argument("-v", "--verbose", dest="details", action="store_true",
-                    help="every option with its type, default and help text (streams, strategies, train, vqa)")
+                    help="every option with its type, default and help text (streams, strategies, train, vqa); "
+                         "each preset's one-line summary (presets)")
     ls.set_defaults(func=_cmd_ls)
 
     export = verbs.add_parser(

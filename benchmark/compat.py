@@ -11,13 +11,21 @@ changed: defining the schemas first would abort the process on newer torch relea
 ``import benchmark`` does not import torch: it installs :class:`TorchvisionRepair`, which
 runs :func:`ensure_torchvision` when anything (avalanche, open_clip, timm, peft,
 transformers, our own code) first imports torchvision.
+
+A user's own script (``import open_clip`` to load an export) need not import ``benchmark``
+first: in an environment with exactly that mismatch (the one the Makefile builds),
+:func:`install_startup_repair` puts a ``.pth`` file into site-packages that installs the
+finder at interpreter start (no torch import until torchvision is imported).
 """
 from __future__ import annotations
 
+import subprocess
 import sys
+import sysconfig
 from collections.abc import Sequence
 from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
+from pathlib import Path
 from types import ModuleType
 
 _SCHEMAS = {
@@ -25,6 +33,11 @@ _SCHEMAS = {
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
 _library_keepalive: list = []  # a torch.library.Library is unregistered when collected
+MISMATCH = "torchvision::nms does not exist"  # the error of a CUDA torchvision beside a CPU torch
+STARTUP_FILE = "fscl_torchvision_repair.pth"
+# site runs a .pth line that starts with "import"; it does nothing once fscl-bench is uninstalled
+STARTUP_LINE = ('import importlib.util as u; u.find_spec("benchmark") and '
+                '__import__("benchmark.compat").compat.TORCHVISION_REPAIR.install()')
 
 
 def ensure_torchvision() -> None:
@@ -33,7 +46,7 @@ def ensure_torchvision() -> None:
         import torchvision  # noqa: F401
         return
     except RuntimeError as err:
-        if "torchvision::nms does not exist" not in str(err):
+        if MISMATCH not in str(err):
             raise
     import torch
 
@@ -94,3 +107,17 @@ class TorchvisionRepair(MetaPathFinder, Loader):
 
 
 TORCHVISION_REPAIR = TorchvisionRepair()
+
+
+def install_startup_repair(site_dir: Path | None = None) -> bool:
+    """Make every interpreter of this environment repair the mismatch, or leave it alone: the
+    :data:`STARTUP_FILE` in ``site_dir`` (default: this interpreter's site-packages) is written when a
+    plain ``import torchvision`` in a fresh interpreter fails with exactly that error, and removed when
+    it imports cleanly (a matched pair). Returns whether it is written."""
+    path = Path(site_dir or sysconfig.get_paths()["purelib"]) / STARTUP_FILE
+    path.unlink(missing_ok=True)  # judge the environment without it
+    done = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    needed = done.returncode != 0 and MISMATCH in done.stderr
+    if needed:
+        path.write_text(STARTUP_LINE + "\n")
+    return needed

@@ -65,8 +65,9 @@ def encoder_after(run_dir: str | Path, session: int) -> Backbone:
                 f"the encoder after session {session} is not stored in {run_dir}: the run is "
                 f"{manifest.get('status', 'unfinished')}{reason}; its checkpoints keep {kept}.")
         keep = config.get("keep_checkpoints", "none")
-        advice = ("Rerun with keep_checkpoints=all to keep every session (keep_checkpoints=last keeps only the "
-                  "final one)" if keep != "all" else "The run kept every session it checkpointed")
+        advice = (f"Run it again keeping them (--force: a finished run is skipped otherwise): 'fscl run "
+                  f"{config_path} keep_checkpoints=all --force' (keep_checkpoints=last keeps only the final one)"
+                  if keep != "all" else "The run kept every session it checkpointed")
         raise ExportError(
             f"the encoder after session {session} is not stored in {run_dir}: its checkpoints keep {kept} "
             f"(keep_checkpoints: {keep}). {advice}; session 0 (pretrained) needs none.")
@@ -270,6 +271,23 @@ def write_hf_clip_vision(backbone: Backbone, out: str | Path) -> Path:
 
 WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision}
 FORMATS: tuple[str, ...] = tuple(WRITERS)
+
+
+def loading_snippet(fmt: ExportFormat, out: str | Path) -> str:
+    """Python that loads the export at ``out`` with open_clip or transformers alone, in any script of the
+    environment (printed by ``fscl export``); it defines ``model`` and ``preprocess`` (open_clip's image
+    transform) or ``processor`` (transformers' image processor)."""
+    folder = str(Path(out).resolve())
+    if fmt == "openclip":
+        return (f"import open_clip\n"
+                f"model, _, preprocess = open_clip.create_model_and_transforms({f'local-dir:{folder}'!r})\n"
+                f"tokenizer = open_clip.get_tokenizer({f'local-dir:{folder}'!r})\n"
+                f"# image_features = model.encode_image(preprocess(pil_image).unsqueeze(0))\n")
+    return (f"from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection\n"
+            f"model = CLIPVisionModelWithProjection.from_pretrained({folder!r})\n"
+            f"processor = CLIPImageProcessor.from_pretrained({folder!r})\n"
+            f"# image_features = model(**processor(images=pil_image, return_tensors='pt')).image_embeds\n"
+            f"# LLaVA-1.5's vision tower: CLIPVisionModel.from_pretrained({folder!r}) (mm_vision_tower)\n")
 
 
 def export(run_dir: str | Path, session: int, fmt: ExportFormat, out: str | Path) -> Path:

@@ -51,6 +51,7 @@ from benchmark.distributed import (
     local_device,
     world_size,
 )
+from benchmark.dryrun import grid_warnings
 from benchmark.errors import DataError, FsclError
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
 from benchmark.jobs import resolve_jobs, run_jobs
@@ -372,6 +373,9 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int 
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
     data = check_grid(runs, force)
+    if is_main_process():
+        for warning in grid_warnings(cfg, runs):
+            log.warning("%s", warning)
     if jobs != 1:
         pending = [i for i, run in enumerate(runs) if not is_done(RunRecord(run_dir(run), writable=False),
                                                                   run.to_dict(), force)]
@@ -393,8 +397,11 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int 
 
 
 def is_done(record: RunRecord, config: dict[str, Any], force: bool = False) -> bool:
-    """Whether the run is finished (with ``force``: finished with this ``config``), so a grid skips it."""
-    return record.is_finished() and not (force and checkpoints.config_differences(record.config() or {}, config))
+    """Whether the run is finished, so a grid skips it; with ``force`` only when finished with this ``config`` and
+    holding the checkpoints its ``keep_checkpoints`` keeps (``fscl export`` reads them)."""
+    return record.is_finished() and not (force and (
+        checkpoints.config_differences(record.config() or {}, config)
+        or checkpoints.lacks_kept(record.path, config["keep_checkpoints"], config["sessions"])))
 
 
 def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool = False) -> tuple[RunDecision, str]:

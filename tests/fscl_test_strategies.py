@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from benchmark.distributed import rank
+from benchmark.plugins import StrategyPlugin
 from benchmark.registry import STRATEGIES
 from strategies.ewc import EWC, EWCOptions
 from strategies.lorsu import LoRSU, LoRSUOptions, LoRSUPpl
@@ -51,3 +52,13 @@ class RecordingLoRSU(LoRSU):
                       for s in self.selection]
             (Path(folder) / f"rank{rank()}-session{session.session_index}.json").write_text(json.dumps(chosen))
         super().finish(session)
+
+
+@STRATEGIES.register("test-last-block")
+class LastBlock(StrategyPlugin[None]):
+    """The last transformer block of the vision encoder, nothing else (LLaVA reads that block's input, not it)."""
+
+    needs_blocks = True
+
+    def setup(self, session) -> None:
+        self.backbone.blocks()[-1].module.requires_grad_(True)

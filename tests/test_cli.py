@@ -28,6 +28,7 @@ def test_the_verbs_are_the_core_ones_then_those_of_the_entry_points():
 @pytest.mark.parametrize("argv", [
     ["--help"], *([verb, "--help"] for verb in VERBS), ["data", "check", "--help"], ["vqa", "build", "--help"],
     ["ls", "strategies", "-v"], ["ls", "streams", "-v"], ["ls", "backbones"], ["ls", "train", "-v"], ["ls", "presets"],
+    ["ls", "presets", "-v"],
 ], ids=" ".join)
 def test_help_and_listings_import_no_torch(argv):
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "benchmark", *argv],
@@ -49,6 +50,20 @@ def test_ls_verbose_prints_every_option_with_type_default_and_help(capsys):
     assert '    tsi.captions: bool | str = "auto"\n' in out and "    imagefolder.split_seed: int = 0\n" in out
     assert main(["ls", "strategies"]) == 0
     assert "lorsu.top_k_heads" not in capsys.readouterr().out
+
+
+def test_ls_presets_verbose_gives_each_presets_one_line_summary(capsys):
+    from benchmark.config import list_presets
+
+    assert main(["ls", "presets", "-v"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    assert re.search(r"^quick +The small offline smoke benchmark: real handwritten digits, an untrained tiny open_clip "
+                     r"model, 2 sessions, 2 seeds\.$", "\n".join(lines), re.M)
+    assert any(line.startswith("paper-cl5 ") and line.endswith("with OpenAI's ViT-L/14-336.") for line in lines)
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every preset has one
+    assert main(["ls", "presets"]) == 0
+    assert capsys.readouterr().out.split() == list_presets()
 
 
 def test_ls_train_lists_the_training_keys():

@@ -148,11 +148,12 @@ def test_ddp_refuses_a_strategy_that_does_not_support_it(tmp_path, capsys):
 def test_dry_run_prints_this_shard(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FSCL_SHARD_COUNT", "3")
     monkeypatch.setenv("FSCL_SHARD_INDEX", "1")
-    assert main(["run", "quick", f"out={tmp_path}", "seed=0,1,2", "--dry-run"]) == 0
+    assert main(["run", "quick", f"out={tmp_path}", "seed=0,1,2", "--dry-run", "-v"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "6 run(s) of 'quick' from preset 'quick', 2 in shard 1/3:"
-    assert [line.split("/")[-2:] for line in lines[1:3]] == [["zeroshot", "5-s1"], ["full-ft", "5-s1"]]
-    assert lines[3] == "cost of this shard:"
+    assert lines[0] == "6 run(s) of 'quick' from preset 'quick', 2 in shard 1/3: 2 strategies"
+    listed = [line for line in lines if line.startswith("    to run ")]
+    assert [line.split("/")[-2:] for line in listed] == [["zeroshot", "5-s1"], ["full-ft", "5-s1"]]
+    assert "cost of the 2 run(s) to do of this shard:" in lines
 
 
 def test_ddp_refuses_a_backbone_with_batch_norm(tmp_path, capsys):

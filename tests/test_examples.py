@@ -2,7 +2,7 @@
 that adds the ``l2sp`` strategy through the ``fscl.plugins`` entry point, run as a user runs it.
 
 The package is not installed: a ``*.dist-info`` folder holding its entry point, on PYTHONPATH
-beside its module, makes ``importlib.metadata`` see it in subprocesses only, so this test
+beside its package, makes ``importlib.metadata`` see it in subprocesses only, so this test
 process's registry never holds ``l2sp``. No network: the tiny offline model and the digits stream.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "fscl_l2sp"
-MODULE = EXAMPLE / "fscl_l2sp.py"
+MODULES = (EXAMPLE / "fscl_l2sp" / "__init__.py", EXAMPLE / "fscl_l2sp" / "strategy.py")
 PYPROJECT = EXAMPLE / "pyproject.toml"
 DOC = ROOT / "docs/adding-a-strategy.md"
 RUN = "quick/digits/openclip-fscl-tiny/{}/5-s0"
@@ -84,22 +84,22 @@ def _comparable_summary(run: Path) -> dict:
 
 
 def test_the_doc_shows_the_example_files_as_they_are():
-    module, pyproject = MODULE.read_text(), PYPROJECT.read_text()
+    modules, pyproject = [m.read_text() for m in MODULES], PYPROJECT.read_text()
     blocks = FENCE.findall(DOC.read_text())
     python = [code for lang, code in blocks if lang == "python"]
-    assert python.count(module) == 1  # the whole module, once
-    for code in python:  # and the steps that build it: excerpts of it, as they are
-        assert code in module, f"this block of {DOC.name} is not in {MODULE.name}:\n{code}"
+    assert all(python.count(module) == 1 for module in modules)  # each whole module, once
+    for code in python:  # and the steps that build them: excerpts of them, as they are
+        assert any(code in module for module in modules), f"this block of {DOC.name} is in no module:\n{code}"
     assert [code for lang, code in blocks if lang == "toml"] == [pyproject]
 
 
 def test_the_example_uses_only_public_names_and_is_not_part_of_the_distribution():
-    tree = ast.parse(MODULE.read_text())
-    imported = [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                for alias in node.names]
+    trees = [ast.parse(m.read_text()) for m in MODULES]
+    imported = [(node.module, alias.name) for tree in trees for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) for alias in node.names]
     assert ("benchmark.registry", "STRATEGIES") in imported and ("benchmark.plugins", "StrategyPlugin") in imported
     private = [name for module, name in imported if name.startswith("_") and module != "__future__"]
-    private += [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+    private += [node.attr for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Attribute)
                 and node.attr.startswith("_") and not node.attr.startswith("__")]
     assert not private
     setup = configparser.ConfigParser()
@@ -115,6 +115,16 @@ def test_fscl_ls_lists_the_strategy_of_the_installed_package(user_env, tmp_path)
     assert "could not load" not in done.stderr
     assert re.search(r"^l2sp +L2-SP: every vision-encoder parameter", done.stdout, re.M)
     assert "l2sp.alpha" in done.stdout and "weight α of the penalty" in done.stdout  # the options' help
+
+
+def test_the_installed_package_keeps_fscl_ls_free_of_torch(user_env, tmp_path):
+    """Its entry module declares the strategy: listing it imports no torch (the class's module is not imported)."""
+    code = ("import sys\nfrom benchmark.cli import main\nassert main(['ls', 'strategies']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fscl_l2sp', 'torch', 'avalanche')))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=user_env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and re.search(r"^l2sp +L2-SP", done.stdout, re.M), done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "['fscl_l2sp']"
 
 
 def test_an_invalid_option_is_refused_before_any_work(user_env, tmp_path):

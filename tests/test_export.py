@@ -8,6 +8,8 @@ importance scores and head choices unchanged.
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 
 import open_clip
 import pytest
@@ -35,12 +37,18 @@ TINY = {"embed_dim": 32, "quick_gelu": True,
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished 2-session LoRSU run of the tiny quick_gelu ViT that kept only its last checkpoint."""
-    folder = tmp_path_factory.mktemp("export")
+def tiny_model(tmp_path_factory) -> str:
+    """The tiny quick_gelu ViT registered with open_clip; its backbone string."""
+    folder = tmp_path_factory.mktemp("model")
     (folder / f"{MODEL}.json").write_text(json.dumps(TINY))
     open_clip.add_model_config(folder / f"{MODEL}.json")
-    out = folder / "runs"
+    return SPEC
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model):
+    """A finished 2-session LoRSU run of the tiny quick_gelu ViT that kept only its last checkpoint."""
+    out = tmp_path_factory.mktemp("export") / "runs"
     assert main(["run", "quick", f"out={out}", "--no-progress", "seed=0", "train.epochs=1", "shots=2",
                  "digits.test_fraction=0.05", "strategy=lorsu", "lorsu.rank=4", "train.lr=0.01", f"backbone={SPEC}",
                  "keep_checkpoints=last"]) == 0
@@ -60,11 +68,22 @@ def images(n: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def test_hf_export_gives_the_open_clip_image_features(run_dir, tmp_path):
+def printed_snippet(out: str) -> dict:
+    """The names that the loading snippet printed by ``fscl export`` (after "load it in a script:") defines."""
+    code = textwrap.dedent(out.split("load it in a script:\n", 1)[1])
+    names: dict = {}
+    exec(code, names)
+    return names
+
+
+def test_hf_export_gives_the_open_clip_image_features(run_dir, tmp_path, capsys):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     out = tmp_path / "tower"
     assert main(["export", str(run_dir), "--session", "2", "--format", "hf-clip-vision", "--out", str(out)]) == 0
+    snippet = printed_snippet(capsys.readouterr().out)
+    assert isinstance(snippet["model"], CLIPVisionModelWithProjection)
+    assert isinstance(snippet["processor"], CLIPImageProcessor)
     trained = encoder_from_checkpoint(run_dir, 2)
     pretrained = load_backbone(SPEC).eval()
     hf = CLIPVisionModelWithProjection.from_pretrained(out).eval()
@@ -74,6 +93,7 @@ def test_hf_export_gives_the_open_clip_image_features(run_dir, tmp_path):
         expected = trained.encode_image(x)
         assert not torch.allclose(expected, pretrained.encode_image(x), atol=1e-4)  # the sessions changed it
         torch.testing.assert_close(hf(pixel_values=x).image_embeds, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(snippet["model"].eval()(pixel_values=x).image_embeds, expected, rtol=0, atol=1e-5)
     processor = CLIPImageProcessor.from_pretrained(out)
     assert processor.crop_size == {"height": 32, "width": 32}
     assert processor.image_mean == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
@@ -104,15 +124,20 @@ def test_tiny_llava_takes_the_exported_tower(run_dir, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
 
 
-def test_openclip_export_loads_as_a_local_dir_backbone(run_dir, tmp_path):
+def test_openclip_export_loads_as_a_local_dir_backbone(run_dir, tmp_path, capsys):
     out = tmp_path / "oc"
     assert main(["export", str(run_dir), "--session", "2", "--format", "openclip", "--out", str(out)]) == 0
+    snippet = printed_snippet(capsys.readouterr().out)
     exported = load_backbone(f"openclip:local-dir:{out}").eval()
     trained = encoder_from_checkpoint(run_dir, 2)
     tokens = trained.tokenize(["a photo of the number: 3."])
     with torch.no_grad():
         torch.testing.assert_close(exported.encode_image(images()), trained.encode_image(images()), rtol=0, atol=0)
         torch.testing.assert_close(exported.encode_text(tokens), trained.encode_text(tokens), rtol=0, atol=0)
+        plain = snippet["model"].eval()  # open_clip alone, as the printed snippet loads it
+        torch.testing.assert_close(plain.encode_image(images()), trained.encode_image(images()), rtol=0, atol=0)
+        torch.testing.assert_close(plain.encode_text(snippet["tokenizer"](["a photo of the number: 3."])),
+                                   trained.encode_text(tokens), rtol=0, atol=0)
 
 
 def test_unstored_session_names_the_keep_checkpoints_setting(run_dir, tmp_path, capsys):
@@ -125,6 +150,22 @@ def test_unstored_session_names_the_keep_checkpoints_setting(run_dir, tmp_path, 
     torch.testing.assert_close(pretrained.encode_image(images()), load_backbone(SPEC).encode_image(images()))
     with pytest.raises(ExportError, match="not a run folder"):
         encoder_after(tmp_path, 1)
+
+
+def test_a_run_that_kept_no_checkpoint_is_exported_after_the_command_the_error_gives(tiny_model, tmp_path, capsys):
+    """The advice says --force: without it the finished run would be skipped, keeping no checkpoint."""
+    out = tmp_path / "runs"
+    assert main(["run", "quick", f"out={out}", "--no-progress", "seed=0", "shots=2", "strategy=zeroshot",
+                 "digits.test_fraction=0.05", f"backbone={tiny_model}"]) == 0
+    (run,) = out.glob("quick/digits/*/zeroshot/2-s0")
+    capsys.readouterr()
+    target = ["export", str(run), "--session", "1", "--format", "openclip", "--out", str(tmp_path / "oc")]
+    assert main(target) == 2
+    (advice,) = re.findall(r"'(fscl run [^']+)'", capsys.readouterr().err)
+    assert advice == f"fscl run {run / 'config.yaml'} keep_checkpoints=all --force"
+    assert main(["run", *advice.split()[2:-1]]) == 0 and "1 skipped" in capsys.readouterr().out  # no --force: skipped
+    assert main(["run", *advice.split()[2:], "--no-progress"]) == 0 and "1 finished" in capsys.readouterr().out
+    assert main(target) == 0
 
 
 def test_hf_export_refuses_towers_it_cannot_express():

@@ -1,13 +1,18 @@
 """Every check of a grid before any work (one message for every problem), and what a run that fails keeps."""
 import json
+import re
 
+import fscl_test_strategies  # noqa: F401  (test-last-block)
+import huggingface_hub
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_streams_layouts import PAPER_WRITERS
 
 from benchmark.cli import main
 from benchmark.config import load_config
+from benchmark.dryrun import grid_warnings
 from benchmark.runner import GridCheckError, check_grid, run_grid
 
 
@@ -130,3 +135,93 @@ def test_backbone_skeletons_have_the_blocks_of_the_real_models(tmp_path):
                 (b.num_heads, b.head_dim, b.fc1.weight.shape) for b in real]
         else:
             assert (len(blocks), blocks[0].num_heads, blocks[0].width) == (24, 16, 1024)
+
+
+def test_the_dry_run_of_a_paper_preset_says_what_it_will_and_will_not_produce(tmp_path, capsys, monkeypatch):
+    """A compact summary instead of 105 folders; VQA off in a paper setting; the hub weights need internet (an empty
+    Hugging Face cache here, and no internet: a real run would fail loading them)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for write in PAPER_WRITERS.values():
+        write(tmp_path / "data")
+    grid = ["run", "paper-cl5", f"data_root={tmp_path / 'data'}", f"out={tmp_path / 'runs'}", "shots=1", "--dry-run"]
+    assert main(grid) == 0
+    out = capsys.readouterr().out
+    assert "105 run(s) of 'paper-cl5' from preset 'paper-cl5': 5 targets × 7 strategies × 3 seeds\n" in out
+    assert "  strategies: zeroshot, full-ft, ewc, layernorm, lora, spu, lorsu\n" in out
+    assert f"  to run: 105; finished, skipped: 0 -> {tmp_path / 'runs' / 'paper-cl5'}" in out
+    assert str(tmp_path / "runs" / "paper-cl5" / "tsi") not in out  # no folder listed without -v
+    assert "VQA: off — set `vqa.model=llava:" in out and "for the paper's headline numbers" in out
+    weights = out.split("\nweights:\n", 1)[1].splitlines()[0]
+    assert weights.startswith("  openclip:ViT-L-14-336-quickgelu@openai: ")
+    assert "the Hugging Face hub (timm/vit_large_patch14_clip_336.openai), not in the local cache: needs internet" in weights
+    if "cannot be reached from this machine" in weights:  # no internet here (CI): the run would fail
+        assert "a run on this machine fails loading them" in weights
+    assert "cost of the 105 run(s) to do:" in out
+    assert main([*grid, "strategy=zeroshot", "seed=0", "-v"]) == 0
+    listed = re.findall(r"^    to run   (.+)$", capsys.readouterr().out, re.M)
+    assert len(listed) == 5 and listed[0].endswith("paper-cl5/tsi/openclip-ViT-L-14-336-quickgelu-openai/zeroshot/1-s0")
+
+
+def test_the_dry_run_counts_the_cost_of_the_runs_to_do_only(tmp_path, capsys):
+    base = ["run", "quick", f"out={tmp_path}", "seed=0", "sessions=1", "train.epochs=1", "--no-progress"]
+    assert main([*base, "strategy=full-ft"]) == 0
+    capsys.readouterr()
+    assert main([*base, "strategy=[zeroshot,full-ft]", "--dry-run", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "to run: 1; finished, skipped: 1" in out and "VQA: off (vqa.model: null)" in out
+    assert re.search(r"^    finished .+/full-ft/5-s0$", out, re.M) and re.search(r"^    to run   .+/zeroshot/5-s0$", out, re.M)
+    assert "openclip:fscl-tiny: none: random initialisation" in out
+    assert "cost of the 1 run(s) to do:\n  openclip:fscl-tiny: 1 run(s), 0 training steps" in out
+    assert main([*base, "strategy=full-ft", "--dry-run"]) == 0
+    assert "cost: none, every run is finished" in capsys.readouterr().out
+
+
+def test_a_strategy_at_the_base_rate_beside_tuned_ones_is_warned_about(tmp_path, capsys, caplog):
+    grid = ["quick", f"out={tmp_path}", "seed=0", "strategy=[zeroshot,full-ft,layernorm]", "full-ft.train.lr=1e-4"]
+    assert main(["run", *grid, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("warnings:\n  layernorm trains at the base train.lr 0.0005 while full-ft run at their own (tuned) rates: "
+            "an unfair comparison. Tune it the same way ('fscl tune quick strategy=layernorm'") in out
+    assert "zeroshot" not in out.split("warnings:", 1)[1]  # it trains nothing
+    assert main(["run", *grid, "sessions=1", "train.epochs=1", "--no-progress"]) == 0  # a real grid logs it too
+    assert "layernorm trains at the base train.lr 0.0005" in caplog.text
+    assert not grid_warnings(load_config("quick", ["strategy=[full-ft,layernorm]", "train.lr=[1e-4,1e-3]",
+                                                   "full-ft.train.lr=1e-4"]), [])  # swept for all: fair
+    mini = load_config("mini")  # every strategy that trains has its tuned rate
+    assert not [w for w in grid_warnings(mini, mini.expand()) if "train.lr" in w]
+
+
+def test_a_strategy_that_trains_only_what_the_vlm_never_reads_is_warned_about(tmp_path):
+    cfg = load_config("quick", ["backbone=mini", "vqa.model=mini", "seed=0", "strategy=[test-last-block,full-ft,lorsu]"])
+    warnings = grid_warnings(cfg, cfg.expand())
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("test-last-block on mini trains only parameters that mini never reads (")
+    assert warnings[0].endswith("): its VQA scores cannot change")
+    without = load_config("quick", ["backbone=mini", "seed=0", "strategy=test-last-block"])
+    assert not grid_warnings(without, without.expand())  # no VLM: nothing to warn about
+
+
+def test_where_each_backbone_s_weights_come_from(tmp_path, monkeypatch):
+    from benchmark.backbones import weights_source
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    assert weights_source("openclip:fscl-tiny") == (
+        "none: random initialisation (seed 0), no pretrained weights", True)
+    checkpoint = tmp_path / "w.pt"
+    assert weights_source(f"openclip:ViT-B-16@{checkpoint}") == (f"local file {checkpoint} (not found)", False)
+    checkpoint.write_bytes(b"")
+    assert weights_source(f"openclip:ViT-B-16@{checkpoint}") == (f"local file {checkpoint}", True)
+    assert not weights_source(f"openclip:local-dir:{tmp_path}").ready
+    assert not weights_source(f"hf:{tmp_path}").ready
+    # a model in the Hugging Face cache's own layout (models--ORG--NAME/refs/main -> snapshots/REV/FILE)
+    repo = tmp_path / "hf-cache" / "models--openai--clip-vit-base-patch16"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    cached = weights_source("hf:openai/clip-vit-base-patch16")
+    assert cached.ready and cached.where.startswith("the Hugging Face cache (")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = weights_source("openclip:ViT-B-16@openai")  # not cached, and the hub not to be asked
+    assert not offline.ready and offline.where.endswith("needs internet (HF_HUB_OFFLINE is set)")

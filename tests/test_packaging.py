@@ -60,6 +60,35 @@ def test_a_lookup_of_torchvision_before_its_import_keeps_the_repair():
         "assert transforms.ToTensor() is not None\n")
 
 
+def test_plain_scripts_of_this_environment_import_open_clip_and_torchvision():
+    """``import open_clip`` alone, in the environment the Makefile (or tox) builds: no ``import benchmark`` first."""
+    _fresh_python("import open_clip, torchvision\nassert torchvision.transforms.ToTensor() is not None\n")
+
+
+def test_the_startup_repair_is_installed_exactly_where_torchvision_needs_it(tmp_path):
+    """Here torchvision is PyPI's CUDA build beside a CPU torch: the ``.pth`` file is written, and an interpreter
+    that reads it imports open_clip and torchvision alone, torch imported only then; one that does not fails."""
+    import subprocess
+    import sys
+
+    from benchmark.compat import MISMATCH, STARTUP_FILE, install_startup_repair
+
+    def plain(site: Path) -> subprocess.CompletedProcess:
+        code = (f"import site, sys; site.addsitedir({str(site)!r}); assert 'torch' not in sys.modules\n"
+                "import open_clip, torchvision\n")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = plain(empty).stderr
+    if MISMATCH not in bare:  # a matched pair (a GPU user's environment): nothing to repair
+        assert install_startup_repair(tmp_path) is False and not (tmp_path / STARTUP_FILE).exists()
+        return
+    assert install_startup_repair(tmp_path) is True and (tmp_path / STARTUP_FILE).is_file()
+    done = plain(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _setup_cfg():
     import configparser
 
@@ -91,7 +120,8 @@ def test_every_document_cited_lies_in_the_repository():
     import re
 
     cited = re.compile(r"[\w./-]*\b[\w-]+\.md\b")
-    files = [*REPO.glob("*.md"), *REPO.glob("docs/*.md")]
+    files = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *(REPO / name for name in ("Makefile", "tox.ini",
+                                                                                      "constraints.txt", "setup.cfg"))]
     files += [p for root in ("benchmark", "strategies", "streams", "reports", "tests", "benchmarks")
               for p in (REPO / root).rglob("*") if p.suffix in (".py", ".yaml", ".md")]
     for path in files:

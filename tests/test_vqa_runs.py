@@ -130,7 +130,10 @@ def test_the_dry_run_counts_vqa_questions_and_estimates_them_from_earlier_runs_o
     args = ["run", "quick", "strategy=[zeroshot,full-ft]", f"vqa.model=llava:{llava}", *SETTINGS, "--dry-run"]
     # 540 questions before training (once for the grid), 540 after full-ft's last session, none again for zeroshot
     head = "openclip:fscl-tiny: 2 run(s), 2 training steps, 1,620 evaluated images, 1,080 VQA questions"
-    assert main([*args, f"out={runs}"]) == 0
+    assert main([*args, f"out={runs}"]) == 0  # both finished there: nothing to do, nothing counted
+    out = capsys.readouterr().out
+    assert "to run: 0; finished, skipped: 2" in out and "cost: none, every run is finished" in out
+    assert main([*args, f"out={runs}", "seed=1"]) == 0  # seed 1's runs, at the rates of the finished seed 0's
     out = capsys.readouterr().out
     assert head in out and re.search(rf"[\d.]+ questions/s \(llava:{llava}\), the rates of 2 finished run", out), out
     assert main([*args, f"out={tmp_path}", "--probe"]) == 0

@@ -14,12 +14,13 @@ from benchmark.lazy import lazy_exports
 from benchmark.registry import BACKBONES
 
 if TYPE_CHECKING:
-    from benchmark.backbones.base import Backbone
+    from benchmark.backbones.base import Backbone, WeightsSource
 
 __all__ = ["Backbone", "BackboneLoadError", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle",
-           "backbone_skeleton", "check_backbone_string", "load_backbone"]
+           "WeightsSource", "backbone_skeleton", "check_backbone_string", "load_backbone", "weights_source"]
 __getattr__ = lazy_exports(__name__, dict.fromkeys(
-    ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle"], "benchmark.backbones.base"))
+    ["Backbone", "BlockView", "ProjectionRows", "QKVRowUpdate", "UpdateHandle", "WeightsSource"],
+    "benchmark.backbones.base"))
 
 BACKBONES.declare(
     "openclip", "benchmark.backbones.openclip:OpenCLIPBackbone",
@@ -74,3 +75,11 @@ def backbone_skeleton(spec: str) -> Backbone:
     check_backbone_string(spec)
     family, rest = _split(spec)
     return BACKBONES.get(family).obj(spec, rest, weights=False)
+
+
+def weights_source(spec: str) -> WeightsSource | None:
+    """Where the weights of ``spec`` would come from (a local file, a cache, a hub needing internet), found
+    without loading or downloading them; None when its family does not say."""
+    check_backbone_string(spec)
+    family, rest = _split(spec)
+    return BACKBONES.get(family).obj.weights_source(rest)

@@ -11,7 +11,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -241,6 +241,13 @@ def with_colour_augment(train_tf: Callable) -> transforms.Compose:
     return transforms.Compose(steps[:at] + colour + steps[at:])
 
 
+class WeightsSource(NamedTuple):
+    """Where a backbone's weights come from (``fscl run --dry-run`` reports it before any download)."""
+
+    where: str  # in words: a local file or folder, a cache, a hub that needs internet, none (random weights)
+    ready: bool  # False: loading them on this machine fails (missing file, hub unreachable)
+
+
 class Backbone(nn.Module, ABC):
     """An image–text model with a trainable vision side and a frozen text side.
 
@@ -264,6 +271,12 @@ class Backbone(nn.Module, ABC):
     @classmethod
     def check_spec(cls, rest: str) -> None:
         """Raise ValueError if ``rest`` (the load string after ``family:``) is malformed."""
+
+    @classmethod
+    def weights_source(cls, rest: str) -> WeightsSource | None:
+        """Where the weights of ``rest`` would come from, found without loading or downloading them; None:
+        the family does not say."""
+        return None
 
     # -- encoders -----------------------------------------------------------------
     @abstractmethod

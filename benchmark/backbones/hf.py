@@ -16,8 +16,8 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
-from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
-from benchmark.backbones.openclip import BackboneLoadError, _hub_reachable
+from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, WeightsSource
+from benchmark.backbones.openclip import BackboneLoadError, _hub_reachable, hub_source
 
 
 def _is_path(rest: str) -> bool:
@@ -71,6 +71,14 @@ class HFCLIPBackbone(Backbone):
         self.image_normalisation = (mean, std)
         self._tokenizer = tokenizer
         self._context_length = model.config.text_config.max_position_embeddings
+
+    @classmethod
+    def weights_source(cls, rest: str) -> WeightsSource:
+        if _is_path(rest):
+            folder = Path(rest).expanduser()
+            found = (folder / "config.json").is_file()
+            return WeightsSource(f"local folder {folder}" + ("" if found else " (no config.json there)"), found)
+        return hub_source(rest, ("config.json",))
 
     @staticmethod
     def _resolve(rest: str) -> str:

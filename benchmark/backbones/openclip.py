@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbones import BackboneLoadError
-from benchmark.backbones.base import Backbone, BlockView, ProjectionRows
+from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, WeightsSource
 from benchmark.backbones.timm_trunk import route_qkv_through_module, timm_block_views, timm_image_projection
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,22 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def hub_source(repo_id: str, filenames: tuple[str, ...]) -> WeightsSource:
+    """Hub weights: ready when one of ``filenames`` of ``repo_id`` is in the local Hugging Face cache, or when the
+    hub can be reached now (``HF_HUB_OFFLINE`` set: the cache only)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return WeightsSource(f"the Hugging Face cache ({cached})", True)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    reachable = not offline and _hub_reachable()
+    return WeightsSource(f"the Hugging Face hub ({repo_id}), not in the local cache: needs internet"
+                         + ("" if reachable else " (HF_HUB_OFFLINE is set)" if offline else
+                            f", and {HUB_HOST} cannot be reached from this machine"), reachable)
 
 
 def resolve_name(name: str, tag: str | None) -> str:
@@ -194,6 +210,25 @@ class OpenCLIPBackbone(Backbone):
     @classmethod
     def check_spec(cls, rest: str) -> None:
         parse(rest)
+
+    @classmethod
+    def weights_source(cls, rest: str) -> WeightsSource:
+        name, tag = parse(rest)
+        if name.startswith("local-dir:"):
+            folder = Path(name[len("local-dir:"):]).expanduser()
+            found = (folder / "open_clip_config.json").is_file()
+            return WeightsSource(f"local folder {folder}" + ("" if found else " (no open_clip_config.json there)"), found)
+        if tag is None:
+            return WeightsSource(f"none: random initialisation (seed {INIT_SEED}), no pretrained weights", True)
+        if _is_path(tag):
+            return WeightsSource(f"local file {tag}" + ("" if Path(tag).is_file() else " (not found)"),
+                                 Path(tag).is_file())
+        hub = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "")
+        if not hub:
+            return WeightsSource(f"open_clip has no hub entry for '{name}@{tag}'", False)
+        repo_id, filename = os.path.split(hub)
+        default = "open_clip_pytorch_model.bin"  # open_clip's file when the entry names none (a safetensors twin first)
+        return hub_source(repo_id, (filename,) if filename else ("open_clip_model.safetensors", default))
 
     def encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images)

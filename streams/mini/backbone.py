@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 from filelock import FileLock
 
+from benchmark.backbones.base import WeightsSource
 from benchmark.backbones.openclip import OpenCLIPBackbone
 from benchmark.cache import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: this family's documented setting)
 from streams.mini.pretrain import RECIPE, PretrainConfig, pretrain
@@ -60,6 +61,13 @@ class MiniBackbone(OpenCLIPBackbone):
             return
         folder = ensure_model(Path(rest) if rest else default_model_dir())
         super().__init__(spec, f"local-dir:{folder}")
+
+    @classmethod
+    def weights_source(cls, rest: str) -> WeightsSource:
+        folder = Path(rest).expanduser() if rest else default_model_dir()
+        built = (folder / WEIGHTS).is_file()
+        return WeightsSource(f"the mini model in {folder}" if built else
+                             f"the mini model, pretrained into {folder} on first use (a few minutes on a CPU)", True)
 
     @classmethod
     def check_spec(cls, rest: str) -> None:
