@@ -2,6 +2,8 @@
 every folder name checked before any work (all problems at once), and ``--dry-run`` making the run's checks."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -17,8 +19,16 @@ def _statuses(out, *overrides: str, force: bool = False) -> dict[str, str]:
     return {o.path.parent.name: o.status for o in outcomes}
 
 
-def test_one_strategys_option_refuses_only_its_own_finished_runs_and_defaults_are_no_change(tmp_path):
-    assert set(_statuses(tmp_path).values()) == {"finished"}
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The runs folder of GRID, run once for the module (tests take a copy)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert set(_statuses(out).values()) == {"finished"}
+    return out
+
+
+def test_one_strategys_option_refuses_only_its_own_finished_runs_and_defaults_are_no_change(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     with pytest.raises(GridCheckError) as err:
         _statuses(tmp_path, "lorsu.top_k_heads=4")
     message = str(err.value)
@@ -41,8 +51,8 @@ def test_config_yaml_holds_every_resolved_option_of_its_strategy_and_streams(tmp
     assert "lorsu" not in zeroshot and "digits" in zeroshot  # another strategy's section never reaches the run
 
 
-def test_records_written_before_they_held_every_option_still_match(tmp_path):
-    assert set(_statuses(tmp_path).values()) == {"finished"}
+def test_records_written_before_they_held_every_option_still_match(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     for strategy, section in (("lorsu", None), ("zeroshot", {"rank": 64})):  # as an older version wrote them:
         path = run_dir(load_config("quick", [f"out={tmp_path}", *GRID, f"strategy={strategy}"]).expand()[0])
         config = yaml.safe_load((path / "config.yaml").read_text())
