@@ -11,7 +11,9 @@ run per combination, and so does a list value of any other key whose declared ty
 list (``train.lr: [1.0e-5, 1.0e-4]``, ``lorsu.top_k_heads: [1, 2, 4]``); a key whose type is a list
 (``controls``, ``loggers``) never expands. A key of a strategy's or stream's section is swept only
 in the runs of that strategy (of that stream, as target or control). Every value is checked
-before any work starts; an error names the key, the bad value and what is allowed.
+before any work starts, every problem at once; each names the key, the bad value and what is allowed.
+A run's resolved config (:meth:`Config.resolve`) holds every option of its strategy and streams, and
+records are compared in that form (:func:`compared`).
 """
 from __future__ import annotations
 
