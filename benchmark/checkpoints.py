@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from benchmark.config import Config, flatten
+from benchmark.config import compared
 from benchmark.metrics import AccuracyMatrix
 from benchmark.records import atomic_writer
 
@@ -44,7 +44,7 @@ KeepCheckpoints = Literal["last", "all", "none"]
 _NAME = re.compile(r"session-(\d+)\.pt")
 # config keys that do not change a run's numbers: a checkpoint resumes across them
 RESUME_INDEPENDENT = ("out", "device", "loggers", "keep_checkpoints", "ddp", "swept",  # swept: values also in place
-                      "eval_cache", "train.num_workers")
+                      "eval_cache", "train.num_workers", "data_root")  # data_root: where the data is, not what
 
 
 @dataclass
@@ -139,13 +139,15 @@ def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.devi
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every (dotted) key whose value differs between two resolved configs,
-    leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`). A key the old
-    config lacks (written before the key existed, e.g. ``vqa.*``) counts as its default."""
-    flat_old = {**flatten(Config().to_dict()), **flatten(old)} if old else {}
-    flat_new = flatten(new)
+    """``key: old -> new`` for every (dotted) key whose resolved value differs between two run configs
+    (:func:`~benchmark.config.compared`: a key either lacks counts as its default; only the option sections
+    that reach the run), leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`,
+    and ``vqa.*`` when neither evaluates VQA)."""
+    flat_old = compared(old) if old else {}
+    flat_new = compared(new)
+    unused = ("vqa",) if flat_old.get("vqa.model") is None and flat_new.get("vqa.model") is None else ()
     keys = sorted(k for k in flat_old.keys() | flat_new.keys()
-                  if k not in RESUME_INDEPENDENT and k.split(".")[0] not in RESUME_INDEPENDENT)
+                  if k not in RESUME_INDEPENDENT and k.split(".")[0] not in (*RESUME_INDEPENDENT, *unused))
     missing = "(unset)"
     return [f"{k}: {flat_old.get(k, missing)!r} -> {flat_new.get(k, missing)!r}" for k in keys
             if flat_old.get(k, missing) != flat_new.get(k, missing)]

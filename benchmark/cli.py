@@ -89,7 +89,7 @@ def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1, probe: bo
     shard = grid_shard(launcher=not cfg.ddp)
     mine = shard.select(runs)
     device = local_device(cfg.device)
-    data = check_grid(mine, force)  # the checks a real run makes before any work
+    data = check_grid(mine, force, jobs)  # the checks a real run makes before any work
     done = [is_done(RunRecord(run_dir(run), writable=False), run.to_dict(), force) for run in mine]
     summary = grid_lines(cfg, mine, done, [run_dir(run) for run in mine], verbose)
     print(f"{len(runs)} run(s) of '{cfg.name}' from {what}" + (f", {len(mine)} in shard {shard}" if shard.count > 1

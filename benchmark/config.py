@@ -11,7 +11,9 @@ run per combination, and so does a list value of any other key whose declared ty
 list (``train.lr: [1.0e-5, 1.0e-4]``, ``lorsu.top_k_heads: [1, 2, 4]``); a key whose type is a list
 (``controls``, ``loggers``) never expands. A key of a strategy's or stream's section is swept only
 in the runs of that strategy (of that stream, as target or control). Every value is checked
-before any work starts; an error names the key, the bad value and what is allowed.
+before any work starts, every problem at once; each names the key, the bad value and what is allowed.
+A run's resolved config (:meth:`Config.resolve`) holds every option of its strategy and streams, and
+records are compared in that form (:func:`compared`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
@@ -42,14 +47,48 @@ TRAIN = "train"  # the training recipe's section, at top level and in a strategy
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+SEED_MAX = 2**32 - 1  # numpy's global seed takes [0, 2^32 - 1]
+_COLLECTED: ContextVar[list[str] | None] = ContextVar("fscl_config_problems", default=None)
+
+
 class ConfigError(FsclError, ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
+    """Configuration values are invalid; each problem names the key and what is allowed (one: the message;
+    several: counted, then one a line)."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = list(problems)
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} invalid values:\n" + "\n".join(f"- {p}" for p in problems))
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise :class:`ConfigError` for ``key`` unless ``ok``."""
+    """Raise :class:`ConfigError` for ``key`` unless ``ok`` (inside :func:`collecting`: note it and go on)."""
     if not ok:
-        raise ConfigError(f"{key}: invalid value {value!r}; allowed: {allowed}")
+        problem = f"{key}: invalid value {value!r}; allowed: {allowed}"
+        found = _COLLECTED.get()
+        if found is None:
+            raise ConfigError(problem)
+        found.append(problem)
+
+
+@contextmanager
+def collecting(problems: list[str], every_check: bool = False) -> Iterator[None]:
+    """A block whose :class:`ConfigError` is added to ``problems`` instead of raised; with ``every_check``, each
+    failed :func:`check` in it is added and the block goes on (only for blocks of plain checks, such as a
+    dataclass's ``__post_init__``: code that relies on a check raising, as :func:`coerce` does, never runs so)."""
+    token = _COLLECTED.set(problems if every_check else None)
+    try:
+        yield
+    except ConfigError as err:
+        problems.extend(err.problems)
+    finally:
+        _COLLECTED.reset(token)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` holding every one of ``problems`` (each once), if any."""
+    if problems:
+        raise ConfigError(*dict.fromkeys(problems))
 
 
 @dataclass
@@ -86,7 +125,8 @@ class TrainConfig:
         check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
         check(self.lr > 0, "train.lr", self.lr, "a float > 0")
-        check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"a float in [0, lr={self.lr}]")
+        check(0 <= self.min_lr and (self.lr <= 0 or self.min_lr <= self.lr), "train.min_lr", self.min_lr,
+              f"a float in [0, lr={self.lr}]")  # against an lr that is itself refused, only >= 0
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
         check(self.num_workers == "auto" or self.num_workers >= 0, "train.num_workers", self.num_workers,
               "an integer >= 0, or auto")
@@ -123,9 +163,12 @@ class VQAConfig:
               or (family != "llava" and family in VQA_MODELS), "vqa.model", self.model,
               "llava:/path/to/folder (or llava:org/hub-id), "
               + "".join(f"{name}, " for name in VQA_MODELS.names()) + "or null for no VQA")
-        check(self.seed >= 0, "vqa.seed", self.seed, "an integer >= 0")
+        check(0 <= self.seed <= SEED_MAX, "vqa.seed", self.seed, f"an integer in [0, {SEED_MAX}]")
         check(self.batch_size >= 1, "vqa.batch_size", self.batch_size, "an integer >= 1")
         check(self.subset is None or self.subset >= 1, "vqa.subset", self.subset, "an integer >= 1, or null")
+        check(self.subset is None or self.sessions == "all", "vqa.subset", self.subset,
+              "null with vqa.sessions: ends (the ends ask the full sets; set vqa.sessions: all to ask a subset after "
+              "the sessions in between)")
 
 
 @dataclass
@@ -186,16 +229,17 @@ class Config:
 
     def resolve(self) -> None:
         """Make a grid point's config what its run records: its own stream left out of the controls, the
-        shot seed set, and its strategy's ``train`` keys moved into ``train`` (every section's taken out)."""
+        shot seed set, its strategy's ``train`` keys moved into ``train``, and of the option sections only those
+        that reach the run (its strategy's, its target's and its controls'), each with every option resolved."""
         self.controls = [c for c in self.controls if c != self.stream]  # one control list serves a grid of targets
         if self.shot_seed is None:  # as the released code: each seed draws its own shots
             self.shot_seed = self.seed
         own = self.options.get(self.strategy, {}).get(TRAIN) if self.strategy in STRATEGIES else None
         if own:
             self.train = from_dict(TrainConfig, {**dataclasses.asdict(self.train), **own}, prefix=f"{self.strategy}.train")
-        self.options = {name: {k: v for k, v in section.items() if k != TRAIN}
-                        for name, section in self.options.items()
-                        if not (name in STRATEGIES and isinstance(section, dict) and section and set(section) == {TRAIN})}
+        self.options = {name: dataclasses.asdict(self.options_for(name, entry.options))
+                        for name in dict.fromkeys([self.strategy, self.stream, *self.controls])
+                        if (entry := section_entry(name)) is not None and entry.options is not None}
 
     def options_for(self, name: str, options_type: type | None) -> Any:
         """The validated options dataclass of strategy/stream ``name`` (None if it takes none)."""
@@ -296,6 +340,21 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def compared(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's resolved config (its ``config.yaml``, a checkpoint's) as dotted keys → values, the form in which
+    two are compared: keys it lacks (written before they existed, or before records held every option) at their
+    defaults, and of the option sections only those that reach the run (its strategy's, target's, controls')."""
+    reach = [config.get("strategy"), config.get("stream"), *(config.get("controls") or [])]
+    flat = flatten(Config().to_dict())
+    for name in reach:
+        entry = section_entry(name)
+        if entry is not None and entry.options is not None:
+            flat.update({f"{name}.{f.name}": field_default(f) for f in dataclasses.fields(entry.options)})
+    flat.update(flatten({k: v for k, v in config.items()
+                         if section_entry(k) is None or (k in reach and v != {})}))
+    return flat
+
+
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -379,29 +438,42 @@ def describe_options(cls: type) -> list[OptionDoc]:
     hints = typing.get_type_hints(cls)
     docs = []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        docs.append(OptionDoc(f.name, describe_type(hints[f.name]), default, f.metadata.get("help", "")))
+        docs.append(OptionDoc(f.name, describe_type(hints[f.name]), field_default(f), f.metadata.get("help", "")))
     return docs
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion; every problem of ``data``
+    at once (:class:`ConfigError`)."""
+    built, problems = build(cls, data, prefix)
+    raise_problems(problems)
+    return built
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "", also: typing.Sequence[str] = ()) -> tuple[Any, list[str]]:
+    """Dataclass ``cls`` from the values of ``data`` that pass their checks (None when it cannot be built from
+    them), and the problems of the others and of its own checks; an unknown key's suggestion is among its
+    fields and the names ``also`` allowed beside them."""
     hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    problems: list[str] = []
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(key, [*names, *also], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{full}: unknown key.{hint} Allowed keys: {', '.join(names)}")
-        kwargs[key] = coerce(value, hints[key], full)
+            problems.append(f"{full}: unknown key.{hint} Allowed keys: {', '.join(names)}"
+                            + (", or the name of a strategy or stream (its options)" if also else ""))
+            continue
+        with collecting(problems):
+            kwargs[key] = coerce(value, hints[key], full)
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
+        with collecting(problems, every_check=True):
+            return cls(**kwargs), problems
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+        problems.append(f"{prefix or cls.__name__}: {err}")
+    return None, problems
 
 
 def stream_options(name: str, pairs: typing.Sequence[str]) -> Any:
@@ -481,28 +553,36 @@ def load_config(source: str | None = None, overrides: typing.Sequence[str] = ())
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a plain mapping into a :class:`Config` (names, ranges, option sections); the list values of
-    keys whose type takes no list become its ``sweeps``, each value checked with the others' first."""
-    data, sweeps = split_sweeps(data)
-    cfg = _parse(data)
+    keys whose type takes no list become its ``sweeps``, each value checked with the others' first. Every
+    problem at once: one :class:`ConfigError` holding them all."""
+    problems: list[str] = []
+    data, sweeps = split_sweeps(data, problems)
+    cfg = _parse(data, problems)
     for key, values in sweeps.items():
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        check(not repeated, key, values, f"each value once (repeated: {', '.join(repeated)})")
+        with collecting(problems):
+            check(not repeated, key, values, f"each value once (repeated: {', '.join(repeated)})")
         for value in values[1:]:
             other = copy.deepcopy(data)
             set_dotted(other, key, value)
-            _parse(other)
+            _parse(other, problems)
+    raise_problems(problems)
     cfg.sweeps = sweeps
     return cfg
 
 
-def _parse(data: dict[str, Any]) -> Config:
+def _parse(data: dict[str, Any], problems: list[str]) -> Config:
+    """:class:`Config` from the values of ``data`` that pass their checks; the problems of the others added to
+    ``problems``."""
     data = dict(data)
     top = {f.name for f in dataclasses.fields(Config)} - {"options", "sweeps"}
-    check("sweeps" not in data, "sweeps", data.get("sweeps"), "nothing: a key's list of values is its sweep")
+    with collecting(problems):
+        check("sweeps" not in data, "sweeps", data.pop("sweeps", None), "nothing: a key's list of values is its sweep")
     options = {k: data.pop(k) for k in list(data) if k not in top and (k in STRATEGIES or k in STREAMS)}
-    cfg = from_dict(Config, data)
+    cfg, found = build(Config, data, also=[*STRATEGIES.names(), *STREAMS.names()])
+    problems += found
     cfg.options = options
-    _validate(cfg)
+    _validate(cfg, problems)
     return cfg
 
 
@@ -515,7 +595,7 @@ def _declaring(key: str) -> tuple[type | None, str]:
     if section is None and head in STRATEGIES and rest.startswith(f"{TRAIN}."):
         section, rest = TrainConfig, rest[len(TRAIN) + 1:]
     elif section is None:
-        entry = STRATEGIES.get(head) if head in STRATEGIES else STREAMS.get(head) if head in STREAMS else None
+        entry = section_entry(head)
         section = entry.options if entry is not None else None
     return (None if "." in rest else section), rest
 
@@ -537,8 +617,20 @@ def declared_default(key: str) -> Any:
     cls, name = _declaring(key)
     for f in dataclasses.fields(cls) if cls is not None else ():
         if f.name == name:
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            return field_default(f)
     return dataclasses.MISSING
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory's value); MISSING when it has none."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def section_entry(name: Any) -> Any:
+    """The registry entry of the strategy or stream whose option section is named ``name`` (None: no such)."""
+    if not isinstance(name, str):
+        return None
+    return STRATEGIES.get(name) if name in STRATEGIES else STREAMS.get(name) if name in STREAMS else None
 
 
 def takes_list(hint: Any) -> bool:
@@ -551,9 +643,10 @@ def takes_list(hint: Any) -> bool:
     return origin in (list, tuple, dict) or hint in (list, tuple, dict)
 
 
-def split_sweeps(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list]]:
+def split_sweeps(data: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], dict[str, list]]:
     """A copy of ``data`` whose list values at keys that take no list (see :func:`takes_list`; the grid axes
-    stay lists) are replaced by their first value, and those lists (values checked) by dotted key."""
+    stay lists) are replaced by their first value, and those lists (values checked) by dotted key; a list
+    with a bad value is left out, its problems added to ``problems``."""
     sweeps: dict[str, list] = {}
 
     def walk(node: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -564,9 +657,15 @@ def split_sweeps(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list]]
             if isinstance(value, dict) and (hint is None or dataclasses.is_dataclass(hint)):
                 out[key] = walk(value, f"{full}.")
             elif isinstance(value, (list, tuple)) and hint is not None and not takes_list(hint):
-                check(len(value) > 0, full, value, "a value, or a non-empty list of values (a sweep)")
-                sweeps[full] = [coerce(v, hint, f"{full}[{i}]") for i, v in enumerate(value)]
-                out[key] = sweeps[full][0]
+                found: list[str] = []
+                with collecting(found):
+                    check(len(value) > 0, full, value, "a value, or a non-empty list of values (a sweep)")
+                    values = [coerce(v, hint, f"{full}[{i}]") for i, v in enumerate(value)]
+                if found:
+                    problems.extend(found)
+                    continue
+                sweeps[full] = values
+                out[key] = values[0]
             else:
                 out[key] = value
         return out
@@ -574,60 +673,75 @@ def split_sweeps(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list]]
     return walk(dict(data), ""), sweeps
 
 
-def _validate(cfg: Config) -> None:
-    for axis, registry in (("stream", STREAMS), ("strategy", STRATEGIES)):
-        for name in _as_list(getattr(cfg, axis)):
-            check(isinstance(name, str), axis, name, "a name or list of names")
-            if name not in registry:
-                raise ConfigError(f"{axis}: {registry.unknown_message(name)}")
-    for name in cfg.controls:
-        if name not in STREAMS:
-            raise ConfigError(f"controls: {STREAMS.unknown_message(name)}")
-    if cfg.control_subset is not None:
-        check(cfg.control_subset >= 1, "control_subset", cfg.control_subset, "an integer >= 1, or null for all images")
-    from benchmark.backbones import check_backbone_string
+def _validate(cfg: Config, problems: list[str]) -> None:
+    """Add every problem of ``cfg``'s values to ``problems``: names, ranges, the grid's axes (none empty), and the
+    option sections of its strategies and streams (those not given at their defaults)."""
+    with collecting(problems, every_check=True):
+        for axis in GRID_AXES:
+            values = _as_list(getattr(cfg, axis))
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            check(bool(values), axis, getattr(cfg, axis), "a value, or a non-empty list of values (a grid axis)")
+            check(not repeated, axis, getattr(cfg, axis), f"each value once (repeated: {', '.join(repeated)})")
+        for axis, registry in (("stream", STREAMS), ("strategy", STRATEGIES)):
+            for name in _as_list(getattr(cfg, axis)):
+                if not isinstance(name, str):
+                    check(False, axis, name, "a name or list of names")
+                elif name not in registry:
+                    problems.append(f"{axis}: {registry.unknown_message(name)}")
+        problems += [f"controls: {STREAMS.unknown_message(name)}" for name in cfg.controls if name not in STREAMS]
+        if cfg.control_subset is not None:
+            check(cfg.control_subset >= 1, "control_subset", cfg.control_subset, "an integer >= 1, or null for all images")
+        from benchmark.backbones import check_backbone_string
 
-    for spec in _as_list(cfg.backbone):
-        try:
-            check_backbone_string(spec)
-        except ValueError as err:
-            raise ConfigError(f"backbone: {err}") from None
-    for shots in _as_list(cfg.shots):
-        check(isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1, "shots", shots, "an integer >= 1")
-    for seed in _as_list(cfg.seed):
-        check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed, "an integer >= 0")
-    for axis in GRID_AXES:
-        values = _as_list(getattr(cfg, axis))
-        repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        check(not repeated, axis, getattr(cfg, axis), f"each value once (repeated: {', '.join(repeated)})")
-    check(cfg.sessions >= 1, "sessions", cfg.sessions, "an integer >= 1")
-    check(cfg.shot_seed is None or cfg.shot_seed >= 0, "shot_seed", cfg.shot_seed,
-          "an integer >= 0, or null for the run's seed")
-    check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
-          "device", cfg.device, "auto, cpu, cuda, cuda:N or mps")
-    check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
-    check(cfg.validation_per_class is None or cfg.validation_per_class >= 1, "validation_per_class",
-          cfg.validation_per_class, "an integer >= 1, or null (evaluate on the test splits)")
-    if cfg.ddp:
-        for name in _as_list(cfg.strategy):
-            if not getattr(STRATEGIES.get(name).obj, "supports_ddp", False):
-                raise ConfigError(f"ddp: strategy '{name}' does not support data-parallel training (its "
-                                  f"statistics would differ between processes); allowed: ddp: false, or strategies "
-                                  f"{', '.join(n for n in STRATEGIES.names() if STRATEGIES.get(n).obj.supports_ddp)}")
-    for name, section in cfg.options.items():
-        check(isinstance(section, dict), name, section, "a mapping of option keys")
-        if name in STRATEGIES and TRAIN in section:  # the strategy's own training keys, over cfg.train
-            check(isinstance(section[TRAIN], dict), f"{name}.train", section[TRAIN], "a mapping of train keys")
+        for spec in _as_list(cfg.backbone):
             try:
-                from_dict(TrainConfig, {**dataclasses.asdict(cfg.train), **section[TRAIN]}, prefix=f"{name}.train")
-            except ConfigError as err:  # a cross-field check names train.<key>: say whose recipe it is
-                raise ConfigError(str(err) if str(err).startswith(f"{name}.") else f"{name}: {err}") from None
-        for registry in (STRATEGIES, STREAMS):
-            if name in registry:
-                entry = registry.get(name)
-                own = {k: v for k, v in section.items() if not (registry is STRATEGIES and k == TRAIN)}
-                if entry.options is None:
-                    check(not own, name, section, f"nothing: {registry.kind} '{name}' takes no options"
-                          + (" but its own train keys" if registry is STRATEGIES else ""))
-                else:
-                    cfg.options_for(name, entry.options)
+                check_backbone_string(spec)
+            except ValueError as err:
+                problems.append(f"backbone: {err}")
+        for shots in _as_list(cfg.shots):
+            check(isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1, "shots", shots,
+                  "an integer >= 1")
+        for seed in _as_list(cfg.seed):
+            check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX, "seed", seed,
+                  f"an integer in [0, {SEED_MAX}]")
+        check(cfg.sessions >= 1, "sessions", cfg.sessions, "an integer >= 1")
+        check(cfg.shot_seed is None or 0 <= cfg.shot_seed <= SEED_MAX, "shot_seed", cfg.shot_seed,
+              f"an integer in [0, {SEED_MAX}], or null for the run's seed")
+        check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
+              "device", cfg.device, "auto, cpu, cuda, cuda:N or mps")
+        check(cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\0" not in cfg.name, "name", cfg.name,
+              "one folder name (not empty, '.' or '..'; no '/')")
+        check(cfg.validation_per_class is None or cfg.validation_per_class >= 1, "validation_per_class",
+              cfg.validation_per_class, "an integer >= 1, or null (evaluate on the test splits)")
+    strategies = [n for n in _as_list(cfg.strategy) if isinstance(n, str) and n in STRATEGIES]
+    if cfg.ddp:
+        problems += [f"ddp: strategy '{name}' does not support data-parallel training (its statistics would differ "
+                     f"between processes); allowed: ddp: false, or strategies "
+                     f"{', '.join(n for n in STRATEGIES.names() if STRATEGIES.get(n).obj.supports_ddp)}"
+                     for name in strategies if not getattr(STRATEGIES.get(name).obj, "supports_ddp", False)]
+    used = [*strategies, *(n for n in [*_as_list(cfg.stream), *cfg.controls] if isinstance(n, str) and n in STREAMS)]
+    for name in dict.fromkeys([*cfg.options, *used]):
+        with collecting(problems):
+            _validate_section(cfg, name, cfg.options.get(name, {}))
+
+
+def _validate_section(cfg: Config, name: str, section: Any) -> None:
+    """Check the option section of strategy or stream ``name`` (raises :class:`ConfigError`)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: invalid value {section!r}; allowed: a mapping of option keys")
+    if name in STRATEGIES and TRAIN in section:  # the strategy's own training keys, over cfg.train
+        if not isinstance(section[TRAIN], dict):
+            raise ConfigError(f"{name}.train: invalid value {section[TRAIN]!r}; allowed: a mapping of train keys")
+        try:
+            from_dict(TrainConfig, {**dataclasses.asdict(cfg.train), **section[TRAIN]}, prefix=f"{name}.train")
+        except ConfigError as err:  # a cross-field check names train.<key>: say whose recipe it is
+            raise ConfigError(*(p if p.startswith(f"{name}.") else f"{name}: {p}" for p in err.problems)) from None
+    for registry in (STRATEGIES, STREAMS):
+        if name in registry:
+            entry = registry.get(name)
+            own = {k: v for k, v in section.items() if not (registry is STRATEGIES and k == TRAIN)}
+            if entry.options is None:
+                check(not own, name, section, f"nothing: {registry.kind} '{name}' takes no options"
+                      + (" but its own train keys" if registry is STRATEGIES else ""))
+            else:
+                cfg.options_for(name, entry.options)

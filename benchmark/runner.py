@@ -115,11 +115,21 @@ class RunOutcome:
     reason: str = ""
 
 
+NAME_MAX = 255  # bytes in one folder name on the usual file systems (ext4, XFS, Btrfs, APFS), where none is found
+
+
+def run_folders(cfg: Config) -> list[tuple[str, str]]:
+    """The folders of a scalar config's run record below ``out``, each with the key(s) that name it:
+    ``<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>``; a run of a grid with swept keys has their values
+    as a folder before the last (``lorsu/lr=0.0005/5-s0``, :func:`sweep_tag`)."""
+    swept = [(", ".join(cfg.swept), sweep_tag(cfg.swept))] if cfg.swept else []
+    return [("name", cfg.name), ("stream", cfg.stream), ("backbone", slug(cfg.backbone)), ("strategy", cfg.strategy),
+            *swept, ("shots, seed", f"{cfg.shots}-s{cfg.seed}")]
+
+
 def run_dir(cfg: Config) -> Path:
-    """``<out>/<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>`` of a scalar config; a run of a grid with
-    swept keys has their values as a folder before the last (``lorsu/lr=0.0005/5-s0``, :func:`sweep_tag`)."""
-    strategy = Path(cfg.strategy) / sweep_tag(cfg.swept) if cfg.swept else Path(cfg.strategy)
-    return Path(cfg.out) / cfg.name / cfg.stream / slug(cfg.backbone) / strategy / f"{cfg.shots}-s{cfg.seed}"
+    """The folder of a scalar config's run record: ``out`` and :func:`run_folders`."""
+    return Path(cfg.out).joinpath(*(folder for _, folder in run_folders(cfg)))
 
 
 def seed_everything(seed: int) -> None:
@@ -245,6 +255,29 @@ def changed_finished_runs(runs: list[Config]) -> list[str]:
     return found
 
 
+def long_folder_names(runs: list[Config]) -> dict[str, list[Config]]:
+    """Each folder name of the grid's run records (``out``'s own included) longer than a folder name may be on
+    the file system that will hold it (its ``PC_NAME_MAX``, else :data:`NAME_MAX` bytes), as a problem naming
+    its key, with the runs it belongs to."""
+    found: dict[str, list[Config]] = {}
+    limits: dict[Path, int] = {}
+    for run in runs:
+        out = Path(run.out).absolute()
+        if out not in limits:
+            existing = next(p for p in (out, *out.parents) if p.exists())
+            try:
+                limits[out] = os.pathconf(existing, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                limits[out] = NAME_MAX
+        for key, folder in [*(("out", part) for part in out.parts[1:]), *run_folders(run)]:
+            size = len(os.fsencode(folder))
+            if size > limits[out]:
+                shown = folder if len(folder) <= 20 else folder[:20] + "..."
+                found.setdefault(f"{key}: the folder name {shown!r} is {size} bytes long; at most {limits[out]} bytes "
+                                 f"fit in a folder name under {out}", []).append(run)
+    return found
+
+
 def unwritable_outputs(runs: list[Config]) -> list[str]:
     """The runs folders of the grid that this process cannot write into: a temporary file is made (and
     removed) in each folder, or in its nearest existing parent when it does not exist yet."""
@@ -279,7 +312,8 @@ def strategy_problems(runs: list[Config]) -> list[str]:
         seen.add((run.backbone, run.strategy, repr(options), run.ddp))
         if entry.obj.objective == "vlm" and run.vqa.model is None:
             problems.append(f"{run.strategy} trains the encoder with LLaVA's answer loss and needs vqa.model: "
-                            f"llava:/path/to/folder (a LLaVA whose vision tower takes '{run.backbone}')")
+                            f"llava:/path/to/folder (a LLaVA whose vision tower takes '{run.backbone}'), or "
+                            f"vqa.model=mini (the mini world's VLM, with backbone=mini)")
         try:
             if run.backbone not in skeletons:
                 skeletons[run.backbone] = backbone_skeleton(run.backbone)
@@ -320,18 +354,28 @@ def vqa_problems(runs: list[Config]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
+def _where(run: Config) -> str:
+    return f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}"
+
+
+def check_grid(runs: list[Config], force: bool = False, jobs: int | str = 1) -> list[RunData]:
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
-    what a strategy refuses on its backbone (:func:`strategy_problems`), what VQA refuses
-    (:func:`vqa_problems`), its data (a missing root, a
-    wrong layout, too many sessions for a stream's classes, ...), a runs folder it cannot write, and
-    (unless ``force``) a finished run whose configuration changed."""
+    ``jobs`` (local processes) other than 1 with ``ddp: true``, what a strategy refuses on its backbone
+    (:func:`strategy_problems`), what VQA refuses (:func:`vqa_problems`), its data (a missing root, a
+    wrong layout, too many sessions for a stream's classes, ...), a runs folder it cannot write, a folder name
+    too long (:func:`long_folder_names`), and (unless ``force``) a finished run whose configuration changed.
+    A run and ``--dry-run`` make these same checks."""
     cache: dict[tuple, Any] = {}
     found: list[RunData] = []
     problems: dict[str, list[str]] = {
         message: [] for message in unwritable_outputs(runs) + strategy_problems(runs) + vqa_problems(runs)}
+    if runs and runs[0].ddp and jobs not in (1, "auto"):  # ddp is one value for the whole grid
+        problems[f"--jobs: invalid value {jobs!r} with ddp: true; --jobs runs whole runs in local processes, with "
+                 f"ddp: true the launched processes share each run instead: leave --jobs at 1"] = []
+    for message, long in long_folder_names(runs).items():
+        problems[message] = [_where(run) for run in long]
     for run in runs:
-        where = f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}"
+        where = _where(run)
         try:
             found.append(run_data(run, cache))
         except (DataError, ValueError, ConfigError) as err:
@@ -366,24 +410,21 @@ def run_grid(cfg: Config, progress: bool = True, force: bool = False, jobs: int 
     """
     outcomes = []
     device = local_device(cfg.device)  # a device this machine lacks: refused before any work
-    if cfg.ddp:
-        init_data_parallel(device)
     shard = grid_shard(launcher=not cfg.ddp)
     runs = shard.select(cfg.expand())
     if shard.count > 1:
         log.info("grid shard %s: %d run(s)", shard, len(runs))
-    data = check_grid(runs, force)
+    data = check_grid(runs, force, jobs)
+    if cfg.ddp:
+        init_data_parallel(device)
     if is_main_process():
         for warning in grid_warnings(cfg, runs):
             log.warning("%s", warning)
-    if jobs != 1:
+    if not cfg.ddp and jobs != 1:
         pending = [i for i, run in enumerate(runs) if not is_done(RunRecord(run_dir(run), writable=False),
                                                                   run.to_dict(), force)]
         n_jobs = resolve_jobs(jobs, device, len(pending))
         if n_jobs > 1:
-            if cfg.ddp:
-                raise ConfigError("--jobs runs whole runs in local processes; with ddp: true the launched "
-                                  "processes share each run instead: leave --jobs at 1")
             outcomes = [RunOutcome(run_dir(run), "skipped") for run in runs]
             done = run_jobs([runs[i] for i in pending], [data[i] for i in pending], n_jobs, progress, force)
             for i, outcome in zip(pending, done):
