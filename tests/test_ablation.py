@@ -87,7 +87,7 @@ def test_ablation_table_means_stds_and_paired_tests_against_the_reference(table)
     lora = table[table["strategy"] == "lora"]
     assert list(lora["train.lr"]) == [1e-5, 1e-4] and list(lora["reference"]) == [True, False]  # the default lr
     assert lora["target_improvement_mean"].to_numpy() == pytest.approx([0.055, 0.175])
-    assert lora["target_improvement_p"].iloc[1] == pytest.approx(stats.ttest_rel([0.15, 0.20], [0.05, 0.06]).pvalue)
+    assert lora["target_improvement_note"].iloc[1] == "n<3"  # two seeds: no p-value
     assert "zeroshot" not in set(table["strategy"])  # not swept: the main results table's
 
 
