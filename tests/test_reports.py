@@ -415,3 +415,165 @@ def test_a_report_without_vqa_has_no_vqa_part(report):
     assert "VQA" not in markdown and "Zero-shot classification" not in markdown
     assert not any("-vqa-" in p.name for p in report.figures)
     assert not any(c.startswith("vqa_") for c in pd.read_csv(report.results_csv).columns)
+
+
+# The table across settings: one family (exp, mini, 5-shot) with two targets, mini-shapes (the MATRICES above)
+# and mini-signs (below, controls clean_a and clean_b); TI and CC in the comments.
+SIGNS = "mini-signs"
+SIGNS_END = {  # after session 2, from START
+    ("lorsu", 0): [0.30, 0.60, 0.50], ("lorsu", 1): [0.32, 0.58, 0.50], ("lorsu", 2): [0.34, 0.60, 0.48],
+    # TI .10 .12 .14, CC 0 -.01 -.01
+    ("lora", 0): [0.60, 0.40, 0.30], ("lora", 1): [0.62, 0.40, 0.30], ("lora", 2): [0.58, 0.40, 0.30],
+    # TI .40 .42 .38, CC -.20
+}
+
+
+@pytest.fixture(scope="module")
+def across_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("across")
+    for (strategy, seed), rows in MATRICES.items():
+        if strategy in ("lorsu", "lora"):
+            write_run(root, strategy, seed, [START, *rows])
+    for (strategy, seed), end in SIGNS_END.items():
+        write_run(root, strategy, seed, [START, START, end], stream=SIGNS)
+    write_run(root, "lora", 3, [START, START, START], stream=SIGNS)  # a seed only one target has
+    return root
+
+
+def test_table_across_settings_means_and_the_bold_rule(across_runs):
+    from reports.overview import MEAN, main_table, main_text_table
+
+    table = main_table(scan_runs(across_runs).finished, ZEROSHOT, "lorsu")
+    cell = table.set_index(["strategy", "target", "metric"])
+    assert cell.loc[("lorsu", SIGNS, "target_improvement"), "mean"] == pytest.approx(0.12)
+    assert cell.loc[("lora", SIGNS, "target_improvement"), "n"] == 4  # its seed 3 counts for mini-signs alone
+    assert cell.loc[("lora", SIGNS, "target_improvement"), "mean"] == pytest.approx(np.mean([0.40, 0.42, 0.38, -0.0]))
+    # Mean: per seed the mean over both targets, for the seeds finished on both (0-2)
+    lorsu_mean = np.mean([TI["lorsu"], [0.10, 0.12, 0.14]], axis=0)
+    assert cell.loc[("lorsu", MEAN, "target_improvement"), "mean"] == pytest.approx(lorsu_mean.mean())
+    assert cell.loc[("lorsu", MEAN, "target_improvement"), "std"] == pytest.approx(np.std(lorsu_mean, ddof=1))
+    assert cell.loc[("lora", MEAN, "target_improvement"), "n"] == 3
+    lora_cc = np.mean([CC["lora"], [-0.20] * 3], axis=0)
+    assert cell.loc[("lora", MEAN, "control_change"), "mean"] == pytest.approx(lora_cc.mean())
+    # bold only where clear: mini-shapes TI 22 ± 2 against lora's 21 ± 3.6 is not, lorsu's CC -1 ± 0 against
+    # -11.5 ± 0.9 is; mini-signs TI: lora's 30.0 ± 20.1 (its seed 3 at 0) is not clear of lorsu's 12 ± 2, lorsu's
+    # CC -0.7 ± 0.6 against -15 ± 10 is; Mean TI: lora's 30.5 ± 2.6 against lorsu's 17.0 ± 1.7 is
+    best = set(table.loc[table["best"], ["strategy", "target", "metric"]].itertuples(index=False, name=None))
+    assert best == {("lorsu", MINI, "control_change"), ("lorsu", SIGNS, "control_change"),
+                    ("lorsu", MEAN, "control_change"), ("lora", MEAN, "target_improvement")}
+
+    text = main_text_table(table)
+    assert text.groups == [("", 2), (MINI, 2), (SIGNS, 2), (MEAN, 2)]
+    assert text.header == ["Strategy", "n", *["TI (pp)", "CC (pp)"] * 3]
+    markdown = text.markdown()
+    assert f"| Strategy | n | {MINI} TI (pp) | {MINI} CC (pp) | {SIGNS} TI (pp) |" in markdown
+    assert "| lorsu | 3 | 22.0 ± 2.0 | **-1.0 ± 0.0** | 12.0 ± 2.0 |" in markdown
+    assert "| lora | 3–4 |" in markdown
+    latex = text.latex("Main table")
+    assert r"\multicolumn{2}{c}{mini-shapes} & \multicolumn{2}{c}{mini-signs} & \multicolumn{2}{c}{Mean}" in latex
+    assert r"\cmidrule(lr){3-4} \cmidrule(lr){5-6} \cmidrule(lr){7-8}" in latex
+    assert r"\textbf{-1.0 $\pm$ 0.0}" in latex and latex.count(r"\toprule") == 1
+    if shutil.which("pdflatex"):  # compile it with booktabs where a TeX is installed
+        import subprocess
+
+        doc = Path(across_runs) / "main.tex"
+        doc.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + latex
+                       + "\n\\end{document}\n")
+        subprocess.run(["pdflatex", "-interaction=nonstopmode", doc.name], cwd=doc.parent, check=True,
+                       capture_output=True)
+
+
+def test_a_report_opens_with_the_table_across_settings(across_runs, tmp_path):
+    report = write_report(across_runs, tmp_path)
+    markdown = report.markdown.read_text()
+    assert markdown.index("## Main results across settings") < markdown.index(f"## {MINI}")
+    assert "mean ± std intervals do not overlap" in markdown
+    csv = pd.read_csv(report.main_csv)
+    assert set(csv["target"]) == {MINI, SIGNS, "Mean"} and set(csv["evaluation"]) == {"zeroshot"}
+    assert report.main_latex.read_text().count(r"\begin{table}") == 1
+    assert (tmp_path / "figures" / "main-exp-mini-5shot.png").is_file()
+    assert report.headline.startswith("mini · 5-shot · exp") and "| lorsu | 3 |" in report.headline
+
+
+def test_clear_best_needs_three_seeds_and_a_gap_beyond_the_spread():
+    from reports.tables import clear_best
+
+    mean, std = pd.Series([0.30, 0.20, 0.10]), pd.Series([0.02, 0.02, 0.01])
+    assert clear_best(mean, std, pd.Series([3, 3, 3]), "higher").tolist() == [True, False, False]
+    assert not clear_best(mean, std, pd.Series([3, 2, 3]), "higher").any()  # the runner-up has n < 3
+    assert not clear_best(mean, pd.Series([0.06, 0.05, 0.0]), pd.Series([3, 3, 3]), "higher").any()  # 10 < 11
+    assert clear_best(mean, std, pd.Series([3, 3, 3]), "lower").tolist() == [False, False, True]
+    # a strategy that trains nothing is never the best of a cost column
+    eligible = pd.Series([True, True, False])
+    assert clear_best(mean, std, pd.Series([3, 3, 3]), "lower", eligible).tolist() == [False, True, False]
+
+
+def test_twelve_strategies_get_twelve_styles_fixed_per_strategy():
+    builtins = ["zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lora-ppl", "lorsu-ppl"]
+    outside = ["l2sp", "mine", "zz-new"]
+    styles = strategy_styles(strategy_order([*builtins, *outside], "lorsu"), "lorsu")
+    assert len(styles) == 12 and len(set(styles.values())) == 12
+    assert len({s.color for s in styles.values()}) == 12 and len({(s.color, s.marker) for s in styles.values()}) == 12
+    assert styles["lorsu"] == REFERENCE_STYLE and styles["zeroshot"] == ZEROSHOT_STYLE
+    assert styles["zeroshot"].linestyle == "--"
+    builtin_looks = {(s.color, s.marker) for name, s in styles.items() if name in builtins}
+    assert all(styles[o].color not in {c for c, _ in builtin_looks} for o in outside)
+    assert all(styles[o].marker not in {m for _, m in builtin_looks} for o in outside)
+    # the same strategy keeps its style whatever else a report holds; another reference takes the reference style
+    assert strategy_styles(["lora", "zeroshot"], "lorsu")["lora"] == styles["lora"]
+    other = strategy_styles(["lorsu", "full-ft"], "full-ft")
+    assert other["full-ft"] == REFERENCE_STYLE and other["lorsu"] != REFERENCE_STYLE
+
+
+def test_a_random_weights_backbone_gets_the_banner(runs_dir, report):
+    from reports.frame import has_random_weights
+
+    assert has_random_weights("openclip:fscl-tiny") and not has_random_weights("openclip:ViT-B-16@openai")
+    assert not has_random_weights("openclip:local-dir:/models/mini") and not has_random_weights("mini")
+    markdown = report.markdown.read_text()
+    assert "**This report contains runs on backbones with random weights**" in markdown
+    assert f"## {DIGITS} · openclip:fscl-tiny · 5-shot · exp [random weights]" in markdown
+    assert "random weights" not in markdown.split(f"## {MINI}")[1].split("\n", 1)[0]
+
+
+def test_honest_figures_chance_lines_minimum_spans_and_no_log_point_for_zero_training(tmp_path):
+    root = tmp_path / "runs"
+    for seed, ti in enumerate([0.004, 0.006, 0.005]):  # TI of half a point: no trend to blow up
+        write_run(root, "lorsu", seed, [START, START, [0.20 + ti, 0.60, 0.50]])
+        zeroshot = write_run(root, "zeroshot", seed, [START, START, START])
+        write_json(zeroshot / "manifest.json", {**RunRecord(zeroshot).manifest(), "classes": {
+            MINI: 10, "clean_a": 4, "clean_b": 2}})
+    runset = scan_runs(root)
+    zeroshot_runs = runset.finished[runset.finished["strategy"] == "zeroshot"]
+    assert zeroshot_runs["chance_target"].tolist() == pytest.approx([0.1] * 3)
+    assert zeroshot_runs["chance_control"].tolist() == pytest.approx([(1 / 4 + 1 / 2) / 2] * 3)
+    assert zeroshot_runs["vqa_chance_target"].tolist() == pytest.approx([1 / 5] * 3)  # min(5, 10) options
+    table = results_table(runset.finished, "lorsu")
+    styles = strategy_styles(strategy_order(table["strategy"], "lorsu"), "lorsu")
+    curves = curves_figure(curve_table(runset.scores), styles, "A", chance={"target": 0.1})
+    target, control = curves.axes
+    low, high = target.get_ylim()
+    assert low <= 10.0 and high - low >= 10.0  # covers chance
+    assert any(line.get_ydata()[0] == pytest.approx(10.0) for line in target.get_lines()[2:])  # the chance line
+    low, high = control.get_ylim()
+    assert high - low >= 10.0  # flat at 55 %: at least 10 pp shown
+    tradeoff = tradeoff_figure(table, styles, "A")
+    assert np.ptp(tradeoff.axes[0].get_xlim()) >= 4.0 and np.ptp(tradeoff.axes[0].get_ylim()) >= 4.0
+    # zeroshot takes a little time per session, but trains nothing: no point on the log axes
+    rows = table.assign(train_seconds_mean=table["train_seconds_mean"].where(table["strategy"] != "zeroshot", 0.5))
+    cost = cost_figure(rows, styles, "A")
+    assert all([c.get_label() for c in ax.containers] == ["lorsu"] for ax in cost.axes)
+    assert not row_of(table, "zeroshot")["train_seconds_best"] and not row_of(table, "zeroshot")["trainable_best"]
+
+
+def test_jobs_note_and_learning_rates_in_the_report(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        path = write_run(root, "lorsu", seed, [START, *MATRICES[("lorsu", seed)]])
+        RunRecord(path).update_manifest(jobs=2, threads=1)
+        write_run(root, "zeroshot", seed, [START, START, START])
+    report = write_report(root, tmp_path / "out")
+    markdown = report.markdown.read_text()
+    assert "**Timings from processes sharing cores:** 3 of the 6 run(s)" in markdown and "--jobs 2" in markdown
+    assert "| lorsu | 3 | 1e-05 | **22.0 ± 2.0** | ref. |" in markdown  # the run's train.lr (Config's default)
+    assert "| zeroshot | 3 | – | 0.0 ± 0.0 |" in markdown  # trains nothing: no rate
