@@ -330,6 +330,9 @@ def test_cli_report_verb(tmp_path, capsys):
               controls=[])
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--reference", "full-ft"]) == 0
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.html").is_file()
+    printed = capsys.readouterr().out  # the headline table on the terminal, then where the report is
+    assert printed.startswith("openclip:fscl-tiny · 5-shot · exp [random weights]\n| Strategy | n | digits TI (pp) |")
+    assert "| full-ft | 1 | 20.0 |" in printed and "report: " in printed
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -393,6 +396,9 @@ def test_a_report_with_vqa_puts_it_first_and_keeps_zero_shot(vqa_runs, tmp_path)
     vqa_at, zeroshot_at, costs_at = (mini.index(f"**{t}**") for t in (VQA.title, ZEROSHOT.title, "Costs"))
     assert vqa_at < zeroshot_at < costs_at
     assert mini.count("| Strategy | n | LR | TI (pp) | p (TI) | CC (pp) |") == 2
+    vqa_part, zeroshot_part = mini[vqa_at:zeroshot_at], mini[zeroshot_at:costs_at]
+    assert "Forgetting" not in vqa_part and "Forgetting (pp)" in zeroshot_part  # VQA scored 0 and T: it is -TI
+    assert "| Final target acc. (%) |" in vqa_part
     names = {p.name for p in report.figures if p.suffix == ".png"}
     stem = slug(f"exp-{MINI}-mini-5shot")
     assert {f"{stem}-vqa-{kind}.png" for kind in ("curves", "tradeoff", "cost", "matrix")} <= names
