@@ -120,8 +120,8 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
         level = (chance or {}).get(kind)
         if level is not None:
             ax.axhline(100 * level, color="0.6", linewidth=1.0, linestyle=(0, (1, 2)), zorder=0)
-            ax.annotate(f"chance {100 * level:.0f} %", (0, 100 * level), xycoords=("axes fraction", "data"),
-                        xytext=(3, 2), textcoords="offset points", fontsize="x-small", color="0.4")
+            ax.annotate(f"chance {100 * level:.0f} %", (1, 100 * level), xycoords=("axes fraction", "data"),
+                        xytext=(-3, -9), textcoords="offset points", ha="right", fontsize="x-small", color="0.4")
         floor_span(ax, MIN_ACCURACY_SPAN, [] if level is None else [100 * level])
         ax.set_xlabel("session (0 = before training)")
         ax.set_ylabel(f"target {evaluation.accuracy} (%)" if kind == "target"
