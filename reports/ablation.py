@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from benchmark.config import declared_default, declared_type
 from benchmark.records import slug
-from reports.figures import Style, draw_point, floor_change_axes, save_figure
+from reports.figures import Style, draw_point, floor_change_axes, save_figure, suptitle
 from reports.frame import GROUP_KEYS, SWEEP, SWEPT_PREFIX, ReportError, group_label
 from reports.tables import (
     RESULT_COLUMNS,
@@ -162,8 +162,9 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str,
                  baselines: pd.DataFrame | None = None) -> Figure:
     """TI (x) against CC (y) of one setting's :func:`ablation_table` rows: each strategy's sweep a line through
     its combinations (in order of the values, each labelled), filled markers on its Pareto front, hollow ones
-    dominated; upper right is best. ``baselines``: :func:`reports.tables.results_table` rows of the setting's
-    strategies that were not swept, drawn as reference points (mean ± std)."""
+    dominated, the reference combination labelled ``(ref.)``; upper right is best. ``baselines``:
+    :func:`reports.tables.results_table` rows of the setting's strategies that were not swept, drawn as reference
+    points (mean ± std)."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.axhline(0, color="0.5", linewidth=0.8, linestyle=":")
@@ -175,7 +176,8 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str,
         if not keep.any():
             continue
         keys = points["keys"].iloc[0].split(", ")
-        labels = [",".join(str(_as_declared(k, p[k])) for k in keys) for _, p in points.iterrows()]
+        labels = [",".join(str(_as_declared(k, p[k])) for k in keys) + (" (ref.)" if p["reference"] else "")
+                  for _, p in points.iterrows()]
         ti, cc, labels = ti[keep], cc[keep], [lab for lab, k in zip(labels, keep) if k]
         front = pareto_front(ti, cc)
         ax.plot(ti, cc, color=style.color, linestyle=style.linestyle, linewidth=1.2,
@@ -194,7 +196,7 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str,
     floor_change_axes(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 

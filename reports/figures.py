@@ -7,6 +7,7 @@ accuracies take the :class:`~reports.frame.Evaluation` they show (zero-shot top-
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,14 @@ class Style:
     marker: str
     linestyle: str
     linewidth: float = 1.5
+    markersize: float = 8.0  # of a point (mean ± std); curves draw three quarters of it
 
 
 # Fixed styles: the reference strategy black with stars and a thick line, zeroshot grey and dashed, each built-in
 # strategy its own colour, marker and line style (Okabe & Ito's colour-blind-safe palette and Tol's; markers and
 # line styles tell them apart in grayscale). Strategies from outside packages draw from colours and markers no
 # built-in uses, in the order given.
-REFERENCE_STYLE = Style("#000000", "*", "-", 2.4)
+REFERENCE_STYLE = Style("#000000", "*", "-", 2.4, 12.0)
 ZEROSHOT_STYLE = Style("#7F7F7F", "x", "--")
 BUILTIN_STYLES = {
     "zeroshot": ZEROSHOT_STYLE,
@@ -74,6 +76,11 @@ def strategy_styles(strategies: Sequence[str], reference: str | None = None) -> 
                                  OUTSIDE_LINESTYLES[outside % len(OUTSIDE_LINESTYLES)])
             outside += 1
     return styles
+
+
+def suptitle(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to its width (a setting's label is long; a narrow figure would clip it)."""
+    fig.suptitle(textwrap.fill(title, width=int(11 * fig.get_figwidth())), fontsize="medium")
 
 
 def floor_span(ax: Axes, span: float, include: Sequence[float] = (), axis: str = "y") -> None:
@@ -114,14 +121,13 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
                 continue
             x, mean, std = rows["session"].to_numpy(), 100 * rows["mean"].to_numpy(), 100 * rows["std"].to_numpy()
             ax.plot(x, mean, color=style.color, marker=style.marker, linestyle=style.linestyle,
-                    linewidth=style.linewidth, label=strategy)
+                    linewidth=style.linewidth, markersize=0.75 * style.markersize, label=strategy)
             if np.isfinite(std).any():
                 ax.fill_between(x, mean - std, mean + std, color=style.color, alpha=0.15, linewidth=0)
         level = (chance or {}).get(kind)
         if level is not None:
-            ax.axhline(100 * level, color="0.6", linewidth=1.0, linestyle=(0, (1, 2)), zorder=0)
-            ax.annotate(f"chance {100 * level:.0f} %", (1, 100 * level), xycoords=("axes fraction", "data"),
-                        xytext=(-3, -9), textcoords="offset points", ha="right", fontsize="x-small", color="0.4")
+            ax.axhline(100 * level, color="0.5", linewidth=1.0, linestyle=(0, (1, 2)), zorder=0,
+                       label=f"chance ({100 * level:.0f} %)")
         floor_span(ax, MIN_ACCURACY_SPAN, [] if level is None else [100 * level])
         ax.set_xlabel("session (0 = before training)")
         ax.set_ylabel(f"target {evaluation.accuracy} (%)" if kind == "target"
@@ -129,7 +135,11 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
         ax.set_xticks(sorted(curves["session"].unique()))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    for ax in axes[1:]:  # the strategies once; a panel's own chance line in its own
+        chance_lines = [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+        if chance_lines:
+            ax.legend(handles=chance_lines, fontsize="small")
+    suptitle(fig, title)
     return fig
 
 
@@ -154,7 +164,7 @@ def tradeoff_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
     floor_change_axes(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 
@@ -196,7 +206,7 @@ def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
         ax.set_xlabel(label)
         ax.set_ylabel("target improvement TI (pp)")
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 
@@ -206,7 +216,7 @@ def draw_point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: flo
         return
     ax.errorbar(x, y, xerr=xerr if np.isfinite(xerr) else None, yerr=yerr if np.isfinite(yerr) else None,
                 color=style.color, marker=style.marker,
-                markersize=8, linestyle="none", capsize=3, label=label)
+                markersize=style.markersize, linestyle="none", capsize=3, label=label)
 
 
 def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
@@ -244,7 +254,7 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
         ax.set_ylabel("session")
         ax.set_title(panel_title, fontsize="small")
     fig.colorbar(image, ax=list(axes), label=f"{evaluation.accuracy} (%)", shrink=0.9)
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 

@@ -13,22 +13,23 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from reports.figures import MIN_CHANGE_SPAN, Style, floor_span
+from reports.figures import MIN_CHANGE_SPAN, Style, floor_span, suptitle
 from reports.frame import Evaluation, has_random_weights, is_mini_world, strategy_order
 from reports.tables import Cell, TextTable, _missing, _percent, clear_best
 
 FAMILY_KEYS = ("name", "backbone", "shots")  # one table across settings per family: its streams are the targets
 MEAN = "Mean"  # the target column group averaging over the targets
 METRICS = (("target_improvement", "TI"), ("control_change", "CC"))
-HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")  # one per target in the figure; the mean is solid
+HATCHES = ("//", "..", "xx", "\\\\", "++", "oo", "--", "||")  # one per target in the figure; the mean is solid
 
 
-def family_label(name: str, backbone: str, shots: int) -> str:
-    """A family's name in headings and captions, flagged as :func:`reports.frame.group_label` flags settings."""
+def family_label(name: str, backbone: str, shots: int, targets: list[str]) -> str:
+    """A family's name in headings and captions, flagged as :func:`reports.frame.group_label` flags settings
+    (mini world when any of its ``targets`` is)."""
     label = f"{backbone} · {shots}-shot · {name}"
     if has_random_weights(backbone):
         label += " [random weights]"
-    return f"{label} [mini world, not CLIP]" if is_mini_world("", backbone) else label
+    return f"{label} [mini world, not CLIP]" if any(is_mini_world(t, backbone) for t in targets) else label
 
 
 def main_table(finished: pd.DataFrame, evaluation: Evaluation, reference: str) -> pd.DataFrame:
@@ -120,8 +121,9 @@ def main_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str, evalua
         ax.set_ylabel(f"{short} (pp), {evaluation.accuracy}")
         floor_span(ax, MIN_CHANGE_SPAN, [0.0])
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(handles=[Patch(facecolor="white" if t != MEAN else "0.5", edgecolor="black",
-                                  hatch=HATCHES[j % len(HATCHES)] if t != MEAN else "", label=t)
-                            for j, t in enumerate(targets)], fontsize="small", title="target", title_fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    fig.legend(handles=[Patch(facecolor="white" if t != MEAN else "0.5", edgecolor="black",
+                              hatch=HATCHES[j % len(HATCHES)] if t != MEAN else "", label=t)
+                        for j, t in enumerate(targets)], loc="outside lower center", ncols=len(targets),
+               fontsize="small", title="target", title_fontsize="small")
+    suptitle(fig, title)
     return fig

@@ -202,7 +202,7 @@ def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, 
         table = main_table(finished, evaluation, reference)
         frames.append(table.assign(evaluation=evaluation.name))
         for key, rows in table.groupby(list(FAMILY_KEYS), sort=True):
-            label = family_label(*key)
+            label = family_label(*key, sorted(set(rows["target"]) - {MEAN}))
             title = f"{evaluation.title} · {label}" if len(evaluated) > 1 else label
             text = main_text_table(rows)
             blocks += [Heading(title, 3), Table(text)]
@@ -451,7 +451,7 @@ def render_markdown(blocks: list[Block], base: Path) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;line-height:1.45}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #bbb;padding:.25rem .5rem}
-th{background:#eee}td:not(:first-child){text-align:right}img{max-width:100%}figcaption{font-style:italic}
+th{background:#eee}td:not(:first-child){text-align:right;white-space:nowrap}img{max-width:100%}figcaption{font-style:italic}
 code{background:#f3f3f3;padding:0 .2rem}"""
 
 
