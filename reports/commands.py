@@ -18,8 +18,8 @@ def add_report(verbs: argparse._SubParsersAction) -> None:
     report = verbs.add_parser(
         "report", help="tables, figures and a Markdown/HTML report of a runs folder",
         description="Aggregate finished runs (mean ± std over seeds, paired tests against a reference strategy) "
-                    "into report.md, report.html, results.csv/.tex and figures/; failed or partial runs are listed "
-                    "and left out.",
+                    "into report.md, report.html, main_table.csv/.tex (the table across settings, printed here too), "
+                    "results.csv/.tex and figures/; failed or partial runs are listed and left out.",
         epilog="example:\n  fscl report runs/quick --out report/quick --reference full-ft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records ('fscl run' output)")

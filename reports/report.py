@@ -210,7 +210,7 @@ def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, 
             latex.append(text.latex(caption))
             tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"
             stem = out / "figures" / slug("main-{}{}-{}-{}shot".format(tag, *key))
-            png, svg = save_figure(main_figure(rows, styles, label, evaluation), stem)
+            png, svg = save_figure(main_figure(rows, styles, title, evaluation), stem)
             figures += [png, svg]
             blocks.append(Image(png, f"{title}. TI and CC per target (hatched) and their mean (solid), one group "
                                      "per strategy; bars ± std over seeds."))
