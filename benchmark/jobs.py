@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from benchmark.config import Config, ConfigError
 from benchmark.errors import FsclError
+from benchmark.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: b
     for _ in range(jobs):
         tasks.put(None)  # one stop per process
     level = logging.getLogger().getEffectiveLevel()
-    processes = [context.Process(target=_job, args=(list(runs), list(data), force, threads, level, tasks, results),
+    processes = [context.Process(target=_job, args=(list(runs), list(data), force, jobs, threads, level, tasks,
+                                                    results),
                                  name=f"fscl-job-{k}") for k in range(jobs)]
     log.info("%d run(s) in %d processes of %d thread(s)", len(runs), jobs, threads)
     outcomes: dict[int, RunOutcome] = {}
@@ -121,9 +123,11 @@ def build_models(runs: Sequence[Config]) -> None:
         model_source(spec)
 
 
-def _job(runs: list[Config], data: list[Any], force: bool, threads: int, level: int, tasks, results) -> None:
+def _job(runs: list[Config], data: list[Any], force: bool, jobs: int, threads: int, level: int, tasks,
+         results) -> None:
     """One job process: take run indices from ``tasks`` until a ``None``, run each, put
-    ``(index, outcome, None)`` — or ``(index, None, message)`` for an error that stops the grid — on ``results``."""
+    ``(index, outcome, None)`` — or ``(index, None, message)`` for an error that stops the grid — on ``results``.
+    A finished run's manifest records ``jobs`` and ``threads``: its timings were taken beside the other processes'."""
     from benchmark.image_cache import CORES_ENV
     from benchmark.runner import run_one
 
@@ -132,7 +136,10 @@ def _job(runs: list[Config], data: list[Any], force: bool, threads: int, level: 
     logging.basicConfig(level=level, format="[%(processName)s] %(levelname)s %(name)s: %(message)s")
     while (i := tasks.get()) is not None:
         try:
-            results.put((i, run_one(runs[i], data[i], progress=False, force=force), None))
+            outcome = run_one(runs[i], data[i], progress=False, force=force)
+            if outcome.status == "finished":
+                RunRecord(outcome.path).update_manifest(jobs=jobs, threads=threads)
+            results.put((i, outcome, None))
         except FsclError as err:
             results.put((i, None, str(err)))
             return

@@ -618,7 +618,8 @@ class _Run:
         device = {"device": str(self.device)}  # as resolved (auto -> cuda:0 or cpu), and the GPU's name
         if self.device.type == "cuda":
             device["gpu"] = torch.cuda.get_device_name(self.device)
-        self.record.update_manifest(**device, classes_with_fewer_shots={
+        classes = {name: len(s.spec.class_names) for name, s in {cfg.stream: data.stream, **data.controls}.items()}
+        self.record.update_manifest(**device, classes=classes, classes_with_fewer_shots={
             f"session_{s.index}": s.short_classes for s in data.sessions if s.short_classes})
         record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
                     sessions={cfg.stream: data.sessions})

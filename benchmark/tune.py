@@ -152,7 +152,7 @@ def choose(rows: list[dict[str, Any]], criterion: str, tolerance: float) -> dict
         if not ok:
             continue
         if criterion == "constrained":
-            within = [r for r in ok if r["cc"] >= -tolerance / 100 - 1e-12]
+            within = _within(ok, tolerance)
             best = max(within, key=lambda r: r["ti"]) if within else max(ok, key=lambda r: r["cc"])
         elif criterion == "target":
             best = max(ok, key=lambda r: r["ti"])
@@ -160,6 +160,21 @@ def choose(rows: list[dict[str, Any]], criterion: str, tolerance: float) -> dict
             best = max(ok, key=lambda r: r["ti"] + r["cc"])
         chosen[strategy] = best["candidate"]
     return chosen
+
+
+def fallbacks(rows: list[dict[str, Any]], criterion: str, tolerance: float) -> list[str]:
+    """The strategies :func:`choose` gave a fallback: under ``constrained``, none of their candidates kept the
+    validation CC within ``tolerance`` (pp), so the one with the largest CC was chosen."""
+    if criterion != "constrained":
+        return []
+    ok = [r for r in rows if r["ti"] is not None]
+    return [s for s in dict.fromkeys(r["strategy"] for r in ok)
+            if not _within([r for r in ok if r["strategy"] == s], tolerance)]
+
+
+def _within(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+    """The rows whose validation CC is at most ``tolerance`` pp below the zero-shot model's (0)."""
+    return [r for r in rows if r["cc"] >= -tolerance / 100 - 1e-12]
 
 
 def tuned_config(base: Config, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -208,21 +223,24 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
                                                    if left_out else "") + ".",
         f"Criterion {options.criterion}: {CRITERIA[options.criterion]}"
         + (f"; tolerance {options.tolerance:g} pp" if options.criterion == "constrained" else "") + ".",
-        "Validation TI / CC in pp, mean over the streams and seeds (* = chosen):",
-        *_table_text(rows, chosen).splitlines(),
+        "Validation TI / CC in pp, mean over the streams and seeds (* = chosen; ! = fallback: no candidate within "
+        "the tolerance, the largest CC chosen):",
+        *_table_text(rows, chosen, fallbacks(rows, options.criterion, options.tolerance)).splitlines(),
     ]
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(tuned_config(base, chosen), sort_keys=False, default_flow_style=None)
     parse_config(yaml.safe_load(text))  # what fscl run will read: valid, or no file
     atomic_write(path, text)
-    atomic_write(Path(grid.out) / grid.name / "tune.csv", _table_csv(rows, chosen))
+    atomic_write(Path(grid.out) / grid.name / "tune.csv",
+                 _table_csv(rows, chosen, fallbacks(rows, options.criterion, options.tolerance)))
     return path
 
 
-def _table_text(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> str:
+def _table_text(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], fallback: list[str]) -> str:
     lines = ["| strategy | candidate | runs | TI (pp) | CC (pp) |", "|---|---|---|---|---|"]
     for r in rows:
         mark = " *" if chosen.get(r["strategy"]) == r["candidate"] else ""
+        mark += "!" if mark and r["strategy"] in fallback else ""
         values = ", ".join(f"{k}={v}" for k, v in r["candidate"].items()) or "(base)"
         ti = "failed" if r["ti"] is None else f"{100 * r['ti']:.1f}"
         cc = "failed" if r["cc"] is None else f"{100 * r['cc']:.1f}"
@@ -230,14 +248,14 @@ def _table_text(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -
     return "\n".join(lines)
 
 
-def _table_csv(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> str:
+def _table_csv(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], fallback: list[str]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["strategy", *keys, "runs", "failed", "ti", "cc", "chosen"])
+    writer.writerow(["strategy", *keys, "runs", "failed", "ti", "cc", "chosen", "fallback"])
     for r in rows:
         writer.writerow([r["strategy"], *(r["candidate"].get(k, "") for k in keys), r["runs"], r["failed"],
-                         r["ti"], r["cc"], chosen.get(r["strategy"]) == r["candidate"]])
+                         r["ti"], r["cc"], chosen.get(r["strategy"]) == r["candidate"], r["strategy"] in fallback])
     return out.getvalue()
 
 

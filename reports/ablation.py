@@ -20,9 +20,19 @@ from matplotlib.figure import Figure
 
 from benchmark.config import declared_default, declared_type
 from benchmark.records import slug
-from reports.figures import Style, save_figure
+from reports.figures import Style, draw_point, floor_change_axes, save_figure, suptitle
 from reports.frame import GROUP_KEYS, SWEEP, SWEPT_PREFIX, ReportError, group_label
-from reports.tables import RESULT_COLUMNS, TEST_NAME, Cell, PairedTest, TextTable, _missing, _p_text, paired_test
+from reports.tables import (
+    RESULT_COLUMNS,
+    TEST_NAME,
+    Cell,
+    PairedTest,
+    TextTable,
+    _missing,
+    _p_text,
+    clear_best,
+    paired_test,
+)
 
 ABLATION_COLUMNS = RESULT_COLUMNS[:4]  # TI, CC, target forgetting, final target accuracy
 
@@ -47,6 +57,27 @@ def reference_values(runs: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
         default = declared_default(key)
         ref[key] = default if default is not dataclasses.MISSING and default in values else values[0]
     return ref
+
+
+def main_runs(finished: pd.DataFrame) -> tuple[pd.DataFrame, dict[tuple, dict[str, Any]]]:
+    """The runs of the main comparison: every run outside a sweep, and each swept strategy's runs at its reference
+    values (:func:`reference_values`, per setting and strategy; unless the strategy has runs outside the sweep in
+    that setting), so a sweep never drops a strategy from it.
+
+    Returns:
+        Those rows of ``finished``, and per (setting keys..., strategy) of a swept strategy its reference values.
+    """
+    swept = finished[SWEEP].fillna("") != ""
+    keep, references = ~swept, {}
+    plain = set(finished.loc[~swept, [*GROUP_KEYS, "strategy"]].itertuples(index=False, name=None))
+    for key, runs in finished[swept].groupby([*GROUP_KEYS, "strategy"], sort=True):
+        if key in plain:  # the same strategy ran outside the sweep too: those runs stand for it
+            continue
+        keys = swept_keys(runs)
+        references[key] = reference_values(runs, keys)
+        at = np.logical_and.reduce([runs[f"{SWEPT_PREFIX}{k}"] == v for k, v in references[key].items()])
+        keep[runs.index[at]] = True
+    return finished[keep], references
 
 
 def ablation_table(finished: pd.DataFrame) -> pd.DataFrame:
@@ -96,14 +127,14 @@ def _as_declared(key: str, value: Any) -> Any:
 
 def ablation_text_table(rows: pd.DataFrame) -> TextTable:
     """One (setting, strategy) of :func:`ablation_table` for print: the swept values, ``mean ± std`` (accuracies in
-    percent / pp), a p-value column after each tested column, the best mean of each column in bold."""
+    percent / pp), a p-value column after each tested column, the clear best of each column in bold
+    (:data:`reports.tables.BEST_RULE`)."""
     keys = rows["keys"].iloc[0].split(", ")
     columns = [c for c in ABLATION_COLUMNS if rows[f"{c.key}_mean"].notna().any()]
     header = [*keys, "n"]
     for col in columns:
         header += [col.label, f"p ({col.short})"] if col.tested else [col.label]
-    best = {c.key: (rows[f"{c.key}_mean"].max() if c.better == "higher" else rows[f"{c.key}_mean"].min())
-            for c in columns}
+    best = {c.key: clear_best(rows[f"{c.key}_mean"], rows[f"{c.key}_std"], rows["n"], c.better) for c in columns}
     table = []
     for _, row in rows.iterrows():
         cells = [Cell(f"{_as_declared(k, row[k])}{' (ref.)' if row['reference'] and i == 0 else ''}")
@@ -112,7 +143,7 @@ def ablation_text_table(rows: pd.DataFrame) -> TextTable:
         for col in columns:
             mean, std = row[f"{col.key}_mean"], row[f"{col.key}_std"]
             text = "–" if _missing(mean) else col.fmt(mean) + ("" if _missing(std) else f" ± {col.fmt(std)}")
-            cells.append(Cell(text, len(rows) > 1 and not _missing(mean) and bool(np.isclose(mean, best[col.key]))))
+            cells.append(Cell(text, bool(best[col.key][row.name])))
             if col.tested:
                 cells.append(Cell("–" if _missing(mean) else _p_text(row[f"{col.key}_p"], row[f"{col.key}_note"])))
         table.append(cells)
@@ -127,10 +158,13 @@ def pareto_front(ti: np.ndarray, cc: np.ndarray) -> np.ndarray:
     return ~(ge & gt).any(axis=1)
 
 
-def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str) -> Figure:
+def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str,
+                 baselines: pd.DataFrame | None = None) -> Figure:
     """TI (x) against CC (y) of one setting's :func:`ablation_table` rows: each strategy's sweep a line through
     its combinations (in order of the values, each labelled), filled markers on its Pareto front, hollow ones
-    dominated; upper right is best."""
+    dominated, the reference combination labelled ``(ref.)``; upper right is best. ``baselines``:
+    :func:`reports.tables.results_table` rows of the setting's strategies that were not swept, drawn as reference
+    points (mean ± std)."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.axhline(0, color="0.5", linewidth=0.8, linestyle=":")
@@ -142,7 +176,8 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str) -> Fi
         if not keep.any():
             continue
         keys = points["keys"].iloc[0].split(", ")
-        labels = [",".join(str(_as_declared(k, p[k])) for k in keys) for _, p in points.iterrows()]
+        labels = [",".join(str(_as_declared(k, p[k])) for k in keys) + (" (ref.)" if p["reference"] else "")
+                  for _, p in points.iterrows()]
         ti, cc, labels = ti[keep], cc[keep], [lab for lab, k in zip(labels, keep) if k]
         front = pareto_front(ti, cc)
         ax.plot(ti, cc, color=style.color, linestyle=style.linestyle, linewidth=1.2,
@@ -152,17 +187,24 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str) -> Fi
                    zorder=3)
         for x, y, text in zip(ti, cc, labels):
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize="x-small", color=style.color)
+    ti, cc = "target_improvement", "control_change"
+    for _, row in (baselines if baselines is not None else pd.DataFrame(columns=["strategy"])).iterrows():
+        draw_point(ax, styles[row["strategy"]], f"{row['strategy']} (not swept)", 100 * row[f"{ti}_mean"],
+                   100 * row[f"{cc}_mean"], 100 * row[f"{ti}_std"], 100 * row[f"{cc}_std"])
     ax.set_xlabel("target improvement TI (pp)")
     ax.set_ylabel("control change CC (pp)")
+    floor_change_axes(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 
-def ablation_section(finished: pd.DataFrame, styles: dict[str, Style], out: Path) -> tuple[list, list[Path], pd.DataFrame]:
+def ablation_section(finished: pd.DataFrame, styles: dict[str, Style], out: Path,
+                     baselines: pd.DataFrame) -> tuple[list, list[Path], pd.DataFrame]:
     """The report's section on the finished swept runs: its blocks (:mod:`reports.report`), the figure files
-    written into ``out/figures`` and the :func:`ablation_table`."""
+    written into ``out/figures`` and the :func:`ablation_table`; ``baselines``: the main
+    :func:`reports.tables.results_table`, whose strategies not swept in a setting its figure draws as points."""
     from reports.report import Heading, Image, Table, Text  # the report imports this module
 
     table = ablation_table(finished)
@@ -179,8 +221,11 @@ def ablation_section(finished: pd.DataFrame, styles: dict[str, Style], out: Path
             blocks += [Text(f"`{strategy}`, swept: {rows['keys'].iloc[0]}."), Table(ablation_text_table(rows))]
         if setting_rows["control_change_mean"].notna().any():
             stem = out / "figures" / slug("sweep-{}-{}-{}-{}shot".format(*key))
-            png, svg = save_figure(sweep_figure(setting_rows, styles, label), stem)
+            others = baselines[(baselines[list(GROUP_KEYS)] == list(key)).all(axis=1)
+                               & ~baselines["strategy"].isin(setting_rows["strategy"])]
+            png, svg = save_figure(sweep_figure(setting_rows, styles, label, others), stem)
             figures += [png, svg]
             blocks.append(Image(png, "Each strategy's sweep: TI against CC (mean over seeds), labelled by its swept "
-                                     "values; filled markers on the strategy's Pareto front."))
+                                     "values; filled markers on the strategy's Pareto front; the strategies not "
+                                     "swept as reference points (mean ± std)."))
     return blocks, figures, table

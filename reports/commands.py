@@ -18,8 +18,8 @@ def add_report(verbs: argparse._SubParsersAction) -> None:
     report = verbs.add_parser(
         "report", help="tables, figures and a Markdown/HTML report of a runs folder",
         description="Aggregate finished runs (mean ± std over seeds, paired tests against a reference strategy) "
-                    "into report.md, report.html, results.csv/.tex and figures/; failed or partial runs are listed "
-                    "and left out.",
+                    "into report.md, report.html, main_table.csv/.tex (the table across settings, printed here too), "
+                    "results.csv/.tex and figures/; failed or partial runs are listed and left out.",
         epilog="example:\n  fscl report runs/quick --out report/quick --reference full-ft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records ('fscl run' output)")
@@ -41,19 +41,20 @@ def add_demo(verbs: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """Tables, figures and report.md/.html of a runs folder; failed or partial runs are listed, not averaged."""
+    """Tables, figures and report.md/.html of a runs folder (the first table across settings printed); failed or
+    partial runs are listed, not averaged."""
     from reports import write_report
 
     paths = write_report(args.runs_dir, args.out, reference=args.reference)
-    print(f"report: {paths.markdown}, {paths.html} ({len(paths.figures)} figure files, tables in "
-          f"{paths.results_csv.name} / {paths.results_latex.name})")
+    print(f"{paths.headline}\n\nreport: {paths.markdown}, {paths.html} ({len(paths.figures)} figure files, tables "
+          f"in {paths.main_csv.name} / {paths.main_latex.name}, {paths.results_csv.name} / {paths.results_latex.name})")
     if paths.excluded:
         print(f"  {len(paths.excluded)} failed or partial run(s) left out; listed in the report", file=sys.stderr)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The offline benchmark end to end: the default preset, then its report."""
+    """The offline benchmark end to end: the default preset, then its report (its headline table printed)."""
     from benchmark.cli import run_command
     from benchmark.config import load_config
     from reports import write_report
@@ -63,5 +64,5 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = load_config(DEMO_PRESET, args.overrides)
     runs = Path(cfg.out) / cfg.name
     paths = write_report(runs, runs / "report")
-    print(f"report: {paths.markdown}\n        {paths.html}")
+    print(f"{paths.headline}\n\nreport: {paths.markdown}\n        {paths.html}")
     return status

@@ -7,6 +7,7 @@ accuracies take the :class:`~reports.frame.Evaluation` they show (zero-shot top-
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,31 +19,84 @@ from matplotlib.figure import Figure
 
 from reports.frame import ROLE_TARGET, ZEROSHOT, Evaluation
 
-# Okabe & Ito's colour-blind-safe palette; markers and line styles carry the identity in grayscale.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":")
 HEATMAP_CMAP = "cividis"  # lightness rises monotonically, so it survives grayscale
 HEATMAPS_PER_ROW = 4
+MIN_ACCURACY_SPAN = 10.0  # pp: the least y-range of an accuracy axis, so ±1 pp never looks like a trend
+MIN_CHANGE_SPAN = 4.0  # pp: the least range of a TI or CC axis
 
 
 @dataclass(frozen=True)
 class Style:
-    """How one strategy is drawn."""
+    """How one strategy is drawn (matplotlib colour, marker and line style; line width in points)."""
 
     color: str
     marker: str
     linestyle: str
+    linewidth: float = 1.5
+    markersize: float = 8.0  # of a point (mean ± std); curves draw three quarters of it
 
 
-def strategy_styles(strategies: Sequence[str]) -> dict[str, Style]:
-    """A style per strategy, in the given order (pass the same order to every figure)."""
-    return {name: Style(PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)])
-            for i, name in enumerate(strategies)}
+# Fixed styles: the reference strategy black with stars and a thick line, zeroshot grey and dashed, each built-in
+# strategy its own colour, marker and line style (Okabe & Ito's colour-blind-safe palette and Tol's; markers and
+# line styles tell them apart in grayscale). Strategies from outside packages draw from colours and markers no
+# built-in uses, in the order given.
+REFERENCE_STYLE = Style("#000000", "*", "-", 2.4, 12.0)
+ZEROSHOT_STYLE = Style("#7F7F7F", "x", "--")
+BUILTIN_STYLES = {
+    "zeroshot": ZEROSHOT_STYLE,
+    "lorsu": Style("#0072B2", "o", "-"),
+    "lorsu-ppl": Style("#56B4E9", "D", "-."),
+    "lora": Style("#D55E00", "s", "-"),
+    "lora-ppl": Style("#E69F00", "v", "-."),
+    "full-ft": Style("#009E73", "^", ":"),
+    "ewc": Style("#332288", "P", ":"),
+    "layernorm": Style("#CC79A7", "h", "-"),
+    "spu": Style("#882255", "X", "-."),
+}
+OUTSIDE_COLORS = ("#44AA99", "#999933", "#AA4499", "#117733", "#661100", "#6699CC", "#DDCC77", "#EE3377")
+OUTSIDE_MARKERS = ("<", ">", "p", "d", "8", "H", "1")  # 7 and 8 coprime: 56 distinct (colour, marker) pairs
+OUTSIDE_LINESTYLES = ("-", ":", "-.")
+
+
+def strategy_styles(strategies: Sequence[str], reference: str | None = None) -> dict[str, Style]:
+    """A fixed style per strategy, in the given order (build it once per report and pass it to every figure).
+
+    ``reference`` gets :data:`REFERENCE_STYLE`, a built-in strategy its :data:`BUILTIN_STYLES` entry, every other
+    strategy the next of the outside styles (colours and markers no built-in uses; they repeat only after 56).
+    """
+    styles, outside = {}, 0
+    for name in strategies:
+        if name == reference:
+            styles[name] = REFERENCE_STYLE
+        elif name in BUILTIN_STYLES:
+            styles[name] = BUILTIN_STYLES[name]
+        else:
+            styles[name] = Style(OUTSIDE_COLORS[outside % len(OUTSIDE_COLORS)],
+                                 OUTSIDE_MARKERS[outside % len(OUTSIDE_MARKERS)],
+                                 OUTSIDE_LINESTYLES[outside % len(OUTSIDE_LINESTYLES)])
+            outside += 1
+    return styles
+
+
+def suptitle(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to its width (a setting's label is long; a narrow figure would clip it)."""
+    fig.suptitle(textwrap.fill(title, width=int(11 * fig.get_figwidth())), fontsize="medium")
+
+
+def floor_span(ax: Axes, span: float, include: Sequence[float] = (), axis: str = "y") -> None:
+    """Widen the ``axis`` range of ``ax`` (``x`` or ``y``) to at least ``span`` (data units) around its centre, and
+    to cover ``include`` (a chance level, 0): a difference of a point or two then looks as small as it is."""
+    get, put = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
+    low, high = get()
+    low, high = min([low, *include]), max([high, *include])
+    if high - low < span:
+        middle = (low + high) / 2
+        low, high = middle - span / 2, middle + span / 2
+    put(low, high)
 
 
 def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
-                  evaluation: Evaluation = ZEROSHOT) -> Figure:
+                  evaluation: Evaluation = ZEROSHOT, chance: dict[str, float] | None = None) -> Figure:
     """Accuracy vs session: mean line and ± std band over seeds, one line per strategy.
 
     Args:
@@ -50,10 +104,12 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
         styles: from :func:`strategy_styles`; also fixes the legend order.
         title: the setting's label.
         evaluation: whose accuracy the curves are (the axis labels).
+        chance: the chance accuracy (a fraction) per curve (``target``, ``control``), drawn as a grey line;
+            a curve without one has none.
 
     Returns:
         One panel for the target accuracy, and a second for the mean control accuracy when
-        the runs have controls.
+        the runs have controls; each y-range covers chance and spans at least :data:`MIN_ACCURACY_SPAN`.
     """
     kinds = [k for k in ("target", "control") if (curves["curve"] == k).any()]
     fig = Figure(figsize=(5.2 * len(kinds), 3.8), layout="constrained")
@@ -64,16 +120,26 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
             if rows.empty:
                 continue
             x, mean, std = rows["session"].to_numpy(), 100 * rows["mean"].to_numpy(), 100 * rows["std"].to_numpy()
-            ax.plot(x, mean, color=style.color, marker=style.marker, linestyle=style.linestyle, label=strategy)
+            ax.plot(x, mean, color=style.color, marker=style.marker, linestyle=style.linestyle,
+                    linewidth=style.linewidth, markersize=0.75 * style.markersize, label=strategy)
             if np.isfinite(std).any():
                 ax.fill_between(x, mean - std, mean + std, color=style.color, alpha=0.15, linewidth=0)
+        level = (chance or {}).get(kind)
+        if level is not None:
+            ax.axhline(100 * level, color="0.5", linewidth=1.0, linestyle=(0, (1, 2)), zorder=0,
+                       label=f"chance ({100 * level:.0f} %)")
+        floor_span(ax, MIN_ACCURACY_SPAN, [] if level is None else [100 * level])
         ax.set_xlabel("session (0 = before training)")
         ax.set_ylabel(f"target {evaluation.accuracy} (%)" if kind == "target"
                       else f"mean control {evaluation.accuracy} (%)")
         ax.set_xticks(sorted(curves["session"].unique()))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    for ax in axes[1:]:  # the strategies once; a panel's own chance line in its own
+        chance_lines = [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+        if chance_lines:
+            ax.legend(handles=chance_lines, fontsize="small")
+    suptitle(fig, title)
     return fig
 
 
@@ -91,14 +157,21 @@ def tradeoff_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
     ax.axhline(0, color="0.5", linewidth=0.8, linestyle=":")
     ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
     for _, row in table.iterrows():
-        _point(ax, styles[row["strategy"]], row["strategy"], 100 * row[f"{ti}_mean"], 100 * row[f"{cc}_mean"],
+        draw_point(ax, styles[row["strategy"]], row["strategy"], 100 * row[f"{ti}_mean"], 100 * row[f"{cc}_mean"],
                100 * row[f"{ti}_std"], 100 * row[f"{cc}_std"])
     ax.set_xlabel("target improvement TI (pp)")
     ax.set_ylabel("control change CC (pp)")
+    floor_change_axes(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
+
+
+def floor_change_axes(ax: Axes) -> None:
+    """A TI (x) against CC (y) plot: both axes cover 0 and span at least :data:`MIN_CHANGE_SPAN`."""
+    for axis in ("x", "y"):
+        floor_span(ax, MIN_CHANGE_SPAN, [0.0], axis)
 
 
 COST_AXES = (("trainable", "trainable parameters"), ("train_seconds", "training time, all sessions (s)"))
@@ -108,39 +181,42 @@ def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
                 evaluation: Evaluation = ZEROSHOT) -> Figure:
     """TI of ``evaluation`` (y) vs cost (log x): trainable parameters and training time, one panel each.
 
-    Strategies whose cost is zero (e.g. zero-shot) cannot sit on a log axis; each panel
-    names the ones it leaves out.
+    A strategy that trains nothing (no trainable parameter, e.g. zero-shot) has no cost to place on a log
+    axis, whatever time its sessions took; nor has a cost of zero or unknown. Each panel names the ones it
+    leaves out.
     """
     ti = evaluation.key("target_improvement")
     fig = Figure(figsize=(10.4, 4.0), layout="constrained")
     axes = fig.subplots(1, len(COST_AXES))
+    trains = table["trainable_mean"] > 0
     for ax, (key, label) in zip(axes, COST_AXES):
-        shown = table[table[f"{key}_mean"] > 0]
+        shown = table[trains & (table[f"{key}_mean"] > 0)]
         for _, row in shown.iterrows():
-            _point(ax, styles[row["strategy"]], row["strategy"], row[f"{key}_mean"],
+            draw_point(ax, styles[row["strategy"]], row["strategy"], row[f"{key}_mean"],
                    100 * row[f"{ti}_mean"], row[f"{key}_std"], 100 * row[f"{ti}_std"])
         left_out = sorted(set(table["strategy"]) - set(shown["strategy"]))
         if left_out:
-            ax.text(0.01, 0.01, f"not shown (cost 0 or unknown): {', '.join(left_out)}", transform=ax.transAxes,
-                    fontsize="x-small", color="0.3")
+            ax.text(0.01, 0.01, f"not shown (trains nothing, or cost 0 or unknown): {', '.join(left_out)}",
+                    transform=ax.transAxes, fontsize="x-small", color="0.3")
         if len(shown):
             ax.set_xscale("log")
             ax.margins(x=0.15)
             ax.legend(fontsize="small")
+        floor_span(ax, MIN_CHANGE_SPAN, [0.0])
         ax.set_xlabel(label)
         ax.set_ylabel("target improvement TI (pp)")
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 
-def _point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: float, yerr: float) -> None:
+def draw_point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: float, yerr: float) -> None:
     """One strategy's mean as a marker with ± std bars (none where the std is undefined), in display units."""
     if not (np.isfinite(x) and np.isfinite(y)):
         return
     ax.errorbar(x, y, xerr=xerr if np.isfinite(xerr) else None, yerr=yerr if np.isfinite(yerr) else None,
                 color=style.color, marker=style.marker,
-                markersize=8, linestyle="none", capsize=3, label=label)
+                markersize=style.markersize, linestyle="none", capsize=3, label=label)
 
 
 def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
@@ -178,7 +254,7 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
         ax.set_ylabel("session")
         ax.set_title(panel_title, fontsize="small")
     fig.colorbar(image, ax=list(axes), label=f"{evaluation.accuracy} (%)", shrink=0.9)
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 

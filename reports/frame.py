@@ -7,8 +7,11 @@ their reason but never enter ``scores`` or any aggregate.
 
 - ``runs``: one row per run folder: the run keys (:data:`RUN_KEYS`), ``sweep`` (the folder name of
   its swept values, empty outside a sweep) and a ``swept:<key>`` column per swept key, ``status``, ``reason``,
-  and for finished runs the scalars of ``summary.json`` (accuracies as fractions in [0, 1]),
-  those of its ``vqa`` block prefixed ``vqa_`` (runs with VQA), and its costs (:func:`cost_scalars`).
+  ``lr`` (the run's effective ``train.lr``), ``jobs`` (the local processes it ran beside, ``fscl run --jobs``;
+  NaN when not recorded), the chance accuracies of its target and mean control (``chance_target``,
+  ``chance_control``, ``vqa_chance_*``; NaN when the manifest has no class counts), and for finished runs the
+  scalars of ``summary.json`` (accuracies as fractions in [0, 1]), those of its ``vqa`` block prefixed ``vqa_``
+  (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored), and its costs (:func:`cost_scalars`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
 
 A run is scored by one or two :class:`Evaluation` s: CLIP zero-shot classification and, with
@@ -30,6 +33,7 @@ import yaml
 from benchmark.config import sweep_tag
 from benchmark.errors import FsclError
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING, RunRecord
+from benchmark.vqa.questions import LETTERS
 
 RUN_KEYS = ("name", "stream", "backbone", "strategy", "shots", "seed")
 SWEEP, SWEPT_PREFIX = "sweep", "swept:"  # the runs' sweep_tag ("" outside a sweep); a column per swept key
@@ -112,9 +116,18 @@ def is_mini_world(stream: str, backbone: str) -> bool:
     return stream.startswith("mini") or backbone.startswith("mini")
 
 
+def has_random_weights(backbone: str) -> bool:
+    """True for an open_clip backbone named without weights (``openclip:fscl-tiny``, no ``@TAG``): randomly
+    initialised, so its numbers say nothing about a pretrained model."""
+    family, _, rest = backbone.partition(":")
+    return family == "openclip" and "@" not in rest and not rest.startswith("local-dir:")
+
+
 def group_label(name: str, stream: str, backbone: str, shots: int) -> str:
     """The human-readable name of a setting, used by every table, figure and heading."""
     label = f"{stream} · {backbone} · {shots}-shot · {name}"
+    if has_random_weights(backbone):
+        label += " [random weights]"
     return f"{label} [mini world, not CLIP]" if is_mini_world(stream, backbone) else label
 
 
@@ -225,6 +238,8 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     row: dict[str, Any] = {"run": folder.relative_to(root).as_posix(), **{k: config.get(k) for k in RUN_KEYS}}
     swept = config.get("swept") or {}  # a swept grid's values of this run: a column each, and their folder name
     row.update({SWEEP: sweep_tag(swept), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
+    row.update(lr=_number((config.get("train") or {}).get("lr")), jobs=_number(manifest.get("jobs")),
+               **_chance(config, manifest.get("classes") or {}))
     status, reason = _status(record, manifest, config)
     summary: dict[str, Any] = {}
     if status == STATUS_FINISHED:
@@ -238,6 +253,20 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     if status == STATUS_FINISHED:
         row.update(_summary_row(summary))
     return row, config, manifest
+
+
+def _chance(config: dict[str, Any], classes: dict[str, int]) -> dict[str, float]:
+    """Chance accuracies of a run's target and mean control: 1 / classes for zero-shot classification, 1 / options
+    for VQA (a question offers min(5, classes) options, one per letter A-E); NaN where the manifest's ``classes``
+    lacks a dataset."""
+    def mean_chance(datasets: list[str], options: float) -> float:
+        counts = [classes.get(d) for d in datasets]
+        return float(np.mean([1 / min(c, options) for c in counts])) if counts and all(counts) else math.nan
+
+    target, controls = [config.get("stream")], [c for c in config.get("controls") or [] if c != config.get("stream")]
+    return {"chance_target": mean_chance(target, math.inf), "chance_control": mean_chance(controls, math.inf),
+            VQA.key("chance_target"): mean_chance(target, len(LETTERS)),
+            VQA.key("chance_control"): mean_chance(controls, len(LETTERS))}
 
 
 def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
@@ -266,6 +295,7 @@ def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
         "controls": ", ".join(summary.get("controls") or []),
         **_metric_scalars(summary),
         **({VQA.key(k): v for k, v in _metric_scalars(vqa).items()} if vqa else {}),
+        **({VQA.key("scored_sessions"): len(vqa["evaluated"])} if vqa and "evaluated" in vqa else {}),
         **cost_scalars(summary.get("costs") or {}),
     }
 

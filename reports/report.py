@@ -23,8 +23,10 @@ import pandas as pd
 from benchmark.config import flatten
 from benchmark.metrics import backward_transfer, control_change, forgetting, target_improvement
 from benchmark.records import slug
-from reports.ablation import ablation_section
+from reports.ablation import ablation_section, main_runs
 from reports.figures import (
+    MIN_ACCURACY_SPAN,
+    MIN_CHANGE_SPAN,
     Style,
     cost_figure,
     curves_figure,
@@ -43,12 +45,16 @@ from reports.frame import (
     RunSet,
     evaluations,
     group_label,
+    has_random_weights,
     is_mini_world,
     scan_runs,
     strategy_order,
 )
+from reports.overview import FAMILY_KEYS, MEAN, family_label, main_figure, main_table, main_text_table
 from reports.tables import (
+    BEST_RULE,
     COST_COLUMNS,
+    MIN_SEEDS,
     TEST_NAME,
     TextTable,
     curve_table,
@@ -62,6 +68,9 @@ MINI_WORLD_NOTE = ("**Mini-world results, not CLIP.** These runs use the offline
                    "models and datasets, and must not be reported as CLIP results.")
 MINI_WORLD_BANNER = ("**This report contains mini-world results, not CLIP results:** the settings marked "
                      "[mini world, not CLIP].")
+RANDOM_WEIGHTS_BANNER = ("**This report contains runs on backbones with random weights** (an `openclip:NAME` without "
+                         "a `@TAG`: no pretrained weights were loaded): the settings marked [random weights]. Their "
+                         "numbers check the machinery; they say nothing about a pretrained model.")
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,11 @@ class ReportPaths:
     results_csv: Path
     results_latex: Path
     runs_csv: Path
+    main_csv: Path
+    main_latex: Path
     figures: list[Path]
     excluded: list[str]  # failed or partial runs (folders relative to the runs folder), left out of the aggregates
+    headline: str  # the first table across settings (its caption and Markdown), for a terminal
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lorsu") -> ReportPaths:
@@ -109,9 +121,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
 
     Args:
         runs_dir: a folder of run records (``fscl run`` output).
-        out_dir: where to write ``report.md``, ``report.html``, ``results.csv`` (numbers per
-            setting and strategy, record units), ``results.tex``, ``runs.csv`` (every run with its
-            status) and ``figures/`` (PNG + SVG).
+        out_dir: where to write ``report.md``, ``report.html``, ``main_table.csv`` / ``.tex`` (the tables across
+            settings: :mod:`reports.overview`), ``results.csv`` (numbers per setting and strategy, record units),
+            ``results.tex``, ``runs.csv`` (every run with its status) and ``figures/`` (PNG + SVG).
         reference: the strategy the paired tests compare every other strategy against.
 
     Raises:
@@ -124,36 +136,44 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
             f"{r.run}: {r.status} ({r.reason})" for r in runset.excluded.itertuples()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    styles = strategy_styles(strategy_order(finished["strategy"], reference))
-    swept, finished = finished[finished[SWEEP] != ""], finished[finished[SWEEP] == ""]  # sweeps: reports.ablation
-    table = results_table(finished, reference) if len(finished) else pd.DataFrame(columns=[*GROUP_KEYS, "strategy"])
+    styles = strategy_styles(strategy_order(finished["strategy"], reference), reference)
+    swept = finished[finished[SWEEP] != ""]  # sweeps: reports.ablation; the main comparison at their reference
+    finished, references = main_runs(finished)
+    table = results_table(finished, reference)
 
     blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, reference))]
     if any(is_mini_world(r.stream, r.backbone) for r in finished.itertuples()):
         blocks.append(Text(MINI_WORLD_BANNER))
-    figures: list[Path] = []
+    if any(has_random_weights(b) for b in finished["backbone"]):
+        blocks.append(Text(RANDOM_WEIGHTS_BANNER))
+    overview, figures, main, main_latex = _overview_section(finished, references, reference, styles, out)
+    blocks += overview
     latex = ["% fscl-bench results (needs \\usepackage{booktabs})"]
     runs_by_setting = dict(iter(finished.groupby(list(GROUP_KEYS), sort=True)))
     for key, rows in table.groupby(list(GROUP_KEYS), sort=True):
         setting = dict(zip(GROUP_KEYS, key))
-        tables = _setting_tables(rows, evaluations(runs_by_setting[key]), group_label(**setting), reference)
+        tables = _setting_tables(rows, runs_by_setting[key], group_label(**setting), reference)
         latex += [t.latex(caption) for t, caption, _ in tables]
         section, drawn = _setting_section(runset.scores, setting, runs_by_setting[key], rows, tables, reference,
-                                          styles, out)
+                                          references, styles, out)
         blocks += section
         figures += drawn
     if len(swept):
-        section, drawn, sweeps = ablation_section(swept, styles, out)
+        section, drawn, sweeps = ablation_section(swept, styles, out, table)
         blocks, figures = blocks + section, figures + drawn
         sweeps.to_csv(out / "ablation.csv", index=False)
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
     blocks += _definitions_section(reference, vqa=VQA in evaluations(finished))
 
     paths = ReportPaths(out / "report.md", out / "report.html", out / "results.csv", out / "results.tex",
-                        out / "runs.csv", figures, list(runset.excluded["run"]))
+                        out / "runs.csv", out / "main_table.csv", out / "main_table.tex", figures,
+                        list(runset.excluded["run"]), _headline(overview))
     paths.markdown.write_text(render_markdown(blocks, out))
     paths.html.write_text(render_html(blocks, "fscl-bench report"))
     table.to_csv(paths.results_csv, index=False)
+    main.to_csv(paths.main_csv, index=False)
+    paths.main_latex.write_text("% fscl-bench tables across settings (needs \\usepackage{booktabs})\n\n"
+                                + "\n\n".join(main_latex) + "\n")
     paths.results_latex.write_text("\n\n".join(latex) + "\n")
     runset.runs.to_csv(paths.runs_csv, index=False)
     return paths
@@ -168,21 +188,78 @@ def _intro(runset: RunSet, reference: str) -> str:
             + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + ".")
 
 
-def _setting_tables(rows: pd.DataFrame, evaluated: list[Evaluation], label: str,
+def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, Any]], reference: str,
+                      styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path], pd.DataFrame, list[str]]:
+    """The tables across settings (:mod:`reports.overview`), one per family and evaluation (VQA first), each with
+    its figure: the blocks, the figure files, the tidy table (an ``evaluation`` column added) and the LaTeX tables."""
+    blocks: list[Block] = [Heading("Main results across settings"), Text(
+        f"Per target (the grid's streams) TI and CC, mean ± std over seeds, in pp; **{MEAN}**: per seed the mean "
+        f"over the targets (seeds finished on every target), then mean ± std. {BEST_RULE[0].upper()}{BEST_RULE[1:]}."
+        + _swept_note(references))]
+    figures, frames, latex = [], [], []
+    evaluated = evaluations(finished)
+    for evaluation in evaluated:
+        table = main_table(finished, evaluation, reference)
+        frames.append(table.assign(evaluation=evaluation.name))
+        for key, rows in table.groupby(list(FAMILY_KEYS), sort=True):
+            label = family_label(*key, sorted(set(rows["target"]) - {MEAN}))
+            title = f"{evaluation.title} · {label}" if len(evaluated) > 1 else label
+            text = main_text_table(rows)
+            blocks += [Heading(title, 3), Table(text)]
+            caption = f"{title}. TI and CC per target (pp), mean ± std over seeds."
+            latex.append(text.latex(caption))
+            tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"
+            stem = out / "figures" / slug("main-{}{}-{}-{}shot".format(tag, *key))
+            png, svg = save_figure(main_figure(rows, styles, title, evaluation), stem)
+            figures += [png, svg]
+            blocks.append(Image(png, f"{title}. TI and CC per target (hatched) and their mean (solid), one group "
+                                     "per strategy; bars ± std over seeds."))
+    return blocks, figures, pd.concat(frames, ignore_index=True), latex
+
+
+def _swept_note(references: dict[tuple, dict[str, Any]]) -> str:
+    """Which swept strategies the main comparison shows at which values (empty without sweeps)."""
+    shown = {f"`{key[-1]}` at " + ", ".join(f"{k}={v}" for k, v in values.items()) for key, values in references.items()}
+    return (" Swept strategies appear at their reference values (each swept key at its documented default when "
+            "that value was swept, else at its smallest value; the other values: *Sweeps and ablations*): "
+            + "; ".join(sorted(shown)) + ".") if shown else ""
+
+
+def _headline(overview: list[Block]) -> str:
+    """The first table across settings with its heading, as Markdown (what ``fscl demo`` prints)."""
+    heading = next(b.text for b in overview if isinstance(b, Heading) and b.level == 3)
+    return f"{heading}\n{next(b.table for b in overview if isinstance(b, Table)).markdown()}"
+
+
+def forgetting_is_minus_ti(runs: pd.DataFrame, evaluation: Evaluation) -> bool:
+    """Whether target forgetting under ``evaluation`` is only −TI in every run: the evaluation scored two
+    sessions, 0 and T (VQA with ``vqa.sessions: ends``), so max over t < T of A[t, τ] is A[0, τ]."""
+    key = evaluation.key("scored_sessions")
+    return key in runs and bool((runs[key] <= 2).all())
+
+
+def _setting_tables(rows: pd.DataFrame, runs: pd.DataFrame, label: str,
                     reference: str) -> list[tuple[TextTable, str, Evaluation | None]]:
-    """The printed tables of one setting with their captions: the results of each evaluation (in
-    ``evaluated``'s order), then the costs (None: of no evaluation; left out when none was recorded)."""
+    """The printed tables of one setting with their captions: the results of each evaluation of ``runs`` (its
+    finished runs; VQA first) with each strategy's learning rate, then the costs (None: of no evaluation; left
+    out when none was recorded). A forgetting that is only −TI is left out."""
+    evaluated = evaluations(runs)
     several = len(evaluated) > 1
     test = f"p: {TEST_NAME}, against {reference}"
-    tables = [(results_text_table(rows, result_columns(e)),
-               f"{label}{f'. {e.title}' if several else ''}. Mean ± std over seeds; {test}.", e) for e in evaluated]
+    tables = []
+    for e in evaluated:
+        columns = [c for c in result_columns(e)
+                   if not (c.key == e.key("target_forgetting") and forgetting_is_minus_ti(runs, e))]
+        tables.append((results_text_table(rows, columns, lr=True),
+                       f"{label}{f'. {e.title}' if several else ''}. Mean ± std over seeds; {test}.", e))
     tables.append((results_text_table(rows, COST_COLUMNS), f"{label}. Costs, mean ± std over seeds.", None))
     return [(t, caption, e) for t, caption, e in tables if len(t.header) > 2]
 
 
 def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd.DataFrame, rows: pd.DataFrame,
                      tables: list[tuple[TextTable, str, Evaluation | None]], reference: str,
-                     styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path]]:
+                     references: dict[tuple, dict[str, Any]], styles: dict[str, Style],
+                     out: Path) -> tuple[list[Block], list[Path]]:
     """Heading, description, results (and costs) tables and figures of one setting, the figures once
     per evaluation (an evaluation's name heads its table and captions when the runs have several).
 
@@ -190,6 +267,7 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
         all_scores: the tidy scores of every finished run.
         setting: the values of :data:`GROUP_KEYS`; ``runs`` and ``rows`` are its finished runs
             and its :func:`results_table` rows, ``tables`` their printed forms (:func:`_setting_tables`).
+        references: the reference values of the swept strategies (:func:`reports.ablation.main_runs`).
     """
     label = group_label(**setting)
     stem = out / "figures" / slug("{name}-{stream}-{backbone}-{shots}shot".format(**setting))
@@ -200,7 +278,13 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
     controls = "; ".join(sorted(set(runs["controls"]) - {""})) or "none"
     sessions = ", ".join(str(s) for s in sorted({int(s) for s in runs["sessions"]}))
     blocks.append(Text(f"Target stream `{setting['stream']}`, backbone `{setting['backbone']}`, {setting['shots']} "
-                       f"shots per class, {sessions} session(s); controls: {controls}."))
+                       f"shots per class, {sessions} session(s); controls: {controls}."
+                       + _swept_note({k: v for k, v in references.items() if k[:-1] == tuple(setting.values())})))
+    shared = runs[runs["jobs"].fillna(1) > 1]
+    if len(shared):
+        blocks.append(Text(f"**Timings from processes sharing cores:** {len(shared)} of the {len(runs)} run(s) ran "
+                           f"beside other runs (`fscl run --jobs {int(shared['jobs'].max())}`), so their train "
+                           "and setup times are longer than alone and compare only with runs made the same way."))
     evaluated = evaluations(runs)
     several = len(evaluated) > 1
     for table, _, evaluation in tables:
@@ -218,7 +302,7 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
         panels[run["run"]] = f"{strategy} (seed {run['seed']})"
     written = []
     for evaluation in evaluated:
-        figures = _figures(scores, rows, panels, setting_styles, label, evaluation)
+        figures = _figures(scores, rows, panels, setting_styles, label, evaluation, _chance(runs, evaluation))
         for fig, kind, caption in figures:
             tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"  # zero-shot keeps its file names
             png, svg = save_figure(fig, stem.parent / f"{stem.name}-{tag}{kind}")
@@ -227,19 +311,27 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
     return blocks, written
 
 
+def _chance(runs: pd.DataFrame, evaluation: Evaluation) -> dict[str, float]:
+    """The chance accuracy of the target and the mean control under ``evaluation`` (those recorded)."""
+    chance = {kind: runs[evaluation.key(f"chance_{kind}")].mean() for kind in ("target", "control")}
+    return {kind: level for kind, level in chance.items() if pd.notna(level)}
+
+
 def _figures(scores: pd.DataFrame, rows: pd.DataFrame, panels: dict[str, str], styles: dict[str, Style],
-             label: str, evaluation: Evaluation) -> list[tuple[Any, str, str]]:
-    """(figure, kind, caption) of one setting under one evaluation: the accuracy curves, TI against CC
-    (with controls), TI against costs and the accuracy matrices of ``panels`` (runs)."""
+             label: str, evaluation: Evaluation, chance: dict[str, float]) -> list[tuple[Any, str, str]]:
+    """(figure, kind, caption) of one setting under one evaluation: the accuracy curves (with the ``chance``
+    levels), TI against CC (with controls), TI against costs and the accuracy matrices of ``panels`` (runs)."""
     ti, cc = evaluation.key("target_improvement"), evaluation.key("control_change")
-    figures = [(curves_figure(curve_table(scores, evaluation), styles, label, evaluation), "curves",
-                "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std.")]
+    figures = [(curves_figure(curve_table(scores, evaluation), styles, label, evaluation, chance), "curves",
+                "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std"
+                + ("; dotted: chance." if chance else "."))]
     if cc + "_mean" in rows and rows[cc + "_mean"].notna().any():
         figures.append((tradeoff_figure(rows, styles, label, evaluation), "tradeoff",
                         "Gain vs forgetting: TI against CC, mean ± std over seeds; upper right is best."))
     if ti + "_mean" in rows:
         figures.append((cost_figure(rows, styles, label, evaluation), "cost",
-                        "Cost vs gain: TI against trainable parameters and training time (log scale)."))
+                        "Cost vs gain: TI against trainable parameters and training time (log scale); a strategy "
+                        "that trains nothing has no point."))
     unit = "top-1" if evaluation == ZEROSHOT else evaluation.accuracy
     figures.append((matrix_figure(scores, panels, label, evaluation), "matrix",
                     f"Accuracy matrix ({unit} %, sessions × datasets) of each strategy's lowest-seed run."))
@@ -313,10 +405,19 @@ def _definitions_section(reference: str, vqa: bool = False) -> list[Block]:
              "sessions. **Mask / setup time**: seconds spent choosing what to train (e.g. building masks), summed "
              "over sessions. **Peak memory**: the largest per-session peak (CUDA allocations on GPU, process RSS "
              "on CPU). **Optimizer state**: size of the optimizer's state tensors, mean over sessions."),
-        Text(f"Each cell is mean ± std over n seeds (std with ddof 1, shown for n ≥ 2); bold marks the best value "
-             f"of its column within a setting (ties all bold). p: {TEST_NAME}, each strategy against `{reference}` "
-             "on the seeds both have; *ref.* is the reference itself; n/a (n<2): fewer than two shared seeds; "
-             "n/a (zero variance): every seed differs by the same amount, so the test is undefined."),
+        Text(f"Each cell is mean ± std over n seeds (std with ddof 1, shown for n ≥ 2); {BEST_RULE} (within a "
+             f"setting, or a target of a table across settings). p: {TEST_NAME}, each strategy against `{reference}` "
+             f"on the seeds both have; *ref.* is the reference itself; n/a (n<{MIN_SEEDS}): fewer than {MIN_SEEDS} "
+             "shared seeds, too few for a test to mean anything; n/a (zero variance): every seed differs by the same "
+             "amount, so the test is undefined. **LR**: the strategy's effective learning rate (`train.lr`, or its "
+             "own `<strategy>.train.lr`); – for a strategy that trains nothing."
+             + (" Where VQA scored only sessions 0 and T its forgetting is −TI, and its column is left out." if vqa
+                else "")),
+        Text("**Figures**: every strategy keeps one colour, marker and line style in all figures (the reference "
+             "black with stars, `zeroshot` grey and dashed); dotted grey lines on accuracy axes mark chance (1 / "
+             f"classes{'; VQA: 1 / options' if vqa else ''}); accuracy axes span at least "
+             f"{MIN_ACCURACY_SPAN:.0f} pp and TI / CC axes {MIN_CHANGE_SPAN:.0f} pp, so a difference of a point "
+             "or two looks as small as it is."),
     ]
 
 
@@ -350,7 +451,7 @@ def render_markdown(blocks: list[Block], base: Path) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;line-height:1.45}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #bbb;padding:.25rem .5rem}
-th{background:#eee}td:not(:first-child){text-align:right}img{max-width:100%}figcaption{font-style:italic}
+th{background:#eee}td:not(:first-child){text-align:right;white-space:nowrap}img{max-width:100%}figcaption{font-style:italic}
 code{background:#f3f3f3;padding:0 .2rem}"""
 
 

@@ -21,6 +21,10 @@ from scipy import stats
 from reports.frame import EVALUATIONS, GROUP_KEYS, ZEROSHOT, Evaluation, ReportError, evaluations, strategy_order
 
 TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel), runs paired by seed"
+MIN_SEEDS = 3  # fewer seeds: no p-value and no bold "best"
+BEST_RULE = (f"bold marks a column's best mean only where it is clear: the best and the runner-up both have "
+             f"n ≥ {MIN_SEEDS} seeds and their mean ± std intervals do not overlap (the gap exceeds the sum of "
+             f"their stds); a strategy that trains nothing is never the best of a cost column")
 
 
 def _percent(x: float) -> str:
@@ -124,13 +128,14 @@ class PairedTest:
 def paired_test(values: pd.Series, reference: pd.Series) -> PairedTest:
     """Paired t-test of ``values`` against ``reference``, both indexed by seed.
 
-    Only seeds present (and not NaN) in both enter. Undefined, with a note, for fewer than
-    two pairs or when every pair differs by the same amount (zero variance of the differences).
+    Only seeds present (and not NaN) in both enter. Not given, with a note, for fewer than
+    :data:`MIN_SEEDS` pairs (a test on two seeds says nothing) or when every pair differs by the
+    same amount (zero variance of the differences: undefined).
     """
     pairs = pd.concat({"x": values, "ref": reference}, axis=1, join="inner").dropna()
     n = len(pairs)
-    if n < 2:
-        return PairedTest(math.nan, n, "n<2")
+    if n < MIN_SEEDS:
+        return PairedTest(math.nan, n, f"n<{MIN_SEEDS}")
     diff = (pairs["x"] - pairs["ref"]).to_numpy()
     if np.ptp(diff) <= 1e-12:
         return PairedTest(math.nan, n, "zero variance")
@@ -146,10 +151,12 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
 
     Returns:
         One row per (setting, strategy), the reference first: the group keys, ``strategy``,
-        ``n`` (seeds), ``seeds``, and per column of :func:`table_columns` ``<key>_mean``,
-        ``<key>_std``, ``<key>_best``; tested columns add ``<key>_p``, ``<key>_pairs`` and
-        ``<key>_note`` (``reference``, ``no reference``, ``n<2``, ``zero variance`` or empty).
-        Units as in the run records.
+        ``n`` (seeds), ``seeds``, ``lr`` (its effective learning rates, comma-joined), ``jobs`` (the most
+        processes a run shared the machine with; NaN: not recorded), the mean chance accuracies of each
+        evaluation (``chance_target``, ``chance_control``, ``vqa_chance_*``), and per column of
+        :func:`table_columns` ``<key>_mean``, ``<key>_std``, ``<key>_best`` (:func:`clear_best`); tested columns
+        add ``<key>_p``, ``<key>_pairs`` and ``<key>_note`` (``reference``, ``no reference``, ``n<3``,
+        ``zero variance`` or empty). Units as in the run records.
 
     Raises:
         ReportError: there is no finished run to aggregate.
@@ -157,6 +164,7 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
     if finished.empty:
         raise ReportError("no finished runs to aggregate")
     columns = table_columns(finished)
+    chance = [e.key(f"chance_{kind}") for e in evaluations(finished) for kind in ("target", "control")]
     finished = finished.reindex(columns=list(dict.fromkeys([*finished.columns, *(c.key for c in columns)])))
     rows = []
     for key, group in finished.groupby(list(GROUP_KEYS), sort=True):
@@ -165,7 +173,9 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
             runs = group[group["strategy"] == strategy]
             by_seed = runs.set_index("seed")
             row = {**dict(zip(GROUP_KEYS, key)), "strategy": strategy, "n": len(runs),
-                   "seeds": ", ".join(str(s) for s in sorted(runs["seed"]))}
+                   "seeds": ", ".join(str(s) for s in sorted(runs["seed"])),
+                   "lr": ", ".join(f"{v:g}" for v in sorted(set(runs["lr"].dropna()))),
+                   "jobs": runs["jobs"].max(), **{c: runs[c].mean() for c in chance}}
             for col in columns:
                 row[f"{col.key}_mean"] = runs[col.key].mean()
                 row[f"{col.key}_std"] = runs[col.key].std(ddof=1)
@@ -179,17 +189,35 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
                     row.update({f"{col.key}_p": test.p, f"{col.key}_pairs": test.pairs, f"{col.key}_note": test.note})
             rows.append(row)
     table = pd.DataFrame(rows)
+    trains = table["trainable_mean"].fillna(1) > 0  # unknown: counted as training
     for col in columns:
-        table[f"{col.key}_best"] = _best(table, f"{col.key}_mean", col.better)
+        eligible = None if col.scored else trains  # a cost column
+        table[f"{col.key}_best"] = pd.concat(
+            [clear_best(group[f"{col.key}_mean"], group[f"{col.key}_std"], group["n"], col.better,
+                        None if eligible is None else eligible[group.index])
+             for _, group in table.groupby(list(GROUP_KEYS))]).reindex(table.index)
     return table
 
 
-def _best(table: pd.DataFrame, column: str, better: str) -> pd.Series:
-    """True where a row holds its setting's best mean (ties all marked; needs two or more values)."""
-    groups = table.groupby(list(GROUP_KEYS))[column]
-    best = groups.transform("max" if better == "higher" else "min")
-    defined = groups.transform("count")
-    return pd.Series(np.isclose(table[column], best) & (defined >= 2), index=table.index)
+def clear_best(mean: pd.Series, std: pd.Series, n: pd.Series, better: str,
+               eligible: pd.Series | None = None) -> pd.Series:
+    """True for the one row whose mean is clearly the best (:data:`BEST_RULE`), False everywhere else.
+
+    Args:
+        mean, std, n: per row (same index) the mean, std (ddof 1) and number of seeds.
+        better: ``higher`` or ``lower``.
+        eligible: rows that may be best (None: every row); e.g. not a strategy that trains nothing in a cost column.
+    """
+    best = pd.Series(False, index=mean.index)
+    candidates = mean[mean.notna() & (True if eligible is None else eligible)]
+    if len(candidates) < 2:
+        return best
+    ranked = candidates.sort_values(ascending=better == "lower", kind="stable").index
+    first, second = ranked[0], ranked[1]
+    gap = abs(mean[first] - mean[second])
+    clear = min(n[first], n[second]) >= MIN_SEEDS and gap > std[first] + std[second] + 1e-12
+    best[first] = bool(clear)  # NaN stds compare False
+    return best
 
 
 def curve_table(scores: pd.DataFrame, evaluation: Evaluation = ZEROSHOT) -> pd.DataFrame:
@@ -217,10 +245,19 @@ class Cell:
 
 @dataclass(frozen=True)
 class TextTable:
-    """A table of text cells with one renderer per output format."""
+    """A table of text cells with one renderer per output format.
+
+    ``groups``: an optional header row above ``header``, (label, columns spanned) from the left (an empty label
+    over columns of no group); Markdown, which has one header row, joins it into the header cells.
+    """
 
     header: list[str]
     rows: list[list[Cell]]
+    groups: list[tuple[str, int]] | None = None
+
+    def group_of_column(self) -> list[str]:
+        """The group label above each header cell ("" outside a group)."""
+        return [label for label, span in self.groups or [("", len(self.header))] for _ in range(span)]
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> TextTable:
@@ -233,10 +270,14 @@ class TextTable:
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
         body = [line([f"**{c.text}**" if c.bold else c.text for c in row]) for row in self.rows]
-        return "\n".join([line(self.header), line(["---"] * len(self.header)), *body])
+        header = [f"{g} {h}" if g else h for g, h in zip(self.group_of_column(), self.header)]
+        return "\n".join([line(header), line(["---"] * len(self.header)), *body])
 
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        if self.groups:
+            top = "".join(f'<th colspan="{span}">{html.escape(label)}</th>' for label, span in self.groups)
+            head = f"{top}</tr><tr>{head}"
         body = "".join(
             "<tr>" + "".join(f"<td><strong>{html.escape(c.text)}</strong></td>" if c.bold else
                              f"<td>{html.escape(c.text)}</td>" for c in row) + "</tr>"
@@ -249,28 +290,41 @@ class TextTable:
             text = _latex_escape(c.text)
             return f"\\textbf{{{text}}}" if c.bold else text
 
+        groups = []
+        if self.groups:
+            start, spans, rules = 1, [], []
+            for label, span in self.groups:
+                spans.append(f"\\multicolumn{{{span}}}{{c}}{{{_latex_escape(label)}}}" if label and span > 1
+                             else _latex_escape(label) if label else " & ".join([""] * span))
+                if label:
+                    rules.append(f"\\cmidrule(lr){{{start}-{start + span - 1}}}")
+                start += span
+            groups = [" & ".join(spans) + " \\\\", " ".join(rules)]
         lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_latex_escape(caption)}}}",
-                 f"\\begin{{tabular}}{{l{'r' * (len(self.header) - 1)}}}", "\\toprule",
+                 f"\\begin{{tabular}}{{l{'r' * (len(self.header) - 1)}}}", "\\toprule", *groups,
                  " & ".join(_latex_escape(h) for h in self.header) + " \\\\", "\\midrule",
                  *(" & ".join(cell(c) for c in row) + " \\\\" for row in self.rows),
                  "\\bottomrule", "\\end{tabular}", "\\end{table}"]
         return "\n".join(lines)
 
 
-def results_text_table(table: pd.DataFrame, columns: Sequence[Column] = RESULT_COLUMNS) -> TextTable:
+def results_text_table(table: pd.DataFrame, columns: Sequence[Column] = RESULT_COLUMNS, lr: bool = False) -> TextTable:
     """One setting of :func:`results_table` for print: ``mean ± std`` (± only for n ≥ 2),
-    the best value per column in bold, and a p-value column after each tested column.
+    the clear best value per column in bold (:data:`BEST_RULE`), and a p-value column after each tested column;
+    with ``lr`` an ``LR`` column after ``n``: each strategy's effective learning rate (– when it trains nothing).
 
     Columns without any value in this setting (e.g. CC without controls, or costs an older
     runner did not record) are left out.
     """
     columns = [c for c in columns if table[f"{c.key}_mean"].notna().any()]
-    header = ["Strategy", "n"]
+    header = ["Strategy", "n", *(["LR"] if lr else [])]
     for col in columns:
         header += [col.label, f"p ({col.short})"] if col.tested else [col.label]
     rows = []
     for _, row in table.iterrows():
         cells = [Cell(str(row["strategy"])), Cell(str(row["n"]))]
+        if lr:
+            cells.append(Cell(row["lr"] if row["lr"] and row["trainable_mean"] != 0 else "–"))
         for col in columns:
             mean, std = row[f"{col.key}_mean"], row[f"{col.key}_std"]
             text = "–" if _missing(mean) else col.fmt(mean) + ("" if _missing(std) else f" ± {col.fmt(std)}")

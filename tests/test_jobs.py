@@ -43,6 +43,10 @@ def test_jobs_write_the_records_one_process_writes_and_skip_finished_runs(tmp_pa
         assert (b.path / "matrix.csv").read_text() == (a.path / "matrix.csv").read_text()
         assert _summary(b.path) == _summary(a.path)
         assert not (b.path / "run.lock").exists()
+    # a run's timings were taken beside the other process's: its manifest says so (the reports note it)
+    recorded = [RunRecord(o.path).manifest().get("jobs") for o in jobs]
+    assert recorded == [2] * 3 + [None] + [2] * 2 and RunRecord(one[0].path).manifest().get("jobs") is None
+    assert RunRecord(one[0].path).manifest()["classes"]["digits"] == 10  # the chance line's class counts
 
 
 def test_a_run_that_fails_in_a_job_process_is_reported_and_the_others_go_on(tmp_path, capsys):

@@ -23,7 +23,15 @@ from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
 from benchmark.runner import VQA_SUMMARY, vqa_summary
 from reports import ReportError, filter_runs, load_runs, paired_test, results_table, scan_runs, write_report
-from reports.figures import cost_figure, curves_figure, matrix_figure, strategy_styles, tradeoff_figure
+from reports.figures import (
+    REFERENCE_STYLE,
+    ZEROSHOT_STYLE,
+    cost_figure,
+    curves_figure,
+    matrix_figure,
+    strategy_styles,
+    tradeoff_figure,
+)
 from reports.frame import VQA, ZEROSHOT, cost_scalars, strategy_order
 from reports.tables import COST_COLUMNS, TEST_NAME, curve_table, result_columns, results_text_table
 
@@ -171,8 +179,10 @@ def test_means_stds_and_best_per_column(table):
     assert row_of(table, "zeroshot")["n"] == 2
     best = {c: set(table[(table["stream"] == MINI) & table[f"{c}_best"]]["strategy"])
             for c in ("target_improvement", "control_change", "target_forgetting", "trainable", "train_seconds")}
-    assert best == {"target_improvement": {"ln"}, "control_change": {"ln", "zeroshot"},
-                    "target_forgetting": {"ln"}, "trainable": {"zeroshot"}, "train_seconds": {"zeroshot"}}
+    # ln's TI 27 ± 2 against lorsu's 22 ± 2: a gap of 5 beyond the stds' sum of 4; CC: ln ties zeroshot (n = 2);
+    # zeroshot's zero cost is never the best: ln's 500 parameters and 1 s are, clear of lorsu's (std 0)
+    assert best == {"target_improvement": {"ln"}, "control_change": set(),
+                    "target_forgetting": {"ln"}, "trainable": {"ln"}, "train_seconds": {"ln"}}
     assert not row_of(table, "full-ft", DIGITS)["target_improvement_best"]  # alone in its setting: nothing to beat
 
 
@@ -187,7 +197,7 @@ def test_paired_t_test_matches_scipy_and_hand_computation(table):
     assert row_of(table, "ln")["target_improvement_note"] == "zero variance"  # ln = lorsu + .05 on every seed
     assert math.isnan(row_of(table, "ln")["target_improvement_p"])
     zeroshot = row_of(table, "zeroshot")
-    assert zeroshot["target_improvement_note"] == "n<2" and zeroshot["target_improvement_pairs"] == 1
+    assert zeroshot["target_improvement_note"] == "n<3" and zeroshot["target_improvement_pairs"] == 1
     assert row_of(table, "lorsu")["control_change_note"] == "reference"
     assert row_of(table, "full-ft", DIGITS)["target_improvement_note"] == "no reference"
 
@@ -198,7 +208,9 @@ def test_paired_test_pairs_by_seed_not_by_order():
     test = paired_test(values, reference)
     assert test.pairs == 3
     assert test.p == pytest.approx(stats.ttest_rel([0.10, 0.21, 0.30], [0.0, 0.1, 0.2]).pvalue)
-    assert paired_test(pd.Series([0.5], index=[0]), reference).note == "n<2"
+    assert paired_test(pd.Series([0.5], index=[0]), reference).note == "n<3"
+    two = paired_test(pd.Series([0.5, 0.7], index=[0, 1]), reference)  # a test on two seeds says nothing
+    assert (two.note, two.pairs) == ("n<3", 2) and math.isnan(two.p)
 
 
 def test_text_tables_mark_best_and_name_the_test(table):
@@ -206,7 +218,7 @@ def test_text_tables_mark_best_and_name_the_test(table):
     markdown = results_text_table(mini).markdown()
     assert "| ln | 3 | **27.0 ± 2.0** | n/a (zero variance) |" in markdown
     assert "| lorsu | 3 | 22.0 ± 2.0 | ref. |" in markdown
-    assert "n/a (n<2)" in markdown and "| zeroshot | 2 |" in markdown
+    assert "n/a (n<3)" in markdown and "| zeroshot | 2 |" in markdown
     costs = results_text_table(mini, COST_COLUMNS)  # columns nobody recorded (FLOPs here) are left out
     assert costs.header == ["Strategy", "n", "Trainable incl. biases", "Peak memory (MiB)"]
     assert [c.text for c in costs.rows[1]] == ["ln", "3", "510 ± 0", "120 ± 0"]
@@ -220,8 +232,9 @@ def test_figures_hold_one_artist_per_strategy_in_consistent_styles(runset, table
     mini_runs = runset.finished[runset.finished["stream"] == MINI]
     scores = runset.scores[runset.scores["run"].isin(mini_runs["run"])]
     rows = table[table["stream"] == MINI]
-    styles = strategy_styles(strategy_order(rows["strategy"], "lorsu"))
-    assert len({s.marker for s in styles.values()}) == len({s.linestyle for s in styles.values()}) == 4
+    styles = strategy_styles(strategy_order(rows["strategy"], "lorsu"), "lorsu")
+    assert styles["lorsu"] == REFERENCE_STYLE and styles["zeroshot"] == ZEROSHOT_STYLE
+    assert len({(s.color, s.marker) for s in styles.values()}) == 4
 
     curves = curves_figure(curve_table(scores), styles, "A")
     assert len(curves.axes) == 2  # target and mean control accuracy
@@ -264,7 +277,8 @@ def report(runs_dir, tmp_path_factory):
 
 def test_write_report_files_and_contents(report):
     # setting A: curves, trade-off, cost, matrix; setting B (no controls): no trade-off
-    assert len(report.figures) == 2 * 7 and all(p.stat().st_size > 0 for p in report.figures)
+    # + a table across settings' figure per family (mini, and openclip:fscl-tiny)
+    assert len(report.figures) == 2 * (7 + 2) and all(p.stat().st_size > 0 for p in report.figures)
     assert {p.suffix for p in report.figures} == {".png", ".svg"}
     assert len(report.excluded) == 3
     markdown = report.markdown.read_text()
@@ -283,7 +297,7 @@ def test_write_report_files_and_contents(report):
         assert f"]({png.relative_to(report.markdown.parent).as_posix()})" in markdown
 
     page = report.html.read_text()
-    assert page.count('src="data:image/png;base64,') == 7 and 'src="figures' not in page
+    assert page.count('src="data:image/png;base64,') == 9 and 'src="figures' not in page
     assert "<strong>27.0 ± 2.0</strong>" in page
 
     csv = pd.read_csv(report.results_csv)
@@ -316,6 +330,9 @@ def test_cli_report_verb(tmp_path, capsys):
               controls=[])
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--reference", "full-ft"]) == 0
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.html").is_file()
+    printed = capsys.readouterr().out  # the headline table on the terminal, then where the report is
+    assert printed.startswith("openclip:fscl-tiny · 5-shot · exp [random weights]\n| Strategy | n | digits TI (pp) |")
+    assert "| full-ft | 1 | 20.0 |" in printed and "report: " in printed
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -358,7 +375,9 @@ def test_vqa_numbers_are_aggregated_beside_zero_shot_with_paired_tests(vqa_runs)
     assert lora["vqa_target_final_mean"] == pytest.approx(np.mean([0.45, 0.50, 0.49]))
     assert lora["vqa_target_improvement_p"] == pytest.approx(
         stats.ttest_rel([0.05, 0.10, 0.09], [0.10, 0.16, 0.12]).pvalue)
-    assert bool(lorsu["vqa_target_improvement_best"]) and not bool(lora["vqa_target_improvement_best"])
+    # TI 12.7 ± 3.1 against 8.0 ± 2.6: within the seeds' spread, no bold; CC -1.0 ± 1.0 against -10.0 ± 2.0: clear
+    assert not lorsu["vqa_target_improvement_best"] and not lora["vqa_target_improvement_best"]
+    assert lorsu["vqa_control_change_best"] and not lora["vqa_control_change_best"]
     assert lorsu["target_improvement_mean"] == pytest.approx(0.2)  # zero-shot, from the top-1 rows as before
     assert math.isnan(row_of(table, "lorsu", DIGITS)["vqa_target_improvement_mean"])  # that run had no VQA
     curves = curve_table(runset.scores, VQA)
@@ -366,7 +385,7 @@ def test_vqa_numbers_are_aggregated_beside_zero_shot_with_paired_tests(vqa_runs)
     target = curves[(curves["strategy"] == "lora") & (curves["curve"] == "target") & (curves["session"] == 2)]
     assert target["mean"].item() == pytest.approx(np.mean([0.45, 0.50, 0.49]))
     markdown = results_text_table(table[table["stream"] == MINI], result_columns(VQA)).markdown()
-    assert "| lorsu | 3 | **12.7 ± 3.1** | ref. |" in markdown
+    assert "| lorsu | 3 | 12.7 ± 3.1 | ref. | **-1.0 ± 1.0** | ref. |" in markdown
 
 
 def test_a_report_with_vqa_puts_it_first_and_keeps_zero_shot(vqa_runs, tmp_path):
@@ -376,7 +395,10 @@ def test_a_report_with_vqa_puts_it_first_and_keeps_zero_shot(vqa_runs, tmp_path)
     mini = next(s for h, s in sections.items() if h.startswith(MINI))
     vqa_at, zeroshot_at, costs_at = (mini.index(f"**{t}**") for t in (VQA.title, ZEROSHOT.title, "Costs"))
     assert vqa_at < zeroshot_at < costs_at
-    assert mini.count("| Strategy | n | TI (pp) | p (TI) | CC (pp) |") == 2
+    assert mini.count("| Strategy | n | LR | TI (pp) | p (TI) | CC (pp) |") == 2
+    vqa_part, zeroshot_part = mini[vqa_at:zeroshot_at], mini[zeroshot_at:costs_at]
+    assert "Forgetting" not in vqa_part and "Forgetting (pp)" in zeroshot_part  # VQA scored 0 and T: it is -TI
+    assert "| Final target acc. (%) |" in vqa_part
     names = {p.name for p in report.figures if p.suffix == ".png"}
     stem = slug(f"exp-{MINI}-mini-5shot")
     assert {f"{stem}-vqa-{kind}.png" for kind in ("curves", "tradeoff", "cost", "matrix")} <= names
@@ -399,3 +421,165 @@ def test_a_report_without_vqa_has_no_vqa_part(report):
     assert "VQA" not in markdown and "Zero-shot classification" not in markdown
     assert not any("-vqa-" in p.name for p in report.figures)
     assert not any(c.startswith("vqa_") for c in pd.read_csv(report.results_csv).columns)
+
+
+# The table across settings: one family (exp, mini, 5-shot) with two targets, mini-shapes (the MATRICES above)
+# and mini-signs (below, controls clean_a and clean_b); TI and CC in the comments.
+SIGNS = "mini-signs"
+SIGNS_END = {  # after session 2, from START
+    ("lorsu", 0): [0.30, 0.60, 0.50], ("lorsu", 1): [0.32, 0.58, 0.50], ("lorsu", 2): [0.34, 0.60, 0.48],
+    # TI .10 .12 .14, CC 0 -.01 -.01
+    ("lora", 0): [0.60, 0.40, 0.30], ("lora", 1): [0.62, 0.40, 0.30], ("lora", 2): [0.58, 0.40, 0.30],
+    # TI .40 .42 .38, CC -.20
+}
+
+
+@pytest.fixture(scope="module")
+def across_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("across")
+    for (strategy, seed), rows in MATRICES.items():
+        if strategy in ("lorsu", "lora"):
+            write_run(root, strategy, seed, [START, *rows])
+    for (strategy, seed), end in SIGNS_END.items():
+        write_run(root, strategy, seed, [START, START, end], stream=SIGNS)
+    write_run(root, "lora", 3, [START, START, START], stream=SIGNS)  # a seed only one target has
+    return root
+
+
+def test_table_across_settings_means_and_the_bold_rule(across_runs):
+    from reports.overview import MEAN, main_table, main_text_table
+
+    table = main_table(scan_runs(across_runs).finished, ZEROSHOT, "lorsu")
+    cell = table.set_index(["strategy", "target", "metric"])
+    assert cell.loc[("lorsu", SIGNS, "target_improvement"), "mean"] == pytest.approx(0.12)
+    assert cell.loc[("lora", SIGNS, "target_improvement"), "n"] == 4  # its seed 3 counts for mini-signs alone
+    assert cell.loc[("lora", SIGNS, "target_improvement"), "mean"] == pytest.approx(np.mean([0.40, 0.42, 0.38, -0.0]))
+    # Mean: per seed the mean over both targets, for the seeds finished on both (0-2)
+    lorsu_mean = np.mean([TI["lorsu"], [0.10, 0.12, 0.14]], axis=0)
+    assert cell.loc[("lorsu", MEAN, "target_improvement"), "mean"] == pytest.approx(lorsu_mean.mean())
+    assert cell.loc[("lorsu", MEAN, "target_improvement"), "std"] == pytest.approx(np.std(lorsu_mean, ddof=1))
+    assert cell.loc[("lora", MEAN, "target_improvement"), "n"] == 3
+    lora_cc = np.mean([CC["lora"], [-0.20] * 3], axis=0)
+    assert cell.loc[("lora", MEAN, "control_change"), "mean"] == pytest.approx(lora_cc.mean())
+    # bold only where clear: mini-shapes TI 22 ± 2 against lora's 21 ± 3.6 is not, lorsu's CC -1 ± 0 against
+    # -11.5 ± 0.9 is; mini-signs TI: lora's 30.0 ± 20.1 (its seed 3 at 0) is not clear of lorsu's 12 ± 2, lorsu's
+    # CC -0.7 ± 0.6 against -15 ± 10 is; Mean TI: lora's 30.5 ± 2.6 against lorsu's 17.0 ± 1.7 is
+    best = set(table.loc[table["best"], ["strategy", "target", "metric"]].itertuples(index=False, name=None))
+    assert best == {("lorsu", MINI, "control_change"), ("lorsu", SIGNS, "control_change"),
+                    ("lorsu", MEAN, "control_change"), ("lora", MEAN, "target_improvement")}
+
+    text = main_text_table(table)
+    assert text.groups == [("", 2), (MINI, 2), (SIGNS, 2), (MEAN, 2)]
+    assert text.header == ["Strategy", "n", *["TI (pp)", "CC (pp)"] * 3]
+    markdown = text.markdown()
+    assert f"| Strategy | n | {MINI} TI (pp) | {MINI} CC (pp) | {SIGNS} TI (pp) |" in markdown
+    assert "| lorsu | 3 | 22.0 ± 2.0 | **-1.0 ± 0.0** | 12.0 ± 2.0 |" in markdown
+    assert "| lora | 3–4 |" in markdown
+    latex = text.latex("Main table")
+    assert r"\multicolumn{2}{c}{mini-shapes} & \multicolumn{2}{c}{mini-signs} & \multicolumn{2}{c}{Mean}" in latex
+    assert r"\cmidrule(lr){3-4} \cmidrule(lr){5-6} \cmidrule(lr){7-8}" in latex
+    assert r"\textbf{-1.0 $\pm$ 0.0}" in latex and latex.count(r"\toprule") == 1
+    if shutil.which("pdflatex"):  # compile it with booktabs where a TeX is installed
+        import subprocess
+
+        doc = Path(across_runs) / "main.tex"
+        doc.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + latex
+                       + "\n\\end{document}\n")
+        subprocess.run(["pdflatex", "-interaction=nonstopmode", doc.name], cwd=doc.parent, check=True,
+                       capture_output=True)
+
+
+def test_a_report_opens_with_the_table_across_settings(across_runs, tmp_path):
+    report = write_report(across_runs, tmp_path)
+    markdown = report.markdown.read_text()
+    assert markdown.index("## Main results across settings") < markdown.index(f"## {MINI}")
+    assert "mean ± std intervals do not overlap" in markdown
+    csv = pd.read_csv(report.main_csv)
+    assert set(csv["target"]) == {MINI, SIGNS, "Mean"} and set(csv["evaluation"]) == {"zeroshot"}
+    assert report.main_latex.read_text().count(r"\begin{table}") == 1
+    assert (tmp_path / "figures" / "main-exp-mini-5shot.png").is_file()
+    assert report.headline.startswith("mini · 5-shot · exp") and "| lorsu | 3 |" in report.headline
+
+
+def test_clear_best_needs_three_seeds_and_a_gap_beyond_the_spread():
+    from reports.tables import clear_best
+
+    mean, std = pd.Series([0.30, 0.20, 0.10]), pd.Series([0.02, 0.02, 0.01])
+    assert clear_best(mean, std, pd.Series([3, 3, 3]), "higher").tolist() == [True, False, False]
+    assert not clear_best(mean, std, pd.Series([3, 2, 3]), "higher").any()  # the runner-up has n < 3
+    assert not clear_best(mean, pd.Series([0.06, 0.05, 0.0]), pd.Series([3, 3, 3]), "higher").any()  # 10 < 11
+    assert clear_best(mean, std, pd.Series([3, 3, 3]), "lower").tolist() == [False, False, True]
+    # a strategy that trains nothing is never the best of a cost column
+    eligible = pd.Series([True, True, False])
+    assert clear_best(mean, std, pd.Series([3, 3, 3]), "lower", eligible).tolist() == [False, True, False]
+
+
+def test_twelve_strategies_get_twelve_styles_fixed_per_strategy():
+    builtins = ["zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lora-ppl", "lorsu-ppl"]
+    outside = ["l2sp", "mine", "zz-new"]
+    styles = strategy_styles(strategy_order([*builtins, *outside], "lorsu"), "lorsu")
+    assert len(styles) == 12 and len(set(styles.values())) == 12
+    assert len({s.color for s in styles.values()}) == 12 and len({(s.color, s.marker) for s in styles.values()}) == 12
+    assert styles["lorsu"] == REFERENCE_STYLE and styles["zeroshot"] == ZEROSHOT_STYLE
+    assert styles["zeroshot"].linestyle == "--"
+    builtin_looks = {(s.color, s.marker) for name, s in styles.items() if name in builtins}
+    assert all(styles[o].color not in {c for c, _ in builtin_looks} for o in outside)
+    assert all(styles[o].marker not in {m for _, m in builtin_looks} for o in outside)
+    # the same strategy keeps its style whatever else a report holds; another reference takes the reference style
+    assert strategy_styles(["lora", "zeroshot"], "lorsu")["lora"] == styles["lora"]
+    other = strategy_styles(["lorsu", "full-ft"], "full-ft")
+    assert other["full-ft"] == REFERENCE_STYLE and other["lorsu"] != REFERENCE_STYLE
+
+
+def test_a_random_weights_backbone_gets_the_banner(runs_dir, report):
+    from reports.frame import has_random_weights
+
+    assert has_random_weights("openclip:fscl-tiny") and not has_random_weights("openclip:ViT-B-16@openai")
+    assert not has_random_weights("openclip:local-dir:/models/mini") and not has_random_weights("mini")
+    markdown = report.markdown.read_text()
+    assert "**This report contains runs on backbones with random weights**" in markdown
+    assert f"## {DIGITS} · openclip:fscl-tiny · 5-shot · exp [random weights]" in markdown
+    assert "random weights" not in markdown.split(f"## {MINI}")[1].split("\n", 1)[0]
+
+
+def test_honest_figures_chance_lines_minimum_spans_and_no_log_point_for_zero_training(tmp_path):
+    root = tmp_path / "runs"
+    for seed, ti in enumerate([0.004, 0.006, 0.005]):  # TI of half a point: no trend to blow up
+        write_run(root, "lorsu", seed, [START, START, [0.20 + ti, 0.60, 0.50]])
+        zeroshot = write_run(root, "zeroshot", seed, [START, START, START])
+        write_json(zeroshot / "manifest.json", {**RunRecord(zeroshot).manifest(), "classes": {
+            MINI: 10, "clean_a": 4, "clean_b": 2}})
+    runset = scan_runs(root)
+    zeroshot_runs = runset.finished[runset.finished["strategy"] == "zeroshot"]
+    assert zeroshot_runs["chance_target"].tolist() == pytest.approx([0.1] * 3)
+    assert zeroshot_runs["chance_control"].tolist() == pytest.approx([(1 / 4 + 1 / 2) / 2] * 3)
+    assert zeroshot_runs["vqa_chance_target"].tolist() == pytest.approx([1 / 5] * 3)  # min(5, 10) options
+    table = results_table(runset.finished, "lorsu")
+    styles = strategy_styles(strategy_order(table["strategy"], "lorsu"), "lorsu")
+    curves = curves_figure(curve_table(runset.scores), styles, "A", chance={"target": 0.1})
+    target, control = curves.axes
+    low, high = target.get_ylim()
+    assert low <= 10.0 and high - low >= 10.0  # covers chance
+    assert any(line.get_ydata()[0] == pytest.approx(10.0) for line in target.get_lines()[2:])  # the chance line
+    low, high = control.get_ylim()
+    assert high - low >= 10.0  # flat at 55 %: at least 10 pp shown
+    tradeoff = tradeoff_figure(table, styles, "A")
+    assert np.ptp(tradeoff.axes[0].get_xlim()) >= 4.0 and np.ptp(tradeoff.axes[0].get_ylim()) >= 4.0
+    # zeroshot takes a little time per session, but trains nothing: no point on the log axes
+    rows = table.assign(train_seconds_mean=table["train_seconds_mean"].where(table["strategy"] != "zeroshot", 0.5))
+    cost = cost_figure(rows, styles, "A")
+    assert all([c.get_label() for c in ax.containers] == ["lorsu"] for ax in cost.axes)
+    assert not row_of(table, "zeroshot")["train_seconds_best"] and not row_of(table, "zeroshot")["trainable_best"]
+
+
+def test_jobs_note_and_learning_rates_in_the_report(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        path = write_run(root, "lorsu", seed, [START, *MATRICES[("lorsu", seed)]])
+        RunRecord(path).update_manifest(jobs=2, threads=1)
+        write_run(root, "zeroshot", seed, [START, START, START])
+    report = write_report(root, tmp_path / "out")
+    markdown = report.markdown.read_text()
+    assert "**Timings from processes sharing cores:** 3 of the 6 run(s)" in markdown and "--jobs 2" in markdown
+    assert "| lorsu | 3 | 1e-05 | **22.0 ± 2.0** | ref. |" in markdown  # the run's train.lr (Config's default)
+    assert "| zeroshot | 3 | – | 0.0 ± 0.0 |" in markdown  # trains nothing: no rate

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from typing import ClassVar
 
@@ -12,7 +13,7 @@ import yaml
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
 from benchmark.registry import STREAMS
-from benchmark.tune import TuneOptions, choose, lr_grid, tune_grid
+from benchmark.tune import TuneOptions, _table_csv, _table_text, choose, fallbacks, lr_grid, tune_grid
 from streams.digits import Digits
 from streams.sampling import held_out
 
@@ -103,6 +104,18 @@ ROWS = [  # hand-made validation scores (fractions): full-ft and lorsu over thre
 def test_the_criterion_picks_from_hand_made_validation_scores(criterion, tolerance, full_ft, lorsu):
     chosen = choose(ROWS, criterion, tolerance)
     assert chosen == {"full-ft": {"train.lr": full_ft}, "lorsu": {"train.lr": lorsu}}
+
+
+def test_a_fallback_is_marked_in_the_table_and_its_csv():
+    """lorsu has no candidate within 1 pp (CC -2.0, -1.5, -10.0): its chosen 1e-4 is the largest CC, a fallback."""
+    assert fallbacks(ROWS, "constrained", 1.0) == ["lorsu"]
+    assert fallbacks(ROWS, "constrained", 2.0) == [] and fallbacks(ROWS, "target", 0.0) == []
+    chosen, rows = choose(ROWS, "constrained", 1.0), [{**r, "runs": 2, "failed": 0} for r in ROWS]
+    text = _table_text(rows, chosen, ["lorsu"])
+    assert "| lorsu *! | train.lr=0.0001 |" in text and "| full-ft * | train.lr=1e-05 |" in text
+    table = list(csv.DictReader(io.StringIO(_table_csv(rows, chosen, ["lorsu"]))))
+    assert [(r["strategy"], r["chosen"], r["fallback"]) for r in table if r["chosen"] == "True"] == [
+        ("full-ft", "True", "False"), ("lorsu", "True", "True")]
 
 
 def test_ties_go_to_the_earlier_candidate_and_all_failed_is_left_out():
