@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.config import flatten
+from benchmark.config import compared
 from benchmark.metrics import backward_transfer, control_change, forgetting, target_improvement
 from benchmark.records import slug
 from reports.ablation import ablation_section, main_runs
@@ -353,7 +353,9 @@ def _configuration_section(runset: RunSet) -> list[Block]:
     values = {k: sorted(set(flat[k].dropna()), key=_natural) for k in flat.columns}
     shared = pd.DataFrame([(k, v[0]) for k, v in values.items() if len(v) == 1], columns=["Key", "Value"])
     varying = pd.DataFrame([(k, ", ".join(v)) for k, v in values.items() if len(v) > 1], columns=["Key", "Values"])
-    blocks: list[Block] = [Heading("Configuration"), Text("From the runs' resolved `config.yaml`. Shared by all runs:"),
+    blocks: list[Block] = [Heading("Configuration"),
+                           Text("From the runs' resolved `config.yaml`. Shared by all runs (a strategy's or stream's "
+                                "options: by all runs it takes part in):"),
                            Table(TextTable.from_frame(shared))]
     if not varying.empty:
         blocks += [Text("Varying between runs:"), Table(TextTable.from_frame(varying))]
@@ -422,8 +424,10 @@ def _definitions_section(reference: str, vqa: bool = False) -> list[Block]:
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, str]:
-    """Nested config → dotted keys with JSON-rendered values (lists included)."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(data).items()}
+    """A run's config → dotted keys with JSON-rendered values (lists included), resolved as runs are compared
+    (:func:`benchmark.config.compared`: keys an older record lacks at their defaults; of the option sections only
+    those that reach the run), so folders written by different versions read alike."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in compared(data).items()}
 
 
 def _natural(value: str) -> tuple[int, float, str]:

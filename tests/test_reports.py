@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.container import ErrorbarContainer
 from scipy import stats
 
@@ -583,3 +584,20 @@ def test_jobs_note_and_learning_rates_in_the_report(tmp_path):
     assert "**Timings from processes sharing cores:** 3 of the 6 run(s)" in markdown and "--jobs 2" in markdown
     assert "| lorsu | 3 | 1e-05 | **22.0 ± 2.0** | ref. |" in markdown  # the run's train.lr (Config's default)
     assert "| zeroshot | 3 | – | 0.0 ± 0.0 |" in markdown  # trains nothing: no rate
+
+
+def test_the_configuration_section_reads_old_and_new_records_alike(tmp_path):
+    # An old record holds no default options (lorsu.rank left at 64) and another strategy's section; a new
+    # one holds its strategy's options resolved. Read as before, the report said "lorsu.rank 8, shared by all".
+    root = tmp_path / "runs"
+    old = write_run(root, "lorsu", 0, [START, *MATRICES[("lorsu", 0)]])
+    new = write_run(root, "lorsu", 1, [START, *MATRICES[("lorsu", 1)]])
+    other = write_run(root, "lora", 0, [START, *MATRICES[("lora", 0)]])
+    for path, sections in ((old, {"lora": {"rank": 8}}), (new, {"lorsu": {"rank": 8}}), (other, {"lora": {"rank": 8}})):
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        config.pop("lorsu", None)
+        config.update(sections)
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+    sections = {s.split("\n", 1)[0]: s for s in write_report(root, tmp_path / "out").markdown.read_text().split("\n## ")}
+    assert "| lorsu.rank | 8, 64 |" in sections["Configuration"]
+    assert "| lora.rank | 8 |" in sections["Configuration"]  # the lora run's only: the lorsu run's old section is not read
