@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -324,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FsclError as err:  # a config value, a name, a path, data: the message says what to change
         print(f"fscl: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: the runs cut short are marked interrupted (benchmark.errors.Interrupted)
+        command = shlex.join(["fscl", *(sys.argv[1:] if argv is None else argv)])
+        print(f"fscl: interrupted: {err or 'no run had started'}; run the same command again to resume: {command}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

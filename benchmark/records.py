@@ -10,6 +10,7 @@ on it, ``run.lock`` (:class:`RunLock`); ``checkpoints/`` for resuming
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,10 @@ import yaml
 from filelock import FileLock
 
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "running", "finished", "failed"
+STATUS_INTERRUPTED = "interrupted"  # stopped by Ctrl-C: the same command resumes it
+# what a failed write says about the storage: a full disk or quota, a read-only or unwritable folder, I/O
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENOTDIR, errno.EIO})
 VERSIONED = ("torch", "torchvision", "open_clip_torch", "avalanche-lib", "transformers", "numpy", "fscl-bench")
 
 
@@ -77,6 +82,14 @@ def atomic_write(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def storage_problem(err: OSError) -> str | None:
+    """``err`` in words (``No space left on device: <file>``) when it is a storage problem
+    (:data:`STORAGE_ERRNOS`) rather than a bug; else None."""
+    if err.errno not in STORAGE_ERRNOS:
+        return None
+    return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -135,9 +148,25 @@ class RunRecord:
         except (OSError, yaml.YAMLError):
             return None
 
-    def is_finished(self) -> bool:
+    def summary_problem(self) -> str | None:
+        """Why ``summary.json`` cannot be used (missing, unreadable, not a JSON object), or None when it can."""
+        path = self.path / "summary.json"
+        if not path.is_file():
+            return f"{path.name} is missing"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"{path.name} is damaged ({err})"
+        return None if isinstance(summary, dict) else f"{path.name} is damaged (not a JSON object)"
+
+    def finished_status(self) -> bool:
+        """Whether the manifest says ``finished`` (see :meth:`is_finished` for a usable record)."""
         manifest = self.manifest()
-        return bool(manifest and manifest.get("status") == STATUS_FINISHED and (self.path / "summary.json").is_file())
+        return bool(manifest and manifest.get("status") == STATUS_FINISHED)
+
+    def is_finished(self) -> bool:
+        """Whether the run finished and its summary can be read (a damaged summary is rebuilt by a rerun)."""
+        return self.finished_status() and self.summary_problem() is None
 
     def start(self, config: dict[str, Any], seeds: dict[str, int], samples: dict[str, list[str]]) -> None:
         """Begin a (fresh) run: config, sampled ids, manifest with status ``running``."""

@@ -51,7 +51,7 @@ from benchmark.distributed import (
     local_device,
     world_size,
 )
-from benchmark.errors import DataError, FsclError
+from benchmark.errors import DataError, FsclError, Interrupted
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
 from benchmark.jobs import resolve_jobs, run_jobs
 from benchmark.metrics import AccuracyMatrix, summarize
@@ -59,11 +59,13 @@ from benchmark.plugins import CostMeter, StrategyPlugin
 from benchmark.records import (
     STATUS_FAILED,
     STATUS_FINISHED,
+    STATUS_INTERRUPTED,
     RunInUseError,
     RunLock,
     RunRecord,
     atomic_write,
     slug,
+    storage_problem,
     write_json,
 )
 from benchmark.registry import STRATEGIES, STREAMS
@@ -88,6 +90,15 @@ class RunDecision(enum.IntEnum):
     RUN = 0
     SKIP = 1  # finished already
     BUSY = 2  # another live process holds the run folder
+
+
+class RunStorageError(FsclError):
+    """A run could not write its record or cache (a full disk, a quota, a read-only folder): the run is recorded
+    as failed where the disk allows it, and the grid stops (every later run would meet the same)."""
+
+
+STORAGE_ADVICE = ("The grid stops here; what the runs saved is intact: free space (or fix the folder) and run the "
+                  "same command again to resume")
 
 
 class GridCheckError(ConfigError):
@@ -407,6 +418,9 @@ def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool
         return RunDecision.RUN, ""
     if done():
         return RunDecision.SKIP, ""
+    if record.finished_status():
+        log.warning("%s is marked finished but its %s: running it again to rebuild it", record.path,
+                    record.summary_problem())
     try:
         lock.acquire()
     except RunInUseError as err:
@@ -428,7 +442,12 @@ def run_one(cfg: Config, data: RunData | None = None, progress: bool = False, fo
     path = run_dir(cfg)
     record = RunRecord(path, writable=is_main_process())
     lock = RunLock(path)
-    decision, reason = decide(record, lock, cfg.to_dict(), force)
+    try:
+        decision, reason = decide(record, lock, cfg.to_dict(), force)
+    except OSError as err:
+        if storage_problem(err) is None:
+            raise
+        raise RunStorageError(f"{path}: {storage_problem(err)} (taking its {RunLock.NAME}). {STORAGE_ADVICE}") from err
     (total,) = all_reduce_sum([int(decision)])
     decision = RunDecision(total)
     if decision is RunDecision.SKIP:
@@ -471,8 +490,26 @@ class _Run:
         self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
         self.vqa_row0: dict[str, dict[str, int | float]] | None = None  # VQA counts per question set before training
         self.vqa_timing = {"questions": 0, "seconds": 0.0}  # questions this run's processes scored, and how long
+        self.stage = "setup"  # what the run is doing, in words (the reasons of failures and interruptions)
 
     def execute(self, data: RunData) -> RunOutcome:
+        """Run (or resume) the run. A non-finite loss or an unreadable image fails it (recorded, the grid goes on);
+        Ctrl-C marks it ``interrupted`` and a storage error (a full disk) ``failed``, and both stop the grid
+        (:class:`~benchmark.errors.Interrupted`, :class:`RunStorageError`)."""
+        try:
+            return self._execute(data)
+        except KeyboardInterrupt:
+            recorded = self.stop(STATUS_INTERRUPTED, f"interrupted in {self.stage}")
+            raise Interrupted(f"{self.record.path} in {self.stage} ({recorded})") from None
+        except OSError as err:
+            problem = storage_problem(err)
+            if problem is None:
+                raise
+            recorded = self.stop(STATUS_FAILED, f"{self.stage}: {problem}")
+            raise RunStorageError(
+                f"{self.record.path}: {problem} (in {self.stage}; {recorded}). {STORAGE_ADVICE}") from err
+
+    def _execute(self, data: RunData) -> RunOutcome:
         cfg = self.cfg
         seed_everything(cfg.seed)
         backbone, plugin, meter, template, scenario, eval_stream = self.build(data)
@@ -480,14 +517,28 @@ class _Run:
         try:
             self.sessions(done, plugin, meter, template, scenario, eval_stream)
         except (NonFiniteLossError, DataError) as err:
-            reason = f"session {len(self.costs['sessions']) + 1}: {err}"
+            reason = f"{self.stage}: {err}"
             log.error("run %s failed: %s", self.record.path, reason)
             self.finish(backbone.visual_parameter_count(), STATUS_FAILED, reason)
             return RunOutcome(self.record.path, STATUS_FAILED, reason)
+        self.stage = "summary"
         self.finish(backbone.visual_parameter_count(), STATUS_FINISHED)
         if self.record.writable:
             checkpoints.prune(self.record.path, cfg.keep_checkpoints)
         return RunOutcome(self.record.path, STATUS_FINISHED)
+
+    def stop(self, status: str, reason: str) -> str:
+        """Record a run cut short as ``status`` with ``reason`` when its manifest exists (a run that had not
+        started has nothing to record); what was recorded, in words (a full disk may refuse even this write)."""
+        if not self.record.writable:
+            return "rank 0 records it"
+        if self.record.manifest() is None:
+            return "nothing was recorded yet"
+        try:
+            self.record.update_manifest(status=status, reason=reason)
+        except OSError as err:
+            return f"its status could not be recorded: {err.strerror}"
+        return f"recorded as {status}"
 
     def build(self, data: RunData):
         """The backbone, the strategy and its cost meter, the template, the scenario and the eval stream."""
@@ -598,12 +649,14 @@ class _Run:
                    unit="eval", leave=False, disable=not self.progress)
         try:
             if not done:
+                self.stage = "evaluation before training (session 0)"
                 self.evaluate(template, eval_stream, 0)
                 bar.update()
             for exp in sessions:
                 session = exp.current_experience + 1
                 if session <= done:
                     continue
+                self.stage = f"training session {session}"
                 held_mb = template.zeroshot.held_bytes() / 2**20  # eval_cache: device's images, not training's
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
@@ -617,7 +670,9 @@ class _Run:
                     "peak_memory_mb": round(peak_memory_mb(self.device) - held_mb, 1),
                     **meter.session_costs(),  # trainable counts, FLOPs per sample, setup (mask) time
                 })
+                self.stage = f"evaluation after session {session}"
                 self.evaluate(template, eval_stream, session)
+                self.stage = f"checkpoint after session {session}"
                 self.checkpoint(session, template.backbone, plugin, template)
                 bar.update()
         finally:

@@ -29,7 +29,7 @@ import yaml
 
 from benchmark.config import sweep_tag
 from benchmark.errors import FsclError
-from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING, RunRecord
+from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
 
 RUN_KEYS = ("name", "stream", "backbone", "strategy", "shots", "seed")
 SWEEP, SWEPT_PREFIX = "sweep", "swept:"  # the runs' sweep_tag ("" outside a sweep); a column per swept key
@@ -251,10 +251,12 @@ def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any])
         return STATUS_FAILED, str(manifest.get("reason") or "failed (no reason recorded)")
     if status == STATUS_RUNNING:
         return STATUS_RUNNING, "still running or interrupted (status 'running')"
+    if status == STATUS_INTERRUPTED:
+        return STATUS_INTERRUPTED, f"{manifest.get('reason') or 'interrupted'} (the command that started it resumes it)"
     if status != STATUS_FINISHED:
         return STATUS_INCOMPLETE, f"unknown status {status!r} in manifest.json"
     if not record.is_finished():
-        return STATUS_INCOMPLETE, "status 'finished' but summary.json is missing"
+        return STATUS_INCOMPLETE, f"status 'finished' but {record.summary_problem()} (a rerun rebuilds it)"
     return STATUS_FINISHED, ""
 
 
