@@ -92,6 +92,21 @@ def storage_problem(err: OSError) -> str | None:
     return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
 
 
+def write_problem(folder: Path) -> str | None:
+    """Why files cannot be written into ``folder`` (made when missing), or None when they can: a temporary file
+    is made (and removed) in ``folder``, or in its nearest existing parent when it does not exist yet."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(dir=existing, prefix=".fscl-write-check-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        return f"{existing}: {err.strerror or err}"
+    return None
+
+
 def slug(text: str, limit: int = 60) -> str:
     """A folder-safe form of ``text`` (long ones keep a short hash for uniqueness)."""
     clean = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"

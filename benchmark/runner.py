@@ -22,11 +22,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import os
 import random
 import resource
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -67,6 +65,7 @@ from benchmark.records import (
     slug,
     storage_problem,
     write_json,
+    write_problem,
 )
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.shared_rows import read_counts, shared_folder, write_counts
@@ -256,21 +255,20 @@ def changed_finished_runs(runs: list[Config]) -> list[str]:
 
 
 def unwritable_outputs(runs: list[Config]) -> list[str]:
-    """The runs folders of the grid that this process cannot write into: a temporary file is made (and
-    removed) in each folder, or in its nearest existing parent when it does not exist yet."""
-    problems = []
-    for folder in sorted({Path(run.out).absolute() / run.name for run in runs}):
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir():
-            problems.append(f"out: cannot write run records into {folder} ({existing} is a file, not a folder)")
-            continue
-        try:
-            fd, name = tempfile.mkstemp(dir=existing, prefix=".fscl-write-check-")
-            os.close(fd)
-            os.unlink(name)
-        except OSError as err:
-            problems.append(f"out: cannot write run records into {folder} ({existing}: {err.strerror or err})")
-    return problems
+    """The runs folders of the grid that this process cannot write into (:func:`~benchmark.records.write_problem`)."""
+    folders = sorted({Path(run.out).absolute() / run.name for run in runs})
+    return [f"out: cannot write run records into {folder} ({problem})"
+            for folder in folders if (problem := write_problem(folder)) is not None]
+
+
+def unusable_cache(runs: list[Config]) -> list[str]:
+    """The cache folder's problem (:func:`~benchmark.cache.cache_problem`) when a run of the grid writes there:
+    its evaluation cache (``eval_cache`` not ``off``) or its VQA question sets (``vqa.model``)."""
+    from benchmark.cache import cache_problem
+
+    uses = any(run.eval_cache != "off" or run.vqa.model is not None for run in runs)
+    problem = cache_problem() if uses else None
+    return [] if problem is None else [problem]
 
 
 def strategy_problems(runs: list[Config]) -> list[str]:
@@ -339,7 +337,8 @@ def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
     cache: dict[tuple, Any] = {}
     found: list[RunData] = []
     problems: dict[str, list[str]] = {
-        message: [] for message in unwritable_outputs(runs) + strategy_problems(runs) + vqa_problems(runs)}
+        message: [] for message in
+        unwritable_outputs(runs) + unusable_cache(runs) + strategy_problems(runs) + vqa_problems(runs)}
     for run in runs:
         where = f"{run.stream}/{run.strategy}/{run.shots}-s{run.seed}"
         try:

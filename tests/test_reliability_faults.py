@@ -156,3 +156,19 @@ def test_a_finished_run_with_a_damaged_summary_is_named_and_rebuilt(tmp_path, ca
     (run / "summary.json").write_text("[]")
     assert main([*args, "--force"]) == 0 and "0 finished, 1 skipped" not in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text()) == json.loads(summary)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_unusable_cache_folder_is_named_by_the_grid_check(tmp_path, capsys, monkeypatch, dry_run):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for cache in (blocker, blocker / "fscl"):  # FSCL_CACHE a file; a folder below a file (NotADirectoryError)
+        monkeypatch.setenv("FSCL_CACHE", str(cache))
+        args = ["run", *QUICK, "seed=0", "strategy=zeroshot", f"out={tmp_path / 'runs'}"]
+        assert main([*args, *(["--dry-run"] if dry_run else [])]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert (f"FSCL_CACHE: the cache folder {cache} cannot be written ({blocker} is a file, not a folder; "
+                f"FSCL_CACHE={cache}); set FSCL_CACHE to a writable folder") in err
+        assert not (tmp_path / "runs").exists()  # refused before any work
+    assert main([*args, "eval_cache=off", "--dry-run"]) == 0  # a grid that writes nothing there
