@@ -308,7 +308,7 @@ def vqa_problems(runs: list[Config]) -> list[str]:
     """What the VQA evaluation of the grid refuses: a ``vqa.sets`` name that is neither a run's target nor one
     of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), or a
     backbone whose encoder its vision tower cannot take (checked on the backbone's skeleton)."""
-    from benchmark.vqa.llava import check_encoder_fits, llava_config
+    from benchmark.vqa.llava import check_encoder_fits, check_loadable, llava_config
 
     problems, seen = [], set()
     for run in runs:
@@ -322,7 +322,9 @@ def vqa_problems(runs: list[Config]) -> list[str]:
             continue
         seen.add((run.vqa.model, run.backbone))
         try:
-            check_encoder_fits(llava_config(run.vqa.model).vision_config, backbone_skeleton(run.backbone))
+            config = llava_config(run.vqa.model)
+            check_loadable(run.vqa.model, config)  # weights files present, processor loads (no weights loaded)
+            check_encoder_fits(config.vision_config, backbone_skeleton(run.backbone))
         except FsclError as err:
             problems.append(str(err))
     return list(dict.fromkeys(problems))
