@@ -289,6 +289,10 @@ class RunLock:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def is_held(self) -> bool:
+        """Whether a live process holds the lock (a lock left by a dead one is stale, see :meth:`acquire`)."""
+        return self.file.exists() and not self._is_stale(self.owner())
+
     def _is_stale(self, owner: dict[str, Any] | None) -> bool:
         if owner is None:  # unreadable or half-written: only stale once old
             return self._age() > self.stale_after
