@@ -53,7 +53,9 @@ def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: b
 
     An error a run does not record as its failure (the same that would stop a grid in one process)
     stops the other processes and is raised here as :class:`JobError`; a run whose process died
-    before reporting it is a failed outcome saying so (its record resumes at the next ``fscl run``).
+    before reporting it is a failed outcome saying so (its record resumes at the next ``fscl run``). Ctrl-C
+    reaches every process of the group: each job marks its run interrupted and exits, and this raises
+    :class:`~benchmark.errors.Interrupted` once they have (or after :data:`INTERRUPT_GRACE_SECONDS`).
     """
     from benchmark.distributed import local_device
     from benchmark.runner import RunOutcome, run_dir
