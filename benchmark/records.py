@@ -84,12 +84,15 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def storage_problem(err: OSError) -> str | None:
-    """``err`` in words (``No space left on device: <file>``) when it is a storage problem
-    (:data:`STORAGE_ERRNOS`) rather than a bug; else None."""
-    if err.errno not in STORAGE_ERRNOS:
-        return None
-    return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
+def storage_problem(err: BaseException | None) -> str | None:
+    """``err`` in words (``No space left on device: <file>``) when it is, or was raised while handling, a storage
+    problem (an ``OSError`` of :data:`STORAGE_ERRNOS`; ``torch.save`` on a full disk raises a ``RuntimeError``
+    while handling one) rather than a bug; else None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def write_problem(folder: Path) -> str | None:

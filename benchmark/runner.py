@@ -502,7 +502,7 @@ class _Run:
         except KeyboardInterrupt:
             recorded = self.stop(STATUS_INTERRUPTED, f"interrupted in {self.stage}")
             raise Interrupted(f"{self.record.path} in {self.stage} ({recorded})") from None
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             problem = storage_problem(err)
             if problem is None:
                 raise

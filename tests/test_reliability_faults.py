@@ -89,6 +89,49 @@ def test_a_full_disk_fails_the_run_with_its_reason_stops_the_grid_and_resumes_id
     assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A folder on its own tmpfs (``mount -t tmpfs``: root where mounting is allowed, else the test is skipped);
+    yields a function that (re)mounts it with a size in bytes, and unmounts it at the end."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+
+    def mount(size: int) -> Path:
+        options = f"size={size}" if not os.path.ismount(folder) else f"remount,size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        return folder
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    if os.path.ismount(folder):
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazily: a file left open keeps it busy
+
+
+def test_a_full_disk_met_by_torch_save_stops_the_grid_and_resumes_identically(tmp_path, capsys, small_tmpfs):
+    """A real full file system (a tmpfs with room for one checkpoint): the checkpoint of session 2 fails in
+    ``torch.save``, which raises a RuntimeError while handling the ENOSPC."""
+    args = ["run", *QUICK, "strategy=full-ft", "keep_checkpoints=all"]
+    assert main([*args, "seed=0", f"out={tmp_path / 'reference'}"]) == 0
+    checkpoint = (tmp_path / "reference" / DIGITS.format("full-ft", 0) / "checkpoints" / "session-1.pt").stat().st_size
+    disk = small_tmpfs(int(1.5 * checkpoint))
+    capsys.readouterr()
+    args += ["seed=[0,1]", f"out={disk}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    run = disk / DIGITS.format("full-ft", 0)
+    assert "Traceback" not in err and err.count("fscl: error:") == 1
+    assert f"{run}: No space left on device (in checkpoint after session 2; recorded as failed)" in err
+    assert _manifest(run)["status"] == "failed" and not (disk / DIGITS.format("full-ft", 1)).exists()
+    small_tmpfs(20 * checkpoint)  # space freed
+    assert main(args) == 0
+    run = DIGITS.format("full-ft", 0)
+    assert (disk / run / "matrix.csv").read_text() == (tmp_path / "reference" / run / "matrix.csv").read_text()
+    assert [r["after_session"] for r in _manifest(disk / run)["resumed"]] == [1]
+
+
 def _interrupted(tmp_path: Path, *args: str, runs: int = 1) -> subprocess.CompletedProcess:
     """Run ``fscl`` with ``args`` in its own process group (with the pausing test strategy) and press Ctrl-C
     (SIGINT to the whole group, as a terminal does) once ``runs`` runs pause in session 2."""
