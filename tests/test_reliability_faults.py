@@ -24,9 +24,11 @@ from benchmark.records import RunLock
 from reports.frame import scan_runs
 
 TESTS = Path(__file__).parent
-DIGITS = "quick/digits/openclip-fscl-tiny/{}/5-s{}"
-# the digits of the quick preset, two short sessions: one batch per session, two steps that change the model
-QUICK = ("quick", "--no-progress", "sessions=2", "train.epochs=2", "train.warmup_steps=0")
+DIGITS = "quick/digits/openclip-fscl-tiny/{}/2-s{}"
+# the digits of the quick preset, small: two sessions of one batch (2 shots), two steps that change the model, a
+# 5 % test split
+QUICK = ("quick", "--no-progress", "sessions=2", "shots=2", "train.epochs=2", "train.warmup_steps=0",
+         "digits.test_fraction=0.05")
 
 RUN = ("run", "quick", "stream=eurosat", "strategy=full-ft", "seed=0", "sessions=2", "train.epochs=1",
        "--no-progress")

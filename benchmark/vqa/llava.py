@@ -33,6 +33,7 @@ from benchmark.registry import VQA_MODELS
 
 IMAGE_TOKEN = "<image>"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # save_pretrained's, each maybe sharded with an index
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a fast, a SentencePiece or a BPE tokenizer's
 SAVE_HINT = ("LlavaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
              "AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
 
@@ -146,11 +147,14 @@ def load_processor(spec: str, source: str, local: bool, config):
     (:func:`model_source`'s) for the model of ``config``; :class:`VQAModelError` when it cannot be loaded."""
     from transformers import AutoProcessor
 
+    if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        raise VQAModelError(f"vqa.model '{spec}': no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                            f"the folder needs what {SAVE_HINT} writes")
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as err:
         raise VQAModelError(f"vqa.model '{spec}': could not load its processor (tokenizer and image processor: "
-                            f"{err}); the folder needs what {SAVE_HINT} writes") from err
+                            f"{' '.join(str(err).split())}); the folder needs what {SAVE_HINT} writes") from err
     _check_processor(spec, processor, config)
     return processor
 
