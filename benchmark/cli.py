@@ -327,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: the runs cut short are marked interrupted (benchmark.errors.Interrupted)
         command = shlex.join(["fscl", *(sys.argv[1:] if argv is None else argv)])
-        print(f"fscl: interrupted: {err or 'no run had started'}; run the same command again to resume: {command}",
-              file=sys.stderr)
+        what = f": {err}" if str(err) else " (between runs: none was cut short)"
+        print(f"fscl: interrupted{what}; run the same command again to resume: {command}", file=sys.stderr)
         return 130
 
 
