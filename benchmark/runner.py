@@ -8,7 +8,10 @@ zero-shot evaluation before training (row 0) and after every session on the targ
 session class group) and every control, and with ``vqa.model`` the VQA scores of LLaVA with
 the current encoder in its tower (:mod:`benchmark.vqa.evaluate`); (4) the accuracy matrices and
 the summary. A run that fails (a non-finite loss, an unreadable image) is marked ``failed`` with
-its reason, keeps the sessions already evaluated, and the rest of the grid goes on. A run with
+its reason (naming the stage: ``evaluation before training (session 0)``, ``training session k``, ...),
+keeps the sessions already evaluated, and the rest of the grid goes on. A storage error (a full disk, a
+read-only folder) marks the run ``failed`` and Ctrl-C marks it ``interrupted``; both stop the grid, and the
+same command resumes it. A run with
 ``validation_per_class`` (``fscl tune``, :mod:`benchmark.tune`) sees every stream through its
 validation view (``Stream.validation``): no test split is read.
 
@@ -334,7 +337,8 @@ def check_grid(runs: list[Config], force: bool = False) -> list[RunData]:
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
     what a strategy refuses on its backbone (:func:`strategy_problems`), what VQA refuses
     (:func:`vqa_problems`), its data (a missing root, a
-    wrong layout, too many sessions for a stream's classes, ...), a runs folder it cannot write, and
+    wrong layout, too many sessions for a stream's classes, ...), a runs folder or a cache folder it cannot
+    write, and
     (unless ``force``) a finished run whose configuration changed."""
     cache: dict[tuple, Any] = {}
     found: list[RunData] = []
