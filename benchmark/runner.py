@@ -309,7 +309,8 @@ def vqa_controls(cfg: Config) -> list[str]:
 
 def vqa_problems(runs: list[Config]) -> list[str]:
     """What the VQA evaluation of the grid refuses: a ``vqa.sets`` name that is neither a run's target nor one
-    of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), or a
+    of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), a
+    ``llava:/folder`` without its weights files or a processor that loads (:func:`~benchmark.vqa.llava.check_loadable`), or a
     backbone whose encoder its vision tower cannot take (checked on the backbone's skeleton)."""
     from benchmark.vqa.llava import check_encoder_fits, check_loadable, llava_config
 
