@@ -217,3 +217,17 @@ def test_an_unusable_cache_folder_is_named_by_the_grid_check(tmp_path, capsys, m
                 f"FSCL_CACHE={cache}); set FSCL_CACHE to a writable folder") in err
         assert not (tmp_path / "runs").exists()  # refused before any work
     assert main([*args, "eval_cache=off", "--dry-run"]) == 0  # a grid that writes nothing there
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_home_is_named_as_the_cache_folder_s_problem(tmp_path, monkeypatch):
+    from benchmark.cache import cache_problem
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o555)
+    monkeypatch.delenv("FSCL_CACHE")
+    monkeypatch.setenv("HOME", str(home))
+    assert cache_problem() == (
+        f"FSCL_CACHE: the cache folder {home}/.cache/fscl cannot be written ({home}: Permission denied; FSCL_CACHE "
+        f"unset, so {home}/.cache/fscl); set FSCL_CACHE to a writable folder (e.g. export "
+        f"FSCL_CACHE=/scratch/$USER/fscl-cache)")
