@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import re
+import shlex
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -367,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FsclError as err:  # a config value, a name, a path, data: the message says what to change
         print(f"fscl: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: the runs cut short are marked interrupted (benchmark.errors.Interrupted)
+        command = shlex.join(["fscl", *(sys.argv[1:] if argv is None else argv)])
+        what = f": {err}" if str(err) else " (between runs: none was cut short)"
+        print(f"fscl: interrupted{what}; run the same command again to resume: {command}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,3 +16,11 @@ class DataError(FsclError, RuntimeError):
     Streams raise it (or a subclass); the runner checks every stream of a grid before any model is
     built, and records a run that meets one mid-run as failed, with the message as its reason.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the grid; the message says what was cut short and how it was recorded.
+
+    A ``KeyboardInterrupt`` still (so nothing that catches ``Exception`` swallows it); the command line prints
+    it as one line saying how to resume (exit status 130).
+    """

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,7 @@ from benchmark.backbones import Backbone, load_backbone
 from benchmark.backbones.hf import HFCLIPBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone, model_config
 from benchmark.errors import FsclError
-from benchmark.records import STATUS_FINISHED, RunRecord
+from benchmark.records import STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_RUNNING, RunLock, RunRecord
 
 ExportFormat = Literal["openclip", "hf-clip-vision"]
 
@@ -60,10 +61,8 @@ def encoder_after(run_dir: str | Path, session: int) -> Backbone:
         kept = f"sessions {', '.join(map(str, saved))}" if saved else "no session"
         manifest = RunRecord(run_dir).manifest() or {}
         if manifest.get("status") != STATUS_FINISHED:  # failed or cut short: the session may never have trained
-            reason = f": {manifest['reason']}" if manifest.get("reason") else ""
-            raise ExportError(
-                f"the encoder after session {session} is not stored in {run_dir}: the run is "
-                f"{manifest.get('status', 'unfinished')}{reason}; its checkpoints keep {kept}.")
+            raise ExportError(f"the encoder after session {session} is not stored in {run_dir}: "
+                              f"{unfinished(run_dir, manifest)}; its checkpoints keep {kept}.")
         keep = config.get("keep_checkpoints", "none")
         advice = (f"Run it again keeping them (--force: a finished run is skipped otherwise): 'fscl run "
                   f"{config_path} keep_checkpoints=all --force' (keep_checkpoints=last keeps only the final one)"
@@ -75,6 +74,22 @@ def encoder_after(run_dir: str | Path, session: int) -> Backbone:
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
     backbone.visual.load_state_dict(state["encoder"])
     return backbone
+
+
+def unfinished(run_dir: Path, manifest: dict) -> str:
+    """Why the run in ``run_dir`` (with ``manifest``) has not finished, in words: failed (with its reason), still
+    running, or interrupted (its status says so, or says running while no live process holds its lock), with
+    the command that resumes it."""
+    status = manifest.get("status", "unfinished")
+    reason = f": {manifest['reason']}" if manifest.get("reason") else ""
+    if status == STATUS_RUNNING and RunLock(run_dir).is_held():
+        return "the run is still running"
+    if status not in (STATUS_RUNNING, STATUS_INTERRUPTED):
+        return f"the run is {status}{reason}"
+    gone = "" if status == STATUS_INTERRUPTED else " (its status says running, but its process is gone)"
+    command = manifest.get("command") or []
+    again = f" ({shlex.join(['fscl', *command[1:]])})" if command else ""
+    return f"the run was interrupted{reason}{gone}; the command that started it resumes it{again}"
 
 
 # --------------------------------------------------------------------------- open_clip folder

@@ -113,9 +113,9 @@ def _update_with_item(digest: Any, item: Any) -> None:
     if isinstance(item, (str, os.PathLike)):
         try:
             stat = os.stat(item)
-            digest.update(f"{os.fspath(item)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(item) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         except OSError:
-            digest.update(f"{os.fspath(item)}|missing\n".encode())
+            digest.update(os.fsencode(item) + b"|missing\n")
     elif isinstance(item, np.ndarray):
         digest.update(f"{item.dtype}{item.shape}".encode())
         digest.update(np.ascontiguousarray(item).data)

@@ -22,12 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark.config import Config, ConfigError
-from benchmark.errors import FsclError
+from benchmark.errors import FsclError, Interrupted
 from benchmark.records import RunRecord
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often the parent looks whether its job processes are still alive
+INTERRUPT_GRACE_SECONDS = 30.0  # after Ctrl-C, how long the parent waits for a job to record its run interrupted
 
 
 class JobError(FsclError):
@@ -53,7 +54,9 @@ def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: b
 
     An error a run does not record as its failure (the same that would stop a grid in one process)
     stops the other processes and is raised here as :class:`JobError`; a run whose process died
-    before reporting it is a failed outcome saying so (its record resumes at the next ``fscl run``).
+    before reporting it is a failed outcome saying so (its record resumes at the next ``fscl run``). Ctrl-C
+    reaches every process of the group: each job marks its run interrupted and exits, and this raises
+    :class:`~benchmark.errors.Interrupted` once they have (or after :data:`INTERRUPT_GRACE_SECONDS`).
     """
     from benchmark.distributed import local_device
     from benchmark.runner import RunOutcome, run_dir
@@ -88,6 +91,11 @@ def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: b
             outcomes[i] = outcome
             bar.set_postfix_str(f"{runs[i].stream}/{runs[i].strategy}/{runs[i].shots}-s{runs[i].seed}")
             bar.update()
+    except KeyboardInterrupt:  # Ctrl-C reaches the job processes too: each marks its run interrupted and exits
+        for process in processes:
+            process.join(INTERRUPT_GRACE_SECONDS)
+        raise Interrupted(f"the runs in progress in {jobs} job processes ({len(outcomes)} of {len(runs)} "
+                          f"runs were done; the others are marked interrupted or not started)") from None
     finally:
         bar.close()
         for process in processes:
@@ -134,15 +142,18 @@ def _job(runs: list[Config], data: list[Any], force: bool, jobs: int, threads: i
     torch.set_num_threads(threads)
     os.environ[CORES_ENV] = str(threads)  # loader workers (train.num_workers: auto) count this process's share
     logging.basicConfig(level=level, format="[%(processName)s] %(levelname)s %(name)s: %(message)s")
-    while (i := tasks.get()) is not None:
-        try:
-            outcome = run_one(runs[i], data[i], progress=False, force=force)
-            if outcome.status == "finished":
-                RunRecord(outcome.path).update_manifest(jobs=jobs, threads=threads)
-            results.put((i, outcome, None))
-        except FsclError as err:
-            results.put((i, None, str(err)))
-            return
-        except Exception:  # noqa: BLE001 - handed to the parent, which raises it
-            results.put((i, None, traceback.format_exc()))
-            return
+    try:
+        while (i := tasks.get()) is not None:
+            try:
+                outcome = run_one(runs[i], data[i], progress=False, force=force)
+                if outcome.status == "finished":
+                    RunRecord(outcome.path).update_manifest(jobs=jobs, threads=threads)
+                results.put((i, outcome, None))
+            except FsclError as err:
+                results.put((i, None, str(err)))
+                return
+            except Exception:  # noqa: BLE001 - handed to the parent, which raises it
+                results.put((i, None, traceback.format_exc()))
+                return
+    except KeyboardInterrupt:  # Ctrl-C: the run is marked interrupted (run_one); the parent says so once
+        return

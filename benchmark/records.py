@@ -10,6 +10,7 @@ on it, ``run.lock`` (:class:`RunLock`); ``checkpoints/`` for resuming
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,10 @@ import yaml
 from filelock import FileLock
 
 STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED = "running", "finished", "failed"
+STATUS_INTERRUPTED = "interrupted"  # stopped by Ctrl-C: the same command resumes it
+# what a failed write says about the storage: a full disk or quota, a read-only or unwritable folder, I/O
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENOTDIR, errno.EIO})
 VERSIONED = ("torch", "torchvision", "open_clip_torch", "avalanche-lib", "transformers", "numpy", "fscl-bench")
 
 
@@ -77,6 +82,32 @@ def atomic_write(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def storage_problem(err: BaseException | None) -> str | None:
+    """``err`` in words (``No space left on device: <file>``) when it is, or was raised while handling, a storage
+    problem (an ``OSError`` of :data:`STORAGE_ERRNOS`; ``torch.save`` on a full disk raises a ``RuntimeError``
+    while handling one) rather than a bug; else None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why files cannot be written into ``folder`` (made when missing), or None when they can: a temporary file
+    is made (and removed) in ``folder``, or in its nearest existing parent when it does not exist yet."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(dir=existing, prefix=".fscl-write-check-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        return f"{existing}: {err.strerror or err}"
+    return None
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -135,9 +166,25 @@ class RunRecord:
         except (OSError, yaml.YAMLError):
             return None
 
-    def is_finished(self) -> bool:
+    def summary_problem(self) -> str | None:
+        """Why ``summary.json`` cannot be used (missing, unreadable, not a JSON object), or None when it can."""
+        path = self.path / "summary.json"
+        if not path.is_file():
+            return f"{path.name} is missing"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"{path.name} is damaged ({err})"
+        return None if isinstance(summary, dict) else f"{path.name} is damaged (not a JSON object)"
+
+    def finished_status(self) -> bool:
+        """Whether the manifest says ``finished`` (see :meth:`is_finished` for a usable record)."""
         manifest = self.manifest()
-        return bool(manifest and manifest.get("status") == STATUS_FINISHED and (self.path / "summary.json").is_file())
+        return bool(manifest and manifest.get("status") == STATUS_FINISHED)
+
+    def is_finished(self) -> bool:
+        """Whether the run finished and its summary can be read (a damaged summary is rebuilt by a rerun)."""
+        return self.finished_status() and self.summary_problem() is None
 
     def start(self, config: dict[str, Any], seeds: dict[str, int], samples: dict[str, list[str]]) -> None:
         """Begin a (fresh) run: config, sampled ids, manifest with status ``running``."""
@@ -244,6 +291,10 @@ class RunLock:
             return json.loads(self.file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def is_held(self) -> bool:
+        """Whether a live process holds the lock (a lock left by a dead one is stale, see :meth:`acquire`)."""
+        return self.file.exists() and not self._is_stale(self.owner())
 
     def _is_stale(self, owner: dict[str, Any] | None) -> bool:
         if owner is None:  # unreadable or half-written: only stale once old

@@ -8,7 +8,10 @@ zero-shot evaluation before training (row 0) and after every session on the targ
 session class group) and every control, and with ``vqa.model`` the VQA scores of LLaVA with
 the current encoder in its tower (:mod:`benchmark.vqa.evaluate`); (4) the accuracy matrices and
 the summary. A run that fails (a non-finite loss, an unreadable image) is marked ``failed`` with
-its reason, keeps the sessions already evaluated, and the rest of the grid goes on. A run with
+its reason (naming the stage: ``evaluation before training (session 0)``, ``training session k``, ...),
+keeps the sessions already evaluated, and the rest of the grid goes on. A storage error (a full disk, a
+read-only folder) marks the run ``failed`` and Ctrl-C marks it ``interrupted``; both stop the grid, and the
+same command resumes it. A run with
 ``validation_per_class`` (``fscl tune``, :mod:`benchmark.tune`) sees every stream through its
 validation view (``Stream.validation``): no test split is read.
 
@@ -26,7 +29,6 @@ import os
 import random
 import resource
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ from benchmark.distributed import (
     world_size,
 )
 from benchmark.dryrun import grid_warnings
-from benchmark.errors import DataError, FsclError
+from benchmark.errors import DataError, FsclError, Interrupted
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
 from benchmark.jobs import resolve_jobs, run_jobs
 from benchmark.metrics import AccuracyMatrix, summarize
@@ -60,12 +62,15 @@ from benchmark.plugins import CostMeter, StrategyPlugin
 from benchmark.records import (
     STATUS_FAILED,
     STATUS_FINISHED,
+    STATUS_INTERRUPTED,
     RunInUseError,
     RunLock,
     RunRecord,
     atomic_write,
     slug,
+    storage_problem,
     write_json,
+    write_problem,
 )
 from benchmark.registry import STRATEGIES, STREAMS
 from benchmark.shared_rows import read_counts, shared_folder, write_counts
@@ -89,6 +94,15 @@ class RunDecision(enum.IntEnum):
     RUN = 0
     SKIP = 1  # finished already
     BUSY = 2  # another live process holds the run folder
+
+
+class RunStorageError(FsclError):
+    """A run could not write its record or cache (a full disk, a quota, a read-only folder): the run is recorded
+    as failed where the disk allows it, and the grid stops (every later run would meet the same)."""
+
+
+STORAGE_ADVICE = ("The grid stops here; what the runs saved is intact: free space (or fix the folder) and run the "
+                  "same command again to resume")
 
 
 class GridCheckError(ConfigError):
@@ -279,21 +293,20 @@ def long_folder_names(runs: list[Config]) -> dict[str, list[Config]]:
 
 
 def unwritable_outputs(runs: list[Config]) -> list[str]:
-    """The runs folders of the grid that this process cannot write into: a temporary file is made (and
-    removed) in each folder, or in its nearest existing parent when it does not exist yet."""
-    problems = []
-    for folder in sorted({Path(run.out).absolute() / run.name for run in runs}):
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir():
-            problems.append(f"out: cannot write run records into {folder} ({existing} is a file, not a folder)")
-            continue
-        try:
-            fd, name = tempfile.mkstemp(dir=existing, prefix=".fscl-write-check-")
-            os.close(fd)
-            os.unlink(name)
-        except OSError as err:
-            problems.append(f"out: cannot write run records into {folder} ({existing}: {err.strerror or err})")
-    return problems
+    """The runs folders of the grid that this process cannot write into (:func:`~benchmark.records.write_problem`)."""
+    folders = sorted({Path(run.out).absolute() / run.name for run in runs})
+    return [f"out: cannot write run records into {folder} ({problem})"
+            for folder in folders if (problem := write_problem(folder)) is not None]
+
+
+def unusable_cache(runs: list[Config]) -> list[str]:
+    """The cache folder's problem (:func:`~benchmark.cache.cache_problem`) when a run of the grid writes there:
+    its evaluation cache (``eval_cache`` not ``off``) or its VQA question sets (``vqa.model``)."""
+    from benchmark.cache import cache_problem
+
+    uses = any(run.eval_cache != "off" or run.vqa.model is not None for run in runs)
+    problem = cache_problem() if uses else None
+    return [] if problem is None else [problem]
 
 
 def strategy_problems(runs: list[Config]) -> list[str]:
@@ -332,9 +345,10 @@ def vqa_controls(cfg: Config) -> list[str]:
 
 def vqa_problems(runs: list[Config]) -> list[str]:
     """What the VQA evaluation of the grid refuses: a ``vqa.sets`` name that is neither a run's target nor one
-    of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), or a
+    of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), a
+    ``llava:/folder`` without its weights files or a processor that loads (:func:`~benchmark.vqa.llava.check_loadable`), or a
     backbone whose encoder its vision tower cannot take (checked on the backbone's skeleton)."""
-    from benchmark.vqa.llava import check_encoder_fits, llava_config
+    from benchmark.vqa.llava import check_encoder_fits, check_loadable, llava_config
 
     problems, seen = [], set()
     for run in runs:
@@ -348,7 +362,9 @@ def vqa_problems(runs: list[Config]) -> list[str]:
             continue
         seen.add((run.vqa.model, run.backbone))
         try:
-            check_encoder_fits(llava_config(run.vqa.model).vision_config, backbone_skeleton(run.backbone))
+            config = llava_config(run.vqa.model)
+            check_loadable(run.vqa.model, config)  # weights files present, processor loads (no weights loaded)
+            check_encoder_fits(config.vision_config, backbone_skeleton(run.backbone))
         except FsclError as err:
             problems.append(str(err))
     return list(dict.fromkeys(problems))
@@ -362,13 +378,14 @@ def check_grid(runs: list[Config], force: bool = False, jobs: int | str = 1) -> 
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
     ``jobs`` (local processes) other than 1 with ``ddp: true``, what a strategy refuses on its backbone
     (:func:`strategy_problems`), what VQA refuses (:func:`vqa_problems`), its data (a missing root, a
-    wrong layout, too many sessions for a stream's classes, ...), a runs folder it cannot write, a folder name
-    too long (:func:`long_folder_names`), and (unless ``force``) a finished run whose configuration changed.
-    A run and ``--dry-run`` make these same checks."""
+    wrong layout, too many sessions for a stream's classes, ...), a runs folder or a cache folder it cannot
+    write, a folder name too long (:func:`long_folder_names`), and (unless ``force``) a finished run whose
+    configuration changed. A run and ``--dry-run`` make these same checks."""
     cache: dict[tuple, Any] = {}
     found: list[RunData] = []
     problems: dict[str, list[str]] = {
-        message: [] for message in unwritable_outputs(runs) + strategy_problems(runs) + vqa_problems(runs)}
+        message: [] for message in
+        unwritable_outputs(runs) + unusable_cache(runs) + strategy_problems(runs) + vqa_problems(runs)}
     if runs and runs[0].ddp and jobs not in (1, "auto"):  # ddp is one value for the whole grid
         problems[f"--jobs: invalid value {jobs!r} with ddp: true; --jobs runs whole runs in local processes, with "
                  f"ddp: true the launched processes share each run instead: leave --jobs at 1"] = []
@@ -455,6 +472,9 @@ def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool
         return RunDecision.RUN, ""
     if done():
         return RunDecision.SKIP, ""
+    if record.finished_status():
+        log.warning("%s is marked finished but its %s: running it again to rebuild it", record.path,
+                    record.summary_problem())
     try:
         lock.acquire()
     except RunInUseError as err:
@@ -476,7 +496,12 @@ def run_one(cfg: Config, data: RunData | None = None, progress: bool = False, fo
     path = run_dir(cfg)
     record = RunRecord(path, writable=is_main_process())
     lock = RunLock(path)
-    decision, reason = decide(record, lock, cfg.to_dict(), force)
+    try:
+        decision, reason = decide(record, lock, cfg.to_dict(), force)
+    except OSError as err:
+        if storage_problem(err) is None:
+            raise
+        raise RunStorageError(f"{path}: {storage_problem(err)} (taking its {RunLock.NAME}). {STORAGE_ADVICE}") from err
     (total,) = all_reduce_sum([int(decision)])
     decision = RunDecision(total)
     if decision is RunDecision.SKIP:
@@ -519,8 +544,26 @@ class _Run:
         self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
         self.vqa_row0: dict[str, dict[str, int | float]] | None = None  # VQA counts per question set before training
         self.vqa_timing = {"questions": 0, "seconds": 0.0}  # questions this run's processes scored, and how long
+        self.stage = "setup"  # what the run is doing, in words (the reasons of failures and interruptions)
 
     def execute(self, data: RunData) -> RunOutcome:
+        """Run (or resume) the run. A non-finite loss or an unreadable image fails it (recorded, the grid goes on);
+        Ctrl-C marks it ``interrupted`` and a storage error (a full disk) ``failed``, and both stop the grid
+        (:class:`~benchmark.errors.Interrupted`, :class:`RunStorageError`)."""
+        try:
+            return self._execute(data)
+        except KeyboardInterrupt:
+            recorded = self.stop(STATUS_INTERRUPTED, f"interrupted in {self.stage}")
+            raise Interrupted(f"{self.record.path} in {self.stage} ({recorded})") from None
+        except (OSError, RuntimeError) as err:
+            problem = storage_problem(err)
+            if problem is None:
+                raise
+            recorded = self.stop(STATUS_FAILED, f"{self.stage}: {problem}")
+            raise RunStorageError(
+                f"{self.record.path}: {problem} (in {self.stage}; {recorded}). {STORAGE_ADVICE}") from err
+
+    def _execute(self, data: RunData) -> RunOutcome:
         cfg = self.cfg
         seed_everything(cfg.seed)
         backbone, plugin, meter, template, scenario, eval_stream = self.build(data)
@@ -528,14 +571,28 @@ class _Run:
         try:
             self.sessions(done, plugin, meter, template, scenario, eval_stream)
         except (NonFiniteLossError, DataError) as err:
-            reason = f"session {len(self.costs['sessions']) + 1}: {err}"
+            reason = f"{self.stage}: {err}"
             log.error("run %s failed: %s", self.record.path, reason)
             self.finish(backbone.visual_parameter_count(), STATUS_FAILED, reason)
             return RunOutcome(self.record.path, STATUS_FAILED, reason)
+        self.stage = "summary"
         self.finish(backbone.visual_parameter_count(), STATUS_FINISHED)
         if self.record.writable:
             checkpoints.prune(self.record.path, cfg.keep_checkpoints)
         return RunOutcome(self.record.path, STATUS_FINISHED)
+
+    def stop(self, status: str, reason: str) -> str:
+        """Record a run cut short as ``status`` with ``reason`` when its manifest exists (a run that had not
+        started has nothing to record); what was recorded, in words (a full disk may refuse even this write)."""
+        if not self.record.writable:
+            return "rank 0 records it"
+        if self.record.manifest() is None:
+            return "nothing was recorded yet"
+        try:
+            self.record.update_manifest(status=status, reason=reason)
+        except OSError as err:
+            return f"its status could not be recorded: {err.strerror}"
+        return f"recorded as {status}"
 
     def build(self, data: RunData):
         """The backbone, the strategy and its cost meter, the template, the scenario and the eval stream."""
@@ -647,12 +704,14 @@ class _Run:
                    unit="eval", leave=False, disable=not self.progress)
         try:
             if not done:
+                self.stage = "evaluation before training (session 0)"
                 self.evaluate(template, eval_stream, 0)
                 bar.update()
             for exp in sessions:
                 session = exp.current_experience + 1
                 if session <= done:
                     continue
+                self.stage = f"training session {session}"
                 held_mb = template.zeroshot.held_bytes() / 2**20  # eval_cache: device's images, not training's
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
@@ -666,7 +725,9 @@ class _Run:
                     "peak_memory_mb": round(peak_memory_mb(self.device) - held_mb, 1),
                     **meter.session_costs(),  # trainable counts, FLOPs per sample, setup (mask) time
                 })
+                self.stage = f"evaluation after session {session}"
                 self.evaluate(template, eval_stream, session)
+                self.stage = f"checkpoint after session {session}"
                 self.checkpoint(session, template.backbone, plugin, template)
                 bar.update()
         finally:

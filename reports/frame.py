@@ -32,7 +32,7 @@ import yaml
 
 from benchmark.config import sweep_tag
 from benchmark.errors import FsclError
-from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING, RunRecord
+from benchmark.records import STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
 from benchmark.vqa.questions import LETTERS
 
 RUN_KEYS = ("name", "stream", "backbone", "strategy", "shots", "seed")
@@ -242,11 +242,8 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
                **_chance(config, manifest.get("classes") or {}))
     status, reason = _status(record, manifest, config)
     summary: dict[str, Any] = {}
-    if status == STATUS_FINISHED:
-        try:
-            summary = json.loads((folder / "summary.json").read_text())
-        except json.JSONDecodeError as err:
-            status, reason = STATUS_INCOMPLETE, f"summary.json unreadable: {err}"
+    if status == STATUS_FINISHED:  # RunRecord.is_finished: the summary parses
+        summary = json.loads((folder / "summary.json").read_text())
     if status == STATUS_FINISHED and not record.metrics():
         status, reason = STATUS_INCOMPLETE, "metrics.jsonl missing or empty"
     row.update(status=status, reason=reason)
@@ -280,10 +277,12 @@ def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any])
         return STATUS_FAILED, str(manifest.get("reason") or "failed (no reason recorded)")
     if status == STATUS_RUNNING:
         return STATUS_RUNNING, "still running or interrupted (status 'running')"
+    if status == STATUS_INTERRUPTED:
+        return STATUS_INTERRUPTED, f"{manifest.get('reason') or 'interrupted'} (the command that started it resumes it)"
     if status != STATUS_FINISHED:
         return STATUS_INCOMPLETE, f"unknown status {status!r} in manifest.json"
     if not record.is_finished():
-        return STATUS_INCOMPLETE, "status 'finished' but summary.json is missing"
+        return STATUS_INCOMPLETE, f"status 'finished' but {record.summary_problem()} (a rerun rebuilds it)"
     return STATUS_FINISHED, ""
 
 

@@ -2,17 +2,20 @@
 
 Builds the stream on the root (layout checks), every split (class checks), reports the
 images per split, class and session, decodes every image and lists the first unreadable
-ones. The stream is usable only when no problem was found; each problem is reported once.
+ones and the first symbolic links that point to nothing (a run does not see them). The
+stream is usable only when no problem was found; each problem is reported once.
 A run decodes only the images it uses, so this is the way to find every unreadable file.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmark.registry import STREAMS
 from streams.base import LabelledImages, Stream, StreamDataError, unreadable
+from streams.files import hidden
 
 
 @dataclass
@@ -76,6 +79,12 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
             data[split] = stream.dataset(split)
         except StreamDataError as err:
             report.problem(str(err))
+    links = dangling_links(stream.root) if stream.root is not None else []
+    if links:
+        shown = "\n  ".join(map(str, links[:listed]))
+        report.problem(f"{len(links)} symbolic link(s) under {stream.root} point to nothing (first "
+                       f"{min(listed, len(links))}):\n  {shown}\n  (a run leaves them out without a word: restore "
+                       "their targets, or remove the links)")
     if not data:
         return report
     _class_table(report, stream, data)
@@ -90,6 +99,18 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
                            "a drawn training image by the next of its class's seeded order and leaves test images "
                            "out, warning and recording both)")
     return report
+
+
+def dangling_links(root: Path) -> list[Path]:
+    """The symbolic links under ``root`` whose target does not exist (hidden entries skipped, as runs do), sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        for name in (*dirs, *files):
+            path = Path(folder, name)
+            if not hidden(name) and path.is_symlink() and not path.exists():
+                found.append(path)
+    return sorted(found)
 
 
 def _class_table(report: DataReport, stream: Stream, data: dict[str, LabelledImages]) -> None:

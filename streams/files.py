@@ -56,6 +56,13 @@ def malformed(stream: str, path: Path, problem: str, expected: str) -> StreamDat
     return StreamDataError(f"{stream}: malformed file {path}: {problem}\nexpected: {expected}")
 
 
+def text_id(name: str) -> str:
+    """``name`` (a path as Python reads it from the file system) as valid Unicode: a file name that is not
+    valid UTF-8 (legal on Linux; Python reads each undecodable byte as a lone surrogate) has those bytes
+    written as ``\\xNN``, so that ids can be hashed, sorted and written as JSON. Other names are unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def hidden(name: str) -> bool:
     """Whether a file or folder name is a hidden entry (``.ipynb_checkpoints``, ``.DS_Store``,
     macOS's ``._<name>`` copies): such entries are never read as data."""
@@ -211,8 +218,8 @@ class FileStream(Stream):
             raise StreamDataError(f"{self.spec.name}: {what or 'missing'}: {path}\nexpected layout:\n{self.layout}")
 
     def sample(self, path: Path, key: Hashable) -> Sample:
-        """A file sample whose id is its path relative to the stream's root."""
-        return Sample(path, key, path.relative_to(self.root).as_posix())
+        """A file sample whose id is its path relative to the stream's root (:func:`text_id`)."""
+        return Sample(path, key, text_id(path.relative_to(self.root).as_posix()))
 
     def class_folders(self, parent: Path, folders: dict[Hashable, str],
                       extensions: Sequence[str] = IMAGE_EXTENSIONS, others: bool = False,

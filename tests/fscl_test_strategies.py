@@ -14,11 +14,13 @@ from benchmark.distributed import rank
 from benchmark.plugins import StrategyPlugin
 from benchmark.registry import STRATEGIES
 from strategies.ewc import EWC, EWCOptions
+from strategies.full_ft import FullFineTuning
 from strategies.lorsu import LoRSU, LoRSUOptions, LoRSUPpl
 from strategies.options import LoRSUPplOptions
 
 PAUSE_ENV = "FSCL_TEST_PAUSE"  # a file path: created in the middle of session 2, then the run sleeps
 MASKS_ENV = "FSCL_TEST_MASKS"  # a folder: each rank writes the LoRSU selection of every session there
+DISK_FULL_ENV = "FSCL_TEST_DISK_FULL"  # a file path: at session 2 it is put aside and linked to /dev/full
 
 
 @STRATEGIES.register("test-ewc-pause", options=EWCOptions)
@@ -62,3 +64,17 @@ class LastBlock(StrategyPlugin[None]):
 
     def setup(self, session) -> None:
         self.backbone.blocks()[-1].module.requires_grad_(True)
+
+
+@STRATEGIES.register("test-full-ft-disk-full")
+class DiskFullFineTuning(FullFineTuning):
+    """Full fine-tuning; with ``$FSCL_TEST_DISK_FULL`` set (a file's path), when session 2 starts that file is
+    moved to ``<path>.kept`` and replaced by a link to ``/dev/full``, whose every write fails with ENOSPC as on
+    a full disk; moving ``.kept`` back is what freeing the disk would be."""
+
+    def setup(self, session) -> None:
+        super().setup(session)
+        path = os.environ.get(DISK_FULL_ENV)
+        if path and session.session_index == 2:
+            os.replace(path, path + ".kept")
+            os.symlink("/dev/full", path)

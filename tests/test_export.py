@@ -22,7 +22,7 @@ from benchmark.cli import main
 from benchmark.config import TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.export import ExportError, encoder_after, to_hf_clip_vision
-from benchmark.records import RunRecord
+from benchmark.records import RunLock, RunRecord
 from benchmark.template import CLIPTemplate
 from strategies.lorsu import LoRSU, LoRSUOptions
 from streams.digits import Digits
@@ -232,3 +232,19 @@ def test_a_failed_run_s_missing_session_is_explained_by_its_failure(tmp_path, ca
         encoder_after(run, 2)
     assert "the run is failed: session 1: non-finite loss (nan)" in str(err.value)
     assert "keep_checkpoints=all" not in str(err.value)  # it was set: no advice to set it
+
+
+def test_a_run_whose_process_is_gone_is_said_interrupted_with_the_command_that_resumes_it(tmp_path):
+    run = tmp_path / "run"
+    record = RunRecord(run)
+    record.start({"backbone": "openclip:fscl-tiny", "sessions": 2, "keep_checkpoints": "all"}, {"seed": 0}, {"session_1": ["a"]})
+    record.update_manifest(command=["/usr/bin/fscl", "run", "quick", "seed=0"])
+    with pytest.raises(ExportError) as err:  # status running, no lock: its process died
+        encoder_after(run, 2)
+    assert ("the run was interrupted (its status says running, but its process is gone); the command that started "
+            "it resumes it (fscl run quick seed=0); its checkpoints keep no session") in str(err.value)
+    with RunLock(run), pytest.raises(ExportError, match="the run is still running; its checkpoints"):
+        encoder_after(run, 2)  # a live process (this one) holds it
+    record.update_manifest(status="interrupted", reason="interrupted in training session 2")
+    with pytest.raises(ExportError, match=r"the run was interrupted: interrupted in training session 2; the command"):
+        encoder_after(run, 2)

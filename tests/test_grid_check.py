@@ -84,7 +84,8 @@ def test_an_unreadable_image_met_mid_run_fails_that_run_and_the_grid_goes_on(tmp
     outcomes = run_grid(cfg, progress=False)
     assert [o.status for o in outcomes] == ["failed", "failed"]  # both met it; the second still ran
     for outcome in outcomes:
-        assert "broken.jpg" in outcome.reason and outcome.reason.startswith("session 1: ")
+        assert "broken.jpg" in outcome.reason  # met by the evaluation before training, not in session 1
+        assert outcome.reason.startswith("evaluation before training (session 0): ")
         manifest = json.loads((outcome.path / "manifest.json").read_text())
         assert manifest["status"] == "failed" and "broken.jpg" in manifest["reason"]
         summary = json.loads((outcome.path / "summary.json").read_text())

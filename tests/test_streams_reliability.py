@@ -343,3 +343,13 @@ def test_hidden_entries_are_ignored_everywhere(tmp_path, capsys, name):
     assert ids() == before
     code, out = _check(capsys, name, "--root", str(tmp_path), *options)
     assert code == 0, out  # the corrupt hidden files were never listed (the check decodes every image)
+
+
+def test_data_check_names_symbolic_links_that_point_to_nothing(eurosat_root, capsys):
+    forest = eurosat_root / "eurosat" / "2750" / "Forest"
+    (forest / "Forest_99.jpg").symlink_to(eurosat_root / "moved-away" / "Forest_99.jpg")
+    (forest / ".hidden.jpg").symlink_to(eurosat_root / "nowhere")  # hidden: never read, not named
+    code, out = _check(capsys, "eurosat", "--root", str(eurosat_root))
+    assert code == 1 and "NOT USABLE: 1 problem(s)" in out
+    assert (f"problem: 1 symbolic link(s) under {eurosat_root / 'eurosat'} point to nothing (first 1):\n"
+            f"  {forest / 'Forest_99.jpg'}\n  (a run leaves them out without a word") in out

@@ -3,6 +3,8 @@ LLaVA (the vision side of ``openclip:fscl-tiny``, a 1-layer Llama, a character t
 loaded through ``from_pretrained``, on CPU, no network."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -150,3 +152,34 @@ def test_the_fit_check_refuses_encoders_the_tower_cannot_take(folder, tmp_path):
     backbone.visual.ln_pre = torch.nn.Identity()  # not expressible as a CLIPVisionModel (as EVA's timm trunks)
     with pytest.raises(VQAModelError, match="cannot go into LLaVA's CLIP vision tower: it has no ln_pre"):
         check_encoder_fits(tower, backbone)
+
+
+def test_the_grid_check_names_a_folder_without_weights_or_processor_files_without_loading_it(folder, tmp_path):
+    import shutil
+
+    from benchmark.config import load_config
+    from benchmark.runner import vqa_problems
+
+    def problems(broken: Path) -> list[str]:
+        return vqa_problems(load_config("quick", ["seed=0", "strategy=zeroshot", f"vqa.model=llava:{broken}"]).expand())
+
+    assert problems(folder) == []
+    cases = {  # files removed -> what the grid check says
+        ("model.safetensors",): "no weights in the folder (none of model.safetensors, pytorch_model.bin",
+        ("tokenizer.json", "tokenizer_config.json"): "no tokenizer in the folder (none of tokenizer.json, ",
+        ("processor_config.json",): "could not load its processor",
+    }
+    for removed, message in cases.items():
+        broken = tmp_path / "-".join(removed)
+        shutil.copytree(folder, broken)
+        for name in removed:
+            (broken / name).unlink()
+        (found,) = problems(broken)
+        assert found.startswith(f"vqa.model 'llava:{broken}': {message}") and "save_pretrained(DIR)" in found
+    sharded = tmp_path / "sharded"  # a sharded save: every shard its index lists must be there
+    shutil.copytree(folder, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (found,) = problems(sharded)
+    assert "1 weight file(s) that model.safetensors.index.json lists are missing: model-00002-of-00002" in found

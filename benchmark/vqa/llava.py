@@ -15,6 +15,7 @@ LoRA-trained ``llava-v1.5-7b-lora`` merged onto Vicuna-7B-v1.5.
 """
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,8 @@ from benchmark.export import hf_vision_config, load_hf_vision, vit_layout_proble
 from benchmark.registry import VQA_MODELS
 
 IMAGE_TOKEN = "<image>"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # save_pretrained's, each maybe sharded with an index
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a fast, a SentencePiece or a BPE tokenizer's
 SAVE_HINT = ("LlavaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
              "AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
 
@@ -139,24 +142,71 @@ def llava_config(spec: str):
     return config
 
 
+def load_processor(spec: str, source: str, local: bool, config):
+    """The checked (:func:`_check_processor`) ``LlavaProcessor`` of ``spec`` from ``source``
+    (:func:`model_source`'s) for the model of ``config``; :class:`VQAModelError` when it cannot be loaded."""
+    from transformers import AutoProcessor
+
+    if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        raise VQAModelError(f"vqa.model '{spec}': no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                            f"the folder needs what {SAVE_HINT} writes")
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise VQAModelError(f"vqa.model '{spec}': could not load its processor (tokenizer and image processor: "
+                            f"{' '.join(str(err).split())}); the folder needs what {SAVE_HINT} writes") from err
+    _check_processor(spec, processor, config)
+    return processor
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why the weights of the model saved in ``folder`` are not all there (no weights file, or shards that its
+    index lists missing), or None when they are; nothing is loaded."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return None
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                return f"its weights index {index.name} cannot be read ({err!r})"
+            missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+            return f"{len(missing)} weight file(s) that {index.name} lists are missing: {', '.join(missing[:3])}" \
+                if missing else None
+    return f"no weights in the folder (none of {', '.join(WEIGHT_FILES)}, nor their sharded .index.json)"
+
+
+def check_loadable(spec: str, config) -> None:
+    """Raise :class:`VQAModelError` unless a ``llava:/folder`` would load: its weights files are all there
+    (:func:`weights_problem`, not loaded) and its processor loads and fits the model of ``config`` (the grid
+    check, before any work). Hub ids and registered families (built on first use) are not looked at."""
+    rest = spec.partition(":")[2]
+    if _family(spec) is not None or not _is_path(rest):
+        return
+    source, local = model_source(spec)
+    problem = weights_problem(Path(source))
+    if problem is not None:
+        raise VQAModelError(f"vqa.model '{spec}': {problem}; the folder needs what {SAVE_HINT} writes")
+    load_processor(spec, source, local, config)
+
+
 def load_llava(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llava:
     """Load ``llava:/folder`` or ``llava:hub-id`` (model + processor), in eval mode on ``device``.
 
     ``dtype``: the weights' type; default float16 on CUDA (as released), float32 elsewhere.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     source, local = model_source(spec)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    config = llava_config(spec)
+    processor = load_processor(spec, source, local, llava_config(spec))
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-        _check_processor(spec, processor, config)
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local)
     except OSError as err:
-        raise VQAModelError(f"vqa.model '{spec}': could not read the model or its processor ({err}); the folder "
+        raise VQAModelError(f"vqa.model '{spec}': could not read the model ({err}); the folder "
                             f"needs what {SAVE_HINT} writes") from err
     return Llava(model.to(device).eval(), processor)
 
