@@ -114,8 +114,8 @@ class VQAConfig:
     sessions: Literal["ends", "all"] = field(default="ends", metadata={
         "help": "evaluate before training and after the last session (ends, as the paper), or after every session"})
     subset: int | None = field(default=None, metadata={
-        "help": "with sessions: all, a seeded subset of N questions per dataset after the sessions in between "
-                "(the full sets at the ends); null = full sets"})
+        "help": "with sessions: all, a seeded subset of N questions per dataset after every session, the ends "
+                "included (the full sets also at the ends); null = full sets"})
 
     def __post_init__(self) -> None:
         family = self.model.partition(":")[0] if isinstance(self.model, str) else None

@@ -34,7 +34,7 @@ def cached_llava(spec: str, device: torch.device) -> Llava:
 @dataclass(frozen=True)
 class VQASet:
     """One dataset's questions with their images (``LabelledImages`` in the same order, no transform) and the
-    indices asked after the sessions between the ends (``subset``; None: all)."""
+    indices asked on the subset basis, after every session (``subset``; None: all)."""
 
     name: str
     questions: MultipleChoiceSet
