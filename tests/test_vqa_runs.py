@@ -142,18 +142,22 @@ def test_the_dry_run_counts_vqa_questions_and_estimates_them_from_earlier_runs_o
     assert "1,380 VQA questions" in capsys.readouterr().out
 
 
-def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_path):
-    reference = runs / RUN.format("full-ft")
-    run = tmp_path / RUN.format("full-ft")
+def _interrupt_in_session_2(reference: Path, run: Path) -> None:
+    """Copy the finished run ``reference`` (2 sessions, every checkpoint kept) to ``run`` as a process stopped
+    during session 2 leaves it: session 1's checkpoint, no results, status running."""
     shutil.copytree(reference, run)
-    # what a process stopped during session 2 leaves: session 1's checkpoint, no results, status running
     (run / "checkpoints" / "session-2.pt").unlink()
-    for name in ("summary.json", "matrix.csv", "vqa_matrix.csv"):
-        (run / name).unlink()
+    for path in [run / "summary.json", *run.glob("*.csv")]:
+        path.unlink()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if r["session"] < 2))
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
 
+
+def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_path):
+    reference = runs / RUN.format("full-ft")
+    run = tmp_path / RUN.format("full-ft")
+    _interrupt_in_session_2(reference, run)
     assert main(["run", "quick", "strategy=full-ft", f"vqa.model=llava:{llava}", f"out={tmp_path}",
                  "keep_checkpoints=all", *SETTINGS]) == 0
     assert json.loads((run / "manifest.json").read_text())["resumed"][0]["after_session"] == 1
@@ -166,7 +170,7 @@ def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_pat
 def test_all_sessions_ask_a_seeded_subset_at_every_session_and_the_full_sets_at_the_ends(llava, tmp_path):
     overrides = ["strategy=[zeroshot,full-ft]", f"vqa.model=llava:{llava}", f"out={tmp_path}", "vqa.sessions=all",
                  "vqa.subset=20", "controls=[test-vqa-digits]", "control_subset=30", *SETTINGS]
-    assert main(["run", "quick", *overrides]) == 0
+    assert main(["run", "quick", *overrides, "keep_checkpoints=all"]) == 0
     for strategy in ("zeroshot", "full-ft"):
         run = tmp_path / RUN.format(strategy)
         totals = {(r["session"], r["dataset"], r["metric"]): r["total"] for r in _vqa_rows(run)
@@ -195,6 +199,15 @@ def test_all_sessions_ask_a_seeded_subset_at_every_session_and_the_full_sets_at_
     for block in (summary["vqa"], summary["vqa_subset"]):
         assert block["target_curve"] == block["control_curve"] == [0.0] * len(block["evaluated"])
         assert set(block["forgetting"].values()) == {0.0}
+    # resumed after session 1, full-ft ends with the same records on both bases (checkpoints carry both matrices)
+    _interrupt_in_session_2(tmp_path / RUN.format("full-ft"), tmp_path / "resumed" / RUN.format("full-ft"))
+    assert main(["run", "quick", *overrides, "strategy=full-ft", f"out={tmp_path / 'resumed'}"]) == 0
+    resumed, reference = tmp_path / "resumed" / RUN.format("full-ft"), tmp_path / RUN.format("full-ft")
+    for name in ("vqa_matrix.csv", "vqa_subset_matrix.csv"):
+        assert (resumed / name).read_text() == (reference / name).read_text()
+    assert _vqa_rows(resumed) == _vqa_rows(reference)
+    again, first = (json.loads((run / "summary.json").read_text()) for run in (resumed, reference))
+    assert again["vqa"] == first["vqa"] and again["vqa_subset"] == first["vqa_subset"]
 
 
 def test_the_grid_check_refuses_what_vqa_cannot_do_in_one_message_before_any_work(llava, tmp_path):
