@@ -2,8 +2,9 @@
 
 Both towers train (this is the model's "pretraining", not a benchmark session). Each step
 renders a fresh batch of clean compositions (never a held-out pair) with their captions,
-deterministically from (seed, step, world version), so the same seed gives the same
-weights. The result is saved in open_clip's ``local-dir`` layout::
+deterministically from (seed, step, world version, recipe), and the build runs in one thread
+(:func:`one_thread`), so the same seed gives the same weights for any thread count. The
+result is saved in open_clip's ``local-dir`` layout::
 
     <folder>/open_clip_config.json       {"model_cfg", "preprocess_cfg"}
     <folder>/open_clip_model.safetensors
