@@ -722,8 +722,8 @@ class _Run:
         compare the same questions: all questions (``full``) at the ends, and between them too when no set has a
         subset; with subsets (``vqa.subset`` under ``sessions: all``) each set's subset at every session, the ends
         included (a set smaller than the subset: all its questions)."""
-        bases = [(True, self.vqa_matrix)] if session in (0, self.matrix.n_sessions) or self.vqa_subset_matrix is None \
-            else []
+        ends = session in (0, self.matrix.n_sessions)
+        bases = [(True, self.vqa_matrix)] if ends or self.vqa_subset_matrix is None else []
         return bases + ([(False, self.vqa_subset_matrix)] if self.vqa_subset_matrix is not None else [])
 
     def evaluate_vqa(self, backbone, session: int) -> None:
