@@ -59,6 +59,7 @@ class SessionState:
     matrix: AccuracyMatrix
     costs: dict[str, Any]
     vqa_matrix: AccuracyMatrix | None = None  # VQA accuracies so far (None: VQA off, or a checkpoint from before it)
+    vqa_subset_matrix: AccuracyMatrix | None = None  # those on the sets' subsets (None: no subset, or from before it)
     template: dict[str, Any] | None = None  # the training template's carried state (e.g. a carried optimizer)
 
 

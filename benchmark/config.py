@@ -154,8 +154,8 @@ class VQAConfig:
     sessions: Literal["ends", "all"] = field(default="ends", metadata={
         "help": "evaluate before training and after the last session (ends, as the paper), or after every session"})
     subset: int | None = field(default=None, metadata={
-        "help": "with sessions: all, a seeded subset of N questions per dataset after the sessions in between "
-                "(the full sets at the ends); null = full sets"})
+        "help": "with sessions: all, a seeded subset of N questions per dataset after every session, the ends "
+                "included (the full sets also at the ends); null = full sets"})
 
     def __post_init__(self) -> None:
         family = self.model.partition(":")[0] if isinstance(self.model, str) else None
@@ -168,7 +168,7 @@ class VQAConfig:
         check(self.subset is None or self.subset >= 1, "vqa.subset", self.subset, "an integer >= 1, or null")
         check(self.subset is None or self.sessions == "all", "vqa.subset", self.subset,
               "null with vqa.sessions: ends (the ends ask the full sets; set vqa.sessions: all to ask a subset after "
-              "the sessions in between)")
+              "every session)")
 
 
 @dataclass

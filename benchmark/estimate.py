@@ -8,7 +8,8 @@ after every session; row 0 is counted once per (backbone, set, images) for the w
 it, :mod:`benchmark.shared_rows`) and a strategy that never trains evaluates once. With ``vqa.model`` a run
 asks each question set (the target's test images of every session's classes, each control in ``vqa.sets``)
 before training (once per grid) and after the last session (a strategy that never trains: not again), and
-with ``vqa.sessions: all`` its subset after every session between.
+with ``vqa.sessions: all`` its subset after every session between (a strategy that never trains: not at all), and
+at the ends too when the subset is smaller than the set (the per-session numbers compare the same questions).
 
 Rates: measured by the earlier runs under the grid's ``out`` folder on the same backbone and device type
 (their ``summary.json`` training seconds and samples, their manifest's ``eval_timing`` and, with the same
@@ -98,13 +99,17 @@ def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
         asked = [(run.stream, tuple(test.with_classes(classes).ids))]
         asked += [(name, tuple(run_data.control_tests[name].ids)) for name in vqa_controls(run)]
         for name, ids in asked:
-            key = (run.backbone, vqa.model, vqa.scoring, vqa.batch_size, vqa.mode, vqa.seed, name, ids)
-            if key not in row0:
-                row0.add(key)
-                cost.questions += len(ids)
-            cost.questions += len(ids) * trains
+            subset = min(len(ids), vqa.subset or len(ids)) if vqa.sessions == "all" else len(ids)
+            # all questions at the ends; a subset (smaller) also at the ends, and alone between them
+            ends = [len(ids)] + ([subset] if subset < len(ids) else [])
+            for asks in ends:
+                key = (run.backbone, vqa.model, vqa.scoring, vqa.batch_size, vqa.mode, vqa.seed, name, ids, asks)
+                if key not in row0:
+                    row0.add(key)
+                    cost.questions += asks
+                cost.questions += asks * trains
             if vqa.sessions == "all":
-                cost.questions += (len(run_data.sessions) - 1) * min(len(ids), vqa.subset or len(ids))
+                cost.questions += (len(run_data.sessions) - 1) * subset * trains
     return dict(costs)
 
 

@@ -537,12 +537,13 @@ class _Run:
         self.matrix: AccuracyMatrix | None = None
         self.vqa_sets: list[VQASet] = []  # with vqa.model: the target's set, then each control's
         self.vqa_matrix: AccuracyMatrix | None = None  # VQA accuracy (vqa_acc), NaN rows where not evaluated
+        self.vqa_subset_matrix: AccuracyMatrix | None = None  # with subsets between the ends: on them, every session
         self.costs: dict[str, Any] = {"sessions": []}
         self.trains = True  # False: a strategy that never changes the model, whose every row is row 0
         self.row0: dict[str, tuple[int, int]] | None = None  # (correct, total) per eval set before training
         self.eval_timing = {"images": 0, "seconds": 0.0}  # images this run's process evaluated, and how long
         self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
-        self.vqa_row0: dict[str, dict[str, int | float]] | None = None  # VQA counts per question set before training
+        self.vqa_row0: dict[str, dict[str, int | float]] | None = None  # VQA counts per VQASet.key before training
         self.vqa_timing = {"questions": 0, "seconds": 0.0}  # questions this run's processes scored, and how long
         self.stage = "setup"  # what the run is doing, in words (the reasons of failures and interruptions)
 
@@ -648,7 +649,7 @@ class _Run:
 
     def build_vqa(self, data: RunData) -> None:
         """The VQA question sets of the run's test images (the target: every session's classes as one set) with
-        their seeded subsets (``vqa.subset``), and the empty VQA matrix."""
+        their seeded subsets (``vqa.subset``), and the empty VQA matrices (:meth:`vqa_bases`)."""
         cfg, vqa = self.cfg, self.cfg.vqa
         classes = sorted({c for session in data.sessions for c in session.classes})
         controls = vqa_controls(cfg)
@@ -659,6 +660,8 @@ class _Run:
             if vqa.subset is not None and vqa.subset < len(qset.questions.items) else qset
             for qset in build_sets(tests, vqa.mode, vqa.seed, cfg.backbone)]
         self.vqa_matrix = AccuracyMatrix.empty(cfg.stream, controls, len(data.sessions))
+        if vqa.sessions == "all" and any(qset.subset is not None for qset in self.vqa_sets):
+            self.vqa_subset_matrix = AccuracyMatrix.empty(cfg.stream, controls, len(data.sessions))
 
     def start_or_resume(self, data: RunData, backbone, plugin: StrategyPlugin, template: CLIPTemplate) -> int:
         """Start the record, or restore the last checkpoint of an interrupted run; the sessions already done."""
@@ -692,6 +695,7 @@ class _Run:
         self.matrix, self.costs = resume.matrix, resume.costs
         if self.vqa_sets:
             self.vqa_matrix = resume.vqa_matrix
+            self.vqa_subset_matrix = resume.vqa_subset_matrix or self.vqa_subset_matrix
         template.load_carried_state(resume.template or {})
         checkpoints.restore_rng(resume.rng, template.caption_rng)
         return resume.session
@@ -740,7 +744,8 @@ class _Run:
         checkpoints.save(self.record.path, checkpoints.SessionState(
             session=session, config=self.cfg.to_dict(), encoder=backbone.visual.state_dict(),
             strategy=plugin.state_dict(), rng=checkpoints.capture_rng(template.caption_rng),
-            matrix=self.matrix, costs=self.costs, vqa_matrix=self.vqa_matrix, template=template.carried_state()),
+            matrix=self.matrix, costs=self.costs, vqa_matrix=self.vqa_matrix, vqa_subset_matrix=self.vqa_subset_matrix,
+            template=template.carried_state()),
             self.cfg.keep_checkpoints)
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
@@ -822,26 +827,38 @@ class _Run:
             self.pretrained = model_fingerprint(backbone)
         return self.pretrained
 
+    def vqa_bases(self, session: int) -> list[tuple[bool, AccuracyMatrix]]:
+        """(full, matrix) of each VQA matrix that scores after ``session``, each on one basis so that its sessions
+        compare the same questions: all questions (``full``) at the ends, and between them too when no set has a
+        subset; with subsets (``vqa.subset`` under ``sessions: all``) each set's subset at every session, the ends
+        included (a set smaller than the subset: all its questions)."""
+        ends = session in (0, self.matrix.n_sessions)
+        bases = [(True, self.vqa_matrix)] if ends or self.vqa_subset_matrix is None else []
+        return bases + ([(False, self.vqa_subset_matrix)] if self.vqa_subset_matrix is not None else [])
+
     def evaluate_vqa(self, backbone, session: int) -> None:
-        """VQA after ``session`` with the current encoder in LLaVA's tower: the rows of
-        :func:`~benchmark.vqa.evaluate.vqa_rows` per dataset (``vqa_acc``, and by ``vqa.scoring``); ``vqa_acc``
-        fills the VQA matrix. The sessions between the ends ask each set's subset (``vqa.subset``), the ends the
-        full sets; under ``ddp: true`` every process scores its share of the questions. Row 0 (and the last row
-        of a strategy that never trains) comes from :meth:`vqa_session_zero`."""
+        """VQA after ``session`` with the current encoder in LLaVA's tower, on each basis of :meth:`vqa_bases`: the
+        rows of :func:`~benchmark.vqa.evaluate.vqa_rows` per dataset (``vqa_acc``, and by ``vqa.scoring``; on the
+        subsets named ``..._subset``); ``vqa_acc`` fills the basis' matrix. Under ``ddp: true`` every process
+        scores its share of the questions. Row 0 (and every row of a strategy that never trains) comes from
+        :meth:`vqa_session_zero`."""
         from benchmark.vqa.llava import swap_encoder
 
         vqa = self.cfg.vqa
         llava = cached_llava(vqa.model, self.device)
         swap_encoder(llava.model, backbone)
-        full = session in (0, self.matrix.n_sessions)
-        pretrained = full and (session == 0 or not self.trains)  # row 0's counts, the grid's
+        pretrained = session == 0 or not self.trains  # row 0's counts, the grid's
         if pretrained and self.vqa_row0 is None:
             self.vqa_row0 = self.vqa_session_zero(llava, backbone)
+        scored = dict(self.vqa_row0) if pretrained else {}
         rows: list[dict[str, Any]] = []
-        for j, qset in enumerate(self.vqa_sets):
-            counts = self.vqa_row0[qset.name] if pretrained else self.score(llava, qset, full)
-            rows += vqa_rows(session, qset.name, counts, vqa.scoring)
-            self.vqa_matrix.values[session, j] = counts["correct"] / counts["total"]
+        for full, matrix in self.vqa_bases(session):
+            for j, qset in enumerate(self.vqa_sets):
+                if qset.key(full) not in scored:  # a set without subset is scored once for both bases
+                    scored[qset.key(full)] = self.score(llava, qset, full)
+                counts = scored[qset.key(full)]
+                rows += vqa_rows(session, qset.name, counts, vqa.scoring, "" if full else "_subset")
+                matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)
 
     def score(self, llava, qset: VQASet, full: bool) -> dict[str, int | float]:
@@ -855,23 +872,26 @@ class _Run:
         return counts
 
     def vqa_session_zero(self, llava, backbone) -> dict[str, dict[str, int | float]]:
-        """VQA row 0's counts per question set (all its questions, the pretrained encoder in ``llava``'s tower):
-        from the grid's shared store when a run stored them (under ``ddp: true``: when every rank finds them),
-        else scored and stored; the manifest's ``vqa_session0`` names the keys and the sets read."""
+        """VQA row 0's counts per :meth:`~benchmark.vqa.evaluate.VQASet.key` (all of a set's questions, and its
+        subset on a subset basis; the pretrained encoder in ``llava``'s tower): from the grid's shared store when
+        a run stored them (under ``ddp: true``: when every rank finds them), else scored and stored; the manifest's
+        ``vqa_session0`` names the keys and the sets read."""
         vqa = self.cfg.vqa
-        keys = {q.name: vqa_row_key(vqa, q, self.fingerprint(backbone), self.eval_context()) for q in self.vqa_sets}
+        asks = {qset.key(full): (qset, full) for full, _ in self.vqa_bases(0) for qset in self.vqa_sets}
+        keys = {name: vqa_row_key(vqa, qset, self.fingerprint(backbone), self.eval_context(), full)
+                for name, (qset, full) in asks.items()}
         folder = shared_folder(self.cfg.out, self.cfg.name)
         found = {name: read_counts(folder, key) for name, key in keys.items()}
-        everywhere = all_reduce_sum([int(found[q.name] is not None) for q in self.vqa_sets])
+        everywhere = all_reduce_sum([int(found[name] is not None) for name in asks])
         counts, shared = {}, []
-        for qset, n in zip(self.vqa_sets, everywhere):
+        for (name, (qset, full)), n in zip(asks.items(), everywhere):
             if n == world_size():
-                counts[qset.name] = found[qset.name]
-                shared.append(qset.name)
+                counts[name] = found[name]
+                shared.append(name)
                 continue
-            counts[qset.name] = self.score(llava, qset, True)
+            counts[name] = self.score(llava, qset, full)
             if self.record.writable:
-                write_counts(folder, keys[qset.name], counts[qset.name], qset.name)
+                write_counts(folder, keys[name], counts[name], name)
         self.record.update_manifest(vqa_session0={"keys": keys, "shared": shared})
         return counts
 
@@ -885,15 +905,26 @@ class _Run:
         summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
         if status == STATUS_FAILED:
             summary = {k: v for k, v in summary.items() if k in PARTIAL_SUMMARY}
+        vqa_keys = PARTIAL_SUMMARY if status == STATUS_FAILED else VQA_SUMMARY
         if self.vqa_matrix is not None:
-            summary["vqa"] = vqa_summary(self.vqa_matrix, PARTIAL_SUMMARY if status == STATUS_FAILED else VQA_SUMMARY)
+            summary["vqa"] = {**vqa_summary(self.vqa_matrix, vqa_keys), **self.vqa_basis(True)}
+        if self.vqa_subset_matrix is not None:
+            summary["vqa_subset"] = {**vqa_summary(self.vqa_subset_matrix, vqa_keys), **self.vqa_basis(False)}
         summary["costs"] = {"visual_parameters": visual_params, **self.costs}
         if self.record.writable:
             atomic_write(path / "matrix.csv", self.matrix.to_csv())
             if self.vqa_matrix is not None:
                 atomic_write(path / "vqa_matrix.csv", self.vqa_matrix.to_csv(per_group=False))
+            if self.vqa_subset_matrix is not None:
+                atomic_write(path / "vqa_subset_matrix.csv", self.vqa_subset_matrix.to_csv(per_group=False))
             write_json(path / "summary.json", summary)
         self.record.update_manifest(status=status, **({"reason": reason} if reason else {}))
+
+    def vqa_basis(self, full: bool) -> dict[str, Any]:
+        """What the VQA numbers of a basis (:meth:`vqa_bases`) are on: ``basis`` (``all``: every question of
+        each set; ``subset``: each set's seeded subset) and ``items``, the questions per set."""
+        items = {q.name: len(q.questions.items) if full or q.subset is None else len(q.subset) for q in self.vqa_sets}
+        return {"basis": "all" if full else "subset", "items": items}
 
 
 def check_recorded_sets(recorded: dict[str, Any], sets: dict[str, Any], path: Path) -> None:

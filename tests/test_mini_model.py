@@ -1,5 +1,6 @@
 """The mini model: few-step pretraining on a tiny config, its local-dir folder, the `mini`
 backbone, the `pretrain-mini` verb and the `mini` preset end to end."""
+import hashlib
 import json
 
 import numpy as np
@@ -67,6 +68,21 @@ def test_same_seed_same_weights():
     a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_build_gives_the_same_weights_for_any_thread_count(tmp_path):
+    """Three steps of the real recipe (its model, batches of 64): split over two threads, the matmuls and sums add in
+    another order, which changed the weights before the build ran in one thread."""
+    cfg, threads, digests = PretrainConfig(steps=3, batch_size=64, warmup_steps=1), torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            pretrain(tmp_path / str(count), cfg, progress=False)
+            assert torch.get_num_threads() == count  # restored after the build
+            digests.append(hashlib.sha256((tmp_path / str(count) / WEIGHTS).read_bytes()).hexdigest())
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1]
 
 
 def test_cache_location_and_build_when_missing(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def built(cache):
 
 def test_the_vlm_is_cached_with_its_manifest_and_versioned_key(built, cache):
     folder, manifest = built
-    assert folder.parent == cache and folder.name == "mini-llava-v1.1.2-s0" and (folder / WEIGHTS).is_file()
+    assert folder.parent == cache and folder.name == "mini-llava-v1.2.2-s0" and (folder / WEIGHTS).is_file()
     assert json.loads((folder / "manifest.json").read_text()) == manifest
     assert "NOT LLaVA" in manifest["what"] and manifest["steps"] == 2 and manifest["seed"] == 0
     assert set(manifest["vqa_acc"]) == {"mini-shapes", "mini-colours", "mini-digits", "mini-handwritten", "mini-signs"}
@@ -60,6 +60,18 @@ def test_same_seed_same_weights(built, tmp_path):
     other = build(tmp_path / "other", small(seed=1), progress=False)
     assert again["weights_sha256"] == manifest["weights_sha256"] and again["vqa_acc"] == manifest["vqa_acc"]
     assert other["weights_sha256"] != manifest["weights_sha256"]
+
+
+def test_the_build_gives_the_same_weights_for_any_thread_count(built, tmp_path):
+    _, manifest = built  # built in one thread (the module's one_thread)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = build(tmp_path / "two", small(), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the build restored the caller's threads
+    assert again["weights_sha256"] == manifest["weights_sha256"] and again["vqa_acc"] == manifest["vqa_acc"]
 
 
 def test_the_spec_loads_through_from_pretrained_and_the_tower_is_the_mini_encoder(built, monkeypatch):

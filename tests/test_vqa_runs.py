@@ -140,22 +140,27 @@ def test_the_dry_run_counts_vqa_questions_and_estimates_them_from_earlier_runs_o
     out = capsys.readouterr().out
     assert head in out and re.search(r"[\d.]+ questions/s \(llava:.*measured now \(5 full .* random images, "
                                      r"5 batches of the target questions;", out), out
-    assert main([*args, f"out={tmp_path}", "vqa.sessions=all", "vqa.subset=100"]) == 0  # + 100 per run after session 1
-    assert "1,280 VQA questions" in capsys.readouterr().out
+    # + 100 after full-ft's session 1, and at the ends (once for the grid before training, after full-ft's last)
+    assert main([*args, f"out={tmp_path}", "vqa.sessions=all", "vqa.subset=100"]) == 0
+    assert "1,380 VQA questions" in capsys.readouterr().out
+
+
+def _interrupt_in_session_2(reference: Path, run: Path) -> None:
+    """Copy the finished run ``reference`` (2 sessions, every checkpoint kept) to ``run`` as a process stopped
+    during session 2 leaves it: session 1's checkpoint, no results, status running."""
+    shutil.copytree(reference, run)
+    (run / "checkpoints" / "session-2.pt").unlink()
+    for path in [run / "summary.json", *run.glob("*.csv")]:
+        path.unlink()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if r["session"] < 2))
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
 
 
 def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_path):
     reference = runs / RUN.format("full-ft")
     run = tmp_path / RUN.format("full-ft")
-    shutil.copytree(reference, run)
-    # what a process stopped during session 2 leaves: session 1's checkpoint, no results, status running
-    (run / "checkpoints" / "session-2.pt").unlink()
-    for name in ("summary.json", "matrix.csv", "vqa_matrix.csv"):
-        (run / name).unlink()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if r["session"] < 2))
-    manifest = json.loads((run / "manifest.json").read_text())
-    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
-
+    _interrupt_in_session_2(reference, run)
     assert main(["run", "quick", "strategy=full-ft", f"vqa.model=llava:{llava}", f"out={tmp_path}",
                  "keep_checkpoints=all", *SETTINGS]) == 0
     assert json.loads((run / "manifest.json").read_text())["resumed"][0]["after_session"] == 1
@@ -165,20 +170,47 @@ def test_an_interrupted_run_resumes_to_the_same_vqa_records(runs, llava, tmp_pat
     assert vqa == json.loads((reference / "summary.json").read_text())["vqa"]
 
 
-def test_all_sessions_ask_a_seeded_subset_between_the_ends_and_controls_their_subset(llava, tmp_path):
-    overrides = ["strategy=zeroshot", f"vqa.model=llava:{llava}", f"out={tmp_path}", "vqa.sessions=all",
+def test_all_sessions_ask_a_seeded_subset_at_every_session_and_the_full_sets_at_the_ends(llava, tmp_path):
+    overrides = ["strategy=[zeroshot,full-ft]", f"vqa.model=llava:{llava}", f"out={tmp_path}", "vqa.sessions=all",
                  "vqa.subset=20", "controls=[test-vqa-digits]", "control_subset=30", *SETTINGS]
-    assert main(["run", "quick", *overrides]) == 0
-    run = tmp_path / RUN.format("zeroshot")
-    totals = {(r["session"], r["dataset"]): r["total"] for r in _vqa_rows(run) if r["metric"] == "vqa_acc"}
-    assert totals == {(0, "digits"): 540, (1, "digits"): 20, (2, "digits"): 540,
-                      (0, "test-vqa-digits"): 30, (1, "test-vqa-digits"): 20, (2, "test-vqa-digits"): 30}
-    lines = (run / "vqa_matrix.csv").read_text().splitlines()
-    assert lines[0] == "session,digits,test-vqa-digits" and len(lines) == 4 and "," in lines[2][2:]
+    assert main(["run", "quick", *overrides, "keep_checkpoints=all"]) == 0
+    for strategy in ("zeroshot", "full-ft"):
+        run = tmp_path / RUN.format(strategy)
+        totals = {(r["session"], r["dataset"], r["metric"]): r["total"] for r in _vqa_rows(run)
+                  if r["metric"] in ("vqa_acc", "vqa_acc_subset")}
+        assert totals == {**{(s, "digits", "vqa_acc"): 540 for s in (0, 2)},
+                          **{(s, "test-vqa-digits", "vqa_acc"): 30 for s in (0, 2)},
+                          **{(s, name, "vqa_acc_subset"): 20 for s in (0, 1, 2) for name in ("digits", "test-vqa-digits")}}
+        summary = json.loads((run / "summary.json").read_text())
+        full, subset = summary["vqa"], summary["vqa_subset"]
+        assert full["evaluated"] == [0, 2] and full["basis"] == "all"
+        assert full["items"] == {"digits": 540, "test-vqa-digits": 30}
+        assert subset["evaluated"] == [0, 1, 2] and subset["basis"] == "subset"
+        assert subset["items"] == {"digits": 20, "test-vqa-digits": 20}
+        for name, block in (("vqa_matrix.csv", full), ("vqa_subset_matrix.csv", subset)):
+            matrix = pd.read_csv(run / name, index_col="session")
+            metric = "vqa_acc" if block is full else "vqa_acc_subset"
+            rows = {(r["session"], r["dataset"]): r["value"] for r in _vqa_rows(run) if r["metric"] == metric}
+            assert {key: matrix.loc[key] for key in rows} == pytest.approx(rows, abs=1e-6)
+            assert matrix.loc[1].isna().all() == (block is full)  # the full sets: the ends only
     sets = json.loads((run / "manifest.json").read_text())["vqa_sets"]
     assert sets["digits"]["subset"] == 20 and sets["test-vqa-digits"] | {"sha256": None} == {
         "sha256": None, "mode": "random", "seed": 0, "items": 30, "subset": 20}
-    assert json.loads((run / "summary.json").read_text())["vqa"]["evaluated"] == [0, 1, 2]
+    # zeroshot never changes the encoder: on either basis no curve moves and nothing is forgotten (the subset's
+    # session 1 against the full sets' ends showed a change that was none)
+    summary = json.loads((tmp_path / RUN.format("zeroshot") / "summary.json").read_text())
+    for block in (summary["vqa"], summary["vqa_subset"]):
+        assert block["target_curve"] == block["control_curve"] == [0.0] * len(block["evaluated"])
+        assert set(block["forgetting"].values()) == {0.0}
+    # resumed after session 1, full-ft ends with the same records on both bases (checkpoints carry both matrices)
+    _interrupt_in_session_2(tmp_path / RUN.format("full-ft"), tmp_path / "resumed" / RUN.format("full-ft"))
+    assert main(["run", "quick", *overrides, "strategy=full-ft", f"out={tmp_path / 'resumed'}"]) == 0
+    resumed, reference = tmp_path / "resumed" / RUN.format("full-ft"), tmp_path / RUN.format("full-ft")
+    for name in ("vqa_matrix.csv", "vqa_subset_matrix.csv"):
+        assert (resumed / name).read_text() == (reference / name).read_text()
+    assert _vqa_rows(resumed) == _vqa_rows(reference)
+    again, first = (json.loads((run / "summary.json").read_text()) for run in (resumed, reference))
+    assert again["vqa"] == first["vqa"] and again["vqa_subset"] == first["vqa_subset"]
 
 
 def test_the_grid_check_refuses_what_vqa_cannot_do_in_one_message_before_any_work(llava, tmp_path):

@@ -34,12 +34,17 @@ def cached_llava(spec: str, device: torch.device) -> Llava:
 @dataclass(frozen=True)
 class VQASet:
     """One dataset's questions with their images (``LabelledImages`` in the same order, no transform) and the
-    indices asked after the sessions between the ends (``subset``; None: all)."""
+    indices asked on the subset basis, after every session (``subset``; None: all)."""
 
     name: str
     questions: MultipleChoiceSet
     images: Any
     subset: list[int] | None = None
+
+    def key(self, full: bool) -> str:
+        """What a score of the set asks: its name for all its questions (``full``, or no subset), else
+        ``<name>@subset``."""
+        return self.name if full or self.subset is None else f"{self.name}@subset"
 
     def record(self, mode: str, seed: int) -> dict[str, Any]:
         """What the manifest keeps about the set (``vqa_sets``)."""
@@ -103,12 +108,13 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, sc
     return {"total": summed[0], **dict(zip(counts, summed[1:]))}
 
 
-def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any]) -> str:
-    """SHA-256 (hex) of what the counts of ``qset`` (all its questions) with a pretrained encoder depend on, for
-    the grid's shared row 0 (:mod:`benchmark.shared_rows`): ``encoder`` (its
+def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any], full: bool = True) -> str:
+    """SHA-256 (hex) of what the counts of ``qset`` (all its questions, or its subset unless ``full``) with a
+    pretrained encoder depend on, for the grid's shared row 0 (:mod:`benchmark.shared_rows`): ``encoder`` (its
     :func:`~benchmark.evaluation.model_fingerprint`), the VQA model (:func:`~benchmark.vqa.llava.model_identity`),
-    the questions (their SHA-256) and images (:func:`~benchmark.image_cache.sources_key`), ``vqa``'s scoring
-    and batch size, the number of processes and ``context`` (device, library versions)."""
+    the questions (their SHA-256), the subset's indices when asked, the images
+    (:func:`~benchmark.image_cache.sources_key`), ``vqa``'s scoring and batch size, the number of processes and
+    ``context`` (device, library versions)."""
     import transformers
 
     from benchmark.distributed import world_size
@@ -117,14 +123,17 @@ def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any]) -
 
     described = {"encoder": encoder, "vqa_model": model_identity(vqa.model), "questions": qset.questions.sha256,
                  "images": sources_key(qset.images), "scoring": vqa.scoring, "batch_size": vqa.batch_size,
-                 "world_size": world_size(), "transformers": transformers.__version__, **context}
+                 "world_size": world_size(), "transformers": transformers.__version__, **context,
+                 **({} if full or qset.subset is None else {"subset": qset.subset})}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring: str) -> list[dict[str, Any]]:
+def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring: str,
+             suffix: str = "") -> list[dict[str, Any]]:
     """The ``metrics.jsonl`` rows of one set's :func:`score_set` counts, each naming its ``scoring``:
     ``vqa_acc`` and, by letter, ``vqa_acc_strict`` (with correct/total) and ``vqa_letter_mass`` (mean, with
-    total); by generation ``vqa_parsed`` (the share of answers naming an option, with total)."""
+    total); by generation ``vqa_parsed`` (the share of answers naming an option, with total). ``suffix`` ends
+    every metric's name (``_subset``: the counts of the set's subset)."""
     total = counts["total"]
     base = {"session": session, "dataset": dataset, "total": total, "scoring": scoring}
     rows = [{**base, "metric": "vqa_acc", "value": counts["correct"] / total, "correct": counts["correct"]}]
@@ -134,4 +143,4 @@ def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring
                  {**base, "metric": "vqa_letter_mass", "value": counts["letter_mass"] / total}]
     else:
         rows.append({**base, "metric": "vqa_parsed", "value": counts["parsed"] / total})
-    return rows
+    return [{**row, "metric": row["metric"] + suffix} for row in rows]

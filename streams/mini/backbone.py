@@ -2,7 +2,7 @@
 
 ``mini`` loads ``$FSCL_CACHE/mini-v<world>.<recipe>-s0`` (default cache ``~/.cache/fscl``);
 ``mini:/path/to/folder`` loads (or builds into) that folder. A missing model is pretrained
-first, with a progress bar (a few minutes on two CPU cores), exactly as ``fscl
+first, with a progress bar (a few minutes of one CPU core), exactly as ``fscl
 pretrain-mini`` would. Declared in :mod:`streams.mini` because the core never imports
 ``streams``.
 """

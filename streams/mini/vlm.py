@@ -43,7 +43,7 @@ from benchmark.vqa.questions import LETTERS, MC_SUFFIX, LabelQuestions
 from streams.mini.backbone import cache_root, default_model_dir, ensure_built, ensure_model
 from streams.mini.datasets import MiniColours, MiniDigits, MiniHandwritten, MiniShapes, MiniSigns, ProceduralStream
 from streams.mini.pretrain import RECIPE as BACKBONE_RECIPE
-from streams.mini.pretrain import build_facts
+from streams.mini.pretrain import build_facts, one_thread
 from streams.mini.render import render
 from streams.mini.world import Composition, World, rng_for, world
 
@@ -362,9 +362,11 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
+@one_thread()
 def build(folder: Path, cfg: VLMConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (recipe ``cfg``, default :class:`VLMConfig`), score the mini streams and save into ``folder``
-    (replaced atomically); returns the manifest."""
+    (replaced atomically), in one thread (:func:`~streams.mini.pretrain.one_thread`: the same weights for any
+    thread count); returns the manifest."""
     folder, cfg = Path(folder), cfg or VLMConfig()
     start = time.perf_counter()
     model, processor, losses = train(cfg, progress)
