@@ -61,8 +61,10 @@ def main_table(finished: pd.DataFrame, evaluation: Evaluation, reference: str) -
                                  "metric": metric, "mean": seeds.mean(), "std": seeds.std(ddof=1), "n": len(seeds)})
     table = pd.DataFrame(rows, columns=[*FAMILY_KEYS, "strategy", "target", "metric", "mean", "std", "n"])
     table["best"] = False
+    trainable = finished["trainable"] if "trainable" in finished else pd.Series(np.nan, index=finished.index)
+    trains = table["strategy"].map(trainable.groupby(finished["strategy"]).max().fillna(1) > 0)  # unknown: trains
     for _, cell in table.groupby([*FAMILY_KEYS, "target", "metric"], sort=False):
-        table.loc[cell.index, "best"] = clear_best(cell["mean"], cell["std"], cell["n"], "higher")
+        table.loc[cell.index, "best"] = clear_best(cell["mean"], cell["std"], cell["n"], "higher", trains[cell.index])
     return table
 
 

@@ -24,7 +24,8 @@ TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel), runs pa
 MIN_SEEDS = 3  # fewer seeds: no p-value and no bold "best"
 BEST_RULE = (f"bold marks a column's best mean only where it is clear: the best and the runner-up both have "
              f"n ≥ {MIN_SEEDS} seeds and their mean ± std intervals do not overlap (the gap exceeds the sum of "
-             f"their stds); a strategy that trains nothing is never the best of a cost column")
+             f"their stds); a strategy that trains nothing (the zero-shot reference: TI and CC 0 by construction, no cost) is "
+             f"never the best")
 
 
 def _percent(x: float) -> str:
@@ -191,10 +192,8 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     trains = table["trainable_mean"].fillna(1) > 0  # unknown: counted as training
     for col in columns:
-        eligible = None if col.scored else trains  # a cost column
         table[f"{col.key}_best"] = pd.concat(
-            [clear_best(group[f"{col.key}_mean"], group[f"{col.key}_std"], group["n"], col.better,
-                        None if eligible is None else eligible[group.index])
+            [clear_best(group[f"{col.key}_mean"], group[f"{col.key}_std"], group["n"], col.better, trains[group.index])
              for _, group in table.groupby(list(GROUP_KEYS))]).reindex(table.index)
     return table
 
@@ -206,7 +205,7 @@ def clear_best(mean: pd.Series, std: pd.Series, n: pd.Series, better: str,
     Args:
         mean, std, n: per row (same index) the mean, std (ddof 1) and number of seeds.
         better: ``higher`` or ``lower``.
-        eligible: rows that may be best (None: every row); e.g. not a strategy that trains nothing in a cost column.
+        eligible: rows that may be best (None: every row); e.g. not a strategy that trains nothing.
     """
     best = pd.Series(False, index=mean.index)
     candidates = mean[mean.notna() & (True if eligible is None else eligible)]

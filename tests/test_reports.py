@@ -180,9 +180,10 @@ def test_means_stds_and_best_per_column(table):
     assert row_of(table, "zeroshot")["n"] == 2
     best = {c: set(table[(table["stream"] == MINI) & table[f"{c}_best"]]["strategy"])
             for c in ("target_improvement", "control_change", "target_forgetting", "trainable", "train_seconds")}
-    # ln's TI 27 ± 2 against lorsu's 22 ± 2: a gap of 5 beyond the stds' sum of 4; CC: ln ties zeroshot (n = 2);
-    # zeroshot's zero cost is never the best: ln's 500 parameters and 1 s are, clear of lorsu's (std 0)
-    assert best == {"target_improvement": {"ln"}, "control_change": set(),
+    # ln's TI 27 ± 2 against lorsu's 22 ± 2: a gap of 5 beyond the stds' sum of 4; CC: ln's 0 ± 0 against lorsu's
+    # -1 ± 0 (zeroshot, which trains nothing, is never the best: its CC is 0 by construction, its cost zero);
+    # ln's 500 parameters and 1 s are the best, clear of lorsu's (std 0)
+    assert best == {"target_improvement": {"ln"}, "control_change": {"ln"},
                     "target_forgetting": {"ln"}, "trainable": {"ln"}, "train_seconds": {"ln"}}
     assert not row_of(table, "full-ft", DIGITS)["target_improvement_best"]  # alone in its setting: nothing to beat
 
@@ -490,6 +491,20 @@ def test_table_across_settings_means_and_the_bold_rule(across_runs):
                        capture_output=True)
 
 
+def test_the_zero_shot_reference_is_never_the_best_of_the_table_across_settings(tmp_path):
+    # zeroshot's CC is 0 ± 0 by construction, clear of lorsu's -1 ± 0: it trains nothing, so it is no "best"
+    for seed in range(3):
+        write_run(tmp_path, "lorsu", seed, [START, *MATRICES[("lorsu", seed)]])
+        write_run(tmp_path, "ln", seed, [START, *MATRICES[("ln", seed)]])
+        write_run(tmp_path, "zeroshot", seed, [START, START, START])
+    from reports.overview import main_table
+
+    table = main_table(scan_runs(tmp_path).finished, ZEROSHOT, "lorsu")
+    best = set(table.loc[table["best"], ["strategy", "metric"]].itertuples(index=False, name=None))
+    # ln's CC 0 ± 0 against lorsu's -1 ± 0, its TI 27 ± 2 against 22 ± 2 (a gap of 5 beyond the stds' 4)
+    assert best == {("ln", "control_change"), ("ln", "target_improvement")}
+
+
 def test_a_report_opens_with_the_table_across_settings(across_runs, tmp_path):
     report = write_report(across_runs, tmp_path)
     markdown = report.markdown.read_text()
@@ -582,7 +597,8 @@ def test_jobs_note_and_learning_rates_in_the_report(tmp_path):
     report = write_report(root, tmp_path / "out")
     markdown = report.markdown.read_text()
     assert "**Timings from processes sharing cores:** 3 of the 6 run(s)" in markdown and "--jobs 2" in markdown
-    assert "| lorsu | 3 | 1e-05 | **22.0 ± 2.0** | ref. |" in markdown  # the run's train.lr (Config's default)
+    assert "| lorsu | 3 | 1e-05 | 22.0 ± 2.0 | ref. |" in markdown  # the run's train.lr (Config's default); alone
+    # among the strategies that train: no best
     assert "| zeroshot | 3 | – | 0.0 ± 0.0 |" in markdown  # trains nothing: no rate
 
 
