@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from reports.frame import ROLE_TARGET, ZEROSHOT, Evaluation
 
@@ -23,6 +24,8 @@ HEATMAP_CMAP = "cividis"  # lightness rises monotonically, so it survives graysc
 HEATMAPS_PER_ROW = 4
 MIN_ACCURACY_SPAN = 10.0  # pp: the least y-range of an accuracy axis, so ±1 pp never looks like a trend
 MIN_CHANGE_SPAN = 4.0  # pp: the least range of a TI or CC axis
+CHANCE_REACH = 15.0  # pp: an accuracy axis covers chance when it lies this close to the curves, else the legend says
+# where it is (a control at 70 % over a chance of 20 % would otherwise flatten every change into the line)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,8 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
 
     Returns:
         One panel for the target accuracy, and a second for the mean control accuracy when
-        the runs have controls; each y-range covers chance and spans at least :data:`MIN_ACCURACY_SPAN`.
+        the runs have controls; each y-range spans at least :data:`MIN_ACCURACY_SPAN` and covers chance when it
+        lies within :data:`CHANCE_REACH` of the curves (else its legend entry says it is off the axis).
     """
     kinds = [k for k in ("target", "control") if (curves["curve"] == k).any()]
     fig = Figure(figsize=(5.2 * len(kinds), 3.8), layout="constrained")
@@ -124,11 +128,15 @@ def curves_figure(curves: pd.DataFrame, styles: dict[str, Style], title: str,
                     linewidth=style.linewidth, markersize=0.75 * style.markersize, label=strategy)
             if np.isfinite(std).any():
                 ax.fill_between(x, mean - std, mean + std, color=style.color, alpha=0.15, linewidth=0)
+        low, high = ax.get_ylim()  # the curves' own range
         level = (chance or {}).get(kind)
+        near = level is not None and low - CHANCE_REACH <= 100 * level <= high + CHANCE_REACH
         if level is not None:
+            where = "" if near else (", below the axis" if 100 * level < low else ", above the axis")
             ax.axhline(100 * level, color="0.5", linewidth=1.0, linestyle=(0, (1, 2)), zorder=0,
-                       label=f"chance ({100 * level:.0f} %)")
-        floor_span(ax, MIN_ACCURACY_SPAN, [] if level is None else [100 * level])
+                       label=f"chance ({100 * level:.0f} %{where})")
+        ax.set_ylim(low, high)
+        floor_span(ax, MIN_ACCURACY_SPAN, [100 * level] if near else [])
         ax.set_xlabel("session (0 = before training)")
         ax.set_ylabel(f"target {evaluation.accuracy} (%)" if kind == "target"
                       else f"mean control {evaluation.accuracy} (%)")
@@ -201,6 +209,7 @@ def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
         if len(shown):
             ax.set_xscale("log")
             ax.margins(x=0.15)
+            plain_log_labels(ax)
             ax.legend(fontsize="small")
         floor_span(ax, MIN_CHANGE_SPAN, [0.0])
         ax.set_xlabel(label)
@@ -208,6 +217,15 @@ def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
         ax.grid(alpha=0.3, which="both")
     suptitle(fig, title)
     return fig
+
+
+def plain_log_labels(ax: Axes) -> None:
+    """Plain numbers (0.8, 2, 30000) on a log x axis, its minor ticks labelled too when it spans under a decade
+    (matplotlib's default there reads 2 × 10^0)."""
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    low, high = ax.get_xlim()
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
 
 
 def draw_point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: float, yerr: float) -> None:

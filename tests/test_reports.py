@@ -579,12 +579,20 @@ def test_honest_figures_chance_lines_minimum_spans_and_no_log_point_for_zero_tra
     assert any(line.get_ydata()[0] == pytest.approx(10.0) for line in target.get_lines()[2:])  # the chance line
     low, high = control.get_ylim()
     assert high - low >= 10.0  # flat at 55 %: at least 10 pp shown
+    # a chance level far below the curves (the controls at 55 %, chance 20 %) is named in the legend, not drawn into
+    # the range, which would flatten every change into the line
+    far = curves_figure(curve_table(runset.scores), styles, "A", chance={"target": 0.1, "control": 0.2}).axes[1]
+    assert far.get_ylim()[0] > 20.0 + 10.0 and far.get_ylim()[1] - far.get_ylim()[0] >= 10.0
+    assert [t.get_text() for t in far.get_legend().get_texts()] == ["chance (20 %, below the axis)"]
     tradeoff = tradeoff_figure(table, styles, "A")
     assert np.ptp(tradeoff.axes[0].get_xlim()) >= 4.0 and np.ptp(tradeoff.axes[0].get_ylim()) >= 4.0
     # zeroshot takes a little time per session, but trains nothing: no point on the log axes
     rows = table.assign(train_seconds_mean=table["train_seconds_mean"].where(table["strategy"] != "zeroshot", 0.5))
     cost = cost_figure(rows, styles, "A")
     assert all([c.get_label() for c in ax.containers] == ["lorsu"] for ax in cost.axes)
+    cost.canvas.draw()  # the time axis spans under a decade: plain numbers, not 2 × 10^0
+    labels = [t.get_text() for t in [*cost.axes[1].xaxis.get_majorticklabels(), *cost.axes[1].xaxis.get_minorticklabels()]]
+    assert not any("times" in label or "^" in label for label in labels) and any(label for label in labels)
     assert not row_of(table, "zeroshot")["train_seconds_best"] and not row_of(table, "zeroshot")["trainable_best"]
 
 
