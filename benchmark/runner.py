@@ -472,9 +472,9 @@ def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool
         return RunDecision.RUN, ""
     if done():
         return RunDecision.SKIP, ""
-    if record.finished_status():
-        log.warning("%s is marked finished but its %s: running it again to rebuild it", record.path,
-                    record.summary_problem())
+    problem = record.summary_problem() if record.finished_status() else None
+    if problem is not None:  # not a --force rerun of a sound record
+        log.warning("%s is marked finished but its %s: running it again to rebuild it", record.path, problem)
     try:
         lock.acquire()
     except RunInUseError as err:

@@ -201,6 +201,8 @@ def test_a_finished_run_with_a_damaged_summary_is_named_and_rebuilt(tmp_path, ca
     (run / "summary.json").write_text("[]")
     assert main([*args, "--force"]) == 0 and "0 finished, 1 skipped" not in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text()) == json.loads(summary)
+    caplog.clear()  # a sound record rerun by --force (its configuration changed) is not called damaged
+    assert main([*args, "train.epochs=1", "--force"]) == 0 and "is marked finished but" not in caplog.text
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
