@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fscl run quick seed=0,1,2\n  fscl run my.yaml strategy=[zeroshot,full-ft] "
                "train.epochs=2\n  fscl run quick --dry-run\n\n"
                "keys: 'fscl ls train -v' and 'fscl ls vqa -v' list the train.* and vqa.* keys; 'fscl ls strategies -v'\n"
-               "and 'fscl ls streams -v' the options of each strategy and stream (lorsu.rank=32); README.md\n"
-               "'Configuration' the others.",
+               "and 'fscl ls streams -v' the options of each strategy and stream (lorsu.rank=32);\n"
+               "docs/configuration.md the others.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", default=None,
                      help="preset name (see 'fscl ls presets') or YAML file; default: none, the documented "
