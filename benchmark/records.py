@@ -166,16 +166,20 @@ class RunRecord:
         except (OSError, yaml.YAMLError):
             return None
 
-    def summary_problem(self) -> str | None:
-        """Why ``summary.json`` cannot be used (missing, unreadable, not a JSON object), or None when it can."""
+    def read_summary(self) -> tuple[dict[str, Any] | None, str | None]:
+        """``(summary.json, None)``, or ``(None, why it cannot be used)``: missing, unreadable, not a JSON object."""
         path = self.path / "summary.json"
         if not path.is_file():
-            return f"{path.name} is missing"
+            return None, f"{path.name} is missing"
         try:
             summary = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            return f"{path.name} is damaged ({err})"
-        return None if isinstance(summary, dict) else f"{path.name} is damaged (not a JSON object)"
+            return None, f"{path.name} is damaged ({err})"
+        return (summary, None) if isinstance(summary, dict) else (None, f"{path.name} is damaged (not a JSON object)")
+
+    def summary_problem(self) -> str | None:
+        """Why ``summary.json`` cannot be used (:meth:`read_summary`), or None when it can."""
+        return self.read_summary()[1]
 
     def finished_status(self) -> bool:
         """Whether the manifest says ``finished`` (see :meth:`is_finished` for a usable record)."""

@@ -19,7 +19,6 @@ A run is scored by one or two :class:`Evaluation` s: CLIP zero-shot classificati
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -240,10 +239,12 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     row.update({SWEEP: sweep_tag(swept), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
     row.update(lr=_number((config.get("train") or {}).get("lr")), jobs=_number(manifest.get("jobs")),
                **_chance(config, manifest.get("classes") or {}))
-    status, reason = _status(record, manifest, config)
+    status, reason = _status(manifest, config)
     summary: dict[str, Any] = {}
-    if status == STATUS_FINISHED:  # RunRecord.is_finished: the summary parses
-        summary = json.loads((folder / "summary.json").read_text())
+    if status == STATUS_FINISHED:
+        summary, problem = record.read_summary()
+        if problem is not None:
+            status, reason = STATUS_INCOMPLETE, f"status 'finished' but {problem} (a rerun rebuilds it)"
     if status == STATUS_FINISHED and not record.metrics():
         status, reason = STATUS_INCOMPLETE, "metrics.jsonl missing or empty"
     row.update(status=status, reason=reason)
@@ -266,8 +267,9 @@ def _chance(config: dict[str, Any], classes: dict[str, int]) -> dict[str, float]
             VQA.key("chance_control"): mean_chance(controls, len(LETTERS))}
 
 
-def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
-    """(status, reason the run is left out; empty when finished)."""
+def _status(manifest: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
+    """(status, reason the run is left out; empty when finished) from the manifest and config (a finished run's
+    summary is checked by the caller)."""
     if not config:
         return STATUS_INCOMPLETE, "config.yaml missing or unreadable"
     if not manifest:
@@ -281,8 +283,6 @@ def _status(record: RunRecord, manifest: dict[str, Any], config: dict[str, Any])
         return STATUS_INTERRUPTED, f"{manifest.get('reason') or 'interrupted'} (the command that started it resumes it)"
     if status != STATUS_FINISHED:
         return STATUS_INCOMPLETE, f"unknown status {status!r} in manifest.json"
-    if not record.is_finished():
-        return STATUS_INCOMPLETE, f"status 'finished' but {record.summary_problem()} (a rerun rebuilds it)"
     return STATUS_FINISHED, ""
 
 
