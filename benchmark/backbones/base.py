@@ -11,6 +11,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import torch
@@ -246,6 +247,12 @@ class WeightsSource(NamedTuple):
 
     where: str  # in words: a local file or folder, a cache, a hub that needs internet, none (random weights)
     ready: bool  # False: loading them on this machine fails (missing file, hub unreachable)
+
+    @classmethod
+    def folder(cls, folder: Path, marker: str) -> WeightsSource:
+        """A local folder, ready when it holds the file ``marker`` (e.g. ``config.json``)."""
+        found = (folder / marker).is_file()
+        return cls(f"local folder {folder}" + ("" if found else f" (no {marker} there)"), found)
 
 
 class Backbone(nn.Module, ABC):

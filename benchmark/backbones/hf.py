@@ -75,9 +75,7 @@ class HFCLIPBackbone(Backbone):
     @classmethod
     def weights_source(cls, rest: str) -> WeightsSource:
         if _is_path(rest):
-            folder = Path(rest).expanduser()
-            found = (folder / "config.json").is_file()
-            return WeightsSource(f"local folder {folder}" + ("" if found else " (no config.json there)"), found)
+            return WeightsSource.folder(Path(rest).expanduser(), "config.json")
         return hub_source(rest, ("config.json",))
 
     @staticmethod

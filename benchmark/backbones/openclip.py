@@ -215,9 +215,7 @@ class OpenCLIPBackbone(Backbone):
     def weights_source(cls, rest: str) -> WeightsSource:
         name, tag = parse(rest)
         if name.startswith("local-dir:"):
-            folder = Path(name[len("local-dir:"):]).expanduser()
-            found = (folder / "open_clip_config.json").is_file()
-            return WeightsSource(f"local folder {folder}" + ("" if found else " (no open_clip_config.json there)"), found)
+            return WeightsSource.folder(Path(name[len("local-dir:"):]).expanduser(), "open_clip_config.json")
         if tag is None:
             return WeightsSource(f"none: random initialisation (seed {INIT_SEED}), no pretrained weights", True)
         if _is_path(tag):
