@@ -212,6 +212,7 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
     runs = grid.expand()
     seeds = sorted({r.seed for r in runs})
     streams = list(dict.fromkeys(r.stream for r in runs))
+    fallback = fallbacks(rows, options.criterion, options.tolerance)
     header = [
         f"Tuned by `fscl tune` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {source} "
         f"(git {git_hash() or 'unknown'}); the tune's runs: {Path(grid.out) / grid.name}.",
@@ -225,14 +226,13 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
         + (f"; tolerance {options.tolerance:g} pp" if options.criterion == "constrained" else "") + ".",
         "Validation TI / CC in pp, mean over the streams and seeds (* = chosen; ! = fallback: no candidate within "
         "the tolerance, the largest CC chosen):",
-        *_table_text(rows, chosen, fallbacks(rows, options.criterion, options.tolerance)).splitlines(),
+        *_table_text(rows, chosen, fallback).splitlines(),
     ]
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(tuned_config(base, chosen), sort_keys=False, default_flow_style=None)
     parse_config(yaml.safe_load(text))  # what fscl run will read: valid, or no file
     atomic_write(path, text)
-    atomic_write(Path(grid.out) / grid.name / "tune.csv",
-                 _table_csv(rows, chosen, fallbacks(rows, options.criterion, options.tolerance)))
+    atomic_write(Path(grid.out) / grid.name / "tune.csv", _table_csv(rows, chosen, fallback))
     return path
 
 

@@ -51,7 +51,7 @@ def one_thread():
 
     Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from streams.mini.pretrain import one_thread as single_thread
+
+    with single_thread():
+        yield
