@@ -14,7 +14,11 @@ encoder the run started from. Two formats:
   open_clip ViT of the OpenAI layout the fused ``in_proj`` [3W, W] is split into q/k/v, and
   ``c_fc``/``c_proj``, ``ln_1``/``ln_2``, ``ln_pre``/``ln_post``, the class, positional and
   patch embeddings and ``proj`` ([W, D], stored transposed) are mapped; an ``hf:`` CLIP
-  backbone is written as it is.
+  backbone is written as it is;
+* ``hf-siglip-vision``: a transformers ``SiglipVisionModel`` folder with a ``preprocessor_config.json``
+  (a ``SiglipImageProcessor``), from an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone, written as it
+  is (its attention-pool head included: PaliGemma's tower has none and ignores it); it loads as
+  ``hf-vision:DIR``.
 """
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ from torch import Tensor, nn
 
 from benchmark import checkpoints
 from benchmark.backbones import Backbone, load_backbone
-from benchmark.backbones.hf import HFCLIPBackbone
+from benchmark.backbones.hf import HFCLIPBackbone, HFVisionBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone, model_config
 from benchmark.errors import FsclError
 from benchmark.records import STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_RUNNING, RunLock, RunRecord
 
-ExportFormat = Literal["openclip", "hf-clip-vision"]
+ExportFormat = Literal["openclip", "hf-clip-vision", "hf-siglip-vision"]
 
 
 class ExportError(FsclError, RuntimeError):
@@ -284,7 +288,47 @@ def write_hf_clip_vision(backbone: Backbone, out: str | Path) -> Path:
     return out
 
 
-WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision}
+# --------------------------------------------------------------------------- HF SiglipVisionModel folder
+def siglip_tower(backbone: Backbone) -> nn.Module | None:
+    """The transformers SigLIP vision tower of an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone (its
+    parameters named as a ``SiglipVisionModel``'s in transformers 5, as its ``vision_model``'s in 4.x), or
+    None for any other backbone."""
+    if not isinstance(backbone, (HFCLIPBackbone, HFVisionBackbone)):
+        return None
+    tower = backbone.visual.tower
+    return tower if tower.config.model_type == "siglip_vision_model" else None
+
+
+def to_hf_siglip_vision(backbone: Backbone):
+    """A ``SiglipVisionModel`` with the backbone's current vision weights (:func:`siglip_tower`'s, exactly)."""
+    from transformers import SiglipVisionModel
+
+    tower = siglip_tower(backbone)
+    if tower is None:
+        raise ExportError(f"--format hf-siglip-vision needs a transformers SigLIP tower (an hf: SiglipModel or an "
+                          f"hf-vision: SiglipVisionModel backbone), not '{backbone.spec}'; use --format openclip for "
+                          f"open_clip models (their SigLIP included) and hf-clip-vision for CLIP ViTs")
+    model = SiglipVisionModel(copy.deepcopy(tower.config))
+    _load_exact(getattr(model, "vision_model", model), dict(tower.named_parameters()))
+    return model.eval()
+
+
+def write_hf_siglip_vision(backbone: Backbone, out: str | Path) -> Path:
+    """Write ``SiglipVisionModel`` + ``preprocessor_config.json`` (SigLIP's square resize, the backbone's mean/std)."""
+    from transformers import SiglipImageProcessor
+
+    model = to_hf_siglip_vision(backbone)
+    out = Path(out)
+    model.save_pretrained(out)
+    size = model.config.image_size
+    mean, std = backbone.image_normalisation
+    SiglipImageProcessor(size={"height": size, "width": size}, image_mean=list(mean or (0.5,) * 3),
+                         image_std=list(std or (0.5,) * 3)).save_pretrained(out)
+    return out
+
+
+WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision,
+           "hf-siglip-vision": write_hf_siglip_vision}
 FORMATS: tuple[str, ...] = tuple(WRITERS)
 
 
@@ -298,6 +342,12 @@ def loading_snippet(fmt: ExportFormat, out: str | Path) -> str:
                 f"model, _, preprocess = open_clip.create_model_and_transforms({f'local-dir:{folder}'!r})\n"
                 f"tokenizer = open_clip.get_tokenizer({f'local-dir:{folder}'!r})\n"
                 f"# image_features = model.encode_image(preprocess(pil_image).unsqueeze(0))\n")
+    if fmt == "hf-siglip-vision":
+        return (f"from transformers import SiglipImageProcessor, SiglipVisionModel\n"
+                f"model = SiglipVisionModel.from_pretrained({folder!r})\n"
+                f"processor = SiglipImageProcessor.from_pretrained({folder!r})\n"
+                f"# image_features = model(**processor(images=pil_image, return_tensors='pt')).pooler_output\n"
+                f"# as a backbone: hf-vision:{folder}\n")
     return (f"from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection\n"
             f"model = CLIPVisionModelWithProjection.from_pretrained({folder!r})\n"
             f"processor = CLIPImageProcessor.from_pretrained({folder!r})\n"
