@@ -38,7 +38,8 @@ from typing import Any, Literal, NamedTuple, Union
 import yaml
 
 from benchmark.errors import FsclError
-from benchmark.registry import STRATEGIES, STREAMS, VQA_MODELS
+from benchmark.registry import STRATEGIES, STREAMS, VLMS
+from benchmark.vlm.spec import allowed_vlms
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEMO_PRESET = "mini"  # the offline benchmark of `fscl demo` (and `fscl run mini`)
@@ -134,11 +135,11 @@ class TrainConfig:
 
 @dataclass
 class VQAConfig:
-    """Multiple-choice VQA through a LLaVA whose vision tower takes the run's encoder (off by default)."""
+    """Multiple-choice VQA through a VLM whose vision tower takes the run's encoder (off by default)."""
 
     model: str | None = field(default=None, metadata={
-        "help": "the VLM: llava:/local/folder (a saved LlavaForConditionalGeneration with its processor), "
-                "llava:org/hub-id, or mini (the mini world's small VLM, not LLaVA; built on first use); "
+        "help": "the VLM: FAMILY:SOURCE of a registered VLM family (`fscl ls vlms`), e.g. a folder or hub id of "
+                "the paper's LLaVA-1.5, or mini (the mini world's small VLM; built on first use); "
                 "null = no VQA evaluation"})
     scoring: Literal["letter", "generate"] = field(default="letter", metadata={
         "help": "letter: the most probable option letter at the first answer token (one forward pass per batch); "
@@ -158,11 +159,8 @@ class VQAConfig:
                 "included (the full sets also at the ends); null = full sets"})
 
     def __post_init__(self) -> None:
-        family = self.model.partition(":")[0] if isinstance(self.model, str) else None
-        check(self.model is None or (family == "llava" and len(self.model) > len("llava:"))
-              or (family != "llava" and family in VQA_MODELS), "vqa.model", self.model,
-              "llava:/path/to/folder (or llava:org/hub-id), "
-              + "".join(f"{name}, " for name in VQA_MODELS.names()) + "or null for no VQA")
+        family = self.model.partition(":")[0] if isinstance(self.model, str) else ""
+        check(self.model is None or family in VLMS, "vqa.model", self.model, f"{allowed_vlms(family)}; or null for no VQA")
         check(0 <= self.seed <= SEED_MAX, "vqa.seed", self.seed, f"an integer in [0, {SEED_MAX}]")
         check(self.batch_size >= 1, "vqa.batch_size", self.batch_size, "an integer >= 1")
         check(self.subset is None or self.subset >= 1, "vqa.subset", self.subset, "an integer >= 1, or null")

@@ -17,10 +17,10 @@ from pathlib import Path
 from benchmark.config import GRID_AXES, TRAIN, Config
 from benchmark.errors import FsclError
 from benchmark.registry import STRATEGIES
+from benchmark.vlm import PAPER_VLM, PAPER_VLM_HUB
 
 AXIS_NAMES = {"stream": "target", "strategy": "strategy", "backbone": "backbone", "shots": "shots", "seed": "seed"}
 PLURALS = {"target": "targets", "strategy": "strategies", "backbone": "backbones", "shots": "shots", "seed": "seeds"}
-PAPER_VLM = "llava:/path/to/llava-1.5-7b-hf"  # the paper's VLM, saved where there is internet
 
 
 def _values(runs: Sequence[Config], axis: str) -> list:
@@ -61,7 +61,7 @@ def output_lines(cfg: Config, runs: Sequence[Config]) -> list[str]:
              f"session, per run; {keep}"]
     if cfg.vqa.model is None:
         paper = cfg.name.startswith("paper-")
-        lines.append("VQA: off" + (f" — set `vqa.model={PAPER_VLM}` (or llava:llava-hf/llava-1.5-7b-hf with internet) "
+        lines.append("VQA: off" + (f" — set `vqa.model={PAPER_VLM}` (or {PAPER_VLM_HUB} with internet) "
                                    f"for the paper's headline numbers" if paper else " (vqa.model: null)"))
     else:
         lines.append(f"VQA: {cfg.vqa.model}, after {'the last session' if cfg.vqa.sessions == 'ends' else 'every session'}"
@@ -106,31 +106,31 @@ def grid_warnings(cfg: Config, runs: Sequence[Config], source: str | None = None
 
 def unread_by_vlm(run: Config) -> str | None:
     """Where the parameters that ``run``'s strategy trains lie, when the VLM of ``vqa.model`` reads none of them
-    (e.g. only the last block, LLaVA reading the input of the last block: ``vision_feature_layer`` -2); else None.
+    (e.g. only the last block, LLaVA-1.5 reading the input of the last block); else None.
 
     Found on the backbone's skeleton (meta device, no weights): the strategy's ``setup`` chooses its parameters,
-    and a backward pass through the tokens the VLM takes (:func:`benchmark.vqa.vlm_loss.encoder_tokens`) marks
-    those it reads. A strategy whose ``setup`` needs the session's data (importance scores) is not checked."""
+    and a backward pass through the tokens the VLM takes (:meth:`benchmark.vlm.base.VLMFamily.encoder_tokens`)
+    marks those it reads. A strategy whose ``setup`` needs the session's data (importance scores) is not checked."""
     import torch
 
     from benchmark.backbones import backbone_skeleton
-    from benchmark.vqa.llava import llava_config
-    from benchmark.vqa.vlm_loss import encoder_tokens
+    from benchmark.vlm.recipe import with_vlm_defaults
+    from benchmark.vlm.spec import resolve_vlm
 
-    config = llava_config(run.vqa.model)
+    family = resolve_vlm(run.vqa.model)
     skeleton = backbone_skeleton(run.backbone)
     entry = STRATEGIES.get(run.strategy)
     try:
-        entry.obj(skeleton, run.options_for(run.strategy, entry.options)).setup(None)
+        entry.obj(skeleton, with_vlm_defaults(run.options_for(run.strategy, entry.options), run.vqa.model)).setup(None)
     except Exception:  # its setup needs a session (data, gradients): not checked
         return None
     trained = {name: p for name, p in skeleton.named_parameters() if p.requires_grad}
-    if not trained or not isinstance(config.vision_feature_layer, int):
+    if not trained:
         return None
-    size = config.vision_config.image_size
+    size = family.tower_config().image_size
     images = torch.empty(1, 3, size, size, device="meta")
     try:
-        tokens = encoder_tokens(skeleton, images, config.vision_feature_layer, config.vision_feature_select_strategy)
+        tokens = family.encoder_tokens(skeleton, images)
         if tokens.requires_grad:  # the tokens depend on a trained parameter: which ones do they reach?
             tokens.sum().backward()
     except (RuntimeError, NotImplementedError, FsclError):  # an op without a meta kernel, a tower the VLM cannot read

@@ -222,17 +222,17 @@ def _probe_questions(run: Config, run_data: Any, backbone, device: torch.device,
                      timed: Callable[[Callable[[], Any]], float]) -> float:
     """Questions per second of ``run``'s VQA scoring: ``timed`` batches of the first questions of the target's set
     with ``backbone`` in the VQA model's tower."""
-    from benchmark.vqa.evaluate import build_sets, cached_llava, score_set
-    from benchmark.vqa.llava import swap_encoder
+    from benchmark.vlm.spec import resolve_vlm
+    from benchmark.vqa.evaluate import build_sets, score_set
 
     vqa = run.vqa
-    llava = cached_llava(vqa.model, device)
-    swap_encoder(llava.model, backbone)
+    vlm = resolve_vlm(vqa.model).loaded(device)
+    vlm.swap_encoder(backbone)
     classes = sorted({c for s in run_data.sessions for c in s.classes})
     (qset,) = build_sets({run.stream: (run_data.stream, run_data.stream.dataset("test").with_classes(classes))},
                          vqa.mode, vqa.seed, run.backbone)
     first = replace(qset, subset=list(range(min(vqa.batch_size, len(qset.questions.items)))))
-    return timed(lambda: score_set(llava, first, vqa.batch_size, False, vqa.scoring)) * len(first.subset)
+    return timed(lambda: score_set(vlm, first, vqa.batch_size, False, vqa.scoring)) * len(first.subset)
 
 
 def estimate_lines(runs: Sequence[Config], data: Sequence[Any], device: torch.device,

@@ -123,12 +123,12 @@ def build_models(runs: Sequence[Config]) -> None:
     process's threads, before the job processes start (rather than by one of them, with one thread, while
     the others wait on its lock)."""
     from benchmark.backbones import load_backbone
-    from benchmark.vqa.llava import model_source
+    from benchmark.vlm.spec import resolve_vlm
 
     for spec in dict.fromkeys(run.backbone for run in runs):
         load_backbone(spec)
     for spec in dict.fromkeys(run.vqa.model for run in runs if run.vqa.model is not None):
-        model_source(spec)
+        resolve_vlm(spec).prepare()
 
 
 def _job(runs: list[Config], data: list[Any], force: bool, jobs: int, threads: int, level: int, tasks,

@@ -1,4 +1,4 @@
-"""Name → implementation registries for streams, strategies and backbone families.
+"""Name → implementation registries for streams, strategies, backbone families and VLM families.
 
 An entry names its implementation, its options dataclass (the config section ``name:``) and a
 one-line summary. A package *declares* its entries by ``"module:attr"`` references, so that
@@ -20,7 +20,7 @@ is first used::
         \"\"\"One line for `fscl ls strategies`.\"\"\"
 
 Either way, name that module in your package's ``fscl.plugins`` entry-point group; the
-registry imports the group on first use. Our own ``benchmark.backbones``, ``strategies`` and
+registry imports the group on first use. Our own ``benchmark.backbones``, ``benchmark.vlm``, ``strategies`` and
 ``streams`` are in it too (setup.cfg), so the core never imports them by name::
 
     # my_pkg's setup.cfg
@@ -155,6 +155,5 @@ def load_plugins() -> None:
 STREAMS: Registry[Any] = Registry("stream")
 STRATEGIES: Registry[Any] = Registry("strategy")
 BACKBONES: Registry[Any] = Registry("backbone family")
-# vqa.model families besides llava:PATH (e.g. `mini`, declared by streams.mini): the implementation has
-# folder(rest) -> Path (the LLaVA folder, built on first use) and config(rest) -> LlavaConfig (no building)
-VQA_MODELS: Registry[Any] = Registry("vqa.model family")
+# vqa.model families (benchmark.vlm, streams.mini's `mini`): each a benchmark.vlm.base.VLMFamily subclass
+VLMS: Registry[Any] = Registry("VLM family")

@@ -5,7 +5,7 @@ layout, its sessions and its controls — before any model is built (:func:`chec
 message for every problem); (2) per run: the decision (run, skip a finished run, or leave a
 folder another process holds), the backbone, the strategy and the template; (3) the sessions:
 zero-shot evaluation before training (row 0) and after every session on the target (per
-session class group) and every control, and with ``vqa.model`` the VQA scores of LLaVA with
+session class group) and every control, and with ``vqa.model`` the VQA scores of the VLM with
 the current encoder in its tower (:mod:`benchmark.vqa.evaluate`); (4) the accuracy matrices and
 the summary. A run that fails (a non-finite loss, an unreadable image) is marked ``failed`` with
 its reason (naming the stage: ``evaluation before training (session 0)``, ``training session k``, ...),
@@ -72,10 +72,12 @@ from benchmark.records import (
     write_json,
     write_problem,
 )
-from benchmark.registry import STRATEGIES, STREAMS
+from benchmark.registry import STRATEGIES, STREAMS, VLMS
 from benchmark.shared_rows import read_counts, shared_folder, write_counts
 from benchmark.template import CLIPTemplate, NonFiniteLossError
-from benchmark.vqa.evaluate import VQASet, build_sets, cached_llava, score_set, vqa_row_key, vqa_rows
+from benchmark.vlm.recipe import with_vlm_defaults
+from benchmark.vlm.spec import VLMError, allowed_vlms, resolve_vlm
+from benchmark.vqa.evaluate import VQASet, build_sets, score_set, vqa_row_key, vqa_rows
 from benchmark.vqa.questions import QuestionSetError
 
 log = logging.getLogger(__name__)
@@ -320,14 +322,19 @@ def strategy_problems(runs: list[Config]) -> list[str]:
     for run in runs:
         entry = STRATEGIES.get(run.strategy)
         options = run.options_for(run.strategy, entry.options)
-        if (run.backbone, run.strategy, repr(options), run.ddp) in seen:
+        if (run.backbone, run.strategy, repr(options), run.ddp, run.vqa.model) in seen:
             continue
-        seen.add((run.backbone, run.strategy, repr(options), run.ddp))
+        seen.add((run.backbone, run.strategy, repr(options), run.ddp, run.vqa.model))
         if entry.obj.objective == "vlm" and run.vqa.model is None:
-            problems.append(f"{run.strategy} trains the encoder with LLaVA's answer loss and needs vqa.model: "
-                            f"llava:/path/to/folder (a LLaVA whose vision tower takes '{run.backbone}'), or "
-                            f"vqa.model=mini (the mini world's VLM, with backbone=mini)")
+            problems.append(f"{run.strategy} trains the encoder with a VLM's answer loss and needs vqa.model: "
+                            f"{allowed_vlms()} (a VLM whose vision tower takes '{run.backbone}'; vqa.model=mini: the "
+                            f"mini world's VLM, with backbone=mini)")
         try:
+            if entry.obj.objective == "vlm" and run.vqa.model is not None and not resolve_vlm(run.vqa.model).has_answer_loss:
+                raise VLMError(f"vqa.model '{run.vqa.model}': its family has no answer loss to train through; "
+                               f"{run.strategy} needs one (families with one: "
+                               f"{', '.join(n for n in VLMS.names() if VLMS.get(n).obj.has_answer_loss)})")
+            options = with_vlm_defaults(options, run.vqa.model)
             if run.backbone not in skeletons:
                 skeletons[run.backbone] = backbone_skeleton(run.backbone)
             entry.obj(skeletons[run.backbone], options)
@@ -345,11 +352,10 @@ def vqa_controls(cfg: Config) -> list[str]:
 
 def vqa_problems(runs: list[Config]) -> list[str]:
     """What the VQA evaluation of the grid refuses: a ``vqa.sets`` name that is neither a run's target nor one
-    of its controls, a ``vqa.model`` that is missing or no LLaVA (its config.json is read, no weights), a
-    ``llava:/folder`` without its weights files or a processor that loads (:func:`~benchmark.vqa.llava.check_loadable`), or a
-    backbone whose encoder its vision tower cannot take (checked on the backbone's skeleton)."""
-    from benchmark.vqa.llava import check_encoder_fits, check_loadable, llava_config
-
+    of its controls, a ``vqa.model`` whose model is missing or of another family (its config is read, no weights),
+    a saved model without its weights files or a processor that loads
+    (:meth:`~benchmark.vlm.base.VLMFamily.check_loadable`), or a backbone whose encoder its vision tower cannot take
+    (checked on the backbone's skeleton)."""
     problems, seen = [], set()
     for run in runs:
         if run.vqa.model is None:
@@ -362,9 +368,10 @@ def vqa_problems(runs: list[Config]) -> list[str]:
             continue
         seen.add((run.vqa.model, run.backbone))
         try:
-            config = llava_config(run.vqa.model)
-            check_loadable(run.vqa.model, config)  # weights files present, processor loads (no weights loaded)
-            check_encoder_fits(config.vision_config, backbone_skeleton(run.backbone))
+            family = resolve_vlm(run.vqa.model)
+            family.config()
+            family.check_loadable()  # weights files present, processor loads (no weights loaded)
+            family.check_encoder(backbone_skeleton(run.backbone))
         except FsclError as err:
             problems.append(str(err))
     return list(dict.fromkeys(problems))
@@ -603,7 +610,7 @@ class _Run:
             check_data_parallel(backbone.visual, cfg.backbone)
         spec = data.stream.spec
         entry = STRATEGIES.get(cfg.strategy)
-        options = cfg.options_for(cfg.strategy, entry.options)
+        options = with_vlm_defaults(cfg.options_for(cfg.strategy, entry.options), cfg.vqa.model)
         vlm = entry.obj.objective == "vlm"
         plain = vlm and not options.train_augment  # the released Ppl trainer: no augmentation
         train_tf = backbone.preprocess(False) if plain else backbone.preprocess(True, cfg.train.augment)
@@ -635,17 +642,16 @@ class _Run:
         return backbone, plugin, meter, template, scenario, zeroshot.stream()
 
     def vlm_template(self, spec, backbone, recipe, common: dict[str, Any]) -> CLIPTemplate:
-        """The VLM template of a ``*-ppl`` strategy: LLaVA (``vqa.model``, shared with the VQA evaluation) around
-        the backbone's encoder, and the stream's question/answer pair of every class."""
+        """The VLM template of a ``*-ppl`` strategy: the VLM of ``vqa.model`` (shared with the VQA evaluation)
+        around the backbone's encoder, and the stream's question/answer pair of every class."""
         from benchmark.vlm_template import VLMTemplate
         from benchmark.vqa.pairs import AnswerPairs
-        from benchmark.vqa.vlm_loss import VLMLoss
 
-        llava = cached_llava(self.cfg.vqa.model, self.device)
-        loss = VLMLoss(llava.model, backbone)
-        pairs = AnswerPairs(llava.processor.tokenizer, loss.image_token_id, loss.image_tokens, spec.vqa_question,
-                            spec.ppl_answer, spec.class_names)
-        return VLMTemplate(vlm_loss=loss, pairs=pairs, recipe=recipe, **common)
+        family = resolve_vlm(self.cfg.vqa.model)
+        family.check_encoder(backbone)
+        vlm = family.loaded(self.device)
+        pairs = AnswerPairs(vlm, spec.vqa_question, spec.ppl_answer, spec.class_names)
+        return VLMTemplate(vlm=vlm, pairs=pairs, recipe=recipe, **common)
 
     def build_vqa(self, data: RunData) -> None:
         """The VQA question sets of the run's test images (the target: every session's classes as one set) with
@@ -837,43 +843,41 @@ class _Run:
         return bases + ([(False, self.vqa_subset_matrix)] if self.vqa_subset_matrix is not None else [])
 
     def evaluate_vqa(self, backbone, session: int) -> None:
-        """VQA after ``session`` with the current encoder in LLaVA's tower, on each basis of :meth:`vqa_bases`: the
+        """VQA after ``session`` with the current encoder in the VLM's tower, on each basis of :meth:`vqa_bases`: the
         rows of :func:`~benchmark.vqa.evaluate.vqa_rows` per dataset (``vqa_acc``, and by ``vqa.scoring``; on the
         subsets named ``..._subset``); ``vqa_acc`` fills the basis' matrix. Under ``ddp: true`` every process
         scores its share of the questions. Row 0 (and every row of a strategy that never trains) comes from
         :meth:`vqa_session_zero`."""
-        from benchmark.vqa.llava import swap_encoder
-
         vqa = self.cfg.vqa
-        llava = cached_llava(vqa.model, self.device)
-        swap_encoder(llava.model, backbone)
+        vlm = resolve_vlm(vqa.model).loaded(self.device)
+        vlm.swap_encoder(backbone)
         pretrained = session == 0 or not self.trains  # row 0's counts, the grid's
         if pretrained and self.vqa_row0 is None:
-            self.vqa_row0 = self.vqa_session_zero(llava, backbone)
+            self.vqa_row0 = self.vqa_session_zero(vlm, backbone)
         scored = dict(self.vqa_row0) if pretrained else {}
         rows: list[dict[str, Any]] = []
         for full, matrix in self.vqa_bases(session):
             for j, qset in enumerate(self.vqa_sets):
                 if qset.key(full) not in scored:  # a set without subset is scored once for both bases
-                    scored[qset.key(full)] = self.score(llava, qset, full)
+                    scored[qset.key(full)] = self.score(vlm, qset, full)
                 counts = scored[qset.key(full)]
                 rows += vqa_rows(session, qset.name, counts, vqa.scoring, "" if full else "_subset")
                 matrix.values[session, j] = counts["correct"] / counts["total"]
         self.record.append_metrics(rows)
 
-    def score(self, llava, qset: VQASet, full: bool) -> dict[str, int | float]:
+    def score(self, vlm, qset: VQASet, full: bool) -> dict[str, int | float]:
         """:func:`~benchmark.vqa.evaluate.score_set` of ``qset`` (all its questions, or its subset unless ``full``;
         counts summed over ddp ranks), timed in the manifest's ``vqa_timing``."""
         start = time.perf_counter()
-        counts = score_set(llava, qset, self.cfg.vqa.batch_size, full, self.cfg.vqa.scoring, self.progress)
+        counts = score_set(vlm, qset, self.cfg.vqa.batch_size, full, self.cfg.vqa.scoring, self.progress)
         self.vqa_timing["questions"] += int(counts["total"])
         self.vqa_timing["seconds"] = round(self.vqa_timing["seconds"] + time.perf_counter() - start, 3)
         self.record.update_manifest(vqa_timing=self.vqa_timing)
         return counts
 
-    def vqa_session_zero(self, llava, backbone) -> dict[str, dict[str, int | float]]:
+    def vqa_session_zero(self, vlm, backbone) -> dict[str, dict[str, int | float]]:
         """VQA row 0's counts per :meth:`~benchmark.vqa.evaluate.VQASet.key` (all of a set's questions, and its
-        subset on a subset basis; the pretrained encoder in ``llava``'s tower): from the grid's shared store when
+        subset on a subset basis; the pretrained encoder in the VLM's tower): from the grid's shared store when
         a run stored them (under ``ddp: true``: when every rank finds them), else scored and stored; the manifest's
         ``vqa_session0`` names the keys and the sets read."""
         vqa = self.cfg.vqa
@@ -889,7 +893,7 @@ class _Run:
                 counts[name] = found[name]
                 shared.append(name)
                 continue
-            counts[name] = self.score(llava, qset, full)
+            counts[name] = self.score(vlm, qset, full)
             if self.record.writable:
                 write_counts(folder, keys[name], counts[name], name)
         self.record.update_manifest(vqa_session0={"keys": keys, "shared": shared})

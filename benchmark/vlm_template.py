@@ -1,15 +1,16 @@
-"""The VLM training template: the CLIP template's session loop with LLaVA's next-token loss on the answer.
+"""The VLM training template: the CLIP template's session loop with the VLM's next-token loss on the answer.
 
 For the strategies whose objective is ``vlm`` (``lorsu-ppl``, ``lora-ppl``; the LoRSU paper's "Ppl" methods).
 Everything of :class:`benchmark.template.CLIPTemplate` stays (Avalanche's loop, the strategies' session
 contract, evaluation, precision, checkpoints, resume, the cost meter); what changes:
 
 * the loss: a training batch ``(images, labels)`` becomes a question about each image and its class's
-  answer (:class:`benchmark.vqa.pairs.AnswerPairs`), and the loss is LLaVA's mean next-token
-  cross-entropy over the answer tokens and ``</s>``, with the run's encoder in place of LLaVA's tower
-  (:class:`benchmark.vqa.vlm_loss.VLMLoss`). :meth:`training_loss` is that loss, so the shared
-  importance pass, EWC's Fisher and the cost meter use it unchanged. LLaVA is frozen and outside the
-  backbone, so no optimizer ever holds it;
+  answer (:class:`benchmark.vqa.pairs.AnswerPairs`), and the loss is the VLM's mean next-token
+  cross-entropy over the answer tokens and the end of sequence, with the tokens the run's encoder gives
+  (:meth:`benchmark.vlm.base.VLMFamily.encoder_tokens`) in place of its tower's
+  (:meth:`benchmark.vlm.base.LoadedVLM.answer_loss`). :meth:`training_loss` is that loss, so the shared
+  importance pass, EWC's Fisher and the cost meter use it unchanged. The VLM is frozen and outside the
+  backbone, so no optimizer ever holds it; the template talks to it only through the VLM protocol;
 * the optimizer and schedule (the released LoRSU-Ppl trainer): AdamW (betas 0.9/0.999) with weight decay on
   every trainable parameter except biases and normalisation weights, a linear warm-up from ``train.min_lr``
   to ``train.lr`` over the first epoch (or ``train.warmup_steps``), then a cosine of the step count over the
@@ -22,24 +23,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from benchmark.template import CLIPTemplate
+from benchmark.vlm.base import LoadedVLM
+from benchmark.vlm.recipe import VLMRecipe
 from benchmark.vqa.pairs import AnswerPairs
-from benchmark.vqa.vlm_loss import VLMLoss, encoder_tokens
 
 log = logging.getLogger(__name__)
-
-
-class VLMRecipe(Protocol):
-    """The VLM template's optimizer settings (fields of a VLM strategy's options)."""
-
-    weight_decay: float  # AdamW's decoupled weight decay of non-bias, non-norm parameters
-    warmup: Literal["epoch", "steps"]  # warm up over the first epoch, or over train.warmup_steps
-    carry_optimizer_state: bool  # start each session's optimizer from the previous one's state
 
 
 def warmup_cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
@@ -64,39 +58,39 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 
 class VLMTemplate(CLIPTemplate):
-    """Trains the backbone's vision encoder with LLaVA's answer loss (see the module docstring).
+    """Trains the backbone's vision encoder with the VLM's answer loss (see the module docstring).
 
     Args (besides :class:`CLIPTemplate`'s):
-        vlm_loss: the frozen LLaVA around the encoder (:class:`VLMLoss`).
+        vlm: the run's loaded VLM (frozen), on the template's device.
         pairs: the tokenized question/answer pair of every class of the target stream.
-        recipe: the strategy's :class:`VLMRecipe`.
+        recipe: the strategy's :class:`~benchmark.vlm.recipe.VLMRecipe`.
     """
 
-    def __init__(self, *, vlm_loss: VLMLoss, pairs: AnswerPairs, recipe: VLMRecipe, **kwargs) -> None:
+    def __init__(self, *, vlm: LoadedVLM, pairs: AnswerPairs, recipe: VLMRecipe, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.vlm_loss = vlm_loss.to(self.device)
+        self.vlm = vlm
         self.pairs = pairs
         self.recipe = recipe
         self._warmup = 0
         self._carried: dict[str, Any] | None = None  # the last session's optimizer state (carry_optimizer_state)
-        autocast, llava = self._autocast_dtype(), vlm_loss.llava.dtype
-        if autocast is not None and llava in (torch.float16, torch.bfloat16) and autocast != llava:
-            log.warning("LLaVA's weights are %s but train.precision autocasts to %s: the frozen language model's "
+        autocast, weights = self._autocast_dtype(), vlm.dtype
+        if autocast is not None and weights in (torch.float16, torch.bfloat16) and autocast != weights:
+            log.warning("the VLM's weights are %s but train.precision autocasts to %s: the frozen language model's "
                         "residual stream then runs in float32 (about twice the activation memory); "
-                        "train.precision: %s matches it (fp16: the released setting)", llava, autocast,
-                        "fp16" if llava == torch.float16 else "bf16")
+                        "train.precision: %s matches it (fp16: the released setting)", weights, autocast,
+                        "fp16" if weights == torch.float16 else "bf16")
 
     # -- the loss ---------------------------------------------------------------------------------
     def training_loss(self, batch) -> Tensor:
-        """LLaVA's answer loss of ``batch`` (scalar), as training computes it, without strategy penalties."""
+        """The VLM's answer loss of ``batch`` (scalar), as training computes it, without strategy penalties."""
         batch = self._to_device(batch)
         return self.answer_loss(batch[0], batch[1])
 
     def answer_loss(self, images: Tensor, labels: Tensor) -> Tensor:
         """Mean next-token loss of the answers of ``labels`` [B] about ``images`` [B, 3, S, S] (fp32 scalar)."""
         with self._autocast():
-            tokens = encoder_tokens(self.backbone, images, self.vlm_loss.layer, self.vlm_loss.select)
-            return self.vlm_loss(tokens, self.pairs.batch(labels.cpu()).to(self.device))
+            tokens = self.vlm.family.encoder_tokens(self.backbone, images)
+            return self.vlm(tokens, self.pairs.batch(labels.cpu()).to(self.device))
 
     def forward(self) -> Tensor:
         """Training: the answer loss of the mini-batch; evaluation: its zero-shot logits [B, C]."""
@@ -148,10 +142,7 @@ class VLMTemplate(CLIPTemplate):
         self._carried = state.get("optimizer")
 
     def flop_groups(self) -> dict[str, list[str]]:
-        """``lm``: LLaVA's language model and output head (frozen; its forward and the backward to its inputs)."""
-        llava = self.vlm_loss.llava
-        inner = getattr(llava, "model", llava)
-        lm = getattr(inner, "language_model", None) or llava.language_model
-        names = {id(m): n for n, m in self.vlm_loss.named_modules()}  # the counter names them under VLMLoss
-        root = type(self.vlm_loss).__name__
-        return {"lm": [f"{root}.{names[id(m)]}" for m in (lm, llava.get_output_embeddings())]}
+        """``lm``: the VLM's language model and output head (frozen; its forward and the backward to its inputs)."""
+        names = {id(m): n for n, m in self.vlm.named_modules()}  # the counter names them under the loaded VLM
+        root = type(self.vlm).__name__
+        return {"lm": [f"{root}.{names[id(m)]}" for m in self.vlm.language_modules()]}

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from benchmark.config import check
+from benchmark.vlm.recipe import VLMRecipe
+
+
+def _check_skip(options: LoRAOptions | LoRSUOptions) -> None:
+    """``skip_last_blocks``: an integer >= 0, or null in a VLM-loss strategy's options (the VLM's default)."""
+    value, vlm = options.skip_last_blocks, isinstance(options, VLMRecipe)
+    check((isinstance(value, int) and value >= 0) or (vlm and value is None), f"{options.section}.skip_last_blocks",
+          value, "an integer >= 0 (and below the number of blocks)" + (", or null for the VLM's" if vlm else ""))
 
 
 @dataclass
@@ -38,13 +46,12 @@ class LoRAOptions:
         "help": "keep: one adapter trains through all sessions (the released code); "
                 "merge: merge it after each session and start the next from new factors"})
     skip_last_blocks: int = field(default=0, metadata={
-        "help": "no adapter in the last N blocks (lora-ppl: 1, as LLaVA reads the input of the last block)"})
+        "help": "no adapter in the last N blocks"})
 
     def __post_init__(self) -> None:
         check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
-        check(isinstance(self.skip_last_blocks, int) and self.skip_last_blocks >= 0, f"{self.section}.skip_last_blocks",
-              self.skip_last_blocks, "an integer >= 0 (and below the number of blocks)")
+        _check_skip(self)
 
 
 @dataclass
@@ -78,14 +85,12 @@ class LoRSUOptions:
                 "released CLIP path); separate: one rank-r update for each of q, k and v (the released LoRSU-Ppl), "
                 "its input-side factor [r, W] Kaiming and its output-side factor zero"})
     skip_last_blocks: int = field(default=0, metadata={
-        "help": "leave the last N blocks untouched (not scored, not trained); LLaVA reads the input of the last "
-                "block, so its VLM loss never reaches it (lorsu-ppl: 1)"})
+        "help": "leave the last N blocks untouched (not scored, not trained)"})
 
     def __post_init__(self) -> None:
         check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, f"{self.section}.top_k_heads", self.top_k_heads,
               "an integer >= 1 (and at most the number of heads per block)")
-        check(isinstance(self.skip_last_blocks, int) and self.skip_last_blocks >= 0, f"{self.section}.skip_last_blocks",
-              self.skip_last_blocks, "an integer >= 0 (and below the number of blocks)")
+        _check_skip(self)
         check(0 < self.sparsity <= 1, f"{self.section}.sparsity", self.sparsity, "a float in (0, 1]")
         check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
@@ -120,30 +125,10 @@ class SPUOptions:
 
 
 @dataclass
-class VLMRecipeOptions:
-    """The VLM template's optimizer settings (options of the ``*-ppl`` strategies; the released LoRSU-Ppl trainer's)."""
-
-    weight_decay: float = field(default=0.01, metadata={
-        "help": "AdamW weight decay of every trainable parameter but biases and norms (the released command line's "
-                "0.01)"})
-    warmup: Literal["epoch", "steps"] = field(default="epoch", metadata={
-        "help": "linear warm-up from train.min_lr to train.lr over the first epoch (the released Ppl trainer), or "
-                "over train.warmup_steps"})
-    carry_optimizer_state: bool = field(default=False, metadata={
-        "help": "start each session's AdamW from the state the previous session ended with, by position (the "
-                "released code's quirk)"})
-    train_augment: bool = field(default=False, metadata={
-        "help": "false: train on the evaluation transform, no augmentation (the released Ppl trainer); "
-                "true: train.augment, as the CLIP path"})
-
-    def _check_recipe(self) -> None:
-        check(self.weight_decay >= 0, f"{self.section}.weight_decay", self.weight_decay, "a float >= 0")
-
-
-@dataclass
-class LoRSUPplOptions(VLMRecipeOptions, LoRSUOptions):
+class LoRSUPplOptions(VLMRecipe, LoRSUOptions):
     """Options of ``lorsu-ppl``: LoRSU's with the released LoRSU-Ppl defaults (separate q/k/v updates, the last
-    block skipped, no attention bias, no projection LoRA) and the VLM template's optimizer settings."""
+    block skipped, no attention bias, no projection LoRA) and the VLM recipe (:class:`~benchmark.vlm.recipe.VLMRecipe`:
+    the optimizer settings, and the blocks the VLM never reads left alone)."""
 
     section: ClassVar[str] = "lorsu-ppl"
 
@@ -152,7 +137,6 @@ class LoRSUPplOptions(VLMRecipeOptions, LoRSUOptions):
         "help": "a LoRA on the final image projection (LLaVA never reads it; off)"})
     qkv_update: Literal["joint", "separate"] = field(default="separate", metadata=LoRSUOptions.__dataclass_fields__[
         "qkv_update"].metadata)
-    skip_last_blocks: int = field(default=1, metadata=LoRSUOptions.__dataclass_fields__["skip_last_blocks"].metadata)
 
     def __post_init__(self) -> None:
         LoRSUOptions.__post_init__(self)
@@ -160,9 +144,9 @@ class LoRSUPplOptions(VLMRecipeOptions, LoRSUOptions):
 
 
 @dataclass
-class LoRAPplOptions(VLMRecipeOptions, LoRAOptions):
+class LoRAPplOptions(VLMRecipe, LoRAOptions):
     """Options of ``lora-ppl``: LoRA's with the released LoRSU-Ppl code's peft LoRA (peft's init, layers 0..L-2, no
-    projection) and the VLM template's optimizer settings."""
+    projection) and the VLM recipe (:class:`~benchmark.vlm.recipe.VLMRecipe`)."""
 
     section: ClassVar[str] = "lora-ppl"
 
@@ -170,7 +154,6 @@ class LoRAPplOptions(VLMRecipeOptions, LoRAOptions):
         "init"].metadata)
     proj_lora: bool = field(default=False, metadata={
         "help": "also adapt the final image projection (LLaVA never reads it; off)"})
-    skip_last_blocks: int = field(default=1, metadata=LoRAOptions.__dataclass_fields__["skip_last_blocks"].metadata)
 
     def __post_init__(self) -> None:
         LoRAOptions.__post_init__(self)

@@ -302,6 +302,13 @@ class Backbone(nn.Module, ABC):
     def tokenize(self, texts: list[str]) -> Tensor:
         """Token ids [len(texts), L] for :meth:`encode_text`."""
 
+    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
+        """The encoder's hidden states after its first ``layer`` blocks (transformers' ``hidden_states[layer]``:
+        0 = the embeddings after any pre-norm; negative counts from the end, -1 = the last block's output), for the
+        VLMs that read them (:mod:`benchmark.vlm`): [B, T, W], the class token first where the encoder has one;
+        only the blocks up to ``layer`` run. Families whose encoder no VLM takes leave it unimplemented."""
+        raise NotImplementedError(f"'{self.spec}': no VLM reads this encoder's hidden states")
+
     def preprocess(self, train: bool, augment: Literal["released", "openclip"] = "openclip") -> Callable:
         """PIL image → tensor [3, H, W]; with ``train`` the training augmentations: open_clip's
         random resized crop (``openclip``), plus the released LoRSU code's colour jitter and

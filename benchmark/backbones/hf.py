@@ -134,6 +134,9 @@ class HFCLIPBackbone(Backbone):
                                truncation=True, return_tensors="pt").input_ids
 
 
+    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
+        return self.visual.tower(pixel_values=images, output_hidden_states=True).hidden_states[layer]
+
     def image_projection(self) -> tuple[nn.Module, str] | None:
         return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
 

@@ -237,6 +237,24 @@ class OpenCLIPBackbone(Backbone):
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(texts)
 
+    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
+        """A fused-attention (OpenAI-layout) ViT's: class token, patches, position embedding, ``ln_pre``, then the
+        first ``layer`` resblocks (as HF CLIP's ``hidden_states[layer]``)."""
+        visual = self.visual
+        transformer = getattr(visual, "transformer", None)
+        if transformer is None or not hasattr(visual, "conv1"):
+            raise NotImplementedError(f"'{self.spec}': hidden states of an OpenAI-layout ViT only")
+        blocks = transformer.resblocks
+        count = layer if layer >= 0 else len(blocks) + 1 + layer
+        x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, patches, W]
+        cls = visual.class_embedding.to(x.dtype).expand(len(x), 1, -1)
+        x = visual.ln_pre(visual.patch_dropout(torch.cat([cls, x], 1) + visual.positional_embedding.to(x.dtype)))
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks[:count]:
+            x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
     def image_projection(self) -> tuple[nn.Module, str] | None:
         """``visual.proj`` [W, D] (a tensor test: a strategy may have parametrized it), or a timm tower's linear."""
         if hasattr(self.visual, "trunk"):

@@ -1,7 +1,8 @@
-"""VQA as an evaluation of a run: the question sets of the run's own test images, the LLaVA (loaded once
-per process) and the scores of the run's current encoder in its vision tower.
+"""VQA as an evaluation of a run: the question sets of the run's own test images and the scores of the run's
+current encoder in the VLM's vision tower (the VLM of ``vqa.model``, loaded once per process by its family:
+:meth:`benchmark.vlm.base.VLMFamily.loaded`).
 
-Nothing here draws from the global RNGs (the LLaVA and the ``hard`` mode's backbone load under
+Nothing here draws from the global RNGs (the VLM and the ``hard`` mode's backbone load under
 ``torch.random.fork_rng``), so a run scores the same top-1 numbers with VQA on or off.
 """
 from __future__ import annotations
@@ -14,21 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmark.vqa.llava import Llava
+from benchmark.vlm.base import LoadedVLM
 from benchmark.vqa.questions import MultipleChoiceSet
-
-_LLAVAS: dict[tuple[str, str], Llava] = {}  # (vqa.model, device) -> the loaded model, one per process
-
-
-def cached_llava(spec: str, device: torch.device) -> Llava:
-    """``load_llava(spec, device)``, loaded once per process (the RNGs untouched)."""
-    from benchmark.vqa.llava import load_llava
-
-    key = (spec, str(device))
-    if key not in _LLAVAS:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            _LLAVAS[key] = load_llava(spec, device)
-    return _LLAVAS[key]
 
 
 @dataclass(frozen=True)
@@ -68,9 +56,9 @@ def build_sets(tests: dict[str, tuple[Any, Any]], mode: str, seed: int, backbone
     return sets
 
 
-def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, scoring: str = "letter",
+def score_set(vlm: LoadedVLM, qset: VQASet, batch_size: int, full: bool = True, scoring: str = "letter",
               progress: bool = False) -> dict[str, int | float]:
-    """Counts of the set's questions (its subset unless ``full``) under the LLaVA's current tower, summed over
+    """Counts of the set's questions (its subset unless ``full``) with the VLM's current tower, summed over
     the processes of a data-parallel run (each scores its strided share, :func:`~benchmark.distributed.eval_indices`).
 
     ``letter``: ``total``, ``correct`` (the most probable of the K letters is right), ``strict_correct`` (the most
@@ -80,7 +68,6 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, sc
     ``progress``: a progress bar over this process's questions.
     """
     from benchmark.distributed import all_reduce_sum, eval_indices
-    from benchmark.vqa.prompt import conversation
     from benchmark.vqa.scorer import generate_answers, letter_scores
 
     asked = range(len(qset.questions.items)) if full or qset.subset is None else qset.subset
@@ -90,15 +77,15 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, sc
     bar = tqdm(total=len(mine), desc=f"vqa {qset.name}", unit="q", leave=False, disable=not progress)
     for start in range(0, len(mine), batch_size):
         items = [qset.questions.items[i] for i in mine[start:start + batch_size]]
-        batch = [(qset.images[i][0], conversation(qset.questions.prompt(item), llava.processor.image_token),
-                  len(item.choices)) for i, item in zip(mine[start:start + batch_size], items)]
+        batch = [(qset.images[i][0], vlm.prompt(qset.questions.prompt(item)), len(item.choices))
+                 for i, item in zip(mine[start:start + batch_size], items)]
         if scoring == "letter":
-            for score, item in zip(letter_scores(llava.model, llava.processor, batch), items):
+            for score, item in zip(letter_scores(vlm, batch), items):
                 counts["correct"] += score.choice == item.answer
                 counts["strict_correct"] += score.top_letter == item.answer
                 counts["letter_mass"] += score.letter_mass
         else:
-            for answer, item in zip(generate_answers(llava.model, llava.processor, batch), items):
+            for answer, item in zip(generate_answers(vlm, batch), items):
                 choice = qset.questions.parse(answer)
                 counts["correct"] += choice == item.answer
                 counts["parsed"] += choice is not None and choice < len(item.choices)
@@ -111,7 +98,7 @@ def score_set(llava: Llava, qset: VQASet, batch_size: int, full: bool = True, sc
 def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any], full: bool = True) -> str:
     """SHA-256 (hex) of what the counts of ``qset`` (all its questions, or its subset unless ``full``) with a
     pretrained encoder depend on, for the grid's shared row 0 (:mod:`benchmark.shared_rows`): ``encoder`` (its
-    :func:`~benchmark.evaluation.model_fingerprint`), the VQA model (:func:`~benchmark.vqa.llava.model_identity`),
+    :func:`~benchmark.evaluation.model_fingerprint`), the VLM (its family's ``identity``),
     the questions (their SHA-256), the subset's indices when asked, the images
     (:func:`~benchmark.image_cache.sources_key`), ``vqa``'s scoring and batch size, the number of processes and
     ``context`` (device, library versions)."""
@@ -119,9 +106,9 @@ def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any], f
 
     from benchmark.distributed import world_size
     from benchmark.image_cache import sources_key
-    from benchmark.vqa.llava import model_identity
+    from benchmark.vlm.spec import resolve_vlm
 
-    described = {"encoder": encoder, "vqa_model": model_identity(vqa.model), "questions": qset.questions.sha256,
+    described = {"encoder": encoder, "vqa_model": resolve_vlm(vqa.model).identity(), "questions": qset.questions.sha256,
                  "images": sources_key(qset.images), "scoring": vqa.scoring, "batch_size": vqa.batch_size,
                  "world_size": world_size(), "transformers": transformers.__version__, **context,
                  **({} if full or qset.subset is None else {"subset": qset.subset})}

@@ -10,14 +10,14 @@ machinery end to end and to screen a new strategy before a GPU run.
   (clean controls of held-out compositions), ``mini-handwritten`` and ``mini-signs`` (targets).
 - :mod:`streams.mini.pretrain`: CLIP-loss pretraining into open_clip's local-dir layout.
 - :mod:`streams.mini.backbone`: the ``mini`` backbone family (cached; built when missing).
-- :mod:`streams.mini.vlm`: the ``mini`` VQA model (``vqa.model: mini``), a small LLaVA-shaped VLM
-  (not LLaVA) with the ``mini`` encoder in its tower, trained on the world's questions (cached).
+- :mod:`streams.mini.vlm`: the ``mini`` VLM family (``vqa.model: mini``), a small VLM of the LLaVA family
+  (not LLaVA's weights) with the ``mini`` encoder in its tower, trained on the world's questions (cached).
 
 The streams and the backbone family are declared here; their modules (and the names below)
 are imported on first use.
 """
 from benchmark.lazy import lazy_exports
-from benchmark.registry import BACKBONES, STREAMS, VQA_MODELS
+from benchmark.registry import BACKBONES, STREAMS, VLMS
 
 __all__ = ["PretrainConfig", "cache_root", "default_model_dir", "ensure_model"]
 __getattr__ = lazy_exports(__name__, {"PretrainConfig": "streams.mini.pretrain", "cache_root": "streams.mini.backbone",
@@ -39,8 +39,8 @@ BACKBONES.declare(
     summary="The mini world's tiny open_clip ViT (not CLIP), pretrained on clean renders; cached.",
     load_forms=("mini  (the cached model of seed 0, pretrained first when missing; `fscl pretrain-mini`)",
                 "mini:/path/to/folder  (loads, or pretrains into, that folder)"))
-VQA_MODELS.declare(
+VLMS.declare(
     "mini", "streams.mini.vlm:MiniVLM",
-    summary="The mini world's small LLaVA-shaped VLM (not LLaVA): the mini encoder, trained here; cached.",
+    summary="The mini world's small VLM of the LLaVA family (not LLaVA's weights): the mini encoder, trained here; cached.",
     load_forms=("mini  (the cached VLM of seed 0, trained first when missing; `fscl pretrain-mini --vlm`)",
                 "mini:/path/to/folder  (loads, or trains into, that folder)"))

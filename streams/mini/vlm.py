@@ -1,6 +1,7 @@
 """The mini world's VLM: a small LLaVA-shaped model trained here, so the offline demo scores VQA.
 
-It is a real transformers ``LlavaForConditionalGeneration`` (NOT LLaVA): its vision tower is the
+It is a real transformers ``LlavaForConditionalGeneration`` of the ``llava`` VLM family (:mod:`benchmark.vlm.llava`;
+NOT LLaVA's weights): its vision tower is the
 ``mini`` encoder (mapped with :mod:`benchmark.export`'s open_clip → HF mapping, frozen), read at
 ``hidden_states[-2]`` without the class token; a two-layer projector and a small Llama over a
 word-level tokenizer of the mini world's vocabulary are trained from scratch on multiple-choice
@@ -37,8 +38,21 @@ from tqdm.auto import tqdm
 
 from benchmark.records import atomic_folder, write_json
 from benchmark.template import cosine_lr
-from benchmark.vqa.llava import VQAModelError, new_llava, new_llava_config, save_llava, word_tokenizer
-from benchmark.vqa.prompt import SYSTEM, conversation
+from benchmark.vlm.llava import (
+    SYSTEM,
+    LlavaFamily,
+    LoadedLlava,
+    conversation,
+    letter_tokens,
+    llava_processor,
+    new_llava,
+    new_llava_config,
+    save_llava,
+    swap_into_tower,
+    vision_tower,
+)
+from benchmark.vlm.spec import VLMError, VLMSpec
+from benchmark.vlm.tokenizers import word_tokenizer
 from benchmark.vqa.questions import LETTERS, MC_SUFFIX, LabelQuestions
 from streams.mini.backbone import cache_root, default_model_dir, ensure_built, ensure_model
 from streams.mini.datasets import MiniColours, MiniDigits, MiniHandwritten, MiniShapes, MiniSigns, ProceduralStream
@@ -169,13 +183,11 @@ def new_model(cfg: VLMConfig, progress: bool = True):
     """(random-weight ``LlavaForConditionalGeneration`` with the mini encoder in its frozen tower, processor)."""
     from benchmark.backbones import load_backbone
     from benchmark.export import hf_vision_config
-    from benchmark.vqa.llava import llava_processor, swap_encoder
-
     folder = ensure_model(Path(cfg.backbone) if cfg.backbone else default_model_dir(), progress=progress)
     backbone = load_backbone(f"mini:{folder}")
     vision = hf_vision_config(backbone.visual)
     model = new_llava(llava_config(cfg, vision), cfg.seed)
-    swap_encoder(model, backbone)
+    swap_into_tower(model, backbone)
     return model, llava_processor(vision, tokenizer())
 
 
@@ -185,8 +197,6 @@ def feature_pool(model, processor, seed: int, per_class: int) -> list[torch.Tens
     reads) of ``per_class`` clean renders (:func:`scene`) of every class of every mini stream: one
     [C, per_class, N, W] tensor per stream of :data:`STREAMS` (N patches of width W). The tower is frozen, so
     training draws its images from this pool instead of running it every step."""
-    from benchmark.vqa.llava import vision_tower
-
     w, tower, pool = world(), vision_tower(model), []
     for stream in STREAMS:
         rng = rng_for(RECIPE, "mini-vlm-pool", seed, stream.spec.name)
@@ -280,9 +290,6 @@ def train(cfg: VLMConfig, progress: bool = True):
     next token for the others (a match / no-match signal per option). The standardisation is folded into the
     projector at the end: the saved model reads raw tower features.
     """
-    from benchmark.vqa.llava import vision_tower
-    from benchmark.vqa.scorer import letter_token_ids
-
     model, processor = new_model(cfg, progress)
     vision_tower(model).requires_grad_(False)
     pool = feature_pool(model, processor, cfg.seed, cfg.pool)
@@ -296,7 +303,7 @@ def train(cfg: VLMConfig, progress: bool = True):
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.98))
     tok = processor.tokenizer
-    letter_ids = torch.tensor(letter_token_ids(tok))
+    letter_ids = torch.tensor(letter_tokens(tok, LETTERS))
     markers = tok.convert_tokens_to_ids([f"{letter}." for letter in LETTERS])
     suffix_id = tok.convert_tokens_to_ids(MC_SUFFIX.split()[0])
     image_id, patches = model.config.image_token_id, pool[0].shape[2]
@@ -341,14 +348,13 @@ def vqa_accuracies(model, processor, batch_size: int = 64) -> dict[str, float]:
     distractors, question seed 0), as a run's VQA evaluation scores it."""
     from benchmark.vqa.build import build_question_set
     from benchmark.vqa.evaluate import VQASet, score_set
-    from benchmark.vqa.llava import Llava
 
     result = {}
     for stream_cls in STREAMS:
         stream = stream_cls(".")
         test = stream.dataset("test")
         qset = VQASet(stream.spec.name, build_question_set(stream, test=test), test.with_transform(None))
-        counts = score_set(Llava(model, processor), qset, batch_size)
+        counts = score_set(LoadedLlava(MiniVLM(VLMSpec("mini", "")), model, processor), qset, batch_size)
         result[stream.spec.name] = round(counts["correct"] / counts["total"], 4)
     return result
 
@@ -401,28 +407,37 @@ def ensure_vlm(folder: Path, cfg: VLMConfig | None = None, progress: bool = True
     return ensure_built(folder, WEIGHTS, "mini VLM", lambda path: build(path, cfg, progress=progress))
 
 
-class MiniVLM:
-    """The ``mini`` family of ``vqa.model`` (:data:`benchmark.registry.VQA_MODELS`): ``mini`` is the cached
-    VLM of seed 0, ``mini:/path/to/folder`` loads (or trains into) that folder."""
+class MiniVLM(LlavaFamily):
+    """The ``mini`` VLM family (:data:`benchmark.registry.VLMS`), a :class:`~benchmark.vlm.llava.LlavaFamily` whose
+    folder is built here: ``mini`` is the cached VLM of seed 0, ``mini:/path/to/folder`` loads (or trains into)
+    that folder."""
 
-    @staticmethod
-    def _folder(rest: str) -> Path:
+    example = "mini"
+    takes = "the mini world's encoder (backbone: mini)"
+
+    def check_rest(self, rest: str) -> None:
         if rest.startswith(("llava:", "local-dir:")) or (rest and not ("/" in rest or rest.startswith(("~", ".")))):
-            raise VQAModelError(f"vqa.model 'mini:{rest}': expected 'mini' (the cached mini VLM) or "
-                                f"'mini:/path/to/folder'")
-        return Path(rest).expanduser() if rest else default_vlm_dir()
+            raise VLMError(f"vqa.model 'mini:{rest}': expected 'mini' (the cached mini VLM) or 'mini:/path/to/folder'")
 
-    @classmethod
-    def folder(cls, rest: str) -> Path:
+    @property
+    def folder(self) -> Path:
+        """The VLM's folder (maybe not built yet)."""
+        return Path(self.spec.rest).expanduser() if self.spec.rest else default_vlm_dir()
+
+    def source(self) -> tuple[str, bool]:
         """The VLM's folder, trained first when missing (progress bar)."""
-        return ensure_vlm(cls._folder(rest))
+        return str(ensure_vlm(self.folder)), True
 
-    @classmethod
-    def config(cls, rest: str):
+    def prepare(self) -> None:
+        self.source()
+
+    def config(self):
         """The ``LlavaConfig`` of the folder, or of the VLM the recipe would train there (nothing is built)."""
         from transformers import AutoConfig
 
-        folder = cls._folder(rest)
-        if (folder / WEIGHTS).is_file():
-            return AutoConfig.from_pretrained(folder, local_files_only=True)
+        if (self.folder / WEIGHTS).is_file():
+            return AutoConfig.from_pretrained(self.folder, local_files_only=True)
         return planned_config(VLMConfig())
+
+    def check_loadable(self) -> None:
+        """Nothing to look at: the folder is built on first use."""
