@@ -95,3 +95,26 @@ def test_ls_backbones_lists_the_family(capsys):
     assert main(["ls", "backbones"]) == 0
     out = capsys.readouterr().out
     assert "hf-vision" in out and "no text tower" in out and "hf-vision:/path/to/vlm-folder" in out
+
+
+@pytest.mark.parametrize("family", ["paligemma", "llava"])
+def test_the_tower_of_a_vlm_folder_is_its_vision_tower(family, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from benchmark.vlm.llava import save_tiny_llava, vision_tower
+    from benchmark.vlm.paligemma import save_tiny_paligemma
+
+    folder = (save_tiny_paligemma if family == "paligemma" else save_tiny_llava)(tmp_path / family)
+    tower = load_backbone(f"hf-vision:{folder}").eval()
+    theirs = vision_tower(AutoModelForImageTextToText.from_pretrained(folder)).eval()
+    ours = dict(tower.model.named_parameters())
+    assert ours.keys() == dict(theirs.named_parameters()).keys()
+    assert all(torch.equal(ours[name], p) for name, p in theirs.named_parameters())
+    with torch.no_grad():
+        hidden = theirs(pixel_values=images()).last_hidden_state
+        expected = hidden.mean(dim=1) if family == "paligemma" else theirs(pixel_values=images()).pooler_output
+        torch.testing.assert_close(tower.encode_image(images()), expected, rtol=0, atol=0)
+    assert backbone_skeleton(f"hf-vision:{folder}").blocks()[0].q.weight.device.type == "meta"
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(BackboneLoadError, match="model.safetensors is missing"):
+        load_backbone(f"hf-vision:{folder}")

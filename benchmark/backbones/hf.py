@@ -60,7 +60,22 @@ class _HFVisual(nn.Module):
         return self.projection(self.tower(pixel_values=images).pooler_output)
 
 
-class HFCLIPBackbone(Backbone):
+class _HFTower:
+    """What the HF backbones share: the block views, hidden states and projection of their ``_HFVisual`` tower."""
+
+    visual: _HFVisual
+
+    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
+        return self.visual.tower(pixel_values=images, output_hidden_states=True).hidden_states[layer]
+
+    def image_projection(self) -> tuple[nn.Module, str] | None:
+        return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
+
+    def blocks(self) -> list[BlockView]:
+        return hf_block_views(self.visual.tower)
+
+
+class HFCLIPBackbone(_HFTower, Backbone):
     """HF transformers CLIPModel / SiglipModel (separate q/k/v projections): hf:/local/folder or hf:org/hub-id."""
 
     def __init__(self, spec: str, rest: str, weights: bool = True) -> None:
@@ -134,22 +149,13 @@ class HFCLIPBackbone(Backbone):
                                truncation=True, return_tensors="pt").input_ids
 
 
-    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
-        return self.visual.tower(pixel_values=images, output_hidden_states=True).hidden_states[layer]
-
-    def image_projection(self) -> tuple[nn.Module, str] | None:
-        return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
-
-    def blocks(self) -> list[BlockView]:
-        return hf_block_views(self.visual.tower)
-
 
 VISION_TOWERS = ("siglip_vision_model", "clip_vision_model")  # model_type of the towers hf-vision: loads
 VLMS_WITH_TOWER = ("paligemma", "llava")  # model_type of the VLM folders whose tower hf-vision: takes out
 TOWER_HINT = "SiglipVisionModel.save_pretrained(dir) or CLIPVisionModel.save_pretrained(dir) (fscl export)"
 
 
-class HFVisionBackbone(Backbone):
+class HFVisionBackbone(_HFTower, Backbone):
     """An HF vision tower alone, no text tower: ``hf-vision:/folder`` of a ``SiglipVisionModel`` or
     ``CLIPVisionModel[WithProjection]`` (as ``fscl export --format hf-siglip-vision`` / ``hf-clip-vision``
     write), or the tower of a PaliGemma / LLaVA folder (only its ``vision_tower.*`` weights are read).
@@ -229,12 +235,6 @@ class HFVisionBackbone(Backbone):
 
     def tokenize(self, texts: list[str]) -> Tensor:
         raise self._no_text("tokenizer")
-
-    def image_projection(self) -> tuple[nn.Module, str] | None:
-        return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
-
-    def blocks(self) -> list[BlockView]:
-        return hf_block_views(self.visual.tower)
 
 
 def _tower_model(vision_config, with_projection: bool) -> nn.Module:

@@ -1,0 +1,363 @@
+"""PaliGemma: a transformers ``PaliGemmaForConditionalGeneration`` whose SigLIP vision tower takes the run's encoder.
+
+``vqa.model`` is ``paligemma:/local/folder`` (``save_pretrained`` of the model and its processor, e.g.
+``google/paligemma-3b-mix-224``) or ``paligemma:org/hub-id`` (needs the hub, or ``HF_HUB_OFFLINE=1`` and the local
+cache). Facts of transformers' PaliGemma (read in ``models/paligemma/`` of transformers 5) that this family relies on:
+
+* **Tower**: a ``SiglipVisionModel`` without the attention-pool head (``vision_use_head=False``); it takes an ``hf:``
+  SiglipModel or an ``hf-vision:`` SiglipVisionModel of the same shape (its head, if any, is not copied:
+  :func:`swap_into_tower`); open_clip's SigLIP (timm, fused ``qkv``) and any CLIP ViT are refused
+  (:func:`check_encoder_fits`). PaliGemma *trained* its tower with the language model (unlike LLaVA-1.5, whose CLIP
+  tower stayed frozen), so the tower no longer matches SigLIP's text tower: the VLM-loss strategies (``*-ppl``) are
+  the meaningful ones, on an ``hf-vision:`` backbone of PaliGemma's own tower (``hf-vision:/paligemma-folder``).
+* **Tokens read**: ``get_image_features`` is the tower's ``last_hidden_state`` (the last block's output through
+  ``post_layernorm``, every patch, no class token) through ``multi_modal_projector`` (one linear, vision width →
+  the text width, ``projection_dim``); transformers 5 scales nothing there (4.x divided by ``sqrt(hidden_size)``,
+  which Gemma's embedding scale ``sqrt(hidden_size)`` does not touch: image features go in after it). No block is
+  past the feature layer: :meth:`PaliGemmaFamily.unread_blocks` is 0.
+* **Prompt**: the processor writes ``<image>`` × ``image_seq_length`` (the tower's patches), then ``<bos>``, the
+  prompt and ``"\\n"``; a ``suffix`` (the answer) follows with ``<eos>`` and has ``token_type_ids`` 1 (labels on it
+  alone, -100 on the prefix). The tokenizer adds no ``<bos>`` itself. Questions are asked as the mix checkpoints'
+  VQA task, ``answer en {text}`` (:data:`TASK`); the answer follows the ``"\\n"`` without a space, so letters are
+  scored at the token of ``"A"`` after ``"\\n"``. Images are resized to the tower's square (SigLIP squashes, no
+  crop) and normalised with mean = std = 0.5.
+* **Attention**: prefix-LM. ``token_type_ids`` 0 (image + prompt) attend to each other both ways, 1 (the answer)
+  causally; Gemma's own attention is bidirectional (``use_bidirectional_attention``), so the causal part comes only
+  from the mask built from ``token_type_ids``: every call passes them (the answer loss derives them from its labels).
+* **Positions**: 1-indexed (``arange + 1`` without ``position_ids``), shifted by the padding under left padding
+  (harmless for Gemma's rotary, relative positions, up to rounding); scoring and the answer loss pass
+  ``cumsum(attention_mask)`` clamped to ≥ 1, what ``generate`` computes (``cumsum - 1``, then PaliGemma's ``+ 1``).
+"""
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from benchmark.backbones import Backbone
+from benchmark.backbones.openclip import _hub_reachable
+from benchmark.export import _load_exact, siglip_tower
+from benchmark.vlm.base import (
+    IGNORE,
+    TOKENIZER_FILES,
+    LoadedVLM,
+    PairBatch,
+    VLMFamily,
+    answer_token_ids,
+    folder_identity,
+    is_path,
+    weights_problem,
+)
+from benchmark.vlm.spec import VLMError, VLMSpec
+
+IMAGE_TOKEN = "<image>"
+TASK = "answer en {}"  # PaliGemma's VQA task prefix (the mix checkpoints')
+SAVE_HINT = ("PaliGemmaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
+             "AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
+TOWER_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+                "intermediate_size": "MLP width", "patch_size": "patch size", "image_size": "image size",
+                "hidden_act": "activation"}
+
+
+# --------------------------------------------------------------------------- the family (no weights)
+class PaliGemmaFamily(VLMFamily):
+    """PaliGemma (transformers ``PaliGemmaForConditionalGeneration``): ``paligemma:/folder`` or ``paligemma:org/hub-id``."""
+
+    example = "paligemma:/path/to/paligemma-3b-mix-224"
+    takes = ("an hf: SiglipModel or an hf-vision: SigLIP tower of the same shape (PaliGemma's own: "
+             "hf-vision:/path/to/paligemma-folder)")
+
+    def __init__(self, spec: VLMSpec) -> None:
+        super().__init__(spec)
+        if not spec.rest:
+            raise VLMError(f"vqa.model '{spec}': expected 'paligemma:/path/to/folder' (a "
+                           f"PaliGemmaForConditionalGeneration folder with its processor) or 'paligemma:org/hub-id', "
+                           f"e.g. paligemma:google/paligemma-3b-mix-224")
+
+    def source(self) -> tuple[str, bool]:
+        """(folder or hub id, local_files_only); :class:`VLMError` for a folder without a model or an unreachable hub."""
+        rest, spec = self.spec.rest, self.spec
+        if is_path(rest):
+            folder = Path(rest).expanduser()
+            if not (folder / "config.json").is_file():
+                what = "no config.json in that folder" if folder.is_dir() else "no such folder"
+                raise VLMError(f"vqa.model '{spec}': {what}. Put a PaliGemma model there, written where there is "
+                               f"internet with {SAVE_HINT} (ID such as google/paligemma-3b-mix-224).")
+            return str(folder), True
+        if not _hub_reachable():
+            raise VLMError(f"vqa.model '{spec}': '{rest}' is a hub id and the hub cannot be reached from this "
+                           f"machine. Where there is internet run {SAVE_HINT.replace('ID', repr(rest))}, copy DIR "
+                           f"here and pass 'paligemma:/path/to/DIR'; or set HF_HUB_OFFLINE=1 to read the local cache.")
+        return rest, False
+
+    def identity(self) -> dict[str, object]:
+        source, local = self.source()
+        return folder_identity(self.spec, Path(source)) if local else super().identity()
+
+    @cached_property
+    def _config(self):
+        from transformers import AutoConfig
+
+        source, local = self.source()
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError) as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({err}); the folder needs what "
+                           f"{SAVE_HINT} writes") from err
+        if config.model_type != "paligemma":
+            raise VLMError(f"vqa.model '{self.spec}' is a '{config.model_type}' model; expected a "
+                           f"PaliGemmaForConditionalGeneration (model_type 'paligemma'), e.g. google/paligemma-3b-mix-224")
+        return config
+
+    def config(self):
+        """The ``PaliGemmaConfig``, read without weights."""
+        return self._config
+
+    def tower_config(self):
+        return self.config().vision_config
+
+    def check_loadable(self) -> None:
+        """A ``paligemma:/folder``'s weights files are all there (not loaded) and its processor loads and fits; hub
+        ids are not looked at."""
+        if not is_path(self.spec.rest):
+            return
+        source, local = self.source()
+        problem = weights_problem(Path(source))
+        if problem is not None:
+            raise VLMError(f"vqa.model '{self.spec}': {problem}; the folder needs what {SAVE_HINT} writes")
+        self.processor(source, local)
+
+    def processor(self, source: str, local: bool):
+        """The checked ``PaliGemmaProcessor`` from ``source``: its image token is the config's, it expands it into
+        one token per patch and resizes to the tower's size; :class:`VLMError` otherwise."""
+        from transformers import AutoProcessor
+
+        if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+            raise VLMError(f"vqa.model '{self.spec}': no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                           f"the folder needs what {SAVE_HINT} writes")
+        try:
+            processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError) as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not load its processor (tokenizer and image processor: "
+                           f"{' '.join(str(err).split())}); the folder needs what {SAVE_HINT} writes") from err
+        config = self.config()
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        found = (getattr(processor, "image_token_id", None), getattr(processor, "image_seq_length", None),
+                 processor.image_processor.size.get("height"))
+        if found != (config.image_token_id, patches, vision.image_size):
+            raise VLMError(f"vqa.model '{self.spec}': the processor (image token id, tokens per image, image size "
+                           f"{found}) does not fit the model's ({config.image_token_id}, {patches}, "
+                           f"{vision.image_size}); save the model's own PaliGemmaProcessor beside it: "
+                           f"AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
+        return processor
+
+    def check_encoder(self, backbone: Backbone) -> None:
+        check_encoder_fits(self.tower_config(), backbone)
+
+    def encoder_tokens(self, backbone: Backbone, images: Tensor) -> Tensor:
+        """The backbone's SigLIP ``last_hidden_state``: its last block's output through its ``post_layernorm``, every
+        patch: [B, N, W]."""
+        return siglip_tower(backbone).post_layernorm(backbone.hidden_states(images, -1))
+
+    def unread_blocks(self) -> int:
+        return 0
+
+    def load(self, device: torch.device, dtype: torch.dtype | None = None) -> LoadedPaliGemma:
+        """As :meth:`VLMFamily.load`, but bfloat16 on CUDA (PaliGemma's released type; Gemma overflows float16)."""
+        from transformers import PaliGemmaForConditionalGeneration
+
+        source, local = self.source()
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        processor = self.processor(source, local)
+        try:
+            model = PaliGemmaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local)
+        except OSError as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not read the model ({err}); the folder needs what "
+                           f"{SAVE_HINT} writes") from err
+        return LoadedPaliGemma(self, model.to(device), processor)
+
+
+def check_encoder_fits(tower_config, backbone: Backbone) -> None:
+    """Raise :class:`VLMError` unless the backbone's encoder loads into a PaliGemma tower of ``tower_config``: an
+    HF SigLIP tower (``hf:`` SiglipModel, ``hf-vision:`` SiglipVisionModel; its skeleton is enough) of the same
+    width, depth, heads, MLP width, patch and image size and activation."""
+    tower = siglip_tower(backbone)
+    if tower is None:
+        raise VLMError(f"vqa: the encoder of '{backbone.spec}' cannot go into PaliGemma's SigLIP vision tower: it is "
+                       f"a {type(backbone.visual).__name__} of {type(backbone.model).__name__}, not a transformers "
+                       f"SigLIP tower. VQA with PaliGemma needs {PaliGemmaFamily.takes}; CLIP ViTs and open_clip's "
+                       f"SigLIP (timm, fused qkv) cannot be loaded into it")
+    ours = tower.config
+    diffs = [f"{label} {getattr(ours, key)} (tower: {getattr(tower_config, key)})"
+             for key, label in TOWER_FIELDS.items() if getattr(ours, key) != getattr(tower_config, key)]
+    if diffs:
+        raise VLMError(f"vqa: the encoder of '{backbone.spec}' does not fit PaliGemma's vision tower: "
+                       f"{', '.join(diffs)}. The tower takes only the SigLIP it was trained with (PaliGemma-3B-224: "
+                       f"google/siglip-so400m-patch14-224, or its own tower as hf-vision:/path/to/paligemma-folder)")
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The ``SiglipVisionModel`` of a PaliGemma (``model.model.vision_tower``)."""
+    return model.model.vision_tower
+
+
+def swap_into_tower(model: nn.Module, backbone: Backbone) -> None:
+    """Copy the backbone's current SigLIP tower into the tower of the ``PaliGemmaForConditionalGeneration``
+    ``model``, in memory, strictly (every tower parameter given, in the tower's dtype); the backbone's
+    attention-pool head is left out when the tower has none (PaliGemma's)."""
+    tower = vision_tower(model)
+    check_encoder_fits(tower.config, backbone)
+    target = getattr(tower, "vision_model", tower)  # transformers 4.x: SiglipVisionModel.vision_model
+    ours = dict(siglip_tower(backbone).named_parameters())
+    if not hasattr(target, "head"):
+        ours = {name: p for name, p in ours.items() if not name.startswith("head.")}
+    _load_exact(target, ours)
+
+
+# --------------------------------------------------------------------------- the loaded model
+class LoadedPaliGemma(LoadedVLM):
+    """A loaded PaliGemma and its ``PaliGemmaProcessor``."""
+
+    def prompt(self, user_text: str) -> str:
+        return self.processor.image_token + TASK.format(user_text)
+
+    def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Left-padded: ``input_ids``/``attention_mask``/``token_type_ids`` [B, L] and ``pixel_values`` [B, 3, S, S]."""
+        batch = self.processor(images=[image.convert("RGB") for image in images], text=list(prompts),
+                               return_tensors="pt", padding=True, padding_side="left")
+        batch.pop("labels", None)  # all -100 without a suffix
+        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        return {key: value.to(self.model.device) for key, value in batch.items()}
+
+    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        position_ids = batch["attention_mask"].cumsum(-1).clamp(min=1)  # 1-indexed from each row's first real token
+        return self.model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()
+
+    def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
+        return answer_token_ids(self.processor.tokenizer, "\n", list(letters))
+
+    def generate(self, batch: dict[str, Tensor], max_new_tokens: int) -> list[str]:
+        out = self.model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)  # [B, L + new]
+        answers = self.processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [answer.strip() for answer in answers]
+
+    def pair_tokens(self, user_text: str, answer: str) -> tuple[list[int], list[int]]:
+        """What the processor makes of ``prompt(user_text)`` with ``answer`` as its suffix: image tokens, ``<bos>``,
+        the prompt, ``"\\n"``, then the answer and ``<eos>`` (the labelled part)."""
+        tokenizer, processor = self.processor.tokenizer, self.processor
+        prefix = (processor.image_token * processor.image_seq_length + tokenizer.bos_token + TASK.format(user_text)
+                  + "\n")
+        base = tokenizer(prefix, add_special_tokens=False).input_ids
+        reply = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        if base.count(processor.image_token_id) != processor.image_seq_length:
+            raise VLMError(f"the tokenizer does not keep '{processor.image_token}' as one token in the training "
+                           f"prompt; the VLM loss needs it as a special token")
+        return base + reply, [IGNORE] * len(base) + reply
+
+    @cached_property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def answer_loss(self, tokens: Tensor, pairs: PairBatch) -> Tensor:
+        """As :meth:`LoadedVLM.answer_loss`; the prefix (unlabelled positions) attends both ways, the answer causally
+        (``token_type_ids`` = labelled), positions 1-indexed."""
+        model = self.model
+        image_embeds = self.projector(tokens.to(model.dtype))  # [B, N, H]
+        embeds = model.get_input_embeddings()(pairs.input_ids)  # [B, L, H], Gemma's sqrt(H) scale included
+        slots = (pairs.input_ids == model.config.image_token_id).unsqueeze(-1)  # [B, L, 1]
+        if int(slots.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise VLMError(f"the prompts hold {int(slots.sum())} image tokens for {image_embeds.shape[0]} images "
+                           f"of {image_embeds.shape[1]} features")
+        embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
+        out = model(inputs_embeds=embeds, attention_mask=pairs.attention_mask, labels=pairs.labels,
+                    token_type_ids=(pairs.labels != IGNORE).long(),
+                    position_ids=pairs.attention_mask.cumsum(-1).clamp(min=1))
+        return out.loss.float()
+
+    def swap_encoder(self, backbone: Backbone) -> None:
+        swap_into_tower(self.model, backbone)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def language_modules(self) -> list[nn.Module]:
+        return [self.language_model, self.model.get_output_embeddings()]
+
+    def llm_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+
+# --------------------------------------------------------------------------- small offline PaliGemmas
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", IMAGE_TOKEN)  # ids 0-4 of gemma_char_tokenizer
+TINY_GEMMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 16}
+
+
+def gemma_char_tokenizer():
+    """A Gemma-like ``PreTrainedTokenizerFast`` (no download): :data:`GEMMA_SPECIALS`, then one token per printable
+    character or space + character (``"A"`` and ``" A"`` are one token each); it adds no ``<bos>`` (PaliGemma's
+    processor writes it), and a pair's second text has token type 1."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*GEMMA_SPECIALS, *chars, *(" " + c for c in chars if c != " ")]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def paligemma_processor(vision_config, tokenizer):
+    """The ``PaliGemmaProcessor`` of a PaliGemma with tower ``vision_config``: a ``SiglipImageProcessor`` at the
+    tower's size (mean = std = 0.5) expanding ``<image>`` into one token per patch. It adds PaliGemma's 1152
+    ``<loc>``/``<seg>`` tokens to ``tokenizer``."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+    size = vision_config.image_size
+    image_processor = SiglipImageProcessor(size={"height": size, "width": size},
+                                           image_seq_length=(size // vision_config.patch_size) ** 2)
+    return PaliGemmaProcessor(image_processor, tokenizer)
+
+
+def save_tiny_paligemma(folder: str | Path, vision_config=None, seed: int = 0) -> Path:
+    """Write a tiny random-weight PaliGemma with its processor, loadable as ``paligemma:<folder>`` (offline tests).
+
+    ``vision_config``: the tower's ``SiglipVisionConfig``; default the vision side of
+    :func:`~benchmark.backbones.hf.save_tiny_siglip` (width 64, 2 layers of 4 heads, MLP 256, 32 px, patch 8), without
+    the head. The language model is a 1-layer Gemma of width 32 (:data:`TINY_GEMMA`) over
+    :func:`gemma_char_tokenizer`, initialised from ``seed`` (the global RNG untouched).
+    """
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    vision = vision_config or SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=32, patch_size=8)
+    vision.vision_use_head = False
+    tokenizer = gemma_char_tokenizer()
+    processor = paligemma_processor(vision, tokenizer)  # grows the vocabulary: size the model after it
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
+           (("pad_token_id", "<pad>"), ("eos_token_id", "<eos>"), ("bos_token_id", "<bos>"))}
+    text = {"model_type": "gemma", "vocab_size": len(tokenizer), "max_position_embeddings": 1024, **TINY_GEMMA, **ids}
+    config = PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=processor.image_token_id,
+                             projection_dim=TINY_GEMMA["hidden_size"], hidden_size=TINY_GEMMA["hidden_size"],
+                             vocab_size=len(tokenizer), pad_token_id=ids["pad_token_id"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PaliGemmaForConditionalGeneration(config)
+    model.generation_config.update(**ids)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
