@@ -42,8 +42,7 @@ BACKBONES.declare(
 
 BACKBONES.declare(
     "hf-vision", "benchmark.backbones.hf:HFVisionBackbone",
-    summary="An HF vision tower alone, no text tower (VQA and *-ppl only): SiglipVisionModel / CLIPVisionModel "
-            "folder, or a PaliGemma / LLaVA folder's tower.",
+    summary="An HF vision tower alone, no text tower: a SiglipVisionModel / CLIPVisionModel, or a PaliGemma / LLaVA's.",
     load_forms=("hf-vision:/path/to/folder  (SiglipVisionModel / CLIPVisionModel save_pretrained, as fscl export "
                 "--format hf-siglip-vision / hf-clip-vision writes [+ preprocessor_config.json])",
                 "hf-vision:/path/to/vlm-folder  (a PaliGemma or LLaVA save_pretrained: its vision_tower weights alone)",

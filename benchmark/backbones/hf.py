@@ -156,9 +156,11 @@ TOWER_HINT = "SiglipVisionModel.save_pretrained(dir) or CLIPVisionModel.save_pre
 
 
 class HFVisionBackbone(_HFTower, Backbone):
-    """An HF vision tower alone, no text tower: ``hf-vision:/folder`` of a ``SiglipVisionModel`` or
-    ``CLIPVisionModel[WithProjection]`` (as ``fscl export --format hf-siglip-vision`` / ``hf-clip-vision``
-    write), or the tower of a PaliGemma / LLaVA folder (only its ``vision_tower.*`` weights are read).
+    """An HF vision tower alone, no text tower: a SiglipVisionModel / CLIPVisionModel, or a PaliGemma / LLaVA's.
+
+    ``hf-vision:/folder`` of a ``SiglipVisionModel`` or ``CLIPVisionModel[WithProjection]`` (as ``fscl export
+    --format hf-siglip-vision`` / ``hf-clip-vision`` write), or the tower of a PaliGemma / LLaVA folder (only its
+    ``vision_tower.*`` weights are read).
 
     It can be trained only through losses that need no text (the VLM-loss strategies, ``*-ppl``) and
     evaluated only by VQA: :attr:`has_text_tower` is False, and the text side raises

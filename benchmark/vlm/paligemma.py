@@ -66,7 +66,9 @@ TOWER_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers", "num_atte
 
 # --------------------------------------------------------------------------- the family (no weights)
 class PaliGemmaFamily(VLMFamily):
-    """PaliGemma (transformers ``PaliGemmaForConditionalGeneration``): ``paligemma:/folder`` or ``paligemma:org/hub-id``."""
+    """PaliGemma (PaliGemmaForConditionalGeneration): a SigLIP tower trained with its Gemma, prefix-LM prompt.
+
+    ``paligemma:/folder`` or ``paligemma:org/hub-id``."""
 
     example = "paligemma:/path/to/paligemma-3b-mix-224"
     takes = ("an hf: SiglipModel or an hf-vision: SigLIP tower of the same shape (PaliGemma's own: "
