@@ -217,7 +217,7 @@ def hf_vision_state(visual: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def _load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+def load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Load ``tensors`` into ``module``: every parameter must be given, nothing else (buffers kept)."""
     params = set(dict(module.named_parameters()))
     if params != set(tensors):
@@ -239,9 +239,9 @@ def load_hf_vision(transformer: nn.Module, backbone: Backbone) -> None:
     LLaVA's vision tower); every parameter is replaced, in the module's own dtype and device.
     """
     if _is_hf_clip(backbone):
-        _load_exact(transformer, dict(backbone.visual.tower.named_parameters()))
+        load_exact(transformer, dict(backbone.visual.tower.named_parameters()))
     elif isinstance(backbone, OpenCLIPBackbone):
-        _load_exact(transformer, hf_vision_state(backbone.visual))
+        load_exact(transformer, hf_vision_state(backbone.visual))
     else:
         raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
 
@@ -255,14 +255,14 @@ def to_hf_clip_vision(backbone: Backbone):
         config.projection_dim = backbone.model.config.projection_dim
         model = CLIPVisionModelWithProjection(config)
         load_hf_vision(model.vision_model, backbone)
-        _load_exact(model.visual_projection, dict(backbone.visual.projection.named_parameters()))
+        load_exact(model.visual_projection, dict(backbone.visual.projection.named_parameters()))
         return model.eval()
     if not isinstance(backbone, OpenCLIPBackbone):
         raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
     visual = backbone.visual
     model = CLIPVisionModelWithProjection(hf_vision_config(visual))
     load_hf_vision(model.vision_model, backbone)
-    _load_exact(model.visual_projection, {"weight": visual.proj.T})
+    load_exact(model.visual_projection, {"weight": visual.proj.T})
     return model.eval()
 
 
@@ -309,7 +309,7 @@ def to_hf_siglip_vision(backbone: Backbone):
                           f"hf-vision: SiglipVisionModel backbone), not '{backbone.spec}'; use --format openclip for "
                           f"open_clip models (their SigLIP included) and hf-clip-vision for CLIP ViTs")
     model = SiglipVisionModel(copy.deepcopy(tower.config))
-    _load_exact(getattr(model, "vision_model", model), dict(tower.named_parameters()))
+    load_exact(getattr(model, "vision_model", model), dict(tower.named_parameters()))
     return model.eval()
 
 

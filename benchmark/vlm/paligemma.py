@@ -40,113 +40,38 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
-from benchmark.backbones.openclip import _hub_reachable
-from benchmark.export import _load_exact, siglip_tower
+from benchmark.export import load_exact, siglip_tower
 from benchmark.vlm.base import (
     IGNORE,
-    TOKENIZER_FILES,
     LoadedVLM,
     PairBatch,
-    VLMFamily,
+    SavedVLMFamily,
     answer_token_ids,
-    folder_identity,
-    is_path,
-    weights_problem,
+    tower_differences,
 )
-from benchmark.vlm.spec import VLMError, VLMSpec
+from benchmark.vlm.spec import VLMError
 
 IMAGE_TOKEN = "<image>"
 TASK = "answer en {}"  # PaliGemma's VQA task prefix (the mix checkpoints')
-SAVE_HINT = ("PaliGemmaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
-             "AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
-TOWER_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers", "num_attention_heads": "heads",
-                "intermediate_size": "MLP width", "patch_size": "patch size", "image_size": "image size",
-                "hidden_act": "activation"}
 
 
 # --------------------------------------------------------------------------- the family (no weights)
-class PaliGemmaFamily(VLMFamily):
+class PaliGemmaFamily(SavedVLMFamily):
     """PaliGemma (PaliGemmaForConditionalGeneration): a SigLIP tower trained with its Gemma, prefix-LM prompt.
 
     ``paligemma:/folder`` or ``paligemma:org/hub-id``."""
 
     example = "paligemma:/path/to/paligemma-3b-mix-224"
+    model_class = "PaliGemmaForConditionalGeneration"
+    model_type = "paligemma"
+    hub_example = "google/paligemma-3b-mix-224"
+    cuda_dtype = torch.bfloat16  # as released; Gemma overflows float16
     takes = ("an hf: SiglipModel or an hf-vision: SigLIP tower of the same shape (PaliGemma's own: "
              "hf-vision:/path/to/paligemma-folder)")
 
-    def __init__(self, spec: VLMSpec) -> None:
-        super().__init__(spec)
-        if not spec.rest:
-            raise VLMError(f"vqa.model '{spec}': expected 'paligemma:/path/to/folder' (a "
-                           f"PaliGemmaForConditionalGeneration folder with its processor) or 'paligemma:org/hub-id', "
-                           f"e.g. paligemma:google/paligemma-3b-mix-224")
-
-    def source(self) -> tuple[str, bool]:
-        """(folder or hub id, local_files_only); :class:`VLMError` for a folder without a model or an unreachable hub."""
-        rest, spec = self.spec.rest, self.spec
-        if is_path(rest):
-            folder = Path(rest).expanduser()
-            if not (folder / "config.json").is_file():
-                what = "no config.json in that folder" if folder.is_dir() else "no such folder"
-                raise VLMError(f"vqa.model '{spec}': {what}. Put a PaliGemma model there, written where there is "
-                               f"internet with {SAVE_HINT} (ID such as google/paligemma-3b-mix-224).")
-            return str(folder), True
-        if not _hub_reachable():
-            raise VLMError(f"vqa.model '{spec}': '{rest}' is a hub id and the hub cannot be reached from this "
-                           f"machine. Where there is internet run {SAVE_HINT.replace('ID', repr(rest))}, copy DIR "
-                           f"here and pass 'paligemma:/path/to/DIR'; or set HF_HUB_OFFLINE=1 to read the local cache.")
-        return rest, False
-
-    def identity(self) -> dict[str, object]:
-        source, local = self.source()
-        return folder_identity(self.spec, Path(source)) if local else super().identity()
-
-    @cached_property
-    def _config(self):
-        from transformers import AutoConfig
-
-        source, local = self.source()
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError) as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({err}); the folder needs what "
-                           f"{SAVE_HINT} writes") from err
-        if config.model_type != "paligemma":
-            raise VLMError(f"vqa.model '{self.spec}' is a '{config.model_type}' model; expected a "
-                           f"PaliGemmaForConditionalGeneration (model_type 'paligemma'), e.g. google/paligemma-3b-mix-224")
-        return config
-
-    def config(self):
-        """The ``PaliGemmaConfig``, read without weights."""
-        return self._config
-
-    def tower_config(self):
-        return self.config().vision_config
-
-    def check_loadable(self) -> None:
-        """A ``paligemma:/folder``'s weights files are all there (not loaded) and its processor loads and fits; hub
-        ids are not looked at."""
-        if not is_path(self.spec.rest):
-            return
-        source, local = self.source()
-        problem = weights_problem(Path(source))
-        if problem is not None:
-            raise VLMError(f"vqa.model '{self.spec}': {problem}; the folder needs what {SAVE_HINT} writes")
-        self.processor(source, local)
-
-    def processor(self, source: str, local: bool):
-        """The checked ``PaliGemmaProcessor`` from ``source``: its image token is the config's, it expands it into
-        one token per patch and resizes to the tower's size; :class:`VLMError` otherwise."""
-        from transformers import AutoProcessor
-
-        if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            raise VLMError(f"vqa.model '{self.spec}': no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
-                           f"the folder needs what {SAVE_HINT} writes")
-        try:
-            processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError) as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not load its processor (tokenizer and image processor: "
-                           f"{' '.join(str(err).split())}); the folder needs what {SAVE_HINT} writes") from err
+    def check_processor(self, processor) -> None:
+        """Refuse a processor whose image token is not the config's, or that does not expand it into one token per
+        patch, or resizes to another size than the tower's."""
         config = self.config()
         vision = config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
@@ -157,7 +82,6 @@ class PaliGemmaFamily(VLMFamily):
                            f"{found}) does not fit the model's ({config.image_token_id}, {patches}, "
                            f"{vision.image_size}); save the model's own PaliGemmaProcessor beside it: "
                            f"AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
-        return processor
 
     def check_encoder(self, backbone: Backbone) -> None:
         check_encoder_fits(self.tower_config(), backbone)
@@ -171,20 +95,7 @@ class PaliGemmaFamily(VLMFamily):
         return 0
 
     def load(self, device: torch.device, dtype: torch.dtype | None = None) -> LoadedPaliGemma:
-        """As :meth:`VLMFamily.load`, but bfloat16 on CUDA (PaliGemma's released type; Gemma overflows float16)."""
-        from transformers import PaliGemmaForConditionalGeneration
-
-        source, local = self.source()
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        processor = self.processor(source, local)
-        try:
-            model = PaliGemmaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local)
-        except OSError as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not read the model ({err}); the folder needs what "
-                           f"{SAVE_HINT} writes") from err
-        return LoadedPaliGemma(self, model.to(device), processor)
+        return LoadedPaliGemma(self, *self.pretrained(device, dtype))
 
 
 def check_encoder_fits(tower_config, backbone: Backbone) -> None:
@@ -197,9 +108,7 @@ def check_encoder_fits(tower_config, backbone: Backbone) -> None:
                        f"a {type(backbone.visual).__name__} of {type(backbone.model).__name__}, not a transformers "
                        f"SigLIP tower. VQA with PaliGemma needs {PaliGemmaFamily.takes}; CLIP ViTs and open_clip's "
                        f"SigLIP (timm, fused qkv) cannot be loaded into it")
-    ours = tower.config
-    diffs = [f"{label} {getattr(ours, key)} (tower: {getattr(tower_config, key)})"
-             for key, label in TOWER_FIELDS.items() if getattr(ours, key) != getattr(tower_config, key)]
+    diffs = tower_differences(tower.config, tower_config)
     if diffs:
         raise VLMError(f"vqa: the encoder of '{backbone.spec}' does not fit PaliGemma's vision tower: "
                        f"{', '.join(diffs)}. The tower takes only the SigLIP it was trained with (PaliGemma-3B-224: "
@@ -221,7 +130,7 @@ def swap_into_tower(model: nn.Module, backbone: Backbone) -> None:
     ours = dict(siglip_tower(backbone).named_parameters())
     if not hasattr(target, "head"):
         ours = {name: p for name, p in ours.items() if not name.startswith("head.")}
-    _load_exact(target, ours)
+    load_exact(target, ours)
 
 
 # --------------------------------------------------------------------------- the loaded model
