@@ -35,7 +35,7 @@ from benchmark.config import (
     load_config,
 )
 from benchmark.errors import FsclError
-from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, Registry
+from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, VLMS, Registry
 
 log = logging.getLogger("fscl")
 
@@ -215,7 +215,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what in ("train", "vqa"):
         print("\n".join(option_lines({"train": TrainConfig, "vqa": VQAConfig}[args.what], args.what, args.details)))
         return 0
-    registry: Registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES}[args.what]
+    registry: Registry = {"streams": STREAMS, "strategies": STRATEGIES, "backbones": BACKBONES, "vlms": VLMS}[args.what]
     for entry in registry.entries():
         print(f"{entry.name:<16} {entry.summary}")
         for label, values in (("load", entry.load_forms), ("tags", entry.known_tags)):
@@ -316,13 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=tune_command)
 
     ls = verbs.add_parser(
-        "ls", help="list registered streams, strategies, backbones, presets or the train.* or vqa.* keys",
+        "ls", help="list registered streams, strategies, backbones, VLM families, presets or the train.* or vqa.* keys",
         description="List what is registered (including plugins of other packages), or the train.* or vqa.* keys.",
         epilog="examples:\n  fscl ls strategies -v    every strategy with its options (type, default, help)\n"
                "  fscl ls train -v         the training recipe's keys with their help\n"
-               "  fscl ls vqa -v           the VQA evaluation's keys with their help",
+               "  fscl ls vqa -v           the VQA evaluation's keys with their help\n"
+               "  fscl ls vlms             the VLM families vqa.model can name, with their load forms",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ls.add_argument("what", choices=["streams", "strategies", "backbones", "presets", "train", "vqa"])
+    ls.add_argument("what", choices=["streams", "strategies", "backbones", "vlms", "presets", "train", "vqa"])
     ls.add_argument("-v", "--verbose", dest="details", action="store_true",
                     help="every option with its type, default and help text (streams, strategies, train, vqa); "
                          "each preset's one-line summary (presets)")
