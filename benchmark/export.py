@@ -227,6 +227,16 @@ def load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
         module.load_state_dict({**module.state_dict(), **{k: v.detach().clone() for k, v in tensors.items()}})
 
 
+def hf_tower(backbone: Backbone, model_type: str) -> nn.Module | None:
+    """The transformers vision tower of an ``hf:`` or ``hf-vision:`` backbone whose config is of ``model_type``
+    (``clip_vision_model``, ``siglip_vision_model``), its parameters named as a ``CLIPVisionModel`` /
+    ``SiglipVisionModel``'s in transformers 5 (as their ``vision_model``'s in 4.x); None for any other backbone."""
+    if not isinstance(backbone, (HFCLIPBackbone, HFVisionBackbone)):
+        return None
+    tower = backbone.visual.tower
+    return tower if tower.config.model_type == model_type else None
+
+
 def _is_hf_clip(backbone: Backbone) -> bool:
     return isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip"
 
@@ -236,10 +246,12 @@ def load_hf_vision(transformer: nn.Module, backbone: Backbone) -> None:
 
     ``transformer`` holds ``embeddings``, ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm``
     (``CLIPVisionModel.vision_model``; in transformers 5 also a ``CLIPVisionModel`` itself, such as
-    LLaVA's vision tower); every parameter is replaced, in the module's own dtype and device.
+    LLaVA's vision tower); every parameter is replaced, in the module's own dtype and device. The backbone: an
+    OpenAI-layout open_clip ViT, or an ``hf:`` CLIPModel or ``hf-vision:`` CLIP tower (copied as it is).
     """
-    if _is_hf_clip(backbone):
-        load_exact(transformer, dict(backbone.visual.tower.named_parameters()))
+    tower = hf_tower(backbone, "clip_vision_model")
+    if tower is not None:
+        load_exact(transformer, dict(tower.named_parameters()))
     elif isinstance(backbone, OpenCLIPBackbone):
         load_exact(transformer, hf_vision_state(backbone.visual))
     else:
@@ -290,13 +302,9 @@ def write_hf_clip_vision(backbone: Backbone, out: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- HF SiglipVisionModel folder
 def siglip_tower(backbone: Backbone) -> nn.Module | None:
-    """The transformers SigLIP vision tower of an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone (its
-    parameters named as a ``SiglipVisionModel``'s in transformers 5, as its ``vision_model``'s in 4.x), or
-    None for any other backbone."""
-    if not isinstance(backbone, (HFCLIPBackbone, HFVisionBackbone)):
-        return None
-    tower = backbone.visual.tower
-    return tower if tower.config.model_type == "siglip_vision_model" else None
+    """The transformers SigLIP vision tower of an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone (see
+    :func:`hf_tower`), or None for any other backbone."""
+    return hf_tower(backbone, "siglip_vision_model")
 
 
 def to_hf_siglip_vision(backbone: Backbone):
@@ -317,14 +325,11 @@ def write_hf_siglip_vision(backbone: Backbone, out: str | Path) -> Path:
     """Write ``SiglipVisionModel`` + ``preprocessor_config.json`` (SigLIP's square resize, the backbone's mean/std)."""
     from transformers import SiglipImageProcessor
 
-    model = to_hf_siglip_vision(backbone)
-    out = Path(out)
+    model, (mean, std) = to_hf_siglip_vision(backbone), backbone.image_normalisation
     model.save_pretrained(out)
-    size = model.config.image_size
-    mean, std = backbone.image_normalisation
-    SiglipImageProcessor(size={"height": size, "width": size}, image_mean=list(mean or (0.5,) * 3),
-                         image_std=list(std or (0.5,) * 3)).save_pretrained(out)
-    return out
+    SiglipImageProcessor(size=dict.fromkeys(("height", "width"), model.config.image_size),
+                         image_mean=list(mean or (0.5,) * 3), image_std=list(std or (0.5,) * 3)).save_pretrained(out)
+    return Path(out)
 
 
 WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision,

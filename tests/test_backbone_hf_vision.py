@@ -118,3 +118,23 @@ def test_the_tower_of_a_vlm_folder_is_its_vision_tower(family, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(BackboneLoadError, match="model.safetensors is missing"):
         load_backbone(f"hf-vision:{folder}")
+
+
+def test_a_llava_takes_its_own_tower_back_from_hf_vision(tmp_path):
+    from PIL import Image
+
+    from benchmark.vlm.llava import save_tiny_llava
+    from benchmark.vlm.spec import resolve_vlm
+
+    folder = save_tiny_llava(tmp_path / "llava")
+    family = resolve_vlm(f"llava:{folder}")
+    family.check_encoder(backbone_skeleton(f"hf-vision:{folder}"))
+    vlm = family.load(torch.device("cpu"))
+    batch = vlm.inputs([Image.new("RGB", (40, 30), "red")], [vlm.prompt("which? A. x B. y")])
+    with torch.no_grad():
+        before = vlm.answer_logits(batch)
+        vlm.swap_encoder(load_backbone("openclip:fscl-tiny"))  # another encoder of the tower's shape
+        other = vlm.answer_logits(batch)
+        vlm.swap_encoder(load_backbone(f"hf-vision:{folder}"))
+        torch.testing.assert_close(vlm.answer_logits(batch), before, rtol=0, atol=0)
+    assert not torch.equal(other, before)

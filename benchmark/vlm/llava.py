@@ -38,9 +38,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
-from benchmark.backbones.hf import HFCLIPBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone
-from benchmark.export import hf_vision_config, load_hf_vision, vit_layout_problems
+from benchmark.export import hf_tower, hf_vision_config, load_hf_vision, vit_layout_problems
 from benchmark.vlm.base import (
     IGNORE,
     LoadedVLM,
@@ -87,8 +86,8 @@ class LlavaFamily(SavedVLMFamily):
     model_class = "LlavaForConditionalGeneration"
     model_type = "llava"
     hub_example = "llava-hf/llava-1.5-7b-hf"
-    takes = ("an OpenAI-layout CLIP ViT (open_clip, such as openclip:ViT-L-14-336-quickgelu@openai for LLaVA-1.5) "
-             "or an hf: CLIPModel")
+    takes = ("an OpenAI-layout CLIP ViT (open_clip, such as openclip:ViT-L-14-336-quickgelu@openai for LLaVA-1.5), "
+             "an hf: CLIPModel or an hf-vision: CLIP tower")
 
     def check_processor(self, processor) -> None:
         """Refuse a processor that cannot feed the model: no image token, or a wrong image-token count."""
@@ -156,11 +155,13 @@ def vision_tower(model: nn.Module) -> nn.Module:
 def check_encoder_fits(tower_config, backbone: Backbone) -> None:
     """Raise :class:`VLMError` unless the backbone's vision encoder loads into a tower of ``tower_config``.
 
-    ``tower_config``: the tower's ``CLIPVisionConfig``. The encoder must be an OpenAI-layout CLIP ViT (open_clip)
-    or an ``hf:`` CLIPModel of the same width, depth, heads, MLP width, patch and image size and activation.
+    ``tower_config``: the tower's ``CLIPVisionConfig``. The encoder must be an OpenAI-layout CLIP ViT (open_clip),
+    an ``hf:`` CLIPModel or an ``hf-vision:`` CLIP tower of the same width, depth, heads, MLP width, patch and image
+    size and activation.
     """
-    if isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip":
-        ours = backbone.model.config.vision_config
+    tower = hf_tower(backbone, "clip_vision_model")
+    if tower is not None:
+        ours = tower.config
     else:
         problems = (vit_layout_problems(backbone.visual) if isinstance(backbone, OpenCLIPBackbone)
                     else [f"a {type(backbone.model).__name__} (not a CLIP ViT)"])

@@ -41,14 +41,7 @@ from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
 from benchmark.export import load_exact, siglip_tower
-from benchmark.vlm.base import (
-    IGNORE,
-    LoadedVLM,
-    PairBatch,
-    SavedVLMFamily,
-    answer_token_ids,
-    tower_differences,
-)
+from benchmark.vlm.base import IGNORE, LoadedVLM, PairBatch, SavedVLMFamily, answer_token_ids, tower_differences
 from benchmark.vlm.spec import VLMError
 
 IMAGE_TOKEN = "<image>"
