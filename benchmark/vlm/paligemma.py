@@ -2,7 +2,8 @@
 
 ``vqa.model`` is ``paligemma:/local/folder`` (``save_pretrained`` of the model and its processor, e.g.
 ``google/paligemma-3b-mix-224``) or ``paligemma:org/hub-id`` (needs the hub, or ``HF_HUB_OFFLINE=1`` and the local
-cache). Facts of transformers' PaliGemma (read in ``models/paligemma/`` of transformers 5) that this family relies on:
+cache). Facts of transformers' PaliGemma (read in ``models/paligemma/`` of transformers 5) that this family relies on
+(4.x scaled the image features and built the prefix-LM mask otherwise: :meth:`PaliGemmaFamily.config` refuses it):
 
 * **Tower**: a ``SiglipVisionModel`` without the attention-pool head (``vision_use_head=False``); it takes an ``hf:``
   SiglipModel or an ``hf-vision:`` SiglipVisionModel of the same shape (its head, if any, is not copied:
@@ -12,9 +13,9 @@ cache). Facts of transformers' PaliGemma (read in ``models/paligemma/`` of trans
   the meaningful ones, on an ``hf-vision:`` backbone of PaliGemma's own tower (``hf-vision:/paligemma-folder``).
 * **Tokens read**: ``get_image_features`` is the tower's ``last_hidden_state`` (the last block's output through
   ``post_layernorm``, every patch, no class token) through ``multi_modal_projector`` (one linear, vision width →
-  the text width, ``projection_dim``); transformers 5 scales nothing there (4.x divided by ``sqrt(hidden_size)``,
-  which Gemma's embedding scale ``sqrt(hidden_size)`` does not touch: image features go in after it). No block is
-  past the feature layer: :meth:`PaliGemmaFamily.unread_blocks` is 0.
+  the text width, ``projection_dim``), unscaled (Gemma's embedding scale ``sqrt(hidden_size)`` applies to the
+  text tokens only: the image features replace the ``<image>`` embeddings after it). No block is past the feature
+  layer: :meth:`PaliGemmaFamily.unread_blocks` is 0.
 * **Prompt**: the processor writes ``<image>`` × ``image_seq_length`` (the tower's patches), then ``<bos>``, the
   prompt and ``"\\n"``; a ``suffix`` (the answer) follows with ``<eos>`` and has ``token_type_ids`` 1 (labels on it
   alone, -100 on the prefix). The tokenizer adds no ``<bos>`` itself. Questions are asked as the mix checkpoints'
@@ -61,6 +62,15 @@ class PaliGemmaFamily(SavedVLMFamily):
     cuda_dtype = torch.bfloat16  # as released; Gemma overflows float16
     takes = ("an hf: SiglipModel or an hf-vision: SigLIP tower of the same shape (PaliGemma's own: "
              "hf-vision:/path/to/paligemma-folder)")
+
+    def config(self):
+        """The ``PaliGemmaConfig``, read without weights; :class:`VLMError` under transformers 4.x."""
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise VLMError(f"vqa.model '{self.spec}': the PaliGemma family needs transformers >= 5 (its image features "
+                           f"and prefix-LM mask); this environment has {transformers.__version__}")
+        return super().config()
 
     def check_processor(self, processor) -> None:
         """Refuse a processor whose image token is not the config's, or that does not expand it into one token per
