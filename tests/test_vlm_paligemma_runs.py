@@ -98,3 +98,14 @@ def test_the_grid_check_refuses_an_encoder_paligemma_cannot_take(args, tmp_path,
     err = capsys.readouterr().err
     assert "cannot go into PaliGemma's SigLIP vision tower" in err and "openclip:fscl-tiny" in err
     assert not any(tmp_path.iterdir())  # before any work
+
+
+def test_the_trained_tower_exports_as_a_siglip_vision_model_paligemma_takes(lorsu_ppl, models, tmp_path):
+    from benchmark.vlm.spec import resolve_vlm
+
+    out = tmp_path / "tower"
+    assert main(["export", str(lorsu_ppl), "--session", "2", "--format", "hf-siglip-vision", "--out", str(out)]) == 0
+    tower = load_backbone(f"hf-vision:{out}")
+    final = torch.load(lorsu_ppl / "checkpoints/session-2.pt", weights_only=False)["encoder"]
+    assert all(torch.equal(final[f"tower.{name}"], p) for name, p in tower.visual.tower.named_parameters())
+    resolve_vlm(f"paligemma:{models['paligemma']}").check_encoder(tower)
