@@ -83,8 +83,10 @@ def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1, probe: bo
     from benchmark.distributed import grid_shard, local_device
     from benchmark.dryrun import grid_lines, grid_warnings, output_lines
     from benchmark.estimate import estimate_lines
+    from benchmark.grid import check_grid
     from benchmark.records import RunRecord
-    from benchmark.runner import check_grid, is_done, run_dir
+    from benchmark.runner import is_done
+    from benchmark.runs import run_dir
 
     runs = cfg.expand()
     shard = grid_shard(launcher=not cfg.ddp)
@@ -113,7 +115,7 @@ def _run_grid(cfg: Config, what: str, args: argparse.Namespace) -> int | None:
     """Run this process's share of the grid ``cfg``; on the main process print the outcomes and return the exit
     status (None on the other ranks of a ``ddp`` run)."""
     from benchmark.distributed import is_main_process, launched_processes
-    from benchmark.runner import run_grid
+    from benchmark.grid import run_grid
 
     if is_main_process():
         print(f"{len(cfg.expand())} run(s) of '{cfg.name}' from {what}", file=sys.stderr)

@@ -6,7 +6,7 @@
   to turn it on) and where each backbone's weights come from (a local file, a cache, or a hub that needs
   internet, :func:`benchmark.backbones.weights_source`), found without loading anything;
 - :func:`grid_warnings`: comparisons that would not be fair, printed by the dry run and logged by every grid
-  (:func:`benchmark.runner.run_grid`): a strategy at the base learning rate beside strategies with their own
+  (:func:`benchmark.grid.run_grid`): a strategy at the base learning rate beside strategies with their own
   (tuned) rates, and a strategy that with ``vqa.model`` trains only parameters the VLM never reads.
 """
 from __future__ import annotations

@@ -71,7 +71,7 @@ def session_steps(samples: int, batch_size: int, epochs: int, drop_last: bool | 
 def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
     """Per backbone, the grid's training steps, evaluated images and VQA questions (``data``: each run's checked
     RunData)."""
-    from benchmark.runner import vqa_controls
+    from benchmark.vqa.session import vqa_controls
 
     costs: dict[str, Cost] = defaultdict(Cost)
     row0: set[tuple] = set()

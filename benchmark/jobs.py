@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from benchmark.config import Config, ConfigError
 from benchmark.errors import FsclError, Interrupted
 from benchmark.records import RunRecord
+from benchmark.runner import run_one
+from benchmark.runs import RunOutcome, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,8 @@ def resolve_jobs(jobs: int | str, device: torch.device, pending: int) -> int:
 
 def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: bool = True,
              force: bool = False) -> list:
-    """Run ``runs`` (with their checked ``data``, :func:`~benchmark.runner.check_grid`'s) in ``jobs`` local
-    processes of ``max(1, torch threads // jobs)`` threads each; one :class:`~benchmark.runner.RunOutcome` per
+    """Run ``runs`` (with their checked ``data``, :func:`~benchmark.grid.check_grid`'s) in ``jobs`` local
+    processes of ``max(1, torch threads // jobs)`` threads each; one :class:`~benchmark.runs.RunOutcome` per
     run, in the order of ``runs``.
 
     An error a run does not record as its failure (the same that would stop a grid in one process)
@@ -59,7 +61,6 @@ def run_jobs(runs: Sequence[Config], data: Sequence[Any], jobs: int, progress: b
     :class:`~benchmark.errors.Interrupted` once they have (or after :data:`INTERRUPT_GRACE_SECONDS`).
     """
     from benchmark.distributed import local_device
-    from benchmark.runner import RunOutcome, run_dir
 
     build_models(runs)
     threads = max(1, torch.get_num_threads() // jobs)
@@ -137,7 +138,6 @@ def _job(runs: list[Config], data: list[Any], force: bool, jobs: int, threads: i
     ``(index, outcome, None)`` — or ``(index, None, message)`` for an error that stops the grid — on ``results``.
     A finished run's manifest records ``jobs`` and ``threads``: its timings were taken beside the other processes'."""
     from benchmark.image_cache import CORES_ENV
-    from benchmark.runner import run_one
 
     torch.set_num_threads(threads)
     os.environ[CORES_ENV] = str(threads)  # loader workers (train.num_workers: auto) count this process's share

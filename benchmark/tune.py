@@ -1,6 +1,6 @@
 """``fscl tune``: each strategy's hyper-parameters chosen on validation data, never on a test set.
 
-Protocol. The tune is a grid of runs (:mod:`benchmark.runner`, so resume and sharding work as for
+Protocol. The tune is a grid of runs (:mod:`benchmark.grid`, so resume and sharding work as for
 ``fscl run``) of every strategy that trains, over the swept keys (the config's list values, e.g.
 ``train.lr=[1e-5,1e-4]`` or ``lorsu.top_k_heads=[1,2,4]``; none given: ``train.lr`` on a log grid
 around the config's, :func:`lr_grid`), its streams and seeds, each with ``validation_per_class``: a
@@ -104,7 +104,7 @@ def tune_grid(cfg: Config, options: TuneOptions) -> tuple[Config, list[str]]:
 
 def scores(runs: list[Config]) -> tuple[list[Score], int]:
     """The validation scores of the tune's runs, and how many are not done yet (running, or not started)."""
-    from benchmark.runner import run_dir
+    from benchmark.runs import run_dir
 
     found, pending = [], 0
     for run in runs:

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from benchmark.config import declared_default, declared_type
 from benchmark.records import slug
+from reports.blocks import Heading, Image, Table, Text
 from reports.figures import Style, draw_point, floor_change_axes, save_figure, suptitle
 from reports.frame import GROUP_KEYS, SWEEP, SWEPT_PREFIX, ReportError, group_label
 from reports.tables import (
@@ -202,11 +203,9 @@ def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str,
 
 def ablation_section(finished: pd.DataFrame, styles: dict[str, Style], out: Path,
                      baselines: pd.DataFrame) -> tuple[list, list[Path], pd.DataFrame]:
-    """The report's section on the finished swept runs: its blocks (:mod:`reports.report`), the figure files
+    """The report's section on the finished swept runs: its blocks (:mod:`reports.blocks`), the figure files
     written into ``out/figures`` and the :func:`ablation_table`; ``baselines``: the main
     :func:`reports.tables.results_table`, whose strategies not swept in a setting its figure draws as points."""
-    from reports.report import Heading, Image, Table, Text  # the report imports this module
-
     table = ablation_table(finished)
     blocks: list = [Heading("Sweeps and ablations"), Text(
         "Runs of grids with swept keys; per strategy one row per combination of its swept values: mean ± std over "

@@ -24,6 +24,7 @@ from benchmark.config import compared
 from benchmark.metrics import backward_transfer, control_change, forgetting, target_improvement
 from benchmark.records import slug
 from reports.ablation import ablation_section, main_runs
+from reports.blocks import Block, Heading, Image, Table, Text
 from reports.figures import (
     MIN_ACCURACY_SPAN,
     MIN_CHANGE_SPAN,
@@ -71,33 +72,6 @@ MINI_WORLD_BANNER = ("**This report contains mini-world results, not CLIP result
 RANDOM_WEIGHTS_BANNER = ("**This report contains runs on backbones with random weights** (an `openclip:NAME` without "
                          "a `@TAG`: no pretrained weights were loaded): the settings marked [random weights]. Their "
                          "numbers check the machinery; they say nothing about a pretrained model.")
-
-
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass(frozen=True)
-class Text:
-    """A paragraph in the Markdown subset both renderers share: **bold**, *italic* and `code`."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Table:
-    table: TextTable
-
-
-@dataclass(frozen=True)
-class Image:
-    png: Path
-    caption: str
-
-
-Block = Heading | Text | Table | Image
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from scipy import stats
 from benchmark.config import Config
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.records import STATUS_FINISHED, RunRecord, atomic_write, write_json
-from benchmark.runner import run_dir
+from benchmark.runs import run_dir
 from reports import scan_runs, write_report
 from reports.ablation import (
     ablation_table,

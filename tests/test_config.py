@@ -188,7 +188,7 @@ def test_swept_grids_round_trip_through_their_plain_form():
 
 
 def test_run_folders_name_the_swept_values_stably_and_uniquely(tmp_path):
-    from benchmark.runner import run_dir
+    from benchmark.runs import run_dir
 
     cfg = load_config("quick", [f"out={tmp_path}", "seed=0", "strategy=[zeroshot,lorsu]", "train.lr=[1e-5,0.0005]",
                                 "lorsu.top_k_heads=[1,4]"])

@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], env: dict[st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", **env)
     torch.set_num_threads(1)
-    from benchmark.runner import run_grid
+    from benchmark.grid import run_grid
 
     outcomes = run_grid(load_config("quick", overrides), progress=False)
     Path(report, f"rank{rank}.json").write_text(json.dumps([[str(o.path), o.status, o.reason] for o in outcomes]))

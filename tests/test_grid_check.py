@@ -13,7 +13,7 @@ from test_streams_layouts import PAPER_WRITERS
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.dryrun import grid_warnings
-from benchmark.runner import GridCheckError, check_grid, run_grid
+from benchmark.grid import GridCheckError, check_grid, run_grid
 
 
 def test_every_data_problem_of_the_grid_is_named_before_any_model_is_built(tmp_path, monkeypatch):

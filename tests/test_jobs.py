@@ -12,10 +12,11 @@ from test_grid_check import _write_folder_stream
 
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
+from benchmark.grid import run_grid
 from benchmark.image_cache import CORES_ENV, loader_workers
 from benchmark.jobs import resolve_jobs, start_method
 from benchmark.records import RunLock, RunRecord
-from benchmark.runner import run_dir, run_grid
+from benchmark.runs import run_dir
 
 GRID = ["strategy=[zeroshot,full-ft,layernorm]", "seed=[0,1]", "sessions=2", "train.epochs=2",
         "controls=[mini-shapes]", "control_subset=40"]

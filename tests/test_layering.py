@@ -1,15 +1,19 @@
-"""Import layering: the core imports no outer package, and its modules form no import cycle."""
+"""Import layering: the core imports no outer package, and no package's modules form an import cycle (function-level
+imports counted)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "benchmark"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ROOT / "benchmark"
 OUTER = {"strategies", "streams", "reports"}
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(CORE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -24,28 +28,28 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, package: bool) -> 
     return [base, *(f"{base}.{alias.name}" for alias in node.names)]
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def _top_level_imports(tree: ast.Module):
-    """Import statements that run when the module is imported (not in functions or TYPE_CHECKING blocks)."""
-    stack: list[ast.AST] = list(tree.body)
+def _imports(tree: ast.Module):
+    """Every import statement that can run: at module level, in functions, methods and class bodies (a function-level
+    import closes a cycle as surely as a top-level one, only later); not those of ``TYPE_CHECKING`` blocks."""
+    stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
-        elif isinstance(node, ast.If) and not _is_type_checking(node):
-            stack += node.body + node.orelse
-        elif isinstance(node, (ast.Try, ast.With)):
-            stack += node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", [])
-            stack += [h for handler in getattr(node, "handlers", []) for h in handler.body]
-        elif isinstance(node, ast.ClassDef):
-            stack += node.body
+        elif not _is_type_checking(node):
+            stack += list(ast.iter_child_nodes(node))
+
+
+def _modules(package: Path) -> dict[str, tuple[Path, ast.Module]]:
+    return {_module_name(p): (p, ast.parse(p.read_text(), str(p))) for p in sorted(package.rglob("*.py"))}
 
 
 def _core_modules() -> dict[str, tuple[Path, ast.Module]]:
-    return {_module_name(p): (p, ast.parse(p.read_text(), str(p))) for p in sorted(CORE.rglob("*.py"))}
+    return _modules(CORE)
 
 
 def test_the_core_imports_no_outer_package():
@@ -60,11 +64,11 @@ def test_the_core_imports_no_outer_package():
     assert not found, "the core imports an outer package:\n" + "\n".join(found)
 
 
-def test_core_modules_import_each_other_without_a_cycle():
-    modules = _core_modules()
+def _cycle(modules: dict[str, tuple[Path, ast.Module]]) -> list[str] | None:
+    """An import cycle among ``modules`` (each module's every import, :func:`_imports`), or None."""
     graph = {module: set() for module in modules}
     for module, (path, tree) in modules.items():
-        for node in _top_level_imports(tree):
+        for node in _imports(tree):
             for name in _imported(node, module, path.name == "__init__.py"):
                 if name in modules and name != module:
                     graph[module].add(name)
@@ -83,10 +87,27 @@ def test_core_modules_import_each_other_without_a_cycle():
 
     for module in sorted(graph):
         if module not in state and (cycle := visit(module, [module])):
-            raise AssertionError("import cycle among core modules: " + " -> ".join(cycle))
+            return cycle
+    return None
 
 
-def test_the_cycle_finder_sees_relative_and_from_imports():
-    tree = ast.parse("from . import config\nfrom .registry import STREAMS\nimport benchmark.lazy\n")
-    names = [n for node in _top_level_imports(tree) for n in _imported(node, "benchmark.cli", package=False)]
-    assert {"benchmark.config", "benchmark.registry", "benchmark.lazy"} <= set(names)
+@pytest.mark.parametrize("package", ["benchmark", *sorted(OUTER)])
+def test_a_package_s_modules_import_each_other_without_a_cycle(package: str):
+    """Within each package, counting function-level imports too: no cycle (one hidden in a function is still one)."""
+    cycle = _cycle(_modules(ROOT / package))
+    assert cycle is None, f"import cycle among {package} modules: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_relative_from_and_function_level_imports():
+    tree = ast.parse("from . import config\nfrom .registry import STREAMS\nimport benchmark.lazy\n"
+                     "def f():\n    from benchmark.jobs import run_jobs\n"
+                     "if TYPE_CHECKING:\n    from benchmark.runner import run_one\n")
+    names = {n for node in _imports(tree) for n in _imported(node, "benchmark.cli", package=False)}
+    assert {"benchmark.config", "benchmark.registry", "benchmark.lazy", "benchmark.jobs"} <= names
+    assert "benchmark.runner" not in names  # a TYPE_CHECKING import never runs
+
+
+def test_a_cycle_closed_by_a_function_level_import_is_found():
+    modules = {"p.a": (Path("a.py"), ast.parse("from p.b import x\n")),
+               "p.b": (Path("b.py"), ast.parse("def f():\n    from p.a import y\n"))}
+    assert _cycle(modules) == ["p.a", "p.b", "p.a"]

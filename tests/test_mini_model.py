@@ -11,7 +11,7 @@ from PIL import Image
 from benchmark.backbones import load_backbone
 from benchmark.cli import main
 from benchmark.config import load_config
-from benchmark.runner import run_dir
+from benchmark.runs import run_dir
 from streams.mini.backbone import CACHE_ENV, WEIGHTS, default_model_dir, ensure_model
 from streams.mini.pretrain import PretrainConfig, corpus_batch, pretrain, to_tensor, train
 from streams.mini.world import world

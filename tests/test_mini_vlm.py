@@ -11,7 +11,8 @@ import torch
 from benchmark.backbones import load_backbone
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
-from benchmark.runner import run_dir, vqa_problems
+from benchmark.grid import vqa_problems
+from benchmark.runs import run_dir
 from benchmark.vqa.llava import VQAModelError, llava_config, load_llava, vision_tower
 from benchmark.vqa.scorer import letter_token_ids
 from streams.mini import vlm

@@ -28,8 +28,8 @@ from benchmark.cli import main
 from benchmark.config import TrainConfig, load_config
 from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.export import hf_vision_config
+from benchmark.grid import GridCheckError, run_grid
 from benchmark.plugins import session_gradients
-from benchmark.runner import GridCheckError, run_grid
 from benchmark.vlm_template import VLMTemplate, decay_groups, warmup_cosine_lr
 from benchmark.vqa.llava import load_llava, save_tiny_llava, swap_encoder
 from benchmark.vqa.pairs import IGNORE, AnswerPairs

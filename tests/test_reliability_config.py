@@ -9,7 +9,8 @@ import yaml
 
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
-from benchmark.runner import GridCheckError, run_dir, run_grid, strategy_problems
+from benchmark.grid import GridCheckError, run_grid, strategy_problems
+from benchmark.runs import run_dir
 
 GRID = ("seed=0", "sessions=1", "train.epochs=1", "strategy=[zeroshot,full-ft,lorsu]")
 

@@ -22,7 +22,7 @@ from benchmark.cli import main
 from benchmark.config import Config
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.records import STATUS_FAILED, STATUS_FINISHED, RunRecord, atomic_write, slug, write_json
-from benchmark.runner import VQA_SUMMARY, vqa_summary
+from benchmark.vqa.session import VQA_SUMMARY, vqa_summary
 from reports import ReportError, filter_runs, load_runs, paired_test, results_table, scan_runs, write_report
 from reports.figures import (
     REFERENCE_STYLE,

@@ -8,9 +8,10 @@ import yaml
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.evaluation import ZeroShotEvaluator
+from benchmark.grid import run_grid
 from benchmark.plugins import StrategyPlugin
 from benchmark.registry import STRATEGIES, STREAMS
-from benchmark.runner import run_dir, run_grid
+from benchmark.runs import run_dir
 from streams.base import Stream, StreamDataError, StreamSpec, open_image
 from streams.digits import Digits
 

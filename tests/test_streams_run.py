@@ -11,7 +11,7 @@ from test_streams_layouts import PAPER_WRITERS, corrupt, write_dalle, write_euro
 
 from benchmark.cli import main
 from benchmark.config import load_config
-from benchmark.runner import control_subset, run_dir
+from benchmark.runs import control_subset, run_dir
 
 
 # --------------------------------------------------------------------------- fscl data check

@@ -158,7 +158,7 @@ def test_the_grid_check_names_a_folder_without_weights_or_processor_files_withou
     import shutil
 
     from benchmark.config import load_config
-    from benchmark.runner import vqa_problems
+    from benchmark.grid import vqa_problems
 
     def problems(broken: Path) -> list[str]:
         return vqa_problems(load_config("quick", ["seed=0", "strategy=zeroshot", f"vqa.model=llava:{broken}"]).expand())

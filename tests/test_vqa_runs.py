@@ -19,9 +19,9 @@ from benchmark import checkpoints
 from benchmark.cache import CACHE_ENV
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
+from benchmark.grid import GridCheckError, run_grid
 from benchmark.metrics import AccuracyMatrix
 from benchmark.registry import STREAMS
-from benchmark.runner import GridCheckError, run_grid
 from benchmark.vqa.build import cached_question_set, check_asks
 from benchmark.vqa.evaluate import VQASet, score_set, vqa_rows
 from benchmark.vqa.llava import Llava, load_llava, save_tiny_llava
@@ -117,7 +117,7 @@ def test_vqa_row_0_is_scored_once_per_grid_and_a_strategy_that_never_trains_scor
     assert stored["dataset"] == "digits" and stored["total"] == 540
     # scored by the run itself (no store in this folder): the same rows as read from the store
     calls = []
-    monkeypatch.setattr("benchmark.runner.score_set", lambda *a, **k: calls.append(a[1].name) or score_set(*a, **k))
+    monkeypatch.setattr("benchmark.vqa.session.score_set", lambda *a, **k: calls.append(a[1].name) or score_set(*a, **k))
     for strategy in ("full-ft", "zeroshot"):
         assert main(["run", "quick", f"strategy={strategy}", f"vqa.model=llava:{llava}", f"out={tmp_path / strategy}",
                      *SETTINGS]) == 0

@@ -1,0 +1,131 @@
+"""One run of a grid as both stages see it: its folder (:func:`run_dir`), its data resolved and checked before
+any model is built (:class:`RunData`, :func:`run_data`, the controls' seeded subsets), what a run records about
+that data (:func:`record_data`) and what happened to it (:class:`RunOutcome`).
+
+The grid stage (:mod:`benchmark.grid`) resolves every run's data and checks the whole grid; the run stage
+(:mod:`benchmark.runner`) runs one run on its data; :mod:`benchmark.jobs` hands runs to local processes.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmark.config import Config, sweep_tag
+from benchmark.records import RunRecord, slug, write_json
+from benchmark.registry import STREAMS
+
+
+@dataclass
+class RunData:
+    """The data of one run, resolved and checked before any model is built."""
+
+    stream: Any  # the target stream (a registered Stream)
+    sessions: list  # its few-shot sessions (streams.Session)
+    controls: dict[str, Any] = field(default_factory=dict)  # control name -> its stream
+    control_tests: dict[str, Any] = field(default_factory=dict)  # control name -> test images (subset applied)
+    subsets: dict[str, Any] = field(default_factory=dict)  # control name -> the seeded subset's record
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What happened to one grid point."""
+
+    path: Path
+    status: str  # finished | skipped | failed | busy (another live process holds the run folder)
+    reason: str = ""
+
+
+def run_folders(cfg: Config) -> list[tuple[str, str]]:
+    """The folders of a scalar config's run record below ``out``, each with the key(s) that name it:
+    ``<name>/<stream>/<backbone>/<strategy>/<shots>-s<seed>``; a run of a grid with swept keys has their values
+    as a folder before the last (``lorsu/lr=0.0005/5-s0``, :func:`sweep_tag`)."""
+    swept = [(", ".join(cfg.swept), sweep_tag(cfg.swept))] if cfg.swept else []
+    return [("name", cfg.name), ("stream", cfg.stream), ("backbone", slug(cfg.backbone)), ("strategy", cfg.strategy),
+            *swept, ("shots, seed", f"{cfg.shots}-s{cfg.seed}")]
+
+
+def run_dir(cfg: Config) -> Path:
+    """The folder of a scalar config's run record: ``out`` and :func:`run_folders`."""
+    return Path(cfg.out).joinpath(*(folder for _, folder in run_folders(cfg)))
+
+
+def control_subset(n_items: int, size: int, seed: int, name: str) -> list[int]:
+    """Indices (ascending) of a fixed, seeded subset of ``size`` of ``n_items`` control images.
+
+    Seeded from (seed, CRC-32 of the control's name): the same on every machine and
+    whatever ``PYTHONHASHSEED`` is.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+    return sorted(rng.choice(n_items, size=min(size, n_items), replace=False).tolist())
+
+
+def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[str, Any],
+                sessions: dict[str, Any] | None = None) -> None:
+    """Write what a run must keep about its data into the manifest: unreadable images met (for the
+    target: by this run's ``sessions``, with the draws that replaced them), seeded splits (their id
+    lists in ``splits.json``) and the control subsets' ids."""
+    fields: dict[str, Any] = {}
+    split_ids, validation_ids = {}, {}
+    for name, data_stream in data_streams.items():
+        info = data_stream.data_record((sessions or {}).get(name))
+        if "validation" in info:  # validation_per_class: the images held out of the training split
+            held = dict(info["validation"])
+            validation_ids[name] = held.pop("ids")
+            fields.setdefault("validation", {})[name] = {**held, "file": "validation.json"}
+        if "skipped_images" in info:
+            fields.setdefault("skipped_images", {})[name] = info["skipped_images"]
+        if "texts" in info:  # the data file's version and the dataset's own names/captions file, if used
+            fields.setdefault("texts", {})[name] = info["texts"]
+        if "split" in info:
+            split = dict(info["split"])
+            split_ids[name] = split.pop("ids")
+            fields.setdefault("splits", {})[name] = {**split, "file": "splits.json"}
+    if split_ids and record.writable:
+        write_json(record.path / "splits.json", split_ids)
+    if validation_ids and record.writable:
+        write_json(record.path / "validation.json", validation_ids)
+    if subsets:
+        fields["control_subsets"] = subsets
+    if fields:
+        record.update_manifest(**fields)
+
+
+def _stream(cfg: Config, name: str, cache: dict[tuple, Any]) -> Any:
+    """The stream ``name`` on ``cfg.data_root`` with its options, built once per grid (scans are cached in it);
+    with ``validation_per_class`` its validation view (``Stream.validation``: no test split is read)."""
+    entry = STREAMS.get(name)
+    options = cfg.options_for(name, entry.options)
+    key = (name, cfg.data_root, repr(options), cfg.skip_bad_images)
+    if key not in cache:
+        cache[key] = entry.obj(cfg.data_root, options, skip_bad_images=cfg.skip_bad_images)
+    if cfg.validation_per_class is None:
+        return cache[key]
+    held = (*key, cfg.validation_per_class)
+    if held not in cache:
+        cache[held] = cache[key].validation(cfg.validation_per_class)
+    return cache[held]
+
+
+def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
+    """Resolve one run's data: the target stream, its sessions, its controls' test sets (raises
+    :class:`DataError`, ``ValueError`` or :class:`ConfigError` naming the problem)."""
+    cache = {} if cache is None else cache
+    stream = _stream(cfg, cfg.stream, cache)
+    data = RunData(stream, stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed))
+    for name in cfg.controls:
+        control = data.controls[name] = _stream(cfg, name, cache)
+        full = control.listed("test")  # the subset is drawn from what is listed, readable or not
+        if cfg.control_subset is not None and len(full) > cfg.control_subset:
+            test = full.subset(control_subset(len(full), cfg.control_subset, cfg.shot_seed, name))
+            if cfg.skip_bad_images:
+                test = control.readable("test", test)
+            data.subsets[name] = {"size": len(test), "of": len(full), "seed": cfg.shot_seed, "ids": test.ids}
+        else:
+            test = control.dataset("test")
+        data.control_tests[name] = test
+    return data
+
