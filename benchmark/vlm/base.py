@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
+from benchmark.backbones.openclip import _hub_reachable
 from benchmark.vlm.spec import VLMError, VLMSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # save_pretrained's, each maybe sharded with an index
@@ -233,8 +234,6 @@ class SavedVLMFamily(VLMFamily):
 
     def source(self) -> tuple[str, bool]:
         """(folder or hub id, local_files_only); :class:`VLMError` for a folder without a model or an unreachable hub."""
-        from benchmark.backbones.openclip import _hub_reachable
-
         rest, spec = self.spec.rest, self.spec
         if is_path(rest):
             folder = Path(rest).expanduser()
