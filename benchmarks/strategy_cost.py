@@ -56,9 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmark.backbones import Backbone, load_backbone
 from benchmark.config import TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
-from benchmark.plugins import StrategyPlugin, optimizer_state_bytes
+from benchmark.plugins import StrategyPlugin, optimizer_state_bytes, peak_memory_mb
 from benchmark.registry import STRATEGIES
-from benchmark.runner import peak_memory_mb
 from benchmark.template import CLIPTemplate
 from benchmark.vlm_template import VLMTemplate
 from benchmark.vqa.llava import load_llava, save_tiny_llava
