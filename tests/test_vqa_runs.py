@@ -22,11 +22,11 @@ from benchmark.config import ConfigError, load_config
 from benchmark.metrics import AccuracyMatrix
 from benchmark.registry import STREAMS
 from benchmark.runner import GridCheckError, run_grid
-from benchmark.vqa.build import cached_question_set, check_asks
-from benchmark.vqa.evaluate import VQASet, score_set, vqa_rows
 from benchmark.vlm.base import LoadedVLM
 from benchmark.vlm.llava import save_tiny_llava
 from benchmark.vlm.spec import resolve_vlm
+from benchmark.vqa.build import cached_question_set, check_asks
+from benchmark.vqa.evaluate import VQASet, score_set, vqa_rows
 from benchmark.vqa.questions import LETTERS, MultipleChoiceSet, QuestionItem, QuestionSetError
 from streams.digits import Digits
 
