@@ -124,6 +124,13 @@ def test_a_family_registered_with_the_decorator_is_among_the_allowed_forms(no_lo
     assert no_loss_family in allowed_vlms("lava").split("form: ")[1]
 
 
+@pytest.mark.xfail(strict=True, reason="vqa.model's help points to `fscl ls vlms`, which `fscl ls` does not offer")
+def test_fscl_ls_vlms_lists_the_families_with_their_load_forms(capsys):
+    assert main(["ls", "vlms"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("llava", "mini")) and "load: llava:/path/to/folder" in out
+
+
 # --------------------------------------------------------------------------- the seam
 def test_llava_is_named_only_in_its_family_module_and_the_registry_line():
     root = Path(benchmark.__file__).parent
