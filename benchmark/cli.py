@@ -40,7 +40,7 @@ from benchmark.registry import BACKBONES, STRATEGIES, STREAMS, VLMS, Registry
 log = logging.getLogger("fscl")
 
 COMMAND_GROUP = "fscl.commands"
-EXPORT_FORMATS = ("openclip", "hf-clip-vision")  # benchmark.export.FORMATS, without importing torch
+EXPORT_FORMATS = ("openclip", "hf-clip-vision", "hf-siglip-vision")  # benchmark.export.FORMATS, without importing torch
 HELP_WIDTH = 100
 
 
@@ -228,7 +228,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel folder."""
+    """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel /
+    SiglipVisionModel folder."""
     from benchmark.export import export, loading_snippet
 
     out = export(args.run_dir, args.session, args.format, args.out)
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the vision encoder after session N of a run (from its per-session checkpoint; run with "
                     "keep_checkpoints=all to keep every session, =last for the final one; session 0 is the "
                     "pretrained encoder) as an open_clip local-dir folder or, for OpenAI-layout CLIP ViTs, as a "
-                    "transformers CLIPVisionModel folder (the form LLaVA-1.5's vision tower loads).",
+                    "transformers CLIPVisionModel folder (the form LLaVA-1.5's vision tower loads) or, for HF "
+                    "SigLIP towers, a SiglipVisionModel folder (PaliGemma's tower; loads as hf-vision:DIR).",
         epilog="example:\n  fscl export runs/quick/digits/openclip-ViT-L-14-336/lorsu/5-s0 --session 5 "
                "--format hf-clip-vision --out tower/",
         formatter_class=argparse.RawDescriptionHelpFormatter)

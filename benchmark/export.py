@@ -14,7 +14,11 @@ encoder the run started from. Two formats:
   open_clip ViT of the OpenAI layout the fused ``in_proj`` [3W, W] is split into q/k/v, and
   ``c_fc``/``c_proj``, ``ln_1``/``ln_2``, ``ln_pre``/``ln_post``, the class, positional and
   patch embeddings and ``proj`` ([W, D], stored transposed) are mapped; an ``hf:`` CLIP
-  backbone is written as it is.
+  backbone is written as it is;
+* ``hf-siglip-vision``: a transformers ``SiglipVisionModel`` folder with a ``preprocessor_config.json``
+  (a ``SiglipImageProcessor``), from an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone, written as it
+  is (its attention-pool head included: PaliGemma's tower has none and ignores it); it loads as
+  ``hf-vision:DIR``.
 """
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ from torch import Tensor, nn
 
 from benchmark import checkpoints
 from benchmark.backbones import Backbone, load_backbone
-from benchmark.backbones.hf import HFCLIPBackbone
+from benchmark.backbones.hf import HFCLIPBackbone, HFVisionBackbone
 from benchmark.backbones.openclip import OpenCLIPBackbone, model_config
 from benchmark.errors import FsclError
 from benchmark.records import STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_RUNNING, RunLock, RunRecord
 
-ExportFormat = Literal["openclip", "hf-clip-vision"]
+ExportFormat = Literal["openclip", "hf-clip-vision", "hf-siglip-vision"]
 
 
 class ExportError(FsclError, RuntimeError):
@@ -213,7 +217,7 @@ def hf_vision_state(visual: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def _load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+def load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Load ``tensors`` into ``module``: every parameter must be given, nothing else (buffers kept)."""
     params = set(dict(module.named_parameters()))
     if params != set(tensors):
@@ -221,6 +225,16 @@ def _load_exact(module: nn.Module, tensors: dict[str, Tensor]) -> None:
                           f"unexpected {sorted(set(tensors) - params)}")
     with torch.no_grad():
         module.load_state_dict({**module.state_dict(), **{k: v.detach().clone() for k, v in tensors.items()}})
+
+
+def hf_tower(backbone: Backbone, model_type: str) -> nn.Module | None:
+    """The transformers vision tower of an ``hf:`` or ``hf-vision:`` backbone whose config is of ``model_type``
+    (``clip_vision_model``, ``siglip_vision_model``), its parameters named as a ``CLIPVisionModel`` /
+    ``SiglipVisionModel``'s in transformers 5 (as their ``vision_model``'s in 4.x); None for any other backbone."""
+    if not isinstance(backbone, (HFCLIPBackbone, HFVisionBackbone)):
+        return None
+    tower = backbone.visual.tower
+    return tower if tower.config.model_type == model_type else None
 
 
 def _is_hf_clip(backbone: Backbone) -> bool:
@@ -232,12 +246,14 @@ def load_hf_vision(transformer: nn.Module, backbone: Backbone) -> None:
 
     ``transformer`` holds ``embeddings``, ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm``
     (``CLIPVisionModel.vision_model``; in transformers 5 also a ``CLIPVisionModel`` itself, such as
-    LLaVA's vision tower); every parameter is replaced, in the module's own dtype and device.
+    LLaVA's vision tower); every parameter is replaced, in the module's own dtype and device. The backbone: an
+    OpenAI-layout open_clip ViT, or an ``hf:`` CLIPModel or ``hf-vision:`` CLIP tower (copied as it is).
     """
-    if _is_hf_clip(backbone):
-        _load_exact(transformer, dict(backbone.visual.tower.named_parameters()))
+    tower = hf_tower(backbone, "clip_vision_model")
+    if tower is not None:
+        load_exact(transformer, dict(tower.named_parameters()))
     elif isinstance(backbone, OpenCLIPBackbone):
-        _load_exact(transformer, hf_vision_state(backbone.visual))
+        load_exact(transformer, hf_vision_state(backbone.visual))
     else:
         raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
 
@@ -251,14 +267,14 @@ def to_hf_clip_vision(backbone: Backbone):
         config.projection_dim = backbone.model.config.projection_dim
         model = CLIPVisionModelWithProjection(config)
         load_hf_vision(model.vision_model, backbone)
-        _load_exact(model.visual_projection, dict(backbone.visual.projection.named_parameters()))
+        load_exact(model.visual_projection, dict(backbone.visual.projection.named_parameters()))
         return model.eval()
     if not isinstance(backbone, OpenCLIPBackbone):
         raise ExportError(f"--format hf-clip-vision needs an OpenAI-layout CLIP ViT, not '{backbone.spec}'")
     visual = backbone.visual
     model = CLIPVisionModelWithProjection(hf_vision_config(visual))
     load_hf_vision(model.vision_model, backbone)
-    _load_exact(model.visual_projection, {"weight": visual.proj.T})
+    load_exact(model.visual_projection, {"weight": visual.proj.T})
     return model.eval()
 
 
@@ -284,7 +300,40 @@ def write_hf_clip_vision(backbone: Backbone, out: str | Path) -> Path:
     return out
 
 
-WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision}
+# --------------------------------------------------------------------------- HF SiglipVisionModel folder
+def siglip_tower(backbone: Backbone) -> nn.Module | None:
+    """The transformers SigLIP vision tower of an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone (see
+    :func:`hf_tower`), or None for any other backbone."""
+    return hf_tower(backbone, "siglip_vision_model")
+
+
+def to_hf_siglip_vision(backbone: Backbone):
+    """A ``SiglipVisionModel`` with the backbone's current vision weights (:func:`siglip_tower`'s, exactly)."""
+    from transformers import SiglipVisionModel
+
+    tower = siglip_tower(backbone)
+    if tower is None:
+        raise ExportError(f"--format hf-siglip-vision needs a transformers SigLIP tower (an hf: SiglipModel or an "
+                          f"hf-vision: SiglipVisionModel backbone), not '{backbone.spec}'; use --format openclip for "
+                          f"open_clip models (their SigLIP included) and hf-clip-vision for CLIP ViTs")
+    model = SiglipVisionModel(copy.deepcopy(tower.config))
+    load_exact(getattr(model, "vision_model", model), dict(tower.named_parameters()))
+    return model.eval()
+
+
+def write_hf_siglip_vision(backbone: Backbone, out: str | Path) -> Path:
+    """Write ``SiglipVisionModel`` + ``preprocessor_config.json`` (SigLIP's square resize, the backbone's mean/std)."""
+    from transformers import SiglipImageProcessor
+
+    model, (mean, std) = to_hf_siglip_vision(backbone), backbone.image_normalisation
+    model.save_pretrained(out)
+    SiglipImageProcessor(size=dict.fromkeys(("height", "width"), model.config.image_size),
+                         image_mean=list(mean or (0.5,) * 3), image_std=list(std or (0.5,) * 3)).save_pretrained(out)
+    return Path(out)
+
+
+WRITERS = {"openclip": write_openclip, "hf-clip-vision": write_hf_clip_vision,
+           "hf-siglip-vision": write_hf_siglip_vision}
 FORMATS: tuple[str, ...] = tuple(WRITERS)
 
 
@@ -298,6 +347,12 @@ def loading_snippet(fmt: ExportFormat, out: str | Path) -> str:
                 f"model, _, preprocess = open_clip.create_model_and_transforms({f'local-dir:{folder}'!r})\n"
                 f"tokenizer = open_clip.get_tokenizer({f'local-dir:{folder}'!r})\n"
                 f"# image_features = model.encode_image(preprocess(pil_image).unsqueeze(0))\n")
+    if fmt == "hf-siglip-vision":
+        return (f"from transformers import SiglipImageProcessor, SiglipVisionModel\n"
+                f"model = SiglipVisionModel.from_pretrained({folder!r})\n"
+                f"processor = SiglipImageProcessor.from_pretrained({folder!r})\n"
+                f"# image_features = model(**processor(images=pil_image, return_tensors='pt')).pooler_output\n"
+                f"# as a backbone: hf-vision:{folder}\n")
     return (f"from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection\n"
             f"model = CLIPVisionModelWithProjection.from_pretrained({folder!r})\n"
             f"processor = CLIPImageProcessor.from_pretrained({folder!r})\n"

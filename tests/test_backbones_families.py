@@ -239,7 +239,7 @@ def test_ls_backbones_lists_families_load_forms_and_known_tags(capsys):
         assert text in out, text
     pretrained = {f"{m}@{t}" for m, t in open_clip.list_pretrained()}
     tags = [line.split("tags: ", 1)[1] for line in out.splitlines() if "tags: " in line]
-    open_clip_tags = [t for t in tags if not t.startswith("hf:")]
+    open_clip_tags = [t for t in tags if not t.startswith(("hf:", "hf-vision:"))]
     assert open_clip_tags and set(open_clip_tags) <= pretrained
     assert any(t.startswith("EVA02") for t in tags) and any("SigLIP" in t for t in tags)
     assert out.count("load: openclip:NAME@TAG") == 1  # the mini family (an open_clip subclass) does not repeat it

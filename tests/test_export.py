@@ -248,3 +248,32 @@ def test_a_run_whose_process_is_gone_is_said_interrupted_with_the_command_that_r
     record.update_manifest(status="interrupted", reason="interrupted in training session 2")
     with pytest.raises(ExportError, match=r"the run was interrupted: interrupted in training session 2; the command"):
         encoder_after(run, 2)
+
+
+def test_hf_siglip_export_loads_in_transformers_with_the_backbone_s_features(tmp_path):
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+
+    from benchmark.backbones.hf import save_tiny_siglip
+    from benchmark.export import loading_snippet, write_hf_siglip_vision
+
+    backbone = load_backbone(f"hf:{save_tiny_siglip(tmp_path / 'siglip')}").eval()
+    out = write_hf_siglip_vision(backbone, tmp_path / "tower")
+    names = printed_snippet("load it in a script:\n" + loading_snippet("hf-siglip-vision", out))
+    assert isinstance(names["model"], SiglipVisionModel) and isinstance(names["processor"], SiglipImageProcessor)
+    processor = names["processor"]
+    assert (processor.size.height, processor.size.width) == (32, 32) and list(processor.image_mean) == [0.5] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(names["model"](pixel_values=images()).pooler_output, backbone.encode_image(images()),
+                                   rtol=0, atol=0)
+    again = write_hf_siglip_vision(load_backbone(f"hf-vision:{out}"), tmp_path / "again")  # from the tower alone
+    with torch.no_grad():
+        torch.testing.assert_close(SiglipVisionModel.from_pretrained(again)(pixel_values=images()).pooler_output,
+                                   backbone.encode_image(images()), rtol=0, atol=0)
+
+
+def test_hf_siglip_export_refuses_other_backbones(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--session", "0", "--format", "hf-siglip-vision",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a transformers SigLIP tower" in err and f"not '{SPEC}'" in err and "--format openclip" in err
+    assert not (tmp_path / "x").exists()

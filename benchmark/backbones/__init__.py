@@ -40,6 +40,15 @@ BACKBONES.declare(
     known_tags=("hf:openai/clip-vit-large-patch14-336", "hf:openai/clip-vit-base-patch16",
                 "hf:google/siglip-base-patch16-224", "hf:google/siglip-so400m-patch14-384"))
 
+BACKBONES.declare(
+    "hf-vision", "benchmark.backbones.hf:HFVisionBackbone",
+    summary="An HF vision tower alone, no text tower: a SiglipVisionModel / CLIPVisionModel, or a PaliGemma / LLaVA's.",
+    load_forms=("hf-vision:/path/to/folder  (SiglipVisionModel / CLIPVisionModel save_pretrained, as fscl export "
+                "--format hf-siglip-vision / hf-clip-vision writes [+ preprocessor_config.json])",
+                "hf-vision:/path/to/vlm-folder  (a PaliGemma or LLaVA save_pretrained: its vision_tower weights alone)",
+                "hf-vision:org/hub-id  (needs the hub, or HF_HUB_OFFLINE=1 and the local cache)"),
+    known_tags=("hf-vision:google/paligemma-3b-pt-224", "hf-vision:google/siglip-so400m-patch14-224"))
+
 
 class BackboneLoadError(FsclError, RuntimeError):
     """A backbone could not be built; the message says what to pass instead."""

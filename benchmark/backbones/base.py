@@ -262,6 +262,10 @@ class Backbone(nn.Module, ABC):
     parameter is frozen; a strategy unfreezes (or adds) what it trains.
     """
 
+    # False for a vision tower alone (a VLM's own tower): no zero-shot scoring and no CLIP loss; its text
+    # side (encode_text, tokenize, logit_scale) raises an error that says so.
+    has_text_tower: bool = True
+
     def __init__(self, spec: str, model: nn.Module, visual: nn.Module,
                  transforms: tuple[Callable, Callable]) -> None:
         """``transforms``: (training, evaluation) preprocessing, PIL image → tensor [3, H, W]."""

@@ -18,10 +18,30 @@ from torch import Tensor, nn
 
 from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, WeightsSource
 from benchmark.backbones.openclip import BackboneLoadError, _hub_reachable, hub_source
+from benchmark.errors import FsclError
 
 
 def _is_path(rest: str) -> bool:
     return rest.startswith(("/", "./", "../", "~")) or Path(rest).expanduser().exists()
+
+
+def resolve_source(rest: str, family: str, written_by: str) -> str:
+    """``rest`` of ``family:rest`` → a local folder holding ``config.json``, or a hub id when the hub can be
+    reached (or ``HF_HUB_OFFLINE`` asks for the local cache); :class:`BackboneLoadError` naming what writes
+    such a folder (``written_by``) otherwise."""
+    if _is_path(rest):
+        folder = Path(rest).expanduser()
+        if not (folder / "config.json").is_file():
+            raise BackboneLoadError(f"{family}:{rest}: no config.json in that folder; pass a folder written by "
+                                    f"{written_by}")
+        return str(folder)
+    if not _hub_reachable():
+        raise BackboneLoadError(
+            f"'{rest}' is a Hugging Face hub id, and the hub cannot be reached from this machine. Download it "
+            f"where there is internet (from_pretrained('{rest}') then {written_by.replace('dir', 'DIR')}), copy "
+            f"DIR here and pass '{family}:/path/to/DIR'; or set HF_HUB_OFFLINE=1 to read it from the local "
+            f"Hugging Face cache.")
+    return rest
 
 
 class _HFVisual(nn.Module):
@@ -40,7 +60,22 @@ class _HFVisual(nn.Module):
         return self.projection(self.tower(pixel_values=images).pooler_output)
 
 
-class HFCLIPBackbone(Backbone):
+class _HFTower:
+    """What the HF backbones share: the block views, hidden states and projection of their ``_HFVisual`` tower."""
+
+    visual: _HFVisual
+
+    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
+        return self.visual.tower(pixel_values=images, output_hidden_states=True).hidden_states[layer]
+
+    def image_projection(self) -> tuple[nn.Module, str] | None:
+        return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
+
+    def blocks(self) -> list[BlockView]:
+        return hf_block_views(self.visual.tower)
+
+
+class HFCLIPBackbone(_HFTower, Backbone):
     """HF transformers CLIPModel / SiglipModel (separate q/k/v projections): hf:/local/folder or hf:org/hub-id."""
 
     def __init__(self, spec: str, rest: str, weights: bool = True) -> None:
@@ -80,20 +115,7 @@ class HFCLIPBackbone(Backbone):
 
     @staticmethod
     def _resolve(rest: str) -> str:
-        if _is_path(rest):
-            folder = Path(rest).expanduser()
-            if not (folder / "config.json").is_file():
-                raise BackboneLoadError(
-                    f"hf:{rest}: no config.json in that folder; pass a folder written by "
-                    f"CLIPModel.save_pretrained(dir) and AutoTokenizer.save_pretrained(dir)")
-            return str(folder)
-        if not _hub_reachable():
-            raise BackboneLoadError(
-                f"'{rest}' is a Hugging Face hub id, and the hub cannot be reached from this machine. Download it "
-                f"where there is internet (CLIPModel.from_pretrained('{rest}').save_pretrained(DIR) and the same "
-                f"with AutoTokenizer and AutoProcessor), copy DIR here and pass 'hf:/path/to/DIR'; or set "
-                f"HF_HUB_OFFLINE=1 to read it from the local Hugging Face cache.")
-        return rest
+        return resolve_source(rest, "hf", "CLIPModel.save_pretrained(dir) and AutoTokenizer.save_pretrained(dir)")
 
     @staticmethod
     def _normalisation(source: str, model_type: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
@@ -127,14 +149,138 @@ class HFCLIPBackbone(Backbone):
                                truncation=True, return_tensors="pt").input_ids
 
 
-    def hidden_states(self, images: Tensor, layer: int) -> Tensor:
-        return self.visual.tower(pixel_values=images, output_hidden_states=True).hidden_states[layer]
 
-    def image_projection(self) -> tuple[nn.Module, str] | None:
-        return (self.visual.projection, "weight") if isinstance(self.visual.projection, nn.Linear) else None
+VISION_TOWERS = ("siglip_vision_model", "clip_vision_model")  # model_type of the towers hf-vision: loads
+VLMS_WITH_TOWER = ("paligemma", "llava")  # model_type of the VLM folders whose tower hf-vision: takes out
+TOWER_HINT = "SiglipVisionModel.save_pretrained(dir) or CLIPVisionModel.save_pretrained(dir) (fscl export)"
 
-    def blocks(self) -> list[BlockView]:
-        return hf_block_views(self.visual.tower)
+
+class HFVisionBackbone(_HFTower, Backbone):
+    """An HF vision tower alone, no text tower: a SiglipVisionModel / CLIPVisionModel, or a PaliGemma / LLaVA's.
+
+    ``hf-vision:/folder`` of a ``SiglipVisionModel`` or ``CLIPVisionModel[WithProjection]`` (as ``fscl export
+    --format hf-siglip-vision`` / ``hf-clip-vision`` write), or the tower of a PaliGemma / LLaVA folder (only its
+    ``vision_tower.*`` weights are read).
+
+    It can be trained only through losses that need no text (the VLM-loss strategies, ``*-ppl``) and
+    evaluated only by VQA: :attr:`has_text_tower` is False, and the text side raises
+    :class:`NoTextTowerError`. :meth:`encode_image` [B, D] is the tower's pooled output (SigLIP's
+    attention-pool head, CLIP's class token through the projection when there is one) or, for a tower
+    without a head (PaliGemma's), the mean of its last hidden state over the patches.
+    """
+
+    has_text_tower = False
+
+    def __init__(self, spec: str, rest: str, weights: bool = True) -> None:
+        from transformers import AutoConfig
+
+        source = resolve_source(rest, "hf-vision", TOWER_HINT)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise BackboneLoadError(f"hf-vision:{rest}: could not read its config.json ({err})") from err
+        model_type = config.model_type
+        vision_config = config.vision_config if model_type in VLMS_WITH_TOWER else config
+        if vision_config.model_type not in VISION_TOWERS:
+            raise BackboneLoadError(
+                f"hf-vision:{rest} is a '{model_type}' model; hf-vision: takes a vision tower ("
+                f"{', '.join(VISION_TOWERS)}) or a VLM holding one ({', '.join(VLMS_WITH_TOWER)}); "
+                f"pass a CLIPModel / SiglipModel folder as hf:{rest}")
+        with_projection = "CLIPVisionModelWithProjection" in (config.architectures or [])
+        model = _tower_model(vision_config, with_projection) if weights else None
+        if weights and model_type in VLMS_WITH_TOWER:
+            _load_tower_of_vlm(model, source, rest)
+        elif weights:
+            try:
+                model = type(model).from_pretrained(source)
+            except (OSError, ValueError) as err:
+                raise BackboneLoadError(f"hf-vision:{rest}: could not load the tower ({err}); pass a folder "
+                                        f"written by {TOWER_HINT}") from err
+        else:  # the architecture only (a skeleton): no weights, nothing allocated
+            with torch.device("meta"):
+                model = _tower_model(vision_config, with_projection)
+        projection = getattr(model, "visual_projection", None) or nn.Identity()
+        mean, std = HFCLIPBackbone._normalisation(source, vision_config.model_type)
+        transforms = tuple(open_clip.image_transform(vision_config.image_size, is_train=t, mean=mean, std=std)
+                           for t in (True, False))
+        # transformers 4.x: SiglipVisionModel / CLIPVisionModel wrap a .vision_model; 5.x: the model is the tower
+        super().__init__(spec, model, _HFVisual(getattr(model, "vision_model", model), projection), transforms)
+        self.image_normalisation = (mean, std)
+
+    @classmethod
+    def check_spec(cls, rest: str) -> None:
+        if not rest:
+            raise ValueError("hf-vision: needs a local folder or a hub id, e.g. hf-vision:/models/siglip-tower "
+                             "or hf-vision:google/paligemma-3b-pt-224")
+
+    @classmethod
+    def weights_source(cls, rest: str) -> WeightsSource:
+        return HFCLIPBackbone.weights_source(rest)
+
+    def _no_text(self, what: str) -> NoTextTowerError:
+        return NoTextTowerError(f"'{self.spec}' is a vision tower alone (hf-vision:): it has no {what}; "
+                                f"evaluate it by VQA and train it with a VLM-loss strategy (*-ppl), or load "
+                                f"the whole CLIPModel / SiglipModel as hf:")
+
+    @property
+    def logit_scale(self) -> Tensor:
+        raise self._no_text("text tower and no CLIP temperature")
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        out = self.visual.tower(pixel_values=images)
+        if out.pooler_output is None:  # a tower without a head (PaliGemma's): the mean over patches
+            return out.last_hidden_state.mean(dim=1)
+        return self.visual.projection(out.pooler_output)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        raise self._no_text("text tower")
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        raise self._no_text("tokenizer")
+
+
+def _tower_model(vision_config, with_projection: bool) -> nn.Module:
+    """A random-weight transformers tower of ``vision_config``: ``SiglipVisionModel``, ``CLIPVisionModel``,
+    or ``CLIPVisionModelWithProjection`` when ``with_projection``."""
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel
+
+    if vision_config.model_type == "siglip_vision_model":
+        return SiglipVisionModel(vision_config)
+    return (CLIPVisionModelWithProjection if with_projection else CLIPVisionModel)(vision_config)
+
+
+def _load_tower_of_vlm(tower: nn.Module, source: str, rest: str) -> None:
+    """Load into ``tower`` the ``vision_tower.*`` tensors of the VLM saved in the folder (or hub id) ``source``,
+    read from its safetensors files alone (the language model is never loaded), strictly. The names after
+    ``vision_tower.`` start with ``vision_model.`` (transformers 4.x, hub checkpoints) or not (5.x)."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():  # a hub id: its safetensors files (the whole VLM's) into the local cache
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+    index = folder / "model.safetensors.index.json"
+    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.is_file() else [folder / "model.safetensors"])
+    state = {}
+    for path in files:
+        if not path.is_file():
+            raise BackboneLoadError(f"hf-vision:{rest}: {path.name} is missing; hf-vision: reads a VLM's tower "
+                                    f"from its safetensors files (save_pretrained's)")
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if "vision_tower." in key:
+                    state[key.split("vision_tower.", 1)[1].removeprefix("vision_model.")] = f.get_tensor(key)
+    try:
+        getattr(tower, "vision_model", tower).load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BackboneLoadError(f"hf-vision:{rest}: its vision_tower weights do not fit the tower of its "
+                                f"config.json: {' '.join(str(err).split())[:300]}") from err
+
+
+class NoTextTowerError(FsclError, TypeError):
+    """A text-side feature was asked of a backbone that has no text tower (a VLM's tower loaded alone)."""
 
 
 def hf_block_views(tower: nn.Module) -> list[BlockView]:
@@ -160,7 +306,8 @@ def hf_block_views(tower: nn.Module) -> list[BlockView]:
     return views
 
 
-__all__ = ["HFCLIPBackbone", "hf_block_views", "save_char_tokenizer", "save_tiny_clip", "save_tiny_siglip"]
+__all__ = ["HFCLIPBackbone", "HFVisionBackbone", "NoTextTowerError", "hf_block_views", "save_char_tokenizer",
+           "save_tiny_clip", "save_tiny_siglip"]
 
 
 def save_char_tokenizer(folder: str | Path, *, eos: str = "</s>", pad: str = "<pad>") -> Path:

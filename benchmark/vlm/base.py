@@ -203,6 +203,139 @@ def is_path(rest: str) -> bool:
     return rest.startswith(("/", "./", "../", "~")) or Path(rest).expanduser().exists()
 
 
+class SavedVLMFamily(VLMFamily):
+    """A family of transformers VLMs saved with ``save_pretrained`` beside their processor: ``FAMILY:/folder`` or
+    ``FAMILY:org/hub-id``. A subclass names ``model_class`` (the transformers class), ``model_type`` (its
+    config.json's) and ``hub_example`` (a hub id, for messages), checks its processor (:meth:`check_processor`) and
+    wraps :meth:`pretrained` in :meth:`~VLMFamily.load`."""
+
+    model_class: ClassVar[str]
+    model_type: ClassVar[str]
+    hub_example: ClassVar[str]
+    cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the weights' type on CUDA (as released)
+
+    def __init__(self, spec: VLMSpec) -> None:
+        super().__init__(spec)
+        self.check_rest(spec.rest)
+
+    def check_rest(self, rest: str) -> None:
+        """Raise :class:`VLMError` unless ``rest`` names a folder or a hub id."""
+        if not rest:
+            family = self.spec.family
+            raise VLMError(f"vqa.model '{self.spec}': expected '{family}:/path/to/folder' (a {self.model_class} "
+                           f"folder with its processor) or '{family}:org/hub-id', e.g. {family}:{self.hub_example}")
+
+    @property
+    def save_hint(self) -> str:
+        """How to write the folder where there is internet (``ID``: the hub id, ``DIR``: the folder)."""
+        return (f"{self.model_class}.from_pretrained(ID).save_pretrained(DIR) and "
+                f"AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
+
+    def source(self) -> tuple[str, bool]:
+        """(folder or hub id, local_files_only); :class:`VLMError` for a folder without a model or an unreachable hub."""
+        from benchmark.backbones.openclip import _hub_reachable
+
+        rest, spec = self.spec.rest, self.spec
+        if is_path(rest):
+            folder = Path(rest).expanduser()
+            if not (folder / "config.json").is_file():
+                what = "no config.json in that folder" if folder.is_dir() else "no such folder"
+                raise VLMError(f"vqa.model '{spec}': {what}. Put a {self.model_class} there, written where there is "
+                               f"internet with {self.save_hint} (ID such as {self.hub_example}).")
+            return str(folder), True
+        if not _hub_reachable():
+            raise VLMError(f"vqa.model '{spec}': '{rest}' is a hub id and the hub cannot be reached from this "
+                           f"machine. Where there is internet run {self.save_hint.replace('ID', repr(rest))}, copy "
+                           f"DIR here and pass '{spec.family}:/path/to/DIR'; or set HF_HUB_OFFLINE=1 to read the local "
+                           f"cache.")
+        return rest, False
+
+    def identity(self) -> dict[str, Any]:
+        source, local = self.source()
+        return folder_identity(self.spec, Path(source)) if local else super().identity()
+
+    @cached_property
+    def _config(self):
+        from transformers import AutoConfig
+
+        source, local = self.source()
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError) as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({err}); the folder needs what "
+                           f"{self.save_hint} writes") from err
+        if config.model_type != self.model_type:
+            raise VLMError(f"vqa.model '{self.spec}' is a '{config.model_type}' model; expected a {self.model_class} "
+                           f"(model_type '{self.model_type}'), e.g. {self.hub_example}")
+        return config
+
+    def config(self):
+        """The model's config, read without weights."""
+        return self._config
+
+    def tower_config(self):
+        return self.config().vision_config
+
+    def check_loadable(self) -> None:
+        """A local folder's weights files are all there (not loaded) and its processor loads and fits; hub ids are
+        not looked at."""
+        if not is_path(self.spec.rest):
+            return
+        source, local = self.source()
+        problem = weights_problem(Path(source))
+        if problem is not None:
+            raise VLMError(f"vqa.model '{self.spec}': {problem}; the folder needs what {self.save_hint} writes")
+        self.processor(source, local)
+
+    def processor(self, source: str, local: bool):
+        """The processor saved at ``source``, checked (:meth:`check_processor`); :class:`VLMError` when it cannot be
+        loaded or does not fit."""
+        from transformers import AutoProcessor
+
+        if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+            raise VLMError(f"vqa.model '{self.spec}': no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                           f"the folder needs what {self.save_hint} writes")
+        try:
+            processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError) as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not load its processor (tokenizer and image processor: "
+                           f"{' '.join(str(err).split())}); the folder needs what {self.save_hint} writes") from err
+        self.check_processor(processor)
+        return processor
+
+    def check_processor(self, processor) -> None:
+        """Raise :class:`VLMError` unless ``processor`` can feed the model of :meth:`config`."""
+
+    def pretrained(self, device: torch.device, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+        """The model (on ``device``, ``dtype`` default :attr:`cuda_dtype` on CUDA, float32 elsewhere) and its checked
+        processor."""
+        import transformers
+
+        source, local = self.source()
+        device = torch.device(device)
+        if dtype is None:
+            dtype = self.cuda_dtype if device.type == "cuda" else torch.float32
+        processor = self.processor(source, local)
+        try:
+            model = getattr(transformers, self.model_class).from_pretrained(source, dtype=dtype, local_files_only=local)
+        except OSError as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not read the model ({err}); the folder needs what "
+                           f"{self.save_hint} writes") from err
+        return model.to(device), processor
+
+
+TOWER_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+                "intermediate_size": "MLP width", "patch_size": "patch size", "image_size": "image size",
+                "hidden_act": "activation"}  # what an encoder must share with a VLM's tower, in words
+
+
+def tower_differences(ours: Any, tower_config: Any) -> list[str]:
+    """Where the vision config ``ours`` (a backbone encoder's) differs from a VLM's ``tower_config`` in
+    :data:`TOWER_FIELDS`, in words (``"layers 3 (tower: 2)"``); empty: the encoder fits."""
+    return [f"{label} {getattr(ours, key)} (tower: {getattr(tower_config, key)})"
+            for key, label in TOWER_FIELDS.items() if getattr(ours, key) != getattr(tower_config, key)]
+
+
 def folder_identity(spec: VLMSpec, folder: Path) -> dict[str, Any]:
     """:meth:`VLMFamily.identity` of a model in ``folder``: each file's name, size and modification time."""
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()) \

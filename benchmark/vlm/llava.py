@@ -38,28 +38,22 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
-from benchmark.backbones.hf import HFCLIPBackbone
-from benchmark.backbones.openclip import OpenCLIPBackbone, _hub_reachable
-from benchmark.export import hf_vision_config, load_hf_vision, vit_layout_problems
+from benchmark.backbones.openclip import OpenCLIPBackbone
+from benchmark.export import hf_tower, hf_vision_config, load_hf_vision, vit_layout_problems
 from benchmark.vlm.base import (
     IGNORE,
-    TOKENIZER_FILES,
     LoadedVLM,
     PairBatch,
-    VLMFamily,
+    SavedVLMFamily,
     answer_token_ids,
-    folder_identity,
-    is_path,
-    weights_problem,
+    tower_differences,
 )
-from benchmark.vlm.spec import VLMError, VLMSpec
+from benchmark.vlm.spec import VLMError
 from benchmark.vlm.tokenizers import IMAGE_TOKEN, char_tokenizer
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
 ASSISTANT = "ASSISTANT:"
-SAVE_HINT = ("LlavaForConditionalGeneration.from_pretrained(ID).save_pretrained(DIR) and "
-             "AutoProcessor.from_pretrained(ID).save_pretrained(DIR)")
 
 
 def conversation(user_text: str, image_token: str = IMAGE_TOKEN) -> str:
@@ -85,92 +79,17 @@ def pad_to_square(images: Sequence[Image.Image], image_processor) -> list[Image.
 
 
 # --------------------------------------------------------------------------- the family (no weights)
-class LlavaFamily(VLMFamily):
+class LlavaFamily(SavedVLMFamily):
     """LLaVA-1.5 (transformers ``LlavaForConditionalGeneration``): ``llava:/folder`` or ``llava:org/hub-id``."""
 
     example = "llava:/path/to/llava-1.5-7b-hf"
-    takes = ("an OpenAI-layout CLIP ViT (open_clip, such as openclip:ViT-L-14-336-quickgelu@openai for LLaVA-1.5) "
-             "or an hf: CLIPModel")
+    model_class = "LlavaForConditionalGeneration"
+    model_type = "llava"
+    hub_example = "llava-hf/llava-1.5-7b-hf"
+    takes = ("an OpenAI-layout CLIP ViT (open_clip, such as openclip:ViT-L-14-336-quickgelu@openai for LLaVA-1.5), "
+             "an hf: CLIPModel or an hf-vision: CLIP tower")
 
-    def __init__(self, spec: VLMSpec) -> None:
-        super().__init__(spec)
-        self.check_rest(spec.rest)
-
-    def check_rest(self, rest: str) -> None:
-        """Raise :class:`VLMError` unless ``rest`` names a folder or a hub id."""
-        if not rest:
-            raise VLMError(f"vqa.model '{self.spec}': expected 'llava:/path/to/folder' (a LlavaForConditionalGeneration "
-                           f"folder with its processor) or 'llava:org/hub-id', e.g. llava:llava-hf/llava-1.5-7b-hf")
-
-    def source(self) -> tuple[str, bool]:
-        """(folder or hub id, local_files_only); :class:`VLMError` for a folder without a model or an unreachable hub."""
-        rest, spec = self.spec.rest, self.spec
-        if is_path(rest):
-            folder = Path(rest).expanduser()
-            if not (folder / "config.json").is_file():
-                what = "no config.json in that folder" if folder.is_dir() else "no such folder"
-                raise VLMError(f"vqa.model '{spec}': {what}. Put a LLaVA model there, written where there is "
-                               f"internet with {SAVE_HINT} (ID such as llava-hf/llava-1.5-7b-hf).")
-            return str(folder), True
-        if not _hub_reachable():
-            raise VLMError(f"vqa.model '{spec}': '{rest}' is a hub id and the hub cannot be reached from this "
-                           f"machine. Where there is internet run {SAVE_HINT.replace('ID', repr(rest))}, copy DIR "
-                           f"here and pass 'llava:/path/to/DIR'; or set HF_HUB_OFFLINE=1 to read the local cache.")
-        return rest, False
-
-    def identity(self) -> dict[str, object]:
-        source, local = self.source()
-        return folder_identity(self.spec, Path(source)) if local else super().identity()
-
-    @cached_property
-    def _config(self):
-        from transformers import AutoConfig
-
-        source, local = self.source()
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError) as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({err}); the folder needs what "
-                           f"{SAVE_HINT} writes") from err
-        if config.model_type != "llava":
-            raise VLMError(f"vqa.model '{self.spec}' is a '{config.model_type}' model; expected a "
-                           f"LlavaForConditionalGeneration (model_type 'llava'), e.g. llava-hf/llava-1.5-7b-hf")
-        return config
-
-    def config(self):
-        """The ``LlavaConfig``, read without weights."""
-        return self._config
-
-    def tower_config(self):
-        return self.config().vision_config
-
-    def check_loadable(self) -> None:
-        """A ``llava:/folder``'s weights files are all there (not loaded) and its processor loads and fits; hub ids
-        are not looked at."""
-        if not is_path(self.spec.rest):
-            return
-        source, local = self.source()
-        problem = weights_problem(Path(source))
-        if problem is not None:
-            raise VLMError(f"vqa.model '{self.spec}': {problem}; the folder needs what {SAVE_HINT} writes")
-        self.processor(source, local)
-
-    def processor(self, source: str, local: bool):
-        """The checked ``LlavaProcessor`` from ``source``; :class:`VLMError` when it cannot be loaded or does not fit."""
-        from transformers import AutoProcessor
-
-        if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            raise VLMError(f"vqa.model '{self.spec}': no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
-                           f"the folder needs what {SAVE_HINT} writes")
-        try:
-            processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError) as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not load its processor (tokenizer and image processor: "
-                           f"{' '.join(str(err).split())}); the folder needs what {SAVE_HINT} writes") from err
-        self._check_processor(processor)
-        return processor
-
-    def _check_processor(self, processor) -> None:
+    def check_processor(self, processor) -> None:
         """Refuse a processor that cannot feed the model: no image token, or a wrong image-token count."""
         config, spec = self.config(), self.spec
         tokenizer = getattr(processor, "tokenizer", None)
@@ -218,19 +137,7 @@ class LlavaFamily(VLMFamily):
         return blocks - (layer if layer >= 0 else blocks + 1 + layer)
 
     def load(self, device: torch.device, dtype: torch.dtype | None = None) -> LoadedLlava:
-        from transformers import LlavaForConditionalGeneration
-
-        source, local = self.source()
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
-        processor = self.processor(source, local)
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local)
-        except OSError as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not read the model ({err}); the folder "
-                           f"needs what {SAVE_HINT} writes") from err
-        return LoadedLlava(self, model.to(device), processor)
+        return LoadedLlava(self, *self.pretrained(device, dtype))
 
 
 def image_features(config) -> int:
@@ -248,11 +155,13 @@ def vision_tower(model: nn.Module) -> nn.Module:
 def check_encoder_fits(tower_config, backbone: Backbone) -> None:
     """Raise :class:`VLMError` unless the backbone's vision encoder loads into a tower of ``tower_config``.
 
-    ``tower_config``: the tower's ``CLIPVisionConfig``. The encoder must be an OpenAI-layout CLIP ViT (open_clip)
-    or an ``hf:`` CLIPModel of the same width, depth, heads, MLP width, patch and image size and activation.
+    ``tower_config``: the tower's ``CLIPVisionConfig``. The encoder must be an OpenAI-layout CLIP ViT (open_clip),
+    an ``hf:`` CLIPModel or an ``hf-vision:`` CLIP tower of the same width, depth, heads, MLP width, patch and image
+    size and activation.
     """
-    if isinstance(backbone, HFCLIPBackbone) and backbone.model.config.model_type == "clip":
-        ours = backbone.model.config.vision_config
+    tower = hf_tower(backbone, "clip_vision_model")
+    if tower is not None:
+        ours = tower.config
     else:
         problems = (vit_layout_problems(backbone.visual) if isinstance(backbone, OpenCLIPBackbone)
                     else [f"a {type(backbone.model).__name__} (not a CLIP ViT)"])
@@ -262,11 +171,7 @@ def check_encoder_fits(tower_config, backbone: Backbone) -> None:
                 f"{'; '.join(problems)}. VQA needs {LlavaFamily.takes}; EVA, SigLIP and timm trunks cannot be "
                 f"loaded into it")
         ours = hf_vision_config(backbone.visual)
-    fields = {"hidden_size": "width", "num_hidden_layers": "layers", "num_attention_heads": "heads",
-              "intermediate_size": "MLP width", "patch_size": "patch size", "image_size": "image size",
-              "hidden_act": "activation"}
-    diffs = [f"{label} {getattr(ours, key)} (tower: {getattr(tower_config, key)})"
-             for key, label in fields.items() if getattr(ours, key) != getattr(tower_config, key)]
+    diffs = tower_differences(ours, tower_config)
     if diffs:
         raise VLMError(
             f"vqa: the encoder of '{backbone.spec}' does not fit LLaVA's vision tower: {', '.join(diffs)}. "
