@@ -85,8 +85,7 @@ def _dry_run(cfg: Config, what: str, force: bool, jobs: int | str = 1, probe: bo
     from benchmark.estimate import estimate_lines
     from benchmark.grid import check_grid
     from benchmark.records import RunRecord
-    from benchmark.runner import is_done
-    from benchmark.runs import run_dir
+    from benchmark.runs import is_done, run_dir
 
     runs = cfg.expand()
     shard = grid_shard(launcher=not cfg.ddp)

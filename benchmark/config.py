@@ -228,16 +228,24 @@ class Config:
     def resolve(self) -> None:
         """Make a grid point's config what its run records: its own stream left out of the controls, the
         shot seed set, its strategy's ``train`` keys moved into ``train``, and of the option sections only those
-        that reach the run (its strategy's, its target's and its controls'), each with every option resolved."""
+        that reach the run (its strategy's, its target's and its controls'), each with every option resolved, and
+        those options parsed into their dataclasses, once (:meth:`options_of`)."""
         self.controls = [c for c in self.controls if c != self.stream]  # one control list serves a grid of targets
         if self.shot_seed is None:  # as the released code: each seed draws its own shots
             self.shot_seed = self.seed
         own = self.options.get(self.strategy, {}).get(TRAIN) if self.strategy in STRATEGIES else None
         if own:
             self.train = from_dict(TrainConfig, {**dataclasses.asdict(self.train), **own}, prefix=f"{self.strategy}.train")
-        self.options = {name: dataclasses.asdict(self.options_for(name, entry.options))
+        # not a field: config.yaml keeps the plain sections of ``options``, the run stages read these
+        self._parsed = {name: self.options_for(name, entry.options)
                         for name in dict.fromkeys([self.strategy, self.stream, *self.controls])
-                        if (entry := section_entry(name)) is not None and entry.options is not None}
+                        if (entry := section_entry(name)) is not None}
+        self.options = {name: dataclasses.asdict(options) for name, options in self._parsed.items() if options is not None}
+
+    def options_of(self, name: str) -> Any:
+        """The options dataclass of a grid point's strategy, target or control ``name`` (None for one that takes
+        none), parsed once when the grid expanded (:meth:`expand`, :meth:`resolve`)."""
+        return self._parsed[name]
 
     def options_for(self, name: str, options_type: type | None) -> Any:
         """The validated options dataclass of strategy/stream ``name`` (None if it takes none)."""

@@ -121,7 +121,7 @@ def unread_by_vlm(run: Config) -> str | None:
     skeleton = backbone_skeleton(run.backbone)
     entry = STRATEGIES.get(run.strategy)
     try:
-        entry.obj(skeleton, with_vlm_defaults(run.options_for(run.strategy, entry.options), run.vqa.model)).setup(None)
+        entry.obj(skeleton, with_vlm_defaults(run.options_of(run.strategy), run.vqa.model)).setup(None)
     except Exception:  # its setup needs a session (data, gradients): not checked
         return None
     trained = {name: p for name, p in skeleton.named_parameters() if p.requires_grad}

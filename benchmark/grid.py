@@ -27,8 +27,8 @@ from benchmark.errors import DataError, FsclError
 from benchmark.jobs import resolve_jobs, run_jobs
 from benchmark.records import RunRecord, write_problem
 from benchmark.registry import STRATEGIES, VLMS
-from benchmark.runner import is_done, run_one
-from benchmark.runs import RunData, RunOutcome, run_data, run_dir, run_folders
+from benchmark.runner import run_one
+from benchmark.runs import RunData, RunOutcome, is_done, run_data, run_dir, run_folders
 from benchmark.vlm.recipe import with_vlm_defaults
 from benchmark.vlm.spec import VLMError, allowed_vlms, resolve_vlm
 from benchmark.vqa.session import vqa_controls
@@ -104,7 +104,7 @@ def strategy_problems(runs: list[Config]) -> list[str]:
     problems, seen = [], set()
     for run in runs:
         entry = STRATEGIES.get(run.strategy)
-        options = run.options_for(run.strategy, entry.options)
+        options = run.options_of(run.strategy)
         if (run.backbone, run.strategy, repr(options), run.ddp, run.vqa.model) in seen:
             continue
         seen.add((run.backbone, run.strategy, repr(options), run.ddp, run.vqa.model))

@@ -18,6 +18,8 @@ session at a time and, around it, calls every :class:`StrategyPlugin`:
 """
 from __future__ import annotations
 
+import resource
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
@@ -234,6 +236,14 @@ def session_gradients(
         raise RuntimeError("the session has no training data to score parameters with")
     norm = {"mean": samples, "running_mean": samples, "fisher": count}.get(reduce, 1)
     return [t.div_(norm) for t in totals]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA allocations on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class CostMeter(SupervisedPlugin):

@@ -20,11 +20,8 @@ processes shard the grid or, with ``ddp: true``, share each run (:mod:`benchmark
 """
 from __future__ import annotations
 
-import enum
 import logging
 import random
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,16 +35,15 @@ from tqdm.auto import tqdm
 from benchmark import checkpoints
 from benchmark.backbones import load_backbone
 from benchmark.config import Config
-from benchmark.distributed import all_reduce_sum, check_data_parallel, is_main_process, local_device, world_size
+from benchmark.distributed import all_reduce_sum, check_data_parallel, is_main_process, local_device
 from benchmark.errors import DataError, FsclError, Interrupted
 from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
 from benchmark.metrics import AccuracyMatrix, summarize
-from benchmark.plugins import CostMeter, StrategyPlugin
+from benchmark.plugins import CostMeter, StrategyPlugin, peak_memory_mb
 from benchmark.records import (
     STATUS_FAILED,
     STATUS_FINISHED,
     STATUS_INTERRUPTED,
-    RunInUseError,
     RunLock,
     RunRecord,
     atomic_write,
@@ -55,8 +51,8 @@ from benchmark.records import (
     write_json,
 )
 from benchmark.registry import STRATEGIES
-from benchmark.runs import RunData, RunOutcome, record_data, run_data, run_dir
-from benchmark.shared_rows import read_counts, shared_folder, write_counts
+from benchmark.runs import RunData, RunDecision, RunOutcome, decide, record_data, run_data, run_dir
+from benchmark.shared_rows import row_context, session_zero, shared_folder
 from benchmark.template import CLIPTemplate, NonFiniteLossError
 from benchmark.vlm.recipe import with_vlm_defaults
 from benchmark.vlm.spec import resolve_vlm
@@ -66,15 +62,6 @@ log = logging.getLogger(__name__)
 
 
 PARTIAL_SUMMARY = ("sessions", "target", "controls", "target_initial", "target_curve", "control_curve")
-
-
-class RunDecision(enum.IntEnum):
-    """What one process does with a grid point (summed over the ranks of a data-parallel run:
-    only rank 0 decides, the others contribute RUN = 0)."""
-
-    RUN = 0
-    SKIP = 1  # finished already
-    BUSY = 2  # another live process holds the run folder
 
 
 class RunStorageError(FsclError):
@@ -90,14 +77,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MiB: CUDA allocations on GPU, the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def make_loggers(names: list[str], path: Path) -> list:
@@ -117,37 +96,6 @@ def make_loggers(names: list[str], path: Path) -> list:
 
             loggers.append(WandBLogger(project_name="fscl-bench", run_name=str(path)))
     return loggers
-
-
-def is_done(record: RunRecord, config: dict[str, Any], force: bool = False) -> bool:
-    """Whether the run is finished, so a grid skips it; with ``force`` only when finished with this ``config`` and
-    holding the checkpoints its ``keep_checkpoints`` keeps (``fscl export`` reads them)."""
-    return record.is_finished() and not (force and (
-        checkpoints.config_differences(record.config() or {}, config)
-        or checkpoints.lacks_kept(record.path, config["keep_checkpoints"], config["sessions"])))
-
-
-def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool = False) -> tuple[RunDecision, str]:
-    """This process's decision for a run folder (the lock is held when it is RUN), and why. A finished
-    run is skipped; with ``force``, one finished with another ``config`` runs again."""
-    def done() -> bool:
-        return is_done(record, config, force)
-
-    if not record.writable:
-        return RunDecision.RUN, ""
-    if done():
-        return RunDecision.SKIP, ""
-    problem = record.summary_problem() if record.finished_status() else None
-    if problem is not None:  # not a --force rerun of a sound record
-        log.warning("%s is marked finished but its %s: running it again to rebuild it", record.path, problem)
-    try:
-        lock.acquire()
-    except RunInUseError as err:
-        return RunDecision.BUSY, str(err)
-    if done():  # finished by another process meanwhile
-        lock.release()
-        return RunDecision.SKIP, ""
-    return RunDecision.RUN, ""
 
 
 def run_one(cfg: Config, data: RunData | None = None, progress: bool = False, force: bool = False) -> RunOutcome:
@@ -264,7 +212,7 @@ class _Run:
             check_data_parallel(backbone.visual, cfg.backbone)
         spec = data.stream.spec
         entry = STRATEGIES.get(cfg.strategy)
-        options = with_vlm_defaults(cfg.options_for(cfg.strategy, entry.options), cfg.vqa.model)
+        options = with_vlm_defaults(cfg.options_of(cfg.strategy), cfg.vqa.model)
         vlm = entry.obj.objective == "vlm"
         plain = vlm and not options.train_augment  # the released Ppl trainer: no augmentation
         train_tf = backbone.preprocess(False) if plain else backbone.preprocess(True, cfg.train.augment)
@@ -292,7 +240,7 @@ class _Run:
         template = self.vlm_template(spec, backbone, options, common) if vlm else CLIPTemplate(**common)
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
         if cfg.vqa.model is not None:
-            self.vqa = RunVQA(cfg, self.record, self.device, self.progress, self.fingerprint, self.eval_context)
+            self.vqa = RunVQA(cfg, self.record, self.device, self.progress, self.fingerprint)
             self.vqa.build(data)
         return backbone, plugin, meter, template, scenario, zeroshot.stream()
 
@@ -439,28 +387,16 @@ class _Run:
         stored them already (under ``ddp: true``: when every rank finds them), else evaluated and stored. The
         manifest records the keys of the sets' cached images and of their shared counts."""
         zeroshot = template.zeroshot
-        keys = zeroshot.row_keys(self.eval_context(), self.fingerprint(template.backbone))
-        folder = shared_folder(self.cfg.out, self.cfg.name)
-        found = {name: read_counts(folder, key) for name, key in keys.items() if key is not None}
-        everywhere = all_reduce_sum([int(found.get(s.key) is not None) for s in zeroshot.sets])
-        counts = {s.key: (found[s.key]["correct"], found[s.key]["total"])
-                  for s, n in zip(zeroshot.sets, everywhere) if n == world_size()}
-        missing = [exp for exp in eval_stream if zeroshot.sets[exp.current_experience].key not in counts]
-        evaluated = self.run_eval(template, missing) if missing else {}
-        if self.record.writable:
-            for name, (correct, total) in evaluated.items():
-                if keys[name] is not None:
-                    write_counts(folder, keys[name], {"correct": correct, "total": total}, name)
-        counts.update(evaluated)
-        self.record.update_manifest(evaluation={
-            "cache": self.cfg.eval_cache, "images": zeroshot.image_keys(),
-            "session0": {"keys": keys, "shared": sorted(set(counts) - set(evaluated))}})
-        return {s.key: counts[s.key] for s in zeroshot.sets}
+        keys = zeroshot.row_keys(row_context(self.device), self.fingerprint(template.backbone))
 
-    def eval_context(self) -> dict[str, Any]:
-        """What shared row-0 counts depend on beyond the model and the set: the device type, the GPU, torch."""
-        return {"device": self.device.type, "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+        def evaluate(missing: list[str]) -> dict[str, dict[str, int]]:
+            experiences = [exp for exp in eval_stream if zeroshot.sets[exp.current_experience].key in missing]
+            return {name: {"correct": c, "total": t} for name, (c, t) in self.run_eval(template, experiences).items()}
+
+        counts, shared = session_zero(shared_folder(self.cfg.out, self.cfg.name), keys, evaluate, self.record.writable)
+        self.record.update_manifest(evaluation={"cache": self.cfg.eval_cache, "images": zeroshot.image_keys(),
+                                                "session0": {"keys": keys, "shared": sorted(shared)}})
+        return {s.key: (counts[s.key]["correct"], counts[s.key]["total"]) for s in zeroshot.sets}
 
     def fingerprint(self, backbone) -> str:
         """:func:`~benchmark.evaluation.model_fingerprint` of the pretrained ``backbone``, computed once per run."""

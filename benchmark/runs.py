@@ -1,12 +1,15 @@
 """One run of a grid as both stages see it: its folder (:func:`run_dir`), its data resolved and checked before
 any model is built (:class:`RunData`, :func:`run_data`, the controls' seeded subsets), what a run records about
-that data (:func:`record_data`) and what happened to it (:class:`RunOutcome`).
+that data (:func:`record_data`), whether it is done or this process runs it (:func:`is_done`, :func:`decide`) and
+what happened to it (:class:`RunOutcome`).
 
 The grid stage (:mod:`benchmark.grid`) resolves every run's data and checks the whole grid; the run stage
 (:mod:`benchmark.runner`) runs one run on its data; :mod:`benchmark.jobs` hands runs to local processes.
 """
 from __future__ import annotations
 
+import enum
+import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,19 +17,32 @@ from typing import Any
 
 import numpy as np
 
+from benchmark import checkpoints
 from benchmark.config import Config, sweep_tag
-from benchmark.records import RunRecord, slug, write_json
+from benchmark.records import RunInUseError, RunLock, RunRecord, slug, write_json
 from benchmark.registry import STREAMS
+from benchmark.stream import Images, Session, Stream
+
+log = logging.getLogger(__name__)
+
+
+class RunDecision(enum.IntEnum):
+    """What one process does with a grid point (summed over the ranks of a data-parallel run:
+    only rank 0 decides, the others contribute RUN = 0)."""
+
+    RUN = 0
+    SKIP = 1  # finished already
+    BUSY = 2  # another live process holds the run folder
 
 
 @dataclass
 class RunData:
     """The data of one run, resolved and checked before any model is built."""
 
-    stream: Any  # the target stream (a registered Stream)
-    sessions: list  # its few-shot sessions (streams.Session)
-    controls: dict[str, Any] = field(default_factory=dict)  # control name -> its stream
-    control_tests: dict[str, Any] = field(default_factory=dict)  # control name -> test images (subset applied)
+    stream: Stream  # the target stream (a registered one)
+    sessions: list[Session]  # its few-shot sessions
+    controls: dict[str, Stream] = field(default_factory=dict)  # control name -> its stream
+    control_tests: dict[str, Images] = field(default_factory=dict)  # control name -> test images (subset applied)
     subsets: dict[str, Any] = field(default_factory=dict)  # control name -> the seeded subset's record
 
 
@@ -63,8 +79,8 @@ def control_subset(n_items: int, size: int, seed: int, name: str) -> list[int]:
     return sorted(rng.choice(n_items, size=min(size, n_items), replace=False).tolist())
 
 
-def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[str, Any],
-                sessions: dict[str, Any] | None = None) -> None:
+def record_data(record: RunRecord, data_streams: dict[str, Stream], subsets: dict[str, Any],
+                sessions: dict[str, list[Session]] | None = None) -> None:
     """Write what a run must keep about its data into the manifest: unreadable images met (for the
     target: by this run's ``sessions``, with the draws that replaced them), seeded splits (their id
     lists in ``splits.json``) and the control subsets' ids."""
@@ -94,11 +110,11 @@ def record_data(record: RunRecord, data_streams: dict[str, Any], subsets: dict[s
         record.update_manifest(**fields)
 
 
-def _stream(cfg: Config, name: str, cache: dict[tuple, Any]) -> Any:
+def _stream(cfg: Config, name: str, cache: dict[tuple, Any]) -> Stream:
     """The stream ``name`` on ``cfg.data_root`` with its options, built once per grid (scans are cached in it);
     with ``validation_per_class`` its validation view (``Stream.validation``: no test split is read)."""
     entry = STREAMS.get(name)
-    options = cfg.options_for(name, entry.options)
+    options = cfg.options_of(name)
     key = (name, cfg.data_root, repr(options), cfg.skip_bad_images)
     if key not in cache:
         cache[key] = entry.obj(cfg.data_root, options, skip_bad_images=cfg.skip_bad_images)
@@ -129,3 +145,33 @@ def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
         data.control_tests[name] = test
     return data
 
+
+def is_done(record: RunRecord, config: dict[str, Any], force: bool = False) -> bool:
+    """Whether the run is finished, so a grid skips it; with ``force`` only when finished with this ``config`` and
+    holding the checkpoints its ``keep_checkpoints`` keeps (``fscl export`` reads them)."""
+    return record.is_finished() and not (force and (
+        checkpoints.config_differences(record.config() or {}, config)
+        or checkpoints.lacks_kept(record.path, config["keep_checkpoints"], config["sessions"])))
+
+
+def decide(record: RunRecord, lock: RunLock, config: dict[str, Any], force: bool = False) -> tuple[RunDecision, str]:
+    """This process's decision for a run folder (the lock is held when it is RUN), and why. A finished
+    run is skipped; with ``force``, one finished with another ``config`` runs again."""
+    def done() -> bool:
+        return is_done(record, config, force)
+
+    if not record.writable:
+        return RunDecision.RUN, ""
+    if done():
+        return RunDecision.SKIP, ""
+    problem = record.summary_problem() if record.finished_status() else None
+    if problem is not None:  # not a --force rerun of a sound record
+        log.warning("%s is marked finished but its %s: running it again to rebuild it", record.path, problem)
+    try:
+        lock.acquire()
+    except RunInUseError as err:
+        return RunDecision.BUSY, str(err)
+    if done():  # finished by another process meanwhile
+        lock.release()
+        return RunDecision.SKIP, ""
+    return RunDecision.RUN, ""

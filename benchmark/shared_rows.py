@@ -9,13 +9,19 @@ templates and images, the preprocessing, precision, device and batch size; VQA:
 :func:`benchmark.vqa.evaluate.vqa_row_key`, also the VQA model and the question set). The first run that
 needs a set evaluates it and writes the file (atomically: processes of a sharded grid may race, and they
 write the same counts); the others read it. A file that cannot be read, or does not hold its own key,
-is ignored and written again.
+is ignored and written again. Both row 0s go through :func:`session_zero`: under ``ddp: true`` a set's stored
+counts are used only when every rank finds them, so that the ranks evaluate the same sets together.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from benchmark.distributed import all_reduce_sum, world_size
 from benchmark.records import write_json
 
 FOLDER = ".session0"
@@ -44,3 +50,27 @@ def read_counts(folder: Path, key: str) -> Counts | None:
 def write_counts(folder: Path, key: str, counts: Counts, dataset: str) -> None:
     """Store the counts of ``key`` (``dataset``: the set's name, for a reader of the folder)."""
     write_json(folder / f"{key}.json", {"key": key, "dataset": dataset, **counts})
+
+
+def row_context(device: torch.device) -> dict[str, Any]:
+    """What shared row-0 counts depend on beyond the model and the set: the device type, the GPU, torch."""
+    return {"device": device.type, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def session_zero(folder: Path, keys: dict[str, str | None], evaluate: Callable[[list[str]], dict[str, Counts]],
+                 writable: bool) -> tuple[dict[str, Counts], list[str]]:
+    """Row 0's counts of each set named in ``keys`` (name -> its key; None: a set whose counts are not shared):
+    read from the store in ``folder`` when a run stored them (under ``ddp: true``: when every rank finds them),
+    else ``evaluate``-d (called once, with the names missing, in the order of ``keys``) and stored (when
+    ``writable``: rank 0). The counts in the order of ``keys``, and the names read from the store."""
+    found = {name: read_counts(folder, key) if key is not None else None for name, key in keys.items()}
+    everywhere = all_reduce_sum([int(counts is not None) for counts in found.values()])
+    shared = [name for name, n in zip(keys, everywhere) if n == world_size()]
+    missing = [name for name in keys if name not in shared]
+    evaluated = evaluate(missing) if missing else {}
+    if writable:
+        for name, counts in evaluated.items():
+            if keys[name] is not None:
+                write_counts(folder, keys[name], counts, name)
+    return {name: found[name] if name in shared else evaluated[name] for name in keys}, shared

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl")
 # A tiny random LLaVA whose tower takes a backbone's encoder: the *-ppl strategies' VLM (and every run's VQA)
 TINY_LLAVA = ("import sys, benchmark; from benchmark.backbones import backbone_skeleton; "
-              "from benchmark.export import hf_vision_config; from benchmark.vqa.llava import save_tiny_llava; "
+              "from benchmark.export import hf_vision_config; from benchmark.vlm.llava import save_tiny_llava; "
               "save_tiny_llava(sys.argv[2], vision_config=hf_vision_config(backbone_skeleton(sys.argv[1]).visual))")
 THROUGHPUT = ("eval_throughput", "vqa_throughput")  # benchmarks/<name>.py, run with Mode.throughput_args once they exist
 TINY_RUN = ("run", "quick", "strategy=full-ft", "sessions=1", "seed=0", "shots=2", "train.epochs=1",

@@ -56,16 +56,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmark.backbones import Backbone, load_backbone
 from benchmark.config import TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
-from benchmark.plugins import StrategyPlugin, optimizer_state_bytes
+from benchmark.plugins import StrategyPlugin, optimizer_state_bytes, peak_memory_mb
 from benchmark.registry import STRATEGIES
-from benchmark.runner import peak_memory_mb
 from benchmark.template import CLIPTemplate
+from benchmark.vlm.base import LoadedVLM
+from benchmark.vlm.llava import LoadedLlava, llava_processor, save_tiny_llava
+from benchmark.vlm.recipe import VLMRecipe, with_vlm_defaults
+from benchmark.vlm.spec import resolve_vlm
 from benchmark.vlm_template import VLMTemplate
-from benchmark.vqa.llava import load_llava, save_tiny_llava
 from benchmark.vqa.pairs import AnswerPairs
-from benchmark.vqa.vlm_loss import VLMLoss
 from strategies.lorsu.reference import DenseLoRSU
-from strategies.options import VLMRecipeOptions
 
 DEFAULT_STRATEGIES = ("full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-dense")
 VLM_STRATEGIES = ("full-ft", "lorsu-ppl", "lora-ppl")  # full-ft: the encoder fully trained inside LLaVA
@@ -111,25 +111,21 @@ def copy_vision_side(backbone: Backbone) -> Backbone:
     return copy.deepcopy(backbone, memo=shared)
 
 
-def make_plugin(name: str, backbone: Backbone) -> StrategyPlugin:
+def make_plugin(name: str, backbone: Backbone, vlm: LoadedVLM | None = None) -> StrategyPlugin:
+    """The strategy's plugin with its default options (a VLM-loss strategy's resolved for ``vlm``, as a run does)."""
     if name == "lorsu-dense":
         return DenseLoRSU(backbone)
     entry = STRATEGIES.get(name)
-    return entry.obj(backbone, entry.options() if entry.options else None)
+    options = entry.options() if entry.options else None
+    return entry.obj(backbone, with_vlm_defaults(options, str(vlm.family.spec) if vlm is not None else None))
 
 
-@dataclass
-class VLM:
-    """The frozen LLaVA of the VLM table and what the VLM template needs of it."""
-
-    model: torch.nn.Module
-    tokenizer: object
-
-    def template_parts(self, backbone: Backbone, classes: int) -> dict:
-        loss = VLMLoss(self.model, backbone)
-        pairs = AnswerPairs(self.tokenizer, loss.image_token_id, loss.image_tokens, "What is in this image?",
-                            "This is a {}.", [f"class {i}" for i in range(classes)])
-        return {"vlm_loss": loss, "pairs": pairs}
+def template_parts(vlm: LoadedVLM, backbone: Backbone, classes: int) -> dict:
+    """What the VLM template needs besides the CLIP template's: ``vlm`` (its tower checked against ``backbone``)
+    and the tokenized pairs of ``classes`` classes."""
+    vlm.family.check_encoder(backbone)
+    pairs = AnswerPairs(vlm, "What is in this image?", "This is a {}.", [f"class {i}" for i in range(classes)])
+    return {"vlm": vlm, "pairs": pairs}
 
 
 def llava_7b_config(vision_config, folder: Path):
@@ -148,18 +144,21 @@ def llava_7b_config(vision_config, folder: Path):
     return config
 
 
-def load_vlm(kind: str, backbone: Backbone, device: torch.device, folder: Path) -> VLM:
-    """``tiny``: the tests' tiny random LLaVA (its tower: ``backbone``'s shape); ``7b``: :func:`llava_7b_config`,
-    random weights in bf16 on ``device``."""
+def load_vlm(kind: str, backbone: Backbone, device: torch.device, folder: Path) -> LoadedVLM:
+    """``tiny``: the tests' tiny random LLaVA (its tower: ``backbone``'s shape), loaded as ``vqa.model:
+    llava:<folder>``; ``7b``: :func:`llava_7b_config` with its processor written to ``folder`` (so the ``llava``
+    family reads and checks them as a run's), random weights in bf16 on ``device``."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from benchmark.export import hf_vision_config
 
     if kind == "tiny":
-        model, processor = load_llava(f"llava:{save_tiny_llava(folder, vision_config=hf_vision_config(backbone.visual))}",
-                                      device)
-        return VLM(model, processor.tokenizer)
+        return resolve_vlm(f"llava:{save_tiny_llava(folder, vision_config=hf_vision_config(backbone.visual))}").load(device)
     config = llava_7b_config(hf_vision_config(backbone.visual), folder)
+    config.save_pretrained(folder)
+    llava_processor(config.vision_config, AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    family = resolve_vlm(f"llava:{folder}")
+    processor = family.processor(str(folder), True)  # checked against the 7B-shaped config
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -167,14 +166,14 @@ def load_vlm(kind: str, backbone: Backbone, device: torch.device, folder: Path) 
             model = LlavaForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(default)
-    return VLM(model, AutoTokenizer.from_pretrained(folder))
+    return LoadedLlava(family, model, processor)
 
 
 def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.device,
-           vlm: VLM | None = None) -> Entry:
+           vlm: LoadedVLM | None = None) -> Entry:
     """Build the strategy's template (the VLM one with ``vlm``) and run its session set-up (importance, masks,
     optimizer)."""
-    plugin = make_plugin(name, backbone)
+    plugin = make_plugin(name, backbone, vlm)
     common = dict(
         backbone=backbone, class_names=tuple(f"class {i}" for i in range(batch)), templates=("a photo of a {}.",),
         train=TrainConfig(epochs=1, batch_size=batch), zeroshot=ZeroShotEvaluator(backbone), seed=0, device=device,
@@ -183,8 +182,8 @@ def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.
     if vlm is None:
         template = CLIPTemplate(**common)
     else:
-        recipe = plugin.options if plugin.objective == "vlm" else VLMRecipeOptions()
-        template = VLMTemplate(recipe=recipe, **vlm.template_parts(backbone, batch), **common)
+        recipe = plugin.options if plugin.objective == "vlm" else VLMRecipe()
+        template = VLMTemplate(recipe=recipe, **template_parts(vlm, backbone, batch), **common)
     template.experience, template.is_training = experience, True
     template.model.train()
     template.class_text_features()  # the frozen text side, encoded once outside every measurement
@@ -197,7 +196,7 @@ def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.
 
 def instrumented_step(entry: Entry, device: torch.device) -> None:
     """The first (untimed) step: FLOPs per sample, step memory, optimizer state, trainable counts."""
-    held = [*entry.template.model.parameters(), *getattr(entry.template, "vlm_loss", torch.nn.Module()).parameters()]
+    held = [*entry.template.model.parameters(), *getattr(entry.template, "vlm", torch.nn.Module()).parameters()]
     weights = {p.untyped_storage().data_ptr() for p in held}  # the encoder's and (VLM) LLaVA's weights
     saved: dict[int, int] = {}
 
@@ -270,7 +269,7 @@ def goals(entries: list[Entry]) -> list[str]:
 
 
 def measure(names: list[str], backbone: Backbone, experience, batch: int, device: torch.device, rounds: int,
-            vlm: VLM | None = None) -> list[Entry]:
+            vlm: LoadedVLM | None = None) -> list[Entry]:
     """Set every strategy up on its own copy of the encoder, take the instrumented step, then ``rounds`` timed
     rounds in rotating order; the entries with their medians."""
     entries = []

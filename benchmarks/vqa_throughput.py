@@ -3,13 +3,14 @@ not a test).
 
 Two LLaVAs with random weights (nothing is downloaded):
 
-* ``fscl-tiny``: the tests' tiny LLaVA (:func:`benchmark.vqa.llava.save_tiny_llava`: the vision side of
+* ``fscl-tiny``: the tests' tiny LLaVA (:func:`benchmark.vlm.llava.save_tiny_llava`: the vision side of
   ``openclip:fscl-tiny``, a 1-layer Llama of width 32, a character tokenizer), saved and loaded through
   ``from_pretrained`` as a run loads ``vqa.model``; float32 on the CPU, the GPU's default dtype there.
 * ``llava-1.5-7b``: LLaVA-1.5-7B's shapes (``llava-hf/llava-1.5-7b-hf``'s config): a CLIP ViT-L/14-336 tower
   (24 layers, width 1024, 577 tokens, features of layer -2 without the class token: 576 image tokens), the
   2-layer MLP projector and a Llama-7B language model (32 layers, width 4096, MLP 11008, vocabulary 32064),
-  built in bf16 on the GPU; a BPE tokenizer trained in memory on the prompts (words and punctuation as
+  built in bf16 on the GPU and scored through the ``llava`` family's :class:`~benchmark.vlm.llava.LoadedLlava`;
+  a BPE tokenizer trained in memory on the prompts (words and punctuation as
   tokens) stands in for Llama's, so a prompt is about as long (576 image tokens + about 100). GPU only:
   elsewhere it prints "skipped: no GPU".
 
@@ -45,8 +46,9 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from benchmark.vqa.llava import IMAGE_TOKEN, Llava, load_llava, save_tiny_llava
-from benchmark.vqa.prompt import ASSISTANT, conversation
+from benchmark.vlm.llava import ASSISTANT, LlavaFamily, LoadedLlava, conversation, save_tiny_llava
+from benchmark.vlm.spec import VLMSpec, resolve_vlm
+from benchmark.vlm.tokenizers import IMAGE_TOKEN
 from benchmark.vqa.questions import LETTERS, LabelQuestions
 from benchmark.vqa.scorer import Item, generate_answers, letter_scores
 
@@ -80,9 +82,9 @@ def questions(n: int, seed: int = 0) -> list[Item]:
             for image, item in zip(images, qset.items)]
 
 
-def tiny_llava(device: torch.device, folder: str) -> Llava:
+def tiny_llava(device: torch.device, folder: str) -> LoadedLlava:
     """The tests' tiny LLaVA, written to ``folder`` and loaded as ``vqa.model: llava:<folder>``."""
-    return load_llava(f"llava:{save_tiny_llava(folder)}", device)
+    return resolve_vlm(f"llava:{save_tiny_llava(folder)}").load(device)
 
 
 def _word_tokenizer(texts: list[str]):
@@ -103,7 +105,7 @@ def _word_tokenizer(texts: list[str]):
                                    pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
-def llava_7b(device: torch.device, prompts: list[str]) -> Llava:
+def llava_7b(device: torch.device, prompts: list[str]) -> LoadedLlava:
     """A LLaVA-1.5-7B-shaped model with random weights in bf16 on ``device``, and its processor (its tokenizer
     trained on ``prompts``)."""
     from transformers import (
@@ -132,15 +134,15 @@ def llava_7b(device: torch.device, prompts: list[str]) -> Llava:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     processor = LlavaProcessor(image_processor, tokenizer, patch_size=14, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1)
-    return Llava(model.eval(), processor)
+    return LoadedLlava(LlavaFamily(VLMSpec("llava", "random-weights/llava-1.5-7b-shaped")), model, processor)
 
 
-def measure(llava: Llava, items: list[Item], rounds: int, device: torch.device) -> list[Mode]:
+def measure(llava: LoadedLlava, items: list[Item], rounds: int, device: torch.device) -> list[Mode]:
     """Time every mode on ``items``: a warm-up each, then ``rounds`` rounds in rotating order."""
-    model, processor = llava
-    modes = [Mode("letter", lambda: letter_scores(model, processor, items), len(items)),
-             Mode("generate", lambda: generate_answers(model, processor, items), len(items)),
-             Mode("generate, batch 1", lambda: generate_answers(model, processor, items[:1]), 1)]
+    model = llava.model
+    modes = [Mode("letter", lambda: letter_scores(llava, items), len(items)),
+             Mode("generate", lambda: generate_answers(llava, items), len(items)),
+             Mode("generate, batch 1", lambda: generate_answers(llava, items[:1]), 1)]
     for mode in modes:  # warm-up; also the forward passes and the peak memory
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -163,7 +165,7 @@ def measure(llava: Llava, items: list[Item], rounds: int, device: torch.device) 
     return modes
 
 
-def table(name: str, llava: Llava, items: list[Item], modes: list[Mode]) -> str:
+def table(name: str, llava: LoadedLlava, items: list[Item], modes: list[Mode]) -> str:
     """One model's rates, letter scoring's speed-up over each generate mode."""
     tokens = statistics.mean(len(llava.processor(images=[image], text=[prompt]).input_ids[0])
                              for image, prompt, _ in items)

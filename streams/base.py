@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from benchmark.errors import DataError
+from benchmark.vqa.questions import PARSE_RULES
 from streams.sampling import FewShotSampler, Session, held_out
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class StreamSpec:
     order may be written with keys instead of indices (``class_order_keys``).
     ``vqa_question`` is the question of the stream's multiple-choice VQA set (``fscl vqa
     build``; None: the stream has none). ``ppl_answer`` is the answer a VLM-loss strategy (``lorsu-ppl``,
-    ``lora-ppl``) trains LLaVA to give to that question, ``{}`` standing for the class name.
+    ``lora-ppl``) trains LLaVA to give to that question, ``{}`` standing for the class name. ``vqa_parse`` is the
+    rule that reads a generated answer (``vqa.scoring: generate``): ``letter`` (an exact option letter), or a
+    stream's released rule (``gtsrb``: the released code's lenient GTSRB parse), one of
+    :data:`benchmark.vqa.questions.PARSE_RULES`.
     """
 
     name: str
@@ -52,6 +56,7 @@ class StreamSpec:
     class_keys: tuple[Hashable, ...] | None = None
     vqa_question: str | None = None
     ppl_answer: str = "{}"
+    vqa_parse: str = "letter"
 
     @classmethod
     def from_file(cls, path: Path) -> StreamSpec:
@@ -76,11 +81,14 @@ class StreamSpec:
             class_keys=keys,
             vqa_question=data.get("vqa_question"),
             ppl_answer=data.get("ppl_answer", "{}"),
+            vqa_parse=data.get("vqa_parse", "letter"),
         )
         if sorted(spec.class_order) != list(range(n)):
             raise ValueError(f"{path}: class_order must be a permutation of 0..{n - 1}")
         if not all("{}" in t for t in spec.templates):
             raise ValueError(f"{path}: every template needs a '{{}}' for the class name")
+        if spec.vqa_parse not in PARSE_RULES:
+            raise ValueError(f"{path}: vqa_parse: invalid value {spec.vqa_parse!r}; allowed: {', '.join(PARSE_RULES)}")
         if spec.ppl_answer.count("{}") != 1:
             raise ValueError(f"{path}: ppl_answer needs exactly one '{{}}' for the class name, got {spec.ppl_answer!r}")
         return spec

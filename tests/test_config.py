@@ -23,6 +23,25 @@ def test_strategy_and_stream_sections_are_options():
     assert opts.test_fraction == 0.5
 
 
+def test_a_run_s_options_are_parsed_once_into_their_dataclasses_beside_the_recorded_sections():
+    """Config.expand parses each run's strategy, target and control options once (options_of); config.yaml keeps
+    the plain sections (to_dict), every option resolved."""
+    import dataclasses
+
+    from strategies.options import LoRSUOptions
+    from streams.digits import DigitsOptions
+
+    runs = load_config("quick", ["strategy=[zeroshot,lorsu]", "seed=0", "digits.test_fraction=0.5",
+                                 "lorsu.top_k_heads=3", "controls=[eurosat]"]).expand()
+    zeroshot, lorsu = runs
+    assert zeroshot.options_of("zeroshot") is None and "zeroshot" not in zeroshot.to_dict()
+    assert isinstance(lorsu.options_of("lorsu"), LoRSUOptions) and lorsu.options_of("lorsu").top_k_heads == 3
+    assert lorsu.options_of("digits") == DigitsOptions(test_fraction=0.5)
+    for name in ("lorsu", "digits", "eurosat"):
+        assert lorsu.to_dict()[name] == dataclasses.asdict(lorsu.options_of(name))
+    assert lorsu.options_of("lorsu") is lorsu.options_of("lorsu")  # parsed once, not per call
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

@@ -111,3 +111,22 @@ def test_a_cycle_closed_by_a_function_level_import_is_found():
     modules = {"p.a": (Path("a.py"), ast.parse("from p.b import x\n")),
                "p.b": (Path("b.py"), ast.parse("def f():\n    from p.a import y\n"))}
     assert _cycle(modules) == ["p.a", "p.b", "p.a"]
+
+
+def test_every_registered_stream_provides_what_the_core_reads_of_a_stream():
+    """The core reads a stream through benchmark.stream.Stream only: every registered stream has its methods, and
+    the streams' spec dataclass every field of its StreamSpec protocol (e.g. ``vqa_parse``)."""
+    import dataclasses
+    import typing
+
+    from benchmark import stream
+    from benchmark.registry import STREAMS
+    from streams.base import StreamSpec
+
+    methods = [name for name, value in vars(stream.Stream).items() if callable(value) and not name.startswith("_")]
+    assert {"dataset", "sessions", "benchmark"} <= set(methods)
+    for name in STREAMS.names():
+        missing = [m for m in methods if not callable(getattr(STREAMS.get(name).obj, m, None))]
+        assert not missing, f"stream '{name}' lacks {missing}"
+    fields = {f.name for f in dataclasses.fields(StreamSpec)}
+    assert set(typing.get_type_hints(stream.StreamSpec)) <= fields

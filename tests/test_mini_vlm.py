@@ -13,12 +13,13 @@ from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
 from benchmark.grid import vqa_problems
 from benchmark.runs import run_dir
-from benchmark.vqa.llava import VQAModelError, llava_config, load_llava, vision_tower
-from benchmark.vqa.scorer import letter_token_ids
+from benchmark.vlm.llava import letter_tokens, vision_tower
+from benchmark.vlm.spec import VLMError, resolve_vlm
+from benchmark.vqa.questions import LETTERS
 from streams.mini import vlm
 from streams.mini.backbone import CACHE_ENV, default_model_dir
 from streams.mini.pretrain import PretrainConfig, pretrain
-from streams.mini.vlm import WEIGHTS, MiniVLM, VLMConfig, build, default_vlm_dir, ensure_vlm, question_batch
+from streams.mini.vlm import WEIGHTS, VLMConfig, build, default_vlm_dir, ensure_vlm, question_batch
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
 
@@ -80,9 +81,9 @@ def test_the_spec_loads_through_from_pretrained_and_the_tower_is_the_mini_encode
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder, manifest = built
-    model, processor = load_llava("mini")
+    model = resolve_vlm("mini").load("cpu").model
     assert isinstance(model, LlavaForConditionalGeneration) and vlm.weights_digest(model) == manifest["weights_sha256"]
-    assert load_llava(f"mini:{folder}").model.config.to_dict() == model.config.to_dict()
+    assert resolve_vlm(f"mini:{folder}").load("cpu").model.config.to_dict() == model.config.to_dict()
     backbone = load_backbone("mini")  # the cached encoder
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     captured = {}
@@ -98,7 +99,7 @@ def test_the_spec_loads_through_from_pretrained_and_the_tower_is_the_mini_encode
 
 def test_the_word_tokenizer_covers_every_mini_prompt_with_single_letter_tokens():
     tokenizer = vlm.tokenizer()
-    assert len(letter_token_ids(tokenizer)) == 5
+    assert len(letter_tokens(tokenizer, LETTERS)) == 5
     assert tokenizer.convert_tokens_to_ids("<image>") not in (None, tokenizer.unk_token_id)
     batch = question_batch(seed=0, step=0, batch_size=10, image_token="<image>")
     ids = [tokenizer(prompt).input_ids for _, _, prompt, _ in batch]
@@ -118,7 +119,7 @@ def test_training_lowers_the_letter_loss(cache):
 def test_a_cached_vlm_is_not_trained_again(built):
     folder, _ = built
     stamp = (folder / WEIGHTS).stat().st_mtime_ns
-    assert ensure_vlm(folder) == folder and MiniVLM.folder("") == folder
+    assert ensure_vlm(folder) == folder and resolve_vlm("mini").folder == folder
     assert (folder / WEIGHTS).stat().st_mtime_ns == stamp
 
 
@@ -127,7 +128,7 @@ def test_the_grid_check_reads_the_planned_config_without_building(tmp_path, monk
     runs = load_config("mini", ["stream=mini-signs", "strategy=zeroshot", "seed=0", "vqa.model=mini"]).expand()
     assert runs[0].vqa.model == "mini" and vqa_problems(runs) == []
     assert not (tmp_path / "empty").exists()  # neither the backbone nor the VLM was built
-    config = llava_config("mini")
+    config = resolve_vlm("mini").config()
     assert config.model_type == "llava" and config.vision_feature_layer == -2
     assert config.vision_config.hidden_size == 64 and config.text_config.vocab_size == len(vlm.tokenizer())
 
@@ -136,10 +137,10 @@ def test_bad_specs_are_refused_naming_the_allowed_forms(tmp_path):
     with pytest.raises(ConfigError, match="mini"):
         load_config(None, ["vqa.model=minix"])
     for spec in ("mini:relative-name", "mini:llava:/x"):
-        with pytest.raises(VQAModelError, match="mini:/path/to/folder"):
-            llava_config(spec)
-    with pytest.raises(VQAModelError, match="llava:/path/to/folder"):
-        load_llava("minix:/x")
+        with pytest.raises(VLMError, match="mini:/path/to/folder"):
+            resolve_vlm(spec)
+    with pytest.raises(VLMError, match=r"invalid value 'minix:/x'; allowed: \(did you mean 'mini'\?\) .*llava:/path/to/folder"):
+        resolve_vlm("minix:/x")
 
 
 def test_pretrain_mini_vlm_verb(cache, tmp_path, capsys):

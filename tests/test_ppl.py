@@ -30,10 +30,12 @@ from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.export import hf_vision_config
 from benchmark.grid import GridCheckError, run_grid
 from benchmark.plugins import session_gradients
+from benchmark.vlm.base import IGNORE, LoadedVLM
+from benchmark.vlm.llava import save_tiny_llava
+from benchmark.vlm.recipe import VLMRecipe, with_vlm_defaults
+from benchmark.vlm.spec import resolve_vlm
 from benchmark.vlm_template import VLMTemplate, decay_groups, warmup_cosine_lr
-from benchmark.vqa.llava import load_llava, save_tiny_llava, swap_encoder
-from benchmark.vqa.pairs import IGNORE, AnswerPairs
-from benchmark.vqa.vlm_loss import VLMLoss, encoder_tokens
+from benchmark.vqa.pairs import AnswerPairs
 from strategies.lora import LoRAPpl
 from strategies.lorsu import BlockScores, LoRSUPpl
 from strategies.lorsu.reference import DenseLoRSU
@@ -53,8 +55,8 @@ def llava_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def llava(llava_dir):
-    return load_llava(f"llava:{llava_dir}")
+def llava(llava_dir) -> LoadedVLM:
+    return resolve_vlm(f"llava:{llava_dir}").load("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +74,14 @@ def family(request, llava_dir, hf_parts) -> tuple[str, Path]:
     return ("openclip:fscl-tiny", llava_dir) if request.param == "openclip" else hf_parts
 
 
-def digit_pairs(tokenizer, loss: VLMLoss) -> AnswerPairs:
+def digit_pairs(vlm: LoadedVLM) -> AnswerPairs:
     spec = Digits("unused").spec
-    return AnswerPairs(tokenizer, loss.image_token_id, loss.image_tokens, spec.vqa_question, spec.ppl_answer,
-                       spec.class_names)
+    return AnswerPairs(vlm, spec.vqa_question, spec.ppl_answer, spec.class_names)
+
+
+def for_vlm(options: VLMRecipe, vlm: LoadedVLM) -> VLMRecipe:
+    """``options`` with ``skip_last_blocks`` resolved from ``vlm``'s family, as a run resolves them (LLaVA: 1)."""
+    return with_vlm_defaults(options, str(vlm.family.spec))
 
 
 def fixed_batch(n: int = 4, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,20 +89,20 @@ def fixed_batch(n: int = 4, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(10, (n,), generator=gen)
 
 
-def answer_loss(loss: VLMLoss, pairs: AnswerPairs, backbone, images, labels) -> torch.Tensor:
+def answer_loss(vlm: LoadedVLM, pairs: AnswerPairs, backbone, images, labels) -> torch.Tensor:
     device = images.device
-    return loss(encoder_tokens(backbone, images, loss.layer, loss.select), pairs.batch(labels.cpu()).to(device))
+    return vlm.answer_loss(vlm.family.encoder_tokens(backbone, images), pairs.batch(labels.cpu()).to(device))
 
 
-def vlm_session(backbone, llava, plugin, epochs: int = 2, lr: float = 1e-3, device: torch.device | None = None):
+def vlm_session(backbone, llava: LoadedVLM, plugin, epochs: int = 2, lr: float = 1e-3,
+                device: torch.device | None = None):
     """The VLM template on two 2-shot digits sessions (10 images each), evaluation transform."""
-    model, processor = llava
-    loss = VLMLoss(model, backbone)
+    llava.family.check_encoder(backbone)
     stream = Digits("unused")
     tf = backbone.preprocess(False)
     scenario = stream.benchmark(stream.sessions(2, 2, shot_seed=0), tf, tf)
     template = VLMTemplate(
-        vlm_loss=loss, pairs=digit_pairs(processor.tokenizer, loss), recipe=plugin.options, backbone=backbone,
+        vlm=llava, pairs=digit_pairs(llava), recipe=plugin.options, backbone=backbone,
         class_names=stream.spec.class_names, templates=stream.spec.templates[:1],
         train=TrainConfig(epochs=epochs, batch_size=16, lr=lr, min_lr=lr / 10), zeroshot=ZeroShotEvaluator(backbone),
         seed=0, device=device or torch.device("cpu"), plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
@@ -113,10 +119,8 @@ def changed(before: dict[str, torch.Tensor], module) -> set[str]:
 
 # --------------------------------------------------------------------------- pairs and the loss
 def test_labels_keep_only_the_answer_tokens_and_eos(llava):
-    model, processor = llava
-    tok = processor.tokenizer
-    loss = VLMLoss(model, load_backbone("openclip:fscl-tiny"))
-    pairs = digit_pairs(tok, loss)
+    model, tok = llava.model, llava.processor.tokenizer
+    pairs = digit_pairs(llava)
     batch = pairs.batch(torch.tensor([1, 7]))
     for row, label in zip(range(2), (1, 7)):
         ids, labels, mask = batch.input_ids[row], batch.labels[row], batch.attention_mask[row]
@@ -125,7 +129,7 @@ def test_labels_keep_only_the_answer_tokens_and_eos(llava):
         assert kept[-1] == tok.eos_token_id and kept.tolist() == pairs.answer_ids(label)
         real = ids[mask.bool()]
         assert torch.equal(labels[mask.bool()][-len(kept):], real[-len(kept):])  # the answer closes the sequence
-        assert (real == model.config.image_token_id).sum() == loss.image_tokens == 16
+        assert (real == model.config.image_token_id).sum() == llava.image_tokens == 16
         assert (labels[~mask.bool()] == IGNORE).all() and (ids[~mask.bool()] == tok.pad_token_id).all()
         prompt = tok.decode(real[real != model.config.image_token_id][:-len(kept)])
         assert prompt.endswith("USER: \nBased on the image, respond to this question with a short answer: "
@@ -135,26 +139,24 @@ def test_labels_keep_only_the_answer_tokens_and_eos(llava):
 
 def test_vlm_loss_is_llavas_own_loss_with_the_encoder_in_its_tower(family):
     spec, folder = family
-    model, processor = load_llava(f"llava:{folder}")
+    vlm = resolve_vlm(f"llava:{folder}").load("cpu")
     backbone = load_backbone(spec)
-    loss = VLMLoss(model, backbone)
-    pairs = digit_pairs(processor.tokenizer, loss)
+    vlm.family.check_encoder(backbone)
+    pairs = digit_pairs(vlm)
     images, labels = fixed_batch()
-    ours = answer_loss(loss, pairs, backbone, images, labels)
-    swap_encoder(model, backbone)
+    ours = answer_loss(vlm, pairs, backbone, images, labels)
+    vlm.swap_encoder(backbone)
     batch = pairs.batch(labels)
-    theirs = model(input_ids=batch.input_ids, pixel_values=images, attention_mask=batch.attention_mask,
+    theirs = vlm.model(input_ids=batch.input_ids, pixel_values=images, attention_mask=batch.attention_mask,
                    labels=batch.labels).loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
 
 
 def test_gradients_reach_only_the_encoder_below_the_feature_layer(llava):
-    model, processor = llava
     backbone = load_backbone("openclip:fscl-tiny")
-    loss = VLMLoss(model, backbone)
     backbone.visual.requires_grad_(True)
-    answer_loss(loss, digit_pairs(processor.tokenizer, loss), backbone, *fixed_batch()).backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    answer_loss(llava, digit_pairs(llava), backbone, *fixed_batch()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in llava.model.parameters())
     last = {id(p) for p in backbone.blocks()[-1].module.parameters()}
     for name, p in backbone.visual.named_parameters():
         unread = id(p) in last or name.startswith(("ln_post", "proj"))  # LLaVA reads the input of the last block
@@ -167,9 +169,10 @@ def test_gradients_reach_only_the_encoder_below_the_feature_layer(llava):
 # --------------------------------------------------------------------------- a LoRSU-Ppl session
 @pytest.mark.gpu
 def test_lorsu_ppl_session_moves_only_chosen_rows_and_masked_entries(llava_dir, device):
-    model, processor = llava = load_llava(f"llava:{llava_dir}", device, torch.float32)
+    llava = resolve_vlm(f"llava:{llava_dir}").load(device, torch.float32)
+    model = llava.model
     backbone = load_backbone("openclip:fscl-tiny", str(device))
-    plugin = LoRSUPpl(backbone, LoRSUPplOptions(rank=4, alpha=8.0))
+    plugin = LoRSUPpl(backbone, for_vlm(LoRSUPplOptions(rank=4, alpha=8.0), llava))
     template, stream = vlm_session(backbone, llava, plugin, device=device)
     before, llava_before = snapshot(backbone.visual), snapshot(model)
     template.train(stream[0])
@@ -200,10 +203,10 @@ def test_lorsu_ppl_session_moves_only_chosen_rows_and_masked_entries(llava_dir, 
 @pytest.mark.gpu
 def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(family, device):
     spec, folder = family
-    model, processor = load_llava(f"llava:{folder}", device, torch.float32)
+    vlm = resolve_vlm(f"llava:{folder}").load(device, torch.float32)
     torch.manual_seed(0)
     fast_backbone, dense_backbone = load_backbone(spec, str(device)), load_backbone(spec, str(device))
-    options = LoRSUPplOptions(rank=8, alpha=16.0)
+    options = for_vlm(LoRSUPplOptions(rank=8, alpha=16.0), vlm)
     fast, dense = LoRSUPpl(fast_backbone, options), DenseLoRSU(dense_backbone, options)
     start = snapshot(fast_backbone)
     gen = torch.Generator().manual_seed(5)
@@ -218,13 +221,13 @@ def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(family,
     images = images.to(device)
     runs = []
     for backbone in (fast_backbone, dense_backbone):
-        loss = VLMLoss(model, backbone)
-        pairs = digit_pairs(processor.tokenizer, loss)
+        vlm.family.check_encoder(backbone)
+        pairs = digit_pairs(vlm)
         optimizer = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=1e-3)
         losses = []
         for _ in range(5):
             optimizer.zero_grad()
-            value = answer_loss(loss, pairs, backbone, images, labels)
+            value = answer_loss(vlm, pairs, backbone, images, labels)
             value.backward()
             optimizer.step()
             losses.append(value.item())
@@ -246,11 +249,10 @@ def test_efficient_lorsu_ppl_equals_the_dense_reference_after_adam_steps(family,
 
 @pytest.mark.parametrize("kind", ["lorsu-ppl", "lora-ppl"])
 def test_the_answer_loss_falls_on_a_fixed_batch(llava, kind):
-    model, processor = llava
     torch.manual_seed(0)
     backbone = load_backbone("openclip:fscl-tiny")
-    plugin = LoRSUPpl(backbone, LoRSUPplOptions(rank=8, alpha=16.0)) if kind == "lorsu-ppl" else LoRAPpl(
-        backbone, LoRAPplOptions(rank=8, alpha=16.0))
+    plugin = LoRSUPpl(backbone, for_vlm(LoRSUPplOptions(rank=8, alpha=16.0), llava)) if kind == "lorsu-ppl" \
+        else LoRAPpl(backbone, for_vlm(LoRAPplOptions(rank=8, alpha=16.0), llava))
     template, stream = vlm_session(backbone, llava, plugin, lr=3e-3)
     template.experience, template.is_training = stream[0], True
     template._before_training_exp()  # the dataloader, the strategy's set-up (importance, masks), AdamW
@@ -267,11 +269,11 @@ def test_the_answer_loss_falls_on_a_fixed_batch(llava, kind):
 
 
 def test_lora_ppl_session_leaves_the_last_block_and_llava_unchanged(llava):
-    model, _ = llava
+    model = llava.model
     torch.manual_seed(0)
     backbone = load_backbone("openclip:fscl-tiny")
-    plugin = LoRAPpl(backbone)
-    assert plugin.options.proj_lora is False and plugin.options.init == "peft"
+    plugin = LoRAPpl(backbone, for_vlm(LoRAPplOptions(), llava))
+    assert plugin.options.proj_lora is False and plugin.options.init == "peft" and plugin.options.skip_last_blocks == 1
     template, stream = vlm_session(backbone, llava, plugin, epochs=3)
     before, llava_before = snapshot(backbone.visual), snapshot(model)
     template.train(stream[0])
@@ -284,7 +286,7 @@ def test_lora_ppl_session_leaves_the_last_block_and_llava_unchanged(llava):
 # --------------------------------------------------------------------------- the recipe
 def test_adamw_groups_and_the_released_schedule(llava):
     backbone = load_backbone("openclip:fscl-tiny")
-    plugin = LoRSUPpl(backbone, LoRSUPplOptions(rank=4, alpha=8.0))
+    plugin = LoRSUPpl(backbone, for_vlm(LoRSUPplOptions(rank=4, alpha=8.0), llava))
     template, stream = vlm_session(backbone, llava, plugin)
     template.experience, template.is_training = stream[0], True
     template._before_training_exp()
@@ -307,14 +309,14 @@ def test_adamw_groups_and_the_released_schedule(llava):
 
 def test_carried_optimizer_state_is_the_previous_sessions(llava):
     backbone = load_backbone("openclip:fscl-tiny")
-    plugin = LoRSUPpl(backbone, LoRSUPplOptions(rank=4, alpha=8.0, carry_optimizer_state=True))
+    plugin = LoRSUPpl(backbone, for_vlm(LoRSUPplOptions(rank=4, alpha=8.0, carry_optimizer_state=True), llava))
     template, stream = vlm_session(backbone, llava, plugin, epochs=1)
     template.train(stream[0])
     carried = template.carried_state()["optimizer"]
     assert [s["step"].item() for s in carried["optimizer"]["state"].values()] == [1.0] * 8
     template.train(stream[1])  # its AdamW started from session 1's moments: 2 steps counted
     assert all(s["step"].item() == 2.0 for s in template.optimizer.state.values())
-    fresh = LoRSUPpl(backbone, LoRSUPplOptions(rank=4, alpha=8.0))
+    fresh = LoRSUPpl(backbone, for_vlm(LoRSUPplOptions(rank=4, alpha=8.0), llava))
     template, stream = vlm_session(backbone, llava, fresh, epochs=1)
     template.train(stream[0])
     assert template.carried_state() == {} and all(s["step"].item() == 1.0 for s in template.optimizer.state.values())
@@ -342,7 +344,7 @@ def test_grid_check_refuses_ppl_without_a_fitting_llava(tmp_path):
     cfg = load_config("quick", ["strategy=[lorsu-ppl,lora-ppl]", f"out={tmp_path}"])
     with pytest.raises(GridCheckError) as err:
         run_grid(cfg, progress=False)
-    assert "lorsu-ppl trains the encoder with LLaVA's answer loss and needs vqa.model" in str(err.value)
+    assert "lorsu-ppl trains the encoder with a VLM's answer loss and needs vqa.model" in str(err.value)
     assert "lora-ppl trains" in str(err.value)
     other = hf_vision_config(load_backbone("openclip:fscl-tiny").visual)
     other.num_hidden_layers = 3

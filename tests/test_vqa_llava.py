@@ -14,10 +14,10 @@ from PIL import Image
 from benchmark.backbones import load_backbone
 from benchmark.backbones.hf import save_char_tokenizer, save_tiny_siglip
 from benchmark.export import to_hf_clip_vision
-from benchmark.vqa.llava import VQAModelError, check_encoder_fits, load_llava, save_tiny_llava, swap_encoder, vision_tower
-from benchmark.vqa.prompt import conversation, pad_to_square
+from benchmark.vlm.llava import LoadedLlava, check_encoder_fits, conversation, pad_to_square, save_tiny_llava, vision_tower
+from benchmark.vlm.spec import VLMError, resolve_vlm
 from benchmark.vqa.questions import LETTERS, MultipleChoiceSet, QuestionItem
-from benchmark.vqa.scorer import generate_answers, letter_scores, letter_token_ids
+from benchmark.vqa.scorer import generate_answers, letter_scores
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
 
@@ -27,18 +27,23 @@ def folder(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
 
 
+def load(spec: str) -> LoadedLlava:
+    """A fresh load of ``spec`` on CPU (float32), as a run's VQA evaluation loads it."""
+    return resolve_vlm(spec).load("cpu")
+
+
 def image(seed: int, size: tuple[int, int]) -> Image.Image:
     """A random RGB image of ``size`` (width, height)."""
     pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     return Image.fromarray(pixels.numpy())
 
 
-def items(ks=(2, 5, 3, 4)):
-    """Questions of different prompt lengths and option counts on non-square images."""
+def items(vlm: LoadedLlava, ks=(2, 5, 3, 4)):
+    """Questions of different prompt lengths and option counts on non-square images, in ``vlm``'s prompt."""
     questions = MultipleChoiceSet("test", tuple(
         QuestionItem(str(i), f"Question {i}{'?' * 9 * i}", tuple(f"option {j}" for j in range(k)), 0)
         for i, k in enumerate(ks)))
-    return [(image(i, (40 + 7 * i, 30)), conversation(questions.prompt(item)), len(item.choices))
+    return [(image(i, (40 + 7 * i, 30)), vlm.prompt(questions.prompt(item)), len(item.choices))
             for i, item in enumerate(questions.items)]
 
 
@@ -57,40 +62,43 @@ def test_the_tiny_llava_loads_through_from_pretrained_offline(folder, monkeypatc
     from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, processor = load_llava(f"llava:{folder}")
+    vlm = load(f"llava:{folder}")
+    model, processor = vlm.model, vlm.processor
     assert isinstance(model, LlavaForConditionalGeneration) and isinstance(vision_tower(model), CLIPVisionModel)
     assert vision_tower(model).config.hidden_size == 64 and model.dtype == torch.float32 and not model.training
     ids = processor(images=[image(0, (32, 32))], text=["<image>hi"], return_tensors="pt").input_ids[0]
     assert (ids == model.config.image_token_id).sum() == 16  # (32 / 8)² patches, the class token dropped
-    assert processor.tokenizer.convert_ids_to_tokens(letter_token_ids(processor.tokenizer)) == [f" {c}" for c in LETTERS]
+    assert processor.tokenizer.convert_ids_to_tokens(vlm.letter_token_ids(LETTERS)) == [f" {c}" for c in LETTERS]
 
 
 def test_a_missing_folder_or_image_token_is_refused_with_what_to_put_where(folder, tmp_path):
-    with pytest.raises(VQAModelError, match=r"'llava:/nowhere/x': no such folder.*save_pretrained"):
-        load_llava("llava:/nowhere/x")
-    with pytest.raises(VQAModelError, match="no config.json"):
-        load_llava(f"llava:{tmp_path}")
-    with pytest.raises(VQAModelError, match="expected 'llava:/path/to/folder'"):
-        load_llava(f"hf:{folder}")
+    with pytest.raises(VLMError, match=r"'llava:/nowhere/x': no such folder.*save_pretrained"):
+        load("llava:/nowhere/x")
+    with pytest.raises(VLMError, match="no config.json"):
+        load(f"llava:{tmp_path}")
+    with pytest.raises(VLMError, match=r"invalid value 'hf:.*allowed: .*llava:/path/to/folder"):
+        load(f"hf:{folder}")
+    with pytest.raises(VLMError, match="expected 'llava:/path/to/folder'"):
+        load("llava:")
     broken = save_tiny_llava(tmp_path / "broken")
     save_char_tokenizer(broken)  # a tokenizer without '<image>'
-    with pytest.raises(VQAModelError, match="tokenizer has no image token '<image>' with the id 4"):
-        load_llava(f"llava:{broken}")
+    with pytest.raises(VLMError, match="tokenizer has no image token '<image>' with the id 4"):
+        load(f"llava:{broken}")
 
 
 def test_the_swapped_tower_gives_the_exported_encoder_s_features_and_new_scores(folder):
     backbone = load_backbone("openclip:fscl-tiny")
-    model, processor = load_llava(f"llava:{folder}")
-    questions = items()
-    before = letter_scores(model, processor, questions)
+    vlm = load(f"llava:{folder}")
+    questions = items(vlm)
+    before = letter_scores(vlm, questions)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for step in range(2):
-        swap_encoder(model, backbone)
+        vlm.swap_encoder(backbone)
         with torch.no_grad():
-            ours = vision_tower(model)(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+            ours = vision_tower(vlm.model)(pixel_values=x, output_hidden_states=True).hidden_states[-2]
             exported = to_hf_clip_vision(backbone).vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
         torch.testing.assert_close(ours, exported, rtol=0, atol=1e-5)
-        swapped = letter_scores(model, processor, questions)
+        swapped = letter_scores(vlm, questions)
         assert all(a.letter_logprobs != b.letter_logprobs for a, b in zip(before, swapped))
         before = swapped
         with torch.no_grad():  # "training": move the first block, which hidden_states[-2] sees
@@ -99,39 +107,39 @@ def test_the_swapped_tower_gives_the_exported_encoder_s_features_and_new_scores(
 
 
 def test_batched_letter_scores_equal_unbatched(folder):
-    model, processor = load_llava(f"llava:{folder}")
-    questions = items()
-    batched = letter_scores(model, processor, questions)
+    vlm = load(f"llava:{folder}")
+    questions = items(vlm)
+    batched = letter_scores(vlm, questions)
     for question, score in zip(questions, batched):
-        (alone,) = letter_scores(model, processor, [question])
+        (alone,) = letter_scores(vlm, [question])
         torch.testing.assert_close(torch.tensor(score.letter_logprobs), torch.tensor(alone.letter_logprobs),
                                    rtol=0, atol=1e-5)
         assert (score.choice, score.top_token) == (alone.choice, alone.top_token)
 
 
-def rig_letters(model, tokenizer, preferred: list[int], boost: float) -> None:
+def rig_letters(vlm: LoadedLlava, preferred: list[int], boost: float) -> None:
     """Add ``boost`` to the logit of letter ``preferred[i]`` of batch row ``i`` at every step (rows in item order)."""
-    letters = letter_token_ids(tokenizer)
-    rig = torch.zeros(len(preferred), model.lm_head.out_features)
+    letters = vlm.letter_token_ids(LETTERS)
+    rig = torch.zeros(len(preferred), vlm.model.lm_head.out_features)
     rig[range(len(preferred)), [letters[p] for p in preferred]] = boost
-    model.lm_head.register_forward_hook(lambda module, args, out: out + rig[:, None, :])
+    vlm.model.lm_head.register_forward_hook(lambda module, args, out: out + rig[:, None, :])
 
 
 def test_the_letter_argmax_is_the_first_generated_token(folder):
-    model, processor = load_llava(f"llava:{folder}")
-    rig_letters(model, processor.tokenizer, [2, 0, 3, 1], boost=6.0)  # a letter wins over the vocabulary
-    questions = items((5, 5, 5, 5))
-    scores = letter_scores(model, processor, questions)
-    answers = generate_answers(model, processor, questions)
+    vlm = load(f"llava:{folder}")
+    rig_letters(vlm, [2, 0, 3, 1], boost=6.0)  # a letter wins over the vocabulary
+    questions = items(vlm, (5, 5, 5, 5))
+    scores = letter_scores(vlm, questions)
+    answers = generate_answers(vlm, questions)
     assert [s.top_letter for s in scores] == [s.choice for s in scores] == [2, 0, 3, 1]
     assert [a[0] for a in answers] == [LETTERS[s.choice] for s in scores]
 
 
 def test_a_model_that_prefers_the_right_letter_scores_100_percent(folder):
-    model, processor = load_llava(f"llava:{folder}")
-    questions, right = items(), [1, 4, 0, 2]
-    rig_letters(model, processor.tokenizer, right, boost=50.0)
-    scores = letter_scores(model, processor, questions)
+    vlm = load(f"llava:{folder}")
+    questions, right = items(vlm), [1, 4, 0, 2]
+    rig_letters(vlm, right, boost=50.0)
+    scores = letter_scores(vlm, questions)
     assert [s.choice for s in scores] == [s.top_letter for s in scores] == right
     assert min(s.letter_mass for s in scores) > 0.999
 
@@ -143,14 +151,14 @@ def test_the_fit_check_refuses_encoders_the_tower_cannot_take(folder, tmp_path):
     backbone = load_backbone("openclip:fscl-tiny")
     check_encoder_fits(tower, backbone)  # the tiny LLaVA's tower is fscl-tiny's vision side
     siglip = load_backbone(f"hf:{save_tiny_siglip(tmp_path / 'siglip')}")
-    with pytest.raises(VQAModelError, match="'hf:.*siglip'.*a SiglipModel.*OpenAI-layout CLIP ViT"):
+    with pytest.raises(VLMError, match="'hf:.*siglip'.*a SiglipModel.*OpenAI-layout CLIP ViT"):
         check_encoder_fits(tower, siglip)
     narrow = AutoConfig.from_pretrained(folder).vision_config
     narrow.hidden_size, narrow.num_hidden_layers = 32, 3
-    with pytest.raises(VQAModelError, match=r"'openclip:fscl-tiny' does not fit.*width 64 \(tower: 32\), layers 2 \(tower: 3\)"):
+    with pytest.raises(VLMError, match=r"'openclip:fscl-tiny' does not fit.*width 64 \(tower: 32\), layers 2 \(tower: 3\)"):
         check_encoder_fits(narrow, backbone)
     backbone.visual.ln_pre = torch.nn.Identity()  # not expressible as a CLIPVisionModel (as EVA's timm trunks)
-    with pytest.raises(VQAModelError, match="cannot go into LLaVA's CLIP vision tower: it has no ln_pre"):
+    with pytest.raises(VLMError, match="cannot go into LLaVA's CLIP vision tower: it has no ln_pre"):
         check_encoder_fits(tower, backbone)
 
 

@@ -257,3 +257,26 @@ def test_fscl_vqa_build_writes_a_frozen_set(tmp_path, capsys):
 
     assert main(["vqa", "build", "digits", "--root", str(tmp_path), "--mode", "hard"]) == 2
     assert "mode 'hard' needs a backbone" in capsys.readouterr().err
+
+
+def test_a_stream_s_answer_rule_is_read_from_its_data_file(tmp_path):
+    """``vqa_parse`` in a stream's data file names the rule its built set reads generated answers with (GTSRB's
+    released lenient parse); a data file with an unknown rule is refused naming the key and the rules."""
+    import dataclasses
+
+    import yaml
+
+    import streams
+    from benchmark.registry import STREAMS
+    from streams.base import StreamSpec
+
+    gtsrb_file = Path(streams.__file__).parent / "data" / "gtsrb.yaml"
+    assert StreamSpec.from_file(gtsrb_file).vqa_parse == "gtsrb"
+    stream = STREAMS.get("digits").obj(tmp_path)
+    assert stream.spec.vqa_parse == "letter" and build_question_set(stream).parse_rule == "letter"
+    stream.spec = dataclasses.replace(stream.spec, vqa_parse="gtsrb")  # the rule follows the spec, not the name
+    assert build_question_set(stream).parse_rule == "gtsrb"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(gtsrb_file.read_text()), "vqa_parse": "loose"}))
+    with pytest.raises(ValueError, match="vqa_parse: invalid value 'loose'; allowed: letter, gtsrb"):
+        StreamSpec.from_file(bad)

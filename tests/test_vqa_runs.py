@@ -22,11 +22,12 @@ from benchmark.config import ConfigError, load_config
 from benchmark.grid import GridCheckError, run_grid
 from benchmark.metrics import AccuracyMatrix
 from benchmark.registry import STREAMS
+from benchmark.vlm.base import LoadedVLM
+from benchmark.vlm.llava import save_tiny_llava
+from benchmark.vlm.spec import resolve_vlm
 from benchmark.vqa.build import cached_question_set, check_asks
 from benchmark.vqa.evaluate import VQASet, score_set, vqa_rows
-from benchmark.vqa.llava import Llava, load_llava, save_tiny_llava
-from benchmark.vqa.questions import MultipleChoiceSet, QuestionItem, QuestionSetError
-from benchmark.vqa.scorer import letter_token_ids
+from benchmark.vqa.questions import LETTERS, MultipleChoiceSet, QuestionItem, QuestionSetError
 from streams.digits import Digits
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
@@ -263,10 +264,11 @@ def test_records_and_checkpoints_from_before_vqa_still_match_their_runs():
     assert state.vqa_matrix is None
 
 
-def _answer_b(model, tokenizer) -> None:
+def _answer_b(vlm: LoadedVLM) -> None:
     """Rig the model to answer "B" and stop: the letter B wins the prompt's last position, end-of-sequence
     every later (decoding) step."""
-    letter_b, eos = letter_token_ids(tokenizer)[1], tokenizer.eos_token_id
+    model = vlm.model
+    letter_b, eos = vlm.letter_token_ids(LETTERS)[1], vlm.processor.tokenizer.eos_token_id
     prefill = {}
     model.register_forward_pre_hook(lambda module, args, kwargs: prefill.update(on=kwargs["input_ids"].shape[1] > 1),
                                     with_kwargs=True)
@@ -280,8 +282,8 @@ def _answer_b(model, tokenizer) -> None:
 
 
 def test_letter_and_generate_scoring_agree_on_a_model_that_answers_in_the_format(llava):
-    model, processor = load_llava(f"llava:{llava}")
-    _answer_b(model, processor.tokenizer)
+    vlm = resolve_vlm(f"llava:{llava}").load("cpu")
+    _answer_b(vlm)
     generator = torch.Generator().manual_seed(0)
     images = [(Image.fromarray(torch.randint(0, 256, (32, 40, 3), dtype=torch.uint8, generator=generator).numpy()), 0)
               for _ in range(7)]
@@ -289,8 +291,8 @@ def test_letter_and_generate_scoring_agree_on_a_model_that_answers_in_the_format
     questions = MultipleChoiceSet("test", tuple(QuestionItem(str(i), "Which?", ("a", "b", "c", "d"), a)
                                                 for i, a in enumerate(answers)))
     qset = VQASet("test", questions, images)
-    letter = score_set(Llava(model, processor), qset, batch_size=3, scoring="letter")
-    generate = score_set(Llava(model, processor), qset, batch_size=3, scoring="generate")
+    letter = score_set(vlm, qset, batch_size=3, scoring="letter")
+    generate = score_set(vlm, qset, batch_size=3, scoring="generate")
     assert generate == {"total": 7, "correct": 3, "parsed": 7}
     assert letter | {"letter_mass": None} == {"total": 7, "correct": 3, "strict_correct": 3, "letter_mass": None}
     assert vqa_rows(2, "test", generate, "generate") == [

@@ -21,10 +21,6 @@ from benchmark.vqa.questions import GENERATOR_VERSION, LabelQuestions, MultipleC
 
 log = logging.getLogger(__name__)
 
-# The released code parses GTSRB answers leniently (questions.parse_gtsrb); every other set: exact letter.
-RELEASED_PARSE_RULES = {"gtsrb": "gtsrb"}
-
-
 def default_path(root: str | Path, stream: str, mode: str, seed: int, backbone: str | None = None) -> Path:
     """Where ``fscl vqa build`` writes a set without ``--out``."""
     tag = f"hard-{slug(backbone or '')}" if mode == "hard" else mode
@@ -60,7 +56,7 @@ def build_question_set(stream: Any, mode: str = "random", seed: int = 0,
     similarity = class_similarity(backbone, spec.class_names, spec.templates) if mode == "hard" else None
     generator = LabelQuestions(spec.name, spec.class_names, spec.vqa_question, mode, seed, similarity, backbone)
     test = stream.dataset("test") if test is None else test
-    return generator.build(test.ids, test.targets, RELEASED_PARSE_RULES.get(spec.name, "letter"))
+    return generator.build(test.ids, test.targets, spec.vqa_parse)  # the stream's answer rule (its data file)
 
 
 def check_asks(questions: MultipleChoiceSet, test: Any, class_names: tuple[str, ...]) -> None:

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 from benchmark.config import Config
-from benchmark.distributed import all_reduce_sum, world_size
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.records import RunRecord, atomic_write
 from benchmark.runs import RunData, control_subset
-from benchmark.shared_rows import read_counts, shared_folder, write_counts
+from benchmark.shared_rows import row_context, session_zero, shared_folder
 from benchmark.vlm.spec import resolve_vlm
 from benchmark.vqa.evaluate import VQASet, build_sets, score_set, vqa_row_key, vqa_rows
 from benchmark.vqa.questions import QuestionSetError
@@ -40,12 +39,12 @@ def vqa_controls(cfg: Config) -> list[str]:
 class RunVQA:
     """The VQA question sets of one run, their accuracy matrices (``vqa_acc``, NaN rows where not scored), row 0's
     counts and the time spent scoring. ``fingerprint(backbone)``: the pretrained encoder's fingerprint (the shared
-    row 0's keys); ``context()``: what the shared counts depend on beyond the model (device, GPU, torch)."""
+    row 0's keys)."""
 
     def __init__(self, cfg: Config, record: RunRecord, device: torch.device, progress: bool,
-                 fingerprint: Callable[[Any], str], context: Callable[[], dict[str, Any]]) -> None:
+                 fingerprint: Callable[[Any], str]) -> None:
         self.cfg, self.record, self.device, self.progress = cfg, record, device, progress
-        self.fingerprint, self.context = fingerprint, context
+        self.fingerprint = fingerprint
         self.sets: list[VQASet] = []  # the target's set, then each control's
         self.matrix: AccuracyMatrix | None = None  # VQA accuracy (vqa_acc), NaN rows where not evaluated
         self.subset_matrix: AccuracyMatrix | None = None  # with subsets between the ends: on them, every session
@@ -129,24 +128,16 @@ class RunVQA:
     def session_zero(self, vlm, backbone) -> dict[str, dict[str, int | float]]:
         """VQA row 0's counts per :meth:`~benchmark.vqa.evaluate.VQASet.key` (all of a set's questions, and its
         subset on a subset basis; the pretrained encoder in the VLM's tower): from the grid's shared store when
-        a run stored them (under ``ddp: true``: when every rank finds them), else scored and stored; the manifest's
+        a run stored them (under ``ddp: true``: when every rank finds them), else scored and stored
+        (:func:`~benchmark.shared_rows.session_zero`); the manifest's
         ``vqa_session0`` names the keys and the sets read."""
         vqa = self.cfg.vqa
         asks = {qset.key(full): (qset, full) for full, _ in self.bases(0) for qset in self.sets}
-        keys = {name: vqa_row_key(vqa, qset, self.fingerprint(backbone), self.context(), full)
+        keys = {name: vqa_row_key(vqa, qset, self.fingerprint(backbone), row_context(self.device), full)
                 for name, (qset, full) in asks.items()}
-        folder = shared_folder(self.cfg.out, self.cfg.name)
-        found = {name: read_counts(folder, key) for name, key in keys.items()}
-        everywhere = all_reduce_sum([int(found[name] is not None) for name in asks])
-        counts, shared = {}, []
-        for (name, (qset, full)), n in zip(asks.items(), everywhere):
-            if n == world_size():
-                counts[name] = found[name]
-                shared.append(name)
-                continue
-            counts[name] = self.score(vlm, qset, full)
-            if self.record.writable:
-                write_counts(folder, keys[name], counts[name], name)
+        counts, shared = session_zero(shared_folder(self.cfg.out, self.cfg.name), keys,
+                                      lambda missing: {name: self.score(vlm, *asks[name]) for name in missing},
+                                      self.record.writable)
         self.record.update_manifest(vqa_session0={"keys": keys, "shared": shared})
         return counts
 
