@@ -258,13 +258,16 @@ class SavedVLMFamily(VLMFamily):
         from transformers import AutoConfig
 
         source, local = self.source()
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError) as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({err}); the folder needs what "
-                           f"{self.save_hint} writes") from err
-        if config.model_type != self.model_type:
-            raise VLMError(f"vqa.model '{self.spec}' is a '{config.model_type}' model; expected a {self.model_class} "
+        try:  # a folder's model_type first: transformers may fail to build another family's config from its fields
+            model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type") if local else None
+            config = None if model_type not in (None, self.model_type) else \
+                AutoConfig.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError, AttributeError) as err:
+            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({' '.join(str(err).split())}); "
+                           f"the folder needs what {self.save_hint} writes") from err
+        model_type = config.model_type if config is not None else model_type
+        if model_type != self.model_type:
+            raise VLMError(f"vqa.model '{self.spec}' is a '{model_type}' model; expected a {self.model_class} "
                            f"(model_type '{self.model_type}'), e.g. {self.hub_example}")
         return config
 
