@@ -151,7 +151,6 @@ class HFCLIPBackbone(_HFTower, Backbone):
 
 
 VISION_TOWERS = ("siglip_vision_model", "clip_vision_model")  # model_type of the towers hf-vision: loads
-VLMS_WITH_TOWER = ("paligemma", "llava")  # model_type of the VLM folders whose tower hf-vision: takes out
 TOWER_HINT = "SiglipVisionModel.save_pretrained(dir) or CLIPVisionModel.save_pretrained(dir) (fscl export)"
 
 
@@ -180,15 +179,17 @@ class HFVisionBackbone(_HFTower, Backbone):
         except (OSError, ValueError) as err:
             raise BackboneLoadError(f"hf-vision:{rest}: could not read its config.json ({err})") from err
         model_type = config.model_type
-        vision_config = config.vision_config if model_type in VLMS_WITH_TOWER else config
+        # a VLM's config: a vision tower beside a language model, with an image token in its text
+        in_vlm = hasattr(config, "image_token_id") and hasattr(config, "vision_config")
+        vision_config = config.vision_config if in_vlm else config
         if vision_config.model_type not in VISION_TOWERS:
             raise BackboneLoadError(
                 f"hf-vision:{rest} is a '{model_type}' model; hf-vision: takes a vision tower ("
-                f"{', '.join(VISION_TOWERS)}) or a VLM holding one ({', '.join(VLMS_WITH_TOWER)}); "
-                f"pass a CLIPModel / SiglipModel folder as hf:{rest}")
+                f"{', '.join(VISION_TOWERS)}) or a VLM holding one (a vision_config and a text_config, such as "
+                f"PaliGemma's or LLaVA's); pass a CLIPModel / SiglipModel folder as hf:{rest}")
         with_projection = "CLIPVisionModelWithProjection" in (config.architectures or [])
         model = _tower_model(vision_config, with_projection) if weights else None
-        if weights and model_type in VLMS_WITH_TOWER:
+        if weights and in_vlm:
             _load_tower_of_vlm(model, source, rest)
         elif weights:
             try:

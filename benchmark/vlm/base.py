@@ -110,6 +110,7 @@ class VLMFamily(ABC):
 
     def loaded(self, device: torch.device) -> LoadedVLM:
         """:meth:`load` on ``device``, once per process (the global RNGs untouched)."""
+        device = torch.device(device)
         key = str(device)
         if key not in self._loaded:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -256,16 +257,18 @@ class SavedVLMFamily(VLMFamily):
 
     @cached_property
     def _config(self):
-        from transformers import AutoConfig
+        from transformers import AutoConfig, PretrainedConfig
 
         source, local = self.source()
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local)
+        try:  # the model_type first: another family's config may not even build as this one
+            model_type = PretrainedConfig.get_config_dict(source, local_files_only=local)[0].get("model_type")
+            config = AutoConfig.from_pretrained(source, local_files_only=local) if model_type == self.model_type \
+                else None
         except (OSError, ValueError) as err:
-            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({err}); the folder needs what "
-                           f"{self.save_hint} writes") from err
-        if config.model_type != self.model_type:
-            raise VLMError(f"vqa.model '{self.spec}' is a '{config.model_type}' model; expected a {self.model_class} "
+            raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({' '.join(str(err).split())}); "
+                           f"the folder needs what {self.save_hint} writes") from err
+        if config is None:
+            raise VLMError(f"vqa.model '{self.spec}' is a '{model_type}' model; expected a {self.model_class} "
                            f"(model_type '{self.model_type}'), e.g. {self.hub_example}")
         return config
 
