@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_streams_layouts import write_image
 
 ROOT = Path(__file__).parents[1]
 # each example package: its modules, the page that walks through them, public names it must build on
@@ -48,18 +49,25 @@ def _pyproject(package: str) -> Path:
 
 def _entry_points(package: str) -> dict[str, str]:
     """The ``fscl.plugins`` entries of the example's pyproject.toml (name → module)."""
-    section = _pyproject(package).read_text().split('[project.entry-points."fscl.plugins"]\n', 1)[1].split("\n[", 1)[0]
+    return _plugins(_pyproject(package).read_text())
+
+
+def _plugins(toml: str) -> dict[str, str]:
+    """The ``fscl.plugins`` entries of a pyproject.toml's text (name → module)."""
+    section = toml.split('[project.entry-points."fscl.plugins"]\n', 1)[1].split("\n[", 1)[0]
     return dict(re.findall(r'^([\w.-]+)\s*=\s*"([^"]+)"$', section, re.M))
 
 
-def installed(package: str, site: Path) -> dict[str, str]:
-    """The environment of a user who installed the example ``package`` (its dist-info in ``site``, on PYTHONPATH)."""
+def installed(package: str, site: Path, folder: Path | None = None, entries: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a user who installed ``package`` (default: the example of that name, with its entry points):
+    its dist-info in ``site`` and its ``folder`` on PYTHONPATH."""
+    folder = folder or ROOT / "examples" / package
     info = site / f"{package}-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 0.1.0\n")
-    entries = "".join(f"{k} = {v}\n" for k, v in _entry_points(package).items())
-    (info / "entry_points.txt").write_text("[fscl.plugins]\n" + entries)
-    path = [str(site), str(ROOT / "examples" / package), *filter(None, [os.environ.get("PYTHONPATH")])]
+    lines = "".join(f"{k} = {v}\n" for k, v in (entries or _entry_points(package)).items())
+    (info / "entry_points.txt").write_text("[fscl.plugins]\n" + lines)
+    path = [str(site), str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]
     # a tiny model gains nothing from more threads, and on a shared machine they spin idle
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
@@ -202,8 +210,9 @@ def test_an_interrupted_l2sp_run_resumes_to_the_numbers_of_an_uninterrupted_run(
 
 
 # --------------------------------------------------------------------------- the VLM family: llava-plain
+TEST_FRACTION = 0.05  # 90 test images, 90 questions: the scores are written out again below
 PLAIN_SETTINGS = ("quick", "--no-progress", "seed=0", "sessions=1", "train.epochs=3", "train.warmup_steps=0",
-                  "strategy=lora-ppl", "keep_checkpoints=all")
+                  "strategy=lora-ppl", "keep_checkpoints=all", f"digits.test_fraction={TEST_FRACTION}")
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +262,14 @@ def test_a_missing_folder_is_refused_by_the_grid_check_before_any_work(vlm_env, 
 
 
 def _letter_mass(vlm, prompt, batch_size: int = 16) -> tuple[str, float]:
-    """(SHA-256, summed letter mass) of the digits question set of a run (every test image, question seed 0)
+    """(SHA-256, summed letter mass) of the digits question set of the runs (every test image, question seed 0)
     scored with ``prompt`` (user text → the model's whole prompt) and the letters read as the character
     tokenizer's tokens " A" to " E", written out here rather than taken from the family."""
     from benchmark.vqa.build import build_question_set
     from streams.digits import Digits
+    from streams.options import DigitsOptions
 
-    stream = Digits(".")
+    stream = Digits(".", DigitsOptions(test_fraction=TEST_FRACTION))
     test = stream.dataset("test")
     questions = build_question_set(stream, test=test)
     tokenizer = vlm.processor.tokenizer
@@ -291,11 +301,11 @@ def test_llava_plain_scores_and_trains_with_the_plain_prompt(vlm_runs, tiny_llav
                 "llava": _letter_mass(vlm, conversation)}
     for family, run in vlm_runs.items():
         manifest = json.loads((run / "manifest.json").read_text())
-        assert manifest["status"] == "finished" and manifest["config"]["vqa"]["model"] == f"{family}:{tiny_llava}"
+        assert manifest["status"] == "finished" and f"vqa.model={family}:{tiny_llava}" in manifest["command"]
         sha, mass = expected[family]
         assert manifest["vqa_sets"]["digits"]["sha256"] == sha  # the same questions, asked of every image
         row = _row(run, 0, "vqa_letter_mass")
-        assert row["total"] == 540 and row["value"] * row["total"] == pytest.approx(mass, rel=1e-5)
+        assert row["total"] == 90 and row["value"] * row["total"] == pytest.approx(mass, rel=1e-5)
     plain, vicuna = (_row(vlm_runs[f], 0, "vqa_letter_mass")["value"] for f in ("llava-plain", "llava"))
     assert abs(plain - vicuna) > 1e-4 * vicuna  # the prompts tell the runs apart (measured: about 3e-4)
 
@@ -310,3 +320,36 @@ def test_llava_plain_scores_and_trains_with_the_plain_prompt(vlm_runs, tiny_llav
     assert not all(torch.equal(trained["llava-plain"][n], trained["llava"][n]) for n in trained["llava"])
     after = {f: _row(run, 1, "vqa_letter_mass")["value"] for f, run in vlm_runs.items()}
     assert after["llava-plain"] != plain and after["llava"] != vicuna  # each trained encoder went into the tower
+
+
+# --------------------------------------------------------------------------- the stream guide's example
+def test_the_stream_guide_s_package_checks_a_real_layout_and_names_an_empty_class(tmp_path):
+    """docs/adding-a-stream.md's files (the blocks opening with ``# my_streams/...``) and its entry point make a
+    package whose ``leaves`` stream ``fscl data check`` reads on a real folder-per-class tree."""
+    guide = ROOT / "docs" / "adding-a-stream.md"
+    package = tmp_path / "package"
+    blocks = FENCE.findall(guide.read_text())
+    for _, code in blocks:
+        first = code.split("\n", 1)[0]
+        if first.startswith("# my_streams/"):
+            (package / first[2:]).parent.mkdir(parents=True, exist_ok=True)
+            (package / first[2:]).write_text(code)
+    assert sorted(p.name for p in (package / "my_streams").iterdir()) == ["__init__.py", "leaves.py", "leaves.yaml"]
+    entries = _plugins(next(code for lang, code in blocks if lang == "toml"))
+    (tmp_path / "site").mkdir()
+    env = installed("my_streams", tmp_path / "site", package, entries)
+    for c, key in enumerate(("oak", "maple", "birch", "ginkgo")):
+        for i in range(5):
+            write_image(tmp_path / "data" / "leaves" / key / f"{i:04d}.jpg", 100 * c + i)
+    check = ("data", "check", "leaves", "--root", str(tmp_path / "data"), "-o", "test_fraction=0.4", "--sessions", "2",
+             "--no-progress")
+    done = fscl(env, *check, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "images: train 12, test 8" in done.stdout and "OK: leaves is usable" in done.stdout
+    assert re.search(r"^ +2  birch +3 +2  birch leaf$", done.stdout, re.M)
+    for image in (tmp_path / "data" / "leaves" / "birch").iterdir():
+        image.unlink()
+    done = fscl(env, *check, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "leaves: empty class folder (no .jpg" in done.stdout + done.stderr
+    assert str(tmp_path / "data" / "leaves" / "birch") in done.stdout + done.stderr
