@@ -290,13 +290,14 @@ def _row(run: Path, session: int, metric: str) -> dict:
     return next(r for r in rows if r["session"] == session and r["metric"] == metric and r["dataset"] == "digits")
 
 
-def test_llava_plain_scores_and_trains_with_the_plain_prompt(vlm_runs, tiny_llava):
+def test_llava_plain_scores_and_trains_with_the_plain_prompt(vlm_runs, tiny_llava, tiny_backbone):
     """Each run's VQA scores are those of its own prompt, written out here: the plain template through
     ``llava-plain:``, the vicuna_v1 conversation through ``llava:``; the same weights, other numbers."""
     from benchmark.vlm.llava import LlavaFamily, conversation
     from benchmark.vlm.spec import VLMSpec
 
     vlm = LlavaFamily(VLMSpec("llava", str(tiny_llava))).load(torch.device("cpu"))
+    vlm.swap_encoder(tiny_backbone)  # the runs' pretrained encoder, as at session 0
     expected = {"llava-plain": _letter_mass(vlm, lambda text: f"<image>\n{text}\nAnswer:"),
                 "llava": _letter_mass(vlm, conversation)}
     for family, run in vlm_runs.items():
