@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from benchmark.config import check
 from benchmark.plugins import StrategyPlugin
 from strategies.lorsu.update import LowRankDelta, attach, merge
-from strategies.options import LoRAOptions, LoRAPplOptions
+from strategies.options import LoRAOptions, LoRAPplOptions, skip_blocks
 
 ADAPTER = "default"  # peft's adapter name
 
@@ -95,7 +95,7 @@ class LoRA(StrategyPlugin[LoRAOptions]):
 
     def __init__(self, backbone, options: LoRAOptions | None = None) -> None:
         super().__init__(backbone, options or self.default_options())
-        skip = self.options.skip_last_blocks
+        skip = skip_blocks(self.options)
         if skip:
             depth = len(backbone.blocks())
             check(skip < depth, f"{self.options.section}.skip_last_blocks", skip,

@@ -20,6 +20,16 @@ def _check_skip(options: LoRAOptions | LoRSUOptions) -> None:
           value, "an integer >= 0 (and below the number of blocks)" + (", or null for the VLM's" if vlm else ""))
 
 
+def skip_blocks(options: LoRAOptions | LoRSUOptions) -> int:
+    """``skip_last_blocks`` as the strategy uses it: :class:`~benchmark.config.ConfigError` for a null one, which a
+    run resolves from its VLM (:func:`~benchmark.vlm.recipe.with_vlm_defaults`) before building the strategy."""
+    value = options.skip_last_blocks
+    check(value is not None, f"{options.section}.skip_last_blocks", value,
+          "an integer; null (the VLM's) is resolved by benchmark.vlm.recipe.with_vlm_defaults(options, vqa_model) "
+          "before the strategy is built")
+    return value
+
+
 @dataclass
 class EWCOptions:
     """Options of ``ewc``."""

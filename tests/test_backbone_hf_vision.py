@@ -87,11 +87,11 @@ def test_bad_inputs_are_refused_with_what_to_pass(tmp_path):
     with pytest.raises(BackboneLoadError, match="no config.json.*SiglipVisionModel.save_pretrained"):
         load_backbone(f"hf-vision:{tmp_path}")
     whole = save_tiny_siglip(tmp_path / "whole")
-    with pytest.raises(BackboneLoadError, match=rf"whole 'siglip' model .*pass it as hf:{whole}"):
+    with pytest.raises(BackboneLoadError, match=rf"'siglip' model.*pass a CLIPModel / SiglipModel folder as hf:{whole}"):
         load_backbone(f"hf-vision:{whole}")
-    (tmp_path / "other").mkdir()
+    (tmp_path / "other").mkdir()  # a model with no vision tower
     (tmp_path / "other" / "config.json").write_text('{"model_type": "gemma", "vocab_size": 10}')
-    with pytest.raises(BackboneLoadError, match="'gemma' model; hf-vision: takes a vision tower .* or a VLM whose"):
+    with pytest.raises(BackboneLoadError, match="'gemma' model; hf-vision: takes a vision tower .* or a VLM holding"):
         load_backbone(f"hf-vision:{tmp_path / 'other'}")
 
 

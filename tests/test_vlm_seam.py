@@ -116,13 +116,10 @@ def test_a_ppl_strategy_with_a_family_without_answer_loss_is_refused(no_loss_fam
                  "--dry-run"]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="allowed_vlms lists the load_forms of declared entries only; a family "
-                                       "registered with VLMS.register has none and is left out")
 def test_a_family_registered_with_the_decorator_is_among_the_allowed_forms(no_loss_family):
     assert no_loss_family in allowed_vlms("lava").split("form: ")[1]
 
 
-@pytest.mark.xfail(strict=True, reason="vqa.model's help points to `fscl ls vlms`, which `fscl ls` does not offer")
 def test_fscl_ls_vlms_lists_the_families_with_their_load_forms(capsys):
     assert main(["ls", "vlms"]) == 0
     out = capsys.readouterr().out

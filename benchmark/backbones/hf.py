@@ -151,7 +151,6 @@ class HFCLIPBackbone(_HFTower, Backbone):
 
 
 VISION_TOWERS = ("siglip_vision_model", "clip_vision_model")  # model_type of the towers hf-vision: loads
-WHOLE_MODELS = ("siglip", "clip")  # model_type of the image-text models that hf: loads whole
 TOWER_HINT = "SiglipVisionModel.save_pretrained(dir) or CLIPVisionModel.save_pretrained(dir) (fscl export)"
 
 
@@ -180,15 +179,14 @@ class HFVisionBackbone(_HFTower, Backbone):
         except (OSError, ValueError) as err:
             raise BackboneLoadError(f"hf-vision:{rest}: could not read its config.json ({err})") from err
         model_type = config.model_type
-        if model_type in WHOLE_MODELS:
-            raise BackboneLoadError(f"hf-vision:{rest} is a whole '{model_type}' model (a CLIPModel / SiglipModel, "
-                                    f"with its text tower): pass it as hf:{rest}")
-        in_vlm = model_type not in VISION_TOWERS  # a VLM's folder: its tower is its vision_config's
-        vision_config = getattr(config, "vision_config", None) if in_vlm else config
-        if getattr(vision_config, "model_type", None) not in VISION_TOWERS:
+        # a VLM's config: a vision tower beside a language model, with an image token in its text
+        in_vlm = hasattr(config, "image_token_id") and hasattr(config, "vision_config")
+        vision_config = config.vision_config if in_vlm else config
+        if vision_config.model_type not in VISION_TOWERS:
             raise BackboneLoadError(
                 f"hf-vision:{rest} is a '{model_type}' model; hf-vision: takes a vision tower ("
-                f"{', '.join(VISION_TOWERS)}) or a VLM whose vision_config is one (PaliGemma's, LLaVA's)")
+                f"{', '.join(VISION_TOWERS)}) or a VLM holding one (a vision_config and a text_config, such as "
+                f"PaliGemma's or LLaVA's); pass a CLIPModel / SiglipModel folder as hf:{rest}")
         with_projection = "CLIPVisionModelWithProjection" in (config.architectures or [])
         model = _tower_model(vision_config, with_projection) if weights else None
         if weights and in_vlm:

@@ -32,7 +32,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
-from benchmark.backbones.openclip import _hub_reachable
 from benchmark.vlm.spec import VLMError, VLMSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # save_pretrained's, each maybe sharded with an index
@@ -111,6 +110,7 @@ class VLMFamily(ABC):
 
     def loaded(self, device: torch.device) -> LoadedVLM:
         """:meth:`load` on ``device``, once per process (the global RNGs untouched)."""
+        device = torch.device(device)
         key = str(device)
         if key not in self._loaded:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -234,6 +234,8 @@ class SavedVLMFamily(VLMFamily):
 
     def source(self) -> tuple[str, bool]:
         """(folder or hub id, local_files_only); :class:`VLMError` for a folder without a model or an unreachable hub."""
+        from benchmark.backbones.openclip import _hub_reachable
+
         rest, spec = self.spec.rest, self.spec
         if is_path(rest):
             folder = Path(rest).expanduser()
@@ -255,18 +257,17 @@ class SavedVLMFamily(VLMFamily):
 
     @cached_property
     def _config(self):
-        from transformers import AutoConfig
+        from transformers import AutoConfig, PretrainedConfig
 
         source, local = self.source()
-        try:  # a folder's model_type first: transformers may fail to build another family's config from its fields
-            model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type") if local else None
-            config = None if model_type not in (None, self.model_type) else \
-                AutoConfig.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError, AttributeError) as err:
+        try:  # the model_type first: another family's config may not even build as this one
+            model_type = PretrainedConfig.get_config_dict(source, local_files_only=local)[0].get("model_type")
+            config = AutoConfig.from_pretrained(source, local_files_only=local) if model_type == self.model_type \
+                else None
+        except (OSError, ValueError) as err:
             raise VLMError(f"vqa.model '{self.spec}': could not read its config.json ({' '.join(str(err).split())}); "
                            f"the folder needs what {self.save_hint} writes") from err
-        model_type = config.model_type if config is not None else model_type
-        if model_type != self.model_type:
+        if config is None:
             raise VLMError(f"vqa.model '{self.spec}' is a '{model_type}' model; expected a {self.model_class} "
                            f"(model_type '{self.model_type}'), e.g. {self.hub_example}")
         return config

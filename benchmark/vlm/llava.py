@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -86,6 +87,7 @@ class LlavaFamily(SavedVLMFamily):
     model_class = "LlavaForConditionalGeneration"
     model_type = "llava"
     hub_example = "llava-hf/llava-1.5-7b-hf"
+    loaded_class: ClassVar[type[LoadedLlava]]  # what load() gives (set below, after its class); variants override
     takes = ("an OpenAI-layout CLIP ViT (open_clip, such as openclip:ViT-L-14-336-quickgelu@openai for LLaVA-1.5), "
              "an hf: CLIPModel or an hf-vision: CLIP tower")
 
@@ -137,7 +139,7 @@ class LlavaFamily(SavedVLMFamily):
         return blocks - (layer if layer >= 0 else blocks + 1 + layer)
 
     def load(self, device: torch.device, dtype: torch.dtype | None = None) -> LoadedLlava:
-        return LoadedLlava(self, *self.pretrained(device, dtype))
+        return self.loaded_class(self, *self.pretrained(device, dtype))
 
 
 def image_features(config) -> int:
@@ -187,14 +189,17 @@ def swap_into_tower(model: nn.Module, backbone: Backbone) -> None:
     load_hf_vision(getattr(tower, "vision_model", tower), backbone)  # 4.x: CLIPVisionModel.vision_model
 
 
-def letter_tokens(tokenizer, letters: Sequence[str]) -> list[int]:
-    """The tokens of ``" A"``, ``" B"``, ... after ``ASSISTANT:`` (Llama: ``▁A``)."""
-    return answer_token_ids(tokenizer, ASSISTANT, [f" {letter}" for letter in letters])
+def letter_tokens(tokenizer, letters: Sequence[str], prefix: str = ASSISTANT) -> list[int]:
+    """The tokens of ``" A"``, ``" B"``, ... after ``prefix`` (``ASSISTANT:``; Llama: ``▁A``)."""
+    return answer_token_ids(tokenizer, prefix, [f" {letter}" for letter in letters])
 
 
 # --------------------------------------------------------------------------- the loaded model
 class LoadedLlava(LoadedVLM):
-    """A loaded LLaVA and its ``LlavaProcessor``."""
+    """A loaded LLaVA and its ``LlavaProcessor``. A variant in another prompt format overrides :meth:`prompt` and
+    :attr:`answer_prefix` (the prompt's end, after which the letters are scored)."""
+
+    answer_prefix: ClassVar[str] = ASSISTANT
 
     def prompt(self, user_text: str) -> str:
         return conversation(user_text, self.processor.image_token)
@@ -218,7 +223,7 @@ class LoadedLlava(LoadedVLM):
         return self.sequence_logits(batch, logits_to_keep=1)[:, -1]
 
     def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
-        return letter_tokens(self.processor.tokenizer, letters)
+        return letter_tokens(self.processor.tokenizer, letters, self.answer_prefix)
 
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int) -> list[str]:
         out = self.model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)  # [B, L + new]
@@ -231,11 +236,11 @@ class LoadedLlava(LoadedVLM):
         return image_features(self.model.config)
 
     def pair_tokens(self, user_text: str, answer: str) -> tuple[list[int], list[int]]:
-        """The prompt (``<image>`` expanded into :attr:`image_tokens` ids) + `` {answer}</s>``; the tokenizer adds
-        ``<s>`` itself, as Llama's does."""
+        """:meth:`prompt` (``<image>`` expanded into :attr:`image_tokens` ids) + `` {answer}</s>``; the tokenizer
+        adds ``<s>`` itself, as Llama's does."""
         tokenizer, image_token_id = self.processor.tokenizer, self.model.config.image_token_id
         image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-        prompt = conversation(user_text, image_token)
+        prompt = self.prompt(user_text)
         base = tokenizer(prompt).input_ids
         if base.count(image_token_id) != 1:
             raise VLMError(f"the tokenizer does not keep '{image_token}' as one token (id {image_token_id}) in "
@@ -279,6 +284,9 @@ class LoadedLlava(LoadedVLM):
 
     def llm_layers(self) -> nn.ModuleList:
         return self.language_model.layers
+
+
+LlavaFamily.loaded_class = LoadedLlava
 
 
 # --------------------------------------------------------------------------- small offline LLaVAs

@@ -45,7 +45,8 @@ def parse_vlm(text: str) -> VLMSpec:
 def allowed_vlms(family: str = "") -> str:
     """What ``vqa.model`` may be: each registered family's load forms, after a did-you-mean for ``family``."""
     close = difflib.get_close_matches(family, VLMS.names(), n=1) if family else []
-    forms = ", ".join(form.split("  ")[0] for entry in VLMS.entries() for form in entry.load_forms)
+    forms = ", ".join(form.split("  ")[0] for entry in VLMS.entries()
+                      for form in entry.load_forms or (getattr(entry.obj, "example", entry.name),))
     return (f"(did you mean '{close[0]}'?) " if close else "") + f"a registered VLM family's form: {forms}"
 
 

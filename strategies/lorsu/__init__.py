@@ -33,7 +33,7 @@ from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from strategies.lorsu import masks
 from strategies.lorsu.update import HeadLoRA, LowRankDelta, SeparateHeadLoRA, SparseEntries, attach, merge
-from strategies.options import LoRSUOptions, LoRSUPplOptions
+from strategies.options import LoRSUOptions, LoRSUPplOptions, skip_blocks
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
         super().__init__(backbone, options or LoRSUOptions())
         opts = self.options
         depth = len(backbone.blocks())
-        check(opts.skip_last_blocks < depth, f"{opts.section}.skip_last_blocks", opts.skip_last_blocks,
+        check(skip_blocks(opts) < depth, f"{opts.section}.skip_last_blocks", opts.skip_last_blocks,
               f"an integer in [0, {depth - 1}] (backbone '{backbone.spec}' has {depth} blocks)")
         heads = min(b.num_heads for b in backbone.blocks())
         check(opts.top_k_heads <= heads, f"{opts.section}.top_k_heads", opts.top_k_heads,
