@@ -45,6 +45,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DEMO_PRESET = "mini"  # the offline benchmark of `fscl demo` (and `fscl run mini`)
 GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
 TRAIN = "train"  # the training recipe's section, at top level and in a strategy's section
+EVALUATIONS = ("zeroshot", "vqa")  # what a run may evaluate (Config.evaluate), in this order
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -195,6 +196,9 @@ class Config:
     # evaluated images decoded, resized and cropped once into uint8 files under the cache folder (disk), also held
     # on the GPU when they fit (device), or decoded at every evaluation (off); the numbers are the same
     eval_cache: Literal["disk", "device", "off"] = "disk"
+    # what a run evaluates after its sessions: zero-shot classification (needs a backbone with a text tower) and the
+    # VLM's VQA (with vqa.model); reports, TI/CC and tune use whichever a run has
+    evaluate: list[Literal["zeroshot", "vqa"]] = field(default_factory=lambda: list(EVALUATIONS))
     train: TrainConfig = field(default_factory=TrainConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
     # null: evaluate on the test splits; N: hold N images per class out of the target's training pool and draw
@@ -695,6 +699,10 @@ def _validate(cfg: Config, problems: list[str]) -> None:
                 elif name not in registry:
                     problems.append(f"{axis}: {registry.unknown_message(name)}")
         problems += [f"controls: {STREAMS.unknown_message(name)}" for name in cfg.controls if name not in STREAMS]
+        check(bool(cfg.evaluate) and len(set(cfg.evaluate)) == len(cfg.evaluate), "evaluate", cfg.evaluate,
+              f"a non-empty list of {', '.join(EVALUATIONS)}, each once")
+        check(not cfg.evaluate or "zeroshot" in cfg.evaluate or cfg.vqa.model is not None, "evaluate", cfg.evaluate,
+              "zeroshot, or vqa with a vqa.model: a run evaluates something")
         if cfg.control_subset is not None:
             check(cfg.control_subset >= 1, "control_subset", cfg.control_subset, "an integer >= 1, or null for all images")
         from benchmark.backbones import check_backbone_string

@@ -128,6 +128,30 @@ def strategy_problems(runs: list[Config]) -> list[str]:
     return problems
 
 
+def text_tower_problems(runs: list[Config]) -> list[str]:
+    """What a backbone without a text tower (a VLM's vision tower alone, ``hf-vision:``) cannot do, found on its
+    skeleton: zero-shot evaluation (``evaluate``), a strategy that trains with the CLIP loss, VQA's ``hard``
+    distractors (ranked by text embeddings)."""
+    problems, towers = [], {}
+    for run in runs:
+        if run.backbone not in towers:
+            try:
+                towers[run.backbone] = backbone_skeleton(run.backbone).has_text_tower
+            except FsclError:  # strategy_problems reports a backbone that cannot be built
+                towers[run.backbone] = True
+        if towers[run.backbone]:
+            continue
+        entry = STRATEGIES.get(run.strategy)
+        needs = [what for what, needed in (
+            ("zero-shot evaluation (evaluate: zeroshot; set evaluate: [vqa] with a vqa.model)", "zeroshot" in run.evaluate),
+            (f"the CLIP loss of {run.strategy} (train it with a VLM-loss strategy, *-ppl)",
+             entry.obj.trains and entry.obj.objective != "vlm"),
+            ("vqa.mode: hard (its distractors are ranked by text embeddings; use random)",
+             run.vqa.model is not None and run.vqa.mode == "hard")) if needed]
+        problems += [f"{run.backbone} has no text tower (a vision tower alone): it cannot give {what}" for what in needs]
+    return list(dict.fromkeys(problems))
+
+
 def vqa_problems(runs: list[Config]) -> list[str]:
     """What the VQA evaluation of the grid refuses: a ``vqa.sets`` name that is neither a run's target nor one
     of its controls, a ``vqa.model`` whose model is missing or of another family (its config is read, no weights),
@@ -162,7 +186,8 @@ def _where(run: Config) -> str:
 def check_grid(runs: list[Config], force: bool = False, jobs: int | str = 1) -> list[RunData]:
     """Every run's :class:`RunData`, or :class:`GridCheckError` listing every problem of the grid:
     ``jobs`` (local processes) other than 1 with ``ddp: true``, what a strategy refuses on its backbone
-    (:func:`strategy_problems`), what VQA refuses (:func:`vqa_problems`), its data (a missing root, a
+    (:func:`strategy_problems`), what a backbone without a text tower cannot do (:func:`text_tower_problems`), what
+    VQA refuses (:func:`vqa_problems`), its data (a missing root, a
     wrong layout, too many sessions for a stream's classes, ...), a runs folder or a cache folder it cannot
     write, a folder name too long (:func:`long_folder_names`), and (unless ``force``) a finished run whose
     configuration changed. A run and ``--dry-run`` make these same checks."""
@@ -170,7 +195,8 @@ def check_grid(runs: list[Config], force: bool = False, jobs: int | str = 1) -> 
     found: list[RunData] = []
     problems: dict[str, list[str]] = {
         message: [] for message in
-        unwritable_outputs(runs) + unusable_cache(runs) + strategy_problems(runs) + vqa_problems(runs)}
+        unwritable_outputs(runs) + unusable_cache(runs) + strategy_problems(runs) + text_tower_problems(runs)
+        + vqa_problems(runs)}
     if runs and runs[0].ddp and jobs not in (1, "auto"):  # ddp is one value for the whole grid
         problems[f"--jobs: invalid value {jobs!r} with ddp: true; --jobs runs whole runs in local processes, with "
                  f"ddp: true the launched processes share each run instead: leave --jobs at 1"] = []

@@ -239,7 +239,7 @@ class _Run:
         )
         template = self.vlm_template(spec, backbone, options, common) if vlm else CLIPTemplate(**common)
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
-        if cfg.vqa.model is not None:
+        if cfg.vqa.model is not None and "vqa" in cfg.evaluate:
             self.vqa = RunVQA(cfg, self.record, self.device, self.progress, self.fingerprint)
             self.vqa.build(data)
         return backbone, plugin, meter, template, scenario, zeroshot.stream()
@@ -338,6 +338,13 @@ class _Run:
             self.cfg.keep_checkpoints)
 
     def evaluate(self, template: CLIPTemplate, eval_stream, session: int) -> None:
+        """The evaluations of ``evaluate`` after ``session``: zero-shot (log rows, fill the matrix row), then VQA."""
+        if "zeroshot" in self.cfg.evaluate:
+            self.evaluate_zeroshot(template, eval_stream, session)
+        if self.vqa is not None and self.vqa.scores_after(session):
+            self.vqa.evaluate(template.backbone, session, self.trains)
+
+    def evaluate_zeroshot(self, template: CLIPTemplate, eval_stream, session: int) -> None:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
         counts = self.eval_counts(template, eval_stream, session)
         target, n = self.cfg.stream, self.matrix.n_sessions
@@ -359,8 +366,6 @@ class _Run:
         for j, name in enumerate(self.matrix.controls, start=1):
             self.matrix.values[session, j] = add(name, "top1", *counts[name])
         self.record.append_metrics(rows)
-        if self.vqa is not None and self.vqa.scores_after(session):
-            self.vqa.evaluate(template.backbone, session, self.trains)
 
     # -- evaluation counts: row 0 shared by the grid, a strategy that never trains evaluated once ---------------
     def eval_counts(self, template: CLIPTemplate, eval_stream, session: int) -> dict[str, tuple[int, int]]:
@@ -419,7 +424,8 @@ class _Run:
             summary.update(self.vqa.summary(vqa_keys))
         summary["costs"] = {"visual_parameters": visual_params, **self.costs}
         if self.record.writable:
-            atomic_write(path / "matrix.csv", self.matrix.to_csv())
+            if "zeroshot" in self.cfg.evaluate:
+                atomic_write(path / "matrix.csv", self.matrix.to_csv())
             if self.vqa is not None:
                 self.vqa.write(path)
             write_json(path / "summary.json", summary)
