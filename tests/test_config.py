@@ -65,6 +65,11 @@ def test_a_run_s_options_are_parsed_once_into_their_dataclasses_beside_the_recor
         ("train.augment=timm", "train.augment: invalid value 'timm'; allowed: released | openclip"),
         ("shot_seed=-1", "shot_seed: invalid value -1"),
         ("lorsu.scheduler_step=epoch", "lorsu.scheduler_step: unknown key"),  # one schedule: train.scheduler_step
+        ("evaluate=[zeroshot,clip]", "evaluate[1]: invalid value 'clip'; allowed: zeroshot | vqa"),
+        ("evaluate=[]", "evaluate: invalid value []; allowed: a non-empty list of zeroshot, vqa, each once"),
+        ("evaluate=[vqa,vqa]", "evaluate: invalid value ['vqa', 'vqa']; allowed: a non-empty list"),
+        ("evaluate=[vqa]", "evaluate: invalid value ['vqa']; allowed: zeroshot, or vqa with a vqa.model"),
+        ("vqa.model=lava:/x", "vqa.model: invalid value 'lava:/x'; allowed: (did you mean 'llava'?) a registered VLM"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(override, fragment):

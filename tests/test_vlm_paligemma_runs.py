@@ -1,7 +1,8 @@
 """A tiny PaliGemma end to end through ``fscl run``: VQA scored by letter and by generation, ``lorsu-ppl`` training
 an ``hf:`` SiglipModel through PaliGemma's answer loss (only the chosen encoder parameters move) and its resume
-after session 1 to the same numbers. (Zero-shot is evaluated too: the backbone is a whole SiglipModel; a tower
-alone, ``hf-vision:``, awaits the runs' choice of evaluations.)"""
+after session 1 to the same numbers (zero-shot is evaluated too: the backbone is a whole SiglipModel); PaliGemma's
+own tower alone (``hf-vision:``, no text tower) trained and evaluated by VQA only (``evaluate: [vqa]``), and the
+grid check's refusal of what needs its missing text tower."""
 from __future__ import annotations
 
 import json
@@ -109,3 +110,29 @@ def test_the_trained_tower_exports_as_a_siglip_vision_model_paligemma_takes(lors
     final = torch.load(lorsu_ppl / "checkpoints/session-2.pt", weights_only=False)["encoder"]
     assert all(torch.equal(final[f"tower.{name}"], p) for name, p in tower.visual.tower.named_parameters())
     resolve_vlm(f"paligemma:{models['paligemma']}").check_encoder(tower)
+
+
+def test_paligemmas_own_tower_alone_trains_and_is_scored_by_vqa_only(args, models, tmp_path):
+    tower = [f"backbone=hf-vision:{models['paligemma']}", "evaluate=[vqa]"]
+    assert main([*args, *tower, "strategy=[zeroshot,lorsu-ppl]", f"out={tmp_path}"]) == 0
+    (run,) = tmp_path.glob("quick/digits/*/lorsu-ppl/5-s0")
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"vqa", "costs"} and not (run / "matrix.csv").exists()
+    assert summary["vqa"]["evaluated"] == [0, 2] and (run / "vqa_matrix.csv").is_file()
+    assert {r["metric"] for r in metric_rows(run)} >= {"vqa_acc", "vqa_letter_mass"}
+    assert not any(r["metric"].startswith("top1") for r in metric_rows(run))
+    (zeroshot,) = tmp_path.glob("quick/digits/*/zeroshot/5-s0")
+    assert json.loads((zeroshot / "summary.json").read_text())["vqa"]["target_improvement"] == 0
+
+
+@pytest.mark.parametrize("extra, needs", [
+    ([], "zero-shot evaluation (evaluate: zeroshot; set evaluate: [vqa] with a vqa.model)"),
+    (["evaluate=[vqa]", "strategy=full-ft"], "the CLIP loss of full-ft (train it with a VLM-loss strategy, *-ppl)"),
+    (["evaluate=[vqa]", "vqa.mode=hard"], "vqa.mode: hard (its distractors are ranked by text embeddings; use random)"),
+])
+def test_the_grid_check_refuses_what_needs_the_missing_text_tower(args, models, tmp_path, capsys, extra, needs):
+    backbone = f"hf-vision:{models['paligemma']}"
+    assert main([*args, f"backbone={backbone}", "strategy=lorsu-ppl", *extra, f"out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{backbone} has no text tower (a vision tower alone): it cannot give {needs}" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
