@@ -57,9 +57,12 @@ def output_lines(cfg: Config, runs: Sequence[Config]) -> list[str]:
     keep = {"none": "no checkpoint kept (fscl export: session 0 only; keep_checkpoints=last or all keeps them)",
             "last": "the last session's checkpoint kept (fscl export --session N: the last session)",
             "all": "every session's checkpoint kept (fscl export: any session)"}[cfg.keep_checkpoints]
-    lines = [f"produces: zero-shot accuracy of the target and its controls before training and after every "
-             f"session, per run; {keep}"]
-    if cfg.vqa.model is None:
+    zeroshot = ("zero-shot accuracy of the target and its controls before training and after every session"
+                if "zeroshot" in cfg.evaluate else "no zero-shot accuracy (evaluate: [vqa]): the VQA scores alone")
+    lines = [f"produces: {zeroshot}, per run; {keep}"]
+    if cfg.vqa.model is not None and "vqa" not in cfg.evaluate:
+        lines.append(f"VQA: off (evaluate has no vqa; {cfg.vqa.model} serves the VLM-loss strategies only)")
+    elif cfg.vqa.model is None:
         paper = cfg.name.startswith("paper-")
         lines.append("VQA: off" + (f" — set `vqa.model={PAPER_VLM}` (or {PAPER_VLM_HUB} with internet) "
                                    f"for the paper's headline numbers" if paper else " (vqa.model: null)"))

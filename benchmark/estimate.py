@@ -86,13 +86,13 @@ def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
         test = tests.setdefault(id(run_data.stream), run_data.stream.dataset("test"))
         sets = [(f"{run.stream}@{s.index}", tuple(test.with_classes(s.classes).ids)) for s in run_data.sessions]
         sets += [(name, tuple(images.ids)) for name, images in run_data.control_tests.items()]
-        for name, ids in sets:
+        for name, ids in sets if "zeroshot" in run.evaluate else ():
             if (run.backbone, name, ids) not in row0:
                 row0.add((run.backbone, name, ids))
                 cost.images += len(ids)
             if trains:
                 cost.images += len(ids) * len(run_data.sessions)
-        if run.vqa.model is None:
+        if run.vqa.model is None or "vqa" not in run.evaluate:
             continue
         vqa = run.vqa
         classes = sorted({c for s in run_data.sessions for c in s.classes})
@@ -211,7 +211,8 @@ def probe_rates(run: Config, run_data: Any, device: torch.device, steps: int = P
         evaluator.logits(split.normalise(batch) if split else batch.float(), classes).argmax(1).cpu()
 
     image_rate = timed(eval_step) * train.eval_batch_size
-    question_rate = None if run.vqa.model is None else _probe_questions(run, run_data, backbone, device, timed)
+    asks = run.vqa.model is not None and "vqa" in run.evaluate
+    question_rate = _probe_questions(run, run_data, backbone, device, timed) if asks else None
     return Rates(step_rate, image_rate, question_rate,
                  f"measured now ({steps} full fine-tuning steps and evaluation batches of random images"
                  f"{f', {steps} batches of the target questions' if question_rate else ''}; LoRSU, LoRA and the other "
