@@ -145,3 +145,14 @@ def test_skip_last_blocks_defaults_to_the_blocks_past_the_families_feature_layer
     assert with_vlm_defaults(LoRSUPplOptions(), None).skip_last_blocks == 0  # no VLM (the grid check says so)
     clip_loss = LoRSUOptions()
     assert with_vlm_defaults(clip_loss, f"llava:{llava}") is clip_loss  # not a VLM-loss strategy's options
+
+
+@pytest.mark.parametrize("evaluate, produces, vqa, images", [
+    ("[vqa]", "produces: no zero-shot accuracy (evaluate: [vqa])", "VQA: llava:", " 0 evaluated images"),
+    ("[zeroshot]", "produces: zero-shot accuracy of the target", "VQA: off (evaluate has no vqa;", " evaluated images ("),
+])
+def test_the_dry_run_says_what_evaluate_keeps(llava, tmp_path, capsys, evaluate, produces, vqa, images):
+    assert main(["run", "quick", "seed=0", "strategy=lorsu-ppl", f"vqa.model=llava:{llava}", f"evaluate={evaluate}",
+                 f"out={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert produces in out and vqa in out and images in out
