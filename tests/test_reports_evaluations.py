@@ -17,7 +17,6 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.records import slug
-from benchmark.vlm.llava import save_tiny_llava
 from reports import scan_runs, write_report
 from reports.frame import VQA, ZEROSHOT
 
@@ -28,23 +27,18 @@ KINDS = ("curves", "cost", "matrix")  # no controls: no TI against CC figure
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory) -> Path:
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def vqa_only(llava, tmp_path_factory) -> Path:
+def vqa_only(tiny_llava, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vqa-only")
-    assert main(["run", "quick", "strategy=[zeroshot,full-ft]", f"vqa.model=llava:{llava}", "evaluate=[vqa]",
+    assert main(["run", "quick", "strategy=[zeroshot,full-ft]", f"vqa.model=llava:{tiny_llava}", "evaluate=[vqa]",
                  f"out={out}", *SETTINGS]) == 0
     return out / "quick"
 
 
 @pytest.fixture(scope="module")
-def mixed(vqa_only, llava, tmp_path_factory) -> Path:
+def mixed(vqa_only, tiny_llava, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mixed")
     shutil.copytree(vqa_only, out / "quick")
-    assert main(["run", "quick", "strategy=lorsu", f"vqa.model=llava:{llava}", f"out={out}", *SETTINGS]) == 0
+    assert main(["run", "quick", "strategy=lorsu", f"vqa.model=llava:{tiny_llava}", f"out={out}", *SETTINGS]) == 0
     return out / "quick"
 
 

@@ -118,17 +118,15 @@ def test_a_fallback_is_marked_in_the_table_and_its_csv():
         ("full-ft", "True", "False"), ("lorsu", "True", "True")]
 
 
-def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path):
+def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_llava):
     """Runs with evaluate: [vqa] have no zero-shot TI / CC: the tune reads their summary's vqa block, names that
     basis in the tuned config and tune.csv, and the tune's report scores its sweep on VQA too."""
-    from benchmark.vlm.llava import save_tiny_llava
     from reports import write_report
     from reports.frame import VQA
 
-    llava = save_tiny_llava(tmp_path / "llava")
     tuned = tmp_path / "tuned.yaml"
     assert main(["tune", "quick", f"out={tmp_path}", "seed=0", "train.epochs=1", "strategy=[zeroshot,full-ft]",
-                 f"vqa.model=llava:{llava}", "evaluate=[vqa]", "train.lr=[1e-4,1e-1]", "--validation-per-class", "3",
+                 f"vqa.model=llava:{tiny_llava}", "evaluate=[vqa]", "train.lr=[1e-4,1e-1]", "--validation-per-class", "3",
                  "--no-progress", "--out", str(tuned)]) == 0
     runs = tmp_path / "quick-tune" / "digits" / "openclip-fscl-tiny" / "full-ft"
     ti = {lr: json.loads((runs / f"lr={lr}" / "5-s0" / "summary.json").read_text())["vqa"]["target_improvement"]
