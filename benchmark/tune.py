@@ -8,7 +8,9 @@ seeded draw of N images per class is held out of the target's training split (th
 are drawn from the rest, so they never meet a validation image) and N per class are drawn from each
 control's training split; those are evaluated instead of the test splits, which no tune run reads
 (controls without a training split are left out). A candidate's score is its validation TI and CC,
-averaged over the streams and seeds; :func:`choose` picks one per strategy by the criterion.
+averaged over the streams and seeds; :func:`choose` picks one per strategy by the criterion. The TI and CC are
+those of zero-shot classification when the runs have it, else (``evaluate: [vqa]``) those of VQA: the
+*basis* (:data:`BASES`), named in the tuned config's comments and in ``tune.csv``.
 
 The result is a config that ``fscl run`` takes like a preset: the base config with each strategy's
 chosen values in its own section (``lorsu: {train: {lr: ...}}``), the protocol and the validation
@@ -40,6 +42,10 @@ CRITERIA = {
     "sum": "the largest validation TI + CC",
 }
 LR_STEPS = (-0.5, 0.0, 0.5, 1.0, 1.5)  # the default train.lr grid: the config's lr × 10^step
+BASES = {  # the evaluation a run's validation TI / CC come from (summary.json's top level, or its vqa block)
+    "zeroshot": "zero-shot classification (top-1)",
+    "vqa": "VQA (the VLM's multiple-choice accuracy; the runs evaluate VQA only, evaluate: [vqa])",
+}
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,8 @@ class TuneOptions:
 
 @dataclass(frozen=True)
 class Score:
-    """One tune run: its strategy, candidate (swept key → value), stream, seed and validation TI / CC
-    (fractions; None when the run failed)."""
+    """One tune run: its strategy, candidate (swept key → value), stream, seed, validation TI / CC (fractions;
+    None when the run failed) and the key of :data:`BASES` they come from (None when the run failed)."""
 
     strategy: str
     candidate: tuple[tuple[str, Any], ...]
@@ -68,6 +74,7 @@ class Score:
     seed: int
     ti: float | None
     cc: float | None
+    basis: str | None = None
 
 
 def lr_grid(lr: float, steps: tuple[float, ...] = LR_STEPS) -> list[float]:
@@ -112,9 +119,11 @@ def scores(runs: list[Config]) -> tuple[list[Score], int]:
         candidate = tuple(run.swept.items())
         if record.is_finished():
             summary = json.loads((record.path / "summary.json").read_text())
-            cc = summary.get("control_change")  # None without controls: nothing to lose
-            found.append(Score(run.strategy, candidate, run.stream, run.seed, summary["target_improvement"],
-                               0.0 if cc is None else cc))
+            basis = "zeroshot" if "target_improvement" in summary else "vqa"  # evaluate: [vqa] has only its block
+            scored = summary if basis == "zeroshot" else summary["vqa"]
+            cc = scored.get("control_change")  # None without controls: nothing to lose
+            found.append(Score(run.strategy, candidate, run.stream, run.seed, scored["target_improvement"],
+                               0.0 if cc is None else cc, basis))
         elif (record.manifest() or {}).get("status") == STATUS_FAILED:
             found.append(Score(run.strategy, candidate, run.stream, run.seed, None, None))
         else:
@@ -124,12 +133,14 @@ def scores(runs: list[Config]) -> tuple[list[Score], int]:
 
 def table(found: list[Score]) -> list[dict[str, Any]]:
     """One row per (strategy, candidate) in run order: ``strategy``, ``candidate`` (dict), ``runs``, ``failed``,
-    ``ti`` and ``cc`` (means over the candidate's finished runs, fractions; None when one failed)."""
+    ``ti`` and ``cc`` (means over the candidate's finished runs, fractions; None when one failed) and ``basis``
+    (the :data:`BASES` keys of its finished runs, comma-joined)."""
     rows: dict[tuple, dict[str, Any]] = {}
     for s in found:
         row = rows.setdefault((s.strategy, s.candidate), {"strategy": s.strategy, "candidate": dict(s.candidate),
-                                                          "runs": 0, "failed": 0, "ti": [], "cc": []})
+                                                          "runs": 0, "failed": 0, "ti": [], "cc": [], "basis": {}})
         row["runs"] += 1
+        row["basis"].update(dict.fromkeys([s.basis] if s.basis else []))
         if s.ti is None:
             row["failed"] += 1
         else:
@@ -139,6 +150,7 @@ def table(found: list[Score]) -> list[dict[str, Any]]:
         ok = row["ti"] and not row["failed"]
         row["ti"] = sum(row["ti"]) / len(row["ti"]) if ok else None
         row["cc"] = sum(row["cc"]) / len(row["cc"]) if ok else None
+        row["basis"] = ", ".join(row["basis"])
     return list(rows.values())
 
 
@@ -224,6 +236,7 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
                                                    if left_out else "") + ".",
         f"Criterion {options.criterion}: {CRITERIA[options.criterion]}"
         + (f"; tolerance {options.tolerance:g} pp" if options.criterion == "constrained" else "") + ".",
+        _basis_line(rows),
         "Validation TI / CC in pp, mean over the streams and seeds (* = chosen; ! = fallback: no candidate within "
         "the tolerance, the largest CC chosen):",
         *_table_text(rows, chosen, fallback).splitlines(),
@@ -234,6 +247,12 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
     atomic_write(path, text)
     atomic_write(Path(grid.out) / grid.name / "tune.csv", _table_csv(rows, chosen, fallback))
     return path
+
+
+def _basis_line(rows: list[dict[str, Any]]) -> str:
+    """Which evaluation the validation TI / CC of :func:`table` rows come from (:data:`BASES`)."""
+    bases = dict.fromkeys(b for r in rows for b in r["basis"].split(", ") if b)
+    return f"Basis: the validation TI / CC of {'; '.join(BASES[b] for b in bases) or 'no run (every one failed)'}."
 
 
 def _table_text(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], fallback: list[str]) -> str:
@@ -252,10 +271,11 @@ def _table_csv(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], fa
     keys = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["strategy", *keys, "runs", "failed", "ti", "cc", "chosen", "fallback"])
+    writer.writerow(["strategy", *keys, "runs", "failed", "ti", "cc", "chosen", "fallback", "basis"])
     for r in rows:
         writer.writerow([r["strategy"], *(r["candidate"].get(k, "") for k in keys), r["runs"], r["failed"],
-                         r["ti"], r["cc"], chosen.get(r["strategy"]) == r["candidate"], r["strategy"] in fallback])
+                         r["ti"], r["cc"], chosen.get(r["strategy"]) == r["candidate"], r["strategy"] in fallback,
+                         r["basis"]])
     return out.getvalue()
 
 

@@ -5,7 +5,8 @@ combination of the strategy's swept values: the swept keys as columns, mean ± s
 CC, target forgetting and final accuracy, and a paired t-test by seed against the reference
 combination (each key at its documented default when that value was swept, else at its smallest
 value). :func:`sweep_figure` draws TI against CC with each strategy's sweep as a line through its
-values, the points on the strategy's Pareto front filled.
+values, the points on the strategy's Pareto front filled. The numbers are of one evaluation,
+:func:`reports.frame.basis`: zero-shot classification, or VQA for sweeps of runs that evaluated VQA only.
 """
 from __future__ import annotations
 
@@ -22,20 +23,24 @@ from benchmark.config import declared_default, declared_type
 from benchmark.records import slug
 from reports.blocks import Heading, Image, Table, Text
 from reports.figures import Style, draw_point, floor_change_axes, save_figure, suptitle
-from reports.frame import GROUP_KEYS, SWEEP, SWEPT_PREFIX, ReportError, group_label
+from reports.frame import GROUP_KEYS, SWEEP, SWEPT_PREFIX, ZEROSHOT, Evaluation, ReportError, basis, group_label, named
 from reports.tables import (
-    RESULT_COLUMNS,
     TEST_NAME,
     Cell,
+    Column,
     PairedTest,
     TextTable,
     _missing,
     _p_text,
     clear_best,
     paired_test,
+    result_columns,
 )
 
-ABLATION_COLUMNS = RESULT_COLUMNS[:4]  # TI, CC, target forgetting, final target accuracy
+
+def ablation_columns(evaluation: Evaluation = ZEROSHOT) -> tuple[Column, ...]:
+    """The columns of a sweep's table under ``evaluation``: TI, CC, target forgetting, final target accuracy."""
+    return result_columns(evaluation)[:4]
 
 
 def swept_keys(runs: pd.DataFrame) -> list[str]:
@@ -81,14 +86,15 @@ def main_runs(finished: pd.DataFrame) -> tuple[pd.DataFrame, dict[tuple, dict[st
     return finished[keep], references
 
 
-def ablation_table(finished: pd.DataFrame) -> pd.DataFrame:
+def ablation_table(finished: pd.DataFrame, evaluation: Evaluation | None = None) -> pd.DataFrame:
     """Per setting, strategy and combination of swept values of the finished swept runs: mean, std (ddof 1)
-    and paired tests against the reference combination.
+    and paired tests against the reference combination, under ``evaluation`` (None: :func:`reports.frame.basis`
+    of the swept runs).
 
     Returns:
         One row per combination, in order of the values: the group keys, ``strategy``, ``keys`` (the
         strategy's swept keys, comma-joined), one column per swept key (its value), ``reference`` (bool),
-        ``n``, ``seeds``, and per :data:`ABLATION_COLUMNS` column ``<key>_mean``, ``_std``, ``_p``, ``_pairs``,
+        ``n``, ``seeds``, and per :func:`ablation_columns` column ``<key>_mean``, ``_std``, ``_p``, ``_pairs``,
         ``_note`` (as :func:`reports.tables.results_table`). Accuracies as fractions.
 
     Raises:
@@ -97,20 +103,22 @@ def ablation_table(finished: pd.DataFrame) -> pd.DataFrame:
     swept = finished[finished[SWEEP].fillna("") != ""]
     if swept.empty:
         raise ReportError("no finished run of a sweep (a grid with list values of option keys)")
+    columns = ablation_columns(evaluation or basis(swept))
     rows = []
     for key, runs in swept.groupby([*GROUP_KEYS, "strategy"], sort=True):
         keys = swept_keys(runs)
         ref_values = reference_values(runs, keys)
-        columns = [f"{SWEPT_PREFIX}{k}" for k in keys]
-        combos = sorted({tuple(r) for r in runs[columns].itertuples(index=False)}, key=lambda c: [natural(v) for v in c])
-        is_ref = np.logical_and.reduce([runs[c] == ref_values[k] for c, k in zip(columns, keys)])
+        swept_columns = [f"{SWEPT_PREFIX}{k}" for k in keys]
+        combos = sorted({tuple(r) for r in runs[swept_columns].itertuples(index=False)},
+                        key=lambda c: [natural(v) for v in c])
+        is_ref = np.logical_and.reduce([runs[c] == ref_values[k] for c, k in zip(swept_columns, keys)])
         ref = runs[is_ref].set_index("seed")
         for combo in combos:
-            these = runs[np.logical_and.reduce([runs[c] == v for c, v in zip(columns, combo)])]
+            these = runs[np.logical_and.reduce([runs[c] == v for c, v in zip(swept_columns, combo)])]
             reference = dict(zip(keys, combo)) == ref_values
             row = {**dict(zip([*GROUP_KEYS, "strategy"], key)), "keys": ", ".join(keys), **dict(zip(keys, combo)),
                    "reference": reference, "n": len(these), "seeds": ", ".join(str(s) for s in sorted(these["seed"]))}
-            for col in ABLATION_COLUMNS:
+            for col in columns:
                 row[f"{col.key}_mean"] = these[col.key].mean()
                 row[f"{col.key}_std"] = these[col.key].std(ddof=1)
                 test = (PairedTest(math.nan, len(these), "reference") if reference else
@@ -126,12 +134,12 @@ def _as_declared(key: str, value: Any) -> Any:
     return int(value) if declared_type(key) is int and isinstance(value, float) and value.is_integer() else value
 
 
-def ablation_text_table(rows: pd.DataFrame) -> TextTable:
-    """One (setting, strategy) of :func:`ablation_table` for print: the swept values, ``mean ± std`` (accuracies in
-    percent / pp), a p-value column after each tested column, the clear best of each column in bold
-    (:data:`reports.tables.BEST_RULE`)."""
+def ablation_text_table(rows: pd.DataFrame, evaluation: Evaluation = ZEROSHOT) -> TextTable:
+    """One (setting, strategy) of :func:`ablation_table` (made under ``evaluation``) for print: the swept values,
+    ``mean ± std`` (accuracies in percent / pp), a p-value column after each tested column, the clear best of each
+    column in bold (:data:`reports.tables.BEST_RULE`)."""
     keys = rows["keys"].iloc[0].split(", ")
-    columns = [c for c in ABLATION_COLUMNS if rows[f"{c.key}_mean"].notna().any()]
+    columns = [c for c in ablation_columns(evaluation) if rows[f"{c.key}_mean"].notna().any()]
     header = [*keys, "n"]
     for col in columns:
         header += [col.label, f"p ({col.short})"] if col.tested else [col.label]
@@ -160,35 +168,35 @@ def pareto_front(ti: np.ndarray, cc: np.ndarray) -> np.ndarray:
 
 
 def sweep_figure(rows: pd.DataFrame, styles: dict[str, Style], title: str,
-                 baselines: pd.DataFrame | None = None) -> Figure:
+                 baselines: pd.DataFrame | None = None, evaluation: Evaluation = ZEROSHOT) -> Figure:
     """TI (x) against CC (y) of one setting's :func:`ablation_table` rows: each strategy's sweep a line through
     its combinations (in order of the values, each labelled), filled markers on its Pareto front, hollow ones
     dominated, the reference combination labelled ``(ref.)``; upper right is best. ``baselines``:
     :func:`reports.tables.results_table` rows of the setting's strategies that were not swept, drawn as reference
-    points (mean ± std)."""
+    points (mean ± std). ``evaluation``: the one ``rows`` (and ``baselines``) are read under."""
+    ti, cc = evaluation.key("target_improvement"), evaluation.key("control_change")
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.axhline(0, color="0.5", linewidth=0.8, linestyle=":")
     ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
     for strategy, points in rows.groupby("strategy", sort=False):
         style = styles[strategy]
-        ti, cc = 100 * points["target_improvement_mean"].to_numpy(), 100 * points["control_change_mean"].to_numpy()
-        keep = np.isfinite(ti) & np.isfinite(cc)
+        gain, change = 100 * points[f"{ti}_mean"].to_numpy(), 100 * points[f"{cc}_mean"].to_numpy()
+        keep = np.isfinite(gain) & np.isfinite(change)
         if not keep.any():
             continue
         keys = points["keys"].iloc[0].split(", ")
         labels = [",".join(str(_as_declared(k, p[k])) for k in keys) + (" (ref.)" if p["reference"] else "")
                   for _, p in points.iterrows()]
-        ti, cc, labels = ti[keep], cc[keep], [lab for lab, k in zip(labels, keep) if k]
-        front = pareto_front(ti, cc)
-        ax.plot(ti, cc, color=style.color, linestyle=style.linestyle, linewidth=1.2,
+        gain, change, labels = gain[keep], change[keep], [lab for lab, k in zip(labels, keep) if k]
+        front = pareto_front(gain, change)
+        ax.plot(gain, change, color=style.color, linestyle=style.linestyle, linewidth=1.2,
                 label=f"{strategy} ({', '.join(k.rsplit('.', 1)[-1] for k in keys)})")
-        ax.scatter(ti[front], cc[front], color=style.color, marker=style.marker, s=40, zorder=3)
-        ax.scatter(ti[~front], cc[~front], facecolors="none", edgecolors=style.color, marker=style.marker, s=40,
-                   zorder=3)
-        for x, y, text in zip(ti, cc, labels):
+        ax.scatter(gain[front], change[front], color=style.color, marker=style.marker, s=40, zorder=3)
+        ax.scatter(gain[~front], change[~front], facecolors="none", edgecolors=style.color, marker=style.marker,
+                   s=40, zorder=3)
+        for x, y, text in zip(gain, change, labels):
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize="x-small", color=style.color)
-    ti, cc = "target_improvement", "control_change"
     for _, row in (baselines if baselines is not None else pd.DataFrame(columns=["strategy"])).iterrows():
         draw_point(ax, styles[row["strategy"]], f"{row['strategy']} (not swept)", 100 * row[f"{ti}_mean"],
                    100 * row[f"{cc}_mean"], 100 * row[f"{ti}_std"], 100 * row[f"{cc}_std"])
@@ -206,23 +214,27 @@ def ablation_section(finished: pd.DataFrame, styles: dict[str, Style], out: Path
     """The report's section on the finished swept runs: its blocks (:mod:`reports.blocks`), the figure files
     written into ``out/figures`` and the :func:`ablation_table`; ``baselines``: the main
     :func:`reports.tables.results_table`, whose strategies not swept in a setting its figure draws as points."""
-    table = ablation_table(finished)
+    evaluation = basis(finished)
+    table = ablation_table(finished, evaluation)
     blocks: list = [Heading("Sweeps and ablations"), Text(
         "Runs of grids with swept keys; per strategy one row per combination of its swept values: mean ± std over "
         f"seeds; p: {TEST_NAME}, against the reference combination (ref.: each key at its documented default when "
         "swept, else its smallest value). The figure draws each strategy's sweep as a line through TI and CC; "
-        "filled markers are its Pareto front (none of its other points is better in both).")]
+        "filled markers are its Pareto front (none of its other points is better in both)."
+        + (f" Every number is of {evaluation.title}: the swept runs have no zero-shot results." if named([evaluation])
+           else ""))]
     figures: list[Path] = []
     for key, setting_rows in table.groupby(list(GROUP_KEYS), sort=True):
         label = group_label(**dict(zip(GROUP_KEYS, key)))
         blocks.append(Heading(label, 3))
         for strategy, rows in setting_rows.groupby("strategy", sort=False):
-            blocks += [Text(f"`{strategy}`, swept: {rows['keys'].iloc[0]}."), Table(ablation_text_table(rows))]
-        if setting_rows["control_change_mean"].notna().any():
+            blocks += [Text(f"`{strategy}`, swept: {rows['keys'].iloc[0]}."),
+                       Table(ablation_text_table(rows, evaluation))]
+        if setting_rows[f"{evaluation.key('control_change')}_mean"].notna().any():
             stem = out / "figures" / slug("sweep-{}-{}-{}-{}shot".format(*key))
             others = baselines[(baselines[list(GROUP_KEYS)] == list(key)).all(axis=1)
                                & ~baselines["strategy"].isin(setting_rows["strategy"])]
-            png, svg = save_figure(sweep_figure(setting_rows, styles, label, others), stem)
+            png, svg = save_figure(sweep_figure(setting_rows, styles, label, others, evaluation), stem)
             figures += [png, svg]
             blocks.append(Image(png, "Each strategy's sweep: TI against CC (mean over seeds), labelled by its swept "
                                      "values; filled markers on the strategy's Pareto front; the strategies not "

@@ -14,8 +14,10 @@ their reason but never enter ``scores`` or any aggregate.
   (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored), and its costs (:func:`cost_scalars`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
 
-A run is scored by one or two :class:`Evaluation` s: CLIP zero-shot classification and, with
-``vqa.model``, multiple-choice VQA through LLaVA; every table and figure is made per evaluation.
+A run is scored by one or two :class:`Evaluation` s, those its config's ``evaluate`` lists: CLIP zero-shot
+classification and, with ``vqa.model``, multiple-choice VQA through the VLM; every table and figure is made per
+evaluation, from the runs that have it (a run without zero-shot has NaN in its columns, one without VQA in the
+``vqa_`` ones; its ``sessions`` and ``controls`` come from whichever evaluation it has).
 """
 from __future__ import annotations
 
@@ -75,6 +77,24 @@ EVALUATIONS = (VQA, ZEROSHOT)  # report order: VQA, the paper's headline, first
 def evaluations(runs: pd.DataFrame) -> list[Evaluation]:
     """The evaluations with results among ``runs`` (rows of the ``runs`` frame), in report order."""
     return [e for e in EVALUATIONS if e.key("target_final") in runs and runs[e.key("target_final")].notna().any()]
+
+
+def scored(runs: pd.DataFrame, evaluation: Evaluation) -> pd.Series:
+    """Per row of ``runs`` (the ``runs`` frame) whether it has results of ``evaluation``."""
+    key = evaluation.key("target_final")
+    return runs[key].notna() if key in runs else pd.Series(False, index=runs.index)
+
+
+def basis(runs: pd.DataFrame) -> Evaluation:
+    """The one evaluation a choice among ``runs`` rests on (a sweep's table): zero-shot where any run has it,
+    else VQA (runs with ``evaluate: [vqa]``)."""
+    return ZEROSHOT if scored(runs, ZEROSHOT).any() or not scored(runs, VQA).any() else VQA
+
+
+def named(evaluated: Sequence[Evaluation]) -> bool:
+    """Whether headings and captions name the evaluation of their numbers: when there are several, or the one is
+    not zero-shot classification (the report of a grid without VQA reads as it always has)."""
+    return list(evaluated) != [ZEROSHOT]
 
 
 class ReportError(FsclError, RuntimeError):
@@ -289,9 +309,10 @@ def _status(manifest: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]
 def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
     """Scalars of a finished run's summary: metrics (NaN where undefined), controls, VQA metrics, costs."""
     vqa = summary.get("vqa")
+    first = summary if "target" in summary else vqa or {}  # whichever evaluation the run has (evaluate: [vqa])
     return {
-        "sessions": summary.get("sessions"),
-        "controls": ", ".join(summary.get("controls") or []),
+        "sessions": first.get("sessions"),
+        "controls": ", ".join(first.get("controls") or []),
         **_metric_scalars(summary),
         **({VQA.key(k): v for k, v in _metric_scalars(vqa).items()} if vqa else {}),
         **({VQA.key("scored_sessions"): len(vqa["evaluated"])} if vqa and "evaluated" in vqa else {}),

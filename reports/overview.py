@@ -40,7 +40,8 @@ def main_table(finished: pd.DataFrame, evaluation: Evaluation, reference: str) -
         reference first, then alphabetical), ``target`` (a stream, or :data:`MEAN` when the family has several),
         ``metric`` (``target_improvement``, ``control_change``; CC only with controls), ``mean``, ``std``
         (ddof 1), ``n`` (seeds) and ``best`` (:func:`reports.tables.clear_best` within the family, target and
-        metric). Fractions, as in the run records.
+        metric). Fractions, as in the run records. A strategy none of whose runs in a family has results of
+        ``evaluation`` (its ``evaluate`` left it out) has no rows there.
     """
     rows = []
     for family, runs in finished.groupby(list(FAMILY_KEYS), sort=True):
@@ -60,6 +61,8 @@ def main_table(finished: pd.DataFrame, evaluation: Evaluation, reference: str) -
                     rows.append({**dict(zip(FAMILY_KEYS, family)), "strategy": strategy, "target": target,
                                  "metric": metric, "mean": seeds.mean(), "std": seeds.std(ddof=1), "n": len(seeds)})
     table = pd.DataFrame(rows, columns=[*FAMILY_KEYS, "strategy", "target", "metric", "mean", "std", "n"])
+    scored = table.groupby([*FAMILY_KEYS, "strategy"])["n"].transform("max") > 0  # no run evaluated it: left out
+    table = table[scored].reset_index(drop=True)
     table["best"] = False
     trainable = finished["trainable"] if "trainable" in finished else pd.Series(np.nan, index=finished.index)
     trains = table["strategy"].map(trainable.groupby(finished["strategy"]).max().fillna(1) > 0)  # unknown: trains

@@ -3,7 +3,8 @@
 The content is built once as a list of blocks (headings, text, tables, figures) and then
 rendered twice: to Markdown (figures linked) and to HTML (figures embedded as base64 PNG).
 Every setting gets its results table and figures once per evaluation its runs have (VQA first,
-the paper's headline, then zero-shot), then its costs table.
+the paper's headline, then zero-shot: those the runs' ``evaluate`` lists), then its costs table; a run without an
+evaluation enters only the others' tables and figures, and the report names it.
 Failed and partial runs are listed in their own section and never enter an aggregate.
 """
 from __future__ import annotations
@@ -48,7 +49,9 @@ from reports.frame import (
     group_label,
     has_random_weights,
     is_mini_world,
+    named,
     scan_runs,
+    scored,
     strategy_order,
 )
 from reports.overview import FAMILY_KEYS, MEAN, family_label, main_figure, main_table, main_text_table
@@ -137,7 +140,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
         blocks, figures = blocks + section, figures + drawn
         sweeps.to_csv(out / "ablation.csv", index=False)
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
-    blocks += _definitions_section(reference, vqa=VQA in evaluations(finished))
+    blocks += _definitions_section(reference, evaluations(finished))
 
     paths = ReportPaths(out / "report.md", out / "report.html", out / "results.csv", out / "results.tex",
                         out / "runs.csv", out / "main_table.csv", out / "main_table.tex", figures,
@@ -158,8 +161,39 @@ def _intro(runset: RunSet, reference: str) -> str:
     settings = runset.finished.groupby(list(GROUP_KEYS)).ngroups
     return (f"{len(runset.finished)} finished run(s) in {settings} setting(s) from `{runset.root}`"
             + (f"; {excluded} failed or partial run(s) left out (see *Excluded runs*)" if excluded else "")
-            + f". Reference strategy for the paired tests: `{reference}`. Generated "
+            + f". Reference strategy for the paired tests: `{reference}`." + _evaluations_note(runset.finished)
+            + " Generated "
             + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + ".")
+
+
+def _evaluations_note(finished: pd.DataFrame) -> str:
+    """What the intro says of the evaluations: nothing when every run has zero-shot classification (with or
+    without VQA), else which evaluation each number is."""
+    if scored(finished, ZEROSHOT).all():
+        return ""
+    if not scored(finished, ZEROSHOT).any():
+        return (f" Every number is of {VQA.title}: the runs evaluated VQA only (`evaluate: [vqa]`), no zero-shot "
+                "classification.")
+    return (" Not every run has every evaluation (`evaluate`); each table and figure is made from the runs that have "
+            "its evaluation, and the runs without one are named.")
+
+
+def _lacking(runs: pd.DataFrame, evaluation: Evaluation) -> str:
+    """Those of ``runs`` (finished) without results of ``evaluation``, as ``setting: strategy (seeds)`` items
+    (empty when every run has them)."""
+    missing = runs[~scored(runs, evaluation)]
+    items = [f"{group_label(*key[:4])}: `{key[4]}` (seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(str(s) for s in sorted(seeds['seed']))})"
+             for key, seeds in missing.groupby([*GROUP_KEYS, "strategy"], sort=True)]
+    return "; ".join(items)
+
+
+def _lacking_note(runs: pd.DataFrame, evaluation: Evaluation) -> list[Block]:
+    """A paragraph naming the runs without results of ``evaluation`` (none when every run has them)."""
+    lacking = _lacking(runs, evaluation)
+    return [Text(f"**Without {evaluation.name} results** (their `evaluate` leaves it out"
+                 + (", or they have no `vqa.model`" if evaluation == VQA else "")
+                 + f"), so not in its tables and figures: {lacking}.")] if lacking else []
 
 
 def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, Any]], reference: str,
@@ -173,11 +207,12 @@ def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, 
     figures, frames, latex = [], [], []
     evaluated = evaluations(finished)
     for evaluation in evaluated:
+        blocks += _lacking_note(finished, evaluation)
         table = main_table(finished, evaluation, reference)
         frames.append(table.assign(evaluation=evaluation.name))
         for key, rows in table.groupby(list(FAMILY_KEYS), sort=True):
             label = family_label(*key, sorted(set(rows["target"]) - {MEAN}))
-            title = f"{evaluation.title} · {label}" if len(evaluated) > 1 else label
+            title = f"{evaluation.title} · {label}" if named(evaluated) else label
             text = main_text_table(rows)
             blocks += [Heading(title, 3), Table(text)]
             caption = f"{title}. TI and CC per target (pp), mean ± std over seeds."
@@ -215,19 +250,27 @@ def forgetting_is_minus_ti(runs: pd.DataFrame, evaluation: Evaluation) -> bool:
 def _setting_tables(rows: pd.DataFrame, runs: pd.DataFrame, label: str,
                     reference: str) -> list[tuple[TextTable, str, Evaluation | None]]:
     """The printed tables of one setting with their captions: the results of each evaluation of ``runs`` (its
-    finished runs; VQA first) with each strategy's learning rate, then the costs (None: of no evaluation; left
-    out when none was recorded). A forgetting that is only −TI is left out."""
+    finished runs; VQA first; the strategies with results of it, :func:`_scored_rows`) with each strategy's learning
+    rate, then the costs (None: of no evaluation; left out when none was recorded). A forgetting that is only −TI
+    is left out."""
     evaluated = evaluations(runs)
-    several = len(evaluated) > 1
     test = f"p: {TEST_NAME}, against {reference}"
     tables = []
     for e in evaluated:
         columns = [c for c in result_columns(e)
-                   if not (c.key == e.key("target_forgetting") and forgetting_is_minus_ti(runs, e))]
-        tables.append((results_text_table(rows, columns, lr=True),
-                       f"{label}{f'. {e.title}' if several else ''}. Mean ± std over seeds; {test}.", e))
+                   if not (c.key == e.key("target_forgetting") and forgetting_is_minus_ti(runs[scored(runs, e)], e))]
+        tables.append((results_text_table(_scored_rows(rows, runs, e), columns, lr=True),
+                       f"{label}{f'. {e.title}' if named(evaluated) else ''}. Mean ± std over seeds; {test}.", e))
     tables.append((results_text_table(rows, COST_COLUMNS), f"{label}. Costs, mean ± std over seeds.", None))
     return [(t, caption, e) for t, caption, e in tables if len(t.header) > 2]
+
+
+def _scored_rows(rows: pd.DataFrame, runs: pd.DataFrame, evaluation: Evaluation) -> pd.DataFrame:
+    """The :func:`results_table` rows of one setting whose strategy has results of ``evaluation`` among ``runs`` (its
+    finished runs), ``n`` counting those runs (the seeds its means are over)."""
+    counts = runs[scored(runs, evaluation)].groupby("strategy").size()
+    rows = rows.assign(n=rows["strategy"].map(counts).fillna(0).astype(int))
+    return rows[rows["n"] > 0]
 
 
 def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd.DataFrame, rows: pd.DataFrame,
@@ -235,7 +278,8 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
                      references: dict[tuple, dict[str, Any]], styles: dict[str, Style],
                      out: Path) -> tuple[list[Block], list[Path]]:
     """Heading, description, results (and costs) tables and figures of one setting, the figures once
-    per evaluation (an evaluation's name heads its table and captions when the runs have several).
+    per evaluation from the runs that have it (an evaluation's name heads its table and captions when the runs
+    have several, or only VQA; the runs without one are named).
 
     Args:
         all_scores: the tidy scores of every finished run.
@@ -260,28 +304,29 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
                            f"beside other runs (`fscl run --jobs {int(shared['jobs'].max())}`), so their train "
                            "and setup times are longer than alone and compare only with runs made the same way."))
     evaluated = evaluations(runs)
-    several = len(evaluated) > 1
     for table, _, evaluation in tables:
-        if several:
+        if named(evaluated):
             blocks.append(Text(f"**{evaluation.title if evaluation else 'Costs'}**"))
-        blocks.append(Table(table))
+        blocks += [Table(table), *(_lacking_note(runs, evaluation) if evaluation else [])]
     if reference not in set(rows["strategy"]):
         blocks.append(Text(f"The reference strategy `{reference}` has no finished run in this setting, so there are "
                            f"no paired tests (p: n/a)."))
 
     scores = all_scores[all_scores["run"].isin(runs["run"])]
-    panels = {}
-    for strategy in rows["strategy"]:
-        run = runs[runs["strategy"] == strategy].sort_values("seed").iloc[0]
-        panels[run["run"]] = f"{strategy} (seed {run['seed']})"
     written = []
     for evaluation in evaluated:
-        figures = _figures(scores, rows, panels, setting_styles, label, evaluation, _chance(runs, evaluation))
+        these = runs[scored(runs, evaluation)]
+        panels = {}
+        for strategy in rows["strategy"][rows["strategy"].isin(these["strategy"])]:
+            run = these[these["strategy"] == strategy].sort_values("seed").iloc[0]
+            panels[run["run"]] = f"{strategy} (seed {run['seed']})"
+        figures = _figures(scores, _scored_rows(rows, runs, evaluation), panels, setting_styles, label, evaluation,
+                           _chance(these, evaluation))
         for fig, kind, caption in figures:
             tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"  # zero-shot keeps its file names
             png, svg = save_figure(fig, stem.parent / f"{stem.name}-{tag}{kind}")
             written += [png, svg]
-            blocks.append(Image(png, f"{evaluation.title}. {caption}" if several else caption))
+            blocks.append(Image(png, f"{evaluation.title}. {caption}" if named(evaluated) else caption))
     return blocks, written
 
 
@@ -352,12 +397,14 @@ def _versions_section(runset: RunSet) -> list[Block]:
     return blocks
 
 
-def _definitions_section(reference: str, vqa: bool = False) -> list[Block]:
-    """What the tables' numbers mean; ``vqa``: the reported runs include VQA evaluations."""
+def _definitions_section(reference: str, evaluated: list[Evaluation]) -> list[Block]:
+    """What the tables' numbers mean, under the ``evaluated`` evaluations (those with results among the runs)."""
     def doc(fn: Any) -> str:
         return " ".join(inspect.getdoc(fn).split())
 
-    vqa_text = [Text(f"**{VQA.title}**: A[t, d] is then the multiple-choice accuracy on dataset d of the VLM of "
+    vqa, zeroshot = VQA in evaluated, ZEROSHOT in evaluated
+    accuracy, then = ("zero-shot top-1 accuracy", "then ") if zeroshot else (f"accuracy under {VQA.title} (below)", "")
+    vqa_text = [Text(f"**{VQA.title}**: A[t, d] is {then}the multiple-choice accuracy on dataset d of the VLM of "
                      "`vqa.model` (LLaVA-1.5, or the mini world's own) with the encoder of session t in its "
                      "vision tower (`vqa.scoring`: the most probable option letter, or "
                      "the released greedy answer and parse rules), and TI, CC and forgetting are computed in the same "
@@ -366,7 +413,7 @@ def _definitions_section(reference: str, vqa: bool = False) -> list[Block]:
                      "`results.csv` and `runs.csv` hold its numbers.")] if vqa else []
     return [
         Heading("How to read the tables"),
-        Text("Notation: A[t, d] is the zero-shot top-1 accuracy on dataset d after session t (t = 0: the "
+        Text(f"Notation: A[t, d] is the {accuracy} on dataset d after session t (t = 0: the "
              "pretrained model, T: the last session); τ is the target, C the controls. Accuracies are in percent, "
              "their changes in percentage points (pp)."),
         *vqa_text,

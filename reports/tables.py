@@ -110,11 +110,12 @@ def result_columns(evaluation: Evaluation = ZEROSHOT) -> tuple[Column, ...]:
 
 
 def table_columns(finished: pd.DataFrame) -> tuple[Column, ...]:
-    """The columns :func:`results_table` aggregates: :data:`COLUMNS`, then the accuracy metrics of every
-    other evaluation with results among ``finished`` (VQA's ``vqa_target_improvement``, ...)."""
+    """The columns :func:`results_table` aggregates: :data:`COLUMNS` (their zero-shot accuracy metrics only when a
+    run of ``finished`` has zero-shot results), then the accuracy metrics of every other evaluation with results
+    among ``finished`` (VQA's ``vqa_target_improvement``, ...)."""
     present = evaluations(finished)
-    return COLUMNS + tuple(c for e in EVALUATIONS if e in present and e != ZEROSHOT
-                           for c in result_columns(e) if c.scored)
+    return (tuple(c for c in COLUMNS if ZEROSHOT in present or not c.scored)
+            + tuple(c for e in EVALUATIONS if e in present and e != ZEROSHOT for c in result_columns(e) if c.scored))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,14 @@ def tiny_backbone():
 
 
 @pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """The folder of a tiny random LLaVA whose tower takes ``openclip:fscl-tiny`` (``vqa.model=llava:<folder>``)."""
+    from benchmark.vlm.llava import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava") / "tiny")
+
+
+@pytest.fixture(scope="session")
 def device() -> torch.device:
     """The device of the tests marked ``gpu``: ``$FSCL_TEST_DEVICE`` (default ``cpu``).
 

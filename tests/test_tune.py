@@ -110,12 +110,37 @@ def test_a_fallback_is_marked_in_the_table_and_its_csv():
     """lorsu has no candidate within 1 pp (CC -2.0, -1.5, -10.0): its chosen 1e-4 is the largest CC, a fallback."""
     assert fallbacks(ROWS, "constrained", 1.0) == ["lorsu"]
     assert fallbacks(ROWS, "constrained", 2.0) == [] and fallbacks(ROWS, "target", 0.0) == []
-    chosen, rows = choose(ROWS, "constrained", 1.0), [{**r, "runs": 2, "failed": 0} for r in ROWS]
+    chosen, rows = choose(ROWS, "constrained", 1.0), [{**r, "runs": 2, "failed": 0, "basis": "zeroshot"} for r in ROWS]
     text = _table_text(rows, chosen, ["lorsu"])
     assert "| lorsu *! | train.lr=0.0001 |" in text and "| full-ft * | train.lr=1e-05 |" in text
     table = list(csv.DictReader(io.StringIO(_table_csv(rows, chosen, ["lorsu"]))))
     assert [(r["strategy"], r["chosen"], r["fallback"]) for r in table if r["chosen"] == "True"] == [
         ("full-ft", "True", "False"), ("lorsu", "True", "True")]
+
+
+def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_llava):
+    """Runs with evaluate: [vqa] have no zero-shot TI / CC: the tune reads their summary's vqa block, names that
+    basis in the tuned config and tune.csv, and the tune's report scores its sweep on VQA too."""
+    from reports import write_report
+    from reports.frame import VQA
+
+    tuned = tmp_path / "tuned.yaml"
+    assert main(["tune", "quick", f"out={tmp_path}", "seed=0", "train.epochs=1", "strategy=[zeroshot,full-ft]",
+                 f"vqa.model=llava:{tiny_llava}", "evaluate=[vqa]", "train.lr=[1e-4,1e-1]", "--validation-per-class", "3",
+                 "--no-progress", "--out", str(tuned)]) == 0
+    runs = tmp_path / "quick-tune" / "digits" / "openclip-fscl-tiny" / "full-ft"
+    ti = {lr: json.loads((runs / f"lr={lr}" / "5-s0" / "summary.json").read_text())["vqa"]["target_improvement"]
+          for lr in ("0.0001", "0.1")}
+    table = list(csv.DictReader((tmp_path / "quick-tune" / "tune.csv").open()))
+    assert [(r["train.lr"], float(r["ti"]), r["basis"]) for r in table] == [
+        (lr, pytest.approx(value), "vqa") for lr, value in ti.items()]
+    text = tuned.read_text()
+    assert "Basis: the validation TI / CC of VQA" in text and "zero-shot classification" not in text
+    best = max(ti, key=lambda lr: (ti[lr], lr == "0.0001"))  # no controls: the larger TI, ties to the earlier
+    assert yaml.safe_load(text)["full-ft"] == {"train": {"lr": float(best)}}
+    markdown = write_report(tmp_path / "quick-tune", tmp_path / "report").markdown.read_text()
+    sweeps = markdown[markdown.index("## Sweeps and ablations"):]
+    assert f"Every number is of {VQA.title}" in sweeps and "| train.lr | n | TI (pp) | p (TI) |" in sweeps
 
 
 def test_ties_go_to_the_earlier_candidate_and_all_failed_is_left_out():
