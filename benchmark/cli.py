@@ -177,6 +177,7 @@ def tune_command(args: argparse.Namespace) -> int:
     out = tune.write(Path(args.out) if args.out else Path(grid.out) / grid.name / "tuned.yaml", cfg, origin,
                      options, grid, left_out, rows, chosen)
     fallback = tune.fallbacks(rows, options.criterion, options.tolerance)
+    print(tune.basis_line(rows))
     for strategy, values in chosen.items():
         print(f"  {strategy}: {', '.join(f'{k}={v}' for k, v in values.items())}"
               + (f"  (fallback: no candidate kept validation CC within {options.tolerance:g} pp; the largest CC)"

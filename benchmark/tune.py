@@ -236,7 +236,7 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
                                                    if left_out else "") + ".",
         f"Criterion {options.criterion}: {CRITERIA[options.criterion]}"
         + (f"; tolerance {options.tolerance:g} pp" if options.criterion == "constrained" else "") + ".",
-        _basis_line(rows),
+        basis_line(rows),
         "Validation TI / CC in pp, mean over the streams and seeds (* = chosen; ! = fallback: no candidate within "
         "the tolerance, the largest CC chosen):",
         *_table_text(rows, chosen, fallback).splitlines(),
@@ -249,7 +249,7 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
     return path
 
 
-def _basis_line(rows: list[dict[str, Any]]) -> str:
+def basis_line(rows: list[dict[str, Any]]) -> str:
     """Which evaluation the validation TI / CC of :func:`table` rows come from (:data:`BASES`)."""
     bases = dict.fromkeys(b for r in rows for b in r["basis"].split(", ") if b)
     return f"Basis: the validation TI / CC of {'; '.join(BASES[b] for b in bases) or 'no run (every one failed)'}."

@@ -118,7 +118,7 @@ def test_a_fallback_is_marked_in_the_table_and_its_csv():
         ("full-ft", "True", "False"), ("lorsu", "True", "True")]
 
 
-def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_llava):
+def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_llava, capsys):
     """Runs with evaluate: [vqa] have no zero-shot TI / CC: the tune reads their summary's vqa block, names that
     basis in the tuned config and tune.csv, and the tune's report scores its sweep on VQA too."""
     from reports import write_report
@@ -136,6 +136,7 @@ def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_l
         (lr, pytest.approx(value), "vqa") for lr, value in ti.items()]
     text = tuned.read_text()
     assert "Basis: the validation TI / CC of VQA" in text and "zero-shot classification" not in text
+    assert "Basis: the validation TI / CC of VQA" in capsys.readouterr().out  # on the terminal too
     best = max(ti, key=lambda lr: (ti[lr], lr == "0.0001"))  # no controls: the larger TI, ties to the earlier
     assert yaml.safe_load(text)["full-ft"] == {"train": {"lr": float(best)}}
     markdown = write_report(tmp_path / "quick-tune", tmp_path / "report").markdown.read_text()
