@@ -325,9 +325,9 @@ def test_llava_plain_scores_and_trains_with_the_plain_prompt(vlm_runs, tiny_llav
 
 # --------------------------------------------------------------------------- the stream guide's example
 def test_the_stream_guide_s_package_checks_a_real_layout_and_names_an_empty_class(tmp_path):
-    """docs/adding-a-stream.md's files (the blocks opening with ``# my_streams/...``) and its entry point make a
-    package whose ``leaves`` stream ``fscl data check`` reads on a real folder-per-class tree."""
-    guide = ROOT / "docs" / "adding-a-stream.md"
+    """The files of the stream guide, docs/adding-a-stream.md (the blocks opening with ``# my_streams/...``), and its
+    entry point make a package whose ``leaves`` stream ``fscl data check`` reads on a real folder-per-class tree."""
+    guide = ROOT / "docs/adding-a-stream.md"
     package = tmp_path / "package"
     blocks = FENCE.findall(guide.read_text())
     for _, code in blocks:
