@@ -139,13 +139,28 @@ def load_latest(run_path: Path, config: dict[str, Any], map_location: torch.devi
     return None
 
 
+def _vlm_resolved(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` (:func:`~benchmark.config.compared`'s form) with a null ``skip_last_blocks`` (the VLM-loss strategies'
+    default) made the value a run resolves it to (:func:`~benchmark.vlm.recipe.with_vlm_defaults`), so that a record
+    that wrote that value (before the default was the VLM's) compares equal; left null when the VLM cannot be read."""
+    from benchmark.errors import FsclError
+    from benchmark.vlm.spec import resolve_vlm
+
+    for key in [k for k, v in flat.items() if k.endswith(".skip_last_blocks") and v is None]:
+        try:
+            flat[key] = resolve_vlm(flat["vqa.model"]).unread_blocks() if flat.get("vqa.model") else 0
+        except FsclError:
+            pass
+    return flat
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every (dotted) key whose resolved value differs between two run configs
     (:func:`~benchmark.config.compared`: a key either lacks counts as its default; only the option sections
     that reach the run), leaving out the keys that do not change a run's numbers (:data:`RESUME_INDEPENDENT`,
     and ``vqa.*`` when neither evaluates VQA)."""
-    flat_old = compared(old) if old else {}
-    flat_new = compared(new)
+    flat_old = _vlm_resolved(compared(old)) if old else {}
+    flat_new = _vlm_resolved(compared(new))
     unused = ("vqa",) if flat_old.get("vqa.model") is None and flat_new.get("vqa.model") is None else ()
     keys = sorted(k for k in flat_old.keys() | flat_new.keys()
                   if k not in RESUME_INDEPENDENT and k.split(".")[0] not in (*RESUME_INDEPENDENT, *unused))

@@ -156,3 +156,16 @@ def test_the_dry_run_says_what_evaluate_keeps(llava, tmp_path, capsys, evaluate,
                  f"out={tmp_path}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert produces in out and vqa in out and images in out
+
+
+def test_a_record_holding_the_value_a_null_skip_last_blocks_resolves_to_is_the_same_configuration(llava):
+    """Records written before the *-ppl default became the VLM's hold ``skip_last_blocks: 1`` for LLaVA: a run (or
+    its resume) with today's null default compares equal to them; another value still differs."""
+    from benchmark.checkpoints import config_differences
+
+    (run,) = load_config("quick", ["seed=0", "strategy=lorsu-ppl", f"vqa.model=llava:{llava}"]).expand()
+    old = run.to_dict()
+    assert old["lorsu-ppl"]["skip_last_blocks"] is None
+    assert config_differences({**old, "lorsu-ppl": {**old["lorsu-ppl"], "skip_last_blocks": 1}}, old) == []
+    assert config_differences({**old, "lorsu-ppl": {**old["lorsu-ppl"], "skip_last_blocks": 0}}, old) == [
+        "lorsu-ppl.skip_last_blocks: 0 -> 1"]
