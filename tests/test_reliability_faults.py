@@ -140,7 +140,9 @@ def _interrupted(tmp_path: Path, *args: str, runs: int = 1) -> subprocess.Comple
     marker = tmp_path / "in-session-2"
     env = {**os.environ, fscl_test_strategies.PAUSE_ENV: str(marker), "OMP_NUM_THREADS": "2",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
+    # as a terminal starts a command: Ctrl-C at its default even when this process ignores it (`nohup make test &`)
+    code = ("import signal, sys, fscl_test_strategies; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from benchmark.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -151,7 +153,12 @@ def _interrupted(tmp_path: Path, *args: str, runs: int = 1) -> subprocess.Comple
             time.sleep(0.2)
         time.sleep(1.0)  # every run is in its pause
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say what the process was doing, not only that it did not stop
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"fscl did not stop within 120 s of Ctrl-C; its stderr ends:\n{err[-3000:]}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
