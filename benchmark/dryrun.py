@@ -136,7 +136,7 @@ def unread_by_vlm(run: Config) -> str | None:
         tokens = family.encoder_tokens(skeleton, images)
         if tokens.requires_grad:  # the tokens depend on a trained parameter: which ones do they reach?
             tokens.sum().backward()
-    except (RuntimeError, NotImplementedError, FsclError):  # an op without a meta kernel, a tower the VLM cannot read
+    except (RuntimeError, NotImplementedError, FsclError):  # torch: an op without a meta kernel; a tower it cannot read
         return None
     if any(p.grad is not None for p in trained.values()):
         return None

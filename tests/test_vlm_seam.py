@@ -169,3 +169,14 @@ def test_a_record_holding_the_value_a_null_skip_last_blocks_resolves_to_is_the_s
     assert config_differences({**old, "lorsu-ppl": {**old["lorsu-ppl"], "skip_last_blocks": 1}}, old) == []
     assert config_differences({**old, "lorsu-ppl": {**old["lorsu-ppl"], "skip_last_blocks": 0}}, old) == [
         "lorsu-ppl.skip_last_blocks: 0 -> 1"]
+
+
+def test_an_encoder_no_vlm_reads_refuses_its_hidden_states_in_one_line():
+    """A ResNet tower's skeleton: asked for the tokens a VLM reads, a clear FsclError, not a placeholder."""
+    import torch
+
+    from benchmark.backbones import backbone_skeleton
+    from benchmark.backbones.base import NoHiddenStatesError
+
+    with pytest.raises(NoHiddenStatesError, match="'openclip:RN50': a VLM reads the hidden states of an OpenAI-layout"):
+        backbone_skeleton("openclip:RN50").hidden_states(torch.empty(1, 3, 224, 224, device="meta"), -2)

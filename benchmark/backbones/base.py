@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision import transforms
 
+from benchmark.errors import FsclError
+
 
 @dataclass(frozen=True)
 class ProjectionRows:
@@ -255,6 +257,10 @@ class WeightsSource(NamedTuple):
         return cls(f"local folder {folder}" + ("" if found else f" (no {marker} there)"), found)
 
 
+class NoHiddenStatesError(FsclError, TypeError):
+    """A VLM asked for the hidden states of an encoder whose layout no VLM reads (a ResNet, a timm trunk)."""
+
+
 class Backbone(nn.Module, ABC):
     """An image–text model with a trainable vision side and a frozen text side.
 
@@ -307,7 +313,7 @@ class Backbone(nn.Module, ABC):
         0 = the embeddings after any pre-norm; negative counts from the end, -1 = the last block's output), for the
         VLMs that read them (:mod:`benchmark.vlm`): [B, T, W], the class token first where the encoder has one;
         only the blocks up to ``layer`` run. Families whose encoder no VLM takes leave it unimplemented."""
-        raise NotImplementedError(f"'{self.spec}': no VLM reads this encoder's hidden states")
+        raise NoHiddenStatesError(f"'{self.spec}': no VLM reads this encoder's hidden states")
 
     def preprocess(self, train: bool, augment: Literal["released", "openclip"] = "openclip") -> Callable:
         """PIL image → tensor [3, H, W]; with ``train`` the training augmentations: open_clip's

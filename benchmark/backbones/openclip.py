@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.backbones import BackboneLoadError
-from benchmark.backbones.base import Backbone, BlockView, ProjectionRows, WeightsSource
+from benchmark.backbones.base import Backbone, BlockView, NoHiddenStatesError, ProjectionRows, WeightsSource
 from benchmark.backbones.timm_trunk import route_qkv_through_module, timm_block_views, timm_image_projection
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class OpenCLIPBackbone(Backbone):
         visual = self.visual
         transformer = getattr(visual, "transformer", None)
         if transformer is None or not hasattr(visual, "conv1"):
-            raise NotImplementedError(f"'{self.spec}': hidden states of an OpenAI-layout ViT only")
+            raise NoHiddenStatesError(f"'{self.spec}': a VLM reads the hidden states of an OpenAI-layout ViT only")
         blocks = transformer.resblocks
         count = layer if layer >= 0 else len(blocks) + 1 + layer
         x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, patches, W]
