@@ -144,11 +144,11 @@ def _vlm_resolved(flat: dict[str, Any]) -> dict[str, Any]:
     default) made the value a run resolves it to (:func:`~benchmark.vlm.recipe.with_vlm_defaults`), so that a record
     that wrote that value (before the default was the VLM's) compares equal; left null when the VLM cannot be read."""
     from benchmark.errors import FsclError
-    from benchmark.vlm.spec import resolve_vlm
+    from benchmark.vlm.recipe import default_skip
 
     for key in [k for k, v in flat.items() if k.endswith(".skip_last_blocks") and v is None]:
         try:
-            flat[key] = resolve_vlm(flat["vqa.model"]).unread_blocks() if flat.get("vqa.model") else 0
+            flat[key] = default_skip(flat.get("vqa.model"))
         except FsclError:
             pass
     return flat

@@ -38,12 +38,18 @@ class VLMRecipe:
         check(self.weight_decay >= 0, f"{getattr(self, 'section', 'vlm')}.weight_decay", self.weight_decay, "a float >= 0")
 
 
-def with_vlm_defaults(options: R, vqa_model: str | None) -> R:
-    """``options`` (a strategy's; unchanged unless a :class:`VLMRecipe`) with ``skip_last_blocks: null`` made the
-    blocks that the VLM of ``vqa_model`` never reads (:meth:`~benchmark.vlm.base.VLMFamily.unread_blocks`; 0
-    without a VLM, whose absence the grid check reports). Reads the VLM's config, loads no weights."""
-    if not isinstance(options, VLMRecipe) or options.skip_last_blocks is not None:
-        return options
+def default_skip(vqa_model: str | None) -> int:
+    """What ``skip_last_blocks: null`` becomes with the VLM of ``vqa_model``: the blocks it never reads
+    (:meth:`~benchmark.vlm.base.VLMFamily.unread_blocks`), 0 without a VLM (whose absence the grid check reports).
+    Reads the VLM's config, loads no weights."""
     from benchmark.vlm.spec import resolve_vlm
 
-    return replace(options, skip_last_blocks=resolve_vlm(vqa_model).unread_blocks() if vqa_model else 0)
+    return resolve_vlm(vqa_model).unread_blocks() if vqa_model else 0
+
+
+def with_vlm_defaults(options: R, vqa_model: str | None) -> R:
+    """``options`` (a strategy's; unchanged unless a :class:`VLMRecipe`) with ``skip_last_blocks: null`` made
+    :func:`default_skip`."""
+    if not isinstance(options, VLMRecipe) or options.skip_last_blocks is not None:
+        return options
+    return replace(options, skip_last_blocks=default_skip(vqa_model))

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -431,8 +431,10 @@ class MiniVLM(LlavaFamily):
     def prepare(self) -> None:
         self.source()
 
-    def config(self):
-        """The ``LlavaConfig`` of the folder, or of the VLM the recipe would train there (nothing is built)."""
+    @cached_property
+    def _config(self):
+        """The ``LlavaConfig`` of the folder, or of the VLM the recipe would train there (nothing is built); read
+        once (the VLM loss asks for its feature layer every batch)."""
         from transformers import AutoConfig
 
         if (self.folder / WEIGHTS).is_file():
