@@ -21,7 +21,8 @@ from benchmark.backbones.openclip import BackboneLoadError, _hub_reachable, hub_
 from benchmark.errors import FsclError
 
 
-def _is_path(rest: str) -> bool:
+def is_path(rest: str) -> bool:
+    """Whether ``rest`` (of ``family:rest``) is a local path, else a hub id."""
     return rest.startswith(("/", "./", "../", "~")) or Path(rest).expanduser().exists()
 
 
@@ -29,7 +30,7 @@ def resolve_source(rest: str, family: str, written_by: str) -> str:
     """``rest`` of ``family:rest`` → a local folder holding ``config.json``, or a hub id when the hub can be
     reached (or ``HF_HUB_OFFLINE`` asks for the local cache); :class:`BackboneLoadError` naming what writes
     such a folder (``written_by``) otherwise."""
-    if _is_path(rest):
+    if is_path(rest):
         folder = Path(rest).expanduser()
         if not (folder / "config.json").is_file():
             raise BackboneLoadError(f"{family}:{rest}: no config.json in that folder; pass a folder written by "
@@ -109,7 +110,7 @@ class HFCLIPBackbone(_HFTower, Backbone):
 
     @classmethod
     def weights_source(cls, rest: str) -> WeightsSource:
-        if _is_path(rest):
+        if is_path(rest):
             return WeightsSource.folder(Path(rest).expanduser(), "config.json")
         return hub_source(rest, ("config.json",))
 

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
+from benchmark.backbones.hf import is_path
 from benchmark.vlm.spec import VLMError, VLMSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # save_pretrained's, each maybe sharded with an index
@@ -199,11 +200,6 @@ class LoadedVLM(nn.Module, ABC):
 
 
 # --------------------------------------------------------------------------- saved transformers models
-def is_path(rest: str) -> bool:
-    """Whether a spec's rest is a local path (else a hub id)."""
-    return rest.startswith(("/", "./", "../", "~")) or Path(rest).expanduser().exists()
-
-
 class SavedVLMFamily(VLMFamily):
     """A family of transformers VLMs saved with ``save_pretrained`` beside their processor: ``FAMILY:/folder`` or
     ``FAMILY:org/hub-id``. A subclass names ``model_class`` (the transformers class), ``model_type`` (its
