@@ -5,7 +5,9 @@ The registered streams (``streams.base.Stream`` and its subclasses, a plugin's o
 imports them (``tests/test_layering.py``) and reads nothing else of a stream. A stream's facts live in its data
 file and reach the core through its spec: the class names and prompt templates (zero-shot evaluation), the VQA
 question, the answer a VLM-loss strategy trains (``ppl_answer``) and the rule that reads a generated answer
-(``vqa_parse``, e.g. GTSRB's released lenient parse).
+(``vqa_parse``, e.g. GTSRB's released lenient parse). A stream that brings its own questions (``own_questions``:
+VSR, Hateful Memes, MMVP, VisOnlyQA) has a question per image instead (:attr:`Images.questions`); its test
+split is one set, asked whole after every session (not per session class group).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ class StreamSpec(Protocol):
     templates: tuple[str, ...]  # zero-shot prompt templates, ``{}`` for the class name
     vqa_question: str | None  # the question of its VQA set (None: the stream has none)
     ppl_answer: str  # the answer a ``*-ppl`` strategy trains the VLM to give, ``{}`` for the class name
-    vqa_parse: str  # the rule that reads a generated answer (benchmark.vqa.questions.PARSE_RULES)
+    vqa_parse: str  # the rule that reads a generated answer (benchmark.vqa.questions.RULES)
+    own_questions: bool  # its images bring their own questions (Images.questions); its classes are session groups
+    vqa_positive: str | None  # the answer whose probability ranks its items for an AUROC (HM: "yes"), or None
 
 
 class Session(Protocol):
@@ -40,11 +44,13 @@ class Images(Protocol):
 
     ids: list[str]
     targets: Sequence[int]
+    questions: list[Any] | None  # own_questions streams: each image's OwnQuestion (benchmark.vqa.questions)
 
     def __len__(self) -> int: ...
     def subset(self, indices: Sequence[int]) -> Images: ...
     def with_classes(self, classes: Sequence[int]) -> Images: ...
     def with_transform(self, transform: Callable | None) -> Images: ...
+    def with_targets(self, targets: Sequence[int]) -> Images: ...
 
 
 class Stream(Protocol):

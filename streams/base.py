@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from benchmark.errors import DataError
-from benchmark.vqa.questions import PARSE_RULES
+from benchmark.vqa.questions import RULES, OwnQuestion
 from streams.sampling import FewShotSampler, Session, held_out
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,13 @@ class StreamSpec:
     ``lora-ppl``) trains LLaVA to give to that question, ``{}`` standing for the class name. ``vqa_parse`` is the
     rule that reads a generated answer (``vqa.scoring: generate``): ``letter`` (an exact option letter), or a
     stream's released rule (``gtsrb``: the released code's lenient GTSRB parse), one of
-    :data:`benchmark.vqa.questions.PARSE_RULES`.
+    :data:`benchmark.vqa.questions.RULES`.
+
+    A stream that brings its own questions (``own_questions: true``: VSR, Hateful Memes, MMVP, VisOnlyQA) has
+    an :class:`~benchmark.vqa.questions.OwnQuestion` per image instead of class prompts: its "classes" are
+    the groups its sessions are made of (VSR's objects, VisOnlyQA's categories, parts of HM and MMVP), fixed
+    by ``sessions`` (the released groups, by class name: then exactly that many sessions can be asked), and
+    ``vqa_positive`` names the answer whose probability ranks its items for an AUROC (HM: ``yes``).
     """
 
     name: str
@@ -57,6 +63,9 @@ class StreamSpec:
     vqa_question: str | None = None
     ppl_answer: str = "{}"
     vqa_parse: str = "letter"
+    own_questions: bool = False
+    vqa_positive: str | None = None
+    session_groups: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> StreamSpec:
@@ -82,16 +91,31 @@ class StreamSpec:
             vqa_question=data.get("vqa_question"),
             ppl_answer=data.get("ppl_answer", "{}"),
             vqa_parse=data.get("vqa_parse", "letter"),
+            own_questions=bool(data.get("own_questions", False)),
+            vqa_positive=data.get("vqa_positive"),
+            session_groups=cls._groups(path, data),
         )
         if sorted(spec.class_order) != list(range(n)):
             raise ValueError(f"{path}: class_order must be a permutation of 0..{n - 1}")
         if not all("{}" in t for t in spec.templates):
             raise ValueError(f"{path}: every template needs a '{{}}' for the class name")
-        if spec.vqa_parse not in PARSE_RULES:
-            raise ValueError(f"{path}: vqa_parse: invalid value {spec.vqa_parse!r}; allowed: {', '.join(PARSE_RULES)}")
+        if spec.vqa_parse not in RULES:
+            raise ValueError(f"{path}: vqa_parse: invalid value {spec.vqa_parse!r}; allowed: {', '.join(RULES)}")
         if spec.ppl_answer.count("{}") != 1:
             raise ValueError(f"{path}: ppl_answer needs exactly one '{{}}' for the class name, got {spec.ppl_answer!r}")
         return spec
+
+    @staticmethod
+    def _groups(path: Path, data: dict[str, Any]) -> tuple[tuple[int, ...], ...] | None:
+        """The ``sessions`` of a data file (lists of class names) as class indices; each class in one session."""
+        if "sessions" not in data:
+            return None
+        names = list(data["class_names"])
+        unknown = [n for group in data["sessions"] for n in group if n not in names]
+        flat = [n for group in data["sessions"] for n in group]
+        if unknown or sorted(flat) != sorted(names):
+            raise ValueError(f"{path}: sessions must hold every class name exactly once (unknown: {unknown[:5]})")
+        return tuple(tuple(names.index(n) for n in group) for group in data["sessions"])
 
     @property
     def keys(self) -> tuple[Hashable, ...]:
@@ -103,7 +127,13 @@ class StreamSpec:
         return {k: i for i, k in enumerate(self.keys)}
 
     def session_classes(self, n_sessions: int) -> list[list[int]]:
-        """Class indices of each session (disjoint, in ``class_order``)."""
+        """Class indices of each session (disjoint, in ``class_order``; the fixed ``session_groups`` when the
+        data file has them)."""
+        if self.session_groups is not None:
+            if n_sessions != len(self.session_groups):
+                raise ValueError(f"{self.name}: its sessions are the released {len(self.session_groups)} groups; "
+                                 f"sessions: {n_sessions} cannot be made (use sessions: {len(self.session_groups)})")
+            return [list(g) for g in self.session_groups]
         if n_sessions > len(self.class_order):
             raise ValueError(f"{self.name}: {n_sessions} sessions but only {len(self.class_order)} classes")
         return [g.tolist() for g in np.array_split(np.array(self.class_order), n_sessions)]
@@ -127,7 +157,9 @@ class LabelledImages(Dataset):
     ``(image, label, caption)`` when the dataset has its own per-image captions.
 
     ``items[i]`` is whatever ``load`` turns into a PIL image (a path, an array, ...);
-    ``transform`` (PIL → tensor [3, H, W]) is applied on access.
+    ``transform`` (PIL → tensor [3, H, W]) is applied on access. ``questions``: a stream's own question of
+    each image (streams with ``own_questions``; their captions are the right options' CLIP texts and each
+    image's label is its position in the listed split).
     """
 
     def __init__(
@@ -138,17 +170,21 @@ class LabelledImages(Dataset):
         load: Callable[[Any], Image.Image],
         transform: Callable | None = None,
         captions: Sequence[str] | None = None,
+        questions: Sequence[OwnQuestion] | None = None,
     ) -> None:
         if not len(items) == len(targets) == len(ids):
             raise ValueError("items, targets and ids must have the same length")
         if captions is not None and len(captions) != len(items):
             raise ValueError("captions must have one entry per item")
+        if questions is not None and len(questions) != len(items):
+            raise ValueError("questions must have one entry per item")
         self.items = list(items)
         self.targets = [int(t) for t in targets]
         self.ids = list(ids)
         self.load = load
         self.transform = transform
         self.captions = list(captions) if captions is not None else None
+        self.questions = list(questions) if questions is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -161,16 +197,22 @@ class LabelledImages(Dataset):
         return image, self.targets[i]
 
     def subset(self, indices: Sequence[int]) -> LabelledImages:
-        return LabelledImages([self.items[i] for i in indices], [self.targets[i] for i in indices],
-                              [self.ids[i] for i in indices], self.load, self.transform,
-                              None if self.captions is None else [self.captions[i] for i in indices])
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in indices]
+
+        return LabelledImages(pick(self.items), pick(self.targets), pick(self.ids), self.load, self.transform,
+                              pick(self.captions), pick(self.questions))
 
     def with_classes(self, classes: Sequence[int]) -> LabelledImages:
         keep = set(classes)
         return self.subset([i for i, t in enumerate(self.targets) if t in keep])
 
     def with_transform(self, transform: Callable | None) -> LabelledImages:
-        return LabelledImages(self.items, self.targets, self.ids, self.load, transform, self.captions)
+        return LabelledImages(self.items, self.targets, self.ids, self.load, transform, self.captions, self.questions)
+
+    def with_targets(self, targets: Sequence[int]) -> LabelledImages:
+        """The same images with other labels (e.g. an own-question set's choice labels in zero-shot evaluation)."""
+        return LabelledImages(self.items, targets, self.ids, self.load, self.transform, self.captions, self.questions)
 
 
 class Stream(ABC):

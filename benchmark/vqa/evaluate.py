@@ -64,7 +64,7 @@ def score_set(vlm: LoadedVLM, qset: VQASet, batch_size: int, full: bool = True, 
     ``letter``: ``total``, ``correct`` (the most probable of the K letters is right), ``strict_correct`` (the most
     probable token is the right letter) and ``letter_mass`` (the probability on the K letters, summed over questions).
     ``generate``: ``total``, ``correct`` (the released greedy answer parses to the right option; see
-    :meth:`~benchmark.vqa.questions.QuestionSet.parse`) and ``parsed`` (answers that name one of the options).
+    :meth:`~benchmark.vqa.questions.QuestionSet.judge`) and ``parsed`` (answers that name one of the options).
     ``progress``: a progress bar over this process's questions.
     """
     from benchmark.distributed import all_reduce_sum, eval_indices
@@ -86,9 +86,9 @@ def score_set(vlm: LoadedVLM, qset: VQASet, batch_size: int, full: bool = True, 
                 counts["letter_mass"] += score.letter_mass
         else:
             for answer, item in zip(generate_answers(vlm, batch), items):
-                choice = qset.questions.parse(answer)
-                counts["correct"] += choice == item.answer
-                counts["parsed"] += choice is not None and choice < len(item.choices)
+                right, parsed = qset.questions.judge(answer, item)
+                counts["correct"] += right
+                counts["parsed"] += parsed
         bar.update(len(items))
     bar.close()
     summed = all_reduce_sum([len(mine), *counts.values()])

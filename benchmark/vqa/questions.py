@@ -3,8 +3,10 @@
 A :class:`QuestionSet` is what a VQA evaluation needs of a set: its :attr:`~QuestionSet.items`,
 the user prompt of an item (the text after the image) and the parse of a model's answer into an
 option index, with the released LoRSU code's rules. The label-generated sets
-(:class:`LabelQuestions`) are :class:`MultipleChoiceSet` s; sets that bring their own questions
-(VSR, Hateful Memes, MMVP, VisOnlyQA) can be added as readers of their released files.
+(:class:`LabelQuestions`) are :class:`MultipleChoiceSet` s with lettered options; the sets of the streams that
+bring their own questions (VSR, Hateful Memes, MMVP, VisOnlyQA: :class:`OwnQuestion` per image) are
+:class:`MultipleChoiceSet` s whose items carry their whole prompt and their own answer strings
+(:func:`own_question_set`), judged by each set's released rule.
 
 A set is frozen as a versioned JSON file (:meth:`MultipleChoiceSet.save`) whose SHA-256 covers
 its content, so every run and session sees the same questions; :meth:`MultipleChoiceSet.load`
@@ -46,17 +48,63 @@ class QuestionSetError(FsclError, ValueError):
 @dataclass(frozen=True)
 class QuestionItem:
     """One question about one image: ``id`` is the image's sample id in its stream; ``answer``
-    indexes ``choices``."""
+    indexes ``choices``. In a set with its own prompts (``prompts: own``) ``question`` is the whole user
+    text and ``choices`` are the answers that name each option; ``group`` names the item's question pair
+    (MMVP), None elsewhere."""
 
     id: str
     question: str
     choices: tuple[str, ...]
     answer: int
+    group: str | None = None
 
     @property
     def letter(self) -> str:
         """The right option's letter."""
         return LETTERS[self.answer]
+
+
+@dataclass(frozen=True)
+class OwnQuestion:
+    """What a stream that brings its own questions (VSR, Hateful Memes, MMVP, VisOnlyQA) asks about one image,
+    with everything training and evaluation read of it, as the released code words it.
+
+    ``prompt``: the user's text after the image in evaluation, whole (e.g. ``Based on the image, is this
+    statement true or false? {caption}``); ``answers``: the answer that names each option (``false``/``true``,
+    ``no``/``yes``, ``(a)``/``(b)``, ``A``…); ``answer``: the right option; ``texts``: the CLIP text of each
+    option (zero-shot evaluation chooses among them; CLIP-loss training pairs the image with the right one's);
+    ``pair``: the VLM-loss training pair (user text, answer); ``group``: the id of its question pair (MMVP's
+    pair accuracy), else None.
+    """
+
+    prompt: str
+    answers: tuple[str, ...]
+    answer: int
+    texts: tuple[str, ...]
+    pair: tuple[str, str]
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= len(self.answers) <= len(LETTERS) or len(self.texts) != len(self.answers) \
+                or not 0 <= self.answer < len(self.answers):
+            raise QuestionSetError(f"a question needs 2 to {len(LETTERS)} options, one CLIP text per option and "
+                                   f"its answer among them; got answers {self.answers}, {len(self.texts)} texts, "
+                                   f"answer {self.answer}")
+
+    @property
+    def text(self) -> str:
+        """The right option's CLIP text (the CLIP-loss training caption)."""
+        return self.texts[self.answer]
+
+
+def own_question_set(name: str, ids: Sequence[str], questions: Sequence[OwnQuestion], parse_rule: str,
+                     positive: str | None = None, source: Mapping[str, Any] | None = None) -> MultipleChoiceSet:
+    """The question set (``prompts: own``) of a stream's own ``questions`` about the images ``ids``, in order."""
+    if len(ids) != len(questions) or len(set(ids)) != len(ids):
+        raise QuestionSetError(f"{name}: need one question per image and distinct image ids ({len(ids)} ids, "
+                               f"{len(set(ids))} distinct, {len(questions)} questions)")
+    items = tuple(QuestionItem(i, q.prompt, q.answers, q.answer, q.group) for i, q in zip(ids, questions))
+    return MultipleChoiceSet(name, items, parse_rule, dict(source or {}), "own", positive)
 
 
 def parse_letter(answer: str) -> int | None:
@@ -82,16 +130,54 @@ def parse_gtsrb(answer: str) -> int | None:
     return next((i for i, letter in enumerate(LETTERS) if f"{letter}." in answer), None)
 
 
-PARSE_RULES: dict[str, Callable[[str], int | None]] = {"letter": parse_letter, "gtsrb": parse_gtsrb}
+def parse_upper_letter(answer: str) -> int | None:
+    """The released VisOnlyQA rule: the stripped, upper-cased answer is exactly one of the letters A–E."""
+    return parse_letter(answer.upper())
+
+
+def parse_hm(answer: str) -> int | None:
+    """The released Hateful Memes rule: lower-cased, stripped and without periods, the answer is exactly
+    ``no`` (0) or ``yes`` (1); anything else names no option."""
+    return {"no": 0, "yes": 1}.get(answer.lower().strip().replace(".", ""))
+
+
+def parse_mmvp(answer: str) -> int | None:
+    """The released MMVP rule (options ``(a)``, ``(b)``): an answer holding "Yes"/"yes" reads as (a), else one
+    holding "No"/"no" as (b) (so "(a) Snow" reads as (b): the released quirk), else one holding "(a)" or "(b)"
+    as that option; a shorter answer than 3 characters ``x`` reads as ``(x)``. The released code then counts
+    it right when the right option's string occurs in it; here the option it names (0: a, 1: b, ...)."""
+    if "Yes" in answer or "yes" in answer:
+        return 0
+    if "No" in answer or "no" in answer:
+        return 1
+    for i, option in enumerate(("(a)", "(b)")):
+        if option in answer:
+            return i
+    if len(answer) < 3:
+        letter = answer.lower()
+        return "abcde".index(letter) if len(letter) == 1 and letter in "abcde" else None
+    return None
+
+
+def judge_vsr(answer: str, item: QuestionItem) -> tuple[bool, bool]:
+    """The released VSR rule: right when the right option's word (``true``/``false``) occurs in the lower-cased
+    answer, so "true or false" is right whatever the label; ``parsed`` when some option's word occurs."""
+    answer = answer.strip().lower()
+    return item.choices[item.answer] in answer, any(choice in answer for choice in item.choices)
+
+
+PARSE_RULES: dict[str, Callable[[str], int | None]] = {
+    "letter": parse_letter, "gtsrb": parse_gtsrb, "upper-letter": parse_upper_letter, "hm": parse_hm,
+    "mmvp": parse_mmvp}
+# rules that judge an answer against its item rather than naming one option
+JUDGE_RULES: dict[str, Callable[[str, QuestionItem], tuple[bool, bool]]] = {"vsr": judge_vsr}
+RULES = (*PARSE_RULES, *JUDGE_RULES)
+PROMPTS = ("letters", "own")
 
 
 class QuestionSet(ABC):
-    """A VQA question set: items, the prompt of an item, and the parse of an answer.
-
-    ``parse`` maps a model's decoded answer to the index of the option it names (it may exceed
-    an item's options, which counts as wrong, as in the released code), or None when it names
-    none (also wrong).
-    """
+    """A VQA question set: items, the prompt of an item, the answers that name its options, and the judgement
+    of a generated answer by the set's released rule."""
 
     name: str
     items: tuple[QuestionItem, ...]
@@ -101,8 +187,13 @@ class QuestionSet(ABC):
         """The user's text after the image: the question, the options and the answer instruction."""
 
     @abstractmethod
-    def parse(self, answer: str) -> int | None:
-        """The option index the answer names, or None."""
+    def judge(self, answer: str, item: QuestionItem) -> tuple[bool, bool]:
+        """(right, parsed) of a generated ``answer`` to ``item``: whether the set's rule counts it right, and
+        whether it names one of the item's options at all."""
+
+    def answers(self, item: QuestionItem) -> tuple[str, ...]:
+        """The answer that names each option of ``item`` (the option scoring compares their tokens): its letters."""
+        return tuple(LETTERS[:len(item.choices)])
 
 
 def _content_sha256(body: Mapping[str, Any]) -> str:
@@ -114,33 +205,53 @@ def _content_sha256(body: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class MultipleChoiceSet(QuestionSet):
-    """Lettered multiple-choice questions (2 to 5 options) with a released parse rule.
+    """Multiple-choice questions (2 to 5 options) with a released parse rule.
 
-    ``source`` says where the items come from (the generator and its settings, or an imported
-    file); it is written into the frozen file.
+    ``prompts``: ``letters`` (the prompt is the question, the lettered options and the letter instruction; the
+    answers are the letters) or ``own`` (each item's ``question`` is its whole prompt and its ``choices`` the
+    answers that name its options, e.g. ``true``/``false``). ``positive``: the answer whose probability ranks
+    the items for the AUROC (Hateful Memes: ``yes``); None: no AUROC. ``source`` says where the items come
+    from (the generator and its settings, an imported file, a stream's own files); it is written into the
+    frozen file.
     """
 
     name: str
     items: tuple[QuestionItem, ...]
     parse_rule: str = "letter"
     source: Mapping[str, Any] = field(default_factory=dict)
+    prompts: str = "letters"
+    positive: str | None = None
 
     def __post_init__(self) -> None:
-        if self.parse_rule not in PARSE_RULES:
+        if self.parse_rule not in RULES:
             raise QuestionSetError(f"{self.name}: parse rule '{self.parse_rule}' is unknown; "
-                                   f"allowed: {', '.join(PARSE_RULES)}")
+                                   f"allowed: {', '.join(RULES)}")
+        if self.prompts not in PROMPTS:
+            raise QuestionSetError(f"{self.name}: prompts '{self.prompts}'; allowed: {', '.join(PROMPTS)}")
         for item in self.items:
             if not 2 <= len(item.choices) <= len(LETTERS) or not 0 <= item.answer < len(item.choices):
                 raise QuestionSetError(f"{self.name}: item {item.id!r} has {len(item.choices)} options and answer "
                                        f"{item.answer}; allowed: 2 to {len(LETTERS)} options, an answer among them")
 
     def prompt(self, item: QuestionItem) -> str:
-        """``{question}\\nA. {c0}\\nB. {c1}...\\n{MC_SUFFIX}``, the released code's text."""
+        """``{question}\\nA. {c0}\\nB. {c1}...\\n{MC_SUFFIX}``, the released code's text (``prompts: own``:
+        the item's question, whole)."""
+        if self.prompts == "own":
+            return item.question
         options = [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices)]
         return "\n".join([item.question, *options, MC_SUFFIX])
 
-    def parse(self, answer: str) -> int | None:
-        return PARSE_RULES[self.parse_rule](answer)
+    def judge(self, answer: str, item: QuestionItem) -> tuple[bool, bool]:
+        """By a judging rule (:data:`JUDGE_RULES`), or: the option the parse rule (:data:`PARSE_RULES`) reads is
+        the right one (an index beyond the item's options, as the released code may read, is wrong)."""
+        if self.parse_rule in JUDGE_RULES:
+            return JUDGE_RULES[self.parse_rule](answer, item)
+        choice = PARSE_RULES[self.parse_rule](answer)
+        return choice == item.answer, choice is not None and choice < len(item.choices)
+
+    def answers(self, item: QuestionItem) -> tuple[str, ...]:
+        """Its letters (``prompts: letters``), or the item's own answers (``prompts: own``)."""
+        return item.choices if self.prompts == "own" else super().answers(item)
 
     def letter_counts(self) -> dict[str, int]:
         """How many right answers sit at each letter (the position balance)."""
@@ -154,9 +265,11 @@ class MultipleChoiceSet(QuestionSet):
         """The frozen file's content, ``sha256`` (of everything else) last."""
         body: dict[str, Any] = {
             "format": FORMAT, "version": FORMAT_VERSION, "set": self.name, "parse": self.parse_rule,
+            **({"prompts": self.prompts} if self.prompts != "letters" else {}),
+            **({"positive": self.positive} if self.positive is not None else {}),
             "source": dict(self.source), "letters": self.letter_counts(),
-            "items": [{"id": i.id, "question": i.question, "choices": list(i.choices), "answer": i.answer}
-                      for i in self.items],
+            "items": [{"id": i.id, "question": i.question, "choices": list(i.choices), "answer": i.answer,
+                       **({"group": i.group} if i.group is not None else {})} for i in self.items],
         }
         return {**body, "sha256": _content_sha256(body)}
 
@@ -193,9 +306,10 @@ class MultipleChoiceSet(QuestionSet):
         if expected_sha256 is not None and expected_sha256 != actual:
             raise QuestionSetError(f"{path}: sha256 {actual}, expected {expected_sha256}: not the question set "
                                    f"that was recorded")
-        items = tuple(QuestionItem(i["id"], i["question"], tuple(i["choices"]), int(i["answer"]))
+        items = tuple(QuestionItem(i["id"], i["question"], tuple(i["choices"]), int(i["answer"]), i.get("group"))
                       for i in body["items"])
-        return cls(body["set"], items, body["parse"], body["source"])
+        return cls(body["set"], items, body["parse"], body["source"], body.get("prompts", "letters"),
+                   body.get("positive"))
 
 
 @dataclass(frozen=True)
