@@ -37,6 +37,7 @@ from benchmark.config import Config
 from benchmark.distributed import synchronize
 from benchmark.jobs import resolve_jobs
 from benchmark.registry import STRATEGIES
+from benchmark.runs import target_test
 
 PROBE_STEPS = 5  # timed training steps and evaluation batches of --probe (after one warm-up each)
 
@@ -84,7 +85,8 @@ def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
             cost.steps += sum(session_steps(len(s.ids), run.train.batch_size, run.train.epochs, run.train.drop_last)
                               for s in run_data.sessions)
         test = tests.setdefault(id(run_data.stream), run_data.stream.dataset("test"))
-        sets = [(f"{run.stream}@{s.index}", tuple(test.with_classes(s.classes).ids)) for s in run_data.sessions]
+        sets = [(run.stream, tuple(test.ids))] if run_data.stream.spec.own_questions else \
+            [(f"{run.stream}@{s.index}", tuple(test.with_classes(s.classes).ids)) for s in run_data.sessions]
         sets += [(name, tuple(images.ids)) for name, images in run_data.control_tests.items()]
         for name, ids in sets if "zeroshot" in run.evaluate else ():
             if (run.backbone, name, ids) not in row0:
@@ -95,8 +97,7 @@ def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
         if run.vqa.model is None or "vqa" not in run.evaluate:
             continue
         vqa = run.vqa
-        classes = sorted({c for s in run_data.sessions for c in s.classes})
-        asked = [(run.stream, tuple(test.with_classes(classes).ids))]
+        asked = [(run.stream, tuple(target_test(run_data.stream, run_data.sessions).ids))]
         asked += [(name, tuple(run_data.control_tests[name].ids)) for name in vqa_controls(run)]
         for name, ids in asked:
             subset = min(len(ids), vqa.subset or len(ids)) if vqa.sessions == "all" else len(ids)
@@ -229,8 +230,7 @@ def _probe_questions(run: Config, run_data: Any, backbone, device: torch.device,
     vqa = run.vqa
     vlm = resolve_vlm(vqa.model).loaded(device)
     vlm.swap_encoder(backbone)
-    classes = sorted({c for s in run_data.sessions for c in s.classes})
-    (qset,) = build_sets({run.stream: (run_data.stream, run_data.stream.dataset("test").with_classes(classes))},
+    (qset,) = build_sets({run.stream: (run_data.stream, target_test(run_data.stream, run_data.sessions))},
                          vqa.mode, vqa.seed, run.backbone)
     first = replace(qset, subset=list(range(min(vqa.batch_size, len(qset.questions.items)))))
     return timed(lambda: score_set(vlm, first, vqa.batch_size, False, vqa.scoring)) * len(first.subset)

@@ -56,13 +56,47 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 @dataclass(frozen=True)
 class EvalSet:
     """One evaluated dataset: ``key`` names it in records (e.g. ``digits@s1``, ``cifar10``);
-    its images are classified zero-shot among ``class_names`` with ``templates``."""
+    its images are classified zero-shot among ``class_names`` with ``templates``.
+
+    A set of own questions (:func:`own_question_eval_set`) has ``block`` K > 0: ``class_names`` are its items'
+    option texts, K per item (``valid``: False where an item with fewer options is padded), and an image
+    labelled ``i·K + a`` (item i, right option a) chooses among its own item's K texts only
+    (:meth:`restrict`)."""
 
     key: str
     classes_from: str  # the dataset whose class names these are (the cache key)
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
     dataset: Dataset  # yields (image tensor [3, H, W], label); labelled images (streams) can be cached
+    block: int = 0
+    valid: tuple[bool, ...] | None = None
+
+    def restrict(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``logits`` [B, C] with −inf outside each image's own item's options (a set of own questions; other
+        sets: unchanged). The label only names the item (``label // K``), never which option is right."""
+        if not self.block:
+            return logits
+        start = (labels.to(logits.device) // self.block * self.block)[:, None]  # [B, 1]
+        columns = torch.arange(logits.shape[1], device=logits.device)[None]  # [1, C]
+        inside = (columns >= start) & (columns < start + self.block)
+        inside &= torch.tensor(self.valid, device=logits.device)[None]
+        return logits.masked_fill(~inside, float("-inf"))
+
+
+def own_question_eval_set(key: str, images: Any) -> EvalSet:
+    """The zero-shot set of images with their own questions (``images.questions``,
+    :class:`~benchmark.vqa.questions.OwnQuestion`): each image is a choice among its question's options' CLIP
+    texts (the suite's zero-shot reading of such sets, e.g. VSR's true/false statements); relabelled
+    ``i·K + answer`` with K the most options of any item (see :class:`EvalSet`)."""
+    block = max(len(q.texts) for q in images.questions)
+    texts: list[str] = []
+    valid: list[bool] = []
+    for q in images.questions:
+        pad = block - len(q.texts)
+        texts += [*q.texts, *[""] * pad]
+        valid += [True] * len(q.texts) + [False] * pad
+    labels = [i * block + q.answer for i, q in enumerate(images.questions)]
+    return EvalSet(key, key, tuple(texts), ("{}",), images.with_targets(labels), block, tuple(valid))
 
 
 def eval_split(dataset: Dataset) -> SplitTransform | None:
@@ -267,7 +301,8 @@ class ZeroShotEvaluator:
     def row_keys(self, context: dict[str, Any], model: str | None = None) -> dict[str, str | None]:
         """Per added set, the SHA-256 of what its zero-shot counts depend on before any training: the
         backbone's identity and weights (:func:`model_fingerprint`), the set's classes, templates and images
-        (their cache key, which covers the transform's geometric part), its normalisation, and the
+        (their cache key, which covers the transform's geometric part; a set of own questions: also its labels,
+        which hold the right options), its normalisation, and the
         evaluation's batch size, precision and ``context`` (device, library versions); None for a set whose
         images have no cache key. ``model``: the backbone's fingerprint, when known already."""
         model = model or model_fingerprint(self.backbone)
@@ -280,6 +315,8 @@ class ZeroShotEvaluator:
             described = {"model": model, "classes": s.class_names, "templates": s.templates, "images": images,
                          "normalise": [split.mean, split.std], "batch_size": self.batch_size,
                          "dtype": str(self.dtype), "world_size": world_size(), **context}
+            if s.block:  # own questions: the labels hold the right options (e.g. MMVP's corrected labels)
+                described["choices"] = [s.block, list(s.valid), [int(t) for t in labels_of(s.dataset)]]
             keys[name] = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
         return keys
 

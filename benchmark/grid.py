@@ -211,7 +211,7 @@ def check_grid(runs: list[Config], force: bool = False, jobs: int | str = 1) -> 
             continue
         if run.vqa.model is not None:
             for stream in [found[-1].stream, *(found[-1].controls[c] for c in vqa_controls(run))]:
-                if stream.spec.vqa_question is None:
+                if stream.spec.vqa_question is None and not stream.spec.own_questions:
                     problems.setdefault(f"vqa: stream '{stream.spec.name}' has no question: add 'vqa_question: ...' "
                                         f"to its data file, or set vqa.model: null", []).append(where)
     if not force:

@@ -37,7 +37,14 @@ from benchmark.backbones import load_backbone
 from benchmark.config import Config
 from benchmark.distributed import all_reduce_sum, check_data_parallel, is_main_process, local_device
 from benchmark.errors import DataError, FsclError, Interrupted
-from benchmark.evaluation import EvalSet, ZeroShotAccuracy, ZeroShotEvaluator, autocast_dtype, model_fingerprint
+from benchmark.evaluation import (
+    EvalSet,
+    ZeroShotAccuracy,
+    ZeroShotEvaluator,
+    autocast_dtype,
+    model_fingerprint,
+    own_question_eval_set,
+)
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.plugins import CostMeter, StrategyPlugin, peak_memory_mb
 from benchmark.records import (
@@ -220,14 +227,17 @@ class _Run:
         zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size,
                                      dtype=autocast_dtype(cfg.train.precision, self.device),
                                      num_workers=cfg.train.num_workers, cache=cfg.eval_cache, progress=self.progress)
-        test = data.stream.dataset("test")  # as the scenario's test stream: per session its classes' images
-        for session in data.sessions:
+        test = data.stream.dataset("test").with_transform(backbone.preprocess(False))
+        if spec.own_questions:  # its own questions: the whole test split, one set
+            zeroshot.add(own_question_eval_set(cfg.stream, test))
+        for session in data.sessions if not spec.own_questions else ():  # per session its classes' images
             zeroshot.add(EvalSet(f"{cfg.stream}@s{session.index}", cfg.stream, spec.class_names, spec.templates,
-                                 test.with_classes(session.classes).with_transform(backbone.preprocess(False))))
+                                 test.with_classes(session.classes)))
         for name, test in data.control_tests.items():
             control = data.controls[name].spec
-            zeroshot.add(EvalSet(name, name, control.class_names, control.templates,
-                                 test.with_transform(backbone.preprocess(False))))
+            test = test.with_transform(backbone.preprocess(False))
+            zeroshot.add(own_question_eval_set(name, test) if control.own_questions else
+                         EvalSet(name, name, control.class_names, control.templates, test))
         plugin: StrategyPlugin = entry.obj(backbone, options)
         self.trains = plugin.trains
         meter = CostMeter(plugin)
@@ -237,23 +247,28 @@ class _Run:
             evaluator=EvaluationPlugin(
                 self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
         )
-        template = self.vlm_template(spec, backbone, options, common) if vlm else CLIPTemplate(**common)
+        template = self.vlm_template(data.stream, backbone, options, common) if vlm else CLIPTemplate(**common)
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
         if cfg.vqa.model is not None and "vqa" in cfg.evaluate:
             self.vqa = RunVQA(cfg, self.record, self.device, self.progress, self.fingerprint)
             self.vqa.build(data)
         return backbone, plugin, meter, template, scenario, zeroshot.stream()
 
-    def vlm_template(self, spec, backbone, recipe, common: dict[str, Any]) -> CLIPTemplate:
+    def vlm_template(self, stream, backbone, recipe, common: dict[str, Any]) -> CLIPTemplate:
         """The VLM template of a ``*-ppl`` strategy: the VLM of ``vqa.model`` (shared with the VQA evaluation)
-        around the backbone's encoder, and the stream's question/answer pair of every class."""
+        around the backbone's encoder, and the stream's question/answer pair of every class (of every training
+        image, for a stream with its own questions)."""
+        spec = stream.spec
         from benchmark.vlm_template import VLMTemplate
         from benchmark.vqa.pairs import AnswerPairs
 
         family = resolve_vlm(self.cfg.vqa.model)
         family.check_encoder(backbone)
         vlm = family.loaded(self.device)
-        pairs = AnswerPairs(vlm, spec.vqa_question, spec.ppl_answer, spec.class_names)
+        if spec.own_questions:  # each training image's own pair (its label is its place in the training split)
+            pairs = AnswerPairs(vlm, [q.pair for q in stream.listed("train").questions])
+        else:
+            pairs = AnswerPairs.for_classes(vlm, spec.vqa_question, spec.ppl_answer, spec.class_names)
         return VLMTemplate(vlm=vlm, pairs=pairs, recipe=recipe, **common)
 
     def start_or_resume(self, data: RunData, backbone, plugin: StrategyPlugin, template: CLIPTemplate) -> int:
@@ -348,7 +363,8 @@ class _Run:
         """Zero-shot evaluation after ``session``: log rows, fill the matrix row."""
         counts = self.eval_counts(template, eval_stream, session)
         target, n = self.cfg.stream, self.matrix.n_sessions
-        groups = [counts[f"{target}@s{i + 1}"] for i in range(n)]
+        # a stream with its own questions is one set, not per session class group (no seen/group accuracies)
+        groups = [counts[target]] if target in counts else [counts[f"{target}@s{i + 1}"] for i in range(n)]
         rows: list[dict[str, Any]] = []
 
         def add(dataset: str, metric: str, correct: int, total: int) -> float:
@@ -358,10 +374,10 @@ class _Run:
             return float("nan") if value is None else value
 
         self.matrix.values[session, 0] = add(target, "top1", sum(c for c, _ in groups), sum(t for _, t in groups))
-        if session:
+        if session and target not in counts:
             seen = groups[:session]
             self.matrix.seen[session] = add(target, "top1_seen", sum(c for c, _ in seen), sum(t for _, t in seen))
-        for i, (c, t) in enumerate(groups):
+        for i, (c, t) in enumerate(groups if target not in counts else ()):
             self.matrix.groups[session, i] = add(target, f"top1_s{i + 1}", c, t)
         for j, name in enumerate(self.matrix.controls, start=1):
             self.matrix.values[session, j] = add(name, "top1", *counts[name])

@@ -79,6 +79,15 @@ def control_subset(n_items: int, size: int, seed: int, name: str) -> list[int]:
     return sorted(rng.choice(n_items, size=min(size, n_items), replace=False).tolist())
 
 
+def target_test(stream: Stream, sessions: list[Session]) -> Images:
+    """The target's test images a run's VQA asks about: those of its sessions' classes (a stream with its own
+    questions: its whole test split, which is not grouped by the sessions' classes)."""
+    test = stream.dataset("test")
+    if stream.spec.own_questions:
+        return test
+    return test.with_classes(sorted({c for session in sessions for c in session.classes}))
+
+
 def record_data(record: RunRecord, data_streams: dict[str, Stream], subsets: dict[str, Any],
                 sessions: dict[str, list[Session]] | None = None) -> None:
     """Write what a run must keep about its data into the manifest: unreadable images met (for the

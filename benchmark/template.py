@@ -333,9 +333,11 @@ class CLIPTemplate(SupervisedTemplate):
             self.grad_scaler.update()
 
     def forward(self) -> Tensor:
-        """Training: the image features [B, D] of the mini-batch; evaluation: its zero-shot logits [B, C]."""
+        """Training: the image features [B, D] of the mini-batch; evaluation: its zero-shot logits [B, C] (a set of
+        own questions: each image's outside its item's options at −inf, :meth:`EvalSet.restrict`)."""
         if not self.is_training:
-            return self.zeroshot.logits(self.mb_x, self.eval_class_embeddings)
+            eval_set = self.zeroshot.sets[self.experience.current_experience]
+            return eval_set.restrict(self.zeroshot.logits(self.mb_x, self.eval_class_embeddings), self.mb_y)
         return self.encode_images(self.mb_x)
 
     def criterion(self) -> Tensor:

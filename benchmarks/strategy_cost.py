@@ -124,7 +124,7 @@ def template_parts(vlm: LoadedVLM, backbone: Backbone, classes: int) -> dict:
     """What the VLM template needs besides the CLIP template's: ``vlm`` (its tower checked against ``backbone``)
     and the tokenized pairs of ``classes`` classes."""
     vlm.family.check_encoder(backbone)
-    pairs = AnswerPairs(vlm, "What is in this image?", "This is a {}.", [f"class {i}" for i in range(classes)])
+    pairs = AnswerPairs.for_classes(vlm, "What is in this image?", "This is a {}.", [f"class {i}" for i in range(classes)])
     return {"vlm": vlm, "pairs": pairs}
 
 

@@ -76,7 +76,7 @@ def family(request, llava_dir, hf_parts) -> tuple[str, Path]:
 
 def digit_pairs(vlm: LoadedVLM) -> AnswerPairs:
     spec = Digits("unused").spec
-    return AnswerPairs(vlm, spec.vqa_question, spec.ppl_answer, spec.class_names)
+    return AnswerPairs.for_classes(vlm, spec.vqa_question, spec.ppl_answer, spec.class_names)
 
 
 def for_vlm(options: VLMRecipe, vlm: LoadedVLM) -> VLMRecipe:

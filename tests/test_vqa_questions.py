@@ -121,7 +121,7 @@ def test_generator_settings_are_checked():
 def test_a_stream_of_one_class_is_refused_before_any_model_loads():
     class OneClass:
         spec = type("Spec", (), {"name": "one", "class_names": ("cat",), "templates": ("a {}.",),
-                                 "vqa_question": "What is it?"})()
+                                 "vqa_question": "What is it?", "own_questions": False})()
 
     with pytest.raises(QuestionSetError, match="at least 2"):
         build_question_set(OneClass(), "hard", backbone="openclip:no-such-model")

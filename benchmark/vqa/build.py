@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from benchmark.records import slug
-from benchmark.vqa.questions import GENERATOR_VERSION, LabelQuestions, MultipleChoiceSet, QuestionSetError
+from benchmark.vqa.questions import (
+    GENERATOR_VERSION,
+    LabelQuestions,
+    MultipleChoiceSet,
+    QuestionSetError,
+    own_question_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +50,14 @@ def build_question_set(stream: Any, mode: str = "random", seed: int = 0,
 
     ``hard`` needs ``backbone`` (a load string: whose text embeddings rank the classes);
     ``random`` takes none. ``test``: the images to ask about (``LabelledImages`` of the stream,
-    e.g. a run's control subset); default the whole test split.
+    e.g. a run's control subset); default the whole test split. A stream with its own questions gives its own
+    (mode and seed do not apply).
     """
     spec = stream.spec
+    if spec.own_questions:  # the stream's own questions (no distractors to draw)
+        test = stream.dataset("test") if test is None else test
+        return own_question_set(spec.name, test.ids, test.questions, spec.vqa_parse, spec.vqa_positive,
+                                {"own": spec.name, "version": spec.version})
     if spec.vqa_question is None:
         raise QuestionSetError(f"stream '{spec.name}' has no question: add 'vqa_question: ...' to its data file")
     if (mode == "hard") != (backbone is not None):
@@ -85,8 +96,15 @@ def cached_question_set(name: str, stream: Any, test: Any, mode: str, seed: int,
     version, mode, seed, ``hard``'s backbone). A cached file is used only when its content hash, its images
     and its answers check (:meth:`MultipleChoiceSet.load`, :func:`check_asks`); otherwise it is built again
     and replaced, with a warning (as is a cache folder that cannot be written: the set is then used unsaved).
+    A stream's own questions are read from its files each time and frozen as ``<name>-own-<sha256>.json``.
     """
     spec = stream.spec
+    if spec.own_questions:
+        questions = build_question_set(stream, test=test)
+        path = Path(cache) / "vqa" / f"{name}-own-{questions.sha256[:16]}.json"
+        if not path.is_file():
+            _save(questions, path)
+        return questions
     key = hashlib.sha256(json.dumps(
         [spec.name, list(test.ids), [int(t) for t in test.targets], list(spec.class_names), spec.vqa_question,
          GENERATOR_VERSION, mode, seed, backbone], separators=(",", ":")).encode()).hexdigest()[:16]
@@ -100,8 +118,14 @@ def cached_question_set(name: str, stream: Any, test: Any, mode: str, seed: int,
             log.warning("rebuilding the cached question set %s: %s", path, err)
     questions = build_question_set(stream, mode, seed, backbone, test=test)
     check_asks(questions, test, spec.class_names)
+    _save(questions, path)
+    return questions
+
+
+def _save(questions: MultipleChoiceSet, path: Path) -> None:
+    """Freeze ``questions`` in the cache folder; a folder that cannot be written only warns (the run goes on with
+    the set it built)."""
     try:
         questions.save(path)
-    except OSError as err:  # e.g. a read-only home: the run goes on with the set it built
+    except OSError as err:  # e.g. a read-only home
         log.warning("cannot cache the question set in %s (%s); set FSCL_CACHE to a writable folder", path, err)
-    return questions

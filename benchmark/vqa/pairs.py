@@ -9,7 +9,10 @@ and the answer is the stream's ``ppl_answer`` with the class name (GTSRB: "This 
 puts them in its own prompt format (:meth:`benchmark.vlm.base.LoadedVLM.pair_tokens`; LLaVA-1.5: the ``vicuna_v1``
 conversation, then `` {answer}</s>``), its image token expanded into one token per image feature; the labels are
 -100 everywhere except the answer's tokens and the end of sequence, so the loss (the VLM's mean next-token
-cross-entropy over the labelled positions) is the answer's. Every class has one pair, tokenized once.
+cross-entropy over the labelled positions) is the answer's. Every class has one pair, tokenized once. A stream
+with its own questions (VSR, Hateful Memes, MMVP, VisOnlyQA) brings the pair of each training image, worded as the
+released trainer words it (:attr:`benchmark.vqa.questions.OwnQuestion.pair`; VisOnlyQA's without the
+instruction), and each image's label is its own.
 """
 from __future__ import annotations
 
@@ -29,25 +32,39 @@ def user_text(question: str) -> str:
 
 
 class AnswerPairs:
-    """The tokenized pair of every class: the prompt (image tokens expanded) and its answer.
+    """The tokenized training pair of every label: the prompt (image tokens expanded) and its answer.
 
     Args:
         vlm: the run's loaded VLM (its tokenizer and prompt format).
-        question: the stream's ``vqa_question``; ``answer``: its ``ppl_answer`` (``{}``: the class name).
-        class_names: the stream's class names, by label.
+        texts: the (user text, answer) of each label. Pairs are tokenized on first use, once each (a stream with
+            its own questions has one pair per training image, most never drawn).
     """
 
-    def __init__(self, vlm: LoadedVLM, question: str, answer: str, class_names: Sequence[str]) -> None:
+    def __init__(self, vlm: LoadedVLM, texts: Sequence[tuple[str, str]]) -> None:
         self.pad_id = vlm.pad_id
-        self.pairs = [vlm.pair_tokens(user_text(question), answer.format(name)) for name in class_names]
+        self.vlm = vlm
+        self.texts = list(texts)
+        self._tokens: dict[int, tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def for_classes(cls, vlm: LoadedVLM, question: str, answer: str, class_names: Sequence[str]) -> AnswerPairs:
+        """One pair per class: the stream's ``vqa_question`` in the released instruction, and its ``ppl_answer``
+        (``{}``: the class name)."""
+        return cls(vlm, [(user_text(question), answer.format(name)) for name in class_names])
+
+    def pair(self, label: int) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of ``label``'s pair (:meth:`~benchmark.vlm.base.LoadedVLM.pair_tokens`)."""
+        if label not in self._tokens:
+            self._tokens[label] = self.vlm.pair_tokens(*self.texts[label])
+        return self._tokens[label]
 
     def answer_ids(self, label: int) -> list[int]:
-        """The labelled token ids of class ``label``: its answer's tokens and the end of sequence."""
-        return [t for t in self.pairs[label][1] if t != IGNORE]
+        """The labelled token ids of ``label``: its answer's tokens and the end of sequence."""
+        return [t for t in self.pair(label)[1] if t != IGNORE]
 
     def batch(self, labels: Sequence[int] | Tensor) -> PairBatch:
-        """The pairs of class ``labels`` [B], right-padded with the pad token (label -100, mask 0)."""
-        rows = [self.pairs[int(label)] for label in labels]
+        """The pairs of ``labels`` [B], right-padded with the pad token (label -100, mask 0)."""
+        rows = [self.pair(int(label)) for label in labels]
         length = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)

@@ -20,7 +20,7 @@ import torch
 from benchmark.config import Config
 from benchmark.metrics import AccuracyMatrix, summarize
 from benchmark.records import RunRecord, atomic_write
-from benchmark.runs import RunData, control_subset
+from benchmark.runs import RunData, control_subset, target_test
 from benchmark.shared_rows import row_context, session_zero, shared_folder
 from benchmark.vlm.spec import resolve_vlm
 from benchmark.vqa.evaluate import VQASet, build_sets, score_set, vqa_row_key, vqa_rows
@@ -55,9 +55,8 @@ class RunVQA:
         """The VQA question sets of the run's test images (the target: every session's classes as one set) with
         their seeded subsets (``vqa.subset``), and the empty VQA matrices (:meth:`bases`)."""
         cfg, vqa = self.cfg, self.cfg.vqa
-        classes = sorted({c for session in data.sessions for c in session.classes})
         controls = vqa_controls(cfg)
-        tests = {cfg.stream: (data.stream, data.stream.dataset("test").with_classes(classes)),
+        tests = {cfg.stream: (data.stream, target_test(data.stream, data.sessions)),
                  **{name: (data.controls[name], data.control_tests[name]) for name in controls}}
         self.sets = [
             dataclasses.replace(qset, subset=control_subset(len(qset.questions.items), vqa.subset, vqa.seed, qset.name))
