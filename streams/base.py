@@ -361,7 +361,7 @@ class Stream(ABC):
         return Validation(self, per_class, seed)
 
     def benchmark(self, sessions: list[Session], train_transform: Callable, eval_transform: Callable):
-        """An Avalanche benchmark: train stream = sessions, test stream = their classes' test images."""
+        """An Avalanche benchmark: train stream = sessions, test stream = each session's test images (:meth:`session_test`)."""
         from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
         from avalanche.benchmarks.utils import as_classification_dataset
 
@@ -370,9 +370,14 @@ class Stream(ABC):
         return benchmark_from_datasets(
             train=[as_classification_dataset(train.subset([index[s] for s in sess.ids]).with_transform(train_transform))
                    for sess in sessions],
-            test=[as_classification_dataset(test.with_classes(sess.classes).with_transform(eval_transform))
+            test=[as_classification_dataset(self.session_test(test, sess).with_transform(eval_transform))
                   for sess in sessions],
         )
+
+    def session_test(self, test: LabelledImages, session: Session) -> LabelledImages:
+        """The test images of ``session``'s experience: those of its classes (a stream whose test split is asked
+        whole after every session returns ``test``)."""
+        return test.with_classes(session.classes)
 
 
 class Validation(Stream):
