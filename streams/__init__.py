@@ -31,11 +31,10 @@ STREAMS.declare("eurosat", "streams.eurosat:EuroSAT", options="streams.options:E
                         "else a seeded stratified split.")
 # the paper's sets that bring their own questions (targets and controls)
 STREAMS.declare("vsr", "streams.vsr:VSR",
-                summary="Visual Spatial Reasoning (cambridgeltl/vsr_zeroshot), true/false statements; sessions by "
-                        "the released object groups, 100/300/600 rows each.")
+                summary="Visual Spatial Reasoning (cambridgeltl/vsr_zeroshot), true/false; released object sessions, "
+                        "100/300/600 rows.")
 STREAMS.declare("hm", "streams.hm:HatefulMemes", options="streams.options:HMOptions",
-                summary="Hateful Memes, yes/no; the released session file when present, else a seeded "
-                        "label-stratified split; 100/300/600 rows a session.")
+                summary="Hateful Memes, yes/no; the released session file, else a seeded stratified split; 100/300/600 rows.")
 STREAMS.declare("mmvp", "streams.mmvp:MMVP", options="streams.options:MMVPOptions",
                 summary="MMVP, 150 pairs of two-option questions; the released halves, 30 training rows a session.")
 STREAMS.declare("visonlyqa", "streams.visonlyqa:VisOnlyQA",

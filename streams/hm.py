@@ -17,8 +17,16 @@ from benchmark.vqa.questions import _PlainUnpickler
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
 from streams.options import HM_SESSION_FILE as SESSION_FILE
 from streams.options import HMOptions
-from streams.own_questions import OwnQuestionStream, Row, binary_label, field, question, read_jsonl, released_cut, \
-    short_answer_pair
+from streams.own_questions import (
+    OwnQuestionStream,
+    Row,
+    binary_label,
+    field,
+    question,
+    read_jsonl,
+    released_cut,
+    short_answer_pair,
+)
 
 FILES: dict[Split, str] = {"train": "train.jsonl", "test": "test_unseen.jsonl"}
 LAYOUT = f"""\
@@ -48,7 +56,7 @@ class _SessionUnpickler(_PlainUnpickler):
 
 
 class HatefulMemes(OwnQuestionStream):
-    """Hateful Memes; each session the first 100/300/600 rows (CL-5/20/50) of its part of train.jsonl."""
+    """Hateful Memes, yes/no; the released session file, else a seeded stratified split; 100/300/600 rows."""
 
     spec = StreamSpec.from_file(DATA_DIR / "hm.yaml")
     folder = "hm"

@@ -47,7 +47,7 @@ def mmvp_question(question_text: str, options: str, answer: int, pair: int) -> d
 
 
 class MMVP(OwnQuestionStream):
-    """MMVP, the released halves of its pairs; five sessions of 15 training pairs."""
+    """MMVP, 150 pairs of two-option questions; the released halves, 30 training rows a session."""
 
     spec = StreamSpec.from_file(DATA_DIR / "mmvp.yaml")
     folder = "mmvp"

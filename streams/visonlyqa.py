@@ -133,7 +133,7 @@ def visonlyqa_question(row: dict[str, Any], where: str) -> Any:
 
 
 class VisOnlyQA(OwnQuestionStream):
-    """VisOnlyQA; sessions by training category, ``shots`` seeded rows per category, single-answer ones kept."""
+    """VisOnlyQA (hub parquet files), lettered options; sessions by training category."""
 
     spec = StreamSpec.from_file(DATA_DIR / "visonlyqa.yaml")
     folder = "visonlyqa"

@@ -6,8 +6,16 @@ from collections.abc import Sequence
 from functools import cached_property
 
 from streams.base import DATA_DIR, Split, StreamSpec
-from streams.own_questions import OwnQuestionStream, Row, binary_label, field, question, read_jsonl, released_cut, \
-    short_answer_pair
+from streams.own_questions import (
+    OwnQuestionStream,
+    Row,
+    binary_label,
+    field,
+    question,
+    read_jsonl,
+    released_cut,
+    short_answer_pair,
+)
 
 LAYOUT = """\
 <data_root>/vsr/                 (the hub repository cambridgeltl/vsr_zeroshot, plus the COCO images)
@@ -26,8 +34,7 @@ def vsr_question(caption: str, label: int) -> dict:
 
 
 class VSR(OwnQuestionStream):
-    """VSR, sessions by the released object groups; each session's rows shuffled with the seed and cut to
-    100/300/600 (CL-5/20/50)."""
+    """Visual Spatial Reasoning (cambridgeltl/vsr_zeroshot), true/false; released object sessions, 100/300/600 rows."""
 
     spec = StreamSpec.from_file(DATA_DIR / "vsr.yaml")
     folder = "vsr"

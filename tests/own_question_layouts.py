@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from PIL import Image
-
 from test_streams_layouts import write_image
 
 STREAMS_DATA = Path(__file__).resolve().parents[1] / "streams" / "data"
