@@ -98,7 +98,6 @@ class OwnQuestionStream(Stream):
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
         super().__init__(data_root, options, skip_bad_images=skip_bad_images)
         self._listed: dict[Split, LabelledImages] = {}
-        self._readable: dict[Split, LabelledImages] = {}
 
     # -- what a subclass provides ------------------------------------------------------
     @abstractmethod
@@ -137,13 +136,8 @@ class OwnQuestionStream(Stream):
         return self._listed[split]
 
     def dataset(self, split: Split) -> LabelledImages:
-        """The listed split; with ``skip_bad_images`` the test split without its unreadable images."""
-        data = self.listed(split)
-        if not self.skip_bad_images or split == "train":
-            return data
-        if split not in self._readable:
-            self._readable[split] = self.readable(split, data)
-        return self._readable[split]
+        """The listed split; with ``skip_bad_images`` the test split without its unreadable images (:meth:`usable`)."""
+        return self.usable(split)
 
     def sessions(self, n_sessions: int, shots: int, shot_seed: int) -> list[Session]:
         """The released sessions: each session's rows (:meth:`session_rows`); ``shots`` and ``shot_seed`` are the

@@ -5,17 +5,9 @@ import random
 from collections.abc import Sequence
 from functools import cached_property
 
+from streams import own_questions as own
 from streams.base import DATA_DIR, Split, StreamSpec
-from streams.own_questions import (
-    OwnQuestionStream,
-    Row,
-    binary_label,
-    field,
-    question,
-    read_jsonl,
-    released_cut,
-    short_answer_pair,
-)
+from streams.own_questions import OwnQuestionStream, Row
 
 LAYOUT = """\
 <data_root>/vsr/                 (the hub repository cambridgeltl/vsr_zeroshot, plus the COCO images)
@@ -30,7 +22,7 @@ def vsr_question(caption: str, label: int) -> dict:
     prompt = f"Based on the image, is this statement true or false? {caption}"
     return dict(prompt=prompt, answers=ANSWERS, answer=label,
                 texts=tuple(f"Based on the image, the statement '{caption}' is {a}" for a in ANSWERS),
-                pair=short_answer_pair(prompt, ANSWERS[label]))
+                pair=own.short_answer_pair(prompt, ANSWERS[label]))
 
 
 class VSR(OwnQuestionStream):
@@ -43,20 +35,20 @@ class VSR(OwnQuestionStream):
     def rows(self, split: Split) -> list[Row]:
         path = self.root / f"{split}.jsonl"
         out = []
-        for i, row in enumerate(read_jsonl(path, "vsr")):
+        for i, row in enumerate(own.read_jsonl(path, "vsr")):
             where = f"vsr: {path} row {i + 1}"
-            label = binary_label(row, "label", where)
+            label = own.binary_label(row, "label", where)
             if split == "train":
-                field(row, "obj", where)
-            image = self.image_path(self.root / "images" / str(field(row, "image", where)), where)
-            out.append(Row(image, f"{split}/{i}", question(where, **vsr_question(str(field(row, "caption", where)),
-                                                                                  label))))
+                own.field(row, "obj", where)
+            image = self.image_path(self.root / "images" / str(own.field(row, "image", where)), where)
+            caption = str(own.field(row, "caption", where))
+            out.append(Row(image, f"{split}/{i}", own.question(where, **vsr_question(caption, label))))
         return out
 
     @cached_property
     def objects(self) -> list[str]:
         """The ``obj`` of every training row, in file order."""
-        return [str(row["obj"]) for row in read_jsonl(self.root / "train.jsonl", "vsr")]
+        return [str(row["obj"]) for row in own.read_jsonl(self.root / "train.jsonl", "vsr")]
 
     def session_rows(self, session: int, groups: Sequence[int], shots: int, seed: int) -> list[int]:
         """The rows whose object is in the session, in file order, shuffled as ``random.seed(seed);
@@ -64,7 +56,7 @@ class VSR(OwnQuestionStream):
         names = {self.spec.class_names[g] for g in groups}
         rows = [i for i, obj in enumerate(self.objects) if obj in names]
         random.Random(seed).shuffle(rows)
-        return rows[:released_cut(shots)]
+        return rows[:own.released_cut(shots)]
 
     def session_source(self) -> dict:
         return {"rule": "released: rows of the session's objects, shuffled with the seed, cut to 100/300/600"}
