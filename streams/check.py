@@ -1,7 +1,8 @@
 """``fscl data check STREAM --root DIR``: is a stream's data usable, before any GPU hour is spent?
 
 Builds the stream on the root (layout checks), every split (class checks), reports the
-images per split, class and session, decodes every image and lists the first unreadable
+images per split, class and session (a stream with its own questions: rows per split and per released
+session), decodes every image and lists the first unreadable
 ones and the first symbolic links that point to nothing (a run does not see them). The
 stream is usable only when no problem was found; each problem is reported once.
 A run decodes only the images it uses, so this is the way to find every unreadable file.
