@@ -29,6 +29,16 @@ STREAMS.declare("counteranimal", "streams.counteranimal:CounterAnimal", options=
 STREAMS.declare("eurosat", "streams.eurosat:EuroSAT", options="streams.options:EuroSATOptions",
                 summary="EuroSAT land use, 10 classes; the released split file when present, "
                         "else a seeded stratified split.")
+# the paper's sets that bring their own questions (targets and controls)
+STREAMS.declare("vsr", "streams.vsr:VSR",
+                summary="Visual Spatial Reasoning (cambridgeltl/vsr_zeroshot), true/false; released object sessions, "
+                        "100/300/600 rows.")
+STREAMS.declare("hm", "streams.hm:HatefulMemes", options="streams.options:HMOptions",
+                summary="Hateful Memes, yes/no; the released session file, else a seeded stratified split; 100/300/600 rows.")
+STREAMS.declare("mmvp", "streams.mmvp:MMVP", options="streams.options:MMVPOptions",
+                summary="MMVP, 150 pairs of two-option questions; the released halves, 30 training rows a session.")
+STREAMS.declare("visonlyqa", "streams.visonlyqa:VisOnlyQA",
+                summary="VisOnlyQA (hub parquet files), lettered options; sessions by training category.")
 # controls
 STREAMS.declare("dalle", "streams.dalle:Dalle", summary="DALL-E 2 images of 22 TSI activities; control only.")
 STREAMS.declare("cifar10", "streams.controls:CIFAR10", options=_CHECKSUM,

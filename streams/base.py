@@ -245,6 +245,7 @@ class Stream(ABC):
         self.skip_bad_images = skip_bad_images
         self.skipped: dict[str, list[str]] = {}  # split -> ids of unreadable images met (left out or replaced)
         self._unreadable: dict[str, str | None] = {}  # train id -> decoding error (None: readable), once decoded
+        self._readable: dict[Split, LabelledImages] = {}  # test splits without their unreadable images
         if self.root is not None and not self.root.is_dir():
             others = [str(Path(data_root) / name) for name in self.released_folders]
             also = f" (nor the released code's {' or '.join(others)})" if others else ""
@@ -298,6 +299,17 @@ class Stream(ABC):
     def listed(self, split: Split) -> LabelledImages:
         """The whole ``split`` as listed on disk (nothing decoded, nothing left out)."""
         return self.dataset(split)
+
+    def usable(self, split: Split) -> LabelledImages:
+        """The ``split``: as listed, except that with ``skip_bad_images`` the unreadable test
+        images are left out (decoded once, here). Training images are never decoded here: the
+        drawn ones are, by :meth:`sessions`."""
+        data = self.listed(split)
+        if not self.skip_bad_images or split == "train":
+            return data
+        if split not in self._readable:
+            self._readable[split] = self.readable(split, data)
+        return self._readable[split]
 
     def readable(self, split: Split, data: LabelledImages) -> LabelledImages:
         """``data`` without the images that cannot be decoded (decodes each one); the bad ones
@@ -361,7 +373,7 @@ class Stream(ABC):
         return Validation(self, per_class, seed)
 
     def benchmark(self, sessions: list[Session], train_transform: Callable, eval_transform: Callable):
-        """An Avalanche benchmark: train stream = sessions, test stream = their classes' test images."""
+        """An Avalanche benchmark: train stream = sessions, test stream = each session's test images (:meth:`session_test`)."""
         from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
         from avalanche.benchmarks.utils import as_classification_dataset
 
@@ -370,9 +382,14 @@ class Stream(ABC):
         return benchmark_from_datasets(
             train=[as_classification_dataset(train.subset([index[s] for s in sess.ids]).with_transform(train_transform))
                    for sess in sessions],
-            test=[as_classification_dataset(test.with_classes(sess.classes).with_transform(eval_transform))
+            test=[as_classification_dataset(self.session_test(test, sess).with_transform(eval_transform))
                   for sess in sessions],
         )
+
+    def session_test(self, test: LabelledImages, session: Session) -> LabelledImages:
+        """The test images of ``session``'s experience: those of its classes (a stream whose test split is asked
+        whole after every session returns ``test``)."""
+        return test.with_classes(session.classes)
 
 
 class Validation(Stream):

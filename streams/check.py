@@ -1,7 +1,8 @@
 """``fscl data check STREAM --root DIR``: is a stream's data usable, before any GPU hour is spent?
 
 Builds the stream on the root (layout checks), every split (class checks), reports the
-images per split, class and session, decodes every image and lists the first unreadable
+images per split, class and session (a stream with its own questions: rows per split and per released
+session), decodes every image and lists the first unreadable
 ones and the first symbolic links that point to nothing (a run does not see them). The
 stream is usable only when no problem was found; each problem is reported once.
 A run decodes only the images it uses, so this is the way to find every unreadable file.
@@ -87,9 +88,12 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
                        "their targets, or remove the links)")
     if not data:
         return report
-    _class_table(report, stream, data)
-    if "train" in data:
-        _sessions(report, stream, data["train"], sessions, shots)
+    if stream.spec.own_questions:
+        _own_question_sessions(report, stream, data, sessions, shots)
+    else:
+        _class_table(report, stream, data)
+        if "train" in data:
+            _sessions(report, stream, data["train"], sessions, shots)
     for split, images in data.items():
         bad = unreadable(images, progress=f"decoding {split}" if progress else "")
         if bad:
@@ -136,6 +140,23 @@ def _sessions(report: DataReport, stream: Stream, train: LabelledImages, session
         if short:
             line += f"; fewer than {shots} images (all kept): " + ", ".join(stream.spec.class_names[c] for c in short)
         report.lines.append(line)
+
+
+def _own_question_sessions(report: DataReport, stream: Stream, data: dict[str, LabelledImages], sessions: int,
+                           shots: int | None) -> None:
+    """Rows per split, and the rows of each released session (for ``shots``, else CL-5's 5, and seed 0)."""
+    report.lines.append("rows (one question each): " + ", ".join(f"{split} {len(rows)}" for split, rows in data.items()))
+    if "train" not in data:
+        return
+    try:
+        drawn = stream.sessions(sessions, shots or 5, 0)
+    except (StreamDataError, ValueError) as err:
+        report.problem(str(err))
+        return
+    for session in drawn:
+        groups = ", ".join(stream.spec.class_names[c] for c in session.classes)
+        report.lines.append(f"session {session.index} ({groups}): {len(session.ids)} training rows "
+                            f"(shots {shots or 5}, seed 0)")
 
 
 def _per_class(images: LabelledImages, n_classes: int) -> list[int]:

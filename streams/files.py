@@ -132,7 +132,6 @@ class FileStream(Stream):
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
         super().__init__(data_root, options, skip_bad_images=skip_bad_images)
         self._datasets: dict[Split, LabelledImages] = {}  # each split as listed
-        self._readable: dict[Split, LabelledImages] = {}  # test splits without their unreadable images
         self._split_record: dict[str, Any] | None = None
         self._parts: dict[Split, list[Sample]] | None = None  # both parts of a seeded or file split, once made
         for rel in self.required:
@@ -259,15 +258,8 @@ class FileStream(Stream):
         return self._datasets[split]
 
     def dataset(self, split: Split) -> LabelledImages:
-        """The ``split``: as listed, except that with ``skip_bad_images`` the unreadable test
-        images are left out (decoded once, here). Training images are never decoded here: the
-        drawn ones are, by :meth:`sessions`."""
-        data = self.listed(split)
-        if not self.skip_bad_images or split == "train":
-            return data
-        if split not in self._readable:
-            self._readable[split] = self.readable(split, data)
-        return self._readable[split]
+        """The ``split`` as listed, its unreadable test images left out with ``skip_bad_images`` (:meth:`usable`)."""
+        return self.usable(split)
 
     def _build(self, split: Split) -> LabelledImages:
         samples = sorted(self.known(self.scan(split)), key=lambda s: s.id)

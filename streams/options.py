@@ -12,6 +12,7 @@ from benchmark.config import check
 
 TSI_CAPTIONS_FILE = "images_text_description_short_trunc.pkl"  # under the stream's folder
 COUNTERANIMAL_NAMES_FILE = "LAION-final/imagenet_names.txt"  # under the stream's folder
+HM_SESSION_FILE = "data_per_session.pkl"  # under the stream's folder
 
 
 # --------------------------------------------------------------------------- shared
@@ -98,6 +99,23 @@ class EuroSATOptions(SplitFileOptions, DownloadOptions):
 
 
 @dataclass
+class HMOptions:
+    """Options of ``hm`` (Hateful Memes): where its five sessions' rows come from."""
+
+    session_file: str | None = field(default="auto", metadata={"help": (
+        f"the released session file ({HM_SESSION_FILE}: five lists of row indices into train.jsonl): 'auto' reads it "
+        "when it lies in the stream's folder and takes the seeded split otherwise; a path (absolute, or relative to "
+        "the stream's folder) must exist; null always takes the seeded split")})
+    session_seed: int = field(default=0, metadata={"help": (
+        "seed of the label-stratified five-way split of train.jsonl used when there is no session file")})
+
+    def __post_init__(self) -> None:
+        check(self.session_file is None or bool(self.session_file.strip()), "hm.session_file", self.session_file,
+              "'auto', the path of a session file, or null (the seeded split)")
+        check(self.session_seed >= 0, "hm.session_seed", self.session_seed, "an integer >= 0")
+
+
+@dataclass
 class ImageFolderOptions(SplitOptions):
     """Options of the ``imagefolder`` control."""
 
@@ -115,6 +133,18 @@ class ImageFolderOptions(SplitOptions):
         check(self.split_seed >= 0, "imagefolder.split_seed", self.split_seed, "an integer >= 0")
         check(bool(self.templates) and all("{}" in t for t in self.templates), "imagefolder.templates",
               self.templates, "a non-empty list of strings with '{}' for the class name")
+
+
+@dataclass
+class MMVPOptions:
+    """Options of ``mmvp``."""
+
+    corrected_labels: bool = field(default=False, metadata={"help": (
+        "true: fix the two pairs whose labels the MMVP issues 14 and 30 found swapped (Index 99/100, 279/280: "
+        "99 (b), 100 (a), 279 (b), 280 (a)); false (default): the released labels, as the paper's numbers used")})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.corrected_labels, bool), "mmvp.corrected_labels", self.corrected_labels, "true | false")
 
 
 @dataclass
