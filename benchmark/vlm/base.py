@@ -400,7 +400,7 @@ def answer_token_sequences(tokenizer, prefix: str, answers: Sequence[str]) -> li
         full = tokenizer(prefix + answer, add_special_tokens=False).input_ids
         new = full[len(base):]
         if full[:len(base)] != base or not new or "".join(tokenizer.decode(new).split()) != "".join(answer.split()):
-            raise VLMError(f"the tokenizer cannot read the answer {answer!r} after {prefix!r} as tokens of its own "
+            raise VLMError(f"the tokenizer cannot read the answer {answer.strip()!r} after {prefix!r} as tokens of its own "
                            f"(it gives {tokenizer.convert_ids_to_tokens(new)}); option scoring needs them")
         sequences.append(new)
     return sequences
