@@ -20,8 +20,8 @@ cache). Facts of transformers' PaliGemma (read in ``models/paligemma/`` of trans
   prompt and ``"\\n"``; a ``suffix`` (the answer) follows with ``<eos>`` and has ``token_type_ids`` 1 (labels on it
   alone, -100 on the prefix). The tokenizer adds no ``<bos>`` itself. Questions are asked as the mix checkpoints'
   VQA task, ``answer en {text}`` (:data:`TASK`); the answer follows the ``"\\n"`` without a space, so letters are
-  scored at the token of ``"A"`` after ``"\\n"``. Images are resized to the tower's square (SigLIP squashes, no
-  crop) and normalised with mean = std = 0.5.
+  scored at the token of ``"A"`` after ``"\\n"`` (an answer's further tokens: the suffix). Images are resized to
+  the tower's square (SigLIP squashes, no crop) and normalised with mean = std = 0.5.
 * **Attention**: prefix-LM. ``token_type_ids`` 0 (image + prompt) attend to each other both ways, 1 (the answer)
   causally; Gemma's own attention is bidirectional (``use_bidirectional_attention``), so the causal part comes only
   from the mask built from ``token_type_ids``: every call passes them (the answer loss derives them from its labels).
