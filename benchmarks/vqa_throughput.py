@@ -17,7 +17,7 @@ Two LLaVAs with random weights (nothing is downloaded):
 The same batch of multiple-choice questions (the released LLaVA-1.5 prompt, 5 options, random images) is
 scored, after one untimed warm-up of each, in rotating order for ``--rounds`` rounds by
 
-* ``letter``: :func:`benchmark.vqa.scorer.letter_scores`, one forward pass per batch (``vqa.scoring: letter``);
+* ``letter``: :func:`benchmark.vqa.scorer.option_scores`, one forward pass per batch (``vqa.scoring: letter``);
 * ``generate``: :func:`benchmark.vqa.scorer.generate_answers`, greedy, 20 new tokens, batched
   (``vqa.scoring: generate``). Random weights rarely stop early, so this is its worst case; a trained
   LLaVA answers "A</s>" in about 2 tokens;
@@ -50,7 +50,7 @@ from benchmark.vlm.llava import ASSISTANT, LlavaFamily, LoadedLlava, conversatio
 from benchmark.vlm.spec import VLMSpec, resolve_vlm
 from benchmark.vlm.tokenizers import IMAGE_TOKEN
 from benchmark.vqa.questions import LETTERS, LabelQuestions
-from benchmark.vqa.scorer import Item, generate_answers, letter_scores
+from benchmark.vqa.scorer import Item, generate_answers, option_scores
 
 MODELS = ("fscl-tiny", "llava-1.5-7b")
 CLASSES = ("speed limit (30km/h)", "speed limit (50km/h)", "no passing", "priority road", "yield", "stop",
@@ -78,7 +78,7 @@ def questions(n: int, seed: int = 0) -> list[Item]:
     qset = LabelQuestions("bench", CLASSES, QUESTION, seed=seed).build([str(i) for i in range(n)], labels)
     images = [Image.fromarray(torch.randint(0, 256, (192, 256, 3), dtype=torch.uint8, generator=generator).numpy())
               for _ in range(n)]
-    return [(image, conversation(qset.prompt(item), IMAGE_TOKEN), len(item.choices))
+    return [(image, conversation(qset.prompt(item), IMAGE_TOKEN), qset.answers(item))
             for image, item in zip(images, qset.items)]
 
 
@@ -140,7 +140,7 @@ def llava_7b(device: torch.device, prompts: list[str]) -> LoadedLlava:
 def measure(llava: LoadedLlava, items: list[Item], rounds: int, device: torch.device) -> list[Mode]:
     """Time every mode on ``items``: a warm-up each, then ``rounds`` rounds in rotating order."""
     model = llava.model
-    modes = [Mode("letter", lambda: letter_scores(llava, items), len(items)),
+    modes = [Mode("letter", lambda: option_scores(llava, items), len(items)),
              Mode("generate", lambda: generate_answers(llava, items), len(items)),
              Mode("generate, batch 1", lambda: generate_answers(llava, items[:1]), 1)]
     for mode in modes:  # warm-up; also the forward passes and the peak memory

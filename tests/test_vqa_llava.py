@@ -17,7 +17,7 @@ from benchmark.export import to_hf_clip_vision
 from benchmark.vlm.llava import LoadedLlava, check_encoder_fits, conversation, pad_to_square, save_tiny_llava, vision_tower
 from benchmark.vlm.spec import VLMError, resolve_vlm
 from benchmark.vqa.questions import LETTERS, MultipleChoiceSet, QuestionItem
-from benchmark.vqa.scorer import generate_answers, letter_scores
+from benchmark.vqa.scorer import generate_answers, option_scores
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:No pretrained weights")]
 
@@ -43,7 +43,7 @@ def items(vlm: LoadedLlava, ks=(2, 5, 3, 4)):
     questions = MultipleChoiceSet("test", tuple(
         QuestionItem(str(i), f"Question {i}{'?' * 9 * i}", tuple(f"option {j}" for j in range(k)), 0)
         for i, k in enumerate(ks)))
-    return [(image(i, (40 + 7 * i, 30)), vlm.prompt(questions.prompt(item)), len(item.choices))
+    return [(image(i, (40 + 7 * i, 30)), vlm.prompt(questions.prompt(item)), questions.answers(item))
             for i, item in enumerate(questions.items)]
 
 
@@ -90,7 +90,7 @@ def test_the_swapped_tower_gives_the_exported_encoder_s_features_and_new_scores(
     backbone = load_backbone("openclip:fscl-tiny")
     vlm = load(f"llava:{folder}")
     questions = items(vlm)
-    before = letter_scores(vlm, questions)
+    before = option_scores(vlm, questions)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for step in range(2):
         vlm.swap_encoder(backbone)
@@ -98,8 +98,8 @@ def test_the_swapped_tower_gives_the_exported_encoder_s_features_and_new_scores(
             ours = vision_tower(vlm.model)(pixel_values=x, output_hidden_states=True).hidden_states[-2]
             exported = to_hf_clip_vision(backbone).vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
         torch.testing.assert_close(ours, exported, rtol=0, atol=1e-5)
-        swapped = letter_scores(vlm, questions)
-        assert all(a.letter_logprobs != b.letter_logprobs for a, b in zip(before, swapped))
+        swapped = option_scores(vlm, questions)
+        assert all(a.logprobs != b.logprobs for a, b in zip(before, swapped))
         before = swapped
         with torch.no_grad():  # "training": move the first block, which hidden_states[-2] sees
             fc1 = backbone.visual.transformer.resblocks[0].mlp.c_fc.weight
@@ -109,10 +109,10 @@ def test_the_swapped_tower_gives_the_exported_encoder_s_features_and_new_scores(
 def test_batched_letter_scores_equal_unbatched(folder):
     vlm = load(f"llava:{folder}")
     questions = items(vlm)
-    batched = letter_scores(vlm, questions)
+    batched = option_scores(vlm, questions)
     for question, score in zip(questions, batched):
-        (alone,) = letter_scores(vlm, [question])
-        torch.testing.assert_close(torch.tensor(score.letter_logprobs), torch.tensor(alone.letter_logprobs),
+        (alone,) = option_scores(vlm, [question])
+        torch.testing.assert_close(torch.tensor(score.logprobs), torch.tensor(alone.logprobs),
                                    rtol=0, atol=1e-5)
         assert (score.choice, score.top_token) == (alone.choice, alone.top_token)
 
@@ -129,9 +129,9 @@ def test_the_letter_argmax_is_the_first_generated_token(folder):
     vlm = load(f"llava:{folder}")
     rig_letters(vlm, [2, 0, 3, 1], boost=6.0)  # a letter wins over the vocabulary
     questions = items(vlm, (5, 5, 5, 5))
-    scores = letter_scores(vlm, questions)
+    scores = option_scores(vlm, questions)
     answers = generate_answers(vlm, questions)
-    assert [s.top_letter for s in scores] == [s.choice for s in scores] == [2, 0, 3, 1]
+    assert [s.top_option for s in scores] == [s.choice for s in scores] == [2, 0, 3, 1]
     assert [a[0] for a in answers] == [LETTERS[s.choice] for s in scores]
 
 
@@ -139,9 +139,9 @@ def test_a_model_that_prefers_the_right_letter_scores_100_percent(folder):
     vlm = load(f"llava:{folder}")
     questions, right = items(vlm), [1, 4, 0, 2]
     rig_letters(vlm, right, boost=50.0)
-    scores = letter_scores(vlm, questions)
-    assert [s.choice for s in scores] == [s.top_letter for s in scores] == right
-    assert min(s.letter_mass for s in scores) > 0.999
+    scores = option_scores(vlm, questions)
+    assert [s.choice for s in scores] == [s.top_option for s in scores] == right
+    assert min(s.mass for s in scores) > 0.999
 
 
 def test_the_fit_check_refuses_encoders_the_tower_cannot_take(folder, tmp_path):

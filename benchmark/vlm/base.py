@@ -7,10 +7,10 @@ A family is two classes (the families of :mod:`benchmark.vlm` are examples; ``do
   :data:`~benchmark.registry.VLMS`: everything the grid check asks before any weights load (the model's config,
   whether a backbone's encoder fits its vision tower, the tokens its language model reads, its identity for
   cache keys) and :meth:`VLMFamily.load`;
-* :class:`LoadedVLM`, the loaded model (frozen, eval mode): its prompt format, model inputs, the logits of the
-  first answer token and greedy generation (for :mod:`benchmark.vqa.scorer`), the tokenized training pairs and
-  the answer loss (for :class:`benchmark.vlm_template.VLMTemplate`), the swap of a backbone's encoder into its
-  tower, and its language model's modules (FLOP accounting, LLM-side strategies).
+* :class:`LoadedVLM`, the loaded model (frozen, eval mode): its prompt format, model inputs, the tokens of
+  an answer, the logits of an answer's first tokens and greedy generation (for :mod:`benchmark.vqa.scorer`), the
+  tokenized training pairs and the answer loss (for :class:`benchmark.vlm_template.VLMTemplate`), the swap of a
+  backbone's encoder into its tower, and its language model's modules (FLOP accounting, LLM-side strategies).
 
 The run's encoder is trained where it lives, in the run's backbone: :meth:`VLMFamily.encoder_tokens` computes
 the tokens the language model reads through the backbone's own modules, and :meth:`LoadedVLM.answer_loss`
@@ -152,14 +152,26 @@ class LoadedVLM(nn.Module, ABC):
         images as the model takes them, in its dtype)."""
 
     @abstractmethod
+    def continuation_logits(self, batch: dict[str, Tensor], continuations: Sequence[Sequence[int]]) -> Tensor:
+        """Float logits [B, C + 1, V] of :meth:`inputs`' left-padded ``batch`` with row ``b``'s tokens
+        ``continuations[b]`` appended after its prompt as the start of the answer (right-padded to the longest, C;
+        masked), one forward pass: position ``j`` holds the logits of the answer's token ``j`` (0: each prompt's last
+        position). A batched row equals the row scored alone; C = 0 is :meth:`answer_logits`."""
+
     def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Float logits [B, V] of the first answer token (each prompt's last position), one forward pass; a batched
         row equals the row scored alone."""
+        return self.continuation_logits(batch, [[]] * len(batch["input_ids"]))[:, 0]
 
     @abstractmethod
+    def answer_tokens(self, answers: Sequence[str]) -> list[list[int]]:
+        """The tokens each of ``answers`` adds after the prompt's end, as the model reads an answer
+        (:class:`VLMError` unless each is some tokens that decode to the answer)."""
+
     def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
-        """The first answer token of each option letter of ``letters`` (:class:`VLMError` unless each letter is one
+        """The answer token of each option letter of ``letters`` (:class:`VLMError` unless each letter is one
         token)."""
+        return single_tokens(letters, self.answer_tokens(letters))
 
     @abstractmethod
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int) -> list[str]:
@@ -360,18 +372,45 @@ def weights_problem(folder: Path) -> str | None:
     return f"no weights in the folder (none of {', '.join(WEIGHT_FILES)}, nor their sharded .index.json)"
 
 
-def answer_token_ids(tokenizer, prefix: str, answers: Sequence[str]) -> list[int]:
-    """The first token that each of ``answers`` adds after ``prefix`` (the prompt's end), found
-    tokenizer-agnostically: the first token of ``prefix + answer`` beyond ``prefix``'s own; it must decode to the
-    answer alone (Llama: ``"ASSISTANT: A"`` adds ``▁A``)."""
+def with_continuations(batch: dict[str, Tensor], continuations: Sequence[Sequence[int]],
+                       pad_id: int) -> tuple[dict[str, Tensor], Tensor]:
+    """``batch`` (left-padded prompts) with row ``b``'s tokens ``continuations[b]`` appended, right-padded with
+    ``pad_id`` to the longest (C): its ``input_ids`` and ``attention_mask`` [B, L + C] (0 on the padding), and the
+    continuation's mask [B, C] (``batch`` itself when C = 0)."""
+    ids = batch["input_ids"]
+    width = max(map(len, continuations), default=0)
+    mask = torch.zeros(len(ids), width, dtype=batch["attention_mask"].dtype, device=ids.device)
+    if width == 0:
+        return batch, mask
+    tokens = torch.full((len(ids), width), pad_id, dtype=ids.dtype, device=ids.device)
+    for row, continuation in enumerate(continuations):
+        tokens[row, :len(continuation)] = torch.tensor(list(continuation), dtype=ids.dtype)
+        mask[row, :len(continuation)] = 1
+    return {**batch, "input_ids": torch.cat([ids, tokens], 1),
+            "attention_mask": torch.cat([batch["attention_mask"], mask], 1)}, mask
+
+
+def answer_token_sequences(tokenizer, prefix: str, answers: Sequence[str]) -> list[list[int]]:
+    """The tokens that each of ``answers`` adds after ``prefix`` (the prompt's end), found tokenizer-agnostically:
+    those of ``prefix + answer`` beyond ``prefix``'s own; they must decode to the answer, whitespace aside (Llama:
+    ``"ASSISTANT: A"`` adds ``▁A``, ``"ASSISTANT: (a)"`` adds ``▁(``, ``a``, ``)``)."""
     base = tokenizer(prefix, add_special_tokens=False).input_ids
-    ids = []
+    sequences = []
     for answer in answers:
         full = tokenizer(prefix + answer, add_special_tokens=False).input_ids
         new = full[len(base):]
-        if full[:len(base)] != base or not new or tokenizer.decode(new[:1]).strip() != answer.strip():
-            raise VLMError(f"the tokenizer has no single first token for the answer {answer!r} after {prefix!r} "
-                           f"(it gives {tokenizer.convert_ids_to_tokens(new)}); letter scoring needs one")
-        ids.append(new[0])
-    return ids
+        if full[:len(base)] != base or not new or "".join(tokenizer.decode(new).split()) != "".join(answer.split()):
+            raise VLMError(f"the tokenizer cannot read the answer {answer.strip()!r} after {prefix!r} as tokens of its own "
+                           f"(it gives {tokenizer.convert_ids_to_tokens(new)}); option scoring needs them")
+        sequences.append(new)
+    return sequences
 
+
+def single_tokens(answers: Sequence[str], sequences: Sequence[Sequence[int]]) -> list[int]:
+    """The one token of each of ``answers`` (its ``sequences``, :func:`answer_token_sequences`); :class:`VLMError`
+    for an answer of several tokens."""
+    for answer, tokens in zip(answers, sequences):
+        if len(tokens) != 1:
+            raise VLMError(f"the tokenizer has no single token for the answer {answer!r} (it gives {len(tokens)} "
+                           f"tokens); letter scoring needs one")
+    return [tokens[0] for tokens in sequences]

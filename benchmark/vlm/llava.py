@@ -46,8 +46,10 @@ from benchmark.vlm.base import (
     LoadedVLM,
     PairBatch,
     SavedVLMFamily,
-    answer_token_ids,
+    answer_token_sequences,
+    single_tokens,
     tower_differences,
+    with_continuations,
 )
 from benchmark.vlm.spec import VLMError
 from benchmark.vlm.tokenizers import IMAGE_TOKEN, char_tokenizer
@@ -189,9 +191,15 @@ def swap_into_tower(model: nn.Module, backbone: Backbone) -> None:
     load_hf_vision(getattr(tower, "vision_model", tower), backbone)  # 4.x: CLIPVisionModel.vision_model
 
 
+def answer_tokens(tokenizer, answers: Sequence[str], prefix: str = ASSISTANT) -> list[list[int]]:
+    """The tokens of ``" {answer}"`` after ``prefix`` (``ASSISTANT:``) for each of ``answers`` (Llama: ``▁A``;
+    ``▁(``, ``a``, ``)``)."""
+    return answer_token_sequences(tokenizer, prefix, [f" {answer}" for answer in answers])
+
+
 def letter_tokens(tokenizer, letters: Sequence[str], prefix: str = ASSISTANT) -> list[int]:
     """The tokens of ``" A"``, ``" B"``, ... after ``prefix`` (``ASSISTANT:``; Llama: ``▁A``)."""
-    return answer_token_ids(tokenizer, prefix, [f" {letter}" for letter in letters])
+    return single_tokens(letters, answer_tokens(tokenizer, letters, prefix))
 
 
 # --------------------------------------------------------------------------- the loaded model
@@ -219,11 +227,12 @@ class LoadedLlava(LoadedVLM):
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # [B, L]
         return self.model(**batch, position_ids=position_ids, logits_to_keep=logits_to_keep).logits.float()
 
-    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.sequence_logits(batch, logits_to_keep=1)[:, -1]
+    def continuation_logits(self, batch: dict[str, Tensor], continuations: Sequence[Sequence[int]]) -> Tensor:
+        extended, mask = with_continuations(batch, continuations, self.pad_id)
+        return self.sequence_logits(extended, logits_to_keep=mask.shape[1] + 1)
 
-    def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
-        return letter_tokens(self.processor.tokenizer, letters, self.answer_prefix)
+    def answer_tokens(self, answers: Sequence[str]) -> list[list[int]]:
+        return answer_tokens(self.processor.tokenizer, answers, self.answer_prefix)
 
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int) -> list[str]:
         out = self.model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)  # [B, L + new]

@@ -20,8 +20,8 @@ cache). Facts of transformers' PaliGemma (read in ``models/paligemma/`` of trans
   prompt and ``"\\n"``; a ``suffix`` (the answer) follows with ``<eos>`` and has ``token_type_ids`` 1 (labels on it
   alone, -100 on the prefix). The tokenizer adds no ``<bos>`` itself. Questions are asked as the mix checkpoints'
   VQA task, ``answer en {text}`` (:data:`TASK`); the answer follows the ``"\\n"`` without a space, so letters are
-  scored at the token of ``"A"`` after ``"\\n"``. Images are resized to the tower's square (SigLIP squashes, no
-  crop) and normalised with mean = std = 0.5.
+  scored at the token of ``"A"`` after ``"\\n"`` (an answer's further tokens: the suffix). Images are resized to
+  the tower's square (SigLIP squashes, no crop) and normalised with mean = std = 0.5.
 * **Attention**: prefix-LM. ``token_type_ids`` 0 (image + prompt) attend to each other both ways, 1 (the answer)
   causally; Gemma's own attention is bidirectional (``use_bidirectional_attention``), so the causal part comes only
   from the mask built from ``token_type_ids``: every call passes them (the answer loss derives them from its labels).
@@ -42,7 +42,15 @@ from torch import Tensor, nn
 
 from benchmark.backbones import Backbone
 from benchmark.export import load_exact, siglip_tower
-from benchmark.vlm.base import IGNORE, LoadedVLM, PairBatch, SavedVLMFamily, answer_token_ids, tower_differences
+from benchmark.vlm.base import (
+    IGNORE,
+    LoadedVLM,
+    PairBatch,
+    SavedVLMFamily,
+    answer_token_sequences,
+    tower_differences,
+    with_continuations,
+)
 from benchmark.vlm.spec import VLMError
 
 IMAGE_TOKEN = "<image>"
@@ -151,12 +159,18 @@ class LoadedPaliGemma(LoadedVLM):
         batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         return {key: value.to(self.model.device) for key, value in batch.items()}
 
-    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        position_ids = batch["attention_mask"].cumsum(-1).clamp(min=1)  # 1-indexed from each row's first real token
-        return self.model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()
+    def continuation_logits(self, batch: dict[str, Tensor], continuations: Sequence[Sequence[int]]) -> Tensor:
+        """As :meth:`LoadedVLM.continuation_logits`; the continuation is the answer (suffix, ``token_type_ids`` 1:
+        read causally, the prefix both ways)."""
+        extended, mask = with_continuations(batch, continuations, self.pad_id)
+        if mask.shape[1]:
+            extended["token_type_ids"] = torch.cat([batch["token_type_ids"], torch.ones_like(mask)], 1)
+        position_ids = extended["attention_mask"].cumsum(-1).clamp(min=1)  # 1-indexed from each row's first real token
+        return self.model(**extended, position_ids=position_ids, logits_to_keep=mask.shape[1] + 1).logits.float()
 
-    def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
-        return answer_token_ids(self.processor.tokenizer, "\n", list(letters))
+    def answer_tokens(self, answers: Sequence[str]) -> list[list[int]]:
+        """The tokens of each answer after the prompt's ``"\\n"`` (the processor's end of the prefix)."""
+        return answer_token_sequences(self.processor.tokenizer, "\n", answers)
 
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int) -> list[str]:
         out = self.model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)  # [B, L + new]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark.vlm.base import LoadedVLM
-from benchmark.vqa.questions import MultipleChoiceSet
+from benchmark.vqa.questions import MultipleChoiceSet, QuestionItem, QuestionSetError
 
 
 @dataclass(frozen=True)
@@ -61,38 +62,87 @@ def score_set(vlm: LoadedVLM, qset: VQASet, batch_size: int, full: bool = True, 
     """Counts of the set's questions (its subset unless ``full``) with the VLM's current tower, summed over
     the processes of a data-parallel run (each scores its strided share, :func:`~benchmark.distributed.eval_indices`).
 
-    ``letter``: ``total``, ``correct`` (the most probable of the K letters is right), ``strict_correct`` (the most
-    probable token is the right letter) and ``letter_mass`` (the probability on the K letters, summed over questions).
-    ``generate``: ``total``, ``correct`` (the released greedy answer parses to the right option; see
-    :meth:`~benchmark.vqa.questions.QuestionSet.judge`) and ``parsed`` (answers that name one of the options).
+    ``letter`` (:func:`~benchmark.vqa.scorer.option_scores` of the answers that name the options,
+    :meth:`~benchmark.vqa.questions.QuestionSet.answers`): ``total``, ``correct`` (the preferred option is right),
+    ``strict_correct`` (the most probable token at the deciding position is the right option's) and ``letter_mass``
+    (the probability that the answer starts with an option, summed over questions); with the set's ``positive``
+    answer, ``auroc`` (:func:`auroc`). ``generate``: ``total``, ``correct`` (the released greedy answer is right by
+    the set's rule, :meth:`~benchmark.vqa.questions.QuestionSet.judge`) and ``parsed`` (answers that name one of the
+    options). When items have ``group`` s, both: ``pairs_correct`` and ``pairs`` (:func:`pair_counts`).
     ``progress``: a progress bar over this process's questions.
     """
     from benchmark.distributed import all_reduce_sum, eval_indices
-    from benchmark.vqa.scorer import generate_answers, letter_scores
+    from benchmark.vqa.scorer import generate_answers, option_scores
 
-    asked = range(len(qset.questions.items)) if full or qset.subset is None else qset.subset
-    mine = [asked[i] for i in eval_indices(len(asked))]
-    counts: dict[str, int | float] = ({"correct": 0, "strict_correct": 0, "letter_mass": 0.0} if scoring == "letter"
-                                      else {"correct": 0, "parsed": 0})
+    questions = qset.questions
+    asked = range(len(questions.items)) if full or qset.subset is None else qset.subset
+    mine = eval_indices(len(asked))  # positions in ``asked``
+    right = [0] * len(asked)  # 1: this process scored the question right
+    positive = [0.0] * len(asked) if scoring == "letter" and questions.positive is not None else None
+    counts: dict[str, int | float] = ({"strict_correct": 0, "letter_mass": 0.0} if scoring == "letter"
+                                      else {"parsed": 0})
     bar = tqdm(total=len(mine), desc=f"vqa {qset.name}", unit="q", leave=False, disable=not progress)
     for start in range(0, len(mine), batch_size):
-        items = [qset.questions.items[i] for i in mine[start:start + batch_size]]
-        batch = [(qset.images[i][0], vlm.prompt(qset.questions.prompt(item)), len(item.choices))
-                 for i, item in zip(mine[start:start + batch_size], items)]
+        positions = mine[start:start + batch_size]
+        items = [questions.items[asked[p]] for p in positions]
+        batch = [(qset.images[asked[p]][0], vlm.prompt(questions.prompt(item)), questions.answers(item))
+                 for p, item in zip(positions, items)]
         if scoring == "letter":
-            for score, item in zip(letter_scores(vlm, batch), items):
-                counts["correct"] += score.choice == item.answer
-                counts["strict_correct"] += score.top_letter == item.answer
-                counts["letter_mass"] += score.letter_mass
+            for p, score, item in zip(positions, option_scores(vlm, batch), items):
+                right[p] = int(score.choice == item.answer)
+                counts["strict_correct"] += score.top_option == item.answer
+                counts["letter_mass"] += score.mass
+                if positive is not None:
+                    positive[p] = score.probs[positive_index(questions, item)]
         else:
-            for answer, item in zip(generate_answers(vlm, batch), items):
-                right, parsed = qset.questions.judge(answer, item)
-                counts["correct"] += right
+            for p, answer, item in zip(positions, generate_answers(vlm, batch), items):
+                judged, parsed = questions.judge(answer, item)
+                right[p] = int(judged)
                 counts["parsed"] += parsed
         bar.update(len(items))
     bar.close()
-    summed = all_reduce_sum([len(mine), *counts.values()])
-    return {"total": summed[0], **dict(zip(counts, summed[1:]))}
+    summed = all_reduce_sum([len(mine), sum(right), *counts.values()])
+    result = {"total": summed[0], "correct": summed[1], **dict(zip(counts, summed[2:]))}
+    groups = [item.group for item in questions.items]
+    if any(group is not None for group in groups):  # the same on every process: they gather together
+        result |= pair_counts(groups, asked, all_reduce_sum(right))
+    if positive is not None:
+        labels = [questions.items[i].answer == positive_index(questions, questions.items[i]) for i in asked]
+        value = auroc(labels, all_reduce_sum(positive))
+        result |= {} if value is None else {"auroc": value}
+    return result
+
+
+def positive_index(questions: MultipleChoiceSet, item: QuestionItem) -> int:
+    """The option of ``item`` whose answer is the set's ``positive`` one; :class:`QuestionSetError` without one."""
+    answers = questions.answers(item)
+    if questions.positive not in answers:
+        raise QuestionSetError(f"{questions.name}: item {item.id!r} has the answers {list(answers)}, without the "
+                               f"set's positive answer {questions.positive!r} that the AUROC ranks by")
+    return answers.index(questions.positive)
+
+
+def pair_counts(groups: Sequence[str | None], asked: Sequence[int], right: Sequence[int]) -> dict[str, int]:
+    """Pair accuracy's counts (MMVP's metric): ``pairs``, the groups (``groups[i]``: item ``i``'s, None: none) whose
+    every item is asked (``asked``: item indices; ``right[k]``: 1 when ``asked[k]`` was answered right), and
+    ``pairs_correct``, those whose every item is right; nothing when no group is whole."""
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        if group is not None:
+            members.setdefault(group, []).append(i)
+    verdict = dict(zip(asked, right))
+    whole = [items for items in members.values() if all(i in verdict for i in items)]
+    if not whole:
+        return {}
+    return {"pairs_correct": sum(all(verdict[i] for i in items) for items in whole), "pairs": len(whole)}
+
+
+def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve of ``scores`` ranking the items whose ``labels`` are True above the others (ties
+    count half: the average-rank statistic); None unless both labels occur."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else None
 
 
 def vqa_row_key(vqa: Any, qset: VQASet, encoder: str, context: dict[str, Any], full: bool = True) -> str:
@@ -119,8 +169,9 @@ def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring
              suffix: str = "") -> list[dict[str, Any]]:
     """The ``metrics.jsonl`` rows of one set's :func:`score_set` counts, each naming its ``scoring``:
     ``vqa_acc`` and, by letter, ``vqa_acc_strict`` (with correct/total) and ``vqa_letter_mass`` (mean, with
-    total); by generation ``vqa_parsed`` (the share of answers naming an option, with total). ``suffix`` ends
-    every metric's name (``_subset``: the counts of the set's subset)."""
+    total); by generation ``vqa_parsed`` (the share of answers naming an option, with total); when counted,
+    ``vqa_pair_acc`` (correct/total: the pairs) and ``vqa_auroc``. ``suffix`` ends every metric's name
+    (``_subset``: the counts of the set's subset)."""
     total = counts["total"]
     base = {"session": session, "dataset": dataset, "total": total, "scoring": scoring}
     rows = [{**base, "metric": "vqa_acc", "value": counts["correct"] / total, "correct": counts["correct"]}]
@@ -130,4 +181,9 @@ def vqa_rows(session: int, dataset: str, counts: dict[str, int | float], scoring
                  {**base, "metric": "vqa_letter_mass", "value": counts["letter_mass"] / total}]
     else:
         rows.append({**base, "metric": "vqa_parsed", "value": counts["parsed"] / total})
+    if "pairs" in counts:
+        rows.append({**base, "metric": "vqa_pair_acc", "value": counts["pairs_correct"] / counts["pairs"],
+                     "correct": counts["pairs_correct"], "total": counts["pairs"]})
+    if "auroc" in counts:
+        rows.append({**base, "metric": "vqa_auroc", "value": counts["auroc"]})
     return [{**row, "metric": row["metric"] + suffix} for row in rows]
