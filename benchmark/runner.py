@@ -286,9 +286,14 @@ class _Run:
         device = {"device": str(self.device)}  # as resolved (auto -> cuda:0 or cpu), and the GPU's name
         if self.device.type == "cuda":
             device["gpu"] = torch.cuda.get_device_name(self.device)
-        classes = {name: len(s.spec.class_names) for name, s in {cfg.stream: data.stream, **data.controls}.items()}
-        self.record.update_manifest(**device, classes=classes, classes_with_fewer_shots={
-            f"session_{s.index}": s.short_classes for s in data.sessions if s.short_classes})
+        streams = {cfg.stream: data.stream, **data.controls}
+        classes = {name: len(s.spec.class_names) for name, s in streams.items()}
+        tests = {cfg.stream: data.stream.dataset("test"), **data.control_tests}
+        chance = {name: float(np.mean([1 / len(q.answers) for q in tests[name].questions]))  # own questions' options
+                  for name, stream in streams.items() if stream.spec.own_questions}
+        self.record.update_manifest(**device, classes=classes, **({"chance": chance} if chance else {}),
+                                    classes_with_fewer_shots={f"session_{s.index}": s.short_classes
+                                                              for s in data.sessions if s.short_classes})
         record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
                     sessions={cfg.stream: data.sessions})
         if self.vqa is not None:

@@ -258,7 +258,7 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     swept = config.get("swept") or {}  # a swept grid's values of this run: a column each, and their folder name
     row.update({SWEEP: sweep_tag(swept), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
     row.update(lr=_number((config.get("train") or {}).get("lr")), jobs=_number(manifest.get("jobs")),
-               **_chance(config, manifest.get("classes") or {}))
+               **_chance(config, manifest.get("classes") or {}, manifest.get("chance") or {}))
     status, reason = _status(manifest, config)
     summary: dict[str, Any] = {}
     if status == STATUS_FINISHED:
@@ -273,13 +273,14 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     return row, config, manifest
 
 
-def _chance(config: dict[str, Any], classes: dict[str, int]) -> dict[str, float]:
+def _chance(config: dict[str, Any], classes: dict[str, int], own: dict[str, float]) -> dict[str, float]:
     """Chance accuracies of a run's target and mean control: 1 / classes for zero-shot classification, 1 / options
-    for VQA (a question offers min(5, classes) options, one per letter A-E); NaN where the manifest's ``classes``
-    lacks a dataset."""
+    for VQA (a question offers min(5, classes) options, one per letter A-E); a dataset with its own questions
+    (``own``: the manifest's ``chance``) the mean of 1 / its items' options in both; NaN where the manifest's
+    ``classes`` lacks a dataset."""
     def mean_chance(datasets: list[str], options: float) -> float:
-        counts = [classes.get(d) for d in datasets]
-        return float(np.mean([1 / min(c, options) for c in counts])) if counts and all(counts) else math.nan
+        levels = [own[d] if d in own else 1 / min(classes[d], options) if classes.get(d) else None for d in datasets]
+        return float(np.mean(levels)) if levels and None not in levels else math.nan
 
     target, controls = [config.get("stream")], [c for c in config.get("controls") or [] if c != config.get("stream")]
     return {"chance_target": mean_chance(target, math.inf), "chance_control": mean_chance(controls, math.inf),
