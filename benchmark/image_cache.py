@@ -109,7 +109,8 @@ def is_labelled_images(dataset: Any) -> bool:
 
 
 def _update_with_item(digest: Any, item: Any) -> None:
-    """Add what an image's content depends on: a file's path, size and modification time; an array's bytes."""
+    """Add what an image's content depends on: a file's path, size and modification time; an array's bytes; an item
+    in a file (its ``path``, e.g. a row of a parquet file): that file's, and the item's repr."""
     if isinstance(item, (str, os.PathLike)):
         try:
             stat = os.stat(item)
@@ -120,6 +121,8 @@ def _update_with_item(digest: Any, item: Any) -> None:
         digest.update(f"{item.dtype}{item.shape}".encode())
         digest.update(np.ascontiguousarray(item).data)
     else:
+        if isinstance(getattr(item, "path", None), (str, os.PathLike)):
+            _update_with_item(digest, item.path)
         digest.update(repr(item).encode() + b"\n")
 
 

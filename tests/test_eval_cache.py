@@ -238,3 +238,17 @@ def test_dry_run_counts_steps_and_images_and_estimates_from_earlier_runs(tmp_pat
                      capsys.readouterr().out)
     assert _run(tmp_path, "--probe") == 2  # only with --dry-run
     assert "--probe measures rates for the estimate of --dry-run" in capsys.readouterr().err
+
+
+def test_an_image_stored_in_a_file_is_keyed_by_that_files_state(tmp_path):
+    """A row of a parquet file (VisOnlyQA) is cached under a key that changes when the file does."""
+    from benchmark.image_cache import sources_key
+    from streams.base import LabelledImages
+    from streams.visonlyqa import TableRow, load_table_image
+
+    table = tmp_path / "split-00000-of-00001.parquet"
+    table.write_bytes(b"first")
+    data = LabelledImages([TableRow(str(table), 0, "image")], [0], ["split/0"], load_table_image)
+    before = sources_key(data)
+    table.write_bytes(b"second, longer")
+    assert sources_key(data) != before

@@ -214,3 +214,23 @@ def test_other_sessions_than_the_released_five_are_refused(data, capsys):
     assert main(["run", "quick", "stream=hm", f"data_root={data}", "sessions=3", "--dry-run"]) != 0
     assert "hm: its sessions are the released 5 groups; sessions: 3 cannot be made" in capsys.readouterr().err
     assert HatefulMemes.spec.own_questions and np.isclose(len(HatefulMemes.spec.session_groups), 5)
+
+
+def test_vqa_build_writes_a_streams_own_questions(data, tmp_path, capsys):
+    assert main(["vqa", "build", "hm", "--root", str(data), "--out", str(tmp_path / "hm.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"hm: {TEST_ROWS} questions (its own) -> {tmp_path / 'hm.json'}" in out
+    assert f"right answers: no {TEST_ROWS // 2}  yes {TEST_ROWS // 2}" in out
+    frozen = json.loads((tmp_path / "hm.json").read_text())
+    assert frozen["positive"] == "yes" and frozen["items"][0]["question"].endswith(
+        "Is this image hateful? Answer yes or no. Answer:")
+
+
+def test_the_summary_keeps_the_sets_own_metrics(runs):
+    """MMVP's pair accuracy and HM's AUROC before training and after the last session, as metrics.jsonl has them."""
+    run = runs / CLIP_RUN
+    sets = json.loads((run / "summary.json").read_text())["vqa"]["sets"]
+    rows = {(r["session"], r["dataset"], r["metric"]): r["value"] for r in _rows(run)}
+    assert sets == {"mmvp": {"pair_acc": {"initial": rows[(0, "mmvp", "vqa_pair_acc")],
+                                          "final": rows[(5, "mmvp", "vqa_pair_acc")]}},
+                    "hm": {"auroc": {"initial": rows[(0, "hm", "vqa_auroc")], "final": rows[(5, "hm", "vqa_auroc")]}}}

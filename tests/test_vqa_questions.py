@@ -238,7 +238,7 @@ def test_fscl_vqa_build_writes_a_frozen_set(tmp_path, capsys):
     questions = MultipleChoiceSet.load(path)
     out = capsys.readouterr().out
     assert f"digits: {len(questions.items)} questions (random distractors, seed 0) -> {path}" in out
-    assert f"sha256: {questions.sha256}" in out and "answer letters: A " in out
+    assert f"sha256: {questions.sha256}" in out and "right answers: A " in out
     test = STREAMS.get("digits").obj(tmp_path).dataset("test")
     assert [i.id for i in questions.items] == test.ids and questions.parse_rule == "letter"
     assert {i.question for i in questions.items} == {"What digit is this?"}

@@ -6,6 +6,7 @@ handler imports the work, so ``fscl --help`` stays light.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 MODES = ("random", "hard")  # benchmark.vqa.questions.MODES, without importing numpy
@@ -22,7 +23,8 @@ def add_vqa(verbs: argparse._SubParsersAction) -> None:
                     "K = min(5, classes) options with the right class at a uniformly drawn position and "
                     "distractor classes drawn at random or, with --mode hard, among the nearest classes by the "
                     "pretrained --backbone's text embeddings. Seeded per image (same file on every machine). "
-                    "Prints the file, its item count, the answer letters' histogram and its sha256.",
+                    "A stream with its own questions (vsr, hm, mmvp, visonlyqa) writes those (no mode, seed or "
+                    "backbone). Prints the file, its item count, the right answers' histogram and its sha256.",
         epilog="examples:\n  fscl vqa build gtsrb --root /data\n"
                "  fscl vqa build gtsrb --root /data --mode hard --backbone openclip:ViT-L-14-336-quickgelu@openai",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +51,12 @@ def _build(args: argparse.Namespace) -> int:
     questions = build_question_set(STREAMS.get(args.stream).obj(args.root, options), args.mode, args.seed, args.backbone)
     out = Path(args.out) if args.out else default_path(args.root, args.stream, args.mode, args.seed, args.backbone)
     digest = questions.save(out)
-    letters = "  ".join(f"{letter} {n}" for letter, n in questions.letter_counts().items())
-    print(f"{args.stream}: {len(questions.items)} questions ({args.mode} distractors, seed {args.seed}) -> {out}\n"
-          f"  answer letters: {letters}\n  sha256: {digest}")
+    if questions.prompts == "own":
+        what = "its own"
+        counts = Counter(item.choices[item.answer] for item in questions.items)
+    else:
+        what, counts = f"{args.mode} distractors, seed {args.seed}", Counter(questions.letter_counts())
+    answers = "  ".join(f"{answer} {n}" for answer, n in sorted(counts.items()))
+    print(f"{args.stream}: {len(questions.items)} questions ({what}) -> {out}\n"
+          f"  right answers: {answers}\n  sha256: {digest}")
     return 0

@@ -27,6 +27,8 @@ from benchmark.vqa.evaluate import VQASet, build_sets, score_set, vqa_row_key, v
 from benchmark.vqa.questions import QuestionSetError
 
 # summary.json's vqa block: the metrics that mean the same over the sessions VQA evaluated (no AUC, no BWT)
+# the metrics.jsonl rows of a set's own metrics beside accuracy, and their names in summary.json's vqa.sets
+SET_METRICS = {"vqa_pair_acc": "pair_acc", "vqa_auroc": "auroc"}
 VQA_SUMMARY = ("sessions", "target", "controls", "target_initial", "target_final", "target_improvement",
                "control_change", "target_curve", "control_curve", "forgetting")
 
@@ -146,9 +148,26 @@ class RunVQA:
         summary = {}
         if self.matrix is not None:
             summary["vqa"] = {**vqa_summary(self.matrix, keys), **self.basis(True)}
+            per_set = self.set_metrics(summary["vqa"].get("evaluated", []))
+            if per_set:
+                summary["vqa"]["sets"] = per_set
         if self.subset_matrix is not None:
             summary["vqa_subset"] = {**vqa_summary(self.subset_matrix, keys), **self.basis(False)}
         return summary
+
+    def set_metrics(self, evaluated: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+        """The sets' own metrics beside accuracy (MMVP's pair accuracy, HM's AUROC: :data:`SET_METRICS`) before
+        training and after the last session VQA scored, from ``metrics.jsonl``: ``{set: {metric: {initial,
+        final}}}`` (all questions; empty when no set has one)."""
+        if not evaluated:
+            return {}
+        ends = {evaluated[0]: "initial", evaluated[-1]: "final"}
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for row in self.record.metrics():
+            if row["metric"] in SET_METRICS and row["session"] in ends:
+                out.setdefault(row["dataset"], {}).setdefault(SET_METRICS[row["metric"]], {})[
+                    ends[row["session"]]] = row["value"]
+        return out
 
     def write(self, path: Path) -> None:
         """Write the VQA matrices into the run folder ``path`` (``vqa_matrix.csv``, ``vqa_subset_matrix.csv``)."""
