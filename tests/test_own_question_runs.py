@@ -18,10 +18,8 @@ from own_question_layouts import TEST_ROWS, write_own_question_layouts
 from test_streams_layouts import PAPER_WRITERS
 
 from benchmark.backbones import load_backbone
-from benchmark.cache import CACHE_ENV
 from benchmark.cli import main
 from benchmark.evaluation import ZeroShotEvaluator, own_question_eval_set
-from benchmark.vlm.llava import save_tiny_llava
 from benchmark.vlm.spec import resolve_vlm
 from benchmark.vqa.pairs import AnswerPairs
 from benchmark.vqa.questions import OwnQuestion
@@ -42,24 +40,11 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CACHE_ENV, str(folder))
-        yield folder
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_own_question_layouts(root)
     return root
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory) -> Path:
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
 
 
 def _clip_args(data: Path, llava: Path, out: Path) -> list[str]:
@@ -68,12 +53,12 @@ def _clip_args(data: Path, llava: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(data, llava, tmp_path_factory) -> Path:
+def runs(data, tiny_llava, tmp_path_factory) -> Path:
     """A CLIP-loss run on VSR and a VLM-loss run on MMVP, each with the other three as controls."""
     out = tmp_path_factory.mktemp("runs")
-    assert main(_clip_args(data, llava, out)) == 0
+    assert main(_clip_args(data, tiny_llava, out)) == 0
     assert main(["run", "quick", "stream=mmvp", "controls=[vsr,hm,visonlyqa]", "strategy=lorsu-ppl",
-                 f"data_root={data}", f"vqa.model=llava:{llava}", f"out={out}", *SETTINGS]) == 0
+                 f"data_root={data}", f"vqa.model=llava:{tiny_llava}", f"out={out}", *SETTINGS]) == 0
     return out
 
 
@@ -104,7 +89,7 @@ def test_zero_shot_chooses_among_each_images_own_option_texts():
         assert chosen[i] == 3 * i + int((features[i] @ texts.T).argmax())
 
 
-def test_training_reads_each_images_own_texts_and_pairs(data, llava):
+def test_training_reads_each_images_own_texts_and_pairs(data, tiny_llava):
     """CLIP-loss training pairs an image with its right option's released CLIP text; the VLM loss trains the released
     question/answer pair of each training image (its label is its place in the training split)."""
     vsr = VSR(data)
@@ -118,7 +103,7 @@ def test_training_reads_each_images_own_texts_and_pairs(data, llava):
         assert caption == question.text == f"Based on the image, the statement '{question.prompt.split('? ', 1)[1]}' " \
                                            f"is {question.answers[question.answer]}"
     mmvp = MMVP(data)
-    vlm = resolve_vlm(f"llava:{llava}").loaded(torch.device("cpu"))
+    vlm = resolve_vlm(f"llava:{tiny_llava}").loaded(torch.device("cpu"))
     pairs = AnswerPairs(vlm, [q.pair for q in mmvp.listed("train").questions])
     user, answer = pairs.texts[0]
     assert user.startswith("Based on the image, respond to this question with a short answer: ") and \
@@ -142,7 +127,7 @@ def test_a_target_with_its_own_questions_is_one_test_set_and_its_controls_too(ru
     assert any(not torch.equal(first[k], last[k]) for k in first)  # it trained
 
 
-def test_their_vqa_asks_their_own_prompts_with_their_metrics(runs, cache):
+def test_their_vqa_asks_their_own_prompts_with_their_metrics(runs, fscl_cache):
     run = runs / CLIP_RUN
     rows = [r for r in _rows(run) if r["metric"].startswith("vqa_")]
     metrics = {(r["session"], r["dataset"], r["metric"]): r for r in rows}
@@ -154,7 +139,7 @@ def test_their_vqa_asks_their_own_prompts_with_their_metrics(runs, cache):
         assert not any(k[1] != "mmvp" and k[2] == "vqa_pair_acc" for k in metrics)
     sets = json.loads((run / "manifest.json").read_text())["vqa_sets"]
     assert set(sets) == {"vsr", "hm", "mmvp", "visonlyqa"}
-    frozen = json.loads(next((cache / "vqa").glob("vsr-own-*.json")).read_text())
+    frozen = json.loads(next((fscl_cache / "vqa").glob("vsr-own-*.json")).read_text())
     assert frozen["sha256"] == sets["vsr"]["sha256"] and frozen["prompts"] == "own" and frozen["parse"] == "vsr"
     assert frozen["items"][0]["question"].startswith("Based on the image, is this statement true or false? ")
 
@@ -168,7 +153,7 @@ def test_the_vlm_loss_trains_on_their_pairs(runs):
     assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
 
 
-def test_an_interrupted_run_resumes_to_the_same_records(runs, data, llava, tmp_path):
+def test_an_interrupted_run_resumes_to_the_same_records(runs, data, tiny_llava, tmp_path):
     reference, run = runs / CLIP_RUN, tmp_path / CLIP_RUN
     shutil.copytree(reference, run)
     for session in range(2, 6):
@@ -178,7 +163,7 @@ def test_an_interrupted_run_resumes_to_the_same_records(runs, data, llava, tmp_p
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if r["session"] < 2))
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
-    assert main(_clip_args(data, llava, tmp_path)) == 0
+    assert main(_clip_args(data, tiny_llava, tmp_path)) == 0
     assert json.loads((run / "manifest.json").read_text())["resumed"][0]["after_session"] == 1
     for name in ("matrix.csv", "vqa_matrix.csv"):
         assert (run / name).read_text() == (reference / name).read_text()
