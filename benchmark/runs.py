@@ -141,6 +141,7 @@ def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
     cache = {} if cache is None else cache
     stream = _stream(cfg, cfg.stream, cache)
     data = RunData(stream, stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed))
+    stream.listed("test")  # listed here (nothing decoded): a bad test split is refused before any run starts
     for name in cfg.controls:
         control = data.controls[name] = _stream(cfg, name, cache)
         full = control.listed("test")  # the subset is drawn from what is listed, readable or not

@@ -219,3 +219,17 @@ def test_the_summary_keeps_the_sets_own_metrics(runs):
     assert sets == {"mmvp": {"pair_acc": {"initial": rows[(0, "mmvp", "vqa_pair_acc")],
                                           "final": rows[(5, "mmvp", "vqa_pair_acc")]}},
                     "hm": {"auroc": {"initial": rows[(0, "hm", "vqa_auroc")], "final": rows[(5, "hm", "vqa_auroc")]}}}
+
+
+def test_a_bad_test_row_is_refused_before_any_run_starts(data, tmp_path, capsys):
+    """An image field pointing nowhere in the target's test split: the grid check names the file and the row."""
+    root = tmp_path / "data"
+    shutil.copytree(data / "vsr", root / "vsr")
+    rows = (root / "vsr" / "test.jsonl").read_text().splitlines()
+    rows[2] = json.dumps({**json.loads(rows[2]), "image": "no-such-image.jpg"})
+    (root / "vsr" / "test.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["run", "quick", "stream=vsr", "controls=[]", f"data_root={root}", f"out={tmp_path / 'runs'}",
+                 "sessions=5", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "nothing was run" in err and "test.jsonl" in err and "no-such-image.jpg" in err
+    assert not (tmp_path / "runs").exists()
