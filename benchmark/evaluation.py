@@ -288,6 +288,24 @@ class ZeroShotEvaluator:
         s = self.sets[experience_index]
         return self.class_embeddings(s.classes_from, s.class_names, s.templates)
 
+    def indistinct_items(self) -> dict[str, int]:
+        """Per added set of own questions, how many of its items have two options whose texts the text encoder
+        cannot tell apart (cosine ≥ 1 − 1e-6, e.g. long prompts cut at its context length before the option):
+        zero-shot then picks the first of them. Sets with none are left out."""
+        out = {}
+        for index, s in enumerate(self.sets):
+            if not s.block:
+                continue
+            embeddings = self.embeddings_for(index).float().view(-1, s.block, self.embeddings_for(index).shape[-1])
+            valid = torch.tensor(s.valid, device=embeddings.device).view(-1, s.block)
+            similar = embeddings @ embeddings.transpose(1, 2) >= 1 - 1e-6  # [N, K, K]
+            similar &= valid[:, :, None] & valid[:, None, :]
+            similar &= ~torch.eye(s.block, dtype=torch.bool, device=embeddings.device)
+            count = int(similar.flatten(1).any(1).sum())
+            if count:
+                out[s.key] = count
+        return out
+
     # -- the pretrained model's row, shared ---------------------------------------------
     def image_keys(self) -> dict[str, str | None]:
         """Per added set, the cache key of its uint8 images (:func:`~benchmark.image_cache.images_key`), or

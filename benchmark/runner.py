@@ -420,8 +420,14 @@ class _Run:
             return {name: {"correct": c, "total": t} for name, (c, t) in self.run_eval(template, experiences).items()}
 
         counts, shared = session_zero(shared_folder(self.cfg.out, self.cfg.name), keys, evaluate, self.record.writable)
+        indistinct = zeroshot.indistinct_items()
+        for name, n in indistinct.items():
+            log.warning("%s: %d of %d questions have options whose texts the text encoder cannot tell apart (cut at "
+                        "its context length?): zero-shot picks the first of them", name, n,
+                        counts[name]["total"])
         self.record.update_manifest(evaluation={"cache": self.cfg.eval_cache, "images": zeroshot.image_keys(),
-                                                "session0": {"keys": keys, "shared": sorted(shared)}})
+                                                "session0": {"keys": keys, "shared": sorted(shared)},
+                                                **({"indistinct": indistinct} if indistinct else {})})
         return {s.key: (counts[s.key]["correct"], counts[s.key]["total"]) for s in zeroshot.sets}
 
     def fingerprint(self, backbone) -> str:

@@ -89,6 +89,21 @@ def test_zero_shot_chooses_among_each_images_own_option_texts():
         assert chosen[i] == 3 * i + int((features[i] @ texts.T).argmax())
 
 
+def test_options_the_text_encoder_cannot_tell_apart_are_counted(tiny_backbone):
+    """A prompt longer than the text encoder's context (fscl-tiny: 32 tokens) cuts the option off: such items are
+    counted, so that a run can say its zero-shot picks the first option there."""
+    from PIL import Image
+    long = " ".join(["a figure of several lines and angles"] * 8)
+    questions = [OwnQuestion("q", ("A", "B"), 0, (f"{long}\nThe answer is 3 cm", f"{long}\nThe answer is 4 cm"),
+                             ("q", "3 cm")),
+                 OwnQuestion("q", ("A", "B"), 1, ("The answer is 3 cm", "The answer is 4 cm"), ("q", "4 cm"))]
+    images = LabelledImages([np.zeros((8, 8, 3), np.uint8)] * 2, [0, 1], ["a", "b"], Image.fromarray,
+                            tiny_backbone.preprocess(False), questions=questions)
+    evaluator = ZeroShotEvaluator(tiny_backbone)
+    evaluator.add(own_question_eval_set("long", images))
+    assert evaluator.indistinct_items() == {"long": 1}
+
+
 def test_training_reads_each_images_own_texts_and_pairs(data, tiny_llava):
     """CLIP-loss training pairs an image with its right option's released CLIP text; the VLM loss trains the released
     question/answer pair of each training image (its label is its place in the training split)."""
