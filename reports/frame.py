@@ -11,7 +11,8 @@ their reason but never enter ``scores`` or any aggregate.
   NaN when not recorded), the chance accuracies of its target and mean control (``chance_target``,
   ``chance_control``, ``vqa_chance_*``; NaN when the manifest has no class counts), and for finished runs the
   scalars of ``summary.json`` (accuracies as fractions in [0, 1]), those of its ``vqa`` block prefixed ``vqa_``
-  (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored), and its costs (:func:`cost_scalars`).
+  (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored; ``vqa_set:<dataset>:<metric>``: a set's
+  own metric after the last scored session, MMVP's pair accuracy, HM's AUROC), and its costs (:func:`cost_scalars`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
 
 A run is scored by one or two :class:`Evaluation` s, those its config's ``evaluate`` lists: CLIP zero-shot
@@ -317,8 +318,19 @@ def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
         **_metric_scalars(summary),
         **({VQA.key(k): v for k, v in _metric_scalars(vqa).items()} if vqa else {}),
         **({VQA.key("scored_sessions"): len(vqa["evaluated"])} if vqa and "evaluated" in vqa else {}),
+        **{set_metric_key(dataset, metric): _number(ends.get("final"))
+           for dataset, metrics in ((vqa or {}).get("sets") or {}).items() for metric, ends in metrics.items()},
         **cost_scalars(summary.get("costs") or {}),
     }
+
+
+SET_METRIC = "vqa_set:"  # prefix of the runs frame's columns of a VQA set's own metrics (final values)
+
+
+def set_metric_key(dataset: str, metric: str) -> str:
+    """The runs frame's column of a VQA set's own metric after the last scored session (``summary.json`` →
+    ``vqa.sets``: MMVP ``pair_acc``, HM ``auroc``): ``vqa_set:<dataset>:<metric>``."""
+    return f"{SET_METRIC}{dataset}:{metric}"
 
 
 def _metric_scalars(summary: dict[str, Any]) -> dict[str, float]:

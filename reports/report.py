@@ -65,6 +65,7 @@ from reports.tables import (
     result_columns,
     results_table,
     results_text_table,
+    set_columns,
 )
 
 MINI_WORLD_NOTE = ("**Mini-world results, not CLIP.** These runs use the offline procedural mini world (a tiny "
@@ -259,6 +260,7 @@ def _setting_tables(rows: pd.DataFrame, runs: pd.DataFrame, label: str,
     for e in evaluated:
         columns = [c for c in result_columns(e)
                    if not (c.key == e.key("target_forgetting") and forgetting_is_minus_ti(runs[scored(runs, e)], e))]
+        columns += set_columns(runs) if e == VQA else []  # the VQA sets' own metrics (MMVP pairs, HM AUROC)
         tables.append((results_text_table(_scored_rows(rows, runs, e), columns, lr=True),
                        f"{label}{f'. {e.title}' if named(evaluated) else ''}. Mean ± std over seeds; {test}.", e))
     tables.append((results_text_table(rows, COST_COLUMNS), f"{label}. Costs, mean ± std over seeds.", None))

@@ -18,7 +18,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from reports.frame import EVALUATIONS, GROUP_KEYS, ZEROSHOT, Evaluation, ReportError, evaluations, strategy_order
+from reports.frame import (
+    EVALUATIONS,
+    GROUP_KEYS,
+    SET_METRIC,
+    ZEROSHOT,
+    Evaluation,
+    ReportError,
+    evaluations,
+    strategy_order,
+)
 
 TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel), runs paired by seed"
 MIN_SEEDS = 3  # fewer seeds: no p-value and no bold "best"
@@ -112,10 +121,27 @@ def result_columns(evaluation: Evaluation = ZEROSHOT) -> tuple[Column, ...]:
 def table_columns(finished: pd.DataFrame) -> tuple[Column, ...]:
     """The columns :func:`results_table` aggregates: :data:`COLUMNS` (their zero-shot accuracy metrics only when a
     run of ``finished`` has zero-shot results), then the accuracy metrics of every other evaluation with results
-    among ``finished`` (VQA's ``vqa_target_improvement``, ...)."""
+    among ``finished`` (VQA's ``vqa_target_improvement``, ...), then the VQA sets' own metrics
+    (:func:`set_columns`)."""
     present = evaluations(finished)
     return (tuple(c for c in COLUMNS if ZEROSHOT in present or not c.scored)
-            + tuple(c for e in EVALUATIONS if e in present and e != ZEROSHOT for c in result_columns(e) if c.scored))
+            + tuple(c for e in EVALUATIONS if e in present and e != ZEROSHOT for c in result_columns(e) if c.scored)
+            + set_columns(finished))
+
+
+SET_METRIC_LABELS = {"pair_acc": ("pair acc. (%)", _percent), "auroc": ("AUROC", lambda x: f"{x:.3f}")}
+
+
+def set_columns(runs: pd.DataFrame) -> tuple[Column, ...]:
+    """A column per VQA set's own metric among ``runs`` after the last scored session (``vqa_set:<dataset>:<metric>``:
+    MMVP's pair accuracy, HM's AUROC), in the order of the frame's columns."""
+    columns = []
+    for key in runs.columns:
+        if key.startswith(SET_METRIC):
+            dataset, metric = key[len(SET_METRIC):].split(":", 1)
+            label, fmt = SET_METRIC_LABELS.get(metric, (metric, _percent))
+            columns.append(Column(key, f"{dataset} {label}", f"{dataset} {metric}", "higher", fmt))
+    return tuple(columns)
 
 
 @dataclass(frozen=True)
