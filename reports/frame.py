@@ -8,7 +8,8 @@ their reason but never enter ``scores`` or any aggregate.
 - ``runs``: one row per run folder: the run keys (:data:`RUN_KEYS`), ``sweep`` (the folder name of
   its swept values, empty outside a sweep) and a ``swept:<key>`` column per swept key, ``status``, ``reason``,
   ``lr`` (the run's effective ``train.lr``), ``jobs`` (the local processes it ran beside, ``fscl run --jobs``;
-  NaN when not recorded), the chance accuracies of its target and mean control (``chance_target``,
+  NaN when not recorded), ``own_questions`` (its target brings its own questions: its sessions are released rows,
+  not per-class shots), the chance accuracies of its target and mean control (``chance_target``,
   ``chance_control``, ``vqa_chance_*``; NaN when the manifest has no class counts), and for finished runs the
   scalars of ``summary.json`` (accuracies as fractions in [0, 1]), those of its ``vqa`` block prefixed ``vqa_``
   (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored; ``vqa_set:<dataset>:<metric>``: a set's
@@ -258,8 +259,9 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     row: dict[str, Any] = {"run": folder.relative_to(root).as_posix(), **{k: config.get(k) for k in RUN_KEYS}}
     swept = config.get("swept") or {}  # a swept grid's values of this run: a column each, and their folder name
     row.update({SWEEP: sweep_tag(swept), **{f"{SWEPT_PREFIX}{k}": v for k, v in swept.items()}})
+    own = manifest.get("chance") or {}  # the datasets with their own questions (their chance per item's options)
     row.update(lr=_number((config.get("train") or {}).get("lr")), jobs=_number(manifest.get("jobs")),
-               **_chance(config, manifest.get("classes") or {}, manifest.get("chance") or {}))
+               own_questions=config.get("stream") in own, **_chance(config, manifest.get("classes") or {}, own))
     status, reason = _status(manifest, config)
     summary: dict[str, Any] = {}
     if status == STATUS_FINISHED:

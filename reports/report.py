@@ -297,8 +297,10 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
         blocks.append(Text(MINI_WORLD_NOTE))
     controls = "; ".join(sorted(set(runs["controls"]) - {""})) or "none"
     sessions = ", ".join(str(s) for s in sorted({int(s) for s in runs["sessions"]}))
-    blocks.append(Text(f"Target stream `{setting['stream']}`, backbone `{setting['backbone']}`, {setting['shots']} "
-                       f"shots per class, {sessions} session(s); controls: {controls}."
+    shots = (f"the released rows of each session for {setting['shots']} shots (a set with its own questions)"
+             if runs["own_questions"].fillna(False).any() else f"{setting['shots']} shots per class")
+    blocks.append(Text(f"Target stream `{setting['stream']}`, backbone `{setting['backbone']}`, {shots}, "
+                       f"{sessions} session(s); controls: {controls}."
                        + _swept_note({k: v for k, v in references.items() if k[:-1] == tuple(setting.values())})))
     shared = runs[runs["jobs"].fillna(1) > 1]
     if len(shared):

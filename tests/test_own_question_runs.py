@@ -192,6 +192,7 @@ def test_the_report_shows_them_in_both_evaluations(runs, tmp_path):
         assert re.search(rf"\| {target} TI \(pp\) \| {target} CC \(pp\) \|", report)
     assert "figures/quick-vsr-openclip-fscl-tiny-5shot-vqa-curves.png" in report
     assert "figures/quick-vsr-openclip-fscl-tiny-5shot-curves.png" in report
+    assert "Target stream `vsr`, backbone `openclip:fscl-tiny`, the released rows of each session for 5 shots" in report
     vqa_table = report.split("VQA (the VLM's multiple-choice accuracy)", 1)[1]
     assert re.search(r"\| mmvp pair acc\. \(%\) \| hm AUROC \|", vqa_table)  # the sets' own metrics, final
     runs_csv = pd.read_csv(tmp_path / "report" / "runs.csv")
