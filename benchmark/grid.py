@@ -109,7 +109,7 @@ def strategy_problems(runs: list[Config]) -> list[str]:
             continue
         seen.add((run.backbone, run.strategy, repr(options), run.ddp, run.vqa.model))
         if entry.obj.objective == "vlm" and run.vqa.model is None:
-            problems.append(f"{run.strategy} trains the encoder with a VLM's answer loss and needs vqa.model: "
+            problems.append(f"{run.strategy} trains with a VLM's answer loss and needs vqa.model: "
                             f"{allowed_vlms()} (a VLM whose vision tower takes '{run.backbone}'; vqa.model=mini: the "
                             f"mini world's VLM, with backbone=mini)")
         try:
@@ -118,6 +118,8 @@ def strategy_problems(runs: list[Config]) -> list[str]:
                                f"{run.strategy} needs one (families with one: "
                                f"{', '.join(n for n in VLMS.names() if VLMS.get(n).obj.has_answer_loss)})")
             options = with_vlm_defaults(options, run.vqa.model)
+            if run.vqa.model is not None:  # options the VLM's config refuses (e.g. more layers than it has)
+                entry.obj.check_vlm(resolve_vlm(run.vqa.model), options)
             if run.backbone not in skeletons:
                 skeletons[run.backbone] = backbone_skeleton(run.backbone)
             entry.obj(skeletons[run.backbone], options)

@@ -59,6 +59,8 @@ class TrainingSession(Protocol):
     def preserved_rng(self) -> AbstractContextManager[None]:
         """A block after which every random generator of training is as it was before."""
 
+    vlm: Any  # the run's loaded VLM (benchmark.vlm.base.LoadedVLM) under the VLM template; None under the CLIP one
+
 
 class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
     """A continual-learning method: a plugin on a training template (see the module docstring).
@@ -79,6 +81,8 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
     supports_ddp: ClassVar[bool] = False  # True: safe under data-parallel training (see above)
     objective: ClassVar[Literal["clip", "vlm"]] = "clip"  # the loss it trains with: the CLIP template's, or the
     # VLM template's (LLaVA's answer loss, benchmark.vlm_template; the run needs vqa.model)
+    updates: ClassVar[frozenset[str]] = frozenset({"encoder"})  # what it trains: the vision "encoder" and/or the
+    # "vlm"'s own modules (projector, language model, head; in the process's loaded VLM, which the run's VQA scores)
 
     def __init__(self, backbone: Backbone, options: OptionsT | None = None) -> None:
         super().__init__()
@@ -89,6 +93,12 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
                 f"strategy {type(self).__name__} reaches the encoder through its transformer blocks, but backbone "
                 f"'{backbone.spec}' exposes none; allowed: a backbone with block views (openclip ViTs, hf: CLIP)")
 
+    @classmethod
+    def check_vlm(cls, family: Any, options: OptionsT | None) -> None:
+        """Refuse (:class:`~benchmark.config.ConfigError`) options that the run's VLM (its
+        :class:`~benchmark.vlm.base.VLMFamily`; its config only, no weights) cannot take; called by the grid check
+        for every strategy with ``vqa.model`` set. Default: nothing to check."""
+
     def setup(self, session: TrainingSession) -> None:
         """Before a session trains: choose or add the trainable parameters (``requires_grad``;
         adapters go into ``backbone.adapters``). Everything is frozen when this is called."""
@@ -96,6 +106,11 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
     def finish(self, session: TrainingSession) -> None:
         """After a session trained: merge updates into the weights or consolidate (default: nothing).
         The template freezes the encoder afterwards."""
+
+    def release(self) -> None:
+        """After the run, finished or not: take out of shared objects what the strategy put there (a VLM-side
+        strategy's adapters in the process's loaded VLM), so that the next run of the process finds them as
+        loaded. Default: nothing."""
 
     def penalty(self) -> Tensor | None:
         """A term added to every training loss (scalar, differentiable), or None."""

@@ -158,6 +158,7 @@ class _Run:
         self.vqa: RunVQA | None = None  # with vqa.model: the run's question sets and VQA matrices
         self.costs: dict[str, Any] = {"sessions": []}
         self.trains = True  # False: a strategy that never changes the model, whose every row is row 0
+        self.trains_encoder = True  # False: also a strategy that trains only the VLM (every zero-shot row is row 0)
         self.row0: dict[str, tuple[int, int]] | None = None  # (correct, total) per eval set before training
         self.eval_timing = {"images": 0, "seconds": 0.0}  # images this run's process evaluated, and how long
         self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
@@ -181,9 +182,16 @@ class _Run:
                 f"{self.record.path}: {problem} (in {self.stage}; {recorded}). {STORAGE_ADVICE}") from err
 
     def _execute(self, data: RunData) -> RunOutcome:
-        cfg = self.cfg
-        seed_everything(cfg.seed)
+        seed_everything(self.cfg.seed)
         backbone, plugin, meter, template, scenario, eval_stream = self.build(data)
+        try:
+            return self._train(data, backbone, plugin, meter, template, scenario, eval_stream)
+        finally:
+            plugin.release()  # the process's loaded VLM as it was loaded, for the next run
+
+    def _train(self, data: RunData, backbone, plugin: StrategyPlugin, meter: CostMeter, template: CLIPTemplate,
+               scenario, eval_stream) -> RunOutcome:
+        """Start or resume the record, run the sessions and write the results."""
         done = self.start_or_resume(data, backbone, plugin, template)
         try:
             self.sessions(done, plugin, meter, template, scenario, eval_stream)
@@ -195,7 +203,7 @@ class _Run:
         self.stage = "summary"
         self.finish(backbone.visual_parameter_count(), STATUS_FINISHED)
         if self.record.writable:
-            checkpoints.prune(self.record.path, cfg.keep_checkpoints)
+            checkpoints.prune(self.record.path, self.cfg.keep_checkpoints)
         return RunOutcome(self.record.path, STATUS_FINISHED)
 
     def stop(self, status: str, reason: str) -> str:
@@ -240,6 +248,7 @@ class _Run:
                          EvalSet(name, name, control.class_names, control.templates, test))
         plugin: StrategyPlugin = entry.obj(backbone, options)
         self.trains = plugin.trains
+        self.trains_encoder = plugin.trains and "encoder" in plugin.updates
         meter = CostMeter(plugin)
         common = dict(
             backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train,
@@ -292,6 +301,7 @@ class _Run:
         chance = {name: float(np.mean([1 / len(q.answers) for q in tests[name].questions]))  # own questions' options
                   for name, stream in streams.items() if stream.spec.own_questions}
         self.record.update_manifest(**device, classes=classes, **({"chance": chance} if chance else {}),
+                                    updates=sorted(plugin.updates) if plugin.trains else [],
                                     classes_with_fewer_shots={f"session_{s.index}": s.short_classes
                                                               for s in data.sessions if s.short_classes})
         record_data(self.record, {cfg.stream: data.stream, **data.controls}, data.subsets,
@@ -392,7 +402,7 @@ class _Run:
     def eval_counts(self, template: CLIPTemplate, eval_stream, session: int) -> dict[str, tuple[int, int]]:
         """``(correct, total)`` per eval set after ``session``: evaluated, except row 0 (and every row of a
         strategy that never trains), which comes from :meth:`session_zero`."""
-        if session and self.trains:
+        if session and self.trains_encoder:
             return self.run_eval(template, list(eval_stream))
         if self.row0 is None:
             self.row0 = self.session_zero(template, eval_stream)

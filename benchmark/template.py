@@ -124,6 +124,7 @@ class CLIPTemplate(SupervisedTemplate):
             evaluator=evaluator,
         )
         self.backbone = backbone
+        self.vlm = None  # the VLM template's loaded VLM (the session contract's ``vlm``)
         self.train_cfg = train
         self.zeroshot = zeroshot
         self.class_names, self.templates = class_names, templates

@@ -45,15 +45,17 @@ def warmup_cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: in
     return min_lr + 0.5 * (1 + math.cos(math.pi * step / max(1, total))) * (lr - min_lr)
 
 
-def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """The trainable parameters with weight decay and without it (biases, and every parameter of a norm layer),
-    the rule of the released trainer (``get_parameter_names(model, ALL_LAYERNORM_LAYERS)`` minus ``bias``)."""
-    norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase))
-             for p in m.parameters()}
+def decay_groups(*models: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable parameters of ``models`` with weight decay and without it (biases, and every parameter of a
+    norm layer), the rule of the released trainer (``get_parameter_names(model, ALL_LAYERNORM_LAYERS)`` minus
+    ``bias``)."""
     decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if "bias" in name or id(p) in norms else decay).append(p)
+    for model in models:
+        norms = {id(p) for m in model.modules()
+                 if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) for p in m.parameters()}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (plain if "bias" in name or id(p) in norms else decay).append(p)
     return decay, plain
 
 
@@ -68,7 +70,7 @@ class VLMTemplate(CLIPTemplate):
 
     def __init__(self, *, vlm: LoadedVLM, pairs: AnswerPairs, recipe: VLMRecipe, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.vlm = vlm
+        self.vlm = vlm  # frozen, unless a VLM-side strategy adapts its own modules (the optimizer then holds those)
         self.pairs = pairs
         self.recipe = recipe
         self._warmup = 0
@@ -103,8 +105,9 @@ class VLMTemplate(CLIPTemplate):
 
     # -- optimizer and schedule -------------------------------------------------------------------
     def make_optimizer(self, **kwargs) -> None:
-        """AdamW over the trainable parameters (decay / no-decay groups) and this session's schedule."""
-        decay, plain = decay_groups(self.model)
+        """AdamW over the trainable parameters of the encoder and of the VLM (a VLM-side strategy's adapters; decay /
+        no-decay groups) and this session's schedule."""
+        decay, plain = decay_groups(self.model, self.vlm)
         if not decay and not plain:
             raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
         groups = [{"params": decay, "weight_decay": self.recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]

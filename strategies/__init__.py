@@ -25,3 +25,12 @@ STRATEGIES.declare("lorsu-ppl", "strategies.lorsu:LoRSUPpl", options="strategies
                    summary="LoRSU-Ppl: LoRSU trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.")
 STRATEGIES.declare("lora-ppl", "strategies.lora:LoRAPpl", options="strategies.options:LoRAPplOptions",
                    summary="LoRA-Ppl: LoRA trained with LLaVA's answer loss (needs vqa.model), blocks 0..L-2.")
+STRATEGIES.declare("lora-llm", "strategies.llm:LLMLoRA", options="strategies.options:LLMLoRAOptions",
+                   summary="LoRA on every linear of every language-model layer of the VLM (needs vqa.model); "
+                           "encoder frozen.")
+STRATEGIES.declare("lora-llm-last", "strategies.llm:LLMLastLoRA", options="strategies.options:LLMLastLoRAOptions",
+                   summary="LoRA on every linear of the last last_layers language-model layers of the VLM "
+                           "(needs vqa.model).")
+STRATEGIES.declare("lora-vlm", "strategies.llm:LoRAVLM", options="strategies.options:LoRAVLMOptions",
+                   summary="LoRA on the whole VLM (needs vqa.model): the encoder, the projector, every "
+                           "language-model layer, the head.")

@@ -168,3 +168,46 @@ class LoRAPplOptions(VLMRecipe, LoRAOptions):
     def __post_init__(self) -> None:
         LoRAOptions.__post_init__(self)
         self._check_recipe()
+
+
+@dataclass
+class LLMLoRAOptions(VLMRecipe):
+    """Options of ``lora-llm`` (the released ``lora_llm``: peft LoRA r = α = 8 on the language model) and the VLM
+    recipe (:class:`~benchmark.vlm.recipe.VLMRecipe`)."""
+
+    section: ClassVar[str] = "lora-llm"
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (the released --lora_rank)"})
+    alpha: float = field(default=8.0, metadata={"help": "the update is (alpha / rank) · B · A (the released --lora_alpha)"})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
+        self._check_recipe()
+
+
+@dataclass
+class LLMLastLoRAOptions(LLMLoRAOptions):
+    """Options of ``lora-llm-last`` (the released ``lora_lastlayers``): ``lora-llm``'s on the last layers only."""
+
+    section: ClassVar[str] = "lora-llm-last"
+
+    last_layers: int = field(default=16, metadata={
+        "help": "adapt the last N language-model layers (the released train_last_k_layers=16 on a 32-layer model: "
+                "the last 16; the released code reads it as a start index)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(isinstance(self.last_layers, int) and self.last_layers >= 1, f"{self.section}.last_layers",
+              self.last_layers, "an integer >= 1 (and at most the VLM's language-model layers)")
+
+
+@dataclass
+class LoRAVLMOptions(LoRAPplOptions):
+    """Options of ``lora-vlm`` (the released ``full_lora``: peft LoRA r = α = 8 on the encoder, the projector, the
+    language model and the head)."""
+
+    section: ClassVar[str] = "lora-vlm"
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of every adapter (the released --lora_rank)"})
+    alpha: float = field(default=8.0, metadata={"help": "the update is (alpha / rank) · B · A (the released --lora_alpha)"})

@@ -344,7 +344,7 @@ def test_grid_check_refuses_ppl_without_a_fitting_llava(tmp_path):
     cfg = load_config("quick", ["strategy=[lorsu-ppl,lora-ppl]", f"out={tmp_path}"])
     with pytest.raises(GridCheckError) as err:
         run_grid(cfg, progress=False)
-    assert "lorsu-ppl trains the encoder with a VLM's answer loss and needs vqa.model" in str(err.value)
+    assert "lorsu-ppl trains with a VLM's answer loss and needs vqa.model" in str(err.value)
     assert "lora-ppl trains" in str(err.value)
     other = hf_vision_config(load_backbone("openclip:fscl-tiny").visual)
     other.num_hidden_layers = 3

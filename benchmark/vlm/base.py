@@ -77,6 +77,11 @@ class VLMFamily(ABC):
     def tower_config(self) -> Any:
         """The vision tower's config (``image_size``, ``patch_size``, ``num_hidden_layers``, ...)."""
 
+    def text_config(self) -> Any:
+        """The language model's config (``num_hidden_layers``, ``hidden_size``, ...), read without weights; a
+        VLM-side strategy checks its options against it (default: ``config().text_config``)."""
+        return self.config().text_config
+
     @abstractmethod
     def check_encoder(self, backbone: Backbone) -> None:
         """Raise :class:`VLMError` unless ``backbone``'s encoder (its skeleton is enough) goes into the tower."""
@@ -200,6 +205,11 @@ class LoadedVLM(nn.Module, ABC):
     @abstractmethod
     def swap_encoder(self, backbone: Backbone) -> None:
         """Load ``backbone``'s current encoder into the tower, in memory, strictly (in the tower's dtype)."""
+
+    @property
+    @abstractmethod
+    def projector(self) -> nn.Module:
+        """The module that maps the tower's features into the language model's embeddings."""
 
     @abstractmethod
     def language_modules(self) -> list[nn.Module]:

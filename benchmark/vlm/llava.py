@@ -30,7 +30,6 @@ is a small model of this family.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -263,7 +262,7 @@ class LoadedLlava(LoadedVLM):
         ids = base[:at] + [image_token_id] * self.image_tokens + base[at + 1:] + reply + [tokenizer.eos_token_id]
         return ids, [IGNORE] * (len(ids) - len(reply) - 1) + reply + [tokenizer.eos_token_id]
 
-    @cached_property
+    @property
     def projector(self) -> nn.Module:
         inner = getattr(self.model, "model", None)  # transformers >= 4.52: model.model.multi_modal_projector
         return (inner if hasattr(inner, "multi_modal_projector") else self.model).multi_modal_projector
@@ -353,18 +352,19 @@ def save_llava(folder: str | Path, model: nn.Module, processor) -> Path:
     return folder
 
 
-def save_tiny_llava(folder: str | Path, vision_config=None, seed: int = 0) -> Path:
+def save_tiny_llava(folder: str | Path, vision_config=None, seed: int = 0, text: dict[str, int] | None = None) -> Path:
     """Write a tiny random-weight LLaVA with its processor, loadable as ``llava:<folder>`` (offline tests, demos).
 
     ``vision_config``: the tower's ``CLIPVisionConfig``; default the vision side of ``openclip:fscl-tiny``
     (width 64, 2 layers of 4 heads, MLP 256, 32 px, patch 8, GELU). Pass
     ``benchmark.export.hf_vision_config(backbone.visual)`` to match another open_clip ViT. The language
-    model is a 1-layer Llama of width 32 over a character tokenizer (:func:`~benchmark.vlm.tokenizers.char_tokenizer`).
+    model is a 1-layer Llama of width 32 over a character tokenizer (:func:`~benchmark.vlm.tokenizers.char_tokenizer`);
+    ``text`` overrides its sizes (:data:`TINY_TEXT`, e.g. ``{"num_hidden_layers": 3}``).
     """
     from transformers import CLIPVisionConfig
 
     vision = vision_config or CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                                num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
     tokenizer = char_tokenizer()
-    model = new_llava(new_llava_config(vision, tokenizer), seed)
+    model = new_llava(new_llava_config(vision, tokenizer, text), seed)
     return save_llava(folder, model, llava_processor(vision, tokenizer))
