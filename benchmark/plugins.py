@@ -107,6 +107,12 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
         """After a session trained: merge updates into the weights or consolidate (default: nothing).
         The template freezes the encoder afterwards."""
 
+    def learning_rates(self) -> dict[nn.Parameter, float]:
+        """Trainable parameters at a learning rate of their own (e.g. the projector's LoRA at the released
+        ``--mm_projector_lr``), which the schedule scales as it scales ``train.lr`` (the VLM template's optimizer).
+        Default: none."""
+        return {}
+
     def release(self) -> None:
         """After the run, finished or not: take out of shared objects what the strategy put there (a VLM-side
         strategy's adapters in the process's loaded VLM), so that the next run of the process finds them as

@@ -303,8 +303,8 @@ class CLIPTemplate(SupervisedTemplate):
 
     def _before_training_iteration(self, **kwargs) -> None:
         lr = self.scheduled_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # a group at a learning rate of its own: scaled alike
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self._step += 1
         super()._before_training_iteration(**kwargs)
 

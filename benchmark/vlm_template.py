@@ -106,13 +106,20 @@ class VLMTemplate(CLIPTemplate):
     # -- optimizer and schedule -------------------------------------------------------------------
     def make_optimizer(self, **kwargs) -> None:
         """AdamW over the trainable parameters of the encoder and of the VLM (a VLM-side strategy's adapters; decay /
-        no-decay groups) and this session's schedule."""
+        no-decay groups, each split by the strategies' own learning rates, which the schedule scales as it scales
+        ``train.lr``: ``lr_scale``) and this session's schedule."""
         decay, plain = decay_groups(self.model, self.vlm)
         if not decay and not plain:
             raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
-        groups = [{"params": decay, "weight_decay": self.recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr,
-                                           betas=(0.9, 0.999))
+        own = {id(p): lr for strategy in self.strategies for p, lr in strategy.learning_rates().items()}
+        groups = []
+        for params, weight_decay in ((decay, self.recipe.weight_decay), (plain, 0.0)):
+            by_lr: dict[float, list[nn.Parameter]] = {}
+            for p in params:  # a strategy's own learning rates (e.g. the projector's): groups of their own
+                by_lr.setdefault(own.get(id(p), self.train_cfg.lr), []).append(p)
+            groups += [{"params": ps, "weight_decay": weight_decay, "lr_scale": lr / self.train_cfg.lr}
+                       for lr, ps in by_lr.items()]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.train_cfg.lr, betas=(0.9, 0.999))
         if self.recipe.carry_optimizer_state and self._carried is not None:
             self._load_carried(self._carried)
         self._total_steps = len(self.dataloader) * self.train_epochs

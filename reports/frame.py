@@ -9,7 +9,8 @@ their reason but never enter ``scores`` or any aggregate.
   its swept values, empty outside a sweep) and a ``swept:<key>`` column per swept key, ``status``, ``reason``,
   ``lr`` (the run's effective ``train.lr``), ``jobs`` (the local processes it ran beside, ``fscl run --jobs``;
   NaN when not recorded), ``own_questions`` (its target brings its own questions: its sessions are released rows,
-  not per-class shots), the chance accuracies of its target and mean control (``chance_target``,
+  not per-class shots), ``encoder_unchanged`` (its strategy trained only the VLM's own modules: its zero-shot
+  scalars are NaN, its encoder being the pretrained one), the chance accuracies of its target and mean control (``chance_target``,
   ``chance_control``, ``vqa_chance_*``; NaN when the manifest has no class counts), and for finished runs the
   scalars of ``summary.json`` (accuracies as fractions in [0, 1]), those of its ``vqa`` block prefixed ``vqa_``
   (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored; ``vqa_set:<dataset>:<metric>``: a set's
@@ -273,6 +274,10 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     row.update(status=status, reason=reason)
     if status == STATUS_FINISHED:
         row.update(_summary_row(summary))
+    updates = manifest.get("updates")  # what the strategy trained (runs before it was recorded: unknown)
+    row["encoder_unchanged"] = bool(updates) and "encoder" not in updates
+    if row["encoder_unchanged"]:  # only the VLM trained: its zero-shot numbers are the pretrained encoder's
+        row.update({key: math.nan for key in (*SUMMARY_SCALARS, "target_forgetting", "control_forgetting")})
     return row, config, manifest
 
 

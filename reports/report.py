@@ -190,11 +190,19 @@ def _lacking(runs: pd.DataFrame, evaluation: Evaluation) -> str:
 
 
 def _lacking_note(runs: pd.DataFrame, evaluation: Evaluation) -> list[Block]:
-    """A paragraph naming the runs without results of ``evaluation`` (none when every run has them)."""
-    lacking = _lacking(runs, evaluation)
-    return [Text(f"**Without {evaluation.name} results** (their `evaluate` leaves it out"
-                 + (", or they have no `vqa.model`" if evaluation == VQA else "")
-                 + f"), so not in its tables and figures: {lacking}.")] if lacking else []
+    """Paragraphs naming the runs without results of ``evaluation`` (none when every run has them): the strategies
+    that train only the VLM (zero-shot), apart from the runs whose config leaves the evaluation out."""
+    unchanged = runs["encoder_unchanged"].fillna(False).astype(bool) if evaluation == ZEROSHOT else False
+    blocks = []
+    if evaluation == ZEROSHOT and unchanged.any():
+        names = ", ".join(f"`{s}`" for s in sorted(set(runs.loc[unchanged, "strategy"])))
+        blocks.append(Text(f"**Encoder unchanged:** {names} train only the VLM's own modules (projector, language "
+                           f"model, head), so their zero-shot accuracy is the pretrained encoder's: left out of the "
+                           f"zero-shot tables and figures rather than shown as a zero TI; their VQA numbers are above."))
+    lacking = _lacking(runs[~unchanged] if evaluation == ZEROSHOT else runs, evaluation)
+    return blocks + ([Text(f"**Without {evaluation.name} results** (their `evaluate` leaves it out"
+                           + (", or they have no `vqa.model`" if evaluation == VQA else "")
+                           + f"), so not in its tables and figures: {lacking}.")] if lacking else [])
 
 
 def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, Any]], reference: str,

@@ -29,6 +29,8 @@ from benchmark.plugins import StrategyPlugin
 from strategies.lora import ADAPTER, LoRAPpl, kaiming_
 from strategies.options import LLMLastLoRAOptions, LLMLoRAOptions, LoRAVLMOptions
 
+PROJECTOR_LORA = (64, 32.0)  # (rank, alpha) of the projector's LoRA with projector_lr (the released set_lora_to_mm_projector)
+
 
 def linear_names(root: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
     """Names under ``root`` of every ``nn.Linear`` inside ``modules`` (in ``root``'s order)."""
@@ -40,8 +42,9 @@ class VLMAdapter:
     """One peft LoRA adapter on modules of a loaded VLM's model: attached on first use, its factors initialised or
     restored, detached (base layers back, untouched) by :meth:`detach`."""
 
-    def __init__(self, rank: int, alpha: float) -> None:
+    def __init__(self, rank: int, alpha: float, own: dict[str, tuple[int, float]] | None = None) -> None:
         self.rank, self.alpha = rank, alpha
+        self.own = own or {}  # target name -> its own (rank, alpha)
         self.tuner: LoraModel | None = None
         self.model: nn.Module | None = None
 
@@ -50,7 +53,8 @@ class VLMAdapter:
         A ~ U(±1/√in) from a generator seeded by one draw of the global torch RNG, B = 0. Building the layers draws
         nothing from the global RNGs, so a run resumed with saved factors draws what the uninterrupted run drew."""
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none", target_modules=targets,
-                            init_lora_weights=False)
+                            init_lora_weights=False, rank_pattern={n: r for n, (r, _) in self.own.items()},
+                            alpha_pattern={n: a for n, (_, a) in self.own.items()})
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.tuner = LoraModel(model, config, ADAPTER)
@@ -123,9 +127,17 @@ class LLMLoRA(StrategyPlugin[LLMLoRAOptions]):
         return list(range(len(vlm.llm_layers())))
 
     def targets(self, vlm) -> list[str]:
-        """Names under ``vlm.model`` of the linears adapted."""
+        """Names under ``vlm.model`` of the linears adapted: those of :meth:`layers`, and with ``projector_lr`` the
+        projector's (rank :data:`PROJECTOR_LORA`)."""
         layers = vlm.llm_layers()
-        return linear_names(vlm.model, [layers[i] for i in self.layers(vlm)])
+        projector = linear_names(vlm.model, [vlm.projector]) if self.options.projector_lr is not None else []
+        self.adapter.own = dict.fromkeys(projector, PROJECTOR_LORA)
+        return projector + linear_names(vlm.model, [layers[i] for i in self.layers(vlm)])
+
+    def learning_rates(self) -> dict[nn.Parameter, float]:
+        """The projector's factors at ``projector_lr``."""
+        own = tuple(f"{name}." for name in self.adapter.own)
+        return {p: self.options.projector_lr for name, p in self.adapter.parameters().items() if name.startswith(own)}
 
     # -- the session ----------------------------------------------------------------------
     def setup(self, session) -> None:

@@ -179,10 +179,15 @@ class LLMLoRAOptions(VLMRecipe):
 
     rank: int = field(default=8, metadata={"help": "LoRA rank r (the released --lora_rank)"})
     alpha: float = field(default=8.0, metadata={"help": "the update is (alpha / rank) · B · A (the released --lora_alpha)"})
+    projector_lr: float | None = field(default=None, metadata={
+        "help": "null: the projector stays frozen; a learning rate: LoRA r 64, alpha 32 on the projector's linears, "
+                "trained at this rate under the same schedule (the released --mm_projector_lr)"})
 
     def __post_init__(self) -> None:
         check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
+        check(self.projector_lr is None or self.projector_lr > 0, f"{self.section}.projector_lr", self.projector_lr,
+              "null, or a learning rate > 0")
         self._check_recipe()
 
 

@@ -184,3 +184,48 @@ def test_a_new_adapter_starts_as_the_identity(vlm, tiny_backbone):
         assert isinstance(vlm.model.lm_head, nn.Linear)  # lora-llm leaves the head alone
     finally:
         strategy.release()
+
+
+def test_the_report_says_an_llm_only_strategy_left_the_encoder_unchanged(runs, tmp_path):
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**Encoder unchanged:** `lora-llm` train only the VLM's own modules" in report
+    vqa, zeroshot = report.split("### Zero-shot classification", 1)
+    assert "| lora-llm |" in vqa and "| lora-vlm |" in vqa
+    assert "| lora-llm |" not in zeroshot.split("## ", 1)[0] and "| lora-vlm |" in zeroshot.split("## ", 1)[0]
+
+
+def test_projector_lr_adds_the_released_projector_lora_at_its_own_learning_rate(vlm):
+    from strategies.options import LLMLoRAOptions
+
+    strategy = LLMLoRA(None, LLMLoRAOptions(projector_lr=2e-5))
+    try:
+        strategy.setup(SimpleNamespace(vlm=vlm))
+        names = {id(m): n for n, m in vlm.model.named_modules()}
+        projector = [names[id(m)] for m in vlm.projector.modules() if isinstance(m, LoraLayer)]
+        assert len(projector) == 2 and set(projector) < set(_adapted(vlm))
+        factors = strategy.adapter.parameters()
+        assert {tuple(factors[f"{n}.lora_A.default.weight"].shape)[0] for n in projector} == {64}
+        assert factors["model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape[0] == 8
+        rates = strategy.learning_rates()
+        assert len(rates) == 4 and set(rates.values()) == {2e-5}  # A and B of the two projector linears
+    finally:
+        strategy.release()
+
+
+def test_the_optimizer_gives_the_projector_its_own_learning_rate(vlm, tiny_backbone):
+    """Its own AdamW groups, at projector_lr / train.lr of the schedule's rate (the released separate group)."""
+    from benchmark.vlm_template import VLMTemplate
+    from strategies.options import LLMLoRAOptions
+
+    strategy = LLMLoRA(None, LLMLoRAOptions(projector_lr=2e-5))
+    template = SimpleNamespace(model=tiny_backbone, vlm=vlm, strategies=[strategy], recipe=strategy.options,
+                               train_cfg=SimpleNamespace(lr=1e-4, warmup_steps=0), dataloader=[None] * 3,
+                               train_epochs=1, _carried=None)
+    try:
+        strategy.setup(SimpleNamespace(vlm=vlm))
+        VLMTemplate.make_optimizer(template)
+        scales = sorted((g["lr_scale"], len(g["params"])) for g in template.optimizer.param_groups)
+        assert scales == [(0.2, 4), (1.0, 42)]  # the projector's A and B; 3 layers × 7 linears × (A, B)
+    finally:
+        strategy.release()
