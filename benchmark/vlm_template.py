@@ -1,6 +1,7 @@
 """The VLM training template: the CLIP template's session loop with the VLM's next-token loss on the answer.
 
-For the strategies whose objective is ``vlm`` (``lorsu-ppl``, ``lora-ppl``; the LoRSU paper's "Ppl" methods).
+For the strategies whose objective is ``vlm`` (``lorsu-ppl``, ``lora-ppl``, the LoRSU paper's "Ppl" methods; and the
+VLM-side baselines ``lora-llm``, ``lora-llm-last``, ``lora-vlm``).
 Everything of :class:`benchmark.template.CLIPTemplate` stays (Avalanche's loop, the strategies' session
 contract, evaluation, precision, checkpoints, resume, the cost meter); what changes:
 
@@ -10,7 +11,9 @@ contract, evaluation, precision, checkpoints, resume, the cost meter); what chan
   (:meth:`benchmark.vlm.base.VLMFamily.encoder_tokens`) in place of its tower's
   (:meth:`benchmark.vlm.base.LoadedVLM.answer_loss`). :meth:`training_loss` is that loss, so the shared
   importance pass, EWC's Fisher and the cost meter use it unchanged. The VLM is frozen and outside the
-  backbone, so no optimizer ever holds it; the template talks to it only through the VLM protocol;
+  backbone; only a VLM-side strategy (``updates`` holding ``vlm``: ``lora-llm``, ...) makes some of its own
+  parameters (adapters) trainable, and the optimizer then holds those too. The template talks to it only through
+  the VLM protocol;
 * the optimizer and schedule (the released LoRSU-Ppl trainer): AdamW (betas 0.9/0.999) with weight decay on
   every trainable parameter except biases and normalisation weights, a linear warm-up from ``train.min_lr``
   to ``train.lr`` over the first epoch (or ``train.warmup_steps``), then a cosine of the step count over the
