@@ -28,6 +28,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.backbones import Backbone
@@ -244,6 +245,20 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def count_cpu_attention() -> None:
+    """Give torch's FLOP counter the CPU attention kernel's formulas (torch's ``sdpa_flop`` and
+    ``sdpa_backward_flop``, which it registers for the CUDA kernels only), so that
+    ``scaled_dot_product_attention`` counts alike on every device; without them a CPU count leaves out every
+    attention product. Idempotent; a torch that counts the kernel already keeps its own formula."""
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)):
+        flop_counter.flop_registry.setdefault(op, formula)
+
+
+count_cpu_attention()
 
 
 class CostMeter(SupervisedPlugin):
