@@ -27,8 +27,8 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torch.utils import flop_counter
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.backbones import Backbone
