@@ -346,7 +346,7 @@ def test_training_tflops_its_ratio_to_lora_vlm_and_the_compute_figure(tmp_path, 
     costs = next(line for line in markdown.splitlines() if line.startswith("| Strategy | n | Trainable incl."))
     assert "Train TFLOPs / session |" in costs and "Train TFLOPs / session (paper's count) |" in costs
     assert ("× lora-vlm (paper's count)" in costs) == with_reference
-    lorsu = next(line for line in markdown.splitlines() if line.startswith("| lorsu | 2 | 20") and "0.55 ±" in line)
+    lorsu = next(line for line in markdown.splitlines() if line.startswith("| lorsu | 2 |") and "0.55 ±" in line)
     assert "| 1.1 ± 0.141 |" in lorsu and (("| 0.044× |" in lorsu) == with_reference)  # 1.1 / 25 TFLOPs
     assert "| zeroshot | 2 |" in markdown
     if with_reference:
