@@ -393,6 +393,15 @@ def test_ppl_runs_fill_both_matrices_and_report_the_language_models_flops(runs):
     assert moved == {f"transformer.resblocks.0.{n}" for n in ("attn.in_proj_weight", "mlp.c_fc.weight", "mlp.c_fc.bias")}
 
 
+def test_the_report_of_ppl_runs_shows_their_training_tflops_and_the_compute_figure(runs, tmp_path):
+    from reports import write_report
+
+    report = write_report(runs, tmp_path / "report", reference="lora-ppl")
+    markdown = report.markdown.read_text()
+    assert "Train TFLOPs / session |" in markdown and "× lora-vlm" not in markdown  # no lora-vlm run: no ratio
+    assert any(p.name.endswith("-vqa-compute.png") for p in report.figures)  # VQA TI, as the runs have VQA
+
+
 @pytest.mark.parametrize("strategy", ["lorsu-ppl", "lora-ppl"])
 def test_an_interrupted_ppl_run_resumes_to_the_same_numbers(runs, llava_dir, tmp_path, strategy):
     reference = runs / RUN.format(strategy)
