@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
+from torch.utils import flop_counter
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -267,6 +268,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def count_cpu_attention() -> None:
+    """Give torch's FLOP counter the CPU attention kernel's formulas (torch's ``sdpa_flop`` and
+    ``sdpa_backward_flop``, which it registers for the CUDA kernels only), so that
+    ``scaled_dot_product_attention`` counts alike on every device; without them a CPU count leaves out every
+    attention product. Idempotent; a torch that counts the kernel already keeps its own formula."""
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)):
+        flop_counter.flop_registry.setdefault(op, formula)
+
+
+count_cpu_attention()
+
+
 class CostMeter(SupervisedPlugin):
     """Measures what a session of a strategy costs, for the run record.
 
@@ -280,6 +295,20 @@ class CostMeter(SupervisedPlugin):
     one reuses that count (the same graph, so the same FLOPs) instead of a pass. After the first
     optimizer step it reads the optimizer-state size; the template's setup time (importance,
     masks) comes with them.
+
+    Two counts per sample, in FLOPs (``FlopCounterMode``'s: 2 per multiply-add):
+
+    * ``flops_per_sample`` (ours): what a training step really computes. The CLIP loss's captions are
+      encoded once by the frozen text tower and cached, so it holds no text-tower FLOPs;
+    * ``paper_flops_per_sample`` (the paper's): everything the loss passes through. For the CLIP loss
+      that adds ``text_flops_per_sample``, the text tower's forward on the batch's captions (counted
+      once per caption batch shape, :func:`text_forward_flops`); for the VLM loss (tower, projector,
+      language model) it equals ``flops_per_sample``.
+
+    And per session ``train_flops`` / ``paper_train_flops``: those per-sample counts times the samples
+    the session's steps processed (every step's batch over all epochs, a dropped partial batch not
+    being one; under ``ddp: true`` the global batch). The strategies' set-up passes (importance scores)
+    are not in them.
     """
 
     supports_distributed = True  # under ddp: true it counts one rank's share and scales it
@@ -289,9 +318,12 @@ class CostMeter(SupervisedPlugin):
         self.strategy = strategy
         self._costs: dict[str, Any] = {}
         self._flops: dict[tuple, dict[str, int]] = {}  # (trainables, batch shape) -> the FLOP counts of a pass
+        self._text_flops: dict[tuple, int] = {}  # caption token shape -> FLOPs of the text tower's forward
+        self._samples = 0  # samples this session's steps processed
 
     def before_training_exp(self, template, **kwargs) -> None:
         self._costs = {"setup_seconds": round(template.setup_seconds, 4)}
+        self._samples = 0
 
     def before_training_iteration(self, template, **kwargs) -> None:
         if "flops_per_sample" in self._costs:
@@ -303,6 +335,24 @@ class CostMeter(SupervisedPlugin):
         if key not in self._flops:
             self._flops[key] = self.count_flops(template, batch)
         self._costs.update(self._flops[key])
+        paper = self._costs["flops_per_sample"]
+        if self.strategy.objective == "clip":  # the paper's count adds the text tower our caption cache skips
+            self._costs["text_flops_per_sample"] = self.text_flops(template, batch) // len(batch[0])
+            paper += self._costs["text_flops_per_sample"]
+        self._costs["paper_flops_per_sample"] = paper
+
+    def text_flops(self, template, batch: Batch) -> int:
+        """FLOPs of the text tower's forward on ``batch``'s captions (the whole batch; the CLIP loss's own caption
+        strings, else each class name in the first template: the tokens are padded to the context length, so
+        the count does not depend on which template a sample drew), counted once per token shape."""
+        own = len(batch) > 2 and isinstance(batch[2], (list, tuple)) and isinstance(batch[2][0], str)
+        captions = list(batch[2]) if own else [template.templates[0].format(template.class_names[int(y)])
+                                                   for y in batch[1]]
+        tokens = template.backbone.tokenize(captions)
+        key = tuple(tokens.shape)
+        if key not in self._text_flops:
+            self._text_flops[key] = text_forward_flops(template.backbone, tokens)
+        return self._text_flops[key]
 
     def count_flops(self, template, batch: Batch) -> dict[str, int]:
         """``flops_per_sample`` (and ``<part>_flops_per_sample``) of one forward + backward of the training
@@ -321,6 +371,7 @@ class CostMeter(SupervisedPlugin):
         return found
 
     def after_training_iteration(self, template, **kwargs) -> None:
+        self._samples += len(template.mbatch[0])  # the global batch (under ddp: true every rank loads it whole)
         if "optimizer_state_bytes" not in self._costs:
             self._costs["optimizer_state_bytes"] = optimizer_state_bytes(template.optimizer)
 
@@ -330,8 +381,20 @@ class CostMeter(SupervisedPlugin):
         return {"trainable_released": counts["trainable"], **counts}
 
     def session_costs(self) -> dict[str, Any]:
-        """Costs of the last session (trainable counts only, when it did not train)."""
-        return self._costs or {**self.trainable_counts(), "setup_seconds": 0.0}
+        """Costs of the last session (trainable counts only, when it did not train), with its training FLOPs."""
+        if not self._costs:
+            return {**self.trainable_counts(), "setup_seconds": 0.0}
+        totals = {f"{kind}train_flops": self._costs[f"{kind}flops_per_sample"] * self._samples
+                  for kind in ("", "paper_") if f"{kind}flops_per_sample" in self._costs}
+        return {**self._costs, **totals}
+
+
+@torch.no_grad()
+def text_forward_flops(backbone: Backbone, tokens: Tensor) -> int:
+    """FLOPs (``FlopCounterMode``) of ``backbone``'s text tower's forward on token ids ``tokens`` [B, L]."""
+    with FlopCounterMode(display=False) as counter:
+        backbone.encode_text(tokens.to(backbone.logit_scale.device))
+    return counter.get_total_flops()
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

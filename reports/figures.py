@@ -182,26 +182,37 @@ def floor_change_axes(ax: Axes) -> None:
         floor_span(ax, MIN_CHANGE_SPAN, [0.0], axis)
 
 
-COST_AXES = (("trainable", "trainable parameters"), ("train_seconds", "training time, all sessions (s)"))
+@dataclass(frozen=True)
+class CostAxis:
+    """One log x axis of :func:`cost_figure`: a cost column of :func:`reports.tables.results_table`, its label,
+    and the factor from the record's unit to the drawn one."""
+
+    key: str
+    label: str
+    scale: float = 1.0
+
+
+COST_AXES = (CostAxis("trainable", "trainable parameters"), CostAxis("train_seconds", "training time, all sessions (s)"))
+COMPUTE_AXES = (CostAxis("paper_train_flops", "training TFLOPs per session (paper's count)", 1e-12),)
 
 
 def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
-                evaluation: Evaluation = ZEROSHOT) -> Figure:
-    """TI of ``evaluation`` (y) vs cost (log x): trainable parameters and training time, one panel each.
+                evaluation: Evaluation = ZEROSHOT, axes: Sequence[CostAxis] = COST_AXES) -> Figure:
+    """TI of ``evaluation`` (y) vs cost (log x), one panel per axis of ``axes``: by default trainable parameters and
+    training time; :data:`COMPUTE_AXES`: training TFLOPs per session.
 
     A strategy that trains nothing (no trainable parameter, e.g. zero-shot) has no cost to place on a log
     axis, whatever time its sessions took; nor has a cost of zero or unknown. Each panel names the ones it
     leaves out.
     """
     ti = evaluation.key("target_improvement")
-    fig = Figure(figsize=(10.4, 4.0), layout="constrained")
-    axes = fig.subplots(1, len(COST_AXES))
+    fig = Figure(figsize=(5.2 * len(axes), 4.0), layout="constrained")
     trains = table["trainable_mean"] > 0
-    for ax, (key, label) in zip(axes, COST_AXES):
-        shown = table[trains & (table[f"{key}_mean"] > 0)]
+    for ax, axis in zip(fig.subplots(1, len(axes), squeeze=False)[0], axes):
+        shown = table[trains & (table[f"{axis.key}_mean"] > 0)]
         for _, row in shown.iterrows():
-            draw_point(ax, styles[row["strategy"]], row["strategy"], row[f"{key}_mean"],
-                   100 * row[f"{ti}_mean"], row[f"{key}_std"], 100 * row[f"{ti}_std"])
+            draw_point(ax, styles[row["strategy"]], row["strategy"], axis.scale * row[f"{axis.key}_mean"],
+                       100 * row[f"{ti}_mean"], axis.scale * row[f"{axis.key}_std"], 100 * row[f"{ti}_std"])
         left_out = sorted(set(table["strategy"]) - set(shown["strategy"]))
         if left_out:
             ax.text(0.01, 0.01, f"not shown (trains nothing, or cost 0 or unknown): {', '.join(left_out)}",
@@ -212,7 +223,7 @@ def cost_figure(table: pd.DataFrame, styles: dict[str, Style], title: str,
             plain_log_labels(ax)
             ax.legend(fontsize="small")
         floor_span(ax, MIN_CHANGE_SPAN, [0.0])
-        ax.set_xlabel(label)
+        ax.set_xlabel(axis.label)
         ax.set_ylabel("target improvement TI (pp)")
         ax.grid(alpha=0.3, which="both")
     suptitle(fig, title)

@@ -27,6 +27,7 @@ from benchmark.records import slug
 from reports.ablation import ablation_section, main_runs
 from reports.blocks import Block, Heading, Image, Table, Text
 from reports.figures import (
+    COMPUTE_AXES,
     MIN_ACCURACY_SPAN,
     MIN_CHANGE_SPAN,
     Style,
@@ -57,6 +58,7 @@ from reports.frame import (
 from reports.overview import FAMILY_KEYS, MEAN, family_label, main_figure, main_table, main_text_table
 from reports.tables import (
     BEST_RULE,
+    COMPUTE_REFERENCE,
     COST_COLUMNS,
     MIN_SEEDS,
     TEST_NAME,
@@ -333,7 +335,7 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
             run = these[these["strategy"] == strategy].sort_values("seed").iloc[0]
             panels[run["run"]] = f"{strategy} (seed {run['seed']})"
         figures = _figures(scores, _scored_rows(rows, runs, evaluation), panels, setting_styles, label, evaluation,
-                           _chance(these, evaluation))
+                           _chance(these, evaluation), compute=evaluation == evaluated[0])
         for fig, kind, caption in figures:
             tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"  # zero-shot keeps its file names
             png, svg = save_figure(fig, stem.parent / f"{stem.name}-{tag}{kind}")
@@ -349,9 +351,12 @@ def _chance(runs: pd.DataFrame, evaluation: Evaluation) -> dict[str, float]:
 
 
 def _figures(scores: pd.DataFrame, rows: pd.DataFrame, panels: dict[str, str], styles: dict[str, Style],
-             label: str, evaluation: Evaluation, chance: dict[str, float]) -> list[tuple[Any, str, str]]:
+             label: str, evaluation: Evaluation, chance: dict[str, float],
+             compute: bool = False) -> list[tuple[Any, str, str]]:
     """(figure, kind, caption) of one setting under one evaluation: the accuracy curves (with the ``chance``
-    levels), TI against CC (with controls), TI against costs and the accuracy matrices of ``panels`` (runs)."""
+    levels), TI against CC (with controls), TI against costs, with ``compute`` (the setting's first evaluation: VQA
+    when it has one) TI against training TFLOPs per session where recorded, and the accuracy matrices of ``panels``
+    (runs)."""
     ti, cc = evaluation.key("target_improvement"), evaluation.key("control_change")
     figures = [(curves_figure(curve_table(scores, evaluation), styles, label, evaluation, chance), "curves",
                 "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std"
@@ -363,6 +368,13 @@ def _figures(scores: pd.DataFrame, rows: pd.DataFrame, panels: dict[str, str], s
         figures.append((cost_figure(rows, styles, label, evaluation), "cost",
                         "Cost vs gain: TI against trainable parameters and training time (log scale); a strategy "
                         "that trains nothing has no point."))
+    if compute and ti + "_mean" in rows and rows["paper_train_flops_mean"].notna().any():
+        figures.append((cost_figure(rows, styles, label, evaluation, COMPUTE_AXES), "compute",
+                        "Compute vs gain: TI against the training TFLOPs of a session (log scale; the paper's count: "
+                        "forward + backward through everything the loss passes, both CLIP towers for the CLIP loss, "
+                        "tower, projector and language model for the VLM loss; mean over sessions, mean ± std over "
+                        "seeds)" + (f"; the costs table gives each strategy's ratio to `{COMPUTE_REFERENCE}`."
+                                    if rows["compute_ratio_mean"].notna().any() else ".")))
     unit = "top-1" if evaluation == ZEROSHOT else evaluation.accuracy
     figures.append((matrix_figure(scores, panels, label, evaluation), "matrix",
                     f"Accuracy matrix ({unit} %, sessions × datasets) of each strategy's lowest-seed run."))

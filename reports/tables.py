@@ -61,6 +61,15 @@ def _flops(x: float) -> str:
     return _compact(x, "KMGT")
 
 
+def _teraflops(x: float) -> str:
+    """FLOPs in TFLOPs, three significant digits."""
+    return f"{x / 1e12:.3g}"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.3g}×"
+
+
 def _mebibytes(x: float) -> str:
     return f"{x:.0f}"
 
@@ -100,12 +109,19 @@ RESULT_COLUMNS = (
     Column("trainable", "Trainable params", "Trainable", "lower", _count),
     Column("train_seconds", "Train time (s)", "Train time", "lower", _seconds),
 )
-# The other costs of the run records (see reports.frame.cost_scalars for how sessions are combined).
+# The strategy whose training compute the ratio column divides by: LoRA on the whole VLM, the paper's "full VLM update".
+COMPUTE_REFERENCE = "lora-vlm"
+# The other costs of the run records (see reports.frame.cost_scalars for how sessions are combined), and the ratio of
+# each strategy's training TFLOPs per session (paper's count) to COMPUTE_REFERENCE's in its setting (compute_ratio).
 COST_COLUMNS = (
     Column("trainable_with_biases", "Trainable incl. biases", "Trainable incl. biases", "lower", _count),
     Column("trainable_released", "Trainable (released count)", "Trainable (released)", "lower", _count),
     Column("flops_per_sample", "FLOPs / sample (fwd+bwd)", "FLOPs", "lower", _flops),
     Column("lm_flops_per_sample", "LM FLOPs / sample (VLM loss)", "LM FLOPs", "lower", _flops),
+    Column("paper_flops_per_sample", "FLOPs / sample (paper's count)", "Paper FLOPs", "lower", _flops),
+    Column("train_flops", "Train TFLOPs / session", "Train TFLOPs", "lower", _teraflops),
+    Column("paper_train_flops", "Train TFLOPs / session (paper's count)", "Paper TFLOPs", "lower", _teraflops),
+    Column("compute_ratio", f"× {COMPUTE_REFERENCE} (paper's count)", f"× {COMPUTE_REFERENCE}", "lower", _ratio),
     Column("setup_seconds", "Mask / setup time (s)", "Setup time", "lower", _seconds),
     Column("peak_memory_mb", "Peak memory (MiB)", "Peak memory", "lower", _mebibytes),
     Column("optimizer_state_bytes", "Optimizer state (MiB)", "Optimizer state", "lower", _bytes_as_mebibytes),
@@ -217,12 +233,23 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
                     row.update({f"{col.key}_p": test.p, f"{col.key}_pairs": test.pairs, f"{col.key}_note": test.note})
             rows.append(row)
     table = pd.DataFrame(rows)
+    table["compute_ratio_mean"] = compute_ratio(table)
     trains = table["trainable_mean"].fillna(1) > 0  # unknown: counted as training
     for col in columns:
         table[f"{col.key}_best"] = pd.concat(
             [clear_best(group[f"{col.key}_mean"], group[f"{col.key}_std"], group["n"], col.better, trains[group.index])
              for _, group in table.groupby(list(GROUP_KEYS))]).reindex(table.index)
     return table
+
+
+def compute_ratio(table: pd.DataFrame) -> pd.Series:
+    """Per row of :func:`results_table` its mean training TFLOPs per session (paper's count) over the mean of
+    :data:`COMPUTE_REFERENCE` in the same setting: the paper's "over 25× less compute than full VLM updates" read
+    from the runs (NaN where the setting has no run of it, or a strategy trained nothing)."""
+    key = "paper_train_flops_mean"
+    reference = table[table["strategy"] == COMPUTE_REFERENCE].set_index(list(GROUP_KEYS))[key]
+    settings = pd.MultiIndex.from_frame(table[list(GROUP_KEYS)])
+    return table[key] / reference.reindex(settings).to_numpy()
 
 
 def clear_best(mean: pd.Series, std: pd.Series, n: pd.Series, better: str,

@@ -375,6 +375,11 @@ def test_ppl_runs_fill_both_matrices_and_report_the_language_models_flops(runs):
         costs = summary["costs"]["sessions"]
         assert [c["session"] for c in costs] == [1, 2]
         assert all(0 < c["lm_flops_per_sample"] < c["flops_per_sample"] for c in costs)
+        # the VLM loss passes the whole VLM: the paper's count is ours; 25 samples a session, batches of 16 with the
+        # partial one dropped, 2 epochs: 32 samples processed
+        assert all("text_flops_per_sample" not in c and c["paper_flops_per_sample"] == c["flops_per_sample"]
+                   and c["train_samples"] == 25 and c["train_flops"] == c["paper_train_flops"] == 32 * c["flops_per_sample"]
+                   for c in costs)
         assert summary["vqa"]["evaluated"] == [0, 2] and len((run / "matrix.csv").read_text().splitlines()) == 4
         final = torch.load(run / "checkpoints/session-2.pt", weights_only=False)
         moved = {name for name, value in final["encoder"].items() if not torch.equal(value, start[name])}
@@ -386,6 +391,15 @@ def test_ppl_runs_fill_both_matrices_and_report_the_language_models_flops(runs):
     moved = {n for n, v in torch.load(runs / RUN.format("lorsu-ppl") / "checkpoints/session-2.pt",
                                       weights_only=False)["encoder"].items() if not torch.equal(v, start[n])}
     assert moved == {f"transformer.resblocks.0.{n}" for n in ("attn.in_proj_weight", "mlp.c_fc.weight", "mlp.c_fc.bias")}
+
+
+def test_the_report_of_ppl_runs_shows_their_training_tflops_and_the_compute_figure(runs, tmp_path):
+    from reports import write_report
+
+    report = write_report(runs, tmp_path / "report", reference="lora-ppl")
+    markdown = report.markdown.read_text()
+    assert "Train TFLOPs / session |" in markdown and "× lora-vlm" not in markdown  # no lora-vlm run: no ratio
+    assert any(p.name.endswith("-vqa-compute.png") for p in report.figures)  # VQA TI, as the runs have VQA
 
 
 @pytest.mark.parametrize("strategy", ["lorsu-ppl", "lora-ppl"])

@@ -62,9 +62,10 @@ FORGET = {"lorsu": [-0.10, -0.12, -0.14], "lora": [-0.03, -0.09, -0.10], "ln": [
 
 def write_run(root: Path, strategy: str, seed: int, rows: list[list[float]], *, stream: str = MINI,
               backbone: str = "mini", controls: list[str] = CONTROLS, sessions: int = 2,
-              status: str = STATUS_FINISHED, reason: str = "", vqa: dict[int, list[float]] | None = None) -> Path:
+              status: str = STATUS_FINISHED, reason: str = "", vqa: dict[int, list[float]] | None = None,
+              costs: dict[str, float] | None = None) -> Path:
     """A run record as the runner writes it; ``rows`` are the evaluated sessions (0, 1, ...); ``vqa``: the
-    VQA accuracies (target, controls) of the sessions VQA scored."""
+    VQA accuracies (target, controls) of the sessions VQA scored; ``costs``: more costs of every session."""
     cfg = Config(name="exp", stream=stream, strategy=strategy, backbone=backbone, shots=5, seed=seed,
                  sessions=sessions, controls=list(controls), out=str(root))
     path = root / cfg.name / stream / slug(backbone) / strategy / f"5-s{seed}"
@@ -97,7 +98,7 @@ def write_run(root: Path, strategy: str, seed: int, rows: list[list[float]], *, 
     summary["costs"] = {"visual_parameters": 10_000, "sessions": [
         {"session": s + 1, "train_seconds": SECONDS.get(strategy, (1.0, 1.0))[s], "train_samples": 25,
          "peak_memory_mb": 100.0 + 20 * s, "trainable": TRAINABLE.get(strategy, 1),
-         "trainable_with_biases": TRAINABLE.get(strategy, 1) + 10} for s in range(len(rows) - 1)]}
+         "trainable_with_biases": TRAINABLE.get(strategy, 1) + 10, **(costs or {})} for s in range(len(rows) - 1)]}
     write_json(path / "summary.json", summary)
     record.update_manifest(status=status, **({"reason": reason} if reason else {}))
     return path
@@ -325,6 +326,33 @@ def test_duplicate_runs_cannot_be_paired(tmp_path):
     assert one.is_dir()
     with pytest.raises(ReportError, match="cannot be paired"):
         scan_runs(tmp_path)
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_training_tflops_its_ratio_to_lora_vlm_and_the_compute_figure(tmp_path, with_reference):
+    compute = {"lorsu": (1e12, 1.2e12), "lora-vlm": (2e13, 3e13), "zeroshot": None}  # paper_train_flops by seed
+    for strategy, flops in compute.items():
+        if strategy == "lora-vlm" and not with_reference:
+            continue
+        for seed in (0, 1):
+            write_run(tmp_path / "runs", strategy, seed, [[0.1], [0.2], [0.3 + 0.1 * seed]], stream=DIGITS,
+                      backbone="openclip:fscl-tiny", controls=[],
+                      costs={"train_flops": flops[seed] / 2, "paper_train_flops": flops[seed]} if flops else {})
+    report = write_report(tmp_path / "runs", tmp_path / "out", reference="lorsu")
+    table = pd.read_csv(report.results_csv).set_index("strategy")
+    assert table.loc["lorsu", "paper_train_flops_mean"] == pytest.approx(1.1e12)
+    assert table.loc["lorsu", "train_flops_mean"] == pytest.approx(0.55e12)
+    markdown = report.markdown.read_text()
+    costs = next(line for line in markdown.splitlines() if line.startswith("| Strategy | n | Trainable incl."))
+    assert "Train TFLOPs / session |" in costs and "Train TFLOPs / session (paper's count) |" in costs
+    assert ("× lora-vlm (paper's count)" in costs) == with_reference
+    lorsu = next(line for line in markdown.splitlines() if line.startswith("| lorsu | 2 |") and "0.55 ±" in line)
+    assert "| 1.1 ± 0.141 |" in lorsu and (("| 0.044× |" in lorsu) == with_reference)  # 1.1 / 25 TFLOPs
+    assert "| zeroshot | 2 |" in markdown
+    if with_reference:
+        assert table.loc["lora-vlm", "compute_ratio_mean"] == 1 and np.isnan(table.loc["zeroshot", "compute_ratio_mean"])
+    compute_png = [p for p in report.figures if p.name.endswith("-compute.png")]
+    assert len(compute_png) == 1 and f"]({compute_png[0].relative_to(report.markdown.parent).as_posix()})" in markdown
 
 
 def test_cli_report_verb(tmp_path, capsys):

@@ -433,6 +433,13 @@ def test_every_strategy_runs_end_to_end_and_records_its_costs(tmp_path, hf_folde
         assert session["flops_per_sample"] > 0 and session["optimizer_state_bytes"] > 0, s
         assert 0 < session["trainable"] <= session["trainable_with_biases"], s
         assert session["trainable_released"] == session["trainable"] or s == "lorsu", s
+        # the paper's count adds the text tower's forward the caption cache skips; 10 samples, 1 epoch, one batch
+        assert 0 < session["text_flops_per_sample"] < session["flops_per_sample"], s
+        assert session["paper_flops_per_sample"] == session["flops_per_sample"] + session["text_flops_per_sample"], s
+        assert session["train_samples"] == 10 and session["train_flops"] == 10 * session["flops_per_sample"], s
+        assert session["paper_train_flops"] == 10 * session["paper_flops_per_sample"], s
+    assert len({tiny[s][1]["text_flops_per_sample"] for s in ALL[1:]}) == 1  # the same captions' tower
+    assert "train_flops" not in tiny["zeroshot"][1]
     assert tiny["lorsu"][1]["setup_seconds"] > 0 and tiny["spu"][1]["setup_seconds"] > 0
     assert tiny["lorsu"][1]["trainable"] < tiny["full-ft"][1]["trainable"]
     assert tiny["lorsu"][1]["optimizer_state_bytes"] < 0.5 * tiny["full-ft"][1]["optimizer_state_bytes"]
