@@ -57,12 +57,12 @@ def export(run: Path, out: Path, *extra: str, session: int = 2) -> tuple[int, st
     return status, stderr.getvalue() + stdout.getvalue()
 
 
-def adapted(run: Path, llava3: Path):
-    """The run's VLM after its last session, rebuilt as the run has it: the tiny LLaVA loaded afresh, the
+def adapted(run: Path, session: int = 2):
+    """The run's VLM after ``session``, rebuilt as the run has it: its VLM loaded afresh, the
     checkpoint's encoder in its tower when the run trained it, the factors attached through the strategies' adapter."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    state = torch.load(run / "checkpoints" / "session-2.pt", map_location="cpu", weights_only=False)
-    vlm = resolve_vlm(f"llava:{llava3}").load(torch.device("cpu"))
+    state = torch.load(run / "checkpoints" / f"session-{session}.pt", map_location="cpu", weights_only=False)
+    vlm = resolve_vlm(config["vqa"]["model"]).load(torch.device("cpu"))
     if "encoder" in json.loads((run / "manifest.json").read_text())["updates"]:
         backbone = load_backbone(config["backbone"])
         backbone.visual.load_state_dict(state["encoder"])
@@ -100,7 +100,7 @@ def test_merged_export_loads_in_transformers_and_answers_as_the_adapted_vlm(stra
     run = runs / RUN.format(strategy)
     status, printed = export(run, tmp_path / "merged", "--merge")
     assert status == 0, printed
-    vlm, factors = adapted(run, llava3)
+    vlm, factors = adapted(run)
     inputs = batch(vlm)
     expected = logits(vlm.model, inputs)
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged")
@@ -137,7 +137,7 @@ def test_adapter_export_loads_with_peft_over_the_base_and_answers_as_the_adapted
     assert (out / "adapter_model.safetensors").is_file() and not (out / "config.json").exists()
     with safe_open(out / "adapter_model.safetensors", "pt") as saved:  # the factors (and a trained tower), no more
         assert all(".lora_" in key or ".vision_tower." in key for key in saved.keys())
-    vlm, _ = adapted(run, llava3)
+    vlm, _ = adapted(run)
     inputs = batch(vlm)
     expected = logits(vlm.model, inputs)
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(llava3), out)
@@ -186,3 +186,34 @@ def test_a_strategy_whose_vlm_state_the_export_does_not_know_is_named(runs, tmp_
     assert status == 2
     assert "--format vlm does not know where strategy 'lorsu-llm' keeps its VLM update (it knows lora-llm, " \
            "lora-llm-last, lora-vlm)" in printed
+
+
+@pytest.fixture(scope="module")
+def paligemma_run(tmp_path_factory) -> Path:
+    """A one-session lora-vlm run through a tiny PaliGemma, whose output head is tied to its input embeddings."""
+    from benchmark.backbones.hf import save_tiny_siglip
+    from benchmark.vlm.paligemma import save_tiny_paligemma
+
+    root = tmp_path_factory.mktemp("paligemma")
+    siglip, paligemma = save_tiny_siglip(root / "siglip"), save_tiny_paligemma(root / "paligemma")
+    settings = [s.replace("sessions=2", "sessions=1") for s in SETTINGS]
+    assert main(["run", "quick", "strategy=lora-vlm", f"backbone=hf:{siglip}", f"vqa.model=paligemma:{paligemma}",
+                 f"out={root / 'runs'}", *settings]) == 0
+    (run,) = (root / "runs").glob("quick/digits/*/lora-vlm/2-s0")
+    return run
+
+
+def test_a_tied_output_head_exports_as_an_adapter_and_refuses_to_merge(paligemma_run, tmp_path):
+    from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration
+
+    status, printed = export(paligemma_run, tmp_path / "merged", "--merge", session=1)
+    assert status == 2 and not (tmp_path / "merged").exists()
+    assert ("--merge: the VLM ties model.language_model.embed_tokens.weight and lm_head.weight (one tensor), so "
+            "merging the LoRA of 'lm_head' would change both; export the PEFT adapter instead") in printed
+    assert export(paligemma_run, tmp_path / "adapter", session=1)[0] == 0
+    vlm, _ = adapted(paligemma_run, session=1)
+    inputs = batch(vlm)
+    base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(PaliGemmaForConditionalGeneration.from_pretrained(base), tmp_path / "adapter")
+    torch.testing.assert_close(logits(model, inputs), logits(vlm.model, inputs), rtol=0, atol=1e-6)

@@ -13,7 +13,8 @@ attaches a peft adapter on the same modules holding the factors and writes eithe
   the base VLM), loaded with ``peft.PeftModel.from_pretrained(base, DIR)``; an encoder trained by the run travels in
   it as a module saved whole (peft's ``modules_to_save``: the tower), so the base stays the untouched VLM;
 * or, with ``merge``, the VLM with every ΔW added to its weights (peft's ``merge_and_unload``), saved in the dtype
-  of the base's files, loaded with ``from_pretrained(DIR)`` alone (and as ``vqa.model: llava:DIR``).
+  of the base's files, loaded with ``from_pretrained(DIR)`` alone (and as ``vqa.model: llava:DIR``); refused for an
+  adapted weight that the VLM ties to another module (PaliGemma's output head and input embeddings).
 
 Both folders hold the VLM's processor. The base is loaded on the CPU in its files' dtype; peft merges fp16/bf16
 weights on the CPU in fp32 and rounds once.
@@ -89,6 +90,19 @@ def stored_dtype(config: Any) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def refuse_tied(model: nn.Module, targets: list[str]) -> None:
+    """Refuse to merge into a weight that the model shares between modules (an output head tied to the input
+    embeddings, as PaliGemma's): its ΔW would change the other module too, which the run never changed."""
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(p.data_ptr(), []).append(name)
+    for target in targets:
+        names = shared[model.get_submodule(target).weight.data_ptr()]
+        if len(names) > 1:
+            raise ExportError(f"--merge: the VLM ties {' and '.join(names)} (one tensor), so merging the LoRA of "
+                              f"'{target}' would change both; export the PEFT adapter instead (without --merge)")
+
+
 def load_factors(model: nn.Module, factors: dict[str, torch.Tensor], spec: str) -> None:
     """Copy ``factors`` into the LoRA parameters of ``model`` (the wrapped VLM), strictly by name and shape."""
     params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
@@ -119,6 +133,8 @@ def export_vlm(run_dir: str | Path, session: int, out: str | Path, vlm: str | No
         loaded.swap_encoder(backbone)
     options = config[config["strategy"]]
     targets = sorted({name.split(".lora_", 1)[0] for name in saved.factors})
+    if merge:
+        refuse_tied(model, targets)
     whole = [tower_name(model)] if saved.encoder is not None and not merge else None
     lora = LoraConfig(r=options["rank"], lora_alpha=options["alpha"], lora_dropout=0.0, bias="none",
                       target_modules=targets, modules_to_save=whole)
