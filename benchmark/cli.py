@@ -230,12 +230,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Write a run's vision encoder after one session as an open_clip folder or an HF CLIPVisionModel /
-    SiglipVisionModel folder."""
-    from benchmark.export import export, loading_snippet
+    SiglipVisionModel folder, or its adapted VLM (``--format vlm``)."""
+    from benchmark.export import ExportError, export, loading_snippet
+    from benchmark.vlm.export import export_vlm, vlm_loading_snippet
 
-    out = export(args.run_dir, args.session, args.format, args.out)
-    print(f"{args.format} encoder after session {args.session} -> {out}\nload it in a script:\n")
-    print(textwrap.indent(loading_snippet(args.format, out), "    "))
+    if args.format == "vlm":
+        out = export_vlm(args.run_dir, args.session, args.out, args.vlm, args.merge)
+        what, snippet = "merged VLM" if args.merge else "VLM adapter (PEFT)", vlm_loading_snippet(out)
+    elif args.vlm is not None or args.merge:
+        raise ExportError(f"--vlm and --merge go with --format vlm (the adapted VLM), not --format {args.format}")
+    else:
+        out = export(args.run_dir, args.session, args.format, args.out)
+        what, snippet = "encoder", loading_snippet(args.format, out)
+    print(f"{args.format} {what} after session {args.session} -> {out}\nload it in a script:\n")
+    print(textwrap.indent(snippet, "    "))
     return 0
 
 
@@ -337,14 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "keep_checkpoints=all to keep every session, =last for the final one; session 0 is the "
                     "pretrained encoder) as an open_clip local-dir folder or, for OpenAI-layout CLIP ViTs, as a "
                     "transformers CLIPVisionModel folder (the form LLaVA-1.5's vision tower loads) or, for HF "
-                    "SigLIP towers, a SiglipVisionModel folder (PaliGemma's tower; loads as hf-vision:DIR).",
-        epilog="example:\n  fscl export runs/quick/digits/openclip-ViT-L-14-336/lorsu/5-s0 --session 5 "
-               "--format hf-clip-vision --out tower/",
+                    "SigLIP towers, a SiglipVisionModel folder (PaliGemma's tower; loads as hf-vision:DIR). "
+                    "--format vlm writes instead the VLM that a VLM-side strategy (lora-llm, lora-llm-last, lora-vlm) "
+                    "adapted: a PEFT adapter folder over the base VLM, or with --merge the whole merged VLM.",
+        epilog="examples:\n  fscl export runs/quick/digits/openclip-ViT-L-14-336/lorsu/5-s0 --session 5 "
+               "--format hf-clip-vision --out tower/\n"
+               "  fscl export runs/quick/digits/openclip-ViT-L-14-336/lora-llm/5-s0 --session 5 --format vlm "
+               "--merge --out llava-adapted/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", metavar="RUN_DIR", help="one run's folder (written by 'fscl run')")
     export.add_argument("--session", type=int, required=True, metavar="N", help="after which session (0: pretrained)")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "vlm"))
     export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    export.add_argument("--vlm", metavar="SPEC", default=None,
+                        help="with --format vlm: the base VLM as a vqa.model value (llava:/path/to/folder); default "
+                             "the run's vqa.model (pass it when that folder has moved)")
+    export.add_argument("--merge", action="store_true",
+                        help="with --format vlm: write the VLM with the adapter merged into its weights (a whole "
+                             "model, from_pretrained(DIR) alone) instead of a PEFT adapter folder")
     export.set_defaults(func=_cmd_export)
 
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name):

@@ -2,7 +2,7 @@
 
 The encoder after session N comes from the run's per-session checkpoint
 (``checkpoints/session-N.pt``, see :mod:`benchmark.checkpoints`); session 0 is the pretrained
-encoder the run started from. Two formats:
+encoder the run started from. The encoder formats:
 
 * ``openclip``: an open_clip ``local-dir`` folder (``open_clip_config.json`` +
   ``open_clip_model.safetensors``, the text side unchanged, plus the tokenizer files when the
@@ -19,6 +19,9 @@ encoder the run started from. Two formats:
   (a ``SiglipImageProcessor``), from an ``hf:`` SiglipModel or ``hf-vision:`` SigLIP backbone, written as it
   is (its attention-pool head included: PaliGemma's tower has none and ignores it); it loads as
   ``hf-vision:DIR``.
+
+``fscl export --format vlm`` writes instead the VLM that a VLM-side strategy adapted (a PEFT adapter folder or
+the merged model: :mod:`benchmark.vlm.export`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import copy
 import json
 import shlex
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -47,8 +50,9 @@ class ExportError(FsclError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- the encoder after session N
-def encoder_after(run_dir: str | Path, session: int) -> Backbone:
-    """The run's backbone with the vision encoder it had after ``session`` (0: pretrained), on CPU."""
+def run_config(run_dir: str | Path, session: int) -> dict[str, Any]:
+    """The resolved config (``config.yaml``) of the run in ``run_dir``, after checking that it has ``session`` (0:
+    what the run started from)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -57,26 +61,38 @@ def encoder_after(run_dir: str | Path, session: int) -> Backbone:
     sessions = int(config.get("sessions", 0))
     if not 0 <= session <= sessions:
         raise ExportError(f"--session {session}: the run has sessions 1..{sessions} (0 = the pretrained encoder)")
-    backbone = load_backbone(config["backbone"], "cpu")
-    if session == 0:
-        return backbone
+    return config
+
+
+def session_checkpoint(run_dir: str | Path, config: dict[str, Any], session: int, what: str = "encoder") -> dict:
+    """The saved :class:`~benchmark.checkpoints.SessionState` (as a dict) of ``session`` ≥ 1 of the run in ``run_dir``
+    (``config``: its :func:`run_config`); an :class:`ExportError` that says why when it is not stored (``what``: the
+    exported thing, in words)."""
+    run_dir = Path(run_dir)
     saved = checkpoints.saved_sessions(run_dir)
     if session not in saved:
         kept = f"sessions {', '.join(map(str, saved))}" if saved else "no session"
         manifest = RunRecord(run_dir).manifest() or {}
         if manifest.get("status") != STATUS_FINISHED:  # failed or cut short: the session may never have trained
-            raise ExportError(f"the encoder after session {session} is not stored in {run_dir}: "
+            raise ExportError(f"the {what} after session {session} is not stored in {run_dir}: "
                               f"{unfinished(run_dir, manifest)}; its checkpoints keep {kept}.")
         keep = config.get("keep_checkpoints", "none")
         advice = (f"Run it again keeping them (--force: a finished run is skipped otherwise): 'fscl run "
-                  f"{config_path} keep_checkpoints=all --force' (keep_checkpoints=last keeps only the final one)"
-                  if keep != "all" else "The run kept every session it checkpointed")
+                  f"{run_dir / 'config.yaml'} keep_checkpoints=all --force' (keep_checkpoints=last keeps only the "
+                  f"final one)" if keep != "all" else "The run kept every session it checkpointed")
         raise ExportError(
-            f"the encoder after session {session} is not stored in {run_dir}: its checkpoints keep {kept} "
+            f"the {what} after session {session} is not stored in {run_dir}: its checkpoints keep {kept} "
             f"(keep_checkpoints: {keep}). {advice}; session 0 (pretrained) needs none.")
     path = checkpoints.checkpoint_dir(run_dir) / f"session-{session}.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
-    backbone.visual.load_state_dict(state["encoder"])
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file (it holds RNG states)
+
+
+def encoder_after(run_dir: str | Path, session: int) -> Backbone:
+    """The run's backbone with the vision encoder it had after ``session`` (0: pretrained), on CPU."""
+    config = run_config(run_dir, session)
+    backbone = load_backbone(config["backbone"], "cpu")
+    if session > 0:
+        backbone.visual.load_state_dict(session_checkpoint(run_dir, config, session)["encoder"])
     return backbone
 
 
