@@ -111,7 +111,7 @@ def strategy_problems(runs: list[Config]) -> list[str]:
         if entry.obj.objective == "vlm" and run.vqa.model is None:
             problems.append(f"{run.strategy} trains with a VLM's answer loss and needs vqa.model: "
                             f"{allowed_vlms()} (a VLM whose vision tower takes '{run.backbone}'; vqa.model=mini: the "
-                            f"mini world's VLM, with backbone=mini)")
+                            f"mini world's VLM, with backbone=mini), or leave it out of the grid (strategy=[...])")
         try:
             if entry.obj.objective == "vlm" and run.vqa.model is not None and not resolve_vlm(run.vqa.model).has_answer_loss:
                 raise VLMError(f"vqa.model '{run.vqa.model}': its family has no answer loss to train through; "

@@ -146,6 +146,12 @@ def test_the_dry_run_of_a_paper_preset_says_what_it_will_and_will_not_produce(tm
     for write in PAPER_WRITERS.values():
         write(tmp_path / "data")
     grid = ["run", "paper-cl5", f"data_root={tmp_path / 'data'}", f"out={tmp_path / 'runs'}", "shots=1", "--dry-run"]
+    assert main(grid) == 2  # its VLM-side baselines need a VLM
+    err = capsys.readouterr().err
+    for strategy in ("lora-llm", "lora-llm-last", "lora-vlm"):
+        assert f"{strategy} trains with a VLM's answer loss and needs vqa.model" in err
+    assert "or leave it out of the grid (strategy=[...])" in err
+    grid.append("strategy=[zeroshot,full-ft,ewc,layernorm,lora,spu,lorsu]")
     assert main(grid) == 0
     out = capsys.readouterr().out
     assert "105 run(s) of 'paper-cl5' from preset 'paper-cl5': 5 targets × 7 strategies × 3 seeds\n" in out
