@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_vqa_runs import _interrupt_in_session_2, _rows
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -71,6 +72,26 @@ def _adam(session: Session, params: list[nn.Parameter], steps: int = 5) -> list[
     return losses
 
 
+def _importance(vlm, backbone, layers) -> list[torch.Tensor]:
+    """The answer loss's gradient of the q, k, v, up_proj weights of ``layers`` of a plain (unparametrized) VLM."""
+    weights = [m.weight for i in layers for m in projections(vlm.llm_layers()[i])]
+    for w in weights:
+        w.requires_grad_(True)
+    session = Session(vlm, backbone)
+    grads = torch.autograd.grad(session.training_loss(session.batch), weights)
+    for w in weights:
+        w.requires_grad_(False)
+    return list(grads)
+
+
+def _head_scores(gq, gk, gv) -> torch.Tensor:
+    return sum(g.reshape(HEADS, HEAD_DIM, -1).square().sum((1, 2)) for g in (gq, gk, gv))
+
+
+def _top(g: torch.Tensor, fraction: float) -> set[int]:
+    return set(g.abs().flatten().argsort(descending=True)[:int(fraction * g.numel())].tolist())
+
+
 class MaskedRows(nn.Module):
     """The released ``MaskedLoRALinear``'s weight: W + M ⊙ (α/r)·B·A, A [r, in], B [out, r] zero, M the ``rows``."""
 
@@ -114,9 +135,10 @@ def test_chosen_heads_and_up_proj_entries_equal_a_dense_reference_and_nothing_el
                 down = mine.parametrizations.weight[0].down.detach()
                 parametrize.register_parametrization(proj, "weight", MaskedRows(proj.weight, rows, down, 2.0))
                 params += [proj.parametrizations.weight[0].A, proj.parametrizations.weight[0].B]
-            up, mask = layer[3].weight, torch.zeros(layer[3].weight.numel()).index_fill_(0, sel.fc1_index, 1.0)
+            up = layer[3].weight
+            mask = torch.zeros(up.numel()).index_fill_(0, sel.fc1_index, 1.0).view_as(up)
             up.requires_grad_(True)
-            up.register_hook(lambda g, m=mask.view_as(up): g * m)
+            up.register_hook(lambda g, m=mask: g * m)
             params.append(up)
         losses = _adam(session, [p for p in vlm.model.parameters() if p.requires_grad])
         dense_losses = _adam(reference, params)
@@ -146,26 +168,6 @@ def test_chosen_heads_and_up_proj_entries_equal_a_dense_reference_and_nothing_el
     assert not any(parametrize.is_parametrized(m) for m in vlm.model.modules())
     after = vlm.model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
-def _importance(vlm, backbone, layers) -> list[torch.Tensor]:
-    """The answer loss's gradient of the q, k, v, up_proj weights of ``layers`` of a plain (unparametrized) VLM."""
-    weights = [m.weight for i in layers for m in projections(vlm.llm_layers()[i])]
-    for w in weights:
-        w.requires_grad_(True)
-    session = Session(vlm, backbone)
-    grads = torch.autograd.grad(session.training_loss(session.batch), weights)
-    for w in weights:
-        w.requires_grad_(False)
-    return list(grads)
-
-
-def _head_scores(gq, gk, gv) -> torch.Tensor:
-    return sum(g.reshape(HEADS, HEAD_DIM, -1).square().sum((1, 2)) for g in (gq, gk, gv))
-
-
-def _top(g: torch.Tensor, fraction: float) -> set[int]:
-    return set(g.abs().flatten().argsort(descending=True)[:int(fraction * g.numel())].tolist())
 
 
 def test_a_second_session_scores_the_updated_weights_over_the_first_sessions_update(llava3, tiny_backbone):
@@ -204,17 +206,14 @@ def runs(llava3, tmp_path_factory) -> Path:
     return out
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_run_scores_the_adapted_vlm_and_leaves_the_loaded_one_as_loaded(runs, llava3):
     run = runs / RUN
     mass = {r["session"]: r["value"] for r in _rows(run) if r["metric"] == "vqa_letter_mass"}
     assert mass[2] != mass[0]  # the VQA after the last session answers through the updates
     assert json.loads((run / "manifest.json").read_text())["updates"] == ["vlm"]
-    costs = json.loads((run / "summary.json").read_text())
-    assert "trainable" in json.dumps(costs)
+    for costs in json.loads((run / "summary.json").read_text())["costs"]["sessions"]:  # 2 layers: see the count above
+        assert (costs["trainable"], costs["trainable_released"]) == (2 * (3 * 4 * (16 + 32) + 204),
+                                                                     2 * (3 * min(16 * 32, 2 * 4 * 32) + 204))
     family = resolve_vlm(f"llava:{llava3}")
     loaded, fresh = family.loaded(torch.device("cpu")).model, family.load("cpu").model
     assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
@@ -225,13 +224,7 @@ def test_a_run_scores_the_adapted_vlm_and_leaves_the_loaded_one_as_loaded(runs, 
 
 def test_an_interrupted_run_resumes_to_the_same_records(runs, llava3, tmp_path):
     reference, run = runs / RUN, tmp_path / RUN
-    shutil.copytree(reference, run)
-    (run / "checkpoints" / "session-2.pt").unlink()
-    for path in [run / "summary.json", *run.glob("*.csv")]:
-        path.unlink()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if r["session"] < 2))
-    manifest = json.loads((run / "manifest.json").read_text())
-    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    _interrupt_in_session_2(reference, run)
     assert main(["run", "quick", f"vqa.model=llava:{llava3}", f"out={tmp_path}", "keep_checkpoints=all",
                  *SETTINGS]) == 0
     assert json.loads((run / "manifest.json").read_text())["resumed"][0]["after_session"] == 1
