@@ -15,6 +15,7 @@ from test_vqa_runs import _interrupt_in_session_2, _rows
 from torch import nn
 from torch.nn.utils import parametrize
 
+from benchmark.backbones import load_backbone
 from benchmark.cli import main
 from benchmark.vlm.llava import save_tiny_llava
 from benchmark.vlm.spec import resolve_vlm
@@ -43,7 +44,7 @@ class Session:
     def __init__(self, vlm, backbone) -> None:
         gen = torch.Generator().manual_seed(0)
         self.vlm, self.backbone = vlm, backbone
-        self.batch = (torch.rand(4, 3, 32, 32, generator=gen), torch.arange(4))
+        self.batch = (torch.rand(4, 3, 32, 32, generator=gen).to(vlm.device), torch.arange(4))
         self.pairs = AnswerPairs(vlm, [("What is it?", f"It is {c}.") for c in "abcd"])
 
     def session_batches(self, ordered: bool = False) -> list:
@@ -52,7 +53,7 @@ class Session:
     def training_loss(self, batch) -> torch.Tensor:
         with torch.no_grad():
             tokens = self.vlm.family.encoder_tokens(self.backbone, batch[0])
-        return self.vlm(tokens, self.pairs.batch(batch[1]))
+        return self.vlm(tokens, self.pairs.batch(batch[1]).to(self.vlm.device))
 
 
 def _weights(vlm, layer: int) -> list[torch.Tensor]:
@@ -98,17 +99,19 @@ class MaskedRows(nn.Module):
     def __init__(self, weight: torch.Tensor, rows: torch.Tensor, down: torch.Tensor, scale: float) -> None:
         super().__init__()
         self.A = nn.Parameter(down.clone())
-        self.B = nn.Parameter(torch.zeros(weight.shape[0], down.shape[0]))
-        self.register_buffer("mask", torch.zeros(weight.shape[0], 1).index_fill_(0, rows, 1.0))
+        self.B = nn.Parameter(torch.zeros(weight.shape[0], down.shape[0], device=weight.device))
+        self.register_buffer("mask", torch.zeros(weight.shape[0], 1, device=weight.device).index_fill_(0, rows, 1.0))
         self.scale = scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.mask * (self.scale * self.B @ self.A)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("last", [1, 2])
-def test_chosen_heads_and_up_proj_entries_equal_a_dense_reference_and_nothing_else_changes(last, llava3, tiny_backbone):
-    vlm, dense = (resolve_vlm(f"llava:{llava3}").load("cpu", torch.float32) for _ in range(2))
+def test_chosen_heads_and_up_proj_entries_equal_a_dense_reference_and_nothing_else_changes(last, llava3, device):
+    vlm, dense = (resolve_vlm(f"llava:{llava3}").load(device, torch.float32) for _ in range(2))
+    tiny_backbone = load_backbone("openclip:fscl-tiny", str(device))
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
     start = [_weights(vlm, i) for i in range(LAYERS)]
     session, reference = Session(vlm, tiny_backbone), Session(dense, tiny_backbone)
@@ -130,13 +133,13 @@ def test_chosen_heads_and_up_proj_entries_equal_a_dense_reference_and_nothing_el
         params = []
         for j, i in enumerate(updated):
             sel, layer = strategy.selection[j], projections(dense.llm_layers()[i])
-            rows = (torch.arange(HEAD_DIM) + sel.heads[0] * HEAD_DIM)
+            rows = torch.arange(HEAD_DIM, device=device) + sel.heads[0] * HEAD_DIM
             for proj, mine in zip(layer[:3], projections(vlm.llm_layers()[i])[:3]):
                 down = mine.parametrizations.weight[0].down.detach()
                 parametrize.register_parametrization(proj, "weight", MaskedRows(proj.weight, rows, down, 2.0))
                 params += [proj.parametrizations.weight[0].A, proj.parametrizations.weight[0].B]
             up = layer[3].weight
-            mask = torch.zeros(up.numel()).index_fill_(0, sel.fc1_index, 1.0).view_as(up)
+            mask = torch.zeros(up.numel(), device=device).index_fill_(0, sel.fc1_index, 1.0).view_as(up)
             up.requires_grad_(True)
             up.register_hook(lambda g, m=mask: g * m)
             params.append(up)
@@ -151,11 +154,12 @@ def test_chosen_heads_and_up_proj_entries_equal_a_dense_reference_and_nothing_el
                     assert torch.equal(w, s)
             if i in updated:
                 sel = strategy.selection[i - updated[0]]
-                rows = torch.zeros(HEADS * HEAD_DIM, dtype=torch.bool)
+                rows = torch.zeros(HEADS * HEAD_DIM, dtype=torch.bool, device=device)
                 rows[sel.heads[0] * HEAD_DIM:(sel.heads[0] + 1) * HEAD_DIM] = True
                 for w, s in zip(mine[:3], start[i][:3]):
                     assert torch.equal(w[~rows], s[~rows]) and (w[rows] != s[rows]).float().mean() > 0.9
-                outside = torch.ones(mine[3].numel(), dtype=torch.bool).index_fill_(0, sel.fc1_index, False)
+                outside = torch.ones(mine[3].numel(), dtype=torch.bool, device=device).index_fill_(0, sel.fc1_index,
+                                                                                                    False)
                 assert torch.equal(mine[3].flatten()[outside], start[i][3].flatten()[outside])
                 assert (mine[3].flatten()[~outside] != start[i][3].flatten()[~outside]).float().mean() > 0.9
         strategy.finish(session)
