@@ -34,3 +34,6 @@ STRATEGIES.declare("lora-llm-last", "strategies.llm:LLMLastLoRA", options="strat
 STRATEGIES.declare("lora-vlm", "strategies.llm:LoRAVLM", options="strategies.options:LoRAVLMOptions",
                    summary="LoRA on the whole VLM (needs vqa.model): the encoder, the projector, every "
                            "language-model layer, the head.")
+STRATEGIES.declare("lorsu-llm", "strategies.lorsu_llm:LoRSULLM", options="strategies.options:LoRSULLMOptions",
+                   summary="LoRSU on the last last_layers language-model layers of the VLM (needs vqa.model): top "
+                           "heads' q/k/v, sparse up_proj.")

@@ -38,6 +38,20 @@ def linear_names(root: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
     return [name for name, m in root.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
 
 
+def attention_shape(text: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a language model's config (``text``: e.g. a ``LlamaConfig``)."""
+    heads = text.num_attention_heads
+    return (heads, getattr(text, "num_key_value_heads", None) or heads,
+            getattr(text, "head_dim", None) or text.hidden_size // heads)
+
+
+def check_last_layers(family: Any, section: str, last: int) -> None:
+    """Refuse ``<section>.last_layers`` outside 1..(the VLM's language-model layers)."""
+    depth = family.text_config().num_hidden_layers
+    check(1 <= last <= depth, f"{section}.last_layers", last,
+          f"an integer in [1, {depth}] (the VLM's language model has {depth} layers)")
+
+
 class VLMAdapter:
     """One peft LoRA adapter on modules of a loaded VLM's model: attached on first use, its factors initialised or
     restored, detached (base layers back, untouched) by :meth:`detach`."""
@@ -110,10 +124,8 @@ class LLMLoRA(StrategyPlugin[LLMLoRAOptions]):
     @classmethod
     def check_vlm(cls, family: Any, options: LLMLoRAOptions | None) -> None:
         text = family.text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        width = min(text.hidden_size, text.intermediate_size, (getattr(text, "num_key_value_heads", None) or heads)
-                    * head_dim)
+        _, kv_heads, head_dim = attention_shape(text)
+        width = min(text.hidden_size, text.intermediate_size, kv_heads * head_dim)
         rank = (options or cls.default_options()).rank
         check(rank <= width, f"{cls.section()}.rank", rank,
               f"an integer in [1, {width}] (the smallest dimension of the VLM's language-model projections)")
@@ -172,10 +184,7 @@ class LLMLastLoRA(LLMLoRA):
     @classmethod
     def check_vlm(cls, family: Any, options: LLMLastLoRAOptions | None) -> None:
         super().check_vlm(family, options)
-        depth = family.text_config().num_hidden_layers
-        last = (options or cls.default_options()).last_layers
-        check(1 <= last <= depth, f"{cls.section()}.last_layers", last,
-              f"an integer in [1, {depth}] (the VLM's language model has {depth} layers)")
+        check_last_layers(family, cls.section(), (options or cls.default_options()).last_layers)
 
     def layers(self, vlm) -> list[int]:
         depth = len(vlm.llm_layers())

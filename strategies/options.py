@@ -216,3 +216,40 @@ class LoRAVLMOptions(LoRAPplOptions):
 
     rank: int = field(default=8, metadata={"help": "LoRA rank r of every adapter (the released --lora_rank)"})
     alpha: float = field(default=8.0, metadata={"help": "the update is (alpha / rank) · B · A (the released --lora_alpha)"})
+
+
+@dataclass
+class LoRSULLMOptions(VLMRecipe):
+    """Options of ``lorsu-llm`` (the released ``lorsu_llm`` as meant: LoRSU on the last language-model layers;
+    defaults: the released ``TrainingArguments``', the only setting it gives that method) and the VLM recipe
+    (:class:`~benchmark.vlm.recipe.VLMRecipe`)."""
+
+    section: ClassVar[str] = "lorsu-llm"
+
+    last_layers: int = field(default=16, metadata={
+        "help": "update the last N language-model layers (the released train_last_k_layers=16)"})
+    top_k_heads: int = field(default=8, metadata={
+        "help": "attention heads updated per layer (the released --top_k_heads; at most the layer's heads)"})
+    sparsity: float = field(default=0.01, metadata={
+        "help": "fraction of each up_proj weight that trains, by |importance| (the released --sparsity)"})
+    rank: int = field(default=8, metadata={
+        "help": "rank r of each of the chosen heads' q, k and v updates (the released --lorsu_rank)"})
+    alpha: float = field(default=8.0, metadata={
+        "help": "each update is (alpha / rank) · U · D (the released --lorsu_alpha)"})
+    importance_samples: int = field(default=1000, metadata={
+        "help": "score the importance on at least this many training samples, or one pass (the released "
+                "--grad_total_points_mask)"})
+    importance_min_abs: float = field(default=1e-10, metadata=LoRSUOptions.__dataclass_fields__[
+        "importance_min_abs"].metadata)
+    importance_sum: Literal["batch", "running"] = field(default="batch", metadata=LoRSUOptions.__dataclass_fields__[
+        "importance_sum"].metadata)
+
+    def __post_init__(self) -> None:
+        for key in ("last_layers", "top_k_heads", "rank", "importance_samples"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value >= 1, f"{self.section}.{key}", value, "an integer >= 1")
+        check(0 < self.sparsity <= 1, f"{self.section}.sparsity", self.sparsity, "a float in (0, 1]")
+        check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
+        check(self.importance_min_abs >= 0, f"{self.section}.importance_min_abs", self.importance_min_abs,
+              "a float >= 0")
+        self._check_recipe()

@@ -148,7 +148,7 @@ def test_the_dry_run_of_a_paper_preset_says_what_it_will_and_will_not_produce(tm
     grid = ["run", "paper-cl5", f"data_root={tmp_path / 'data'}", f"out={tmp_path / 'runs'}", "shots=1", "--dry-run"]
     assert main(grid) == 2  # its VLM-side baselines need a VLM
     err = capsys.readouterr().err
-    for strategy in ("lora-llm", "lora-llm-last", "lora-vlm"):
+    for strategy in ("lora-llm", "lora-llm-last", "lora-vlm", "lorsu-llm"):
         assert f"{strategy} trains with a VLM's answer loss and needs vqa.model" in err
     assert "or leave it out of the grid (strategy=[...])" in err
     grid.append("strategy=[zeroshot,full-ft,ewc,layernorm,lora,spu,lorsu]")

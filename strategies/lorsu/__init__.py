@@ -33,7 +33,7 @@ from benchmark.config import check
 from benchmark.plugins import StrategyPlugin, session_gradients
 from strategies.lorsu import masks
 from strategies.lorsu.update import HeadLoRA, LowRankDelta, SeparateHeadLoRA, SparseEntries, attach, merge
-from strategies.options import LoRSUOptions, LoRSUPplOptions, skip_blocks
+from strategies.options import LoRSULLMOptions, LoRSUOptions, LoRSUPplOptions, skip_blocks
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ class BlockSelection:
     heads: tuple[int, ...]  # ascending
     fc1_index: Tensor | None  # [S] ascending flat indices into fc1.weight; None: fc1 weight frozen
     head_scores: Tensor | None = None  # [H], when heads were chosen by importance
+
+
+def importance(session, params: list[nn.Parameter], options: LoRSUOptions | LoRSULLMOptions) -> list[Tensor]:
+    """LoRSU's importance of ``params``, one fp32 tensor each: the signed mean training-loss gradient
+    (1/N) Σ_b n_b ∇L_b over the session's training batches (:func:`~benchmark.plugins.session_gradients`, the model
+    in eval mode), until ``options.importance_samples`` samples and every accumulated entry at magnitude >=
+    ``options.importance_min_abs``, at most one pass; ``importance_sum: running``: the released LoRSU-Ppl code's
+    sum, its ``.grad`` never zeroed."""
+    reduce = "mean" if options.importance_sum == "batch" else "running_mean"
+    return session_gradients(session, params, training=False, reduce=reduce, min_samples=options.importance_samples,
+                             min_abs=options.importance_min_abs)
 
 
 def _unique(params) -> list[nn.Parameter]:
@@ -114,9 +125,7 @@ class LoRSU(StrategyPlugin[LoRSUOptions]):
         candidates = _unique(p for b in blocks for p in (b.q.weight, b.k.weight, b.v.weight, b.fc1.weight))
         projection = self.backbone.image_projection() if self.objective == "clip" else None
         checked = _unique([*candidates, *(b.fc1.bias for b in blocks), getattr(*projection) if projection else None])
-        reduce = "mean" if self.options.importance_sum == "batch" else "running_mean"
-        grads = session_gradients(session, checked, training=False, reduce=reduce,
-                                  min_samples=self.options.importance_samples, min_abs=self.options.importance_min_abs)
+        grads = importance(session, checked, self.options)
         by_id = {id(p): g for p, g in zip(checked, grads)}
         return [BlockScores(*(by_id[id(p.weight)][p.rows] for p in b.qkv), by_id[id(b.fc1.weight)]) for b in blocks]
 

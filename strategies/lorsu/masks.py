@@ -31,8 +31,8 @@ def random_entries(numel: int, count: int, device: torch.device | None = None) -
 def head_scores(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
     """Score of every head, [H]: ‖I_q,h‖²_F + ‖I_k,h‖²_F + ‖I_v,h‖²_F.
 
-    ``q``, ``k``, ``v``: importance of the three projections, each [W, W] with head ``h``
-    owning rows ``h * W/H : (h + 1) * W/H``.
+    ``q``, ``k``, ``v``: importance of the three projections, each [H·d, I] with head ``h``
+    owning rows ``h·d : (h + 1)·d`` (an encoder block's [W, W], d = W/H; a language-model layer's [H·d, hidden]).
     """
     return sum(m.float().reshape(num_heads, -1).square().sum(1) for m in (q, k, v))
 
@@ -40,6 +40,12 @@ def head_scores(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
 def top_heads(scores: Tensor, k: int) -> tuple[int, ...]:
     """The ``k`` heads of largest score, ascending."""
     return tuple(sorted(torch.topk(scores, k).indices.tolist()))
+
+
+def head_rows(heads: tuple[int, ...], head_dim: int, device: torch.device | None = None) -> Tensor:
+    """Row indices [len(heads)·head_dim] of ``heads`` (ascending) in one projection whose head ``h`` owns rows
+    ``h·head_dim : (h + 1)·head_dim``."""
+    return (torch.tensor(heads, device=device)[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
 
 
 def random_heads(num_heads: int, k: int) -> tuple[int, ...]:

@@ -7,6 +7,9 @@
   :class:`SeparateHeadLoRA`: the same with one pair of factors for each of q, k and v (LoRSU-Ppl).
 - :class:`LowRankDelta`: a plain LoRA parametrization ``W + (α/r)·A·B`` of a whole weight
   (LoRSU's and LoRA's image-projection update).
+- :class:`RowsLowRank`, :class:`SparseDelta`: additive parametrizations of a weight that another owner keeps
+  (``lorsu-llm``'s on the process's loaded VLM): a low-rank update of some rows, and a sparse one of some
+  entries. The weight is never written, and the gradient reaching it is the effective weight's.
 
 Factor convention (the released code's): ``ΔW = (α/r)·A·B`` with ``A`` [rows, r] Kaiming-uniform and
 ``B`` [r, in] zero, so the model is unchanged at step 0.
@@ -107,6 +110,36 @@ class LowRankDelta(nn.Module):
 
     def parameter_count(self) -> int:
         return self.A.numel() + self.B.numel()
+
+
+class RowsLowRank(nn.Module):
+    """Parametrization ``W + Δ`` of a weight [O, I] whose rows ``rows`` [R] get Δ = (α/r)·U·D: D [r, I] (input side)
+    Kaiming-uniform, U [R, r] zero (the released ``MaskedLoRALinear`` restricted to its mask's rows), or the
+    ``factors`` (U, D) given (drawing nothing). Only the chosen rows' update is formed."""
+
+    def __init__(self, rows: Tensor, in_features: int, rank: int, alpha: float,
+                 factors: tuple[Tensor, Tensor] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        up, down = factors or (torch.zeros(len(rows), rank, device=rows.device),
+                               kaiming_factor(rank, in_features, rows.device))
+        self.up, self.down = nn.Parameter(up), nn.Parameter(down)
+        self.scale = alpha / rank
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.index_add(0, self.rows, (self.scale * self.up @ self.down).to(weight.dtype))
+
+
+class SparseDelta(nn.Module):
+    """Parametrization ``W + Δ`` with Δ zero except at flat ``index`` [S]: ``values`` [S] (zero at first, or given)."""
+
+    def __init__(self, index: Tensor, values: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("index", index)
+        self.values = nn.Parameter(torch.zeros(len(index), device=index.device) if values is None else values)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.flatten().index_add(0, self.index, self.values.to(weight.dtype)).view_as(weight)
 
 
 def attach(module: nn.Module, name: str, parametrization: nn.Module) -> None:
