@@ -108,6 +108,12 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
         """After a session trained: merge updates into the weights or consolidate (default: nothing).
         The template freezes the encoder afterwards."""
 
+    def merge_into_vlm(self, model: nn.Module) -> None:
+        """Add the VLM update that :meth:`load_state_dict` restored to the weights of ``model`` (a fresh copy of the
+        run's VLM's transformers model), for ``fscl export --format vlm --merge`` of a strategy whose update is no
+        peft LoRA adapter. Default: the strategy has none (NotImplementedError)."""
+        raise NotImplementedError(f"{type(self).__name__} has no VLM update to merge")
+
     def learning_rates(self) -> dict[nn.Parameter, float]:
         """Trainable parameters at a learning rate of their own (e.g. the projector's LoRA at the released
         ``--mm_projector_lr``), which the schedule scales as it scales ``train.lr`` (the VLM template's optimizer).
@@ -330,8 +336,9 @@ class CostMeter(SupervisedPlugin):
             return
         self._costs.update(self.trainable_counts())
         batch = template.mbatch
-        key = (tuple((name, tuple(p.shape)) for name, p in template.model.named_parameters() if p.requires_grad),
-               tuple(batch[0].shape))
+        models = [template.model, *([template.vlm] if getattr(template, "vlm", None) is not None else [])]
+        key = (tuple((name, tuple(p.shape)) for model in models for name, p in model.named_parameters()
+                     if p.requires_grad), tuple(batch[0].shape))  # a VLM-side strategy's trainables included
         if key not in self._flops:
             self._flops[key] = self.count_flops(template, batch)
         self._costs.update(self._flops[key])

@@ -142,6 +142,13 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
                 attach(module, "weight", update.requires_grad_(False))
                 self.targets[name] = module
 
+    def merge_into_vlm(self, model: nn.Module) -> None:
+        """Every finished session's update added to ``model``'s weights (``fscl export --format vlm --merge``)."""
+        self.restore(model)
+        for module in self.targets.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self.model, self.targets, self.current = None, {}, {}
+
     def release(self) -> None:
         """Take every update out: each weight is its own parameter again, never written."""
         for module in self.targets.values():

@@ -181,11 +181,41 @@ def test_a_strategy_whose_vlm_state_the_export_does_not_know_is_named(runs, tmp_
     """A run record of a VLM-side strategy the export has no reader for (its state's layout is the strategy's own)."""
     run = shutil.copytree(runs / RUN.format("lora-llm"), tmp_path / "run")
     config = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "strategy": "lorsu-llm"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "strategy": "someone-elses-vlm-method"}))
     status, printed = export(run, tmp_path / "x")
     assert status == 2
-    assert "--format vlm does not know where strategy 'lorsu-llm' keeps its VLM update (it knows lora-llm, " \
-           "lora-llm-last, lora-vlm)" in printed
+    assert "--format vlm does not know where strategy 'someone-elses-vlm-method' keeps its VLM update (it knows " \
+           "lora-llm, lora-llm-last, lora-vlm, and strategies that merge their own)" in printed
+
+
+def test_lorsu_llm_exports_merged_as_base_plus_its_saved_deltas(llava3, tmp_path):
+    """lorsu-llm's masked deltas (no peft adapter form): the merged VLM's weights are the base's plus every session's
+    saved update, computed here from the checkpoint; the adapter form is refused."""
+    from transformers import LlavaForConditionalGeneration
+
+    assert main(["run", "quick", "strategy=lorsu-llm", f"vqa.model=llava:{llava3}", f"out={tmp_path}",
+                 "lorsu-llm.top_k_heads=1", "lorsu-llm.last_layers=2", "lorsu-llm.rank=4", "lorsu-llm.sparsity=0.1",
+                 *SETTINGS]) == 0
+    run = tmp_path / RUN.format("lorsu-llm")
+    status, printed = export(run, tmp_path / "adapter")
+    assert status == 2 and "lorsu-llm's update is masked deltas, not a peft LoRA adapter" in printed
+    status, printed = export(run, tmp_path / "merged", "--merge")
+    assert status == 0, printed
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
+    base = resolve_vlm(f"llava:{llava3}").load(torch.device("cpu")).model.state_dict()
+    state = torch.load(run / "checkpoints" / "session-2.pt", map_location="cpu", weights_only=False)["strategy"]
+    expected = {name: weight.clone() for name, weight in base.items()}
+    for session in state["sessions"]:
+        for module, update in session.items():
+            weight = expected[f"{module}.weight"]
+            if "index" in update:
+                weight.view(-1).index_add_(0, update["index"], update["values"])
+            else:
+                weight.index_add_(0, update["rows"], 8 / 4 * update["up"] @ update["down"])  # alpha 8 / rank 4
+    changed = [name for name in base if not torch.equal(merged[name], base[name])]
+    assert changed and all(".layers.1." in n or ".layers.2." in n for n in changed)
+    for name in changed:
+        assert torch.allclose(merged[name], expected[name], atol=1e-6), name
 
 
 @pytest.fixture(scope="module")

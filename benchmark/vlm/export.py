@@ -44,11 +44,21 @@ ENCODER_FORMATS = "--format hf-clip-vision (LLaVA's CLIP tower), hf-siglip-visio
 @dataclass(frozen=True)
 class SessionAdapter:
     """What a run's session checkpoint holds of its VLM: the run's ``config``, the adapter's ``factors`` (names under
-    the VLM's model) and, when the run trained the encoder, the session's ``encoder`` (its state dict)."""
+    the VLM's model; empty for a strategy that merges its own update, whose ``strategy_state`` is kept instead) and,
+    when the run trained the encoder, the session's ``encoder`` (its state dict)."""
 
     config: dict[str, Any]
     factors: dict[str, torch.Tensor]
     encoder: dict[str, torch.Tensor] | None
+    strategy_state: dict[str, Any] | None = None  # a strategy that merges its own update: its saved state
+
+
+def merged_by_strategy(strategy: str) -> bool:
+    """Whether the registered ``strategy`` merges its own VLM update (overrides ``merge_into_vlm``; no peft adapter)."""
+    from benchmark.plugins import StrategyPlugin
+    from benchmark.registry import STRATEGIES
+
+    return strategy in STRATEGIES and STRATEGIES.get(strategy).obj.merge_into_vlm is not StrategyPlugin.merge_into_vlm
 
 
 def session_adapter(run_dir: str | Path, session: int) -> SessionAdapter:
@@ -63,10 +73,12 @@ def session_adapter(run_dir: str | Path, session: int) -> SessionAdapter:
     if session == 0:
         raise ExportError(f"--format vlm --session 0: before session 1 the VLM is the pretrained one "
                           f"({config['vqa']['model']}); export a session 1..{config['sessions']}")
-    if strategy not in VLM_FACTORS:
+    if strategy not in VLM_FACTORS and not merged_by_strategy(strategy):
         raise ExportError(f"--format vlm does not know where strategy '{strategy}' keeps its VLM update (it knows "
-                          f"{', '.join(VLM_FACTORS)})")
+                          f"{', '.join(VLM_FACTORS)}, and strategies that merge their own)")
     state = session_checkpoint(run_dir, config, session, what="adapted VLM")
+    if strategy not in VLM_FACTORS:  # the strategy merges its update itself (merge_into_vlm)
+        return SessionAdapter(config, {}, state["encoder"] if "encoder" in updates else None, state["strategy"])
     factors: Any = state["strategy"]
     for key in VLM_FACTORS[strategy]:
         factors = factors.get(key, {})
@@ -131,6 +143,8 @@ def export_vlm(run_dir: str | Path, session: int, out: str | Path, vlm: str | No
         backbone = load_backbone(config["backbone"], "cpu")
         backbone.visual.load_state_dict(saved.encoder)
         loaded.swap_encoder(backbone)
+    if saved.strategy_state is not None:
+        return merge_strategy_update(saved, loaded, out, merge)
     options = config[config["strategy"]]
     targets = sorted({name.split(".lora_", 1)[0] for name in saved.factors})
     if merge:
@@ -145,6 +159,27 @@ def export_vlm(run_dir: str | Path, session: int, out: str | Path, vlm: str | No
         peft_model.merge_and_unload().save_pretrained(out)
     else:
         peft_model.save_pretrained(out, save_embedding_layers=False)  # the run changed no embedding: the base has them
+    loaded.processor.save_pretrained(out)
+    return out
+
+
+def merge_strategy_update(saved: SessionAdapter, loaded: Any, out: str | Path, merge: bool) -> Path:
+    """Write the VLM with the update of a strategy that merges its own (``lorsu-llm``'s masked deltas: no peft
+    adapter form, so ``merge`` is required), built from the run's options and saved state."""
+    from benchmark.config import from_dict
+    from benchmark.registry import STRATEGIES
+
+    name = saved.config["strategy"]
+    if not merge:
+        raise ExportError(f"--format vlm: {name}'s update is masked deltas, not a peft LoRA adapter; export it merged "
+                          f"(--merge)")
+    entry = STRATEGIES.get(name)
+    options = from_dict(entry.options, saved.config.get(name) or {}, prefix=name) if entry.options else None
+    strategy = entry.obj(None, options)
+    strategy.load_state_dict(saved.strategy_state)
+    strategy.merge_into_vlm(loaded.model)
+    out = Path(out)
+    loaded.model.save_pretrained(out)
     loaded.processor.save_pretrained(out)
     return out
 
