@@ -15,8 +15,9 @@ from benchmark.plugins import StrategyPlugin
 from benchmark.registry import STRATEGIES
 from strategies.ewc import EWC, EWCOptions
 from strategies.full_ft import FullFineTuning
+from strategies.llm import LLMLoRA
 from strategies.lorsu import LoRSU, LoRSUOptions, LoRSUPpl
-from strategies.options import LoRSUPplOptions
+from strategies.options import LLMLoRAOptions, LoRSUPplOptions
 
 PAUSE_ENV = "FSCL_TEST_PAUSE"  # a file path: created in the middle of session 2, then the run sleeps
 MASKS_ENV = "FSCL_TEST_MASKS"  # a folder: each rank writes the LoRSU selection of every session there
@@ -38,6 +39,13 @@ class PausingEWC(EWC):
 @STRATEGIES.register("test-lorsu-ppl-pause", options=LoRSUPplOptions)
 class PausingLoRSUPpl(LoRSUPpl):
     """LoRSU-Ppl; with ``$FSCL_TEST_PAUSE`` set, pauses in the middle of session 2 as :class:`PausingEWC` does."""
+
+    after_training_iteration = PausingEWC.after_training_iteration
+
+
+@STRATEGIES.register("test-lora-llm-pause", options=LLMLoRAOptions)
+class PausingLLMLoRA(LLMLoRA):
+    """lora-llm; with ``$FSCL_TEST_PAUSE`` set, pauses in the middle of session 2 as :class:`PausingEWC` does."""
 
     after_training_iteration = PausingEWC.after_training_iteration
 

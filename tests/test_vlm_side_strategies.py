@@ -229,3 +229,45 @@ def test_the_optimizer_gives_the_projector_its_own_learning_rate(vlm, tiny_backb
         assert scales == [(0.2, 4), (1.0, 42)]  # the projector's A and B; 3 layers × 7 linears × (A, B)
     finally:
         strategy.release()
+
+
+@pytest.mark.slow
+def test_a_lora_llm_run_killed_in_session_2_resumes_to_the_same_numbers(llava3, tmp_path):
+    """SIGKILL in the middle of session 2, then the same command: the VQA and zero-shot records and the adapter of the
+    uninterrupted run (lora-llm; pauses in session 2 when told to)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import fscl_test_strategies
+
+    strategy = "test-lora-llm-pause"
+    args = ["run", "quick", f"strategy={strategy}", f"vqa.model=llava:{llava3}", "keep_checkpoints=last", *SETTINGS]
+    assert main([*args, f"out={tmp_path / 'reference'}"]) == 0
+    marker = tmp_path / "in-session-2"
+    env = {**os.environ, fscl_test_strategies.PAUSE_ENV: str(marker), "OMP_NUM_THREADS": "1",  # as this process
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
+    resumed = [*args, f"out={tmp_path / 'resumed'}"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *resumed], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached session 2"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert main(resumed) == 0
+    run, reference = (tmp_path / where / RUN.format(strategy) for where in ("resumed", "reference"))
+    for name in ("matrix.csv", "vqa_matrix.csv"):
+        assert (run / name).read_text() == (reference / name).read_text()
+    assert _rows(run) == _rows(reference)
+    factors = [torch.load(r / "checkpoints/session-2.pt", weights_only=False)["strategy"]["factors"]
+               for r in (run, reference)]
+    assert factors[0].keys() == factors[1].keys() and all(torch.equal(factors[0][k], factors[1][k]) for k in factors[1])
