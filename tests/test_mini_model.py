@@ -110,11 +110,11 @@ def test_pretrain_mini_verb(tmp_path, capsys):
 def test_mini_preset_lists_every_strategy_both_targets_and_three_seeds():
     cfg = load_config("mini")
     assert set(cfg.strategy) == {"zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lora-ppl",
-                                 "lorsu-ppl"} and cfg.vqa.model == "mini"  # the VLM-loss ones through the mini VLM
+                                 "lorsu-ppl", "lora-llm"} and cfg.vqa.model == "mini"  # the VLM-loss ones: the mini VLM
     assert cfg.stream == ["mini-handwritten", "mini-signs"] and cfg.seed == [0, 1, 2]
     assert cfg.sessions == 5 and cfg.shots == 5 and cfg.backbone == "mini"
     assert cfg.controls == ["mini-shapes", "mini-colours", "mini-digits"]
-    assert len(cfg.expand()) == 54
+    assert len(cfg.expand()) == 60
 
 
 def test_mini_preset_runs_end_to_end(tiny_model, tmp_path):
