@@ -77,9 +77,10 @@ def test_paper_presets_grid(preset, sessions, shots):
     cfg = load_config(preset)
     runs = cfg.expand()
     assert cfg.sessions == sessions and cfg.backbone == "openclip:ViT-L-14-336-quickgelu@openai"
-    assert len(runs) == 5 * 7 * 3 * len(shots)
+    assert len(runs) == 5 * 11 * 3 * len(shots)
     assert {r.stream for r in runs} == {"tsi", "gtsrb", "aircraft", "counteranimal", "eurosat"}
-    assert {r.strategy for r in runs} == {"zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu"}
+    assert {r.strategy for r in runs} == {"zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu",
+                                          "lora-llm", "lora-llm-last", "lora-vlm", "lorsu-llm"}  # VLM-side: vqa.model
     for run in runs:  # controls: the other targets + dalle
         assert run.controls == [c for c in ("tsi", "gtsrb", "aircraft", "counteranimal", "eurosat", "dalle")
                                 if c != run.stream]
