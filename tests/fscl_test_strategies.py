@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +89,25 @@ class DiskFullFineTuning(FullFineTuning):
         if path and session.session_index == 2:
             os.replace(path, path + ".kept")
             os.symlink("/dev/full", path)
+
+
+def kill_in_session_2(args: list[str], marker: Path, threads: str | None = None) -> int:
+    """Run ``fscl ARGS`` (a grid of a ``test-*-pause`` strategy) in a child process with :data:`PAUSE_ENV` set to
+    ``marker``, and SIGKILL it once it is in the middle of session 2 (the marker exists); its pid. ``threads``:
+    the child's ``OMP_NUM_THREADS`` (a test that compares numbers with its own one-thread runs)."""
+    env = {**os.environ, PAUSE_ENV: str(marker), **({"OMP_NUM_THREADS": threads} if threads else {}),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached session 2"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    return proc.pid

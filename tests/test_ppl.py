@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import fscl_test_strategies
@@ -429,23 +424,8 @@ def test_a_ppl_run_killed_in_session_2_resumes_to_the_same_numbers(llava_dir, tm
     strategy = "test-lorsu-ppl-pause"  # lorsu-ppl; pauses in session 2 when told to
     args = ["run", "quick", f"strategy={strategy}", f"vqa.model=llava:{llava_dir}", *OVERRIDES]
     assert main([*args, f"out={tmp_path / 'reference'}"]) == 0
-    marker = tmp_path / "in-session-2"
-    env = {**os.environ, fscl_test_strategies.PAUSE_ENV: str(marker),
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
     resumed = [*args, f"out={tmp_path / 'resumed'}"]
-    proc = subprocess.Popen([sys.executable, "-c", code, *resumed], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run never reached session 2"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+    fscl_test_strategies.kill_in_session_2(resumed, tmp_path / "in-session-2")
     run = tmp_path / "resumed" / RUN.format(strategy)
     assert checkpoints.saved_sessions(run) == [1]
     assert main(resumed) == 0

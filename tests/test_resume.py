@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -48,28 +47,13 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     overrides = (f"strategy={strategy}", f"{strategy}.ewc_lambda=10000.0", "keep_checkpoints=last")
     assert main(_args(tmp_path / "reference", *overrides)) == 0
 
-    marker = tmp_path / "in-session-2"
-    env = {**os.environ, fscl_test_strategies.PAUSE_ENV: str(marker),
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *_args(tmp_path / "resumed", *overrides)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run never reached session 2"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+    pid = fscl_test_strategies.kill_in_session_2(_args(tmp_path / "resumed", *overrides), tmp_path / "in-session-2")
 
     run = tmp_path / "resumed" / RUN.format(strategy)
     assert checkpoints.saved_sessions(run) == [1]
     assert json.loads((run / "manifest.json").read_text())["status"] == "running"
     assert not (run / "summary.json").exists()
-    assert RunLock(run).owner()["pid"] == proc.pid  # left behind by the killed process: stale, taken over
+    assert RunLock(run).owner()["pid"] == pid  # left behind by the killed process: stale, taken over
 
     (run / "checkpoints" / ".session-2.pt.x1y2").write_bytes(b"half")  # as if killed while saving
     with open(run / "metrics.jsonl", "a") as f:  # as if killed while appending a row

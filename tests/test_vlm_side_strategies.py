@@ -5,13 +5,13 @@ stay the pretrained ones, resume, and the grid check's refusals."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from test_vqa_runs import _interrupt_in_session_2
 from torch import nn
 
 from benchmark.cli import main
@@ -140,14 +140,7 @@ def test_a_run_scores_the_adapted_vlm_and_keeps_the_pretrained_zero_shot_rows(ru
 
 def test_an_interrupted_run_resumes_to_the_same_records(runs, llava3, tmp_path):
     for strategy in ("lora-llm", "lora-vlm"):
-        reference, run = runs / RUN.format(strategy), tmp_path / RUN.format(strategy)
-        shutil.copytree(reference, run)
-        (run / "checkpoints" / "session-2.pt").unlink()
-        for path in [run / "summary.json", *run.glob("*.csv")]:
-            path.unlink()
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(run) if r["session"] < 2))
-        manifest = json.loads((run / "manifest.json").read_text())
-        (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+        _interrupt_in_session_2(runs / RUN.format(strategy), tmp_path / RUN.format(strategy))
     assert main(["run", "quick", "strategy=[lora-llm,lora-vlm]", f"vqa.model=llava:{llava3}", f"out={tmp_path}",
                  "keep_checkpoints=all", *SETTINGS]) == 0
     for strategy in ("lora-llm", "lora-vlm"):
@@ -235,34 +228,13 @@ def test_the_optimizer_gives_the_projector_its_own_learning_rate(vlm, tiny_backb
 def test_a_lora_llm_run_killed_in_session_2_resumes_to_the_same_numbers(llava3, tmp_path):
     """SIGKILL in the middle of session 2, then the same command: the VQA and zero-shot records and the adapter of the
     uninterrupted run (lora-llm; pauses in session 2 when told to)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import fscl_test_strategies
 
     strategy = "test-lora-llm-pause"
     args = ["run", "quick", f"strategy={strategy}", f"vqa.model=llava:{llava3}", "keep_checkpoints=last", *SETTINGS]
     assert main([*args, f"out={tmp_path / 'reference'}"]) == 0
-    marker = tmp_path / "in-session-2"
-    env = {**os.environ, fscl_test_strategies.PAUSE_ENV: str(marker), "OMP_NUM_THREADS": "1",  # as this process
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, fscl_test_strategies; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
     resumed = [*args, f"out={tmp_path / 'resumed'}"]
-    proc = subprocess.Popen([sys.executable, "-c", code, *resumed], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run never reached session 2"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+    fscl_test_strategies.kill_in_session_2(resumed, tmp_path / "in-session-2", threads="1")  # as this process
     assert main(resumed) == 0
     run, reference = (tmp_path / where / RUN.format(strategy) for where in ("resumed", "reference"))
     for name in ("matrix.csv", "vqa_matrix.csv"):
