@@ -351,14 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fscl export runs/quick/digits/openclip-ViT-L-14-336/lorsu/5-s0 --session 5 "
                "--format hf-clip-vision --out tower/\n"
                "  fscl export runs/quick/digits/openclip-ViT-L-14-336/lora-llm/5-s0 --session 5 --format vlm "
-               "--merge --out llava-adapted/",
+               "--merge --out adapted-vlm/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run_dir", metavar="RUN_DIR", help="one run's folder (written by 'fscl run')")
     export.add_argument("--session", type=int, required=True, metavar="N", help="after which session (0: pretrained)")
     export.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "vlm"))
     export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     export.add_argument("--vlm", metavar="SPEC", default=None,
-                        help="with --format vlm: the base VLM as a vqa.model value (llava:/path/to/folder); default "
+                        help="with --format vlm: the base VLM as a vqa.model value (FAMILY:/path/to/folder, 'fscl ls vlms'); default "
                              "the run's vqa.model (pass it when that folder has moved)")
     export.add_argument("--merge", action="store_true",
                         help="with --format vlm: write the VLM with the adapter merged into its weights (a whole "

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import statistics
 import sys
@@ -132,6 +133,11 @@ def make_plugin(name: str, backbone: Backbone, vlm: LoadedVLM | None = None) -> 
         return DenseLoRSU(backbone)
     entry = STRATEGIES.get(name)
     options = entry.options() if entry.options else None
+    if vlm is not None and options is not None:  # a VLM-side strategy's layer and head counts, within the VLM's
+        text = vlm.family.text_config()
+        fitted = {"last_layers": text.num_hidden_layers, "top_k_heads": text.num_attention_heads}
+        options = dataclasses.replace(options, **{key: min(getattr(options, key), most)
+                                                  for key, most in fitted.items() if hasattr(options, key)})
     return entry.obj(backbone, with_vlm_defaults(options, str(vlm.family.spec) if vlm is not None else None))
 
 
@@ -211,7 +217,8 @@ def set_up(name: str, backbone: Backbone, experience, batch: int, device: torch.
 
 def instrumented_step(entry: Entry, device: torch.device) -> None:
     """The first (untimed) step: FLOPs per sample, step memory, optimizer state, trainable counts."""
-    held = [*entry.template.model.parameters(), *getattr(entry.template, "vlm", torch.nn.Module()).parameters()]
+    vlm = entry.template.vlm  # None under the CLIP template
+    held = [*entry.template.model.parameters(), *(vlm.parameters() if vlm is not None else ())]
     weights = {p.untyped_storage().data_ptr() for p in held}  # the encoder's and (VLM) LLaVA's weights
     saved: dict[int, int] = {}
 
@@ -260,14 +267,14 @@ def table(entries: list[Entry]) -> str:
     ref = next((e for e in entries if e.name == "full-ft"), entries[0])
     ref_step, ref_cpu, ref_state = ref.stats["step_s"], ref.stats["cpu_s"], ref.stats["optimizer_bytes"] or 1
     lm = any(e.stats["lm_flops"] for e in entries)  # the VLM table: the language model's share of the FLOPs
-    head = (f"{'strategy':<12} {'step s':>7} {'x ' + ref.name:>10} {'cpu s':>7} {'x ' + ref.name:>10} "
+    head = (f"{'strategy':<14} {'step s':>7} {'x ' + ref.name:>10} {'cpu s':>7} {'x ' + ref.name:>10} "
             f"{'GFLOP/img':>9} " + (f"{'LM GFLOP':>9} " if lm else "") + f"{'memory MiB':>10} "
             f"{'Adam MiB':>9} {'x ' + ref.name:>10} {'trainable':>11} {'+ biases':>11} {'setup s':>8} {'paper GFLOP':>11}")
     lines = [head, "-" * len(head)]
     for e in entries:
         s = e.stats
         lines.append(
-            f"{e.name:<12} {s['step_s']:>7.2f} {s['step_s'] / ref_step:>10.2f} {s['cpu_s']:>7.2f} "
+            f"{e.name:<14} {s['step_s']:>7.2f} {s['step_s'] / ref_step:>10.2f} {s['cpu_s']:>7.2f} "
             f"{s['cpu_s'] / ref_cpu:>10.2f} {s['flops'] / 1e9:>9.2f} " + (f"{s['lm_flops'] / 1e9:>9.2f} " if lm else "")
             + f"{s['memory_bytes'] / 2**20:>10.0f} {s['optimizer_bytes'] / 2**20:>9.1f} "
             f"{s['optimizer_bytes'] / ref_state:>10.3f} {s['trainable']:>11,} {s['trainable_with_biases']:>11,} "
@@ -291,26 +298,51 @@ def measure(names: list[str], backbone: Backbone, experience, batch: int, device
             vlm: LoadedVLM | None = None) -> list[Entry]:
     """Set every strategy up on its own copy of the encoder, take the instrumented step, then ``rounds`` timed
     rounds in rotating order; the entries with their medians."""
-    entries = []
+    entries, alone = [], []  # alone: the VLM-side strategies, each adapting the one VLM in turn (then released)
     for name in names:
         torch.manual_seed(0)
-        try:
-            entries.append(set_up(name, copy_vision_side(backbone), experience, batch, device, vlm))
-        except Exception as err:  # noqa: BLE001  (a strategy this model cannot take: named, the others go on)
-            print(f"  skipped {name}: {type(err).__name__}: {err}", flush=True)
+        if vlm is not None and name in STRATEGIES and "vlm" in STRATEGIES.get(name).obj.updates:
+            alone.append(name)
             continue
-        print(f"  set up {name} ({entries[-1].setup_s:.1f} s)", flush=True)
+        entry = _set_up_or_skip(name, backbone, experience, batch, device, vlm)
+        entries += [entry] if entry else []
+    _timed_rounds(entries, device, rounds)
+    for name in alone:
+        torch.manual_seed(0)
+        entry = _set_up_or_skip(name, backbone, experience, batch, device, vlm)
+        if entry:
+            try:
+                _timed_rounds([entry], device, rounds)
+            finally:
+                entry.plugin.release()
+            entries.append(entry)
+    return entries
+
+
+def _set_up_or_skip(name: str, backbone: Backbone, experience, batch: int, device: torch.device,
+                    vlm: LoadedVLM | None) -> Entry | None:
+    """:func:`set_up` on a copy of the encoder, or None (named) for a strategy this model cannot take."""
+    try:
+        entry = set_up(name, copy_vision_side(backbone), experience, batch, device, vlm)
+    except Exception as err:  # noqa: BLE001  (a strategy this model cannot take: named, the others go on)
+        print(f"  skipped {name}: {type(err).__name__}: {err}", flush=True)
+        return None
+    print(f"  set up {name} ({entry.setup_s:.1f} s)", flush=True)
+    return entry
+
+
+def _timed_rounds(entries: list[Entry], device: torch.device, rounds: int) -> None:
+    """The instrumented step of each entry, then ``rounds`` timed rounds in rotating order; their medians."""
     for entry in entries:
         instrumented_step(entry, device)
     for r in range(rounds):
-        shift = r % len(entries)
+        shift = r % len(entries) if entries else 0
         for entry in entries[shift:] + entries[:shift]:
             timed_step(entry, device)
         print(f"  round {r + 1}/{rounds}", flush=True)
     for entry in entries:
         entry.stats["step_s"] = statistics.median(entry.times)
         entry.stats["cpu_s"] = statistics.median(entry.cpu_times)
-    return entries
 
 
 def vlm_strategies() -> list[str]:

@@ -13,7 +13,7 @@ attaches a peft adapter on the same modules holding the factors and writes eithe
   the base VLM), loaded with ``peft.PeftModel.from_pretrained(base, DIR)``; an encoder trained by the run travels in
   it as a module saved whole (peft's ``modules_to_save``: the tower), so the base stays the untouched VLM;
 * or, with ``merge``, the VLM with every ΔW added to its weights (peft's ``merge_and_unload``), saved in the dtype
-  of the base's files, loaded with ``from_pretrained(DIR)`` alone (and as ``vqa.model: llava:DIR``); refused for an
+  of the base's files, loaded with ``from_pretrained(DIR)`` alone (and as ``vqa.model: <family>:DIR``); refused for an
   adapted weight that the VLM ties to another module (PaliGemma's output head and input embeddings).
 
 Both folders hold the VLM's processor. The base is loaded on the CPU in its files' dtype; peft merges fp16/bf16
@@ -192,7 +192,7 @@ def vlm_loading_snippet(out: str | Path) -> str:
     head = "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
     tail = f"processor = AutoProcessor.from_pretrained({str(folder)!r})\n"
     if not adapter.is_file():
-        family = json.loads((folder / "config.json").read_text()).get("model_type")  # llava, paligemma: their vqa.model
+        family = json.loads((folder / "config.json").read_text()).get("model_type")  # the family's name: its vqa.model
         return (f"{head}model = AutoModelForImageTextToText.from_pretrained({str(folder)!r})\n{tail}"
                 f"# as a run's VLM: vqa.model={family}:{folder}\n")
     base = json.loads(adapter.read_text())["base_model_name_or_path"]
