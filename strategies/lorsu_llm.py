@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from benchmark.config import ConfigError, check
 from benchmark.plugins import StrategyPlugin
-from strategies.llm import attention_shape, check_last_layers
+from strategies.llm import PROJECTOR_LORA, VLMAdapter, attention_shape, check_last_layers, linear_names
 from strategies.lorsu import BlockSelection, importance, masks, qkv_update_size
 from strategies.lorsu.update import RowsLowRank, SparseDelta, attach
 from strategies.options import LoRSULLMOptions
@@ -71,6 +71,8 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
         self.targets: dict[str, nn.Module] = {}  # the modules parametrized, by name under the model
         self.current: dict[str, nn.Module] = {}  # this session's updates (trainable), by target name
         self.shape = (0, 0)  # (head dim, layer width) of the language model
+        self.projector = VLMAdapter(*PROJECTOR_LORA)  # with projector_lr: the released projector LoRA
+        self.projector_factors: dict[str, Tensor] = {}  # its factors after the last session (a resume restores them)
 
     @classmethod
     def check_vlm(cls, family: Any, options: LoRSULLMOptions | None) -> None:
@@ -98,6 +100,10 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
         vlm, opts = session.vlm, self.options
         if self.model is None:  # the first session, or the first after a resume (the saved updates)
             self.restore(vlm.model)
+        if opts.projector_lr is not None and self.projector.tuner is None:  # before this session's updates: peft
+            self.projector.attach(vlm.model, linear_names(vlm.model, [vlm.projector]),  # freezes all but its own
+                                  self.projector_factors)
+        self.projector.trainable(True)
         heads, _, head_dim = attention_shape(vlm.family.text_config())
         layers = [projections(layer) for layer in self.layers(vlm)]
         self.shape = (head_dim, layers[0][0].in_features)
@@ -121,8 +127,14 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
         self.targets[name] = module
         self.current[name] = update
 
+    def learning_rates(self) -> dict[nn.Parameter, float]:
+        """The projector's LoRA factors at ``projector_lr``."""
+        return {p: self.options.projector_lr for p in self.projector.parameters().values()}
+
     def finish(self, session) -> None:
         """Freeze this session's updates (they stay in the VLM) and keep a copy for the checkpoint."""
+        self.projector.trainable(False)
+        self.projector_factors = {name: p.detach().clone() for name, p in self.projector.parameters().items()}
         for update in self.current.values():
             update.requires_grad_(False)
         self.sessions.append({name: {key: t.detach().clone() for key, t in update.state_dict().items()}
@@ -148,28 +160,38 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
         for module in self.targets.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.model, self.targets, self.current = None, {}, {}
+        if self.projector_factors:  # the projector's LoRA, merged by peft
+            names = sorted({name.split(".lora_", 1)[0] for name in self.projector_factors})
+            self.projector.attach(model, names, self.projector_factors)
+            self.projector.tuner.merge_and_unload()
+            self.projector.tuner = self.projector.model = None
 
     def release(self) -> None:
         """Take every update out: each weight is its own parameter again, never written."""
+        self.projector.detach()
         for module in self.targets.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         self.model, self.targets, self.current = None, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         """``sessions``: per finished session, each parametrized module's name and its update's tensors."""
-        return {"sessions": self.sessions}
+        return {"sessions": self.sessions, "projector": self.projector_factors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sessions = list(state.get("sessions", []))
+        self.projector_factors = dict(state.get("projector", {}))
 
     # -- costs ---------------------------------------------------------------------------------
     def trainable_counts(self) -> dict[str, int]:
         """Per layer the up_proj entries + 3 × the q/k/v update (:func:`~strategies.lorsu.qkv_update_size`):
-        ``trainable`` the free parameters, ``trainable_released`` the released count (3·min(R·W, 2·r·W) + mask)."""
+        ``trainable`` the free parameters, ``trainable_released`` the released count (3·min(R·W, 2·r·W) + mask);
+        with ``projector_lr`` the projector's LoRA factors too."""
         (head_dim, width), rank = self.shape, self.options.rank
         free = released = 0
         for sel in self.selection:
             rows = len(sel.heads) * head_dim
             free += 3 * qkv_update_size(rows, width, rank, "free") + len(sel.fc1_index)
             released += 3 * qkv_update_size(rows, width, rank, "released", 3) + len(sel.fc1_index)
-        return {"trainable": free, "trainable_with_biases": free, "trainable_released": released}
+        projector = sum(p.numel() for p in self.projector.parameters().values() if p.requires_grad)
+        return {"trainable": free + projector, "trainable_with_biases": free + projector,
+                "trainable_released": released + projector}

@@ -244,6 +244,9 @@ class LoRSULLMOptions(VLMRecipe):
     importance_sum: Literal["batch", "running"] = field(default="batch", metadata=LoRSUOptions.__dataclass_fields__[
         "importance_sum"].metadata)
 
+    projector_lr: float | None = field(default=None, metadata=LLMLoRAOptions.__dataclass_fields__[
+        "projector_lr"].metadata)
+
     def __post_init__(self) -> None:
         for key in ("last_layers", "top_k_heads", "rank", "importance_samples"):
             value = getattr(self, key)
@@ -252,4 +255,6 @@ class LoRSULLMOptions(VLMRecipe):
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
         check(self.importance_min_abs >= 0, f"{self.section}.importance_min_abs", self.importance_min_abs,
               "a float >= 0")
+        check(self.projector_lr is None or self.projector_lr > 0, f"{self.section}.projector_lr", self.projector_lr,
+              "null, or a learning rate > 0")
         self._check_recipe()

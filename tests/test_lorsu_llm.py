@@ -262,3 +262,29 @@ def test_the_grid_check_refuses_what_the_vlm_cannot_take(overrides, message, lla
     args = [vlms.get(o, o) for o in overrides]
     assert main(["run", "quick", "strategy=lorsu-llm", f"out={tmp_path}", *args, "--no-progress", "--dry-run"]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_projector_lr_adds_the_released_projector_lora_which_export_merges_and_release_removes(llava3, tmp_path):
+    """lorsu-llm with projector_lr: the projector's LoRA (rank 64) at its own rate; the run's VLM comes back as
+    loaded, and the merged export holds the projector's update."""
+    from peft.tuners.lora import LoraLayer
+
+    args = ["run", "quick", "strategy=lorsu-llm", f"vqa.model=llava:{llava3}", f"out={tmp_path}",
+            "lorsu-llm.top_k_heads=1", "lorsu-llm.last_layers=1", "lorsu-llm.rank=4", "lorsu-llm.sparsity=0.1",
+            "lorsu-llm.projector_lr=0.01", "keep_checkpoints=last", "seed=0", "sessions=2", "train.epochs=1",
+            "train.warmup_steps=0", "--no-progress"]
+    assert main(args) == 0
+    run = tmp_path / "quick/digits/openclip-fscl-tiny/lorsu-llm/5-s0"
+    state = torch.load(run / "checkpoints" / "session-2.pt", map_location="cpu", weights_only=False)["strategy"]
+    projector = state["projector"]
+    assert len(projector) == 4 and {t.shape[0] for k, t in projector.items() if "lora_A" in k} == {64}
+    assert any(float(t.abs().sum()) > 0 for k, t in projector.items() if "lora_B" in k)  # it trained
+    loaded = resolve_vlm(f"llava:{llava3}").loaded(torch.device("cpu"))
+    assert not [m for m in loaded.model.modules() if isinstance(m, LoraLayer)]
+    assert main(["export", str(run), "--session", "2", "--format", "vlm", "--merge", "--out", str(tmp_path / "m")]) == 0
+    from transformers import LlavaForConditionalGeneration
+
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").state_dict()
+    base = resolve_vlm(f"llava:{llava3}").load(torch.device("cpu")).model.state_dict()
+    changed = {name for name in base if not torch.equal(merged[name], base[name])}
+    assert any("multi_modal_projector" in name for name in changed)
