@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "vlm"))
     export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     export.add_argument("--vlm", metavar="SPEC", default=None,
-                        help="with --format vlm: the base VLM as a vqa.model value (FAMILY:/path/to/folder, 'fscl ls vlms'); default "
-                             "the run's vqa.model (pass it when that folder has moved)")
+                        help="with --format vlm: the base VLM as a vqa.model value (FAMILY:/path/to/folder, "
+                             "'fscl ls vlms'); default the run's vqa.model (pass it when that folder has moved)")
     export.add_argument("--merge", action="store_true",
                         help="with --format vlm: write the VLM with the adapter merged into its weights (a whole "
                              "model, from_pretrained(DIR) alone) instead of a PEFT adapter folder")
