@@ -197,10 +197,12 @@ def _lacking_note(runs: pd.DataFrame, evaluation: Evaluation) -> list[Block]:
     unchanged = runs["encoder_unchanged"].fillna(False).astype(bool) if evaluation == ZEROSHOT else False
     blocks = []
     if evaluation == ZEROSHOT and unchanged.any():
-        names = ", ".join(f"`{s}`" for s in sorted(set(runs.loc[unchanged, "strategy"])))
-        blocks.append(Text(f"**Encoder unchanged:** {names} train only the VLM's own modules (projector, language "
-                           f"model, head), so their zero-shot accuracy is the pretrained encoder's: left out of the "
-                           f"zero-shot tables and figures rather than shown as a zero TI; their VQA numbers are above."))
+        strategies = sorted(set(runs.loc[unchanged, "strategy"]))
+        names, many = ", ".join(f"`{s}`" for s in strategies), len(strategies) > 1
+        blocks.append(Text(f"**Encoder unchanged:** {names} {'train' if many else 'trains'} only the VLM's own modules "
+                           f"(projector, language model, head), so {'their' if many else 'its'} zero-shot accuracy is "
+                           f"the pretrained encoder's: left out of the zero-shot tables and figures rather than shown "
+                           f"as a zero TI; {'their' if many else 'its'} VQA numbers are above."))
     lacking = _lacking(runs[~unchanged] if evaluation == ZEROSHOT else runs, evaluation)
     return blocks + ([Text(f"**Without {evaluation.name} results** (their `evaluate` leaves it out"
                            + (", or they have no `vqa.model`" if evaluation == VQA else "")

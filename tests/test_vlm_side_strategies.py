@@ -182,7 +182,7 @@ def test_a_new_adapter_starts_as_the_identity(vlm, tiny_backbone):
 def test_the_report_says_an_llm_only_strategy_left_the_encoder_unchanged(runs, tmp_path):
     assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "**Encoder unchanged:** `lora-llm` train only the VLM's own modules" in report
+    assert "**Encoder unchanged:** `lora-llm` trains only the VLM's own modules" in report
     vqa, zeroshot = report.split("### Zero-shot classification", 1)
     assert "| lora-llm |" in vqa and "| lora-vlm |" in vqa
     assert "| lora-llm |" not in zeroshot.split("## ", 1)[0] and "| lora-vlm |" in zeroshot.split("## ", 1)[0]
