@@ -9,8 +9,9 @@ are drawn from the rest, so they never meet a validation image) and N per class 
 control's training split; those are evaluated instead of the test splits, which no tune run reads
 (controls without a training split are left out). A candidate's score is its validation TI and CC,
 averaged over the streams and seeds; :func:`choose` picks one per strategy by the criterion. The TI and CC are
-those of zero-shot classification when the runs have it, else (``evaluate: [vqa]``) those of VQA: the
-*basis* (:data:`BASES`), named in the tuned config's comments and in ``tune.csv``.
+those of zero-shot classification when the runs have it, else (``evaluate: [vqa]``, or a strategy that trains only
+the VLM, whose zero-shot rows are the pretrained encoder's) those of VQA: the *basis* (:data:`BASES`), named in the
+tuned config's comments and in ``tune.csv``.
 
 The result is a config that ``fscl run`` takes like a preset: the base config with each strategy's
 chosen values in its own section (``lorsu: {train: {lr: ...}}``), the protocol and the validation
@@ -119,7 +120,10 @@ def scores(runs: list[Config]) -> tuple[list[Score], int]:
         candidate = tuple(run.swept.items())
         if record.is_finished():
             summary = json.loads((record.path / "summary.json").read_text())
-            basis = "zeroshot" if "target_improvement" in summary else "vqa"  # evaluate: [vqa] has only its block
+            # evaluate: [vqa] has only its block; a strategy that trains only the VLM is judged on VQA (its zero-shot
+            # rows are the pretrained encoder's)
+            encoder = "encoder" in ((record.manifest() or {}).get("updates") or ["encoder"])
+            basis = "zeroshot" if "target_improvement" in summary and (encoder or "vqa" not in summary) else "vqa"
             scored = summary if basis == "zeroshot" else summary["vqa"]
             cc = scored.get("control_change")  # None without controls: nothing to lose
             found.append(Score(run.strategy, candidate, run.stream, run.seed, scored["target_improvement"],

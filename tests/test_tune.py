@@ -144,6 +144,16 @@ def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_l
     assert f"Every number is of {VQA.title}" in sweeps and "| train.lr | n | TI (pp) | p (TI) |" in sweeps
 
 
+def test_a_strategy_that_trains_only_the_vlm_is_tuned_on_vqa(tmp_path, tiny_llava):
+    """lora-llm's zero-shot rows are the pretrained encoder's (TI 0 at every rate): its candidates are scored on VQA,
+    beside full-ft's zero-shot scores in the same tune."""
+    assert main(["tune", "quick", f"out={tmp_path}", "seed=0", "sessions=1", "train.epochs=1",
+                 "strategy=[full-ft,lora-llm]", f"vqa.model=llava:{tiny_llava}", "train.lr=[1e-3,1e-1]",
+                 "--validation-per-class", "3", "--no-progress", "--out", str(tmp_path / "tuned.yaml")]) == 0
+    table = list(csv.DictReader((tmp_path / "quick-tune" / "tune.csv").open()))
+    assert {(r["strategy"], r["basis"]) for r in table} == {("full-ft", "zeroshot"), ("lora-llm", "vqa")}
+
+
 def test_ties_go_to_the_earlier_candidate_and_all_failed_is_left_out():
     rows = [{"strategy": "lora", "candidate": {"train.lr": lr}, "ti": 0.1, "cc": 0.0} for lr in (1e-5, 1e-4)]
     rows.append({"strategy": "spu", "candidate": {"train.lr": 1e-5}, "ti": None, "cc": None})
