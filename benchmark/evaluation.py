@@ -296,7 +296,8 @@ class ZeroShotEvaluator:
         for index, s in enumerate(self.sets):
             if not s.block:
                 continue
-            embeddings = self.embeddings_for(index).float().view(-1, s.block, self.embeddings_for(index).shape[-1])
+            bank = self.embeddings_for(index).float()  # [N·K, D]
+            embeddings = bank.view(-1, s.block, bank.shape[-1])  # [N, K, D]
             valid = torch.tensor(s.valid, device=embeddings.device).view(-1, s.block)
             similar = embeddings @ embeddings.transpose(1, 2) >= 1 - 1e-6  # [N, K, K]
             similar &= valid[:, :, None] & valid[:, None, :]

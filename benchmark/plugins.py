@@ -36,6 +36,12 @@ from benchmark.config import ConfigError
 from benchmark.distributed import all_reduce_mean, world_size
 
 Batch = Sequence[Any]  # an Avalanche mini-batch: [images [B, 3, H, W], labels [B], (captions,) task labels]
+
+
+def batch_captions(batch: Batch) -> Sequence[str] | None:
+    """The batch's own caption strings [B] (a dataset with per-image captions), or None (class templates)."""
+    captions = batch[2] if len(batch) > 2 else None
+    return captions if isinstance(captions, (list, tuple)) and isinstance(captions[0], str) else None
 OptionsT = TypeVar("OptionsT")  # a strategy's options dataclass
 
 
@@ -84,6 +90,8 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
     # VLM template's (LLaVA's answer loss, benchmark.vlm_template; the run needs vqa.model)
     updates: ClassVar[frozenset[str]] = frozenset({"encoder"})  # what it trains: the vision "encoder" and/or the
     # "vlm"'s own modules (projector, language model, head; in the process's loaded VLM, which the run's VQA scores)
+    vlm_factors: ClassVar[tuple[str, ...] | None] = None  # a VLM update that is one peft LoRA adapter: the keys of
+    # state_dict() that hold its factors, outermost first (fscl export --format vlm); None: it has none
 
     def __init__(self, backbone: Backbone, options: OptionsT | None = None) -> None:
         super().__init__()
@@ -108,11 +116,11 @@ class StrategyPlugin(SupervisedPlugin, Generic[OptionsT]):
         """After a session trained: merge updates into the weights or consolidate (default: nothing).
         The template freezes the encoder afterwards."""
 
-    def merge_into_vlm(self, model: nn.Module) -> None:
+    def merge_into_vlm(self, model: nn.Module) -> bool:
         """Add the VLM update that :meth:`load_state_dict` restored to the weights of ``model`` (a fresh copy of the
-        run's VLM's transformers model), for ``fscl export --format vlm --merge`` of a strategy whose update is no
-        peft LoRA adapter. Default: the strategy has none (NotImplementedError)."""
-        raise NotImplementedError(f"{type(self).__name__} has no VLM update to merge")
+        run's VLM's transformers model) and return True, for ``fscl export --format vlm --merge`` of an update that
+        is no peft LoRA adapter (:attr:`vlm_factors`). Default: False, the strategy keeps no such update."""
+        return False
 
     def learning_rates(self) -> dict[nn.Parameter, float]:
         """Trainable parameters at a learning rate of their own (e.g. the projector's LoRA at the released
@@ -336,7 +344,7 @@ class CostMeter(SupervisedPlugin):
             return
         self._costs.update(self.trainable_counts())
         batch = template.mbatch
-        models = [template.model, *([template.vlm] if getattr(template, "vlm", None) is not None else [])]
+        models = [template.model, *([template.vlm] if template.vlm is not None else [])]
         key = (tuple((name, tuple(p.shape)) for model in models for name, p in model.named_parameters()
                      if p.requires_grad), tuple(batch[0].shape))  # a VLM-side strategy's trainables included
         if key not in self._flops:
@@ -352,9 +360,9 @@ class CostMeter(SupervisedPlugin):
         """FLOPs of the text tower's forward on ``batch``'s captions (the whole batch; the CLIP loss's own caption
         strings, else each class name in the first template: the tokens are padded to the context length, so
         the count does not depend on which template a sample drew), counted once per token shape."""
-        own = len(batch) > 2 and isinstance(batch[2], (list, tuple)) and isinstance(batch[2][0], str)
-        captions = list(batch[2]) if own else [template.templates[0].format(template.class_names[int(y)])
-                                                   for y in batch[1]]
+        own = batch_captions(batch)
+        captions = list(own) if own is not None else [template.templates[0].format(template.class_names[int(y)])
+                                                       for y in batch[1]]
         tokens = template.backbone.tokenize(captions)
         key = tuple(tokens.shape)
         if key not in self._text_flops:

@@ -24,7 +24,7 @@ from benchmark.config import TrainConfig
 from benchmark.distributed import all_reduce_mean, any_rank, batch_slice, eval_indices, gather_batch, world_size
 from benchmark.evaluation import ZeroShotEvaluator, autocast_dtype
 from benchmark.image_cache import loader_workers
-from benchmark.plugins import Batch, StrategyPlugin
+from benchmark.plugins import Batch, StrategyPlugin, batch_captions
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -188,11 +188,12 @@ class CLIPTemplate(SupervisedTemplate):
     def caption_features(self, batch: Batch) -> Tensor:
         """Text features [B, D] of ``batch``'s captions: its own caption strings, or per sample its class
         name in a template drawn from the caption generator."""
-        if len(batch) > 2 and isinstance(batch[2], (list, tuple)) and isinstance(batch[2][0], str):
-            missing = [c for c in dict.fromkeys(batch[2]) if c not in self._caption_cache]
+        captions = batch_captions(batch)
+        if captions is not None:
+            missing = [c for c in dict.fromkeys(captions) if c not in self._caption_cache]
             if missing:
                 self._caption_cache.update(zip(missing, self.backbone.text_features(missing)))
-            return torch.stack([self._caption_cache[c] for c in batch[2]])
+            return torch.stack([self._caption_cache[c] for c in captions])
         labels = batch[1]
         bank = self.class_text_features()
         choice = torch.randint(len(self.templates), (len(labels),), generator=self.caption_rng)

@@ -114,6 +114,7 @@ class LLMLoRA(StrategyPlugin[LLMLoRAOptions]):
 
     objective = "vlm"
     updates: ClassVar[frozenset[str]] = frozenset({"vlm"})
+    vlm_factors: ClassVar[tuple[str, ...]] = ("factors",)
     default_options: ClassVar[type] = LLMLoRAOptions
 
     def __init__(self, backbone, options: LLMLoRAOptions | None = None) -> None:
@@ -195,6 +196,7 @@ class LoRAVLM(LoRAPpl):
     """LoRA on the whole VLM (needs vqa.model): the encoder, the projector, every language-model layer, the head."""
 
     updates: ClassVar[frozenset[str]] = frozenset({"encoder", "vlm"})
+    vlm_factors: ClassVar[tuple[str, ...]] = ("vlm", "factors")
     default_options: ClassVar[type] = LoRAVLMOptions
 
     def __init__(self, backbone, options: LoRAVLMOptions | None = None) -> None:

@@ -154,7 +154,7 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
                 attach(module, "weight", update.requires_grad_(False))
                 self.targets[name] = module
 
-    def merge_into_vlm(self, model: nn.Module) -> None:
+    def merge_into_vlm(self, model: nn.Module) -> bool:
         """Every finished session's update added to ``model``'s weights (``fscl export --format vlm --merge``)."""
         self.restore(model)
         for module in self.targets.values():
@@ -165,6 +165,7 @@ class LoRSULLM(StrategyPlugin[LoRSULLMOptions]):
             self.projector.attach(model, names, self.projector_factors)
             self.projector.tuner.merge_and_unload()
             self.projector.tuner = self.projector.model = None
+        return True
 
     def release(self) -> None:
         """Take every update out: each weight is its own parameter again, never written."""

@@ -4,9 +4,11 @@ PEFT adapter folder over the base VLM, or merged into a whole ``save_pretrained`
 The VLM-side strategies (``lora-llm``, ``lora-llm-last``, ``lora-vlm``: :mod:`strategies.llm`) adapt the run's VLM
 with one peft LoRA adapter, never merged during the run; a session's checkpoint holds its factors, named as the
 parameters under the VLM's transformers model (``model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight``:
-A [r, in], B [out, r], ΔW = (α/r)·B·A), where :data:`VLM_FACTORS` says, and the run's config.yaml the rank and
-α. The export loads the base VLM afresh (``--vlm``, default the run's ``vqa.model``; never the process's shared
-one), puts the session's encoder into its tower when the run trained the encoder (the manifest's ``updates``),
+A [r, in], B [out, r], ΔW = (α/r)·B·A) under the keys of its state that the strategy names (``vlm_factors``), and
+the run's config.yaml the rank and α; ``lorsu-llm``'s masked deltas are merged by the strategy itself
+(``merge_into_vlm``, ``--merge`` only). The export loads the base VLM afresh (``--vlm``, default the run's
+``vqa.model``; never the process's shared one), puts the session's encoder into its tower when the run trained
+the encoder (the manifest's ``updates``),
 attaches a peft adapter on the same modules holding the factors and writes either
 
 * the adapter (default): ``adapter_config.json`` + ``adapter_model.safetensors`` (its ``base_model_name_or_path``
@@ -32,12 +34,11 @@ from torch import nn
 from benchmark.backbones import load_backbone
 from benchmark.export import ExportError, run_config, session_checkpoint
 from benchmark.records import RunRecord
+from benchmark.registry import STRATEGIES
 from benchmark.vlm.spec import resolve_vlm
 
 ADAPTER = "default"  # peft's adapter name (the strategies' too)
 # where each VLM-side strategy's state (its StrategyPlugin.state_dict) keeps the VLM adapter's factors
-VLM_FACTORS: dict[str, tuple[str, ...]] = {"lora-llm": ("factors",), "lora-llm-last": ("factors",),
-                                           "lora-vlm": ("vlm", "factors")}
 ENCODER_FORMATS = "--format hf-clip-vision (LLaVA's CLIP tower), hf-siglip-vision or openclip"
 
 
@@ -53,12 +54,12 @@ class SessionAdapter:
     strategy_state: dict[str, Any] | None = None  # a strategy that merges its own update: its saved state
 
 
-def merged_by_strategy(strategy: str) -> bool:
-    """Whether the registered ``strategy`` merges its own VLM update (overrides ``merge_into_vlm``; no peft adapter)."""
-    from benchmark.plugins import StrategyPlugin
-    from benchmark.registry import STRATEGIES
-
-    return strategy in STRATEGIES and STRATEGIES.get(strategy).obj.merge_into_vlm is not StrategyPlugin.merge_into_vlm
+def unknown_update(strategy: str) -> ExportError:
+    """The refusal of a strategy whose VLM update the export cannot read: neither a peft adapter whose factors it
+    names (``vlm_factors``) nor one it merges itself (``merge_into_vlm``)."""
+    known = [n for n in STRATEGIES.names() if STRATEGIES.get(n).obj.vlm_factors]
+    return ExportError(f"--format vlm does not know where strategy '{strategy}' keeps its VLM update (it knows "
+                       f"{', '.join(known)}, and strategies that merge their own)")
 
 
 def session_adapter(run_dir: str | Path, session: int) -> SessionAdapter:
@@ -73,14 +74,14 @@ def session_adapter(run_dir: str | Path, session: int) -> SessionAdapter:
     if session == 0:
         raise ExportError(f"--format vlm --session 0: before session 1 the VLM is the pretrained one "
                           f"({config['vqa']['model']}); export a session 1..{config['sessions']}")
-    if strategy not in VLM_FACTORS and not merged_by_strategy(strategy):
-        raise ExportError(f"--format vlm does not know where strategy '{strategy}' keeps its VLM update (it knows "
-                          f"{', '.join(VLM_FACTORS)}, and strategies that merge their own)")
+    if strategy not in STRATEGIES:
+        raise unknown_update(strategy)
     state = session_checkpoint(run_dir, config, session, what="adapted VLM")
-    if strategy not in VLM_FACTORS:  # the strategy merges its update itself (merge_into_vlm)
+    path = STRATEGIES.get(strategy).obj.vlm_factors
+    if path is None:  # no peft adapter: the strategy may merge its update itself (merge_into_vlm)
         return SessionAdapter(config, {}, state["encoder"] if "encoder" in updates else None, state["strategy"])
     factors: Any = state["strategy"]
-    for key in VLM_FACTORS[strategy]:
+    for key in path:
         factors = factors.get(key, {})
     if not factors:
         raise ExportError(f"the checkpoint of session {session} in {run_dir} holds no VLM adapter factors")
@@ -134,6 +135,9 @@ def export_vlm(run_dir: str | Path, session: int, out: str | Path, vlm: str | No
     from peft import LoraConfig, get_peft_model
 
     saved = session_adapter(run_dir, session)
+    if saved.strategy_state is not None and not merge:  # refused before any model loads
+        raise ExportError(f"--format vlm: {saved.config['strategy']}'s update is no peft LoRA adapter (e.g. masked "
+                          f"deltas); export it merged (--merge)")
     config = saved.config
     spec = vlm or config["vqa"]["model"]
     family = resolve_vlm(spec)
@@ -144,7 +148,7 @@ def export_vlm(run_dir: str | Path, session: int, out: str | Path, vlm: str | No
         backbone.visual.load_state_dict(saved.encoder)
         loaded.swap_encoder(backbone)
     if saved.strategy_state is not None:
-        return merge_strategy_update(saved, loaded, out, merge)
+        return merge_strategy_update(saved, loaded, out)
     options = config[config["strategy"]]
     targets = sorted({name.split(".lora_", 1)[0] for name in saved.factors})
     if merge:
@@ -163,21 +167,18 @@ def export_vlm(run_dir: str | Path, session: int, out: str | Path, vlm: str | No
     return out
 
 
-def merge_strategy_update(saved: SessionAdapter, loaded: Any, out: str | Path, merge: bool) -> Path:
-    """Write the VLM with the update of a strategy that merges its own (``lorsu-llm``'s masked deltas: no peft
-    adapter form, so ``merge`` is required), built from the run's options and saved state."""
+def merge_strategy_update(saved: SessionAdapter, loaded: Any, out: str | Path) -> Path:
+    """Write the VLM with the update of a strategy that merges its own (``lorsu-llm``'s masked deltas), built from
+    the run's options and saved state."""
     from benchmark.config import from_dict
-    from benchmark.registry import STRATEGIES
 
     name = saved.config["strategy"]
-    if not merge:
-        raise ExportError(f"--format vlm: {name}'s update is masked deltas, not a peft LoRA adapter; export it merged "
-                          f"(--merge)")
     entry = STRATEGIES.get(name)
     options = from_dict(entry.options, saved.config.get(name) or {}, prefix=name) if entry.options else None
     strategy = entry.obj(None, options)
     strategy.load_state_dict(saved.strategy_state)
-    strategy.merge_into_vlm(loaded.model)
+    if not strategy.merge_into_vlm(loaded.model):
+        raise unknown_update(name)
     out = Path(out)
     loaded.model.save_pretrained(out)
     loaded.processor.save_pretrained(out)
