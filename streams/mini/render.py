@@ -7,6 +7,7 @@ anti-aliases the polygons. Glyphs use the DejaVu fonts that ship with matplotlib
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,9 +80,16 @@ def draw(world: World, comp: Composition, canvas: Image.Image) -> None:
 
 def render(world: World, comp: Composition) -> np.ndarray:
     """A clean render, uint8 [S, S, 3] with S = ``world.image_size``."""
+    return render_scene(world, [comp])
+
+
+def render_scene(world: World, comps: Sequence[Composition]) -> np.ndarray:
+    """Several compositions on one clean render, drawn in order on the first one's background (the others'
+    backgrounds play no part), uint8 [S, S, 3]. One composition renders exactly as :func:`render`."""
     side = world.image_size * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), comp.background)
-    draw(world, comp, canvas)
+    canvas = Image.new("RGB", (side, side), comps[0].background)
+    for comp in comps:
+        draw(world, comp, canvas)
     return np.asarray(canvas.reduce(SUPERSAMPLE))
 
 
