@@ -8,6 +8,8 @@ machinery end to end and to screen a new strategy before a GPU run.
 - :mod:`streams.mini.render`: clean renders and the sign-like visual shift (PIL, DejaVu fonts).
 - :mod:`streams.mini.datasets`: streams ``mini-shapes``, ``mini-colours``, ``mini-digits``
   (clean controls of held-out compositions), ``mini-handwritten`` and ``mini-signs`` (targets).
+- :mod:`streams.mini.questions`, :mod:`streams.mini.question_streams`: the question kinds of VSR, MMVP and Hateful
+  Memes in mini (streams ``mini-spatial``, ``mini-pairs``, ``mini-yesno``), and the mini VLM's rows of them.
 - :mod:`streams.mini.pretrain`: CLIP-loss pretraining into open_clip's local-dir layout.
 - :mod:`streams.mini.backbone`: the ``mini`` backbone family (cached; built when missing).
 - :mod:`streams.mini.vlm`: the ``mini`` VLM family (``vqa.model: mini``), a small VLM of the LLaVA family
@@ -32,6 +34,12 @@ STREAMS.declare("mini-digits", "streams.mini.datasets:MiniDigits", options=_MINI
                 summary="Mini world control: the printed digit on clean held-out (shape, colour) compositions.")
 STREAMS.declare("mini-signs", "streams.mini.datasets:MiniSigns", options=_MINI,
                 summary="Mini world target: sign-like compositions under perspective, blur, low light, noise, clutter.")
+STREAMS.declare("mini-spatial", "streams.mini.question_streams:MiniSpatial", options=_MINI,
+                summary="Mini world, VSR-like: true/false statements about two held-out shapes' spatial relation.")
+STREAMS.declare("mini-pairs", "streams.mini.question_streams:MiniPairs", options=_MINI,
+                summary="Mini world, MMVP-like: image pairs that differ in one attribute, (a)/(b) options, pair accuracy.")
+STREAMS.declare("mini-yesno", "streams.mini.question_streams:MiniYesNo", options=_MINI,
+                summary="Mini world, Hateful-Memes-like: yes/no questions about a held-out shape (AUROC of 'yes').")
 STREAMS.declare("mini-handwritten", "streams.mini.datasets:MiniHandwritten", options="streams.options:DigitsOptions",
                 summary="Mini world target: scikit-learn's real handwritten digits against printed digits.")
 BACKBONES.declare(

@@ -6,7 +6,8 @@ wording of the set it mirrors, so a mini run goes through every code path of the
 
 - ``spatial`` (VSR): two small shapes without a glyph, side by side or one above the other; the statement "The
   {colour} {shape} is {left of|right of|above|below} the {colour} {shape}." judged true or false
-  (:func:`streams.vsr.vsr_question`). A false statement names the opposite relation on the same axis.
+  (:func:`streams.vsr.vsr_question`; the CLIP texts short, :func:`spatial_question`). A false statement names the
+  opposite relation on the same axis.
 - ``pairs`` (MMVP): two scenes identical but for one attribute (colour, shape or printed glyph); both ask the same
   question with the options ``(a) <first scene's value> (b) <second scene's>``, so the first answers ``(a)`` and
   the second ``(b)``; ``group`` is the pair's id (pair accuracy; :func:`streams.mmvp.mmvp_question`).
@@ -65,6 +66,15 @@ def spatial_statement(subject: tuple[str, str], relation: str, reference: tuple[
     return f"The {subject[1]} {subject[0]} is {relation} the {reference[1]} {reference[0]}."
 
 
+def spatial_question(subject: tuple[str, str], relation: str, reference: tuple[str, str], label: int) -> dict:
+    """VSR's released wording of the statement (eval prompt, answers, VLM-loss pair), with short CLIP texts: the
+    statement with the opposite relation (``false``) and the statement (``true``). The mini text encoder reads 16
+    tokens, which would cut VSR's released CLIP texts before their last word, the option."""
+    statement = spatial_statement(subject, relation, reference)
+    return {**vsr_question(statement, label),
+            "texts": (spatial_statement(subject, OPPOSITE[relation], reference), statement)}
+
+
 def pair_options(values: Sequence[str]) -> str:
     """``(a) red (b) blue``: the options of a pair question, in the released MMVP format."""
     return " ".join(f"({letter}) {value}" for letter, value in zip("ab", values))
@@ -103,8 +113,7 @@ def _spatial(w: World, rng: np.random.Generator, pool: list[tuple[str, str]], in
     centres = [(along[i], float(across[i])) if horizontal else (float(across[i]), along[i]) for i in range(2)]
     scene = [replace(a, cx=centres[0][0], cy=centres[0][1]),
              replace(b, cx=centres[1][0], cy=centres[1][1], background=a.background)]
-    statement = spatial_statement((a.shape, a.colour), relation, (b.shape, b.colour))
-    return scene, vsr_question(statement, label)
+    return scene, spatial_question((a.shape, a.colour), relation, (b.shape, b.colour), label)
 
 
 def _pairs(w: World, rng: np.random.Generator, pool: list[tuple[str, str]], index: int):
@@ -173,7 +182,7 @@ def vocabulary_texts() -> list[str]:
     world's shapes, colours and glyphs, and each wording with each of its fixed alternatives filled."""
     w = world()
     shape, colour = w.pairs(held_out=False)[0]
-    parts = [vsr_question(spatial_statement((shape, colour), relation, (shape, colour)), label)
+    parts = [spatial_question((shape, colour), relation, (shape, colour), label)
              for relation in RELATIONS for label in (0, 1)]
     parts += [mmvp_question(PAIR_QUESTIONS[a], pair_options((shape, colour)), m, 0) for a in ATTRIBUTES for m in (0, 1)]
     parts += [yesno_question(form, shape, colour, label) for form in YESNO_FORMS for label in (0, 1)]
