@@ -111,21 +111,21 @@ def _spec(name: str) -> StreamSpec:
 
 
 class MiniSpatial(MiniQuestionStream):
-    """Mini world, VSR-like: is a statement about two shapes' spatial relation true or false."""
+    """Mini world, VSR-like: true/false statements about two held-out shapes' spatial relation."""
 
     spec = _spec("mini-spatial")
     kind = "spatial"
 
 
 class MiniPairs(MiniQuestionStream):
-    """Mini world, MMVP-like: pairs of scenes that differ in one attribute, two options each (pair accuracy)."""
+    """Mini world, MMVP-like: image pairs that differ in one attribute, (a)/(b) options, pair accuracy."""
 
     spec = _spec("mini-pairs")
     kind = "pairs"
 
 
 class MiniYesNo(MiniQuestionStream):
-    """Mini world, Hateful-Memes-like: a yes/no question about the shape (AUROC of "yes")."""
+    """Mini world, Hateful-Memes-like: yes/no questions about a held-out shape (AUROC of 'yes')."""
 
     spec = _spec("mini-yesno")
     kind = "yesno"
