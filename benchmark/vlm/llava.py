@@ -301,11 +301,12 @@ LlavaFamily.loaded_class = LoadedLlava
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
-def new_llava_config(vision_config, tokenizer, text: dict[str, int] | None = None):
+def new_llava_config(vision_config, tokenizer, text: dict[str, int] | None = None, **reading):
     """The ``LlavaConfig`` of a LLaVA with tower ``vision_config`` (a ``CLIPVisionConfig``) and a Llama of
     ``text`` sizes (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``;
     default :data:`TINY_TEXT`) over ``tokenizer`` (one of :mod:`benchmark.vlm.tokenizers`), reading the tower's
-    ``hidden_states[-2]`` without the class token, as LLaVA-1.5 does."""
+    ``hidden_states[-2]`` without the class token through a GELU projector, as LLaVA-1.5 does; ``reading``
+    overrides those (``vision_feature_layer``, ``vision_feature_select_strategy``, ``projector_hidden_act``)."""
     from transformers import LlamaConfig, LlavaConfig
 
     text = {**TINY_TEXT, **(text or {})}
@@ -314,8 +315,9 @@ def new_llava_config(vision_config, tokenizer, text: dict[str, int] | None = Non
     llama = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=text["num_attention_heads"],
                         max_position_embeddings=1024, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                         pad_token_id=ids["pad"], **text)
-    return LlavaConfig(vision_config=vision_config, text_config=llama, image_token_id=ids["image"],
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    reading = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+               **reading}
+    return LlavaConfig(vision_config=vision_config, text_config=llama, image_token_id=ids["image"], **reading)
 
 
 def new_llava(config, seed: int = 0) -> nn.Module:
@@ -332,15 +334,16 @@ def new_llava(config, seed: int = 0) -> nn.Module:
     return model
 
 
-def llava_processor(vision_config, tokenizer):
+def llava_processor(vision_config, tokenizer, strategy: str = "default"):
     """The ``LlavaProcessor`` of a LLaVA with tower ``vision_config``: ``tokenizer`` and a CLIP image processor
-    at the tower's size (CLIP's mean and std), ``<image>`` expanded to one token per patch."""
+    at the tower's size (CLIP's mean and std), ``<image>`` expanded to one token per patch (and one for the class
+    token under the ``full`` ``strategy``)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     size = vision_config.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(image_processor, tokenizer, patch_size=vision_config.patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          vision_feature_select_strategy=strategy, num_additional_image_tokens=1)
 
 
 def save_llava(folder: str | Path, model: nn.Module, processor) -> Path:
