@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmark.errors import FsclError
+
 
 def add_data(verbs: argparse._SubParsersAction) -> None:
     """``fscl data check STREAM --root DIR [-o key=value ...]``."""
@@ -41,13 +43,15 @@ def add_pretrain_mini(verbs: argparse._SubParsersAction) -> None:
         description="Pretrain the mini world's tiny ViT with the CLIP loss on clean renders and save it in "
                     "open_clip's local-dir layout with a manifest (seed, steps, data version, zero-shot "
                     "accuracies) under $FSCL_CACHE (default ~/.cache/fscl). The 'mini' backbone loads it. "
-                    "With --vlm, train the mini world's small LLaVA-shaped VLM (not LLaVA: the mini encoder in its "
-                    "tower, a small Llama trained on the world's multiple-choice questions) into the cache; "
-                    "vqa.model: mini loads it. Both are otherwise built on first use.")
+                    "With --vlm, build the mini world's small LLaVA-shaped VLM (not LLaVA: the mini encoder in its "
+                    "tower, its image head as the projector, a small Llama set to compare the image embedding with "
+                    "the class names' text embeddings) into the cache; vqa.model: mini loads it. Both are otherwise "
+                    "built on first use.")
     mini.add_argument("--vlm", action="store_true",
-                      help="train the mini VLM (on the cached mini model, pretrained first when missing)")
-    mini.add_argument("--seed", type=int, default=0, help="training seed (default 0; same seed, same weights)")
-    mini.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+                      help="build the mini VLM (on the cached mini model, pretrained first when missing)")
+    mini.add_argument("--seed", type=int, default=0, help="seed (default 0; same seed, same weights)")
+    mini.add_argument("--steps", type=int, default=None,
+                      help="the mini model's optimizer steps (default: the recipe's; the mini VLM has none)")
     mini.add_argument("--out", default=None, metavar="DIR", help="model folder (default: the cache's)")
     mini.add_argument("--force", action="store_true", help="rebuild even when the model exists")
     mini.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,6 +83,9 @@ def _pretrain_mini(args: argparse.Namespace) -> int:
         from streams.mini.pretrain import PretrainConfig as Recipe
         from streams.mini.pretrain import pretrain as build
         what, scores, label = "mini model", "zero_shot_top1", "zero-shot top-1"
+    if args.vlm and args.steps:
+        raise FsclError("pretrain-mini --vlm --steps: the mini VLM is built, not trained (drop --steps, or --vlm to "
+                        "pretrain the mini model)")
     folder = Path(args.out) if args.out else default_dir(args.seed)
     if (folder / WEIGHTS).is_file() and not args.force:
         print(f"the {what} is already in {folder} (--force rebuilds it)")
@@ -87,7 +94,8 @@ def _pretrain_mini(args: argparse.Namespace) -> int:
     if args.steps:
         cfg.steps = args.steps
     manifest = build(folder, cfg, progress=not args.no_progress)
-    print(f"{what} -> {folder} ({manifest['steps']} steps, {manifest['train_seconds']:.0f} s)")
+    steps = f"{manifest['steps']} steps, " if "steps" in manifest else ""
+    print(f"{what} -> {folder} ({steps}{manifest['train_seconds']:.0f} s)")
     for name, acc in manifest[scores].items():
         print(f"  {label} {name:<18} {100 * acc:5.1f} %")
     return 0

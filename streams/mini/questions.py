@@ -22,9 +22,8 @@ relation (``spatial``), the attribute (``pairs``) and the question form (``yesno
 
 Determinism: every draw of row ``index`` (of pair ``index // 2`` for ``pairs``) comes from
 :func:`~streams.mini.world.rng_for` keyed by (``mini-questions``, version, kind, split, seed, index): the same row in
-every process and on every machine, whatever else was drawn before. The streams' scenes use the (shape, colour)
-pairs held out from pretraining (the controls' pairs, as ``mini-shapes``); :func:`training_row` draws the mini
-VLM's own training rows from the pairs pretraining sees. Only a ``pairs`` row that varies the shape (or the colour
+every process and on every machine, whatever else was drawn before. The scenes use the (shape, colour) pairs held
+out from pretraining (the controls' pairs, as ``mini-shapes``). Only a ``pairs`` row that varies the shape (or the colour
 of a shape with one held-out colour) takes its second scene's pair from the whole vocabulary, since no two held-out
 pairs share a colour. No torch runs here (the wordings' modules import it).
 """
@@ -37,7 +36,6 @@ import numpy as np
 
 from benchmark.vqa.questions import OwnQuestion
 from streams.hm import ANSWERS as YES_NO
-from streams.mini.render import render_scene
 from streams.mini.world import Composition, World, rng_for, world
 from streams.mmvp import mmvp_question
 from streams.own_questions import short_answer_pair
@@ -46,7 +44,6 @@ from streams.vsr import vsr_question
 KINDS = ("spatial", "pairs", "yesno")
 VERSION = 1  # of the drawing rules below: the key of every draw (the streams pass their data file's version)
 ROWS_PER_UNIT = {"spatial": 1, "pairs": 2, "yesno": 1}  # a unit: one row, or a pair of rows drawn together
-TRAINING_SPLIT = "vlm"  # the split key of the mini VLM's training rows (never a stream's)
 
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -145,25 +142,17 @@ _DRAW: dict[str, Callable] = {"spatial": _spatial, "pairs": _pairs, "yesno": _ye
 
 
 # --------------------------------------------------------------------------- public
-def question_row(kind: str, split: str, seed: int, index: int, *, held_out: bool = True,
-                 version: int = VERSION) -> tuple[list[Composition], OwnQuestion]:
+def question_row(kind: str, split: str, seed: int, index: int, *, version: int = VERSION
+                 ) -> tuple[list[Composition], OwnQuestion]:
     """Row ``index`` of ``kind``'s ``split`` (any string key: ``train``, ``test``, ``validation-0``, ...) for data
-    ``seed``: its scene and its question. ``held_out``: scenes of the (shape, colour) pairs pretraining never saw
-    (the streams'), else of those it saw (the mini VLM's training rows)."""
+    ``seed``: its scene (of the (shape, colour) pairs pretraining never saw) and its question."""
     if kind not in _DRAW:
         raise ValueError(f"question kind {kind!r}: allowed: {', '.join(KINDS)}")
     w = world()
     unit = index // ROWS_PER_UNIT[kind]
     rng = rng_for("mini-questions", version, kind, split, seed, unit)
-    scene, parts = _DRAW[kind](w, rng, w.pairs(held_out=held_out), index)
+    scene, parts = _DRAW[kind](w, rng, w.pairs(held_out=True), index)
     return scene, OwnQuestion(**parts)
-
-
-def training_row(kind: str, seed: int, index: int) -> tuple[np.ndarray, OwnQuestion]:
-    """Row ``index`` of the mini VLM's own training data of ``kind`` for ``seed``: uint8 image [S, S, 3] and its
-    question, on the pretraining distribution (pairs not held out; never a stream's row)."""
-    scene, q = question_row(kind, TRAINING_SPLIT, seed, index, held_out=False)
-    return render_scene(world(), scene), q
 
 
 def split_rows(kind: str, per_group: int, groups: int) -> int:

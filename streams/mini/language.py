@@ -1,0 +1,166 @@
+"""The mini VLM's language model, set rather than learned: a three-block Llama that answers a multiple-choice
+question with the option whose words the image embedding is closest to, and names an image's class with the
+closest class name — the zero-shot rule of the encoder in the tower, computed by attention heads.
+
+The residual stream (width :data:`WIDTH`) is split into named blocks (:class:`Layout`): the image semantic ``S``
+(what the projector writes: the encoder's image head, :func:`streams.mini.vlm.clip_head`), the word semantic ``T``
+(a class name's zero-shot classifier weight), the copied image semantic ``V``, one-hot letters and flags. Every
+text token has the same norm (a padding coordinate), so RMSNorm scales all of them alike. The blocks:
+
+1. Two heads that look one token back (rotary phases of the fastest frequencies, a sink on ``<s>`` for every other
+   distance): a class-name token copies the option letter of the marker before it ("A." … "E.", "(a)", "(b)"), and
+   an image token learns whether it follows "USER:" — only the class token does (``IS_CLS``).
+2. Every text token copies the class token's semantic into ``V`` (attention keyed on ``IS_CLS``).
+3. Every text token attends over the class-name tokens with the score ``<V, T>`` (rotary frequencies slow enough
+   to be constant over a prompt), sharply: the last token gets the letter of the best-matching option.
+
+The output layer reads the copied letter for the answer letters and ``<V, T>`` (× the encoder's logit scale) for
+the class names, and scores the next word of the released VLM-loss answers (``This is a {}.``) from the current
+word (a bigram table over the answers' fixed words), so that the VLM loss of an answer is, at its class-name
+token, the CLIP loss of the image against every class name. The MLPs are zero.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+WIDTH = 256
+HEAD = 256  # head dimension: 128 rotary pairs, the slow ones constant over a prompt
+HEADS = 2
+BLOCKS = 3
+ROPE_THETA = 1e12
+FAST = (0, 1, 2)  # rotary pairs of the look-one-back heads: their sum of cosines peaks at one token back
+STATIC = 40  # rotary pairs from here on turn < 0.03 rad over 150 tokens: content heads use them
+SINK_PAIR = 127
+NORM = 16.0  # every text token's squared norm (its rms is sqrt(NORM / WIDTH) = 1/4)
+IMAGE_FLAG = 4.0  # an image token's flag: its squared norm is about NORM too
+
+
+@dataclass
+class Layout:
+    """Where each block of the residual stream lives: semantic blocks of ``semantic`` coordinates, flags, and one
+    coordinate per option letter in each letter block (``letters``)."""
+
+    semantic: int = 64
+    letters: int = 5
+
+    def __post_init__(self) -> None:
+        d, n = self.semantic, self.letters
+        self.S, self.T, self.V = slice(0, d), slice(d, 2 * d), slice(2 * d, 3 * d)
+        at = 3 * d
+        (self.ONE, self.IMG, self.CONCEPT, self.MARKER, self.COLON, self.PERIOD, self.SINK, self.PAD,
+         self.IS_CLS) = range(at, at + 9)
+        at += 9
+        self.L, self.C, self.ANSWER = (slice(at + i * n, at + (i + 1) * n) for i in range(3))
+        if at + 3 * n > WIDTH:
+            raise ValueError(f"the mini language model needs {at + 3 * n} coordinates, it has {WIDTH}")
+
+
+def rotary_frequencies() -> Tensor:
+    """θ_j of every rotary pair j (radians per token), as Llama computes them."""
+    return ROPE_THETA ** (-torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the language model must know of its tokens: the id of each class name with its word semantic (a row of
+    ``concepts`` [K, semantic]), the id and letter of each option marker, the ids of ``<s>``, ":", "." and
+    ``</s>``, and every answer letter's id with its letter."""
+
+    size: int
+    concept_ids: Sequence[int]
+    concepts: Tensor
+    markers: dict[int, int]
+    answers: dict[int, int]
+    bos: int
+    colon: int
+    period: int
+    eos: int
+
+
+def text_config() -> dict:
+    """The Llama sizes of this language model (``hidden_size``, heads, head dimension, rotary base, ...)."""
+    return {"hidden_size": WIDTH, "intermediate_size": 8, "num_hidden_layers": BLOCKS, "num_attention_heads": HEADS,
+            "head_dim": HEAD, "rope_theta": ROPE_THETA}
+
+
+@torch.no_grad()
+def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logit_scale: float) -> None:
+    """Set every weight of ``model``'s Llama (a ``LlavaForConditionalGeneration`` of :func:`text_config`), its
+    input embeddings and output layer as the module docstring describes; ``logit_scale``: the encoder's CLIP
+    temperature multiplier, the scale of the class names' output logits."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    language = model.model.language_model if hasattr(model.model, "language_model") else model.language_model
+    embed.zero_(), head.zero_()
+    rows = embed
+    rows[:, layout.ONE] = 1.0
+    for token, letter in vocab.markers.items():
+        rows[token, layout.MARKER], rows[token, layout.L.start + letter] = 1.0, 1.0
+    rows[list(vocab.concept_ids), layout.T] = vocab.concepts
+    rows[list(vocab.concept_ids), layout.CONCEPT] = 1.0
+    rows[vocab.colon, layout.COLON] = 1.0
+    rows[vocab.period, layout.PERIOD] = 1.0
+    rows[vocab.bos, layout.SINK] = 1.0
+    rows[:, layout.PAD] = (NORM - rows.pow(2).sum(-1)).clamp(min=0).sqrt()
+    text_scale = math.sqrt(WIDTH / NORM)  # a text token's coordinates after RMSNorm, × this
+    for layer in language.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                       layer.self_attn.o_proj, layer.mlp.down_proj):
+            module.weight.zero_()
+        layer.input_layernorm.weight.fill_(1.0), layer.post_attention_layernorm.weight.fill_(1.0)
+    language.norm.weight.fill_(1.0)
+    theta = rotary_frequencies()
+    blocks = language.layers
+    # block 1, head 0: a class name copies the letter of the marker before it; head 1: an image token after ":" is
+    # the class token
+    look_back(blocks[0].self_attn, 0, query=layout.CONCEPT, key=layout.MARKER, sink=layout.SINK, theta=theta)
+    copy_values(blocks[0].self_attn, 0, layout.L, layout.C, gain=1 / text_scale)
+    look_back(blocks[0].self_attn, 1, query=layout.IMG, key=layout.COLON, sink=layout.SINK, theta=theta)
+    copy_values(blocks[0].self_attn, 1, slice(layout.COLON, layout.COLON + 1), slice(layout.IS_CLS, layout.IS_CLS + 1),
+                gain=1 / text_scale)
+    # block 2: every text token copies the class token's semantic
+    attn = blocks[1].self_attn
+    attn.q_proj.weight[STATIC, layout.ONE] = 6.5
+    attn.k_proj.weight[STATIC, layout.IS_CLS] = 6.5
+    copy_values(attn, 0, layout.S, layout.V, gain=1 / text_scale)
+    # block 3: every text token reads the letter of the class name its V is closest to
+    attn = blocks[2].self_attn
+    d = layout.semantic
+    attn.q_proj.weight[STATIC + 1:STATIC + 1 + d, layout.V] = torch.eye(d) * 22.0
+    attn.k_proj.weight[STATIC + 1:STATIC + 1 + d, layout.T] = torch.eye(d) * 22.0
+    attn.q_proj.weight[STATIC, layout.ONE] = 6.5
+    attn.k_proj.weight[STATIC, layout.CONCEPT] = 6.5
+    copy_values(attn, 0, layout.C, layout.ANSWER, gain=1 / text_scale)
+    # the output layer
+    for token, letter in vocab.answers.items():
+        head[token, layout.ANSWER.start + letter] = 400.0
+    head[list(vocab.concept_ids), layout.V] = vocab.concepts * logit_scale / text_scale
+    head[vocab.period, layout.CONCEPT] = 40.0
+    head[vocab.eos, layout.PERIOD] = 40.0
+
+
+def look_back(attn: nn.Module, h: int, query: int, key: int, sink: int, theta: Tensor) -> None:
+    """Head ``h`` of ``attn``: tokens with the flag ``query`` attend to the token one back when it has the flag
+    ``key`` (rotary pairs :data:`FAST`, phases set so their cosines all peak at one token back), else to the sink
+    (``<s>``, flag ``sink``; pair :data:`SINK_PAIR`). Scores after RMSNorm: 100 one back, 85 the sink, at most 68
+    any other distance up to 16 (the image's patches), 0 a token without the flag."""
+    rows = slice(h * HEAD, (h + 1) * HEAD)
+    q, k = attn.q_proj.weight[rows], attn.k_proj.weight[rows]
+    amplitude = math.sqrt(100 / len(FAST))  # (1/sqrt(HEAD)) · (amplitude · 4)² summed over the pairs = 100
+    for j in FAST:
+        q[j, query] = amplitude * math.cos(float(theta[j]))
+        q[j + HEAD // 2, query] = -amplitude * math.sin(float(theta[j]))
+        k[j, key] = amplitude
+    q[SINK_PAIR, query] = math.sqrt(85)
+    k[SINK_PAIR, sink] = math.sqrt(85)
+
+
+def copy_values(attn: nn.Module, h: int, source: slice, target: slice, gain: float) -> None:
+    """Head ``h`` of ``attn`` carries the coordinates ``source`` of the attended tokens into ``target`` × ``gain``."""
+    n = source.stop - source.start
+    attn.v_proj.weight[h * HEAD:h * HEAD + n, source] = torch.eye(n)
+    attn.o_proj.weight[target, h * HEAD:h * HEAD + n] = torch.eye(n) * gain
