@@ -34,8 +34,7 @@ HEADS = 2
 BLOCKS = 3
 ROPE_THETA = 1e12
 FAST = (0, 1, 2)  # rotary pairs of the look-one-back heads: their sum of cosines peaks at one token back
-STATIC = 40  # rotary pairs from here on turn < 0.03 rad over 150 tokens: content heads use them
-SINK_PAIR = 127
+SLOW = HEAD // 2 - 1  # the slowest rotary pair (1e-12 rad per token): flags and sinks; the content pairs precede it
 NORM = 16.0  # every text token's squared norm (its rms is sqrt(NORM / WIDTH) = 1/4)
 IMAGE_FLAG = 4.0  # an image token's flag: its squared norm is about NORM too
 
@@ -109,7 +108,7 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
     text_scale = math.sqrt(WIDTH / NORM)  # a text token's coordinates after RMSNorm, × this
     for layer in language.layers:
         for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                       layer.self_attn.o_proj, layer.mlp.down_proj):
+                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             module.weight.zero_()
         layer.input_layernorm.weight.fill_(1.0), layer.post_attention_layernorm.weight.fill_(1.0)
     language.norm.weight.fill_(1.0)
@@ -124,16 +123,16 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
                 gain=1 / text_scale)
     # block 2: every text token copies the class token's semantic
     attn = blocks[1].self_attn
-    attn.q_proj.weight[STATIC, layout.ONE] = 6.5
-    attn.k_proj.weight[STATIC, layout.IS_CLS] = 6.5
+    attn.q_proj.weight[SLOW, layout.ONE] = 6.5
+    attn.k_proj.weight[SLOW, layout.IS_CLS] = 6.5
     copy_values(attn, 0, layout.S, layout.V, gain=1 / text_scale)
     # block 3: every text token reads the letter of the class name its V is closest to
     attn = blocks[2].self_attn
     d = layout.semantic
-    attn.q_proj.weight[STATIC + 1:STATIC + 1 + d, layout.V] = torch.eye(d) * 22.0
-    attn.k_proj.weight[STATIC + 1:STATIC + 1 + d, layout.T] = torch.eye(d) * 22.0
-    attn.q_proj.weight[STATIC, layout.ONE] = 6.5
-    attn.k_proj.weight[STATIC, layout.CONCEPT] = 6.5
+    attn.q_proj.weight[SLOW - d:SLOW, layout.V] = torch.eye(d) * 22.0
+    attn.k_proj.weight[SLOW - d:SLOW, layout.T] = torch.eye(d) * 22.0
+    attn.q_proj.weight[SLOW, layout.ONE] = 32.0  # a score of about 1000 for every class-name token: far above the
+    attn.k_proj.weight[SLOW, layout.CONCEPT] = 32.0  # rest, whatever the (negative) match
     copy_values(attn, 0, layout.C, layout.ANSWER, gain=1 / text_scale)
     # the output layer
     for token, letter in vocab.answers.items():
@@ -146,7 +145,7 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
 def look_back(attn: nn.Module, h: int, query: int, key: int, sink: int, theta: Tensor) -> None:
     """Head ``h`` of ``attn``: tokens with the flag ``query`` attend to the token one back when it has the flag
     ``key`` (rotary pairs :data:`FAST`, phases set so their cosines all peak at one token back), else to the sink
-    (``<s>``, flag ``sink``; pair :data:`SINK_PAIR`). Scores after RMSNorm: 100 one back, 85 the sink, at most 68
+    (``<s>``, flag ``sink``; pair :data:`SLOW`). Scores after RMSNorm: 100 one back, 85 the sink, at most 68
     any other distance up to 16 (the image's patches), 0 a token without the flag."""
     rows = slice(h * HEAD, (h + 1) * HEAD)
     q, k = attn.q_proj.weight[rows], attn.k_proj.weight[rows]
@@ -155,8 +154,8 @@ def look_back(attn: nn.Module, h: int, query: int, key: int, sink: int, theta: T
         q[j, query] = amplitude * math.cos(float(theta[j]))
         q[j + HEAD // 2, query] = -amplitude * math.sin(float(theta[j]))
         k[j, key] = amplitude
-    q[SINK_PAIR, query] = math.sqrt(85)
-    k[SINK_PAIR, sink] = math.sqrt(85)
+    q[SLOW, query] = math.sqrt(85)
+    k[SLOW, sink] = math.sqrt(85)
 
 
 def copy_values(attn: nn.Module, h: int, source: slice, target: slice, gain: float) -> None:
