@@ -113,14 +113,20 @@ def test_mini_preset_lists_every_strategy_both_targets_and_three_seeds():
                                  "lorsu-ppl", "lora-llm"} and cfg.vqa.model == "mini"  # the VLM-loss ones: the mini VLM
     assert cfg.stream == ["mini-handwritten", "mini-signs"] and cfg.seed == [0, 1, 2]
     assert cfg.sessions == 5 and cfg.shots == 5 and cfg.backbone == "mini"
-    assert cfg.controls == ["mini-shapes", "mini-colours", "mini-digits"]
+    assert cfg.controls == ["mini-shapes", "mini-colours", "mini-digits", "mini-spatial", "mini-pairs", "mini-yesno"]
     assert len(cfg.expand()) == 60
+
+
+def test_mini_questions_preset_trains_every_question_kind_as_a_target():
+    cfg = load_config("mini-questions")
+    assert cfg.stream == ["mini-pairs", "mini-spatial", "mini-yesno"] and cfg.vqa.model == "mini"
+    assert cfg.controls == ["mini-shapes", "mini-colours", "mini-digits"] and len(cfg.expand()) == 36
 
 
 def test_mini_preset_runs_end_to_end(tiny_model, tmp_path):
     folder, _ = tiny_model
-    small = [f"{name}.{key}=2" for name in ("mini-signs", "mini-shapes", "mini-colours", "mini-digits")
-             for key in ("train_per_class", "test_per_class")]
+    small = [f"{name}.{key}=2" for name in ("mini-signs", "mini-shapes", "mini-colours", "mini-digits", "mini-spatial",
+                                            "mini-pairs", "mini-yesno") for key in ("train_per_class", "test_per_class")]
     overrides = [f"out={tmp_path}", f"backbone=mini:{folder}", "stream=mini-signs", "strategy=[zeroshot,full-ft,lorsu]",
                  "seed=0", "shots=2", "train.epochs=1", "vqa.model=null", *small]  # VQA: tests/test_mini_vlm.py
     assert main(["run", "mini", "--no-progress", *overrides]) == 0

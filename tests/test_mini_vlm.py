@@ -146,7 +146,8 @@ def test_the_vlm_answers_a_lettered_question_by_the_encoders_zero_shot_rule(buil
 
     loaded = resolve_vlm("mini").load("cpu")
     backbone = load_backbone("mini")
-    projector = loaded.projector
+    projector, layout = loaded.projector, Layout()
+    words = loaded.model.get_input_embeddings().weight[:, layout.T]  # the class names' weights, as the VLM holds them
     for name in ("mini-signs", "mini-colours"):
         stream = STREAMS.get(name).obj(".", None)
         test = stream.dataset("test")
@@ -155,12 +156,12 @@ def test_the_vlm_answers_a_lettered_question_by_the_encoders_zero_shot_rule(buil
         pixels = torch.stack([backbone.preprocess(False)(images[i][0]) for i in range(len(test))])
         with torch.no_grad():
             embeddings = backbone.encode_image(pixels)
-            read = projector(backbone.hidden_states(pixels, -1)[:, 0])[:, Layout().S]
+            read = projector(backbone.hidden_states(pixels, -1)[:, 0])[:, layout.S]
             weights = torch.stack([F.normalize(backbone.text_features(
                 [t.format(c) for t in stream.spec.templates]), dim=-1).mean(0) for c in stream.spec.class_names])
         names = list(stream.spec.class_names)
-        rules = [[int((e[i] @ weights[[names.index(c) for c in item.choices]].T).argmax()) for i, item
-                  in enumerate(qset.items)] for e in (F.normalize(read, dim=-1), F.normalize(embeddings, dim=-1))]
+        rules = [[int((e[i] @ w[[index(c) for c in item.choices]].T).argmax()) for i, item in enumerate(qset.items)]
+                 for e, w, index in ((read, words, vlm.token_id), (embeddings, weights, names.index))]
         counts = score_set(loaded, VQASet(name, qset, images), 64)
         assert counts["correct"] == sum(r == item.answer for r, item in zip(rules[0], qset.items)), name
         assert sum(a == b for a, b in zip(*rules)) >= 0.97 * len(qset.items), name

@@ -28,23 +28,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-WIDTH = 256
-HEAD = 256  # head dimension: 128 rotary pairs, the slow ones constant over a prompt
+WIDTH = 160
+HEAD = 128  # head dimension: 64 rotary pairs, the slow ones constant over a prompt
 HEADS = 2
 BLOCKS = 3
 ROPE_THETA = 1e12
-FAST = (0, 1, 2)  # rotary pairs of the look-one-back heads: their sum of cosines peaks at one token back
+FAST = (0, 1)  # rotary pairs of the look-one-back heads (1 and 0.65 rad per token): their cosines peak one token back
 SLOW = HEAD // 2 - 1  # the slowest rotary pair (1e-12 rad per token): flags and sinks; the content pairs precede it
-NORM = 16.0  # every text token's squared norm (its rms is sqrt(NORM / WIDTH) = 1/4)
+NORM = 16.0  # every text token's squared norm
 IMAGE_FLAG = 4.0  # an image token's flag: its squared norm is about NORM too
+SEMANTIC = 45  # coordinates of each semantic block: the span of up to 45 class names' weights
+SCALE = math.sqrt(WIDTH / NORM)  # a text token's coordinates after RMSNorm (weight 1), × this
 
 
 @dataclass
 class Layout:
-    """Where each block of the residual stream lives: semantic blocks of ``semantic`` coordinates, flags, and one
-    coordinate per option letter in each letter block (``letters``)."""
+    """Where each block of the residual stream lives: semantic blocks of ``semantic`` coordinates (the span of the
+    class names' weights), flags, and one coordinate per option letter in each letter block (``letters``)."""
 
-    semantic: int = 64
+    semantic: int = SEMANTIC
     letters: int = 5
 
     def __post_init__(self) -> None:
@@ -105,7 +107,6 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
     rows[vocab.period, layout.PERIOD] = 1.0
     rows[vocab.bos, layout.SINK] = 1.0
     rows[:, layout.PAD] = (NORM - rows.pow(2).sum(-1)).clamp(min=0).sqrt()
-    text_scale = math.sqrt(WIDTH / NORM)  # a text token's coordinates after RMSNorm, × this
     for layer in language.layers:
         for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                        layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
@@ -117,49 +118,54 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
     # block 1, head 0: a class name copies the letter of the marker before it; head 1: an image token after ":" is
     # the class token
     look_back(blocks[0].self_attn, 0, query=layout.CONCEPT, key=layout.MARKER, sink=layout.SINK, theta=theta)
-    copy_values(blocks[0].self_attn, 0, layout.L, layout.C, gain=1 / text_scale)
+    copy_values(blocks[0].self_attn, 0, layout.L, layout.C)
     look_back(blocks[0].self_attn, 1, query=layout.IMG, key=layout.COLON, sink=layout.SINK, theta=theta)
-    copy_values(blocks[0].self_attn, 1, slice(layout.COLON, layout.COLON + 1), slice(layout.IS_CLS, layout.IS_CLS + 1),
-                gain=1 / text_scale)
-    # block 2: every text token copies the class token's semantic
+    copy_values(blocks[0].self_attn, 1, slice(layout.COLON, layout.COLON + 1), slice(layout.IS_CLS, layout.IS_CLS + 1))
+    # block 2: every text token copies the class token's semantic (score about 40 on it, about 1 elsewhere)
     attn = blocks[1].self_attn
-    attn.q_proj.weight[SLOW, layout.ONE] = 6.5
-    attn.k_proj.weight[SLOW, layout.IS_CLS] = 6.5
-    copy_values(attn, 0, layout.S, layout.V, gain=1 / text_scale)
-    # block 3: every text token reads the letter of the class name its V is closest to
+    attn.q_proj.weight[SLOW, layout.ONE] = attn.k_proj.weight[SLOW, layout.IS_CLS] = amplitude(40)
+    copy_values(attn, 0, layout.S, layout.V)
+    # block 3: every text token reads the letter of the class name its V is closest to: a score of about 1000 on
+    # every class-name token, far above the rest whatever the match, plus 400 × <V, T>
     attn = blocks[2].self_attn
     d = layout.semantic
-    attn.q_proj.weight[SLOW - d:SLOW, layout.V] = torch.eye(d) * 22.0
-    attn.k_proj.weight[SLOW - d:SLOW, layout.T] = torch.eye(d) * 22.0
-    attn.q_proj.weight[SLOW, layout.ONE] = 32.0  # a score of about 1000 for every class-name token: far above the
-    attn.k_proj.weight[SLOW, layout.CONCEPT] = 32.0  # rest, whatever the (negative) match
-    copy_values(attn, 0, layout.C, layout.ANSWER, gain=1 / text_scale)
+    attn.q_proj.weight[SLOW - d:SLOW, layout.V] = torch.eye(d) * amplitude(400)
+    attn.k_proj.weight[SLOW - d:SLOW, layout.T] = torch.eye(d) * amplitude(400)
+    attn.q_proj.weight[SLOW, layout.ONE] = attn.k_proj.weight[SLOW, layout.CONCEPT] = amplitude(1000)
+    copy_values(attn, 0, layout.C, layout.ANSWER)
     # the output layer
     for token, letter in vocab.answers.items():
         head[token, layout.ANSWER.start + letter] = 400.0
-    head[list(vocab.concept_ids), layout.V] = vocab.concepts * logit_scale / text_scale
+    head[list(vocab.concept_ids), layout.V] = vocab.concepts * logit_scale / SCALE
     head[vocab.period, layout.CONCEPT] = 40.0
     head[vocab.eos, layout.PERIOD] = 40.0
+
+
+def amplitude(score: float, pairs: int = 1) -> float:
+    """The query and key weight on a flag (value 1) that gives an attention score of ``score`` between two text
+    tokens, spread over ``pairs`` rotary pairs: Llama's score is q·k / sqrt(HEAD), each side × :data:`SCALE`."""
+    return math.sqrt(score * math.sqrt(HEAD) / pairs) / SCALE
 
 
 def look_back(attn: nn.Module, h: int, query: int, key: int, sink: int, theta: Tensor) -> None:
     """Head ``h`` of ``attn``: tokens with the flag ``query`` attend to the token one back when it has the flag
     ``key`` (rotary pairs :data:`FAST`, phases set so their cosines all peak at one token back), else to the sink
-    (``<s>``, flag ``sink``; pair :data:`SLOW`). Scores after RMSNorm: 100 one back, 85 the sink, at most 68
-    any other distance up to 16 (the image's patches), 0 a token without the flag."""
+    (``<s>``, flag ``sink``; pair :data:`SLOW`). Scores after RMSNorm: 100 one back, 85 the sink, at most 67 any
+    other distance up to 16 (an image's patches after ":"), at most 16 two to eight back (the other markers), 0 a
+    token without the flag."""
     rows = slice(h * HEAD, (h + 1) * HEAD)
     q, k = attn.q_proj.weight[rows], attn.k_proj.weight[rows]
-    amplitude = math.sqrt(100 / len(FAST))  # (1/sqrt(HEAD)) · (amplitude · 4)² summed over the pairs = 100
+    a = amplitude(100, len(FAST))
     for j in FAST:
-        q[j, query] = amplitude * math.cos(float(theta[j]))
-        q[j + HEAD // 2, query] = -amplitude * math.sin(float(theta[j]))
-        k[j, key] = amplitude
-    q[SLOW, query] = math.sqrt(85)
-    k[SLOW, sink] = math.sqrt(85)
+        q[j, query] = a * math.cos(float(theta[j]))
+        q[j + HEAD // 2, query] = -a * math.sin(float(theta[j]))
+        k[j, key] = a
+    q[SLOW, query] = k[SLOW, sink] = amplitude(85)
 
 
-def copy_values(attn: nn.Module, h: int, source: slice, target: slice, gain: float) -> None:
-    """Head ``h`` of ``attn`` carries the coordinates ``source`` of the attended tokens into ``target`` × ``gain``."""
+def copy_values(attn: nn.Module, h: int, source: slice, target: slice) -> None:
+    """Head ``h`` of ``attn`` carries the coordinates ``source`` of the attended tokens into ``target`` (undoing
+    RMSNorm's :data:`SCALE`)."""
     n = source.stop - source.start
     attn.v_proj.weight[h * HEAD:h * HEAD + n, source] = torch.eye(n)
-    attn.o_proj.weight[target, h * HEAD:h * HEAD + n] = torch.eye(n) * gain
+    attn.o_proj.weight[target, h * HEAD:h * HEAD + n] = torch.eye(n) / SCALE

@@ -209,18 +209,20 @@ def class_tokens(model, processor, per_class: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_head(projector: nn.Module, visual: nn.Module, tokens: torch.Tensor, layout: language.Layout) -> None:
-    """Set the linear ``projector`` (``linear_1`` then ``linear_2``) to the open_clip ``visual``'s image head, into
-    the coordinates ``layout.S``: ``x ↦ (γ ⊙ (x − mean(x)) / σ̄ + β) · proj`` — ``ln_post`` with the per-token scale
-    σ(x) replaced by its mean σ̄ over the class ``tokens`` [M, W] of clean renders — scaled so that those tokens'
-    images have unit norm on average; and ``layout.IMG`` to the image flag. For a class token the direction is the
-    encoder's image embedding (up to the small shift of β when σ(x) differs from σ̄)."""
+def clip_head(projector: nn.Module, visual: nn.Module, tokens: torch.Tensor, layout: language.Layout,
+              basis: torch.Tensor) -> None:
+    """Set the linear ``projector`` (``linear_1`` then ``linear_2``) to the open_clip ``visual``'s image head in the
+    coordinates of ``basis`` [D, r] (orthonormal columns, or zero), written to ``layout.S``: ``x ↦ (γ ⊙ (x − mean(x)) / σ̄ +
+    β) · proj · basis`` — ``ln_post`` with the per-token scale σ(x) replaced by its mean σ̄ over the class ``tokens``
+    [M, W] of clean renders — scaled so that those tokens' images have unit norm on average; and ``layout.IMG`` to
+    the image flag. For a class token this is the encoder's image embedding (up to the small shift of β when σ(x)
+    differs from σ̄) seen in the span of the class names' weights, where every comparison with them happens."""
     norm, proj = visual.ln_post, visual.proj  # proj [W, D]
     width = tokens.shape[1]
     centre = torch.eye(width) - 1 / width
     sigma = tokens.std(-1, unbiased=False).mean()
-    weight = (centre * norm.weight / sigma).T @ proj  # [W, D]: x @ weight
-    bias = norm.bias @ proj
+    weight = (centre * norm.weight / sigma).T @ proj @ basis  # [W, r]: x @ weight
+    bias = norm.bias @ proj @ basis
     scale = 1 / (tokens @ weight + bias).norm(dim=-1).mean()
     first, second = projector.linear_1, projector.linear_2
     first.weight.zero_(), first.bias.zero_()
@@ -228,6 +230,16 @@ def clip_head(projector: nn.Module, visual: nn.Module, tokens: torch.Tensor, lay
     first.bias[layout.S] = scale * bias
     first.bias[layout.IMG] = language.IMAGE_FLAG
     second.weight.copy_(torch.eye(*second.weight.shape)), second.bias.zero_()
+
+
+def span(rows: torch.Tensor, size: int = language.SEMANTIC) -> torch.Tensor:
+    """An orthonormal basis of the span of ``rows`` [K, D] (singular values above 1e-5 of the largest), padded with
+    zero columns to ``size``: [D, size]."""
+    _, values, vh = torch.linalg.svd(rows, full_matrices=False)
+    basis = vh[values > 1e-5 * values[0]].T
+    if basis.shape[1] > size:
+        raise VLMError(f"the mini VLM compares in {size} coordinates; the class names' weights span {basis.shape[1]}")
+    return torch.cat([basis, basis.new_zeros(basis.shape[0], size - basis.shape[1])], dim=1)
 
 
 @torch.no_grad()
@@ -245,14 +257,18 @@ def concept_weights(backbone) -> torch.Tensor:
 
 def build_model(cfg: VLMConfig, progress: bool = True):
     """The mini VLM (eval mode) and its processor: the tower, the projector set to the encoder's image head
-    (:func:`clip_head`), the language model set to compare (:func:`streams.mini.language.set_language_model`)."""
+    (:func:`clip_head`), the language model set to compare (:func:`streams.mini.language.set_language_model`), both
+    in the span of the class names' weights (:func:`span`: the comparisons are the same there, and the language
+    model narrower)."""
     model, processor, backbone = new_model(cfg, progress)
+    weights = concept_weights(backbone)
+    basis = span(weights)
     layout = language.Layout()
     inner = getattr(model, "model", model)
-    clip_head(inner.multi_modal_projector, backbone.visual, class_tokens(model, processor, cfg.pool), layout)
+    clip_head(inner.multi_modal_projector, backbone.visual, class_tokens(model, processor, cfg.pool), layout, basis)
     tok = tokenizer()
     vocab = language.Vocabulary(
-        size=len(tok), concept_ids=[token_id(name) for name in concepts()], concepts=concept_weights(backbone),
+        size=len(tok), concept_ids=[token_id(name) for name in concepts()], concepts=weights @ basis,
         markers={token_id(m): letter for m, letter in MARKERS.items()},
         answers={token_id(a): letter for a, letter in ANSWERS.items()},
         bos=tok.bos_token_id, colon=token_id(":"), period=token_id("."), eos=tok.eos_token_id)
