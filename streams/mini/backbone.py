@@ -41,7 +41,7 @@ def ensure_built(folder: Path, weights: str, what: str, build: Callable[[Path], 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
         if not (folder / weights).is_file():
-            log.warning("the %s is not in %s yet: building it now (a few minutes on a CPU)", what, folder)
+            log.warning("the %s is not in %s yet: building it now", what, folder)
             build(folder)
     return folder
 

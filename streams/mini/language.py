@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 WIDTH = 160
 HEAD = 128  # head dimension: 64 rotary pairs, the slow ones constant over a prompt
-HEADS = 2
+HEADS = 1
 BLOCKS = 3
 ROPE_THETA = 1e12
 FAST = (0, 1)  # rotary pairs of the look-one-back heads (1 and 0.65 rad per token): their cosines peak one token back
@@ -115,16 +115,15 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
     language.norm.weight.fill_(1.0)
     theta = rotary_frequencies()
     blocks = language.layers
-    # block 1, head 0: a class name copies the letter of the marker before it; head 1: an image token after ":" is
-    # the class token
-    look_back(blocks[0].self_attn, 0, query=layout.CONCEPT, key=layout.MARKER, sink=layout.SINK, theta=theta)
-    copy_values(blocks[0].self_attn, 0, layout.L, layout.C)
-    look_back(blocks[0].self_attn, 1, query=layout.IMG, key=layout.COLON, sink=layout.SINK, theta=theta)
-    copy_values(blocks[0].self_attn, 1, slice(layout.COLON, layout.COLON + 1), slice(layout.IS_CLS, layout.IS_CLS + 1))
+    # block 1: a class name copies the letter of the marker before it, and the image token after ":" marks itself
+    # as the class token (a class name never follows ":", an image token never follows a marker)
+    look_back(blocks[0].self_attn, query=(layout.CONCEPT, layout.IMG), key=(layout.MARKER, layout.COLON),
+              sink=layout.SINK, theta=theta)
+    copy_values(blocks[0].self_attn, (layout.L, layout.C), (flag(layout.COLON), flag(layout.IS_CLS)))
     # block 2: every text token copies the class token's semantic (score about 40 on it, about 1 elsewhere)
     attn = blocks[1].self_attn
     attn.q_proj.weight[SLOW, layout.ONE] = attn.k_proj.weight[SLOW, layout.IS_CLS] = amplitude(40)
-    copy_values(attn, 0, layout.S, layout.V)
+    copy_values(attn, (layout.S, layout.V))
     # block 3: every text token reads the letter of the class name its V is closest to: a score of about 1000 on
     # every class-name token, far above the rest whatever the match, plus 400 × <V, T>
     attn = blocks[2].self_attn
@@ -132,7 +131,7 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
     attn.q_proj.weight[SLOW - d:SLOW, layout.V] = torch.eye(d) * amplitude(400)
     attn.k_proj.weight[SLOW - d:SLOW, layout.T] = torch.eye(d) * amplitude(400)
     attn.q_proj.weight[SLOW, layout.ONE] = attn.k_proj.weight[SLOW, layout.CONCEPT] = amplitude(1000)
-    copy_values(attn, 0, layout.C, layout.ANSWER)
+    copy_values(attn, (layout.C, layout.ANSWER))
     # the output layer
     for token, letter in vocab.answers.items():
         head[token, layout.ANSWER.start + letter] = 400.0
@@ -147,25 +146,33 @@ def amplitude(score: float, pairs: int = 1) -> float:
     return math.sqrt(score * math.sqrt(HEAD) / pairs) / SCALE
 
 
-def look_back(attn: nn.Module, h: int, query: int, key: int, sink: int, theta: Tensor) -> None:
-    """Head ``h`` of ``attn``: tokens with the flag ``query`` attend to the token one back when it has the flag
-    ``key`` (rotary pairs :data:`FAST`, phases set so their cosines all peak at one token back), else to the sink
-    (``<s>``, flag ``sink``; pair :data:`SLOW`). Scores after RMSNorm: 100 one back, 85 the sink, at most 67 any
-    other distance up to 16 (an image's patches after ":"), at most 16 two to eight back (the other markers), 0 a
-    token without the flag."""
-    rows = slice(h * HEAD, (h + 1) * HEAD)
-    q, k = attn.q_proj.weight[rows], attn.k_proj.weight[rows]
+def flag(at: int) -> slice:
+    """The one coordinate ``at`` as a block."""
+    return slice(at, at + 1)
+
+
+def look_back(attn: nn.Module, query: Sequence[int], key: Sequence[int], sink: int, theta: Tensor) -> None:
+    """``attn``'s head: tokens with a flag of ``query`` attend to the token one back when it has a flag of ``key``
+    (rotary pairs :data:`FAST`, phases set so their cosines all peak at one token back), else to the sink (``<s>``,
+    flag ``sink``; pair :data:`SLOW`). Scores after RMSNorm: 100 one back, 85 the sink, at most 67 any other
+    distance up to 16 (an image's patches after ":"), at most 16 two to eight back (the other markers), 0 a token
+    without the flag."""
+    q, k = attn.q_proj.weight, attn.k_proj.weight
     a = amplitude(100, len(FAST))
     for j in FAST:
-        q[j, query] = a * math.cos(float(theta[j]))
-        q[j + HEAD // 2, query] = -a * math.sin(float(theta[j]))
-        k[j, key] = a
-    q[SLOW, query] = k[SLOW, sink] = amplitude(85)
+        q[j, list(query)] = a * math.cos(float(theta[j]))
+        q[j + HEAD // 2, list(query)] = -a * math.sin(float(theta[j]))
+        k[j, list(key)] = a
+    q[SLOW, list(query)] = amplitude(85)
+    k[SLOW, sink] = amplitude(85)
 
 
-def copy_values(attn: nn.Module, h: int, source: slice, target: slice) -> None:
-    """Head ``h`` of ``attn`` carries the coordinates ``source`` of the attended tokens into ``target`` (undoing
-    RMSNorm's :data:`SCALE`)."""
-    n = source.stop - source.start
-    attn.v_proj.weight[h * HEAD:h * HEAD + n, source] = torch.eye(n)
-    attn.o_proj.weight[target, h * HEAD:h * HEAD + n] = torch.eye(n) / SCALE
+def copy_values(attn: nn.Module, *routes: tuple[slice, slice]) -> None:
+    """``attn``'s head carries the coordinates ``source`` of the attended tokens into ``target``, for each
+    (``source``, ``target``) of ``routes`` (undoing RMSNorm's :data:`SCALE`)."""
+    at = 0
+    for source, target in routes:
+        n = source.stop - source.start
+        attn.v_proj.weight[at:at + n, source] = torch.eye(n)
+        attn.o_proj.weight[target, at:at + n] = torch.eye(n) / SCALE
+        at += n
