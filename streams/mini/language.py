@@ -1,23 +1,23 @@
 """The mini VLM's language model, set rather than learned: a three-block Llama that answers a multiple-choice
-question with the option whose words the image embedding is closest to, and names an image's class with the
-closest class name — the zero-shot rule of the encoder in the tower, computed by attention heads.
+question with the option whose class name's weight the image embedding is closest to, and names an image's class
+with the closest class name — the zero-shot rule of the encoder in the tower, computed by attention heads.
 
 The residual stream (width :data:`WIDTH`) is split into named blocks (:class:`Layout`): the image semantic ``S``
 (what the projector writes: the encoder's image head, :func:`streams.mini.vlm.clip_head`), the word semantic ``T``
 (a class name's zero-shot classifier weight), the copied image semantic ``V``, one-hot letters and flags. Every
-text token has the same norm (a padding coordinate), so RMSNorm scales all of them alike. The blocks:
+text token has the same norm (a padding coordinate), so RMSNorm scales all of them alike. One head per block:
 
-1. Two heads that look one token back (rotary phases of the fastest frequencies, a sink on ``<s>`` for every other
-   distance): a class-name token copies the option letter of the marker before it ("A." … "E.", "(a)", "(b)"), and
-   an image token learns whether it follows "USER:" — only the class token does (``IS_CLS``).
+1. It looks one token back (rotary phases of the fastest frequencies, a sink on ``<s>`` for every other distance):
+   a class-name token copies the option letter of the marker before it ("A." … "E.", "(a)", "(b)"), and an image
+   token marks whether it follows ":" (of "USER:") — only the class token does (``IS_CLS``).
 2. Every text token copies the class token's semantic into ``V`` (attention keyed on ``IS_CLS``).
-3. Every text token attends over the class-name tokens with the score ``<V, T>`` (rotary frequencies slow enough
-   to be constant over a prompt), sharply: the last token gets the letter of the best-matching option.
+3. Every text token attends over the class-name tokens with the score ``<V, T>`` (on rotary frequencies too slow
+   to turn over a prompt), far above every other token: the last token gets the letter of the best match.
 
-The output layer reads the copied letter for the answer letters and ``<V, T>`` (× the encoder's logit scale) for
-the class names, and scores the next word of the released VLM-loss answers (``This is a {}.``) from the current
-word (a bigram table over the answers' fixed words), so that the VLM loss of an answer is, at its class-name
-token, the CLIP loss of the image against every class name. The MLPs are zero.
+The output layer reads the copied letter for the answer letters, ``<V, T>`` (× the encoder's logit scale) for the
+class names, and the flags for "." after a class name and ``</s>`` after "." (the mini streams' short answer is
+the class name: ``{}.``), so that the VLM loss of an answer is, at its class name, the CLIP loss of the image
+against every class name. The MLPs are zero.
 """
 from __future__ import annotations
 
@@ -72,7 +72,6 @@ class Vocabulary:
     ``concepts`` [K, semantic]), the id and letter of each option marker, the ids of ``<s>``, ":", "." and
     ``</s>``, and every answer letter's id with its letter."""
 
-    size: int
     concept_ids: Sequence[int]
     concepts: Tensor
     markers: dict[int, int]
@@ -97,7 +96,7 @@ def set_language_model(model: nn.Module, layout: Layout, vocab: Vocabulary, logi
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     language = model.model.language_model if hasattr(model.model, "language_model") else model.language_model
     embed.zero_(), head.zero_()
-    rows = embed
+    rows = embed  # [V, WIDTH]: every token's coordinates
     rows[:, layout.ONE] = 1.0
     for token, letter in vocab.markers.items():
         rows[token, layout.MARKER], rows[token, layout.L.start + letter] = 1.0, 1.0

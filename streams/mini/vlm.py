@@ -106,10 +106,10 @@ def default_vlm_dir(seed: int = 0) -> Path:
 
 # --------------------------------------------------------------------------- words
 def concepts() -> dict[str, list[str]]:
-    """Every class name of the mini streams, then every glyph of the world no stream names (but the answer letters)
-    → its CLIP templates
-    (the templates of the streams that name it, in order, once each; :data:`GLYPH_TEMPLATE` for a glyph): the words
-    whose embeddings carry the text tower's classifier weights (:func:`concept_weights`)."""
+    """Every class name of the mini streams, then every glyph of the world no stream names (but the answer letters
+    "A" to "E") → its CLIP templates (the templates of the streams that name it, in order, once each;
+    :data:`GLYPH_TEMPLATE` for a glyph): the words whose embeddings carry the text tower's classifier weights
+    (:func:`concept_weights`)."""
     out: dict[str, list[str]] = {}
     for stream in STREAMS:
         for name in stream.spec.class_names:
@@ -173,7 +173,7 @@ def llava_config(vision_config):
     return new_llava_config(vision_config, tokenizer(), language.text_config(), **READING)
 
 
-def planned_config(cfg: VLMConfig):
+def planned_config():
     """The ``LlavaConfig`` the build gives with the ``mini`` encoder, without building anything."""
     from benchmark.backbones import backbone_skeleton
     from benchmark.export import hf_vision_config
@@ -268,7 +268,7 @@ def build_model(cfg: VLMConfig, progress: bool = True):
     clip_head(inner.multi_modal_projector, backbone.visual, class_tokens(model, processor, cfg.pool), layout, basis)
     tok = tokenizer()
     vocab = language.Vocabulary(
-        size=len(tok), concept_ids=[token_id(name) for name in concepts()], concepts=weights @ basis,
+        concept_ids=[token_id(name) for name in concepts()], concepts=weights @ basis,
         markers={token_id(m): letter for m, letter in MARKERS.items()},
         answers={token_id(a): letter for a, letter in ANSWERS.items()},
         bos=tok.bos_token_id, colon=token_id(":"), period=token_id("."), eos=tok.eos_token_id)
@@ -371,7 +371,7 @@ class MiniVLM(LlavaFamily):
 
         if (self.folder / WEIGHTS).is_file():
             return AutoConfig.from_pretrained(self.folder, local_files_only=True)
-        return planned_config(VLMConfig())
+        return planned_config()
 
     def check_loadable(self) -> None:
         """Nothing to look at: the folder is built on first use."""
