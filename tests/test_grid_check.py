@@ -200,13 +200,21 @@ def test_a_strategy_at_the_base_rate_beside_tuned_ones_is_warned_about(tmp_path,
 
 
 def test_a_strategy_that_trains_only_what_the_vlm_never_reads_is_warned_about(tmp_path):
-    cfg = load_config("quick", ["backbone=mini", "vqa.model=mini", "seed=0", "strategy=[test-last-block,full-ft,lorsu]"])
+    from benchmark.backbones import backbone_skeleton
+    from benchmark.export import hf_vision_config
+    from benchmark.vlm.llava import save_tiny_llava
+
+    llava = save_tiny_llava(tmp_path / "llava", hf_vision_config(backbone_skeleton("mini").visual))  # reads [-2]
+    cfg = load_config("quick", ["backbone=mini", f"vqa.model=llava:{llava}", "seed=0",
+                                "strategy=[test-last-block,full-ft,lorsu]"])
     warnings = grid_warnings(cfg, cfg.expand())
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("test-last-block on mini trains only parameters that mini never reads (")
+    assert warnings[0].startswith(f"test-last-block on mini trains only parameters that llava:{llava} never reads (")
     assert warnings[0].endswith("): its VQA scores cannot change")
     without = load_config("quick", ["backbone=mini", "seed=0", "strategy=test-last-block"])
     assert not grid_warnings(without, without.expand())  # no VLM: nothing to warn about
+    mini = load_config("quick", ["backbone=mini", "vqa.model=mini", "seed=0", "strategy=test-last-block"])
+    assert not grid_warnings(mini, mini.expand())  # the mini VLM reads the last block's output
 
 
 def test_where_each_backbone_s_weights_come_from(tmp_path, monkeypatch):
