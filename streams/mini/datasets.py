@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import abstractmethod
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -23,7 +24,8 @@ from streams.mini.world import DATA_DIR, Composition, World, rng_for, world
 from streams.options import MiniOptions
 
 
-def _spec(name: str) -> StreamSpec:
+def mini_spec(name: str) -> StreamSpec:
+    """The spec of the mini stream ``name`` (its data file in :data:`~streams.mini.world.DATA_DIR`)."""
     return StreamSpec.from_file(DATA_DIR / f"{name}.yaml")
 
 
@@ -55,15 +57,20 @@ def rendered(stream: type[ProceduralStream], split: Split, per_class: int, seed:
     spec, w = stream.spec, world()
     rng = rng_for(spec.version, seed, spec.name, split)
     targets = np.repeat(np.arange(len(spec.class_names)), per_class)
-    images = np.stack([stream.draw(w, int(label), rng) for label in targets])
-    images.setflags(write=False)
-    return images, targets
+    return read_only([stream.draw(w, int(label), rng) for label in targets]), targets
+
+
+def read_only(images: Sequence[np.ndarray]) -> np.ndarray:
+    """``images`` stacked into one read-only array [N, ...]: a rendered split, cached and shared by its readers."""
+    stacked = np.stack(images)
+    stacked.setflags(write=False)
+    return stacked
 
 
 class MiniShapes(ProceduralStream):
     """Mini world control: the shape of clean held-out (shape, colour) compositions."""
 
-    spec = _spec("mini-shapes")
+    spec = mini_spec("mini-shapes")
 
     @classmethod
     def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
@@ -74,7 +81,7 @@ class MiniShapes(ProceduralStream):
 class MiniColours(ProceduralStream):
     """Mini world control: the colour of clean held-out (shape, colour) compositions."""
 
-    spec = _spec("mini-colours")
+    spec = mini_spec("mini-colours")
 
     @classmethod
     def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
@@ -85,7 +92,7 @@ class MiniColours(ProceduralStream):
 class MiniDigits(ProceduralStream):
     """Mini world control: the printed digit on clean held-out (shape, colour) compositions."""
 
-    spec = _spec("mini-digits")
+    spec = mini_spec("mini-digits")
 
     @classmethod
     def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
@@ -112,7 +119,7 @@ def sign_composition(w: World, class_name: str) -> tuple[str, str, str]:
 class MiniSigns(ProceduralStream):
     """Mini world target: sign-like compositions under perspective, blur, low light, noise, clutter."""
 
-    spec = _spec("mini-signs")
+    spec = mini_spec("mini-signs")
 
     @classmethod
     def composition(cls, w: World, label: int, rng: np.random.Generator) -> Composition:
@@ -129,7 +136,7 @@ class MiniSigns(ProceduralStream):
 class MiniHandwritten(Digits):
     """Mini world target: scikit-learn's real handwritten digits against printed digits."""
 
-    spec = _spec("mini-handwritten")
+    spec = mini_spec("mini-handwritten")
 
 
 for _name in MiniSigns.spec.class_names:

@@ -20,10 +20,11 @@ import numpy as np
 from PIL import Image
 
 from benchmark.vqa.questions import OwnQuestion
-from streams.base import Split, StreamSpec
+from streams.base import Split
+from streams.mini.datasets import mini_spec, read_only
 from streams.mini.questions import ROWS_PER_UNIT, question_row, row_group, split_rows
 from streams.mini.render import render_scene
-from streams.mini.world import DATA_DIR, rng_for, world
+from streams.mini.world import rng_for, world
 from streams.options import MiniOptions
 from streams.own_questions import OwnQuestionStream, Row
 from streams.sampling import Session
@@ -37,9 +38,7 @@ def rendered_questions(kind: str, split: str, rows: int, seed: int, version: int
                        ) -> tuple[np.ndarray, tuple[OwnQuestion, ...]]:
     """Rows ``0 .. rows - 1`` of ``kind``'s ``split``: (uint8 [rows, S, S, 3] read-only, their questions)."""
     drawn = [question_row(kind, split, seed, i, version=version) for i in range(rows)]
-    images = np.stack([render_scene(world(), scene) for scene, _ in drawn])
-    images.setflags(write=False)
-    return images, tuple(q for _, q in drawn)
+    return read_only([render_scene(world(), scene) for scene, _ in drawn]), tuple(q for _, q in drawn)
 
 
 class MiniQuestionStream(OwnQuestionStream):
@@ -106,26 +105,22 @@ class MiniQuestionStream(OwnQuestionStream):
         return record
 
 
-def _spec(name: str) -> StreamSpec:
-    return StreamSpec.from_file(DATA_DIR / f"{name}.yaml")
-
-
 class MiniSpatial(MiniQuestionStream):
     """Mini world, VSR-like: true/false statements about two held-out shapes' spatial relation."""
 
-    spec = _spec("mini-spatial")
+    spec = mini_spec("mini-spatial")
     kind = "spatial"
 
 
 class MiniPairs(MiniQuestionStream):
     """Mini world, MMVP-like: image pairs that differ in one attribute, (a)/(b) options, pair accuracy."""
 
-    spec = _spec("mini-pairs")
+    spec = mini_spec("mini-pairs")
     kind = "pairs"
 
 
 class MiniYesNo(MiniQuestionStream):
     """Mini world, Hateful-Memes-like: yes/no questions about a held-out shape (AUROC of 'yes')."""
 
-    spec = _spec("mini-yesno")
+    spec = mini_spec("mini-yesno")
     kind = "yesno"

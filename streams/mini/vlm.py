@@ -123,11 +123,9 @@ def concepts() -> dict[str, list[str]]:
 
 def vocabulary() -> list[str]:
     """Every text the suite sends the mini VLM: the prompt's fixed parts, the option markers and letters, the mini
-    streams' questions, class names and VLM-loss pairs, the mini question kinds' texts and the world's words (the
-    tokenizer's vocabulary)."""
-    w = world()
-    texts = [SYSTEM, f"USER: {ASSISTANT}", MC_SUFFIX, *MARKERS, *ANSWERS, *w.shapes, *w.colours, *w.glyphs,
-             *concepts(), *vocabulary_texts()]
+    streams' questions, class names and VLM-loss pairs, the mini question kinds' texts (the world's words among
+    them): the tokenizer's vocabulary."""
+    texts = [SYSTEM, f"USER: {ASSISTANT}", MC_SUFFIX, *MARKERS, *ANSWERS, *concepts(), *vocabulary_texts()]
     for stream in STREAMS:
         spec = stream.spec
         texts += [spec.vqa_question, user_text(spec.vqa_question),
@@ -283,12 +281,12 @@ def vqa_accuracies(model, processor, batch_size: int = 64, progress: bool = Fals
     from benchmark.vqa.build import build_question_set
     from benchmark.vqa.evaluate import VQASet, score_set
 
-    result = {}
+    result, loaded = {}, LoadedLlava(MiniVLM(VLMSpec("mini", "")), model, processor)
     for stream_cls in tqdm((*STREAMS, *QUESTION_STREAMS), desc="scoring the mini VLM", unit="set", disable=not progress):
         stream = stream_cls(".")
         test = stream.dataset("test")
         qset = VQASet(stream.spec.name, build_question_set(stream, test=test), test.with_transform(None))
-        counts = score_set(LoadedLlava(MiniVLM(VLMSpec("mini", "")), model, processor), qset, batch_size)
+        counts = score_set(loaded, qset, batch_size)
         result[stream.spec.name] = round(counts["correct"] / counts["total"], 4)
     return result
 
