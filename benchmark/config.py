@@ -44,6 +44,7 @@ from benchmark.vlm.spec import allowed_vlms
 PRESET_DIR = Path(__file__).parent / "presets"
 DEMO_PRESET = "mini"  # the offline benchmark of `fscl demo` (and `fscl run mini`)
 GRID_AXES = ("stream", "strategy", "backbone", "shots", "seed")
+ALL_SHOTS = "all"  # shots: every training image of a session's classes (full-shot MTIL)
 TRAIN = "train"  # the training recipe's section, at top level and in a strategy's section
 EVALUATIONS = ("zeroshot", "vqa")  # what a run may evaluate (Config.evaluate), in this order
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -181,6 +182,9 @@ class Config:
     shots: Any = 5
     seed: Any = 0
     sessions: int = 5
+    # the order of the sessions: the stream's (released), or a permutation drawn from the shot seed (seed); the same
+    # shots either way, so that order sensitivity is measured alone (a list of both sweeps it)
+    session_order: Literal["released", "seed"] = "released"
     shot_seed: int | None = None  # seed of the few-shot draws and control subsets; null: the run's seed
     controls: list[str] = field(default_factory=list)  # a run never uses its own stream as a control
     control_subset: int | None = None  # evaluate a fixed, seeded subset of N images per control
@@ -713,8 +717,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             except ValueError as err:
                 problems.append(f"backbone: {err}")
         for shots in _as_list(cfg.shots):
-            check(isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1, "shots", shots,
-                  "an integer >= 1")
+            check(shots == ALL_SHOTS or isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1, "shots",
+                  shots, f"an integer >= 1, or {ALL_SHOTS} (every training image of a session's classes)")
         for seed in _as_list(cfg.seed):
             check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX, "seed", seed,
                   f"an integer in [0, {SEED_MAX}]")

@@ -137,8 +137,28 @@ def backward_transfer(m: AccuracyMatrix) -> float:
     return float(np.mean([r[t, i - 1] - r[i, i - 1] for i in range(1, t)]))
 
 
-def summarize(m: AccuracyMatrix) -> dict[str, Any]:
-    """Every metric of a matrix as plain JSON-ready numbers (NaN → None)."""
+def sequence_metrics(m: AccuracyMatrix, datasets: list[str]) -> dict[str, Any]:
+    """MTIL's Transfer, Avg and Last (ZSCL's ``results.ipynb``) of a sequence run, per dataset and their means.
+
+    With ``X = R[1:T+1]`` (X[j, i]: dataset i's accuracy after session j+1; the pretrained row is not in X):
+    Avg_i = mean_j X[j, i]; Last_i = X[T−1, i]; Transfer_i = mean_{j<i} X[j, i], the accuracy of dataset i while
+    it was not trained yet (none for the first dataset). Each mean is over its datasets (Transfer's over the
+    T−1 that have one). ``datasets``: the dataset of each session, in session order. Needs a finished run.
+    """
+    x = m.groups[1: m.n_sessions + 1]
+    if m.last != m.n_sessions or np.isnan(x).any():
+        return {}
+    avg, last = x.mean(axis=0), x[-1]
+    transfer = {datasets[i]: float(np.mean(x[:i, i])) for i in range(1, len(datasets))}
+    return {"datasets": list(datasets),
+            "transfer": transfer, "transfer_mean": float(np.mean(list(transfer.values()))) if transfer else None,
+            "avg": dict(zip(datasets, avg.tolist())), "avg_mean": float(avg.mean()),
+            "last": dict(zip(datasets, last.tolist())), "last_mean": float(last.mean())}
+
+
+def summarize(m: AccuracyMatrix, datasets: list[str] | None = None) -> dict[str, Any]:
+    """Every metric of a matrix as plain JSON-ready numbers (NaN → None); with ``datasets`` (a sequence run: the
+    dataset of each session) also MTIL's metrics under ``sequence`` (:func:`sequence_metrics`)."""
     result = {
         "sessions": m.last,
         "target": m.target,
@@ -154,6 +174,8 @@ def summarize(m: AccuracyMatrix) -> dict[str, Any]:
         "forgetting": {d: forgetting(m, d) for d in m.datasets},
         "backward_transfer": backward_transfer(m),
     }
+    if datasets is not None:
+        result["sequence"] = sequence_metrics(m, datasets) or {"datasets": list(datasets)}
     return _clean(result)
 
 

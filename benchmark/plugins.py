@@ -361,8 +361,7 @@ class CostMeter(SupervisedPlugin):
         strings, else each class name in the first template: the tokens are padded to the context length, so
         the count does not depend on which template a sample drew), counted once per token shape."""
         own = batch_captions(batch)
-        captions = list(own) if own is not None else [template.templates[0].format(template.class_names[int(y)])
-                                                       for y in batch[1]]
+        captions = list(own) if own is not None else [template.captions(int(y))[0] for y in batch[1]]
         tokens = template.backbone.tokenize(captions)
         key = tuple(tokens.shape)
         if key not in self._text_flops:

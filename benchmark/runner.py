@@ -162,6 +162,7 @@ class _Run:
         self.row0: dict[str, tuple[int, int]] | None = None  # (correct, total) per eval set before training
         self.eval_timing = {"images": 0, "seconds": 0.0}  # images this run's process evaluated, and how long
         self.pretrained: str | None = None  # the pretrained encoder's fingerprint (shared rows' keys)
+        self.session_datasets: list[str] | None = None  # a sequence of datasets: the one each session trains
         self.stage = "setup"  # what the run is doing, in words (the reasons of failures and interruptions)
 
     def execute(self, data: RunData) -> RunOutcome:
@@ -235,12 +236,13 @@ class _Run:
         zeroshot = ZeroShotEvaluator(backbone, cfg.train.eval_batch_size,
                                      dtype=autocast_dtype(cfg.train.precision, self.device),
                                      num_workers=cfg.train.num_workers, cache=cfg.eval_cache, progress=self.progress)
-        test = data.stream.dataset("test").with_transform(backbone.preprocess(False))
         if spec.own_questions:  # its own questions: the whole test split, one set
-            zeroshot.add(own_question_eval_set(cfg.stream, test))
-        for session in data.sessions if not spec.own_questions else ():  # per session its classes' images
-            zeroshot.add(EvalSet(f"{cfg.stream}@s{session.index}", cfg.stream, spec.class_names, spec.templates,
-                                 test.with_classes(session.classes)))
+            zeroshot.add(own_question_eval_set(cfg.stream, data.stream.dataset("test").with_transform(
+                backbone.preprocess(False))))
+        for session in data.sessions if not spec.own_questions else ():  # per session: its classes', or its dataset's
+            texts_key, names, templates, images = data.stream.session_eval(session)
+            zeroshot.add(EvalSet(f"{cfg.stream}@s{session.index}", texts_key, names, templates,
+                                 images.with_transform(backbone.preprocess(False))))
         for name, test in data.control_tests.items():
             control = data.controls[name].spec
             test = test.with_transform(backbone.preprocess(False))
@@ -251,13 +253,15 @@ class _Run:
         self.trains_encoder = plugin.trains and "encoder" in plugin.updates
         meter = CostMeter(plugin)
         common = dict(
-            backbone=backbone, class_names=spec.class_names, templates=spec.templates, train=cfg.train,
+            backbone=backbone, class_names=spec.class_names, templates=spec.templates, captions=spec.captions,
+            train=cfg.train,
             zeroshot=zeroshot, seed=cfg.seed, device=self.device, plugins=[plugin, meter],
             evaluator=EvaluationPlugin(
                 self.metric, loggers=make_loggers(cfg.loggers, self.record.path) if self.record.writable else []),
         )
         template = self.vlm_template(data.stream, backbone, options, common) if vlm else CLIPTemplate(**common)
         self.matrix = AccuracyMatrix.empty(cfg.stream, list(cfg.controls), len(data.sessions))
+        self.session_datasets = data.stream.session_datasets(data.sessions)  # a sequence: its datasets in order
         if cfg.vqa.model is not None and "vqa" in cfg.evaluate:
             self.vqa = RunVQA(cfg, self.record, self.device, self.progress, self.fingerprint)
             self.vqa.build(data)
@@ -453,7 +457,7 @@ class _Run:
         and no final metric (TI, CC, forgetting...): those describe a run that reached its last session.
         """
         path = self.record.path
-        summary = summarize(self.matrix) if self.matrix.last >= 0 else {}
+        summary = summarize(self.matrix, self.session_datasets) if self.matrix.last >= 0 else {}
         if status == STATUS_FAILED:
             summary = {k: v for k, v in summary.items() if k in PARTIAL_SUMMARY}
         vqa_keys = PARTIAL_SUMMARY if status == STATUS_FAILED else VQA_SUMMARY

@@ -8,6 +8,7 @@ The grid stage (:mod:`benchmark.grid`) resolves every run's data and checks the 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import zlib
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from benchmark import checkpoints
-from benchmark.config import Config, sweep_tag
+from benchmark.config import ALL_SHOTS, Config, ConfigError, sweep_tag
 from benchmark.records import RunInUseError, RunLock, RunRecord, slug, write_json
 from benchmark.registry import STREAMS
 from benchmark.stream import Images, Session, Stream
@@ -77,6 +78,14 @@ def control_subset(n_items: int, size: int, seed: int, name: str) -> list[int]:
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
     return sorted(rng.choice(n_items, size=min(size, n_items), replace=False).tolist())
+
+
+def reordered(sessions: list[Session], seed: int, name: str) -> list[Session]:
+    """``session_order: seed``: the same sessions (the same draws) in an order drawn from (seed, CRC-32 of the
+    stream's name), numbered 1.. again; the same on every machine."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode()), 2]))
+    order = rng.permutation(len(sessions)).tolist()
+    return [dataclasses.replace(sessions[j], index=i + 1) for i, j in enumerate(order)]
 
 
 def target_test(stream: Stream, sessions: list[Session]) -> Images:
@@ -140,7 +149,13 @@ def run_data(cfg: Config, cache: dict[tuple, Any] | None = None) -> RunData:
     :class:`DataError`, ``ValueError`` or :class:`ConfigError` naming the problem)."""
     cache = {} if cache is None else cache
     stream = _stream(cfg, cfg.stream, cache)
-    data = RunData(stream, stream.sessions(cfg.sessions, cfg.shots, cfg.shot_seed))
+    if cfg.shots == ALL_SHOTS and stream.spec.own_questions:
+        raise ConfigError(f"shots: invalid value {ALL_SHOTS!r} for {cfg.stream}, whose sessions are its released rows; "
+                          "allowed: an integer >= 1")
+    sessions = stream.sessions(cfg.sessions, None if cfg.shots == ALL_SHOTS else cfg.shots, cfg.shot_seed)
+    if cfg.session_order == "seed":
+        sessions = reordered(sessions, cfg.shot_seed, cfg.stream)
+    data = RunData(stream, sessions)
     stream.listed("test")  # listed here (nothing decoded): a bad test split is refused before any run starts
     for name in cfg.controls:
         control = data.controls[name] = _stream(cfg, name, cache)

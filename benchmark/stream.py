@@ -12,7 +12,7 @@ split is one set, asked whole after every session (not per session class group).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 Split = Literal["train", "test"]
 
@@ -28,6 +28,9 @@ class StreamSpec(Protocol):
     vqa_parse: str  # the rule that reads a generated answer (benchmark.vqa.questions.RULES)
     own_questions: bool  # its images bring their own questions (Images.questions); its classes are session groups
     vqa_positive: str | None  # the answer whose probability ranks its items for an AUROC (HM: "yes"), or None
+
+    def captions(self, label: int) -> list[str]:
+        """The training captions of class ``label``, as many for every class (its name in each template)."""
 
 
 class Session(Protocol):
@@ -53,6 +56,18 @@ class Images(Protocol):
     def with_targets(self, targets: Sequence[int]) -> Images: ...
 
 
+class SessionTest(NamedTuple):
+    """What the target's zero-shot evaluation asks about one session: its test images, labelled among
+    ``class_names`` and prompted with ``templates``; ``texts_key`` names those texts (the evaluator's cache key of
+    their embeddings). A stream's session classes among its own names; a sequence's session (a whole dataset,
+    :mod:`streams.sequence`) that dataset's own images, names and templates."""
+
+    texts_key: str
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+    images: Images
+
+
 class Stream(Protocol):
     """A registered stream on its data root, as the runner, the VQA sets and the estimates use it."""
 
@@ -72,6 +87,13 @@ class Stream(Protocol):
 
     def validation(self, per_class: int, seed: int = 0) -> Stream:
         """The stream seen through its validation view: ``per_class`` held-out training images per class."""
+
+    def session_eval(self, session: Session) -> SessionTest:
+        """The test images, class names and templates of ``session``'s zero-shot evaluation."""
+
+    def session_datasets(self, sessions: Sequence[Session]) -> list[str] | None:
+        """The dataset each session trains, in session order, for a stream whose sessions are whole datasets
+        (a sequence, MTIL's protocol); None for a stream whose sessions are class groups of one dataset."""
 
     def benchmark(self, sessions: list[Session], train_transform: Callable, eval_transform: Callable) -> Any:
         """The Avalanche benchmark of the sessions (its ``train_stream``: one experience per session)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -106,6 +106,7 @@ class CLIPTemplate(SupervisedTemplate):
         class_names: tuple[str, ...],
         templates: tuple[str, ...],
         train: TrainConfig,
+        captions: Callable[[int], list[str]] | None = None,
         zeroshot: ZeroShotEvaluator,
         seed: int,
         device: torch.device,
@@ -128,6 +129,9 @@ class CLIPTemplate(SupervisedTemplate):
         self.train_cfg = train
         self.zeroshot = zeroshot
         self.class_names, self.templates = class_names, templates
+        # label -> its training captions, the same number for every label (default: its name in each template; a
+        # sequence of datasets gives each label its own dataset's training template, streams.sequence)
+        self.captions = captions or (lambda label: [t.format(class_names[label]) for t in templates])
         self.caption_rng = torch.Generator().manual_seed(seed)
         self.strategies = [p for p in self.plugins if isinstance(p, StrategyPlugin)]
         self.setup_seconds = 0.0  # the strategies' setup (importance passes, masks) of the last session
@@ -178,11 +182,11 @@ class CLIPTemplate(SupervisedTemplate):
 
     # -- captions and images ------------------------------------------------------------------
     def class_text_features(self) -> Tensor:
-        """Normalised features [C, T, D] of every (class, template) caption."""
+        """Normalised features [C, T, D] of every class's T training captions (:attr:`captions`)."""
         if self._class_text is None:
-            texts = [t.format(n) for n in self.class_names for t in self.templates]
+            texts = [c for label in range(len(self.class_names)) for c in self.captions(label)]
             feats = self.backbone.text_features(texts)
-            self._class_text = feats.view(len(self.class_names), len(self.templates), -1)
+            self._class_text = feats.view(len(self.class_names), -1, feats.shape[-1])
         return self._class_text
 
     def caption_features(self, batch: Batch) -> Tensor:
@@ -196,7 +200,7 @@ class CLIPTemplate(SupervisedTemplate):
             return torch.stack([self._caption_cache[c] for c in captions])
         labels = batch[1]
         bank = self.class_text_features()
-        choice = torch.randint(len(self.templates), (len(labels),), generator=self.caption_rng)
+        choice = torch.randint(bank.shape[1], (len(labels),), generator=self.caption_rng)
         return bank[labels.cpu(), choice].to(self.device)
 
     def encode_images(self, images: Tensor) -> Tensor:

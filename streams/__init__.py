@@ -59,6 +59,12 @@ STREAMS.declare("sun397", "streams.controls:SUN397", options=_SPLIT,
                 summary="SUN397 scenes (torchvision root), 397 classes, seeded split; control.")
 STREAMS.declare("imagefolder", "streams.controls:ImageFolder", options="streams.options:ImageFolderOptions",
                 summary="Any folder of class folders with a class-names file (e.g. ImageNet val); control.")
+# sequences of datasets (MTIL's protocol): one dataset per session
+STREAMS.declare("sequence", "streams.sequence:Datasets", options="streams.options:SequenceOptions",
+                summary="Any datasets as a sequence, one per session, each evaluated among its own classes "
+                        "(MTIL's protocol).")
+STREAMS.declare("mini-mtil", "streams.sequence:MiniMTIL",
+                summary="The mini world's five datasets as a sequence (shapes, colours, digits, handwritten, signs).")
 # real data that ships with scikit-learn
 STREAMS.declare("digits", "streams.digits:Digits", options="streams.options:DigitsOptions",
                 summary="Real handwritten digits of scikit-learn (10 classes, seeded stratified split).")

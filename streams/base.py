@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from benchmark.errors import DataError
+from benchmark.stream import SessionTest
 from benchmark.vqa.questions import RULES, OwnQuestion
 from streams.sampling import FewShotSampler, Session, held_out
 
@@ -386,6 +387,20 @@ class Stream(ABC):
                   for sess in sessions],
         )
 
+    def session_eval(self, session: Session) -> SessionTest:
+        """``session``'s zero-shot evaluation on the stream's test split (:meth:`session_eval_of`)."""
+        return self.session_eval_of(self.dataset("test"), session)
+
+    def session_eval_of(self, test: LabelledImages, session: Session) -> SessionTest:
+        """``session``'s zero-shot evaluation on ``test``: the images of its classes, among all the stream's
+        classes, in its templates."""
+        spec = self.spec
+        return SessionTest(spec.name, spec.class_names, spec.templates, self.session_test(test, session))
+
+    def session_datasets(self, sessions: Sequence[Session]) -> list[str] | None:
+        """None: the sessions are class groups of this one dataset (a sequence names its datasets)."""
+        return None
+
     def session_test(self, test: LabelledImages, session: Session) -> LabelledImages:
         """The test images of ``session``'s experience: those of its classes (a stream whose test split is asked
         whole after every session returns ``test``)."""
@@ -425,6 +440,12 @@ class Validation(Stream):
 
     def text_sources(self) -> dict[str, str]:
         return self.source.text_sources()
+
+    def session_eval_of(self, test: LabelledImages, session: Session) -> SessionTest:
+        return self.source.session_eval_of(test, session)
+
+    def session_datasets(self, sessions: Sequence[Session]) -> list[str] | None:
+        return self.source.session_datasets(sessions)
 
 
 def unreadable(data: LabelledImages, limit: int | None = None, progress: str = "") -> list[tuple[int, str]]:

@@ -173,3 +173,23 @@ class MiniOptions:
         check(self.train_per_class >= 1, "train_per_class", self.train_per_class, "an integer >= 1")
         check(self.test_per_class >= 1, "test_per_class", self.test_per_class, "an integer >= 1")
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+# --------------------------------------------------------------------------- sequences
+@dataclass
+class SequenceOptions:
+    """Options of ``sequence``: the datasets its sessions train, in order (MTIL's protocol, streams.sequence)."""
+
+    datasets: list[str] = field(default_factory=list, metadata={
+        "help": "registered streams of labelled classes, one per session in this order (at least two, distinct); "
+                "each is built with its default options and evaluated among its own classes after every session"})
+
+    def __post_init__(self) -> None:
+        from benchmark.registry import STREAMS
+
+        check(isinstance(self.datasets, list) and len(self.datasets) >= 2
+              and len(set(map(str, self.datasets))) == len(self.datasets), "datasets", self.datasets,
+              "a list of at least two distinct registered streams")
+        unknown = [name for name in self.datasets if name not in STREAMS]
+        check(not unknown, "datasets", self.datasets,
+              "registered streams (fscl ls streams); " + "; ".join(STREAMS.unknown_message(n) for n in unknown))

@@ -31,6 +31,7 @@ class Session:
 class FewShotSampler:
     """Draws ``shots`` images per class, the same on every machine for the same seed.
 
+    ``shots`` None takes every image of each class (``shots: all``; no class is then short).
     Each class gets its own generator seeded from (shot_seed, stream, session, class), with
     the stream name hashed by CRC-32 (not Python's salted ``hash``), so a draw depends
     neither on ``PYTHONHASHSEED`` nor on which or how many other classes exist.
@@ -42,9 +43,9 @@ class FewShotSampler:
     order of the images not drawn (the same generator, continued after the draw).
     """
 
-    def __init__(self, stream: str, shots: int, shot_seed: int) -> None:
-        if shots < 1:
-            raise ValueError(f"shots must be >= 1, got {shots}")
+    def __init__(self, stream: str, shots: int | None, shot_seed: int) -> None:
+        if shots is not None and shots < 1:
+            raise ValueError(f"shots must be >= 1 (or None: every image), got {shots}")
         self.stream, self.shots, self.shot_seed = stream, shots, shot_seed
 
     def class_rng(self, session: int, cls: int) -> np.random.Generator:
@@ -66,14 +67,15 @@ class FewShotSampler:
         for cls in classes:
             pool = np.flatnonzero(targets_arr == cls)  # ascending dataset order
             rng = self.class_rng(session, int(cls))
-            if len(pool) <= self.shots:
-                short.append(int(cls))
+            if self.shots is None or len(pool) <= self.shots:
+                if self.shots is not None:
+                    short.append(int(cls))
                 picked = [int(i) for i in pool]
             else:
                 picked = sorted(int(i) for i in rng.choice(pool, size=self.shots, replace=False))
             if unreadable is not None:
                 picked = self._replace_unreadable(picked, pool, rng, unreadable, ids, replaced, bad_met)
-                if len(picked) < min(self.shots, len(pool)) and int(cls) not in short:
+                if len(picked) < min(self.shots or len(pool), len(pool)) and int(cls) not in short:
                     short.append(int(cls))
             chosen.extend(ids[i] for i in picked)
         return Session(session, [int(c) for c in classes], chosen, short, replaced, bad_met)
