@@ -188,8 +188,8 @@ class SequenceOptions:
         from benchmark.registry import STREAMS
 
         check(isinstance(self.datasets, list) and len(self.datasets) >= 2
-              and len(set(map(str, self.datasets))) == len(self.datasets), "datasets", self.datasets,
+              and len(set(map(str, self.datasets))) == len(self.datasets), "sequence.datasets", self.datasets,
               "a list of at least two distinct registered streams")
         unknown = [name for name in self.datasets if name not in STREAMS]
-        check(not unknown, "datasets", self.datasets,
+        check(not unknown, "sequence.datasets", self.datasets,
               "registered streams (fscl ls streams); " + "; ".join(STREAMS.unknown_message(n) for n in unknown))

@@ -89,17 +89,23 @@ class SequenceStream(Stream):
             entry = STREAMS.get(name)
             if issubclass(entry.obj, SequenceStream):
                 raise StreamDataError(f"{self.name}: dataset {name!r} is itself a sequence; allowed: datasets")
+            self._check_session(name, entry.obj)
             try:
                 member = entry.obj(data_root, self.member_options(name), skip_bad_images=skip_bad_images)
             except StreamDataError as err:
                 raise StreamDataError(f"{self.name}: its dataset {name!r} cannot be read: {err}") from err
-            if "train" not in member.splits or member.spec.own_questions:
-                raise StreamDataError(f"{self.name}: dataset {name!r} cannot be a session (a control-only stream or "
-                                      "one with its own questions); allowed: streams of labelled classes with a "
-                                      "training split")
+            self._check_session(name, member)
             self.members.append(member)
         self.spec = SequenceSpec.of(self.name, names, [self.member_spec(n, m) for n, m in zip(names, self.members)])
         self._splits: dict[Split, LabelledImages] = {}
+
+    def _check_session(self, name: str, stream: Any) -> None:
+        """Refuse a dataset (its stream class, or the stream built) that cannot be a session: one without a
+        training split (a control-only stream) or with its own questions (no classes to evaluate among)."""
+        splits, spec = getattr(stream, "splits", ()), getattr(stream, "spec", None)
+        if (isinstance(splits, tuple) and "train" not in splits) or getattr(spec, "own_questions", False):
+            raise StreamDataError(f"{self.name}: dataset {name!r} cannot be a session (a control-only stream or one "
+                                  "with its own questions); allowed: streams of labelled classes with a training split")
 
     @property
     def name(self) -> str:
