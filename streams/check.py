@@ -17,6 +17,7 @@ from typing import Any
 from benchmark.registry import STREAMS
 from streams.base import LabelledImages, Stream, StreamDataError, unreadable
 from streams.files import hidden
+from streams.sequence import SequenceSpec
 
 
 @dataclass
@@ -58,7 +59,7 @@ def resolve_data_root(stream: type[Stream], root: Path) -> Path:
     return root
 
 
-def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, shots: int | None = None,
+def check_stream(name: str, root: Path, options: Any = None, sessions: int | None = None, shots: int | None = None,
                  listed: int = 5, progress: bool = False) -> DataReport:
     """Check stream ``name`` on ``root`` (see the module docstring)."""
     entry = STREAMS.get(name)
@@ -88,6 +89,8 @@ def check_stream(name: str, root: Path, options: Any = None, sessions: int = 5, 
                        "their targets, or remove the links)")
     if not data:
         return report
+    groups = stream.spec.session_groups
+    sessions = sessions or (len(groups) if groups is not None else 5)  # the fixed groups (a sequence's datasets)
     if stream.spec.own_questions:
         _own_question_sessions(report, stream, data, sessions, shots)
     else:
@@ -134,8 +137,10 @@ def _sessions(report: DataReport, stream: Stream, train: LabelledImages, session
         report.problem(str(err))
         return
     per_class = _per_class(train, len(stream.spec.class_names))
+    spec = stream.spec
     for i, classes in enumerate(groups, start=1):
-        line = f"session {i}: {len(classes)} classes, {sum(per_class[c] for c in classes)} train images"
+        dataset = f" ({spec.datasets[spec.member_of(classes[0])]})" if isinstance(spec, SequenceSpec) else ""
+        line = f"session {i}{dataset}: {len(classes)} classes, {sum(per_class[c] for c in classes)} train images"
         short = [c for c in classes if shots is not None and per_class[c] < shots]
         if short:
             line += f"; fewer than {shots} images (all kept): " + ", ".join(stream.spec.class_names[c] for c in short)

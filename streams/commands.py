@@ -30,7 +30,8 @@ def add_data(verbs: argparse._SubParsersAction) -> None:
                             "the released code's, e.g. toyota_smarthome_images for tsi)")
     check.add_argument("-o", "--option", action="append", default=[], metavar="key=value",
                        help="a stream option, as in the stream's config section (repeatable; see 'fscl ls streams -v')")
-    check.add_argument("--sessions", type=int, default=5, help="sessions to split the classes into (default 5)")
+    check.add_argument("--sessions", type=int, default=None,
+                       help="sessions to split the classes into (default 5; a sequence: one per dataset)")
     check.add_argument("--shots", type=int, default=None, help="flag classes with fewer training images")
     check.add_argument("--no-progress", action="store_true", help="no progress bars")
     check.set_defaults(func=_data_check)
