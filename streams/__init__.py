@@ -58,7 +58,7 @@ STREAMS.declare("caltech101", "streams.controls:Caltech101", options=_SPLIT,
 STREAMS.declare("sun397", "streams.controls:SUN397", options=_SPLIT,
                 summary="SUN397 scenes (torchvision root), 397 classes, seeded split; control.")
 STREAMS.declare("mnist", "streams.controls:MNIST", options=_DOWNLOAD,
-                summary="MNIST digits (torchvision root), 10 classes; control.")
+                summary="MNIST (torchvision root), 10 digits; control.")
 STREAMS.declare("stanfordcars", "streams.controls:StanfordCars",
                 summary="Stanford Cars (torchvision root), 196 car models; control.")
 STREAMS.declare("imagefolder", "streams.controls:ImageFolder", options="streams.options:ImageFolderOptions",
