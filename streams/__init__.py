@@ -14,14 +14,14 @@ __getattr__ = lazy_exports(__name__, {"FewShotSampler": "streams.sampling", "Ses
                                       **dict.fromkeys(["LabelledImages", "Stream", "StreamDataError", "StreamSpec"],
                                                       "streams.base")})
 
-_DOWNLOAD, _SPLIT, _CHECKSUM = ("streams.options:DownloadOptions", "streams.options:DownloadSplitOptions",
+_DOWNLOAD, _SPLIT, _CHECKSUM = ("streams.options:DownloadOptions", "streams.options:DownloadZSCLSplitOptions",
                                 "streams.options:ChecksumOptions")
 # the paper's targets
 STREAMS.declare("tsi", "streams.tsi:TSI", options="streams.options:TSIOptions",
                 summary="Toyota Smarthome Images, 27 activities; train and test subjects as in the paper.")
 STREAMS.declare("gtsrb", "streams.gtsrb:GTSRB", options=_DOWNLOAD,
                 summary="GTSRB traffic signs, 43 classes, torchvision's train/test split.")
-STREAMS.declare("aircraft", "streams.aircraft:Aircraft", options=_DOWNLOAD,
+STREAMS.declare("aircraft", "streams.aircraft:Aircraft", options="streams.options:AircraftOptions",
                 summary="FGVC-Aircraft, 100 variants, torchvision's trainval/test split.")
 STREAMS.declare("counteranimal", "streams.counteranimal:CounterAnimal", options="streams.options:CounterAnimalOptions",
                 summary="CounterAnimal, 45 ImageNet animal classes on counter (uncommon) backgrounds; "
@@ -57,6 +57,10 @@ STREAMS.declare("caltech101", "streams.controls:Caltech101", options=_SPLIT,
                 summary="Caltech-101 (torchvision root), 101 classes, seeded split; control.")
 STREAMS.declare("sun397", "streams.controls:SUN397", options=_SPLIT,
                 summary="SUN397 scenes (torchvision root), 397 classes, seeded split; control.")
+STREAMS.declare("mnist", "streams.controls:MNIST", options=_DOWNLOAD,
+                summary="MNIST (torchvision root), 10 digits; control.")
+STREAMS.declare("stanfordcars", "streams.controls:StanfordCars",
+                summary="Stanford Cars (torchvision root), 196 car models; control.")
 STREAMS.declare("imagefolder", "streams.controls:ImageFolder", options="streams.options:ImageFolderOptions",
                 summary="Any folder of class folders with a class-names file (e.g. ImageNet val); control.")
 # sequences of datasets (MTIL's protocol): one dataset per session

@@ -14,6 +14,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from PIL import Image
 
 from streams.base import DATA_DIR, Split, StreamDataError, StreamSpec
@@ -63,19 +64,26 @@ class _ChecksummedStream(TorchvisionStream):
                                "false)") from err
 
 
-class _CIFAR(_ChecksummedStream):
+class _InMemory(TorchvisionStream):
+    """A torchvision dataset held as one uint8 array (CIFAR, MNIST): sample ids are ``<split>/<row>``."""
+
     split_args: ClassVar[dict[str, dict[str, Any]]] = {"train": {"train": True}, "test": {"train": False}}
     keys_are_labels = True
 
     def samples_of(self, ds: Any) -> list[Sample]:
         split = "train" if ds.train else "test"
-        return [Sample(image, int(label), f"{split}/{i}") for i, (image, label) in enumerate(zip(ds.data, ds.targets))]
+        return [Sample(image, int(label), f"{split}/{i}")
+                for i, (image, label) in enumerate(zip(np.asarray(ds.data), ds.targets))]
 
     def load_item(self, item: Any) -> Image.Image:
-        return Image.fromarray(item)  # uint8 [32, 32, 3]
+        return Image.fromarray(item).convert("RGB")  # uint8 [32, 32, 3] (CIFAR) or [28, 28] (MNIST)
 
     def class_location(self, key: Hashable, split: Split) -> str:
-        return f"images labelled {key} in the {split} batches of {self.root}"
+        return f"images labelled {key} in the {split} files of {self.root}"
+
+
+class _CIFAR(_InMemory, _ChecksummedStream):
+    pass
 
 
 CIFAR_LAYOUT = """\
@@ -182,6 +190,11 @@ class Caltech101(TorchvisionStream):
         return self.class_folders(self.root / "101_ObjectCategories", {k: k for k in self.spec.keys},
                                   others=True, ignore=("BACKGROUND_Google",))
 
+    def files_and_labels(self, ds: Any) -> list[tuple[Path, int]]:
+        # torchvision numbers each class folder's entries 1..n and names them image_NNNN.jpg
+        base = self.root / "101_ObjectCategories"
+        return [(base / ds.categories[y] / f"image_{i:04d}.jpg", int(y)) for i, y in zip(ds.index, ds.y)]
+
 
 class SUN397(TorchvisionStream):
     """SUN397 scenes (torchvision root), 397 classes, seeded split; control."""
@@ -199,6 +212,55 @@ class SUN397(TorchvisionStream):
         # listed here: torchvision takes every sun_*.jpg below the root, hidden folders too
         samples = self.class_folders(self.root, {k: f"{str(k)[0]}/{k}" for k in self.spec.keys}, extensions=(".jpg",))
         return [s for s in samples if s.item.name.startswith("sun_")]
+
+
+MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_LEGACY = ("processed/training.pt", "processed/test.pt")
+
+
+class MNIST(_InMemory):
+    """MNIST (torchvision root), 10 digits; control."""
+
+    spec = _spec("mnist")
+    folder = "MNIST"
+    layout = """\
+<data_root>/MNIST/                      (torchvision.datasets.MNIST(root=<data_root>))
+  raw/train-images-idx3-ubyte  raw/train-labels-idx1-ubyte    train: idx files (unzipped)
+  raw/t10k-images-idx3-ubyte   raw/t10k-labels-idx1-ubyte     test
+  (or torchvision's older processed/training.pt and processed/test.pt)"""
+    dataset_class = "MNIST"
+
+    def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
+        super().__init__(data_root, options, skip_bad_images=skip_bad_images)
+        if not all((self.root / rel).is_file() for rel in MNIST_LEGACY):  # torchvision reads those first
+            for name in MNIST_RAW:
+                self.require(self.root / "raw" / name)
+
+
+class StanfordCars(TorchvisionStream):
+    """Stanford Cars (torchvision root), 196 car models; control."""
+
+    spec = _spec("stanfordcars")
+    folder = "stanford_cars"
+    layout = """\
+<data_root>/stanford_cars/              (torchvision.datasets.StanfordCars(root=<data_root>))
+  devkit/cars_meta.mat                   the 196 class names
+  devkit/cars_train_annos.mat            train: 'annotations' records (fname, class 1..196)
+  cars_train/<fname>.jpg
+  cars_test_annos_withlabels.mat         test: the same records
+  cars_test/<fname>.jpg"""
+    required = ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_train", "cars_test_annos_withlabels.mat",
+                "cars_test")
+    dataset_class = "StanfordCars"
+    split_args: ClassVar[dict[str, dict[str, Any]]] = {"train": {"split": "train"}, "test": {"split": "test"}}
+    keys_are_labels = True
+
+    def files_and_labels(self, ds: Any) -> list[tuple[Path, int]]:
+        return [(Path(p), int(y)) for p, y in ds._samples]  # no public accessor
+
+    def class_location(self, key: Hashable, split: Split) -> str:
+        annotations = "devkit/cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat"
+        return f"records of class {int(key) + 1} in {self.root / annotations}"
 
 
 def read_class_names(path: Path, folders: list[str]) -> list[str]:

@@ -142,9 +142,7 @@ class FileStream(Stream):
         """Every sample of ``split`` (any order). Default: :meth:`scan_all` split by the split
         file when there is one (:meth:`split_file_path`), else by the seeded split."""
         if self._parts is None:
-            samples = self.known(self.scan_all())
-            path = self.split_file_path()
-            self._parts, record = self.seeded_split(samples) if path is None else self.file_split(path, samples)
+            self._parts, record = self.choose_split(self.known(self.scan_all()))
             ids = {part: sorted(s.id for s in members) for part, members in self._parts.items()}
             self._split_record = {**record, "ids": ids}
         return self._parts[split]
@@ -166,6 +164,12 @@ class FileStream(Stream):
         return f"images of class {key!r} under {self.root}"
 
     # -- shared machinery --------------------------------------------------------------
+    def choose_split(self, samples: list[Sample]) -> tuple[dict[Split, list[Sample]], dict[str, Any]]:
+        """The split of ``samples`` (every sample found) and its record: the split file's when there is one
+        (:meth:`split_file_path`), else the seeded split."""
+        path = self.split_file_path()
+        return self.seeded_split(samples) if path is None else self.file_split(path, samples)
+
     def split_file_path(self) -> Path | None:
         """The split file to read, or None for the seeded split (option ``split_file``, see SplitFileOptions)."""
         choice = getattr(self.options or SplitFileOptions(), "split_file", None)

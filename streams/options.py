@@ -61,6 +61,32 @@ class DownloadSplitOptions(SplitOptions):
 
 
 @dataclass
+class ZSCLSplitOptions:
+    """The split choice of a stream whose split in ZSCL's MTIL code (``Thunderbeee/ZSCL``) differs from ours."""
+
+    split: str = field(default="suite", metadata={"help": (
+        "'suite': the stream's own split; 'zscl': the split ZSCL's MTIL code uses (docs/fidelity.md, "
+        "'MTIL datasets'), whatever the other split options say")})
+
+    def __post_init__(self) -> None:
+        check(self.split in ("suite", "zscl"), "split", self.split, "suite | zscl")
+
+
+@dataclass
+class AircraftOptions(ZSCLSplitOptions, DownloadOptions):
+    """Options of ``aircraft``: download, and the split (ZSCL trains on the 'train' part only, ours on 'trainval')."""
+
+
+@dataclass
+class DownloadZSCLSplitOptions(ZSCLSplitOptions, DownloadSplitOptions):
+    """Options of a torchvision-read stream without an official split: the seeded split or ZSCL's."""
+
+    def __post_init__(self) -> None:
+        DownloadSplitOptions.__post_init__(self)
+        ZSCLSplitOptions.__post_init__(self)
+
+
+@dataclass
 class ChecksumOptions(DownloadOptions):
     """Options of a torchvision class that verifies its files' MD5 sums when it reads them."""
 
@@ -94,8 +120,12 @@ class DigitsOptions:
 
 
 @dataclass
-class EuroSATOptions(SplitFileOptions, DownloadOptions):
-    """Options of ``eurosat``: the split (split_file, else test_fraction and split_seed) and download."""
+class EuroSATOptions(ZSCLSplitOptions, SplitFileOptions, DownloadOptions):
+    """Options of ``eurosat``: the split (split_file, else test_fraction and split_seed; or ZSCL's) and download."""
+
+    def __post_init__(self) -> None:
+        SplitFileOptions.__post_init__(self)
+        ZSCLSplitOptions.__post_init__(self)
 
 
 @dataclass
