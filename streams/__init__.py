@@ -67,6 +67,9 @@ STREAMS.declare("imagefolder", "streams.controls:ImageFolder", options="streams.
 STREAMS.declare("sequence", "streams.sequence:Datasets", options="streams.options:SequenceOptions",
                 summary="Any datasets as a sequence, one per session, each evaluated among its own classes "
                         "(MTIL's protocol).")
+STREAMS.declare("mtil", "streams.mtil:MTIL", options="streams.options:MTILOptions",
+                summary="MTIL's eleven datasets as a sequence, ZSCL's orders I and II, texts and splits "
+                        "(Transfer/Avg/Last).")
 STREAMS.declare("mini-mtil", "streams.sequence:MiniMTIL",
                 summary="The mini world's five datasets as a sequence (shapes, colours, digits, handwritten, signs).")
 # real data that ships with scikit-learn

@@ -223,3 +223,17 @@ class SequenceOptions:
         unknown = [name for name in self.datasets if name not in STREAMS]
         check(not unknown, "sequence.datasets", self.datasets,
               "registered streams (fscl ls streams); " + "; ".join(STREAMS.unknown_message(n) for n in unknown))
+
+
+@dataclass
+class MTILOptions:
+    """Options of ``mtil``: ZSCL's order of the eleven datasets, and whose splits."""
+
+    order: str = field(default="I", metadata={"help": "ZSCL's Order I (aircraft first) or II (stanfordcars first)"})
+    split: str = field(default="zscl", metadata={"help": (
+        "'zscl': each dataset's split in ZSCL's code where ours differs (the datasets' option split: zscl); "
+        "'suite': the suite's own splits")})
+
+    def __post_init__(self) -> None:
+        check(self.order in ("I", "II"), "mtil.order", self.order, "I | II")
+        check(self.split in ("zscl", "suite"), "mtil.split", self.split, "zscl | suite")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import fscl_test_strategies
 import numpy as np
@@ -129,3 +130,50 @@ def test_a_sequence_run_records_mtil_metrics_and_resumes_to_the_same_numbers(tmp
 def test_a_sequence_needs_its_datasets_option():
     with pytest.raises(ConfigError, match="sequence.datasets"):
         load_config("quick", ["stream=sequence"]).expand()
+
+
+@pytest.fixture(scope="module")
+def mtil_root(tmp_path_factory) -> Path:
+    """The eleven MTIL datasets' layouts, tiny (a few 8×8 images per class)."""
+    from test_streams_controls import (write_caltech, write_cifar, write_dtd, write_flowers, write_food101,
+                                       write_pets, write_sun397)
+    from test_streams_layouts import write_aircraft, write_eurosat
+    from test_streams_mtil import write_mnist, write_stanfordcars
+
+    root = tmp_path_factory.mktemp("mtil")
+    for write in (write_aircraft, write_caltech, write_dtd, write_eurosat, write_flowers, write_food101,
+                  write_mnist, write_pets, write_stanfordcars, write_sun397):
+        write(root)
+    write_cifar(root, hundred=True)
+    data = root / "fgvc-aircraft-2013b" / "data"  # ZSCL's split trains on FGVC's 'train' part
+    (data / "images_variant_train.txt").write_text((data / "images_variant_trainval.txt").read_text())
+    return root
+
+
+def test_mtil_is_zscls_eleven_datasets_in_its_orders_with_its_texts_and_splits(mtil_root):
+    from streams.mtil import MTIL
+    from streams.mtil_texts import MTIL_ORDERS, mtil_spec
+    from streams.options import MTILOptions
+
+    mtil = MTIL(mtil_root, MTILOptions(order="II"))
+    assert mtil.spec.datasets == MTIL_ORDERS["II"]
+    assert [m.class_names for m in mtil.spec.members] == [mtil_spec(n).class_names for n in MTIL_ORDERS["II"]]
+    assert mtil.spec.captions(0) == [mtil_spec("stanfordcars").templates[0].format(mtil.spec.class_names[0])]
+    splits = {name: m.options.split for name, m in zip(mtil.spec.datasets, mtil.members) if hasattr(m.options, "split")}
+    assert set(splits) >= {"aircraft", "caltech101", "eurosat", "sun397"} and set(splits.values()) == {"zscl"}
+    suite = MTIL(mtil_root, MTILOptions(split="suite"))
+    assert {m.options.split for m in suite.members if hasattr(m.options, "split")} == {"suite"}
+
+
+def test_an_mtil_run_evaluates_every_dataset_among_its_own_classes(mtil_root, tmp_path):
+    out = tmp_path / "runs"
+    assert main(["run", "quick", "stream=mtil", "mtil.split=suite", "strategy=zeroshot", "seed=0", "sessions=11",
+                 "shots=1", f"data_root={mtil_root}", f"out={out}", "--no-progress"]) == 0
+    run = out / "quick/mtil/openclip-fscl-tiny/zeroshot/1-s0"
+    summary = json.loads((run / "summary.json").read_text())["sequence"]
+    matrix = AccuracyMatrix.from_csv((run / "matrix.csv").read_text(), "mtil")
+    assert summary["datasets"][0] == "aircraft" and len(summary["datasets"]) == 11
+    assert summary["transfer_mean"] == pytest.approx(matrix.groups[0, 1:].mean())  # zero-shot: every row is row 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    totals = {m["metric"]: m["total"] for m in metrics if m["session"] == 0}
+    assert totals["top1_s8"] == 20  # mnist, 2 test images of each of its 10 digits, among its own 10 classes
