@@ -37,3 +37,15 @@ STRATEGIES.declare("lora-vlm", "strategies.llm:LoRAVLM", options="strategies.opt
 STRATEGIES.declare("lorsu-llm", "strategies.lorsu_llm:LoRSULLM", options="strategies.options:LoRSULLMOptions",
                    summary="LoRSU on the last last_layers language-model layers of the VLM (needs vqa.model): top "
                            "heads' q/k/v, sparse up_proj.")
+STRATEGIES.declare("lwf", "strategies.lwf:LwF", options="strategies.options:LwFOptions",
+                   summary="LwF: every vision-encoder parameter + distillation of the session's images toward the "
+                           "encoder at the session's start (ZSCL's lwf.sh).")
+STRATEGIES.declare("wise-ft", "strategies.wise_ft:WiSEFT", options="strategies.options:WiSEFTOptions",
+                   summary="WiSE-FT: full fine-tuning, then the encoder interpolated with the pretrained (or the "
+                           "session's starting) encoder after each session.")
+STRATEGIES.declare("zscl", "strategies.zscl:ZSCL", options="strategies.options:ZSCLOptions",
+                   summary="ZSCL: full fine-tuning + distillation on reference data toward the pretrained encoder + "
+                           "l2 + weight ensembling (needs zscl.reference_images/reference_captions or reference=mini).")
+STRATEGIES.declare("replay", "strategies.replay:Replay", options="strategies.options:ReplayOptions",
+                   summary="Replay: full fine-tuning on the session's shots plus Avalanche's experience-balanced "
+                           "buffer of earlier sessions' shots (seeded, buffer_size).")
