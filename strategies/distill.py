@@ -43,15 +43,19 @@ class FrozenEncoder:
         self.state = {name: t.detach().clone() for name, t in backbone.visual.state_dict().items()}
 
     def parameters(self) -> list[Tensor]:
-        """The copied parameters, in ``backbone.visual.named_parameters()`` order."""
-        return [self.state[name] for name, _ in self.backbone.visual.named_parameters()]
+        """The copied parameters (detached), in ``backbone.visual.named_parameters()`` order."""
+        return [self.state[name].detach() for name, _ in self.backbone.visual.named_parameters()]
 
     @torch.no_grad()
     def encode(self, encode: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
         """``encode(images)`` (e.g. the session's ``encode_images``: its precision) with these weights: features
         [B, D], no gradient. The call swaps module attributes, never tensors in place, so the current weights and
         any graph built on them are untouched. (``tie_weights=False``: open_clip's encoder is both ``visual`` and
-        ``model.visual``; swapping it under both names would restore the copy, not the weights.)"""
+        ``model.visual``; swapping it under both names would restore the copy, not the weights.) Each copied
+        parameter carries the ``requires_grad`` flag of the weight it stands in for (no graph is built under
+        ``no_grad``): torch picks some CPU kernels by that flag, so equal weights give bit-equal features."""
+        for name, live in self.backbone.visual.named_parameters():
+            self.state[name].requires_grad_(live.requires_grad)
         swapped = {f"backbone.visual.{name}": t for name, t in self.state.items()}
         return functional_call(_Encoding(self.backbone, encode), swapped, (images,), tie_weights=False)
 
