@@ -38,14 +38,12 @@ STRATEGIES.declare("lorsu-llm", "strategies.lorsu_llm:LoRSULLM", options="strate
                    summary="LoRSU on the last last_layers language-model layers of the VLM (needs vqa.model): top "
                            "heads' q/k/v, sparse up_proj.")
 STRATEGIES.declare("lwf", "strategies.lwf:LwF", options="strategies.options:LwFOptions",
-                   summary="LwF: every vision-encoder parameter + distillation of the session's images toward the "
-                           "encoder at the session's start (ZSCL's lwf.sh).")
+                   summary="LwF: every vision parameter + distillation toward the encoder at the session's start.")
 STRATEGIES.declare("wise-ft", "strategies.wise_ft:WiSEFT", options="strategies.options:WiSEFTOptions",
-                   summary="WiSE-FT: full fine-tuning, then the encoder interpolated with the pretrained (or the "
-                           "session's starting) encoder after each session.")
+                   summary="WiSE-FT: full fine-tuning, the encoder interpolated with an anchor after each session.")
 STRATEGIES.declare("zscl", "strategies.zscl:ZSCL", options="strategies.options:ZSCLOptions",
-                   summary="ZSCL: full fine-tuning + distillation on reference data toward the pretrained encoder + "
-                           "l2 + weight ensembling (needs zscl.reference_images/reference_captions or reference=mini).")
+                   summary="ZSCL: full fine-tuning + reference distillation toward the pretrained encoder + l2 + "
+                           "weight ensemble.")
 STRATEGIES.declare("replay", "strategies.replay:Replay", options="strategies.options:ReplayOptions",
-                   summary="Replay: full fine-tuning on the session's shots plus Avalanche's experience-balanced "
-                           "buffer of earlier sessions' shots (seeded, buffer_size).")
+                   summary="Replay: full fine-tuning on the session's shots + Avalanche's buffer of earlier "
+                           "sessions' shots.")

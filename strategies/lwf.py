@@ -19,7 +19,7 @@ from strategies.options import LwFOptions
 
 
 class LwF(StrategyPlugin[LwFOptions]):
-    """LwF: every vision-encoder parameter + the distillation toward the encoder at the session's start."""
+    """LwF: every vision parameter + distillation toward the encoder at the session's start."""
 
     def __init__(self, backbone: Backbone, options: LwFOptions | None = None) -> None:
         super().__init__(backbone, options or LwFOptions())

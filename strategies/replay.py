@@ -28,7 +28,7 @@ from strategies.seeding import run_seed, session_generator
 
 
 class Replay(StrategyPlugin[ReplayOptions]):
-    """Replay: every vision-encoder parameter, on the session's shots plus a buffer of earlier sessions' shots."""
+    """Replay: full fine-tuning on the session's shots + Avalanche's buffer of earlier sessions' shots."""
 
     def __init__(self, backbone: Backbone, options: ReplayOptions | None = None) -> None:
         super().__init__(backbone, options or ReplayOptions())

@@ -34,7 +34,7 @@ def interpolate(params: Sequence[Tensor], anchors: Sequence[Tensor], alpha: floa
 
 
 class WiSEFT(StrategyPlugin[WiSEFTOptions]):
-    """WiSE-FT: every vision-encoder parameter, interpolated with the anchor after each session."""
+    """WiSE-FT: full fine-tuning, the encoder interpolated with an anchor after each session."""
 
     supports_ddp = True  # full fine-tuning, and an interpolation of weights that are the same on every rank
 

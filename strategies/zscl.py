@@ -75,8 +75,7 @@ class ReferenceData:
 
 
 class ZSCL(StrategyPlugin[ZSCLOptions]):
-    """ZSCL: every vision-encoder parameter + distillation on reference data toward the pretrained encoder + the
-    l2 term, the session's result the weight ensemble."""
+    """ZSCL: full fine-tuning + reference distillation toward the pretrained encoder + l2 + weight ensemble."""
 
     def __init__(self, backbone: Backbone, options: ZSCLOptions) -> None:
         super().__init__(backbone, options)
