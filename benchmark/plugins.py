@@ -15,6 +15,13 @@ session at a time and, around it, calls every :class:`StrategyPlugin`:
 ``session`` is the template seen through :class:`TrainingSession`: its data
 (``session_batches``), its loss (``training_loss``) and its random generators
 (``preserved_rng``). Strategies use nothing else of the template and never change its recipe.
+
+A penalty that reads the mini-batch being trained (a distillation, :mod:`strategies.lwf`) keeps the session it
+was given in ``setup`` and, inside ``penalty()``, calls ``session.training_batch()``: the batch's images on the
+device and the image features the template's forward computed from them (the ones the training loss uses, with
+their gradient), so the penalty costs no second forward of the student. ``session.encode_images`` encodes any
+other images as training does (its precision; under ``ddp: true`` gathered), e.g. a teacher's forward under
+:func:`torch.func.functional_call`, and ``session.session_text_features()`` gives the session's class captions.
 """
 from __future__ import annotations
 
@@ -65,6 +72,18 @@ class TrainingSession(Protocol):
 
     def preserved_rng(self) -> AbstractContextManager[None]:
         """A block after which every random generator of training is as it was before."""
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Image features [B, D] (not normalised) of ``images`` [B, 3, H, W] as training encodes them: under the
+        training precision's autocast, and under ``ddp: true`` this rank's slice encoded and the rest gathered."""
+
+    def training_batch(self) -> tuple[Tensor, Tensor]:
+        """Inside ``penalty()``: the mini-batch being trained, its images [B, 3, H, W] on the device and their image
+        features [B, D] from the template's forward (fp32, not normalised, carrying the gradient)."""
+
+    def session_text_features(self) -> Tensor:
+        """Normalised text features [C_s, D] of this session's classes (sorted by label), each in the first
+        template: the class texts a distillation's logits range over."""
 
     vlm: Any  # the run's loaded VLM (benchmark.vlm.base.LoadedVLM) under the VLM template; None under the CLIP one
 

@@ -169,6 +169,17 @@ class CLIPTemplate(SupervisedTemplate):
         batch = self._to_device(batch)
         return self.encode_images(batch[0]).float(), self.caption_features(batch)
 
+    def training_batch(self) -> tuple[Tensor, Tensor]:
+        """The mini-batch being trained: its images [B, 3, H, W] on the device and its image features [B, D] from
+        :meth:`forward` (fp32, not normalised, carrying the gradient); valid inside a strategy's ``penalty()``."""
+        return self.mb_x, self.mb_output.float()
+
+    def session_text_features(self) -> Tensor:
+        """Normalised features [C_s, D] of this session's classes (the labels of its training set, sorted) in the
+        first template."""
+        classes = sorted(self.experience.dataset.targets.uniques)
+        return self.class_text_features()[classes, 0]
+
     @contextmanager
     def preserved_rng(self) -> Iterator[None]:
         """Restore the torch generators (CPU, and this device's CUDA one) and the caption generator

@@ -37,3 +37,13 @@ STRATEGIES.declare("lora-vlm", "strategies.llm:LoRAVLM", options="strategies.opt
 STRATEGIES.declare("lorsu-llm", "strategies.lorsu_llm:LoRSULLM", options="strategies.options:LoRSULLMOptions",
                    summary="LoRSU on the last last_layers language-model layers of the VLM (needs vqa.model): top "
                            "heads' q/k/v, sparse up_proj.")
+STRATEGIES.declare("lwf", "strategies.lwf:LwF", options="strategies.options:LwFOptions",
+                   summary="LwF: every vision parameter + distillation toward the encoder at the session's start.")
+STRATEGIES.declare("wise-ft", "strategies.wise_ft:WiSEFT", options="strategies.options:WiSEFTOptions",
+                   summary="WiSE-FT: full fine-tuning, the encoder interpolated with an anchor after each session.")
+STRATEGIES.declare("zscl", "strategies.zscl:ZSCL", options="strategies.options:ZSCLOptions",
+                   summary="ZSCL: full fine-tuning + reference distillation toward the pretrained encoder + l2 + "
+                           "weight ensemble.")
+STRATEGIES.declare("replay", "strategies.replay:Replay", options="strategies.options:ReplayOptions",
+                   summary="Replay: full fine-tuning on the session's shots + Avalanche's buffer of earlier "
+                           "sessions' shots.")

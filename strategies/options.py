@@ -7,6 +7,7 @@ carries its help text (``fscl ls strategies -v``); values are checked once, in `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from benchmark.config import check
@@ -38,6 +39,98 @@ class EWCOptions:
 
     def __post_init__(self) -> None:
         check(self.ewc_lambda >= 0, "ewc.ewc_lambda", self.ewc_lambda, "a float >= 0")
+
+
+@dataclass
+class DistillationOptions:
+    """Options of a distillation toward a frozen teacher (``lwf``, ``zscl``): ZSCL's loss, its defaults."""
+
+    section: ClassVar[str] = "lwf"  # the config section, in error messages
+
+    temperature: float = field(default=2.0, metadata={
+        "help": "temperature T of the distillation KL(softmax(t/T) || softmax(s/T)) * T^2 (ZSCL's --T)"})
+    weight: float = field(default=1.0, metadata={"help": "weight of the distillation terms in the loss"})
+    text_loss: bool = field(default=True, metadata={
+        "help": "also distil the transposed (text-to-image) logits (ZSCL's --text_loss)"})
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, f"{self.section}.temperature", self.temperature, "a float > 0")
+        check(self.weight >= 0, f"{self.section}.weight", self.weight, "a float >= 0")
+
+
+@dataclass
+class LwFOptions(DistillationOptions):
+    """Options of ``lwf`` (defaults: ZSCL's ``lwf.sh``)."""
+
+
+@dataclass
+class WiSEFTOptions:
+    """Options of ``wise-ft``."""
+
+    alpha: float = field(default=0.8, metadata={
+        "help": "after each session the encoder becomes alpha * fine-tuned + (1 - alpha) * anchor "
+                "(ZSCL's --wise_ft_alpha 0.8); 1: plain fine-tuning, 0: the anchor"})
+    anchor: Literal["pretrained", "previous"] = field(default="pretrained", metadata={
+        "help": "pretrained: the pretrained encoder (WiSE-FT); previous: the encoder at the session's start "
+                "(ZSCL's WiSE_finetune.sh, --wise_ft_model n)"})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1, "wise-ft.alpha", self.alpha,
+              "a float in [0, 1]")
+
+
+@dataclass
+class ZSCLOptions(DistillationOptions):
+    """Options of ``zscl`` (defaults: ZSCL's ``ZSCL.sh``)."""
+
+    section: ClassVar[str] = "zscl"
+
+    reference: Literal["files", "mini"] = field(default="files", metadata={
+        "help": "files: reference_images and reference_captions; mini: the mini world's clean renders and their "
+                "captions (no files)"})
+    reference_images: str | None = field(default=None, metadata={
+        "help": "a folder of reference images, read recursively, sorted by path (ZSCL: ImageNet's training images)"})
+    reference_captions: str | None = field(default=None, metadata={
+        "help": "a text file of reference captions, one per line (ZSCL: Conceptual Captions)"})
+    reference_batch: int = field(default=64, metadata={
+        "help": "reference images drawn per training step (ZSCL's --batch-size of its reference loader)"})
+    avg_freq: int | None = field(default=100, metadata={
+        "help": "weight ensemble: fold the weights into their running mean after every avg_freq-th step from the "
+                "first, the mean being the session's result (ZSCL's --we --avg_freq 100); null: no ensemble"})
+    l2: float = field(default=1.0, metadata={
+        "help": "weight of the sum of squared differences to the encoder at the session's start (ZSCL's --l2 1)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        files = (self.reference_images, self.reference_captions)
+        if self.reference == "mini":
+            check(files == (None, None), "zscl.reference", self.reference,
+                  "files when zscl.reference_images or zscl.reference_captions is set")
+        else:
+            allowed = "{}, or zscl.reference=mini (the mini world's renders and captions)"
+            check(self.reference_images is not None and Path(self.reference_images).is_dir(),
+                  "zscl.reference_images", self.reference_images, allowed.format("a folder of reference images"))
+            check(self.reference_captions is not None and Path(self.reference_captions).is_file(),
+                  "zscl.reference_captions", self.reference_captions,
+                  allowed.format("a text file of reference captions, one per line"))
+        check(isinstance(self.reference_batch, int) and self.reference_batch >= 1, "zscl.reference_batch",
+              self.reference_batch, "an integer >= 1")
+        check(self.avg_freq is None or (isinstance(self.avg_freq, int) and self.avg_freq >= 1), "zscl.avg_freq",
+              self.avg_freq, "an integer >= 1, or null (no weight ensemble)")
+        check(self.l2 >= 0, "zscl.l2", self.l2, "a float >= 0")
+
+
+@dataclass
+class ReplayOptions:
+    """Options of ``replay``."""
+
+    buffer_size: int = field(default=200, metadata={
+        "help": "samples kept from earlier sessions, split evenly over them (Avalanche's ExperienceBalancedBuffer; "
+                "its ReplayPlugin's mem_size 200)"})
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.buffer_size, int) and self.buffer_size >= 1, "replay.buffer_size", self.buffer_size,
+              "an integer >= 1")
 
 
 @dataclass
