@@ -38,5 +38,5 @@ STRATEGIES.declare("lorsu-llm", "strategies.lorsu_llm:LoRSULLM", options="strate
                    summary="LoRSU on the last last_layers language-model layers of the VLM (needs vqa.model): top "
                            "heads' q/k/v, sparse up_proj.")
 STRATEGIES.declare("moe-adapters", "strategies.moe_adapters:MoEAdapters", options="strategies.options:MoEAdaptersOptions",
-                   summary="MoE-Adapters4CL: routed adapter experts in every vision block (a router per session, "
-                           "activate-freeze), DDAS autoencoders picking each test image's experts or zero-shot.")
+                   summary="MoE-Adapters4CL: routed adapter experts in every vision block, activate-freeze, and DDAS "
+                           "at evaluation.")
