@@ -47,3 +47,6 @@ STRATEGIES.declare("zscl", "strategies.zscl:ZSCL", options="strategies.options:Z
 STRATEGIES.declare("replay", "strategies.replay:Replay", options="strategies.options:ReplayOptions",
                    summary="Replay: full fine-tuning on the session's shots + Avalanche's buffer of earlier "
                            "sessions' shots.")
+STRATEGIES.declare("moe-adapters", "strategies.moe_adapters:MoEAdapters", options="strategies.options:MoEAdaptersOptions",
+                   summary="MoE-Adapters4CL: routed adapter experts in every vision block, activate-freeze, and DDAS "
+                           "at evaluation.")

@@ -351,3 +351,56 @@ class LoRSULLMOptions(VLMRecipe):
         check(self.projector_lr is None or self.projector_lr > 0, f"{self.section}.projector_lr", self.projector_lr,
               "null, or a learning rate > 0")
         self._check_recipe()
+
+
+@dataclass
+class MoEAdaptersOptions:
+    """Options of ``moe-adapters`` (MoE-Adapters4CL, Yu et al., CVPR 2024; defaults: its released MTIL scripts,
+    except the autoencoder's code width and the DDAS threshold, which the released code sets for AlexNet
+    features: docs/fidelity.md)."""
+
+    section: ClassVar[str] = "moe-adapters"
+
+    experts: int = field(default=22, metadata={
+        "help": "adapter experts in every vision block, shared by all sessions (the released --experts_num 22)"})
+    top_k: int = field(default=2, metadata={
+        "help": "experts each image is routed to in every block (the released --topk 2; at most experts)"})
+    adapter_width: int = field(default=64, metadata={
+        "help": "bottleneck width of each expert: down W→width, ReLU, up width→W (the released --ffn_num 64)"})
+    adapter_scale: float = field(default=0.1, metadata={
+        "help": "each expert's output is multiplied by this (the released adapter_scalar 0.1)"})
+    adapter_dropout: float = field(default=0.1, metadata={
+        "help": "dropout inside each expert while training (the released 0.1)"})
+    freeze_per_session: int = field(default=2, metadata={
+        "help": "activate-freeze: after a session, per block, its N most often chosen experts are frozen for the "
+                "sessions after it (the released 2; at most experts)"})
+    autoencoder_code: int = field(default=16, metadata={
+        "help": "code width of each session's DDAS autoencoder on the frozen encoder's D-dim embedding (below D; "
+                "the released 100 is for 43,264 AlexNet features)"})
+    autoencoder_steps: int = field(default=300, metadata={
+        "help": "Adam steps (batches of 64, lr 3e-3, weight decay 1e-4: the released) that train a session's "
+                "autoencoder after the session"})
+    ddas_threshold: float | None = field(default=None, metadata={
+        "help": "an image whose reconstruction error (MSE) is above the threshold of every seen session goes "
+                "through the frozen zero-shot encoder; a float: one threshold for all sessions (the released "
+                "0.0585 is for AlexNet features); null: per session, ddas_margin × the largest error of its own "
+                "training images"})
+    ddas_margin: float = field(default=2.0, metadata={
+        "help": "with ddas_threshold null: a session's threshold as a multiple of its training images' largest "
+                "reconstruction error"})
+
+    def __post_init__(self) -> None:
+        for key in ("experts", "top_k", "adapter_width", "freeze_per_session", "autoencoder_code",
+                    "autoencoder_steps"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value >= 1, f"{self.section}.{key}", value, "an integer >= 1")
+        check(self.top_k <= self.experts, f"{self.section}.top_k", self.top_k,
+              f"an integer in [1, experts={self.experts}]")
+        check(self.freeze_per_session <= self.experts, f"{self.section}.freeze_per_session",
+              self.freeze_per_session, f"an integer in [1, experts={self.experts}]")
+        check(self.adapter_scale > 0, f"{self.section}.adapter_scale", self.adapter_scale, "a float > 0")
+        check(0 <= self.adapter_dropout < 1, f"{self.section}.adapter_dropout", self.adapter_dropout,
+              "a float in [0, 1)")
+        check(self.ddas_threshold is None or self.ddas_threshold > 0, f"{self.section}.ddas_threshold",
+              self.ddas_threshold, "null, or a float > 0")
+        check(self.ddas_margin > 0, f"{self.section}.ddas_margin", self.ddas_margin, "a float > 0")
