@@ -22,9 +22,8 @@ class MTIL(SequenceStream):
     def dataset_names(self) -> list[str]:
         return list(MTIL_ORDERS[self.options.order])
 
-    def member_options(self, name: str) -> Any:
+    def default_options(self, name: str, options: Any) -> Any:
         """The dataset's default options, with ZSCL's split where it has a choice (unless ``split: suite``)."""
-        options = super().member_options(name)
         if options is not None and hasattr(options, "split"):
             options = dataclasses.replace(options, split=self.options.split)
         return options

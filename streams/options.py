@@ -6,7 +6,9 @@ are checked once, in ``__post_init__``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from benchmark.config import check
 
@@ -207,12 +209,41 @@ class MiniOptions:
 
 # --------------------------------------------------------------------------- sequences
 @dataclass
-class SequenceOptions:
+class DatasetOptions:
+    """The options of a sequence's datasets (each a registered stream's own section)."""
+
+    section: ClassVar[str] = "sequence"  # the config section, in error messages
+
+    dataset_options: dict = field(default_factory=dict, metadata={
+        "help": "options of its datasets by name, each that stream's own section (e.g. {cifar100: "
+                "{verify_checksums: false}}); a dataset not named takes its stream's defaults"})
+
+    def __post_init__(self) -> None:
+        from benchmark.registry import STREAMS
+
+        key = f"{self.section}.dataset_options"
+        check(isinstance(self.dataset_options, dict), key, self.dataset_options, "a mapping of dataset -> options")
+        for name, section in self.dataset_options.items():
+            check(name in STREAMS and STREAMS.get(name).options is not None and isinstance(section, dict), key,
+                  name, "registered streams that take options, each with a mapping of its options")
+            try:
+                STREAMS.get(name).options(**section)
+            except TypeError as err:
+                check(False, f"{key}.{name}", section, f"that stream's options ({err})")
+
+    def of(self, name: str, default: Any) -> Any:
+        """Dataset ``name``'s options: ``default`` (its stream's defaults, or a sequence's own) with those given."""
+        given = self.dataset_options.get(name, {})
+        return dataclasses.replace(default, **given) if given and default is not None else default
+
+
+@dataclass
+class SequenceOptions(DatasetOptions):
     """Options of ``sequence``: the datasets its sessions train, in order (MTIL's protocol, streams.sequence)."""
 
     datasets: list[str] = field(default_factory=list, metadata={
         "help": "registered streams of labelled classes, one per session in this order (at least two, distinct); "
-                "each is built with its default options and evaluated among its own classes after every session"})
+                "each is evaluated among its own classes after every session"})
 
     def __post_init__(self) -> None:
         from benchmark.registry import STREAMS
@@ -223,11 +254,14 @@ class SequenceOptions:
         unknown = [name for name in self.datasets if name not in STREAMS]
         check(not unknown, "sequence.datasets", self.datasets,
               "registered streams (fscl ls streams); " + "; ".join(STREAMS.unknown_message(n) for n in unknown))
+        super().__post_init__()
 
 
 @dataclass
-class MTILOptions:
-    """Options of ``mtil``: ZSCL's order of the eleven datasets, and whose splits."""
+class MTILOptions(DatasetOptions):
+    """Options of ``mtil``: ZSCL's order of the eleven datasets, whose splits, and its datasets' own options."""
+
+    section: ClassVar[str] = "mtil"
 
     order: str = field(default="I", metadata={"help": "ZSCL's Order I (aircraft first) or II (stanfordcars first)"})
     split: str = field(default="zscl", metadata={"help": (
@@ -237,3 +271,4 @@ class MTILOptions:
     def __post_init__(self) -> None:
         check(self.order in ("I", "II"), "mtil.order", self.order, "I | II")
         check(self.split in ("zscl", "suite"), "mtil.split", self.split, "zscl | suite")
+        super().__post_init__()

@@ -119,9 +119,15 @@ class SequenceStream(Stream):
         return list(self.options.datasets)
 
     def member_options(self, name: str) -> Any:
-        """The options dataset ``name`` is built with: its stream's defaults."""
+        """The options dataset ``name`` is built with: its stream's defaults, with the sequence's
+        ``dataset_options`` of it."""
         options = STREAMS.get(name).options
-        return options() if options is not None else None
+        default = self.default_options(name, options() if options is not None else None)
+        return default if self.options is None else self.options.of(name, default)
+
+    def default_options(self, name: str, options: Any) -> Any:
+        """Dataset ``name``'s options before the user's ``dataset_options``: its stream's defaults."""
+        return options
 
     def member_spec(self, name: str, member: Stream) -> StreamSpec:
         """The class names and templates of dataset ``name`` in the sequence: its own stream's."""
@@ -175,7 +181,9 @@ class Datasets(SequenceStream):
 
 
 class MiniMTIL(SequenceStream):
-    """The mini world's five datasets as a sequence (shapes, colours, digits, handwritten, signs)."""
+    """The mini world's five datasets as a sequence (shapes, colours, digits, handwritten, signs).
+
+    Its datasets take their default options (no ``dataset_options``)."""
 
     registered = "mini-mtil"
     DATASETS: ClassVar[tuple[str, ...]] = ("mini-shapes", "mini-colours", "mini-digits", "mini-handwritten",

@@ -99,6 +99,8 @@ def test_session_order_seed_permutes_the_same_draws(tmp_path):
     (["sequence.datasets=[digits]"], r"sequence.datasets: .*at least two distinct"),
     (["sequence.datasets=[digits,eurosat]"], r"sequence: its dataset 'eurosat' cannot be read: .*eurosat"),
     (["sequence.datasets=[digits,dalle]"], r"dataset 'dalle' cannot be a session"),
+    (["sequence.datasets=[digits,eurosat]", "sequence.dataset_options={eurosat: {nosuch: 1}}"],
+     r"sequence.dataset_options.eurosat: invalid value \{'nosuch': 1\}"),
     ([SEQUENCE, "sessions=3"], r"sessions: 3 cannot be made \(use sessions: 2\)"),
     ([SEQUENCE, "shots=none"], r"shots: invalid value 'none'; allowed: an integer >= 1, or all"),
 ])
@@ -135,8 +137,15 @@ def test_a_sequence_needs_its_datasets_option():
 @pytest.fixture(scope="module")
 def mtil_root(tmp_path_factory) -> Path:
     """The eleven MTIL datasets' layouts, tiny (a few 8×8 images per class)."""
-    from test_streams_controls import (write_caltech, write_cifar, write_dtd, write_flowers, write_food101,
-                                       write_pets, write_sun397)
+    from test_streams_controls import (
+        write_caltech,
+        write_cifar,
+        write_dtd,
+        write_flowers,
+        write_food101,
+        write_pets,
+        write_sun397,
+    )
     from test_streams_layouts import write_aircraft, write_eurosat
     from test_streams_mtil import write_mnist, write_stanfordcars
 
@@ -168,6 +177,7 @@ def test_mtil_is_zscls_eleven_datasets_in_its_orders_with_its_texts_and_splits(m
 def test_an_mtil_run_evaluates_every_dataset_among_its_own_classes(mtil_root, tmp_path):
     out = tmp_path / "runs"
     assert main(["run", "quick", "stream=mtil", "mtil.split=suite", "strategy=zeroshot", "seed=0", "sessions=11",
+                 "mtil.dataset_options={cifar100: {verify_checksums: false}, flowers102: {verify_checksums: false}}",
                  "shots=1", f"data_root={mtil_root}", f"out={out}", "--no-progress"]) == 0
     run = out / "quick/mtil/openclip-fscl-tiny/zeroshot/1-s0"
     summary = json.loads((run / "summary.json").read_text())["sequence"]
