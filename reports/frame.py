@@ -14,7 +14,9 @@ their reason but never enter ``scores`` or any aggregate.
   ``chance_control``, ``vqa_chance_*``; NaN when the manifest has no class counts), and for finished runs the
   scalars of ``summary.json`` (accuracies as fractions in [0, 1]), those of its ``vqa`` block prefixed ``vqa_``
   (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored; ``vqa_set:<dataset>:<metric>``: a set's
-  own metric after the last scored session, MMVP's pair accuracy, HM's AUROC), and its costs (:func:`cost_scalars`).
+  own metric after the last scored session, MMVP's pair accuracy, HM's AUROC), and its costs (:func:`cost_scalars`);
+  a sequence run (MTIL's protocol) adds ``sequence`` (its datasets in session order), ``session_order`` and its
+  Transfer, Avg and Last (:func:`sequence_key`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
 
 A run is scored by one or two :class:`Evaluation` s, those its config's ``evaluate`` lists: CLIP zero-shot
