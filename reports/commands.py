@@ -19,7 +19,8 @@ def add_report(verbs: argparse._SubParsersAction) -> None:
         "report", help="tables, figures and a Markdown/HTML report of a runs folder",
         description="Aggregate finished runs (mean ± std over seeds, paired tests against a reference strategy) "
                     "into report.md, report.html, main_table.csv/.tex (the table across settings, printed here too), "
-                    "results.csv/.tex and figures/; failed or partial runs are listed and left out.",
+                    "results.csv/.tex and figures/; sequence runs (MTIL's protocol) get Transfer/Avg/Last tables, "
+                    "also in sequence.csv; failed or partial runs are listed and left out.",
         epilog="example:\n  fscl report runs/quick --out report/quick --reference full-ft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records ('fscl run' output)")
@@ -46,8 +47,10 @@ def _report(args: argparse.Namespace) -> int:
     from reports import write_report
 
     paths = write_report(args.runs_dir, args.out, reference=args.reference)
+    mtil = f", MTIL tables in {paths.sequence_csv.name}" if paths.sequence_csv else ""
     print(f"{paths.headline}\n\nreport: {paths.markdown}, {paths.html} ({len(paths.figures)} figure files, tables "
-          f"in {paths.main_csv.name} / {paths.main_latex.name}, {paths.results_csv.name} / {paths.results_latex.name})")
+          f"in {paths.main_csv.name} / {paths.main_latex.name}, {paths.results_csv.name} / {paths.results_latex.name}"
+          f"{mtil})")
     if paths.excluded:
         print(f"  {len(paths.excluded)} failed or partial run(s) left out; listed in the report", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from reports.frame import ROLE_TARGET, ZEROSHOT, Evaluation
+from reports.frame import ROLE_TARGET, TOP1, ZEROSHOT, Evaluation
 
 HEATMAP_CMAP = "cividis"  # lightness rises monotonically, so it survives grayscale
 HEATMAPS_PER_ROW = 4
@@ -249,7 +249,8 @@ def draw_point(ax: Axes, style: Style, label: str, x: float, y: float, xerr: flo
 
 
 def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
-                  evaluation: Evaluation = ZEROSHOT) -> Figure:
+                  evaluation: Evaluation = ZEROSHOT, sequences: dict[str, list[str]] | None = None,
+                  columns: list[str] | None = None) -> Figure:
     """Accuracy-matrix heatmaps (sessions × datasets, accuracy of ``evaluation`` in %), one panel per run.
 
     Args:
@@ -257,6 +258,10 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
         panels: run (its ``run`` column value) → panel title, in drawing order.
         title: the setting's label.
         evaluation: whose accuracy; only the sessions it scored are rows.
+        sequences: the sequence runs among ``panels`` (MTIL's protocol) → their datasets in session order: their
+            columns are those datasets (session ``i``'s group ``top1_s<i>`` is the ``i``-th), in ``columns``' order
+            (the same in every panel, whatever order a run trained them in), and each session's row names the
+            dataset it trained.
 
     Datasets are ordered target first, then controls in logged order; cells carry their value.
     Panels wrap after :data:`HEATMAPS_PER_ROW`.
@@ -270,21 +275,34 @@ def matrix_figure(scores: pd.DataFrame, panels: dict[str, str], title: str,
     axes = grid_axes[: len(panels)]
     image = None
     for ax, (run, panel_title) in zip(axes, panels.items()):
-        rows = scores[(scores["run"] == run) & (scores["metric"] == evaluation.metric)]
-        order = list(pd.unique(rows.sort_values("role", key=lambda r: r != ROLE_TARGET, kind="stable")["dataset"]))
-        grid = rows.pivot(index="session", columns="dataset", values="value")[order] * 100
+        if run in (sequences or {}):
+            grid = _sequence_grid(scores[scores["run"] == run], sequences[run], columns or sequences[run])
+        else:
+            rows = scores[(scores["run"] == run) & (scores["metric"] == evaluation.metric)]
+            order = list(pd.unique(rows.sort_values("role", key=lambda r: r != ROLE_TARGET, kind="stable")["dataset"]))
+            grid = rows.pivot(index="session", columns="dataset", values="value")[order] * 100
         image = ax.imshow(grid.to_numpy(), vmin=0, vmax=100, cmap=HEATMAP_CMAP, aspect="auto")
         for (i, j), value in np.ndenumerate(grid.to_numpy()):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize="x-small",
                         color="white" if value < 50 else "black")
-        ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize="small")
+        ax.set_xticks(range(grid.shape[1]), grid.columns.tolist(), rotation=30, ha="right", fontsize="small")
         ax.set_yticks(range(len(grid)), grid.index.tolist())
         ax.set_ylabel("session")
         ax.set_title(panel_title, fontsize="small")
     fig.colorbar(image, ax=list(axes), label=f"{evaluation.accuracy} (%)", shrink=0.9)
     suptitle(fig, title)
     return fig
+
+
+def _sequence_grid(scores: pd.DataFrame, datasets: list[str], columns: list[str]) -> pd.DataFrame:
+    """One sequence run's zero-shot matrix in % (``scores``: its tidy scores): a row per session, labelled
+    ``<t> <dataset it trained>`` (``0``: the pretrained model), a column per dataset of ``columns``."""
+    groups = {f"{TOP1}_s{i}": d for i, d in enumerate(datasets, start=1)}
+    rows = scores[scores["metric"].isin(groups)]
+    grid = rows.assign(dataset=rows["metric"].map(groups)).pivot(index="session", columns="dataset", values="value")
+    grid.index = [f"{t} {datasets[t - 1]}" if t else "0" for t in grid.index]
+    return grid.reindex(columns=columns) * 100
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:

@@ -14,7 +14,9 @@ their reason but never enter ``scores`` or any aggregate.
   ``chance_control``, ``vqa_chance_*``; NaN when the manifest has no class counts), and for finished runs the
   scalars of ``summary.json`` (accuracies as fractions in [0, 1]), those of its ``vqa`` block prefixed ``vqa_``
   (runs with VQA; ``vqa_scored_sessions``: how many sessions VQA scored; ``vqa_set:<dataset>:<metric>``: a set's
-  own metric after the last scored session, MMVP's pair accuracy, HM's AUROC), and its costs (:func:`cost_scalars`).
+  own metric after the last scored session, MMVP's pair accuracy, HM's AUROC), and its costs (:func:`cost_scalars`);
+  a sequence run (MTIL's protocol) adds ``sequence`` (its datasets in session order), ``session_order`` and its
+  Transfer, Avg and Last (:func:`sequence_key`).
 - ``scores``: tidy, one row per (run, session, dataset, metric) from ``metrics.jsonl``.
 
 A run is scored by one or two :class:`Evaluation` s, those its config's ``evaluate`` lists: CLIP zero-shot
@@ -274,6 +276,8 @@ def _read_run(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, Any],
     row.update(status=status, reason=reason)
     if status == STATUS_FINISHED:
         row.update(_summary_row(summary))
+        if summary.get("sequence"):  # a sequence run (MTIL's protocol): its order's origin beside its metrics
+            row[SESSION_ORDER] = config.get(SESSION_ORDER, "released")
     updates = manifest.get("updates")  # what the strategy trained (runs before it was recorded: unknown)
     row["encoder_unchanged"] = bool(updates) and "encoder" not in updates
     if row["encoder_unchanged"]:  # only the VLM trained: its zero-shot numbers are the pretrained encoder's
@@ -328,7 +332,32 @@ def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
         **{set_metric_key(dataset, metric): _number(ends.get("final"))
            for dataset, metrics in ((vqa or {}).get("sets") or {}).items() for metric, ends in metrics.items()},
         **cost_scalars(summary.get("costs") or {}),
+        **_sequence_scalars(summary.get("sequence") or {}),
     }
+
+
+SEQUENCE = "sequence"  # the runs frame's column of a sequence run's datasets in session order (comma-joined)
+SESSION_ORDER = "session_order"  # and of its config's ``session_order`` (``released`` or ``seed``)
+SEQUENCE_METRIC = "sequence:"  # prefix of the runs frame's columns of a sequence run's Transfer, Avg and Last
+
+
+def sequence_key(metric: str, dataset: str | None = None) -> str:
+    """The runs frame's column of a sequence run's ``metric`` (``transfer``, ``avg``, ``last``; a fraction) on
+    ``dataset`` (``sequence:<metric>:<dataset>``), or of its mean over the datasets (``sequence:<metric>_mean``)."""
+    return f"{SEQUENCE_METRIC}{metric}:{dataset}" if dataset is not None else f"{SEQUENCE_METRIC}{metric}_mean"
+
+
+def _sequence_scalars(sequence: dict[str, Any]) -> dict[str, Any]:
+    """The ``sequence`` block of a sequence run's summary (:func:`benchmark.metrics.sequence_metrics`) as runs
+    frame columns: :data:`SEQUENCE` and, per metric, one :func:`sequence_key` per dataset and the mean (none for
+    a summary without the block)."""
+    if not sequence.get("datasets"):
+        return {}
+    row: dict[str, Any] = {SEQUENCE: ", ".join(sequence["datasets"])}
+    for metric in ("transfer", "avg", "last"):
+        row.update({sequence_key(metric, d): _number(v) for d, v in (sequence.get(metric) or {}).items()})
+        row[sequence_key(metric)] = _number(sequence.get(f"{metric}_mean"))
+    return row
 
 
 SET_METRIC = "vqa_set:"  # prefix of the runs frame's columns of a VQA set's own metrics (final values)

@@ -15,7 +15,7 @@ from matplotlib.patches import Patch
 
 from reports.figures import MIN_CHANGE_SPAN, Style, floor_span, suptitle
 from reports.frame import Evaluation, has_random_weights, is_mini_world, strategy_order
-from reports.tables import Cell, TextTable, _missing, _percent, clear_best
+from reports.tables import Cell, TextTable, _missing, clear_best, mean_std, trains
 
 FAMILY_KEYS = ("name", "backbone", "shots")  # one table across settings per family: its streams are the targets
 MEAN = "Mean"  # the target column group averaging over the targets
@@ -64,10 +64,9 @@ def main_table(finished: pd.DataFrame, evaluation: Evaluation, reference: str) -
     scored = table.groupby([*FAMILY_KEYS, "strategy"])["n"].transform("max") > 0  # no run evaluated it: left out
     table = table[scored].reset_index(drop=True)
     table["best"] = False
-    trainable = finished["trainable"] if "trainable" in finished else pd.Series(np.nan, index=finished.index)
-    trains = table["strategy"].map(trainable.groupby(finished["strategy"]).max().fillna(1) > 0)  # unknown: trains
+    eligible = table["strategy"].map(trains(finished))
     for _, cell in table.groupby([*FAMILY_KEYS, "target", "metric"], sort=False):
-        table.loc[cell.index, "best"] = clear_best(cell["mean"], cell["std"], cell["n"], "higher", trains[cell.index])
+        table.loc[cell.index, "best"] = clear_best(cell["mean"], cell["std"], cell["n"], "higher", eligible[cell.index])
     return table
 
 
@@ -88,9 +87,7 @@ def main_text_table(rows: pd.DataFrame) -> TextTable:
         for target in targets:
             for metric, _ in metrics:
                 cell = cells.loc[(strategy, target, metric)]
-                text = "–" if _missing(cell["mean"]) else _percent(cell["mean"]) + (
-                    "" if _missing(cell["std"]) else f" ± {_percent(cell['std'])}")
-                line.append(Cell(text, bool(cell["best"])))
+                line.append(Cell(mean_std(cell["mean"], cell["std"]), bool(cell["best"])))
         table.append(line)
     return TextTable(header, table, groups)
 

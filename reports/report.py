@@ -56,6 +56,18 @@ from reports.frame import (
     strategy_order,
 )
 from reports.overview import FAMILY_KEYS, MEAN, family_label, main_figure, main_table, main_text_table
+from reports.sequence import (
+    POOLED_NOTE,
+    SEQUENCE_DEFINITIONS,
+    SEQUENCE_INTRO,
+    dataset_order,
+    datasets_of,
+    is_sequence,
+    order_note,
+    sequence_caption,
+    sequence_table,
+    sequence_text_table,
+)
 from reports.tables import (
     BEST_RULE,
     COMPUTE_REFERENCE,
@@ -94,6 +106,7 @@ class ReportPaths:
     figures: list[Path]
     excluded: list[str]  # failed or partial runs (folders relative to the runs folder), left out of the aggregates
     headline: str  # the first table across settings (its caption and Markdown), for a terminal
+    sequence_csv: Path | None = None  # the MTIL tables of the sequence settings (None: the runs have none)
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lorsu") -> ReportPaths:
@@ -103,7 +116,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
         runs_dir: a folder of run records (``fscl run`` output).
         out_dir: where to write ``report.md``, ``report.html``, ``main_table.csv`` / ``.tex`` (the tables across
             settings: :mod:`reports.overview`), ``results.csv`` (numbers per setting and strategy, record units),
-            ``results.tex``, ``runs.csv`` (every run with its status) and ``figures/`` (PNG + SVG).
+            ``results.tex``, ``runs.csv`` (every run with its status), ``figures/`` (PNG + SVG) and, with sequence
+            runs (MTIL's protocol), ``sequence.csv`` (their Transfer, Avg and Last: :mod:`reports.sequence`).
         reference: the strategy the paired tests compare every other strategy against.
 
     Raises:
@@ -120,19 +134,22 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
     swept = finished[finished[SWEEP] != ""]  # sweeps: reports.ablation; the main comparison at their reference
     finished, references = main_runs(finished)
     table = results_table(finished, reference)
+    mtil = sequence_table(finished, reference)
 
     blocks: list[Block] = [Heading("fscl-bench report", 1), Text(_intro(runset, reference))]
     if any(is_mini_world(r.stream, r.backbone) for r in finished.itertuples()):
         blocks.append(Text(MINI_WORLD_BANNER))
     if any(has_random_weights(b) for b in finished["backbone"]):
         blocks.append(Text(RANDOM_WEIGHTS_BANNER))
-    overview, figures, main, main_latex = _overview_section(finished, references, reference, styles, out)
+    overview, figures, main, main_latex = _overview_section(finished, mtil, references, reference, styles, out)
     blocks += overview
     latex = ["% fscl-bench results (needs \\usepackage{booktabs})"]
     runs_by_setting = dict(iter(finished.groupby(list(GROUP_KEYS), sort=True)))
+    mtil_by_setting = dict(iter(mtil.groupby(list(GROUP_KEYS), sort=True)))
     for key, rows in table.groupby(list(GROUP_KEYS), sort=True):
         setting = dict(zip(GROUP_KEYS, key))
-        tables = _setting_tables(rows, runs_by_setting[key], group_label(**setting), reference)
+        sequence = mtil_by_setting.get(key)
+        tables = _setting_tables(rows, runs_by_setting[key], group_label(**setting), reference, sequence)
         latex += [t.latex(caption) for t, caption, _ in tables]
         section, drawn = _setting_section(runset.scores, setting, runs_by_setting[key], rows, tables, reference,
                                           references, styles, out)
@@ -143,11 +160,11 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
         blocks, figures = blocks + section, figures + drawn
         sweeps.to_csv(out / "ablation.csv", index=False)
     blocks += _excluded_section(runset) + _configuration_section(runset) + _versions_section(runset)
-    blocks += _definitions_section(reference, evaluations(finished))
+    blocks += _definitions_section(reference, evaluations(finished), sequences=len(mtil) > 0)
 
     paths = ReportPaths(out / "report.md", out / "report.html", out / "results.csv", out / "results.tex",
                         out / "runs.csv", out / "main_table.csv", out / "main_table.tex", figures,
-                        list(runset.excluded["run"]), _headline(overview))
+                        list(runset.excluded["run"]), _headline(overview), out / "sequence.csv" if len(mtil) else None)
     paths.markdown.write_text(render_markdown(blocks, out))
     paths.html.write_text(render_html(blocks, "fscl-bench report"))
     table.to_csv(paths.results_csv, index=False)
@@ -156,6 +173,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, reference: str = "lo
                                 + "\n\n".join(main_latex) + "\n")
     paths.results_latex.write_text("\n\n".join(latex) + "\n")
     runset.runs.to_csv(paths.runs_csv, index=False)
+    if paths.sequence_csv:
+        mtil.to_csv(paths.sequence_csv, index=False)
     return paths
 
 
@@ -209,15 +228,25 @@ def _lacking_note(runs: pd.DataFrame, evaluation: Evaluation) -> list[Block]:
                            + f"), so not in its tables and figures: {lacking}.")] if lacking else [])
 
 
-def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, Any]], reference: str,
-                      styles: dict[str, Style], out: Path) -> tuple[list[Block], list[Path], pd.DataFrame, list[str]]:
+def _overview_section(finished: pd.DataFrame, mtil: pd.DataFrame, references: dict[tuple, dict[str, Any]],
+                      reference: str, styles: dict[str, Style],
+                      out: Path) -> tuple[list[Block], list[Path], pd.DataFrame, list[str]]:
     """The tables across settings (:mod:`reports.overview`), one per family and evaluation (VQA first), each with
-    its figure: the blocks, the figure files, the tidy table (an ``evaluation`` column added) and the LaTeX tables."""
-    blocks: list[Block] = [Heading("Main results across settings"), Text(
-        f"Per target (the grid's streams) TI and CC, mean ± std over seeds, in pp; **{MEAN}**: per seed the mean "
-        f"over the targets (seeds finished on every target), then mean ± std. {BEST_RULE[0].upper()}{BEST_RULE[1:]}."
-        + _swept_note(references))]
+    its figure, of the runs that are not sequence runs; then the MTIL table of each sequence setting (``mtil``:
+    :func:`reports.sequence.sequence_table`): the blocks, the figure files, the tidy table across settings (an
+    ``evaluation`` column added) and the LaTeX tables."""
+    blocks: list[Block] = [Heading("Main results across settings")]
     figures, frames, latex = [], [], []
+    sequences = is_sequence(finished)
+    runs_by_setting = dict(iter(finished[sequences].groupby(list(GROUP_KEYS), sort=True)))
+    finished = finished[~sequences]
+    if len(finished):
+        blocks.append(Text(
+            f"Per target (the grid's streams) TI and CC, mean ± std over seeds, in pp; **{MEAN}**: per seed the mean "
+            f"over the targets (seeds finished on every target), then mean ± std. {BEST_RULE[0].upper()}"
+            f"{BEST_RULE[1:]}." + _swept_note(references)
+            + (" Sequence settings (MTIL's protocol) are not in these tables: theirs follow." if sequences.any()
+               else "")))
     evaluated = evaluations(finished)
     for evaluation in evaluated:
         blocks += _lacking_note(finished, evaluation)
@@ -236,7 +265,14 @@ def _overview_section(finished: pd.DataFrame, references: dict[tuple, dict[str, 
             figures += [png, svg]
             blocks.append(Image(png, f"{title}. TI and CC per target (hatched) and their mean (solid), one group "
                                      "per strategy; bars ± std over seeds."))
-    return blocks, figures, pd.concat(frames, ignore_index=True), latex
+    for key, rows in mtil.groupby(list(GROUP_KEYS), sort=True):
+        title = f"MTIL · {group_label(*key)}"
+        text = sequence_text_table(rows)
+        blocks += [Heading(title, 3), Text(f"{SEQUENCE_INTRO} {order_note(runs_by_setting[key])}"), Table(text)]
+        latex.append(text.latex(sequence_caption(title, reference)))
+    main = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=[*FAMILY_KEYS, "strategy", "target", "metric", "mean", "std", "n", "best", "evaluation"])
+    return blocks, figures, main, latex
 
 
 def _swept_note(references: dict[tuple, dict[str, Any]]) -> str:
@@ -253,6 +289,11 @@ def _headline(overview: list[Block]) -> str:
     return f"{heading}\n{next(b.table for b in overview if isinstance(b, Table)).markdown()}"
 
 
+# The zero-shot results of a sequence's target, its sessions' datasets pooled (each among its own classes), which
+# answer no question of MTIL's protocol: Transfer, Avg and Last replace them (and BWT, in runs.csv only).
+POOLED_TARGET = ("target_improvement", "target_forgetting", "target_final")
+
+
 def forgetting_is_minus_ti(runs: pd.DataFrame, evaluation: Evaluation) -> bool:
     """Whether target forgetting under ``evaluation`` is only −TI in every run: the evaluation scored two
     sessions, 0 and T (VQA with ``vqa.sessions: ends``), so max over t < T of A[t, τ] is A[0, τ]."""
@@ -260,18 +301,23 @@ def forgetting_is_minus_ti(runs: pd.DataFrame, evaluation: Evaluation) -> bool:
     return key in runs and bool((runs[key] <= 2).all())
 
 
-def _setting_tables(rows: pd.DataFrame, runs: pd.DataFrame, label: str,
-                    reference: str) -> list[tuple[TextTable, str, Evaluation | None]]:
+def _setting_tables(rows: pd.DataFrame, runs: pd.DataFrame, label: str, reference: str,
+                    sequence: pd.DataFrame | None = None) -> list[tuple[TextTable, str, Evaluation | None]]:
     """The printed tables of one setting with their captions: the results of each evaluation of ``runs`` (its
     finished runs; VQA first; the strategies with results of it, :func:`_scored_rows`) with each strategy's learning
     rate, then the costs (None: of no evaluation; left out when none was recorded). A forgetting that is only −TI
-    is left out."""
+    is left out. A sequence setting (``sequence``: its rows of :func:`reports.sequence.sequence_table`) opens with
+    its MTIL table (of zero-shot), and its zero-shot results leave out the pooled target's TI, forgetting and final
+    accuracy (:data:`POOLED_TARGET`)."""
     evaluated = evaluations(runs)
     test = f"p: {TEST_NAME}, against {reference}"
     tables = []
+    if sequence is not None:
+        tables.append((sequence_text_table(sequence), sequence_caption(f"MTIL · {label}", reference), ZEROSHOT))
     for e in evaluated:
-        columns = [c for c in result_columns(e)
-                   if not (c.key == e.key("target_forgetting") and forgetting_is_minus_ti(runs[scored(runs, e)], e))]
+        pooled = {e.key(k) for k in POOLED_TARGET} if sequence is not None and e == ZEROSHOT else set()
+        columns = [c for c in result_columns(e) if c.key not in pooled and not (
+            c.key == e.key("target_forgetting") and forgetting_is_minus_ti(runs[scored(runs, e)], e))]
         columns += set_columns(runs) if e == VQA else []  # the VQA sets' own metrics (MMVP pairs, HM AUROC)
         tables.append((results_text_table(_scored_rows(rows, runs, e), columns, lr=True),
                        f"{label}{f'. {e.title}' if named(evaluated) else ''}. Mean ± std over seeds; {test}.", e))
@@ -320,10 +366,14 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
                            f"beside other runs (`fscl run --jobs {int(shared['jobs'].max())}`), so their train "
                            "and setup times are longer than alone and compare only with runs made the same way."))
     evaluated = evaluations(runs)
-    for table, _, evaluation in tables:
+    sequences = datasets_of(runs)  # its sequence runs (MTIL's protocol): their tables open with the MTIL table
+    if sequences:
+        blocks.append(Text(f"{SEQUENCE_INTRO} {order_note(runs[is_sequence(runs)])} {POOLED_NOTE}"))
+    for i, (table, _, evaluation) in enumerate(tables):
+        mtil = bool(sequences) and i == 0
         if named(evaluated):
-            blocks.append(Text(f"**{evaluation.title if evaluation else 'Costs'}**"))
-        blocks += [Table(table), *(_lacking_note(runs, evaluation) if evaluation else [])]
+            blocks.append(Text(f"**{'MTIL' if mtil else evaluation.title if evaluation else 'Costs'}**"))
+        blocks += [Table(table), *(_lacking_note(runs, evaluation) if evaluation and not mtil else [])]
     if reference not in set(rows["strategy"]):
         blocks.append(Text(f"The reference strategy `{reference}` has no finished run in this setting, so there are "
                            f"no paired tests (p: n/a)."))
@@ -336,8 +386,13 @@ def _setting_section(all_scores: pd.DataFrame, setting: dict[str, Any], runs: pd
         for strategy in rows["strategy"][rows["strategy"].isin(these["strategy"])]:
             run = these[these["strategy"] == strategy].sort_values("seed").iloc[0]
             panels[run["run"]] = f"{strategy} (seed {run['seed']})"
+        chance = _chance(these, evaluation)
+        if sequences and evaluation == ZEROSHOT:  # the target's 1 / classes of every dataset: not its pooled chance
+            chance.pop("target", None)
         figures = _figures(scores, _scored_rows(rows, runs, evaluation), panels, setting_styles, label, evaluation,
-                           _chance(these, evaluation), compute=evaluation == evaluated[0])
+                           chance, compute=evaluation == evaluated[0],
+                           sequences=sequences if evaluation == ZEROSHOT else {},
+                           columns=dataset_order(runs[is_sequence(runs)])[0] if sequences else None)
         for fig, kind, caption in figures:
             tag = "" if evaluation == ZEROSHOT else f"{evaluation.name}-"  # zero-shot keeps its file names
             png, svg = save_figure(fig, stem.parent / f"{stem.name}-{tag}{kind}")
@@ -353,16 +408,24 @@ def _chance(runs: pd.DataFrame, evaluation: Evaluation) -> dict[str, float]:
 
 
 def _figures(scores: pd.DataFrame, rows: pd.DataFrame, panels: dict[str, str], styles: dict[str, Style],
-             label: str, evaluation: Evaluation, chance: dict[str, float],
-             compute: bool = False) -> list[tuple[Any, str, str]]:
+             label: str, evaluation: Evaluation, chance: dict[str, float], compute: bool = False,
+             sequences: dict[str, list[str]] | None = None, columns: list[str] | None = None
+             ) -> list[tuple[Any, str, str]]:
     """(figure, kind, caption) of one setting under one evaluation: the accuracy curves (with the ``chance``
     levels), TI against CC (with controls), TI against costs, with ``compute`` (the setting's first evaluation: VQA
     when it has one) TI against training TFLOPs per session where recorded, and the accuracy matrices of ``panels``
-    (runs)."""
+    (runs). A sequence setting (``sequences``: its runs' datasets in session order; ``columns``: the order of its
+    table) has no figure of TI (of its pooled target): its curves, and its matrices with a column per dataset."""
     ti, cc = evaluation.key("target_improvement"), evaluation.key("control_change")
+    pooled = "Pooled accuracy of the sequence's datasets (each among its own classes)" if sequences else \
+        "Target accuracy"
     figures = [(curves_figure(curve_table(scores, evaluation), styles, label, evaluation, chance), "curves",
-                "Target accuracy (and mean control accuracy) after each session: mean over seeds, band ± std"
+                f"{pooled} (and mean control accuracy) after each session: mean over seeds, band ± std"
                 + ("; dotted: chance." if chance else "."))]
+    if sequences:
+        unit = "top-1 %, sessions (the dataset each trained) × datasets, each among its own classes"
+        return [*figures, (matrix_figure(scores, panels, label, evaluation, sequences, columns), "matrix",
+                           f"Accuracy matrix ({unit}) of each strategy's lowest-seed run.")]
     if cc + "_mean" in rows and rows[cc + "_mean"].notna().any():
         figures.append((tradeoff_figure(rows, styles, label, evaluation), "tradeoff",
                         "Gain vs forgetting: TI against CC, mean ± std over seeds; upper right is best."))
@@ -423,8 +486,9 @@ def _versions_section(runset: RunSet) -> list[Block]:
     return blocks
 
 
-def _definitions_section(reference: str, evaluated: list[Evaluation]) -> list[Block]:
-    """What the tables' numbers mean, under the ``evaluated`` evaluations (those with results among the runs)."""
+def _definitions_section(reference: str, evaluated: list[Evaluation], sequences: bool = False) -> list[Block]:
+    """What the tables' numbers mean, under the ``evaluated`` evaluations (those with results among the runs), and
+    with ``sequences`` (sequence runs among them) MTIL's Transfer, Avg and Last."""
     def doc(fn: Any) -> str:
         return " ".join(inspect.getdoc(fn).split())
 
@@ -445,6 +509,7 @@ def _definitions_section(reference: str, evaluated: list[Evaluation]) -> list[Bl
         *vqa_text,
         Text(f"**TI**: {doc(target_improvement)} **CC**: {doc(control_change)} **Forgetting** (of the target): "
              f"{doc(forgetting)} **Final target acc.**: A[T, τ]. **BWT** (in `runs.csv`): {doc(backward_transfer)}"),
+        *([Text(SEQUENCE_DEFINITIONS)] if sequences else []),
         Text("**Trainable params**: the free parameters the strategy updates (with and without dense biases), "
              "mean over sessions; LoRSU's low-rank update of the R chosen q/k/v rows of width W counts "
              "min(R·W, r·(R + W)). **Trainable (released count)**: the convention of the released LoRSU code's log, "

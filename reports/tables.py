@@ -186,6 +186,17 @@ def paired_test(values: pd.Series, reference: pd.Series) -> PairedTest:
     return PairedTest(float(stats.ttest_rel(pairs["x"], pairs["ref"]).pvalue), n)
 
 
+def reference_test(strategy: str, reference: str, values: pd.Series, ref: pd.Series | None) -> PairedTest:
+    """The paired test of one strategy's ``values`` (by seed) against the reference strategy's ``ref`` (by seed;
+    None: no run of it in the setting): a :func:`paired_test`, or no test noted ``reference`` for the reference
+    itself (its pairs: its runs) and ``no reference`` without one."""
+    if strategy == reference:
+        return PairedTest(math.nan, len(values), "reference")
+    if ref is None:
+        return PairedTest(math.nan, 0, "no reference")
+    return paired_test(values, ref)
+
+
 def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Per setting (:data:`GROUP_KEYS`) and strategy: mean, std (ddof 1), best flag and tests.
 
@@ -224,12 +235,7 @@ def results_table(finished: pd.DataFrame, reference: str) -> pd.DataFrame:
                 row[f"{col.key}_mean"] = runs[col.key].mean()
                 row[f"{col.key}_std"] = runs[col.key].std(ddof=1)
                 if col.tested:
-                    if strategy == reference:
-                        test = PairedTest(math.nan, len(runs), "reference")
-                    elif ref.empty:
-                        test = PairedTest(math.nan, 0, "no reference")
-                    else:
-                        test = paired_test(by_seed[col.key], ref[col.key])
+                    test = reference_test(strategy, reference, by_seed[col.key], ref[col.key] if len(ref) else None)
                     row.update({f"{col.key}_p": test.p, f"{col.key}_pairs": test.pairs, f"{col.key}_note": test.note})
             rows.append(row)
     table = pd.DataFrame(rows)
@@ -379,13 +385,24 @@ def results_text_table(table: pd.DataFrame, columns: Sequence[Column] = RESULT_C
         if lr:
             cells.append(Cell(row["lr"] if row["lr"] and row["trainable_mean"] != 0 else "–"))
         for col in columns:
-            mean, std = row[f"{col.key}_mean"], row[f"{col.key}_std"]
-            text = "–" if _missing(mean) else col.fmt(mean) + ("" if _missing(std) else f" ± {col.fmt(std)}")
-            cells.append(Cell(text, bool(row[f"{col.key}_best"])))
+            mean = row[f"{col.key}_mean"]
+            cells.append(Cell(mean_std(mean, row[f"{col.key}_std"], col.fmt), bool(row[f"{col.key}_best"])))
             if col.tested:
                 cells.append(Cell("–" if _missing(mean) else _p_text(row[f"{col.key}_p"], row[f"{col.key}_note"])))
         rows.append(cells)
     return TextTable(header, rows)
+
+
+def mean_std(mean: float, std: float, fmt: Callable[[float], str] = _percent) -> str:
+    """A cell's ``mean ± std`` in ``fmt``'s unit (– without a mean; no ± without a std, i.e. one seed)."""
+    return "–" if _missing(mean) else fmt(mean) + ("" if _missing(std) else f" ± {fmt(std)}")
+
+
+def trains(finished: pd.DataFrame) -> pd.Series:
+    """Per strategy among ``finished`` (one row per run) whether it trains anything (its most trainable
+    parameters > 0; unknown counts as training): the strategies that may be a column's best (:data:`BEST_RULE`)."""
+    trainable = finished["trainable"] if "trainable" in finished else pd.Series(np.nan, index=finished.index)
+    return trainable.groupby(finished["strategy"]).max().fillna(1) > 0
 
 
 def _p_text(p: float, note: str) -> str:
