@@ -102,6 +102,9 @@ class TrainConfig:
     """
 
     epochs: int = field(default=5, metadata={"help": "passes over each session's training data"})
+    steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps per session instead of epochs (the loader starts over as often as needed; the "
+                "last pass is cut at the step count), e.g. ZSCL's 1000 iterations per dataset; null: epochs"})
     batch_size: int = field(default=16, metadata={"help": "training images per optimizer step"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate (Adam, no weight decay)"})
     min_lr: float = field(default=1e-6, metadata={"help": "warm-up start and cosine floor"})
@@ -125,6 +128,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        check(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1), "train.steps", self.steps,
+              "an integer >= 1, or null (epochs decide)")
         check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
         check(self.lr > 0, "train.lr", self.lr, "a float > 0")

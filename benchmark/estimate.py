@@ -1,7 +1,7 @@
 """What a grid costs before it runs (``fscl run --dry-run``): training steps, evaluated images, VQA questions, and
 a wall-time estimate.
 
-Counts: a run trains ``epochs x batches`` steps per session (the batches as the loader makes them,
+Counts: a run trains ``epochs x batches`` steps per session (or ``train.steps``) (the batches as the loader makes them,
 ``train.drop_last`` included) unless its strategy never trains, and evaluates every eval set (each
 session's class group of the target's test set, each control's test set or subset) before training and
 after every session; row 0 is counted once per (backbone, set, images) for the whole grid (the runs share
@@ -62,11 +62,11 @@ class Rates:
     source: str
 
 
-def session_steps(samples: int, batch_size: int, epochs: int, drop_last: bool | str) -> int:
+def session_steps(samples: int, batch_size: int, epochs: int, drop_last: bool | str, steps: int | None = None) -> int:
     """Optimizer steps of one session of ``samples`` (the template's loader: ``auto`` drops the last partial
-    batch only when the session holds more than one batch)."""
+    batch only when the session holds more than one batch); ``steps`` (``train.steps``) when set."""
     drop = samples > batch_size if drop_last == "auto" else drop_last
-    return epochs * (samples // batch_size if drop else -(-samples // batch_size))
+    return steps if steps is not None else epochs * (samples // batch_size if drop else -(-samples // batch_size))
 
 
 def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
@@ -82,8 +82,8 @@ def grid_cost(runs: Sequence[Config], data: Sequence[Any]) -> dict[str, Cost]:
         cost.runs += 1
         trains = STRATEGIES.get(run.strategy).obj.trains
         if trains:
-            cost.steps += sum(session_steps(len(s.ids), run.train.batch_size, run.train.epochs, run.train.drop_last)
-                              for s in run_data.sessions)
+            cost.steps += sum(session_steps(len(s.ids), run.train.batch_size, run.train.epochs, run.train.drop_last,
+                                            run.train.steps) for s in run_data.sessions)
         test = tests.setdefault(id(run_data.stream), run_data.stream.dataset("test"))
         sets = [(run.stream, tuple(test.ids))] if run_data.stream.spec.own_questions else \
             [(f"{run.stream}@{s.index}", tuple(test.with_classes(s.classes).ids)) for s in run_data.sessions]
@@ -142,7 +142,7 @@ def measured_rates(out: str | Path, backbone: str, device: str, vqa_model: str |
         for session in summary.get("costs", {}).get("sessions", []):
             if session.get("train_seconds"):
                 steps += session_steps(session["train_samples"], train.get("batch_size", 16), train.get("epochs", 5),
-                                       train.get("drop_last", "auto"))
+                                       train.get("drop_last", "auto"), train.get("steps"))
                 train_seconds += session["train_seconds"]
         images += timing["images"]
         eval_seconds += timing["seconds"]

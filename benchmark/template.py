@@ -252,8 +252,15 @@ class CLIPTemplate(SupervisedTemplate):
         if not params:
             raise RuntimeError("the strategy left no trainable parameter; use the 'zeroshot' strategy instead")
         self.optimizer = torch.optim.Adam(params, lr=self.train_cfg.lr, weight_decay=0.0)
-        self._total_steps = len(self.dataloader) * self.train_epochs
+        self._total_steps = self.session_steps()
         self._step = 0
+
+    def session_steps(self) -> int:
+        """The optimizer steps of this session: ``epochs`` passes over the loader, or ``train.steps`` (the
+        passes it needs, the last cut by :meth:`_after_training_iteration`)."""
+        steps = self.train_cfg.steps
+        self.train_epochs = self.train_cfg.epochs if steps is None else -(-steps // len(self.dataloader))
+        return len(self.dataloader) * self.train_epochs if steps is None else steps
 
     def _after_training_exp(self, **kwargs) -> None:
         for strategy in self.strategies:
@@ -323,6 +330,11 @@ class CLIPTemplate(SupervisedTemplate):
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self._step += 1
         super()._before_training_iteration(**kwargs)
+
+    def _after_training_iteration(self, **kwargs) -> None:
+        super()._after_training_iteration(**kwargs)
+        if self._step >= self._total_steps:  # train.steps reached (epochs: the end of the last pass anyway)
+            self.stop_training()
 
     def _before_eval_exp(self, **kwargs) -> None:
         super()._before_eval_exp(**kwargs)

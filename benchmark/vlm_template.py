@@ -125,7 +125,7 @@ class VLMTemplate(CLIPTemplate):
         self.optimizer = torch.optim.AdamW(groups, lr=self.train_cfg.lr, betas=(0.9, 0.999))
         if self.recipe.carry_optimizer_state and self._carried is not None:
             self._load_carried(self._carried)
-        self._total_steps = len(self.dataloader) * self.train_epochs
+        self._total_steps = self.session_steps()
         self._warmup = len(self.dataloader) if self.recipe.warmup == "epoch" else self.train_cfg.warmup_steps
         self._step = 0
 

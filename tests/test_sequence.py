@@ -9,6 +9,7 @@ from pathlib import Path
 import fscl_test_strategies
 import numpy as np
 import pytest
+from test_streams_layouts import write_image
 
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
@@ -187,3 +188,18 @@ def test_an_mtil_run_evaluates_every_dataset_among_its_own_classes(mtil_root, tm
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     totals = {m["metric"]: m["total"] for m in metrics if m["session"] == 0}
     assert totals["top1_s8"] == 20  # mnist, 2 test images of each of its 10 digits, among its own 10 classes
+
+
+@pytest.mark.parametrize("preset", ["mtil", "mtil-fs"])
+def test_the_mtil_presets_check_every_strategy_on_the_eleven_layouts(mtil_root, tmp_path, capsys, preset):
+    images = tmp_path / "reference"
+    write_image(images / "a.png", 0)
+    (tmp_path / "captions.txt").write_text("a photo.\n")
+    assert main(["run", preset, f"data_root={mtil_root}", f"out={tmp_path / 'runs'}", "backbone=openclip:fscl-tiny",
+                 "mtil.split=suite", "mtil.dataset_options={cifar100: {verify_checksums: false}, flowers102: "
+                 "{verify_checksums: false}}", f"zscl.reference_images={images}",
+                 f"zscl.reference_captions={tmp_path / 'captions.txt'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "27 run(s)" in out and "9 strategies × 3 seeds" in out
+    steps = {"mtil": 1000, "mtil-fs": 500}[preset] * 11 * 8  # every strategy but zeroshot, every dataset
+    assert f"{steps * 3:,} training steps" in out

@@ -85,6 +85,18 @@ def test_drop_last_sets_the_steps_of_a_session(n, drop_last, sizes, device):
     assert template._total_steps == len(sizes)  # the schedule spans exactly the steps taken
 
 
+@pytest.mark.parametrize(("steps", "sizes"), [(3, [16, 4, 16]), (5, [16, 4, 16, 4, 16]), (1, [16])])
+def test_train_steps_cut_the_passes_at_the_step_count(steps, sizes):
+    """``train.steps``: the loader starts over as often as needed (here 20 samples: batches of 16 and 4), the last
+    pass cut at the count, and the schedule spans exactly those steps; ``epochs`` is ignored."""
+    sizes_seen = BatchSizes()
+    template, session = _template(20, sizes_seen, epochs=9, steps=steps, batch_size=16, drop_last=False)
+    template.train(session, eval_streams=[])
+    assert sizes_seen.sizes == sizes and template._total_steps == steps
+    template.train(session, eval_streams=[])  # the next session counts its own steps
+    assert sizes_seen.sizes == sizes * 2
+
+
 def test_drop_last_true_on_a_session_smaller_than_a_batch_says_so():
     template, session = _template(10, batch_size=16, drop_last=True)
     with pytest.raises(ValueError, match="train.drop_last=true leaves no batch: the session has 10 samples"):
