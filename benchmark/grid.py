@@ -212,6 +212,11 @@ def check_grid(runs: list[Config], force: bool = False, jobs: int | str = 1) -> 
             problems.setdefault(str(err), []).append(where)
             continue
         if run.vqa.model is not None:
+            if found[-1].stream.session_datasets(found[-1].sessions) is not None:
+                problems.setdefault(f"vqa: stream '{run.stream}' is a sequence of datasets, which has no question set "
+                                    "of its own (and a VLM-loss strategy no question to train with): set "
+                                    "vqa.model: null, with a CLIP-loss strategy", []).append(where)
+                continue
             for stream in [found[-1].stream, *(found[-1].controls[c] for c in vqa_controls(run))]:
                 if stream.spec.vqa_question is None and not stream.spec.own_questions:
                     problems.setdefault(f"vqa: stream '{stream.spec.name}' has no question: add 'vqa_question: ...' "

@@ -56,6 +56,7 @@ class TrainingSession(Protocol):
     """The session being trained, as a strategy sees it (every training template implements this)."""
 
     backbone: Backbone
+    seed: int  # the run's seed: a strategy's own generators start from it (never from the global ones)
 
     @property
     def session_index(self) -> int:

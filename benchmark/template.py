@@ -132,6 +132,7 @@ class CLIPTemplate(SupervisedTemplate):
         # label -> its training captions, the same number for every label (default: its name in each template; a
         # sequence of datasets gives each label its own dataset's training template, streams.sequence)
         self.captions = captions or (lambda label: [t.format(class_names[label]) for t in templates])
+        self.seed = seed  # the run's seed (the session contract's)
         self.caption_rng = torch.Generator().manual_seed(seed)
         self.strategies = [p for p in self.plugins if isinstance(p, StrategyPlugin)]
         self.setup_seconds = 0.0  # the strategies' setup (importance passes, masks) of the last session

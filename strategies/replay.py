@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from benchmark.backbones import Backbone
 from benchmark.plugins import StrategyPlugin, TrainingSession
 from strategies.options import ReplayOptions
-from strategies.seeding import run_seed, session_generator
+from strategies.seeding import session_generator
 
 
 class Replay(StrategyPlugin[ReplayOptions]):
@@ -32,7 +32,7 @@ class Replay(StrategyPlugin[ReplayOptions]):
 
     def __init__(self, backbone: Backbone, options: ReplayOptions | None = None) -> None:
         super().__init__(backbone, options or ReplayOptions())
-        self.seed = run_seed()
+        self.seed = 0  # the run's seed, read at the first session's setup (session.seed)
         self.policy = ExperienceBalancedBuffer(self.options.buffer_size, adaptive_size=True)
         self.sizes: list[int] = []  # training samples of each session folded into the buffer
 
@@ -58,6 +58,7 @@ class Replay(StrategyPlugin[ReplayOptions]):
             strategy.adapted_dataset = concat_datasets([strategy.adapted_dataset, *replayed]).train()
 
     def setup(self, session: TrainingSession) -> None:
+        self.seed = session.seed
         self.backbone.visual.requires_grad_(True)
 
     def finish(self, session: TrainingSession) -> None:

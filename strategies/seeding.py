@@ -7,12 +7,6 @@ import numpy as np
 import torch
 
 
-def run_seed() -> int:
-    """The run's seed, read when a strategy is built: the runner seeds torch with ``seed`` just before it builds the
-    backbone and the strategy (a resumed run too), and the strategy draws nothing from the global generator."""
-    return torch.initial_seed()
-
-
 def session_generator(seed: int, session: int, purpose: str) -> torch.Generator:
     """A CPU generator of its own for ``purpose`` in session ``session`` (1-based) of a run of seed ``seed``: the
     same draws whether the run went straight through or resumed before the session, and none taken from the

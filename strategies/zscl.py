@@ -32,7 +32,7 @@ from benchmark.config import ConfigError
 from benchmark.plugins import StrategyPlugin, TrainingSession
 from strategies.distill import FrozenEncoder, distillation_terms
 from strategies.options import ZSCLOptions
-from strategies.seeding import run_seed, session_generator
+from strategies.seeding import session_generator
 from streams.base import open_image
 from streams.files import IMAGE_EXTENSIONS, hidden_part
 
@@ -79,7 +79,6 @@ class ZSCL(StrategyPlugin[ZSCLOptions]):
 
     def __init__(self, backbone: Backbone, options: ZSCLOptions) -> None:
         super().__init__(backbone, options)
-        self.seed = run_seed()
         self.pretrained = FrozenEncoder(backbone)
         self.reference = ReferenceData.of(options, backbone.preprocess(False))
         self.texts: Tensor | None = None  # the reference captions' features [M, D], encoded once
@@ -94,7 +93,7 @@ class ZSCL(StrategyPlugin[ZSCLOptions]):
         if self.texts is None:
             self.texts = self.backbone.text_features(self.reference.captions)
         self.session, self.start = session, FrozenEncoder(self.backbone)
-        self.generator = session_generator(self.seed, session.session_index, "zscl-reference")
+        self.generator = session_generator(session.seed, session.session_index, "zscl-reference")
         self.mean, self.folded, self.step = [t.clone() for t in self.start.parameters()], 1, 0
         self.backbone.visual.requires_grad_(True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,3 +112,13 @@ def kill_in_session_2(args: list[str], marker: Path, threads: str | None = None)
         proc.wait()
         proc.stderr.close()
     return proc.pid
+
+
+def interrupted_copy(reference: Path, run: Path, session: int) -> None:
+    """Copy the finished run folder ``reference`` to ``run`` as a process stopped during ``session`` leaves it: the
+    checkpoint of that session and the summary not written, the manifest still ``running``."""
+    shutil.copytree(reference, run)
+    (run / "checkpoints" / f"session-{session}.pt").unlink()
+    (run / "summary.json").unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))

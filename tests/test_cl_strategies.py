@@ -7,8 +7,8 @@ bad options refused by the grid check, and every one of them end to end with a r
 from __future__ import annotations
 
 import json
-import shutil
 
+import fscl_test_strategies
 import numpy as np
 import pytest
 import torch
@@ -140,8 +140,8 @@ def test_wise_ft_previous_anchor_is_the_encoder_at_the_session_start():
 
 # --------------------------------------------------------------------------- replay
 def replay_buffer(seed: int, sizes=(10, 12, 9), buffer_size: int = 7) -> Replay:
-    torch.manual_seed(seed)  # the runner seeds torch with the run seed before it builds the strategy
     plugin = Replay(load_backbone("openclip:fscl-tiny"), ReplayOptions(buffer_size=buffer_size))
+    plugin.seed = seed  # the run's seed, which setup reads from the session
     torch.manual_seed(12345)  # training draws: never the buffer's
     for size in sizes:
         plugin.update(size)
@@ -311,11 +311,7 @@ def test_every_new_strategy_runs_three_sessions_and_resumes_to_the_same_numbers(
     run_folder = f"quick/{stream}/openclip-fscl-tiny/{{}}/2-s0"
     for strategy in NEW:  # what a process stopped during session 3 leaves
         reference, run = (tmp_path / out / run_folder.format(strategy) for out in ("reference", "resumed"))
-        shutil.copytree(reference, run)
-        (run / "checkpoints" / "session-3.pt").unlink()
-        (run / "summary.json").unlink()
-        manifest = json.loads((run / "manifest.json").read_text())
-        (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+        fscl_test_strategies.interrupted_copy(reference, run, 3)
     assert main([*args, f"out={tmp_path / 'resumed'}"]) == 0
     for strategy in NEW:
         reference, run = (tmp_path / out / run_folder.format(strategy) for out in ("reference", "resumed"))

@@ -13,8 +13,8 @@ import copy
 import json
 import math
 import re
-import shutil
 
+import fscl_test_strategies
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
@@ -298,9 +298,7 @@ def test_a_resumed_keep_run_ends_with_the_numbers_of_an_uninterrupted_run(tmp_pa
             "lora.rank=8", "keep_checkpoints=all"]
     assert main([*args, f"out={tmp_path / 'reference'}"]) == 0
     reference, resumed = tmp_path / "reference" / run, tmp_path / "resumed" / run
-    shutil.copytree(reference, resumed)
-    (resumed / "summary.json").unlink()  # as if killed during session 2
-    (resumed / "checkpoints" / "session-2.pt").unlink()
+    fscl_test_strategies.interrupted_copy(reference, resumed, 2)
     assert main([*args, f"out={tmp_path / 'resumed'}"]) == 0
     assert [r["after_session"] for r in json.loads((resumed / "manifest.json").read_text())["resumed"]] == [1]
 

@@ -4,9 +4,6 @@ images to its own router and far-out-of-distribution images to the zero-shot enc
 with the uninterrupted run's numbers."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -14,9 +11,7 @@ from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.training.plugins import EvaluationPlugin
 from PIL import Image, ImageOps
 
-from benchmark import checkpoints
 from benchmark.backbones import load_backbone
-from benchmark.cli import main
 from benchmark.config import ConfigError, TrainConfig
 from benchmark.evaluation import ZeroShotEvaluator
 from benchmark.template import CLIPTemplate
@@ -133,26 +128,3 @@ def test_only_the_strategy_trains_activate_freeze_and_ddas_picks_the_session():
         out = backbone.encode_image(mixed)
     assert torch.equal(out[:3], type(backbone).encode_image(backbone, noise[:3]))
     assert not torch.allclose(out[3:], plain[1][:5])
-
-
-def test_a_resumed_grid_run_ends_with_the_numbers_of_an_uninterrupted_run(tmp_path):
-    run = "quick/digits/openclip-fscl-tiny/moe-adapters/5-s0"
-    args = ["run", "quick", "--no-progress", "seed=0", "sessions=3", "train.epochs=2", "train.lr=0.01",
-            "strategy=moe-adapters", "keep_checkpoints=all", *[f"moe-adapters.{k}={v}" for k, v in SMALL.items()]]
-    assert main([*args, f"out={tmp_path / 'reference'}"]) == 0
-    reference, resumed = tmp_path / "reference" / run, tmp_path / "resumed" / run
-    shutil.copytree(reference, resumed)
-    (resumed / "summary.json").unlink()  # as if killed during session 3
-    (resumed / "checkpoints" / "session-3.pt").unlink()
-    assert main([*args, f"out={tmp_path / 'resumed'}"]) == 0
-    assert [r["after_session"] for r in json.loads((resumed / "manifest.json").read_text())["resumed"]] == [2]
-    assert (resumed / "matrix.csv").read_text() == (reference / "matrix.csv").read_text()
-
-    def state(path, session):
-        return torch.load(checkpoints.checkpoint_dir(path) / f"session-{session}.pt", weights_only=False)["strategy"]
-
-    again, three = state(resumed, 3), state(reference, 3)
-    assert again.keys() == three.keys() and three["sessions"] == three["autoencoders"] == 3
-    assert all(torch.equal(again["modules"][k], three["modules"][k]) for k in three["modules"])
-    rows = (reference / "matrix.csv").read_text().splitlines()
-    assert len(rows) == 5 and len({row.split(",", 1)[1] for row in rows[2:]}) > 1  # trained: the matrix moved

@@ -53,7 +53,7 @@ def test_transfer_avg_last_equal_a_hand_computation_and_zscls_formulas():
 
 @pytest.fixture(scope="module")
 def sequence(tmp_path_factory) -> Datasets:
-    return Datasets(tmp_path_factory.mktemp("data"), SequenceOptions(list(DATASETS)))
+    return Datasets(tmp_path_factory.mktemp("data"), SequenceOptions(datasets=list(DATASETS)))
 
 
 def test_a_sequence_has_global_labels_one_session_per_dataset_and_each_datasets_texts(sequence):
@@ -104,6 +104,7 @@ def test_session_order_seed_permutes_the_same_draws(tmp_path):
      r"sequence.dataset_options.eurosat: invalid value \{'nosuch': 1\}"),
     ([SEQUENCE, "sessions=3"], r"sessions: 3 cannot be made \(use sessions: 2\)"),
     ([SEQUENCE, "shots=none"], r"shots: invalid value 'none'; allowed: an integer >= 1, or all"),
+    ([SEQUENCE, "sessions=2", "vqa.model=mini"], r"vqa: stream 'sequence' is a sequence of datasets"),
 ])
 def test_bad_sequences_are_refused_before_any_training(tmp_path, capsys, overrides, message):
     code = main(["run", "quick", "stream=sequence", "strategy=full-ft", "seed=0", f"data_root={tmp_path}",

@@ -214,7 +214,7 @@ def test_the_optimizer_gives_the_projector_its_own_learning_rate(vlm, tiny_backb
     strategy = LLMLoRA(None, LLMLoRAOptions(projector_lr=2e-5))
     template = SimpleNamespace(model=tiny_backbone, vlm=vlm, strategies=[strategy], recipe=strategy.options,
                                train_cfg=SimpleNamespace(lr=1e-4, warmup_steps=0), dataloader=[None] * 3,
-                               train_epochs=1, _carried=None)
+                               train_epochs=1, _carried=None, session_steps=lambda: 3)
     try:
         strategy.setup(SimpleNamespace(vlm=vlm))
         VLMTemplate.make_optimizer(template)
