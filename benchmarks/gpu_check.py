@@ -44,7 +44,8 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl")
+STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl", "lwf",
+              "wise-ft", "zscl", "replay", "moe-adapters")
 # A tiny random LLaVA whose tower takes a backbone's encoder: the *-ppl strategies' VLM (and every run's VQA)
 TINY_LLAVA = ("import sys, benchmark; from benchmark.backbones import backbone_skeleton; "
               "from benchmark.export import hf_vision_config; from benchmark.vlm.llava import save_tiny_llava; "
@@ -229,7 +230,8 @@ def strategy_runs(check: Check) -> list[Row]:
         config = {"name": "gpu-check", "stream": "eurosat", "strategy": list(STRATEGIES), "backbone": backbone,
                   "shots": 2, "sessions": 2, "seed": 0, "data_root": str(data), "out": str(out),
                   "device": check.mode.device, "eurosat": {"test_fraction": 0.5},  # 3 train, 3 test images a class
-                  "train": {"epochs": 1, "precision": "bf16"}, "vqa": {"model": f"llava:{llava}"}}
+                  "train": {"epochs": 1, "precision": "bf16"}, "vqa": {"model": f"llava:{llava}"},
+                  "zscl": {"reference": "mini", "reference_batch": 8}}
         path = check.out / f"strategies-{i}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         proc = check.run(f"strategies-{i}", [sys.executable, "-m", "benchmark", "run", str(path), "--no-progress"],
@@ -237,9 +239,9 @@ def strategy_runs(check: Check) -> list[Row]:
         costs = {strategy: run_costs(next(out.glob(f"gpu-check/eurosat/*/{strategy}/2-s0"), out / "missing"))
                  for strategy in STRATEGIES}
         print(f"\n{backbone} on {check.mode.device}, bf16 (summary.json: train seconds over both sessions, peak memory)")
-        print(f"  {'strategy':<10} {'status':<9} {'train s':>8} {'peak MiB':>9}")
+        print(f"  {'strategy':<12} {'status':<9} {'train s':>8} {'peak MiB':>9}")
         for strategy, (status, seconds, peak) in costs.items():
-            print(f"  {strategy:<10} {status:<9} {seconds:>8.2f} {peak:>9,.0f}")
+            print(f"  {strategy:<12} {status:<9} {seconds:>8.2f} {peak:>9,.0f}")
         finished = [c for c in costs.values() if c.status == "finished"]
         detail = f"{len(finished)}/{len(STRATEGIES)} finished, train {sum(c.train_seconds for c in finished):.1f} s in all"
         if finished:

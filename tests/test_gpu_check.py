@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).parent.parent
-STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl")
+STRATEGIES = ("zeroshot", "full-ft", "ewc", "layernorm", "lora", "spu", "lorsu", "lorsu-ppl", "lora-ppl", "lwf",
+              "wise-ft", "zscl", "replay", "moe-adapters")
 
 
 def _table(stdout: str) -> dict[str, tuple[str, str]]:
