@@ -51,7 +51,8 @@ def main_table(finished: pd.DataFrame, evaluation: Evaluation, reference: str) -
             key = evaluation.key(metric)
             if key not in runs or runs[key].isna().all():
                 continue
-            values = runs.pivot_table(index=["strategy", "seed"], columns="stream", values=key, aggfunc="first")
+            values = runs.pivot_table(index=["strategy", "seed"], columns="stream", values=key,
+                                      aggfunc="first").reindex(columns=targets)  # a target none of whose runs has it
             columns = {t: values[t] for t in targets}
             if len(targets) > 1:
                 columns[MEAN] = values.reindex(columns=targets).dropna().mean(axis=1)

@@ -136,7 +136,7 @@ class SequenceStream(Stream):
     def listed(self, split: Split) -> LabelledImages:
         """Every dataset's ``split`` one after the other: global labels, ids ``<dataset>/<id>``."""
         if split not in self._splits:
-            parts = [m.listed(split) for m in self.members]
+            parts = [self._member_split(name, member, split) for name, member in zip(self.spec.datasets, self.members)]
             items, targets, ids = [], [], []
             for i, (name, part, offset) in enumerate(zip(self.spec.datasets, parts, self.spec.offsets)):
                 items += [(i, item) for item in part.items]
@@ -144,6 +144,15 @@ class SequenceStream(Stream):
                 ids += [f"{name}/{sid}" for sid in part.ids]
             self._splits[split] = LabelledImages(items, targets, ids, _MemberLoad([p.load for p in parts]))
         return self._splits[split]
+
+    def _member_split(self, name: str, member: Stream, split: Split) -> LabelledImages:
+        """Dataset ``name``'s listed ``split``; a problem reading it names the dataset and where its options go."""
+        try:
+            return member.listed(split)
+        except (StreamDataError, RuntimeError) as err:
+            raise StreamDataError(f"{self.name}: its dataset {name!r}: {err}\n(the options of a sequence's dataset go "
+                                  f"under {self.name}.dataset_options, e.g. {self.name}.dataset_options="
+                                  f"{{{name}: {{key: value}}}})") from err
 
     def dataset(self, split: Split) -> LabelledImages:
         return self.usable(split)

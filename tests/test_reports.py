@@ -653,3 +653,19 @@ def test_the_configuration_section_reads_old_and_new_records_alike(tmp_path):
     sections = {s.split("\n", 1)[0]: s for s in write_report(root, tmp_path / "out").markdown.read_text().split("\n## ")}
     assert "| lorsu.rank | 8, 64 |" in sections["Configuration"]
     assert "| lora.rank | 8 |" in sections["Configuration"]  # the lora run's only: the lorsu run's old section is not read
+
+
+def test_the_table_across_settings_keeps_a_target_without_vqa_beside_one_with_it(across_runs, tmp_path):
+    """One family, two targets: VQA on mini-shapes only. The VQA table has mini-shapes' cells and no mini-signs
+    column to read (the runs there have no VQA), instead of failing on it."""
+    from reports.overview import main_table
+
+    shutil.copytree(across_runs, tmp_path / "runs")
+    for seed in range(3):  # the mini-shapes runs again, now with VQA at the ends
+        write_run(tmp_path / "runs", "lorsu", seed, [START, *MATRICES[("lorsu", seed)]],
+                  vqa={0: [0.40, 0.70, 0.50], 2: [0.50 + 0.01 * seed, 0.70, 0.50]})
+    table = main_table(scan_runs(tmp_path / "runs").finished, VQA, "lorsu")
+    cell = table.set_index(["strategy", "target", "metric"])
+    assert cell.loc[("lorsu", MINI, "target_improvement"), "mean"] == pytest.approx(0.11)
+    assert cell.loc[("lorsu", SIGNS, "target_improvement"), "n"] == 0
+    assert "## Main results across settings" in write_report(tmp_path / "runs", tmp_path / "out").markdown.read_text()

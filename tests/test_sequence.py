@@ -176,8 +176,11 @@ def test_mtil_is_zscls_eleven_datasets_in_its_orders_with_its_texts_and_splits(m
     assert {m.options.split for m in suite.members if hasattr(m.options, "split")} == {"suite"}
 
 
-def test_an_mtil_run_evaluates_every_dataset_among_its_own_classes(mtil_root, tmp_path):
+def test_an_mtil_run_evaluates_every_dataset_among_its_own_classes(mtil_root, tmp_path, capsys):
     out = tmp_path / "runs"
+    assert main(["run", "quick", "stream=mtil", "mtil.split=suite", "strategy=zeroshot", "sessions=11",
+                 f"data_root={mtil_root}", f"out={out}", "--no-progress"]) == 2  # the test files' checksums differ
+    assert "mtil.dataset_options={cifar100: {key: value}}" in capsys.readouterr().err
     assert main(["run", "quick", "stream=mtil", "mtil.split=suite", "strategy=zeroshot", "seed=0", "sessions=11",
                  "mtil.dataset_options={cifar100: {verify_checksums: false}, flowers102: {verify_checksums: false}}",
                  "shots=1", f"data_root={mtil_root}", f"out={out}", "--no-progress"]) == 0
