@@ -128,7 +128,7 @@ class CLIPTemplate(SupervisedTemplate):
         self.vlm = None  # the VLM template's loaded VLM (the session contract's ``vlm``)
         self.train_cfg = train
         self.zeroshot = zeroshot
-        self.class_names, self.templates = class_names, templates
+        self.class_names = class_names
         # label -> its training captions, the same number for every label (default: its name in each template; a
         # sequence of datasets gives each label its own dataset's training template, streams.sequence)
         self.captions = captions or (lambda label: [t.format(class_names[label]) for t in templates])

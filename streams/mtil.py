@@ -17,7 +17,7 @@ from streams.sequence import SequenceStream
 class MTIL(SequenceStream):
     """MTIL's eleven datasets as a sequence, ZSCL's orders I and II, texts and splits (Transfer/Avg/Last)."""
 
-    registered = "mtil"
+    name = "mtil"
 
     def dataset_names(self) -> list[str]:
         return list(MTIL_ORDERS[self.options.order])

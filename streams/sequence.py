@@ -78,14 +78,9 @@ class SequenceStream(Stream):
 
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
         super().__init__(data_root, options, skip_bad_images=skip_bad_images)
-        names = self.dataset_names()
-        if len(set(names)) != len(names) or len(names) < 2:
-            raise StreamDataError(f"{self.name}: datasets {names}: allowed: at least two distinct streams")
+        names = self.dataset_names()  # at least two distinct registered streams (SequenceOptions checks a user's)
         self.members: list[Stream] = []
         for name in names:
-            if name not in STREAMS:
-                raise StreamDataError(f"{self.name}: dataset {name!r} is not a registered stream "
-                                      f"({STREAMS.unknown_message(name)})")
             entry = STREAMS.get(name)
             if issubclass(entry.obj, SequenceStream):
                 raise StreamDataError(f"{self.name}: dataset {name!r} is itself a sequence; allowed: datasets")
@@ -107,12 +102,7 @@ class SequenceStream(Stream):
             raise StreamDataError(f"{self.name}: dataset {name!r} cannot be a session (a control-only stream or one "
                                   "with its own questions); allowed: streams of labelled classes with a training split")
 
-    @property
-    def name(self) -> str:
-        """The sequence's registered name."""
-        return self.registered
-
-    registered: ClassVar[str] = "sequence"
+    name: ClassVar[str] = "sequence"  # its registered name (messages, its spec's name, evaluation keys)
 
     def dataset_names(self) -> list[str]:
         """The datasets of the sequence, in their released order (session 1 trains the first)."""
@@ -194,7 +184,7 @@ class MiniMTIL(SequenceStream):
 
     Its datasets take their default options (no ``dataset_options``)."""
 
-    registered = "mini-mtil"
+    name = "mini-mtil"
     DATASETS: ClassVar[tuple[str, ...]] = ("mini-shapes", "mini-colours", "mini-digits", "mini-handwritten",
                                            "mini-signs")
 

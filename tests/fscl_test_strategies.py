@@ -13,7 +13,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from benchmark import checkpoints
 from benchmark.distributed import rank
 from benchmark.plugins import StrategyPlugin
 from benchmark.registry import STRATEGIES
@@ -122,3 +126,19 @@ def interrupted_copy(reference: Path, run: Path, session: int) -> None:
     (run / "summary.json").unlink()
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+
+
+def saved_session(run: Path, session: int) -> dict[str, Any]:
+    """The checkpoint of ``session`` in run folder ``run`` (``keep_checkpoints: all``)."""
+    return torch.load(checkpoints.checkpoint_dir(run) / f"session-{session}.pt", weights_only=False)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two checkpoint states (nested dicts, lists, tensors, numbers) are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    return a == b

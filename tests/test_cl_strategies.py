@@ -16,7 +16,6 @@ from avalanche.core import SupervisedPlugin
 from PIL import Image
 from test_strategies import changed, names_of, session_template, snapshot
 
-from benchmark import checkpoints
 from benchmark.backbones import load_backbone
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
@@ -290,17 +289,6 @@ STREAMS = {  # the paper's protocol (class groups of one dataset), and MTIL's (a
 }
 
 
-def same(a, b) -> bool:
-    """Whether two checkpoint states (nested dicts, lists, tensors, numbers) are equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("stream", list(STREAMS))
 def test_every_new_strategy_runs_three_sessions_and_resumes_to_the_same_numbers(tmp_path, stream):
     args = ["run", "quick", "--no-progress", "seed=0", "sessions=3", "shots=2", "train.epochs=2", f"stream={stream}",
@@ -318,12 +306,11 @@ def test_every_new_strategy_runs_three_sessions_and_resumes_to_the_same_numbers(
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["status"] == "finished" and [r["after_session"] for r in manifest["resumed"]] == [2]
         assert (run / "matrix.csv").read_text() == (reference / "matrix.csv").read_text(), strategy
-        saved = [torch.load(checkpoints.checkpoint_dir(r) / "session-3.pt", weights_only=False) for r in (run, reference)]
-        assert all(torch.equal(saved[0]["encoder"][k], v) for k, v in saved[1]["encoder"].items()), strategy
-        assert same(saved[0]["strategy"], saved[1]["strategy"]), strategy
-        one = torch.load(checkpoints.checkpoint_dir(reference) / "session-1.pt", weights_only=False)
+        again, three = (fscl_test_strategies.saved_session(r, 3) for r in (run, reference))
+        assert fscl_test_strategies.same(again["encoder"], three["encoder"]), strategy
+        assert fscl_test_strategies.same(again["strategy"], three["strategy"]), strategy
+        one = fscl_test_strategies.saved_session(reference, 1)
         trained = "strategy" if strategy == "moe-adapters" else "encoder"  # its experts learn, the encoder stays
-        assert not same(one[trained], saved[1][trained]), strategy
-    ids = torch.load(checkpoints.checkpoint_dir(tmp_path / "reference" / run_folder.format("replay")) / "session-3.pt",
-                     weights_only=False)["strategy"]["ids"]
+        assert not fscl_test_strategies.same(one[trained], three[trained]), strategy
+    ids = fscl_test_strategies.saved_session(tmp_path / "reference" / run_folder.format("replay"), 3)["strategy"]["ids"]
     assert [len(g) for g in ids] == [2, 2, 2]

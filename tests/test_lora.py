@@ -24,7 +24,6 @@ from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from PIL import Image
 from torch.nn.utils import parametrize
 
-from benchmark import checkpoints
 from benchmark.backbones import load_backbone
 from benchmark.backbones.hf import save_tiny_clip
 from benchmark.cli import main
@@ -302,12 +301,7 @@ def test_a_resumed_keep_run_ends_with_the_numbers_of_an_uninterrupted_run(tmp_pa
     assert main([*args, f"out={tmp_path / 'resumed'}"]) == 0
     assert [r["after_session"] for r in json.loads((resumed / "manifest.json").read_text())["resumed"]] == [1]
 
-    def saved(path, session):
-        return torch.load(checkpoints.checkpoint_dir(path) / f"session-{session}.pt", weights_only=False)
-
-    def same(a: dict, b: dict) -> bool:
-        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
+    saved, same = fscl_test_strategies.saved_session, fscl_test_strategies.same
     one, two, again = saved(reference, 1), saved(reference, 2), saved(resumed, 2)
     assert same(again["encoder"], two["encoder"]) and same(again["strategy"]["factors"], two["strategy"]["factors"])
     assert (resumed / "matrix.csv").read_text() == (reference / "matrix.csv").read_text()
