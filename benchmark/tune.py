@@ -188,6 +188,37 @@ def fallbacks(rows: list[dict[str, Any]], criterion: str, tolerance: float) -> l
             if not _within([r for r in ok if r["strategy"] == s], tolerance)]
 
 
+def refinements(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], criterion: str,
+                tolerance: float) -> dict[str, str]:
+    """Where a finer grid may choose better, per strategy whose candidates sweep one numeric key (``train.lr``):
+    under ``constrained``, the chosen value uses less than half the tolerance while its neighbour gains more
+    validation TI but leaves it (the edge lies between them: a half-decade lr step can jump from CC −0.1 to
+    −3 pp), or the chosen value is the
+    grid's end and TI still rises towards it (the best may lie beyond). Strategy → a sentence; none: {}."""
+    notes: dict[str, str] = {}
+    for strategy, values in chosen.items() if criterion == "constrained" else ():
+        own = [r for r in rows if r["strategy"] == strategy and r["ti"] is not None]
+        if len(values) != 1 or any(r["candidate"].keys() != values.keys() for r in own):
+            continue
+        (key, value), = values.items()
+        if not all(isinstance(r["candidate"][key], (int, float)) for r in own) or not _within(own, tolerance):
+            continue
+        own.sort(key=lambda r: r["candidate"][key])
+        at = next(i for i, r in enumerate(own) if r["candidate"][key] == value)
+        best = own[at]
+        over = [own[i] for i in (at - 1, at + 1) if 0 <= i < len(own) and _within([best], tolerance / 2)
+                and own[i]["ti"] > best["ti"] and not _within([own[i]], tolerance)]
+        if over:
+            nxt = over[0]
+            notes[strategy] = (f"the tolerance's edge lies between {key}={value:g} (CC {100 * best['cc']:.1f} pp) and "
+                               f"{nxt['candidate'][key]:g} (TI {100 * nxt['ti']:.1f}, CC {100 * nxt['cc']:.1f} pp): a "
+                               f"finer grid between them may choose a value that gains more")
+        elif len(own) > 1 and at in (0, len(own) - 1) and own[1 if at == 0 else -2]["ti"] < best["ti"]:
+            notes[strategy] = (f"{key}={value:g} is the grid's {'smallest' if at == 0 else 'largest'} value and "
+                               f"validation TI still rises towards it: the best may lie beyond the grid")
+    return notes
+
+
 def _within(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
     """The rows whose validation CC is at most ``tolerance`` pp below the zero-shot model's (0)."""
     return [r for r in rows if r["cc"] >= -tolerance / 100 - 1e-12]
@@ -244,6 +275,8 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
         "Validation TI / CC in pp, mean over the streams and seeds (* = chosen; ! = fallback: no candidate within "
         "the tolerance, the largest CC chosen):",
         *_table_text(rows, chosen, fallback).splitlines(),
+        *(f"Refine {strategy}: {note}." for strategy, note in
+          refinements(rows, chosen, options.criterion, options.tolerance).items()),
     ]
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(tuned_config(base, chosen), sort_keys=False, default_flow_style=None)

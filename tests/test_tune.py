@@ -13,7 +13,7 @@ import yaml
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
 from benchmark.registry import STREAMS
-from benchmark.tune import TuneOptions, _table_csv, _table_text, choose, fallbacks, lr_grid, tune_grid
+from benchmark.tune import TuneOptions, _table_csv, _table_text, choose, fallbacks, lr_grid, refinements, tune_grid
 from streams.digits import Digits
 from streams.sampling import held_out
 
@@ -116,6 +116,21 @@ def test_a_fallback_is_marked_in_the_table_and_its_csv():
     table = list(csv.DictReader(io.StringIO(_table_csv(rows, chosen, ["lorsu"]))))
     assert [(r["strategy"], r["chosen"], r["fallback"]) for r in table if r["chosen"] == "True"] == [
         ("full-ft", "True", "False"), ("lorsu", "True", "True")]
+
+
+def test_refinements_name_a_coarse_edge_and_a_grid_end_only():
+    """full-ft's 1e-5 keeps CC -0.2 of the 1 pp allowed and 1e-4 gains more at -3.0: the edge lies between;
+    lora's best is the grid's largest value with TI rising; lorsu (a fallback) and spu (its choice uses most of
+    the tolerance) get no note, nor does any strategy under another criterion."""
+    rows = [*ROWS, {"strategy": "lora", "candidate": {"train.lr": 1e-5}, "ti": 0.01, "cc": 0.0},
+            {"strategy": "lora", "candidate": {"train.lr": 1e-4}, "ti": 0.03, "cc": -0.001},
+            {"strategy": "spu", "candidate": {"train.lr": 1e-5}, "ti": 0.04, "cc": -0.008},
+            {"strategy": "spu", "candidate": {"train.lr": 1e-4}, "ti": 0.09, "cc": -0.04}]
+    notes = refinements(rows, choose(rows, "constrained", 1.0), "constrained", 1.0)
+    assert sorted(notes) == ["full-ft", "lora"]
+    assert "between train.lr=1e-05 (CC -0.2 pp) and 0.0001 (TI 15.0, CC -3.0 pp)" in notes["full-ft"]
+    assert "train.lr=0.0001 is the grid's largest value" in notes["lora"]
+    assert refinements(rows, choose(rows, "target", 0.0), "target", 0.0) == {}
 
 
 def test_a_vqa_only_tune_chooses_on_the_vqa_numbers_and_says_so(tmp_path, tiny_llava, capsys):
