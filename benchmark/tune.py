@@ -193,8 +193,8 @@ def refinements(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], c
     """Where a finer grid may choose better, per strategy whose candidates sweep one numeric key (``train.lr``):
     under ``constrained``, the chosen value uses less than half the tolerance while its neighbour gains more
     validation TI but leaves it (the edge lies between them: a half-decade lr step can jump from CC −0.1 to
-    −3 pp), or the chosen value is the
-    grid's end and TI still rises towards it (the best may lie beyond). Strategy → a sentence; none: {}."""
+    −3 pp), or the chosen value is the grid's end and TI still rises towards it (the best may lie beyond).
+    Strategy → a sentence; none: {}."""
     notes: dict[str, str] = {}
     for strategy, values in chosen.items() if criterion == "constrained" else ():
         own = [r for r in rows if r["strategy"] == strategy and r["ti"] is not None]
