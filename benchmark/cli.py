@@ -173,16 +173,10 @@ def tune_command(args: argparse.Namespace) -> int:
               f"arguments once they are, to write the tuned config", file=sys.stderr)
         return status
     rows = tune.table(found)
-    chosen = tune.choose(rows, options.criterion, options.tolerance)
+    decision = tune.decide(rows, options)
     out = tune.write(Path(args.out) if args.out else Path(grid.out) / grid.name / "tuned.yaml", cfg, origin,
-                     options, grid, left_out, rows, chosen)
-    fallback = tune.fallbacks(rows, options.criterion, options.tolerance)
-    refine = tune.refinements(rows, chosen, options.criterion, options.tolerance)
-    print(tune.basis_line(rows))
-    for strategy, values in chosen.items():
-        print(f"  {strategy}: {', '.join(f'{k}={v}' for k, v in values.items())}"
-              + (f"  (fallback: no candidate kept validation CC within {options.tolerance:g} pp; the largest CC)"
-                 if strategy in fallback else "") + (f"\n    refine: {refine[strategy]}" if strategy in refine else ""))
+                     options, grid, left_out, rows, decision)
+    print("\n".join(tune.decision_lines(rows, decision, options)))
     print(f"tuned config -> {out} (fscl run {out})")
     return 0
 

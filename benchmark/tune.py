@@ -219,6 +219,36 @@ def refinements(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], c
     return notes
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a tune decided from its :func:`table` rows: each strategy's chosen candidate (:func:`choose`), the
+    strategies given a fallback (:func:`fallbacks`) and where a finer grid may choose better (:func:`refinements`)."""
+
+    chosen: dict[str, dict[str, Any]]
+    fallback: list[str]
+    refine: dict[str, str]
+
+
+def decide(rows: list[dict[str, Any]], options: TuneOptions) -> Decision:
+    """The :class:`Decision` of ``rows`` under ``options``' criterion and tolerance."""
+    chosen = choose(rows, options.criterion, options.tolerance)
+    return Decision(chosen, fallbacks(rows, options.criterion, options.tolerance),
+                    refinements(rows, chosen, options.criterion, options.tolerance))
+
+
+def decision_lines(rows: list[dict[str, Any]], decision: Decision, options: TuneOptions) -> list[str]:
+    """What the terminal says of a tune: its basis, then each strategy's chosen values (a fallback and a refinement
+    said beside them)."""
+    lines = [basis_line(rows)]
+    for strategy, values in decision.chosen.items():
+        lines.append(f"  {strategy}: {', '.join(f'{k}={v}' for k, v in values.items())}"
+                     + (f"  (fallback: no candidate kept validation CC within {options.tolerance:g} pp; the largest "
+                        "CC)" if strategy in decision.fallback else ""))
+        if strategy in decision.refine:
+            lines.append(f"    refine: {decision.refine[strategy]}")
+    return lines
+
+
 def _within(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
     """The rows whose validation CC is at most ``tolerance`` pp below the zero-shot model's (0)."""
     return [r for r in rows if r["cc"] >= -tolerance / 100 - 1e-12]
@@ -251,15 +281,15 @@ def _compact(data: dict[str, Any], defaults: dict[str, Any], top: bool = True) -
 
 
 def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Config, left_out: list[str],
-          rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> Path:
-    """Write the tuned config (protocol and validation table as comments above it) to ``path``, and the
-    table as ``tune.csv`` into the tune's runs folder; returns ``path``."""
+          rows: list[dict[str, Any]], decision: Decision) -> Path:
+    """Write the tuned config (protocol, validation table and ``decision``'s refinements as comments above it) to
+    ``path``, and the table as ``tune.csv`` into the tune's runs folder; returns ``path``."""
     from benchmark.records import atomic_write
 
     runs = grid.expand()
     seeds = sorted({r.seed for r in runs})
     streams = list(dict.fromkeys(r.stream for r in runs))
-    fallback = fallbacks(rows, options.criterion, options.tolerance)
+    chosen, fallback = decision.chosen, decision.fallback
     header = [
         f"Tuned by `fscl tune` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {source} "
         f"(git {git_hash() or 'unknown'}); the tune's runs: {Path(grid.out) / grid.name}.",
@@ -275,8 +305,7 @@ def write(path: Path, base: Config, source: str, options: TuneOptions, grid: Con
         "Validation TI / CC in pp, mean over the streams and seeds (* = chosen; ! = fallback: no candidate within "
         "the tolerance, the largest CC chosen):",
         *_table_text(rows, chosen, fallback).splitlines(),
-        *(f"Refine {strategy}: {note}." for strategy, note in
-          refinements(rows, chosen, options.criterion, options.tolerance).items()),
+        *(f"Refine {strategy}: {note}." for strategy, note in decision.refine.items()),
     ]
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(tuned_config(base, chosen), sort_keys=False, default_flow_style=None)
