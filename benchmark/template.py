@@ -258,7 +258,8 @@ class CLIPTemplate(SupervisedTemplate):
 
     def session_steps(self) -> int:
         """The optimizer steps of this session: ``epochs`` passes over the loader, or ``train.steps`` (the
-        passes it needs, the last cut by :meth:`_after_training_iteration`)."""
+        passes it needs, the last cut by :meth:`_after_training_iteration`); sets ``train_epochs`` (Avalanche's
+        pass count) to those passes."""
         steps = self.train_cfg.steps
         self.train_epochs = self.train_cfg.epochs if steps is None else -(-steps // len(self.dataloader))
         return len(self.dataloader) * self.train_epochs if steps is None else steps
