@@ -53,7 +53,7 @@ class EWCOptions:
 class DistillationOptions:
     """Options of a distillation toward a frozen teacher (``lwf``, ``zscl``): ZSCL's loss, its defaults."""
 
-    section: ClassVar[str] = "lwf"  # the config section, in error messages
+    section: ClassVar[str]  # the config section, in error messages: each subclass's
 
     temperature: float = field(default=2.0, metadata={
         "help": "temperature T of the distillation KL(softmax(t/T) || softmax(s/T)) * T^2 (ZSCL's --T)"})
@@ -69,6 +69,8 @@ class DistillationOptions:
 @dataclass
 class LwFOptions(DistillationOptions):
     """Options of ``lwf`` (defaults: ZSCL's ``lwf.sh``)."""
+
+    section: ClassVar[str] = "lwf"
 
 
 @dataclass
