@@ -21,6 +21,14 @@ def _check_skip(options: LoRAOptions | LoRSUOptions) -> None:
           value, "an integer >= 0 (and below the number of blocks)" + (", or null for the VLM's" if vlm else ""))
 
 
+def _check_counts(options: object, *keys: str, allowed: str = "an integer >= 1") -> None:
+    """Each of ``keys`` (checked in this order) of ``options``: an integer >= 1; ``allowed``: the message, where it
+    says more (an upper bound the options cannot check)."""
+    for key in keys:
+        value = getattr(options, key)
+        check(isinstance(value, int) and value >= 1, f"{options.section}.{key}", value, allowed)
+
+
 def skip_blocks(options: LoRAOptions | LoRSUOptions) -> int:
     """``skip_last_blocks`` as the strategy uses it: :class:`~benchmark.config.ConfigError` for a null one, which a
     run resolves from its VLM (:func:`~benchmark.vlm.recipe.with_vlm_defaults`) before building the strategy."""
@@ -45,7 +53,7 @@ class EWCOptions:
 class DistillationOptions:
     """Options of a distillation toward a frozen teacher (``lwf``, ``zscl``): ZSCL's loss, its defaults."""
 
-    section: ClassVar[str] = "lwf"  # the config section, in error messages
+    section: ClassVar[str]  # the config section, in error messages: each subclass's
 
     temperature: float = field(default=2.0, metadata={
         "help": "temperature T of the distillation KL(softmax(t/T) || softmax(s/T)) * T^2 (ZSCL's --T)"})
@@ -61,6 +69,8 @@ class DistillationOptions:
 @dataclass
 class LwFOptions(DistillationOptions):
     """Options of ``lwf`` (defaults: ZSCL's ``lwf.sh``)."""
+
+    section: ClassVar[str] = "lwf"
 
 
 @dataclass
@@ -113,8 +123,7 @@ class ZSCLOptions(DistillationOptions):
             check(self.reference_captions is not None and Path(self.reference_captions).is_file(),
                   "zscl.reference_captions", self.reference_captions,
                   allowed.format("a text file of reference captions, one per line"))
-        check(isinstance(self.reference_batch, int) and self.reference_batch >= 1, "zscl.reference_batch",
-              self.reference_batch, "an integer >= 1")
+        _check_counts(self, "reference_batch")
         check(self.avg_freq is None or (isinstance(self.avg_freq, int) and self.avg_freq >= 1), "zscl.avg_freq",
               self.avg_freq, "an integer >= 1, or null (no weight ensemble)")
         check(self.l2 >= 0, "zscl.l2", self.l2, "a float >= 0")
@@ -124,13 +133,14 @@ class ZSCLOptions(DistillationOptions):
 class ReplayOptions:
     """Options of ``replay``."""
 
+    section: ClassVar[str] = "replay"  # the config section, in error messages
+
     buffer_size: int = field(default=200, metadata={
         "help": "samples kept from earlier sessions, split evenly over them (Avalanche's ExperienceBalancedBuffer; "
                 "its ReplayPlugin's mem_size 200)"})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.buffer_size, int) and self.buffer_size >= 1, "replay.buffer_size", self.buffer_size,
-              "an integer >= 1")
+        _check_counts(self, "buffer_size")
 
 
 @dataclass
@@ -152,7 +162,7 @@ class LoRAOptions:
         "help": "no adapter in the last N blocks"})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
+        _check_counts(self, "rank")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
         _check_skip(self)
 
@@ -191,11 +201,10 @@ class LoRSUOptions:
         "help": "leave the last N blocks untouched (not scored, not trained)"})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.top_k_heads, int) and self.top_k_heads >= 1, f"{self.section}.top_k_heads", self.top_k_heads,
-              "an integer >= 1 (and at most the number of heads per block)")
+        _check_counts(self, "top_k_heads", allowed="an integer >= 1 (and at most the number of heads per block)")
         _check_skip(self)
         check(0 < self.sparsity <= 1, f"{self.section}.sparsity", self.sparsity, "a float in (0, 1]")
-        check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
+        _check_counts(self, "rank")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
         check(self.importance_samples >= 1, f"{self.section}.importance_samples", self.importance_samples, "an integer >= 1")
         check(self.importance_min_abs >= 0, f"{self.section}.importance_min_abs", self.importance_min_abs, "a float >= 0")
@@ -277,7 +286,7 @@ class LLMLoRAOptions(VLMRecipe):
                 "trained at this rate under the same schedule (the released --mm_projector_lr)"})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.rank, int) and self.rank >= 1, f"{self.section}.rank", self.rank, "an integer >= 1")
+        _check_counts(self, "rank")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
         check(self.projector_lr is None or self.projector_lr > 0, f"{self.section}.projector_lr", self.projector_lr,
               "null, or a learning rate > 0")
@@ -296,8 +305,7 @@ class LLMLastLoRAOptions(LLMLoRAOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(isinstance(self.last_layers, int) and self.last_layers >= 1, f"{self.section}.last_layers",
-              self.last_layers, "an integer >= 1 (and at most the VLM's language-model layers)")
+        _check_counts(self, "last_layers", allowed="an integer >= 1 (and at most the VLM's language-model layers)")
 
 
 @dataclass
@@ -341,9 +349,7 @@ class LoRSULLMOptions(VLMRecipe):
         "projector_lr"].metadata)
 
     def __post_init__(self) -> None:
-        for key in ("last_layers", "top_k_heads", "rank", "importance_samples"):
-            value = getattr(self, key)
-            check(isinstance(value, int) and value >= 1, f"{self.section}.{key}", value, "an integer >= 1")
+        _check_counts(self, "last_layers", "top_k_heads", "rank", "importance_samples")
         check(0 < self.sparsity <= 1, f"{self.section}.sparsity", self.sparsity, "a float in (0, 1]")
         check(self.alpha > 0, f"{self.section}.alpha", self.alpha, "a float > 0")
         check(self.importance_min_abs >= 0, f"{self.section}.importance_min_abs", self.importance_min_abs,
@@ -390,10 +396,8 @@ class MoEAdaptersOptions:
                 "reconstruction error"})
 
     def __post_init__(self) -> None:
-        for key in ("experts", "top_k", "adapter_width", "freeze_per_session", "autoencoder_code",
-                    "autoencoder_steps"):
-            value = getattr(self, key)
-            check(isinstance(value, int) and value >= 1, f"{self.section}.{key}", value, "an integer >= 1")
+        _check_counts(self, "experts", "top_k", "adapter_width", "freeze_per_session", "autoencoder_code",
+                      "autoencoder_steps")
         check(self.top_k <= self.experts, f"{self.section}.top_k", self.top_k,
               f"an integer in [1, experts={self.experts}]")
         check(self.freeze_per_session <= self.experts, f"{self.section}.freeze_per_session",

@@ -83,7 +83,7 @@ class ZSCL(StrategyPlugin[ZSCLOptions]):
         self.reference = ReferenceData.of(options, backbone.preprocess(False))
         self.texts: Tensor | None = None  # the reference captions' features [M, D], encoded once
         self.session: TrainingSession | None = None
-        self.start: FrozenEncoder | None = None  # θ_start
+        self.start: list[Tensor] = []  # θ_start: the encoder's parameters as the session started (detached copies)
         self.generator: torch.Generator | None = None
         self.mean: list[Tensor] = []  # the weight ensemble's running mean, per parameter
         self.folded = 0  # models in the mean
@@ -92,9 +92,11 @@ class ZSCL(StrategyPlugin[ZSCLOptions]):
     def setup(self, session: TrainingSession) -> None:
         if self.texts is None:
             self.texts = self.backbone.text_features(self.reference.captions)
-        self.session, self.start = session, FrozenEncoder(self.backbone)
+        self.session = session
+        self.start = [p.detach().clone() for p in self.backbone.visual.parameters()]
         self.generator = session_generator(session.seed, session.session_index, "zscl-reference")
-        self.mean, self.folded, self.step = [t.clone() for t in self.start.parameters()], 1, 0
+        self.mean = [t.clone() for t in self.start] if self.options.avg_freq is not None else []
+        self.folded, self.step = 1, 0
         self.backbone.visual.requires_grad_(True)
 
     def penalty(self) -> Tensor:
@@ -108,7 +110,7 @@ class ZSCL(StrategyPlugin[ZSCLOptions]):
         if opts.l2 > 0:
             params = self.backbone.visual.parameters()
             loss = loss + opts.l2 * sum((p.float() - a.float()).square().sum()
-                                        for p, a in zip(params, self.start.parameters()))
+                                        for p, a in zip(params, self.start))
         return loss
 
     @torch.no_grad()
@@ -126,5 +128,5 @@ class ZSCL(StrategyPlugin[ZSCLOptions]):
         if self.options.avg_freq is not None:
             for mean, p in zip(self.mean, self.backbone.visual.parameters()):
                 p.copy_(mean)
-        self.session = self.start = self.generator = None
-        self.mean = []
+        self.session = self.generator = None
+        self.start, self.mean = [], []
