@@ -151,7 +151,7 @@ class SequenceStream(Stream):
         """The session's dataset: its test images among its own classes (local labels), in its own templates."""
         member = self.spec.member_of(session.classes[0])
         spec, offset = self.spec.members[member], self.spec.offsets[member]
-        images = test.with_classes(session.classes)
+        images = self.session_test(test, session)
         return SessionTest(f"{self.name}:{self.spec.datasets[member]}", spec.class_names, spec.templates,
                            images.with_targets([t - offset for t in images.targets]))
 
