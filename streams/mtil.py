@@ -22,9 +22,9 @@ class MTIL(SequenceStream):
     def dataset_names(self) -> list[str]:
         return list(MTIL_ORDERS[self.options.order])
 
-    def default_options(self, name: str, options: Any) -> Any:
+    def default_options(self, options: Any) -> Any:
         """The dataset's default options, with ZSCL's split where it has a choice (unless ``split: suite``)."""
-        if options is not None and hasattr(options, "split"):
+        if hasattr(options, "split"):  # None (a stream without options) has none
             options = dataclasses.replace(options, split=self.options.split)
         return options
 

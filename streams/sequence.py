@@ -112,11 +112,11 @@ class SequenceStream(Stream):
         """The options dataset ``name`` is built with: its stream's defaults, with the sequence's
         ``dataset_options`` of it."""
         options = STREAMS.get(name).options
-        default = self.default_options(name, options() if options is not None else None)
+        default = self.default_options(options() if options is not None else None)
         return default if self.options is None else self.options.of(name, default)
 
-    def default_options(self, name: str, options: Any) -> Any:
-        """Dataset ``name``'s options before the user's ``dataset_options``: its stream's defaults."""
+    def default_options(self, options: Any) -> Any:
+        """A dataset's options before the user's ``dataset_options``: ``options``, its stream's defaults."""
         return options
 
     def member_spec(self, name: str, member: Stream) -> StreamSpec:
