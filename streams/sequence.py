@@ -159,17 +159,12 @@ class SequenceStream(Stream):
         return [self.spec.datasets[self.spec.member_of(s.classes[0])] for s in sessions]
 
     def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
-        """Each dataset's record (texts, unreadable images met) under its name, and the sequence's datasets."""
-        record: dict[str, Any] = {"texts": {"version": self.spec.version, "datasets": list(self.spec.datasets)}}
-        skipped = {}
-        for name, member in zip(self.spec.datasets, self.members):
-            own = member.data_record()
-            record["texts"][name] = own.get("texts", {})
-            skipped.update({f"{name}/{i}": None for i in own.get("skipped_images", {}).get("ids", [])})
-        if sessions is not None:
-            skipped.update(dict.fromkeys(i for s in sessions for i in s.unreadable))
-        if skipped:
-            record["skipped_images"] = {"count": len(skipped), "ids": sorted(skipped)}
+        """The sequence's record (:meth:`Stream.data_record`: the unreadable images it left out or replaced, it
+        being what decodes them), its texts those of its datasets, each under its name."""
+        record = super().data_record(sessions)
+        record["texts"] = {"version": self.spec.version, "datasets": list(self.spec.datasets),
+                           **{name: member.data_record().get("texts", {})
+                              for name, member in zip(self.spec.datasets, self.members)}}
         return record
 
 
