@@ -74,6 +74,7 @@ class SequenceStream(Stream):
     """A stream whose sessions are whole datasets (see the module docstring). Subclasses name the datasets
     (:meth:`dataset_names`) and may give a dataset other texts than its own stream's (:meth:`member_spec`)."""
 
+    name: ClassVar[str] = "sequence"  # its registered name (messages, its spec's name, evaluation keys)
     layout: ClassVar[str] = "the layouts of its datasets (fscl ls streams -v)"
 
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
@@ -101,8 +102,6 @@ class SequenceStream(Stream):
         if (isinstance(splits, tuple) and "train" not in splits) or getattr(spec, "own_questions", False):
             raise StreamDataError(f"{self.name}: dataset {name!r} cannot be a session (a control-only stream or one "
                                   "with its own questions); allowed: streams of labelled classes with a training split")
-
-    name: ClassVar[str] = "sequence"  # its registered name (messages, its spec's name, evaluation keys)
 
     def dataset_names(self) -> list[str]:
         """The datasets of the sequence, in their released order (session 1 trains the first)."""
