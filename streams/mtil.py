@@ -7,10 +7,12 @@ run it; docs/protocol.md describes the protocol and docs/fidelity.md what differ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
-from streams.base import StreamSpec
+from streams.base import Stream, StreamSpec
 from streams.mtil_texts import MTIL_DIR, MTIL_ORDERS, mtil_spec
+from streams.sampling import Session
 from streams.sequence import SequenceStream
 
 
@@ -28,11 +30,11 @@ class MTIL(SequenceStream):
             options = dataclasses.replace(options, split=self.options.split)
         return options
 
-    def member_spec(self, name: str, member: Any) -> StreamSpec:
+    def member_spec(self, name: str, member: Stream) -> StreamSpec:
         """ZSCL's class names and templates of dataset ``name``, in our stream's label order."""
         return mtil_spec(name)
 
-    def data_record(self, sessions=None) -> dict[str, Any]:
+    def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
         """The sequence's record; its texts are ZSCL's (the data files of ``streams/data/mtil``)."""
         record = super().data_record(sessions)
         record["texts"]["source"] = f"ZSCL's texts, {MTIL_DIR.name}/<dataset>.yaml of the suite's data files"
