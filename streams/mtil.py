@@ -7,10 +7,12 @@ run it; docs/protocol.md describes the protocol and docs/fidelity.md what differ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
-from streams.base import StreamSpec
+from streams.base import Stream, StreamSpec
 from streams.mtil_texts import MTIL_DIR, MTIL_ORDERS, mtil_spec
+from streams.sampling import Session
 from streams.sequence import SequenceStream
 
 
@@ -22,17 +24,17 @@ class MTIL(SequenceStream):
     def dataset_names(self) -> list[str]:
         return list(MTIL_ORDERS[self.options.order])
 
-    def default_options(self, name: str, options: Any) -> Any:
+    def default_options(self, options: Any) -> Any:
         """The dataset's default options, with ZSCL's split where it has a choice (unless ``split: suite``)."""
-        if options is not None and hasattr(options, "split"):
+        if hasattr(options, "split"):  # None (a stream without options) has none
             options = dataclasses.replace(options, split=self.options.split)
         return options
 
-    def member_spec(self, name: str, member: Any) -> StreamSpec:
+    def member_spec(self, name: str, member: Stream) -> StreamSpec:
         """ZSCL's class names and templates of dataset ``name``, in our stream's label order."""
         return mtil_spec(name)
 
-    def data_record(self, sessions=None) -> dict[str, Any]:
+    def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
         """The sequence's record; its texts are ZSCL's (the data files of ``streams/data/mtil``)."""
         record = super().data_record(sessions)
         record["texts"]["source"] = f"ZSCL's texts, {MTIL_DIR.name}/<dataset>.yaml of the suite's data files"

@@ -71,6 +71,9 @@ class ZSCLSplitOptions:
         "'MTIL datasets'), whatever the other split options say")})
 
     def __post_init__(self) -> None:
+        inherited = getattr(super(), "__post_init__", None)  # the checks of the options it is mixed into
+        if inherited is not None:
+            inherited()
         check(self.split in ("suite", "zscl"), "split", self.split, "suite | zscl")
 
 
@@ -82,10 +85,6 @@ class AircraftOptions(ZSCLSplitOptions, DownloadOptions):
 @dataclass
 class DownloadZSCLSplitOptions(ZSCLSplitOptions, DownloadSplitOptions):
     """Options of a torchvision-read stream without an official split: the seeded split or ZSCL's."""
-
-    def __post_init__(self) -> None:
-        DownloadSplitOptions.__post_init__(self)
-        ZSCLSplitOptions.__post_init__(self)
 
 
 @dataclass
@@ -124,10 +123,6 @@ class DigitsOptions:
 @dataclass
 class EuroSATOptions(ZSCLSplitOptions, SplitFileOptions, DownloadOptions):
     """Options of ``eurosat``: the split (split_file, else test_fraction and split_seed; or ZSCL's) and download."""
-
-    def __post_init__(self) -> None:
-        SplitFileOptions.__post_init__(self)
-        ZSCLSplitOptions.__post_init__(self)
 
 
 @dataclass

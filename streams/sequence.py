@@ -74,6 +74,7 @@ class SequenceStream(Stream):
     """A stream whose sessions are whole datasets (see the module docstring). Subclasses name the datasets
     (:meth:`dataset_names`) and may give a dataset other texts than its own stream's (:meth:`member_spec`)."""
 
+    name: ClassVar[str] = "sequence"  # its registered name (messages, its spec's name, evaluation keys)
     layout: ClassVar[str] = "the layouts of its datasets (fscl ls streams -v)"
 
     def __init__(self, data_root: str | Path, options: Any = None, *, skip_bad_images: bool = False) -> None:
@@ -102,8 +103,6 @@ class SequenceStream(Stream):
             raise StreamDataError(f"{self.name}: dataset {name!r} cannot be a session (a control-only stream or one "
                                   "with its own questions); allowed: streams of labelled classes with a training split")
 
-    name: ClassVar[str] = "sequence"  # its registered name (messages, its spec's name, evaluation keys)
-
     def dataset_names(self) -> list[str]:
         """The datasets of the sequence, in their released order (session 1 trains the first)."""
         return list(self.options.datasets)
@@ -112,11 +111,11 @@ class SequenceStream(Stream):
         """The options dataset ``name`` is built with: its stream's defaults, with the sequence's
         ``dataset_options`` of it."""
         options = STREAMS.get(name).options
-        default = self.default_options(name, options() if options is not None else None)
+        default = self.default_options(options() if options is not None else None)
         return default if self.options is None else self.options.of(name, default)
 
-    def default_options(self, name: str, options: Any) -> Any:
-        """Dataset ``name``'s options before the user's ``dataset_options``: its stream's defaults."""
+    def default_options(self, options: Any) -> Any:
+        """A dataset's options before the user's ``dataset_options``: ``options``, its stream's defaults."""
         return options
 
     def member_spec(self, name: str, member: Stream) -> StreamSpec:
@@ -151,7 +150,7 @@ class SequenceStream(Stream):
         """The session's dataset: its test images among its own classes (local labels), in its own templates."""
         member = self.spec.member_of(session.classes[0])
         spec, offset = self.spec.members[member], self.spec.offsets[member]
-        images = test.with_classes(session.classes)
+        images = self.session_test(test, session)
         return SessionTest(f"{self.name}:{self.spec.datasets[member]}", spec.class_names, spec.templates,
                            images.with_targets([t - offset for t in images.targets]))
 
@@ -159,17 +158,12 @@ class SequenceStream(Stream):
         return [self.spec.datasets[self.spec.member_of(s.classes[0])] for s in sessions]
 
     def data_record(self, sessions: Sequence[Session] | None = None) -> dict[str, Any]:
-        """Each dataset's record (texts, unreadable images met) under its name, and the sequence's datasets."""
-        record: dict[str, Any] = {"texts": {"version": self.spec.version, "datasets": list(self.spec.datasets)}}
-        skipped = {}
-        for name, member in zip(self.spec.datasets, self.members):
-            own = member.data_record()
-            record["texts"][name] = own.get("texts", {})
-            skipped.update({f"{name}/{i}": None for i in own.get("skipped_images", {}).get("ids", [])})
-        if sessions is not None:
-            skipped.update(dict.fromkeys(i for s in sessions for i in s.unreadable))
-        if skipped:
-            record["skipped_images"] = {"count": len(skipped), "ids": sorted(skipped)}
+        """The sequence's record (:meth:`Stream.data_record`: the unreadable images it left out or replaced, it
+        being what decodes them), its texts those of its datasets, each under its name."""
+        record = super().data_record(sessions)
+        record["texts"] = {"version": self.spec.version, "datasets": list(self.spec.datasets),
+                           **{name: member.data_record().get("texts", {})
+                              for name, member in zip(self.spec.datasets, self.members)}}
         return record
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import fscl_test_strategies
 import numpy as np
 import pytest
-from test_streams_layouts import write_image
+from test_streams_layouts import write_eurosat, write_image
 
 from benchmark.cli import main
 from benchmark.config import ConfigError, load_config
@@ -78,6 +78,15 @@ def test_shots_all_takes_every_training_image_and_no_class_is_short(sequence):
     (session, *_) = sequence.sessions(3, None, 0)
     assert len(session.ids) == sum(1 for t in sequence.listed("train").targets if t < 10)
     assert session.short_classes == []
+
+
+def test_a_sequence_records_the_unreadable_test_images_it_leaves_out(tmp_path):
+    write_eurosat(tmp_path)
+    sequence = Datasets(tmp_path, SequenceOptions(datasets=["digits", "eurosat"]), skip_bad_images=True)
+    bad = next(i for i in sequence.listed("test").ids if i.startswith("eurosat/"))
+    (tmp_path / "eurosat" / bad.removeprefix("eurosat/")).write_bytes(b"not an image")
+    assert bad not in sequence.usable("test").ids
+    assert sequence.data_record()["skipped_images"] == {"count": 1, "ids": [bad]}
 
 
 def test_session_order_seed_permutes_the_same_draws(tmp_path):
